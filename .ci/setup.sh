@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Creates (or refreshes) .venv with croupier and everything it needs. Idempotent: a second
+# run with an unchanged pyproject.toml returns at once.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+stamp=.venv/.croupier-setup
+want=$(cat pyproject.toml .ci/constraints.txt | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip setuptools wheel
+extras=dev
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  extras=dev,gpu
+fi
+echo "croupier setup: installing into .venv (first run takes a few minutes)" >&2
+.venv/bin/python -m pip install -q -c .ci/constraints.txt "torchvision" -e ".[$extras]"
+echo "$want" > "$stamp"

@@ -1,0 +1,116 @@
+"""Which samples belong to which cluster: the sampler's only view of a dataset.
+
+A layout is CSR-shaped. Cluster `c` owns the positions `[offsets[c], offsets[c+1])`; the
+global sample id at position `p` is `members[p]`, or `p` itself when `members` is None
+(a cluster-major dataset whose clusters are contiguous id ranges). Memory is O(clusters)
+for cluster-major data and one int64 per sample otherwise (memory-mapped when it comes
+from a sidecar).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from croupier.errors import ConfigError
+
+
+@dataclass(frozen=True, eq=False)
+class ClusterLayout:
+    """Cluster membership of a dataset (or of a selected subset of it).
+
+    offsets: int64 array of length K+1, offsets[0] == 0, non-decreasing.
+    members: None, or an int64 array of length offsets[-1] holding global sample ids.
+    num_samples: size of the id space (ids lie in [0, num_samples)).
+    fingerprint: a string that changes whenever membership changes; sampler states and
+        checkpoints are bound to it.
+    """
+
+    offsets: np.ndarray
+    members: np.ndarray | None
+    num_samples: int
+    fingerprint: str
+    sizes: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        offsets = np.asarray(self.offsets, dtype=np.int64)
+        if offsets.ndim != 1 or len(offsets) < 2:
+            raise ConfigError(f"a layout needs at least one cluster, got {max(len(offsets) - 1, 0)}")
+        if offsets[0] != 0:
+            raise ConfigError(f"layout offsets must start at 0, got {int(offsets[0])}")
+        sizes = np.diff(offsets)
+        if (sizes <= 0).any():
+            bad = np.flatnonzero(sizes <= 0)
+            raise ConfigError(
+                f"every cluster must hold at least one sample; cluster {int(bad[0])} has size "
+                f"{int(sizes[bad[0]])} ({len(bad)} empty clusters in all)"
+            )
+        if self.members is not None and len(self.members) != offsets[-1]:
+            raise ConfigError(
+                f"layout members has {len(self.members)} entries but offsets cover {int(offsets[-1])}"
+            )
+        if self.members is None and offsets[-1] > self.num_samples:
+            raise ConfigError(f"layout covers {int(offsets[-1])} positions but the dataset has {self.num_samples} samples")
+        object.__setattr__(self, "offsets", offsets)
+        object.__setattr__(self, "sizes", sizes)
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def from_sizes(cls, sizes: Sequence[int] | np.ndarray) -> "ClusterLayout":
+        """Synthetic clusters of the given sizes with contiguous ids (cluster 0 first)."""
+        sizes = np.asarray(sizes, dtype=np.int64)
+        if sizes.ndim != 1 or len(sizes) == 0:
+            raise ConfigError("cluster sizes must be a non-empty list of integers")
+        if (sizes <= 0).any():
+            i = int(np.flatnonzero(sizes <= 0)[0])
+            raise ConfigError(f"cluster sizes must be >= 1; cluster {i} has size {int(sizes[i])}")
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        digest = hashlib.sha256(b"croupier.sizes.v1" + sizes.astype("<i8").tobytes()).hexdigest()[:16]
+        return cls(offsets=offsets, members=None, num_samples=int(offsets[-1]), fingerprint=f"sizes:{digest}")
+
+    @classmethod
+    def from_assignments(cls, assignments: np.ndarray, num_clusters: int | None = None,
+                         fingerprint: str | None = None) -> "ClusterLayout":
+        """Layout from a per-sample cluster label array (label -1 = not in any cluster).
+
+        Members of each cluster are listed in increasing id order. Clusters with no member
+        are refused, since a cluster-balanced policy would have nothing to draw from them.
+        """
+        labels = np.asarray(assignments)
+        if labels.ndim != 1 or len(labels) == 0:
+            raise ConfigError("assignments must be a non-empty 1-D array")
+        k = int(labels.max()) + 1 if num_clusters is None else int(num_clusters)
+        keep = np.flatnonzero(labels >= 0)
+        order = keep[np.argsort(labels[keep], kind="stable")]
+        counts = np.bincount(labels[keep], minlength=k).astype(np.int64)
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        if fingerprint is None:
+            h = hashlib.sha256(b"croupier.assign.v1")
+            h.update(np.ascontiguousarray(labels, dtype="<i8").tobytes())
+            fingerprint = f"assign:{h.hexdigest()[:16]}"
+        return cls(offsets=offsets, members=order.astype(np.int64), num_samples=len(labels),
+                   fingerprint=fingerprint)
+
+    # -- queries --------------------------------------------------------------------------
+    @property
+    def num_clusters(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def num_positions(self) -> int:
+        """How many samples the layout can draw from (all, or the selected subset)."""
+        return int(self.offsets[-1])
+
+    def ids_at(self, positions: np.ndarray) -> np.ndarray:
+        """Global sample ids at the given layout positions (vectorized)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if self.members is None:
+            return positions
+        return np.asarray(self.members[positions], dtype=np.int64)
+
+    def clusters_of(self, positions: np.ndarray) -> np.ndarray:
+        """Cluster index of each layout position (vectorized, O(log K) each)."""
+        return np.searchsorted(self.offsets, np.asarray(positions, dtype=np.int64), side="right") - 1
