@@ -1,0 +1,438 @@
+"""The cluster sidecar: everything croupier knows about an MDS dataset, kept next to it.
+
+A sidecar lives in a `croupier/` folder beside the dataset's `index.json`:
+
+    DATASET/index.json, shard.00000.mds.zstd, ...
+    DATASET/croupier/manifest.json      versioned, written last, bound to index.json
+    DATASET/croupier/offsets.npy        int64 (K+1,): CSR cluster offsets
+    DATASET/croupier/members.npy        int64 (N,): ids per cluster (layout "original" only)
+    DATASET/croupier/assignments.npy    int32 (N,): cluster of every sample id
+    DATASET/croupier/centroids.npy      float32 (K, d): unit-norm cluster centroids
+    DATASET/croupier/embeddings.npy     float16 (N, d): one embedding per sample id
+    DATASET/croupier/scores/NAME.npy    float32 (N,): a per-sample score column
+    DATASET/croupier/selections/NAME.npy int64 (n,): sorted ids of a selected subset
+
+The manifest's `fingerprint` is `index_fingerprint(index.json bytes)`: a sidecar whose
+shards were rewritten is refused with `FingerprintMismatch`. An adopted remote dataset
+keeps a verbatim copy of its `index.json` here and names the remote in `manifest["remote"]`.
+
+Layout fingerprints (what sampler states bind to) are `"{dataset}+clu:{h}"` for the whole
+dataset and `"{dataset}+sel:{name}:{h}"` for a selection, where `h` hashes the clustering
+(and the selected ids): the dataset fingerprint is always the part before the first "+".
+
+Every write (arrays and manifest) goes to a temporary file, is fsync'ed and then renamed
+over the target, under an exclusive lock on `croupier/.lock`, so concurrent score writers
+and a crash never leave a half-written manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from croupier.errors import ConfigError, DatasetError, FingerprintMismatch
+from croupier.server.layout import ClusterLayout
+from croupier.shards.fingerprint import index_fingerprint
+
+FORMAT = "croupier.sidecar"
+VERSION = 1
+SIDECAR_DIR = "croupier"
+MANIFEST = "manifest.json"
+LAYOUTS = ("cluster-major", "original")
+_NAME_RE = re.compile(r"^[a-z0-9_.-]+$")
+_MAX_NAME = 64
+
+
+def validate_name(kind: str, name: str) -> str:
+    """A score/selection name: 1-64 chars of [a-z0-9_.-], not starting with a dot."""
+    if not isinstance(name, str) or not (1 <= len(name) <= _MAX_NAME) or not _NAME_RE.match(name) \
+            or name.startswith("."):
+        raise ConfigError(
+            f"{kind} name must be 1-{_MAX_NAME} characters of [a-z0-9_.-] not starting with '.', got {name!r}"
+        )
+    return name
+
+
+# -- atomic file helpers ---------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary path next to `target`; on success fsync it and rename it over `target`."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, target)
+        _fsync_dir(target.parent)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json_atomic(target: Path, obj: Any) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+def write_npy_atomic(target: Path, array: np.ndarray) -> None:
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+
+
+@contextlib.contextmanager
+def _locked(side_dir: Path) -> Iterator[None]:
+    side_dir.mkdir(parents=True, exist_ok=True)
+    with open(side_dir / ".lock", "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def short_hash(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(len(p).to_bytes(8, "little"))
+        h.update(p)
+    return h.hexdigest()[:16]
+
+
+def _ids_digest(ids: np.ndarray, chunk: int = 1 << 22) -> bytes:
+    """Digest of a (possibly memory-mapped) int64 array, read in bounded chunks."""
+    h = hashlib.sha256()
+    for i in range(0, len(ids), chunk):
+        h.update(np.ascontiguousarray(ids[i:i + chunk], dtype="<i8").tobytes())
+    return h.digest()
+
+
+class Sidecar:
+    """A read/write handle on a dataset's cluster sidecar. Open with `Sidecar.open(dir)`."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any], fingerprint: str) -> None:
+        self.root = Path(root)
+        self.dir = self.root / SIDECAR_DIR
+        self.manifest = manifest
+        self.fingerprint = fingerprint
+
+    # -- opening ------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, dataset_dir: str | os.PathLike[str]) -> "Sidecar":
+        """Open and verify the sidecar of the MDS dataset in `dataset_dir`.
+
+        Raises DatasetError when index.json or the manifest is missing, unreadable or of an
+        unknown format/version, and FingerprintMismatch when index.json is not the one the
+        sidecar was built for.
+        """
+        root = Path(dataset_dir)
+        index = root / "index.json"
+        man_path = root / SIDECAR_DIR / MANIFEST
+        if not root.is_dir():
+            raise DatasetError(f"dataset folder {str(root)!r} does not exist")
+        if not index.is_file():
+            raise DatasetError(f"{str(root)!r} holds no MDS index.json: not an MDS dataset")
+        if not man_path.is_file():
+            raise DatasetError(
+                f"{str(root)!r} has no cluster sidecar ({SIDECAR_DIR}/{MANIFEST} missing): "
+                "run `croupier shards build` (or `--adopt`) first, or it was interrupted before finishing"
+            )
+        manifest = cls._read_manifest(man_path)
+        got = index_fingerprint(index.read_bytes())
+        expected = manifest["fingerprint"]
+        if got != expected:
+            raise FingerprintMismatch("sidecar", expected=expected, got=got)
+        side = cls(root, manifest, got)
+        side._check_files()
+        return side
+
+    @staticmethod
+    def _read_manifest(path: Path) -> dict[str, Any]:
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DatasetError(f"sidecar manifest {str(path)!r} is unreadable: {exc}") from exc
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise DatasetError(f"{str(path)!r} is not a croupier sidecar manifest (format != {FORMAT!r})")
+        if manifest.get("version") != VERSION:
+            raise DatasetError(
+                f"sidecar manifest {str(path)!r} has version {manifest.get('version')!r}; "
+                f"this croupier reads version {VERSION}"
+            )
+        for key in ("fingerprint", "num_samples", "num_clusters", "layout", "sizes"):
+            if key not in manifest:
+                raise DatasetError(f"sidecar manifest {str(path)!r} lacks the field {key!r}")
+        if manifest["layout"] not in LAYOUTS:
+            raise DatasetError(f"sidecar manifest {str(path)!r} has unknown layout {manifest['layout']!r}")
+        return manifest
+
+    def _check_files(self) -> None:
+        needed = ["offsets.npy", "assignments.npy"]
+        if self.manifest["layout"] == "original":
+            needed.append("members.npy")
+        for name in needed:
+            if not (self.dir / name).is_file():
+                raise DatasetError(f"sidecar file {str(self.dir / name)!r} is missing")
+
+    def reload(self) -> None:
+        """Re-read the manifest (after another process added scores or selections)."""
+        self.manifest = self._read_manifest(self.dir / MANIFEST)
+
+    # -- basic facts -------------------------------------------------------------------------
+    @property
+    def num_samples(self) -> int:
+        return int(self.manifest["num_samples"])
+
+    @property
+    def num_clusters(self) -> int:
+        return int(self.manifest["num_clusters"])
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return np.asarray(self.manifest["sizes"], dtype=np.int64)
+
+    @property
+    def layout_kind(self) -> str:
+        """"cluster-major" (clusters are contiguous id ranges) or "original" (input order)."""
+        return str(self.manifest["layout"])
+
+    @property
+    def remote(self) -> str | None:
+        """Where the shards live when they are not next to the sidecar (adopted remote dataset)."""
+        return self.manifest.get("remote")
+
+    def _load(self, name: str) -> np.ndarray:
+        path = self.dir / name
+        try:
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        except FileNotFoundError as exc:
+            raise DatasetError(f"sidecar file {str(path)!r} is missing") from exc
+        except (OSError, ValueError) as exc:
+            raise DatasetError(f"sidecar file {str(path)!r} is unreadable: {exc}") from exc
+
+    def offsets(self) -> np.ndarray:
+        """int64 (K+1,) CSR offsets into the cluster-sorted positions."""
+        return np.asarray(self._load("offsets.npy"), dtype=np.int64)
+
+    def members(self) -> np.ndarray | None:
+        """int64 (N,) sample ids grouped by cluster (memmap), or None for cluster-major data."""
+        if self.layout_kind == "cluster-major":
+            return None
+        return self._load("members.npy")
+
+    def assignments(self) -> np.ndarray:
+        """int32 (N,) cluster id of every sample id (memmap)."""
+        return self._load("assignments.npy")
+
+    def embeddings(self) -> np.ndarray:
+        """float16 (N, d) embedding of every sample id (memmap)."""
+        return self._load("embeddings.npy")
+
+    def centroids(self) -> np.ndarray:
+        """float32 (K, d) unit-norm centroids."""
+        return np.asarray(self._load("centroids.npy"), dtype=np.float32)
+
+    # -- layouts -----------------------------------------------------------------------------
+    @property
+    def clustering_hash(self) -> str:
+        return str(self.manifest.get("clustering_hash", ""))
+
+    def layout(self, selection: str | None = None) -> ClusterLayout:
+        """The sampler's view: the whole dataset, or only the ids of a named selection.
+
+        Clusters left empty by a selection are dropped, so layout cluster j is sidecar
+        cluster `layout_clusters(selection)[j]`.
+        """
+        offsets = self.offsets()
+        if selection is None:
+            fp = f"{self.fingerprint}+clu:{self.clustering_hash}"
+            return ClusterLayout(offsets=offsets, members=self.members(), num_samples=self.num_samples,
+                                 fingerprint=fp)
+        ids = self.selection(selection)
+        labels = self._labels_of(ids, offsets)
+        counts = np.bincount(labels, minlength=self.num_clusters).astype(np.int64)
+        kept = counts[counts > 0]
+        sel_offsets = np.concatenate([[0], np.cumsum(kept)]).astype(np.int64)
+        order = np.argsort(labels, kind="stable")
+        members = np.asarray(ids[order], dtype=np.int64)
+        h = short_hash(self.clustering_hash.encode(), _ids_digest(np.asarray(ids)))
+        fp = f"{self.fingerprint}+sel:{selection}:{h}"
+        return ClusterLayout(offsets=sel_offsets, members=members, num_samples=self.num_samples,
+                             fingerprint=fp)
+
+    def layout_clusters(self, selection: str | None = None) -> np.ndarray:
+        """Sidecar cluster id of each layout cluster (identity without a selection)."""
+        if selection is None:
+            return np.arange(self.num_clusters, dtype=np.int64)
+        labels = self._labels_of(self.selection(selection), self.offsets())
+        return np.flatnonzero(np.bincount(labels, minlength=self.num_clusters) > 0).astype(np.int64)
+
+    def _labels_of(self, ids: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        if self.layout_kind == "cluster-major":
+            return (np.searchsorted(offsets, ids, side="right") - 1).astype(np.int64)
+        return np.asarray(self.assignments()[ids], dtype=np.int64)
+
+    # -- scores ------------------------------------------------------------------------------
+    def score_names(self) -> list[str]:
+        return sorted(self.manifest.get("scores", {}))
+
+    def score_params(self, name: str) -> dict[str, Any]:
+        return copy.deepcopy(self._entry("scores", "score", name)["params"])
+
+    def scores(self, name: str) -> np.ndarray:
+        """float32 (N,) score column `name` (memmap)."""
+        entry = self._entry("scores", "score", name)
+        return self._load(entry["file"])
+
+    def write_scores(self, name: str, values: np.ndarray, params: dict[str, Any]) -> None:
+        """Store (or replace) a per-sample score column; `params` records how it was made."""
+        validate_name("score", name)
+        values = np.asarray(values)
+        if values.ndim != 1 or len(values) != self.num_samples:
+            raise ConfigError(
+                f"score {name!r} must have one value per sample ({self.num_samples}), got shape {values.shape}"
+            )
+        values = values.astype(np.float32, copy=False)
+        if not np.isfinite(values).all():
+            bad = int(np.flatnonzero(~np.isfinite(values))[0])
+            raise ConfigError(f"score {name!r} has a non-finite value {values[bad]} at sample {bad}")
+        rel = f"scores/{name}.npy"
+        self._write_entry("scores", name, rel, values, {
+            "params": _jsonable(params), "dtype": "float32", "length": int(len(values)),
+        })
+
+    # -- selections --------------------------------------------------------------------------
+    def selection_names(self) -> list[str]:
+        return sorted(self.manifest.get("selections", {}))
+
+    def selection_params(self, name: str) -> dict[str, Any]:
+        return copy.deepcopy(self._entry("selections", "selection", name)["params"])
+
+    def selection(self, name: str) -> np.ndarray:
+        """int64 sorted ids of selection `name` (memmap)."""
+        entry = self._entry("selections", "selection", name)
+        return self._load(entry["file"])
+
+    def write_selection(self, name: str, ids: np.ndarray, params: dict[str, Any]) -> None:
+        """Store (or replace) a named subset: sorted, unique sample ids in [0, N)."""
+        validate_name("selection", name)
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or len(ids) == 0:
+            raise ConfigError(f"selection {name!r} must be a non-empty 1-D array of sample ids, got shape {ids.shape}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ConfigError(f"selection {name!r} ids must be integers, got dtype {ids.dtype}")
+        ids = ids.astype(np.int64, copy=False)
+        if ids[0] < 0 or ids[-1] >= self.num_samples:
+            raise ConfigError(f"selection {name!r} ids must lie in [0, {self.num_samples}), "
+                              f"got range [{int(ids.min())}, {int(ids.max())}]")
+        if len(ids) > 1 and not (np.diff(ids) > 0).all():
+            raise ConfigError(f"selection {name!r} ids must be sorted and unique")
+        rel = f"selections/{name}.npy"
+        self._write_entry("selections", name, rel, ids, {
+            "params": _jsonable(params), "count": int(len(ids)),
+        })
+
+    # -- internals ---------------------------------------------------------------------------
+    def _entry(self, section: str, kind: str, name: str) -> dict[str, Any]:
+        entries = self.manifest.get(section, {})
+        if name not in entries:
+            self.reload()
+            entries = self.manifest.get(section, {})
+        if name not in entries:
+            have = ", ".join(sorted(entries)) or "none"
+            raise ConfigError(f"unknown {kind} {name!r}; this sidecar has: {have}")
+        return entries[name]
+
+    def _write_entry(self, section: str, name: str, rel: str, array: np.ndarray,
+                     entry: dict[str, Any]) -> None:
+        with _locked(self.dir):
+            manifest = self._read_manifest(self.dir / MANIFEST)
+            if manifest["fingerprint"] != self.fingerprint:
+                raise FingerprintMismatch("sidecar", expected=self.fingerprint, got=manifest["fingerprint"])
+            write_npy_atomic(self.dir / rel, array)
+            entry = dict(entry, file=rel, sha256=short_hash(np.ascontiguousarray(array).tobytes()))
+            manifest.setdefault(section, {})[name] = entry
+            write_json_atomic(self.dir / MANIFEST, manifest)
+            self.manifest = manifest
+
+
+def _jsonable(params: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(params, dict):
+        raise ConfigError(f"params must be a dict, got {type(params).__name__}")
+    try:
+        return json.loads(json.dumps(params, default=_json_default))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"params must be JSON-serializable: {exc}") from exc
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON-serializable")
+
+
+def write_sidecar(root: Path, *, fingerprint: str, layout: str, assignments: np.ndarray,
+                  offsets: np.ndarray, members: np.ndarray | None, centroids: np.ndarray,
+                  extra: dict[str, Any]) -> dict[str, Any]:
+    """Write the manifest of a sidecar whose array files are already in `root/croupier/`.
+
+    `assignments`, `offsets` and `members` are only read to derive sizes and the clustering
+    hash. The manifest is written last, atomically: until it exists the sidecar is not
+    a finished one, and `Sidecar.open` refuses it.
+    """
+    if layout not in LAYOUTS:
+        raise ConfigError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    offsets = np.asarray(offsets, dtype=np.int64)
+    sizes = np.diff(offsets)
+    parts = [offsets.astype("<i8").tobytes(), layout.encode()]
+    if members is not None:
+        parts.append(_ids_digest(members))
+    clustering_hash = short_hash(*parts)
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "version": VERSION,
+        "fingerprint": fingerprint,
+        "layout": layout,
+        "num_samples": int(len(assignments)),
+        "num_clusters": int(len(sizes)),
+        "sizes": sizes.tolist(),
+        "dim": int(centroids.shape[1]),
+        "clustering_hash": clustering_hash,
+        "files": {
+            "offsets": "offsets.npy", "assignments": "assignments.npy", "centroids": "centroids.npy",
+            "embeddings": "embeddings.npy", **({"members": "members.npy"} if members is not None else {}),
+        },
+        "scores": {},
+        "selections": {},
+    }
+    manifest.update(_jsonable(extra))
+    side_dir = Path(root) / SIDECAR_DIR
+    with _locked(side_dir):
+        write_json_atomic(side_dir / MANIFEST, manifest)
+    return manifest
