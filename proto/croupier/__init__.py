@@ -1,0 +1,1 @@
+"""croupier.proto.croupier: generated modules, laid out as the .proto package path."""

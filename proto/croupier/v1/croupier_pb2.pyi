@@ -1,0 +1,243 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class SliceKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SLICE_KIND_UNSPECIFIED: _ClassVar[SliceKind]
+    SLICE_KIND_DATA: _ClassVar[SliceKind]
+    SLICE_KIND_END_OF_DATA: _ClassVar[SliceKind]
+SLICE_KIND_UNSPECIFIED: SliceKind
+SLICE_KIND_DATA: SliceKind
+SLICE_KIND_END_OF_DATA: SliceKind
+
+class GetVersionRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetVersionResponse(_message.Message):
+    __slots__ = ("server_version", "api_version")
+    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    API_VERSION_FIELD_NUMBER: _ClassVar[int]
+    server_version: str
+    api_version: str
+    def __init__(self, server_version: _Optional[str] = ..., api_version: _Optional[str] = ...) -> None: ...
+
+class JobInfo(_message.Message):
+    __slots__ = ("job", "dataset_remote", "dataset_fingerprint", "sampler_fingerprint", "global_batch", "policy", "policy_json", "seed", "num_samples", "num_clusters", "selection", "world_size")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    DATASET_REMOTE_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    SAMPLER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_BATCH_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    POLICY_JSON_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLUSTERS_FIELD_NUMBER: _ClassVar[int]
+    SELECTION_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    dataset_remote: str
+    dataset_fingerprint: str
+    sampler_fingerprint: str
+    global_batch: int
+    policy: str
+    policy_json: str
+    seed: int
+    num_samples: int
+    num_clusters: int
+    selection: str
+    world_size: int
+    def __init__(self, job: _Optional[str] = ..., dataset_remote: _Optional[str] = ..., dataset_fingerprint: _Optional[str] = ..., sampler_fingerprint: _Optional[str] = ..., global_batch: _Optional[int] = ..., policy: _Optional[str] = ..., policy_json: _Optional[str] = ..., seed: _Optional[int] = ..., num_samples: _Optional[int] = ..., num_clusters: _Optional[int] = ..., selection: _Optional[str] = ..., world_size: _Optional[int] = ...) -> None: ...
+
+class JoinRequest(_message.Message):
+    __slots__ = ("job", "rank", "world_size", "global_batch", "resume_token", "client_version")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_BATCH_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    rank: int
+    world_size: int
+    global_batch: int
+    resume_token: str
+    client_version: str
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., global_batch: _Optional[int] = ..., resume_token: _Optional[str] = ..., client_version: _Optional[str] = ...) -> None: ...
+
+class JoinResponse(_message.Message):
+    __slots__ = ("job", "next_step", "per_rank_batch", "max_lookahead", "max_lag")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    NEXT_STEP_FIELD_NUMBER: _ClassVar[int]
+    PER_RANK_BATCH_FIELD_NUMBER: _ClassVar[int]
+    MAX_LOOKAHEAD_FIELD_NUMBER: _ClassVar[int]
+    MAX_LAG_FIELD_NUMBER: _ClassVar[int]
+    job: JobInfo
+    next_step: int
+    per_rank_batch: int
+    max_lookahead: int
+    max_lag: int
+    def __init__(self, job: _Optional[_Union[JobInfo, _Mapping]] = ..., next_step: _Optional[int] = ..., per_rank_batch: _Optional[int] = ..., max_lookahead: _Optional[int] = ..., max_lag: _Optional[int] = ...) -> None: ...
+
+class Slice(_message.Message):
+    __slots__ = ("step", "ids", "kind")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    kind: SliceKind
+    def __init__(self, step: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., kind: _Optional[_Union[SliceKind, str]] = ...) -> None: ...
+
+class StreamSlicesRequest(_message.Message):
+    __slots__ = ("job", "rank", "world_size", "start_step", "lookahead", "step_stride", "step_offset", "stop_step")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    START_STEP_FIELD_NUMBER: _ClassVar[int]
+    LOOKAHEAD_FIELD_NUMBER: _ClassVar[int]
+    STEP_STRIDE_FIELD_NUMBER: _ClassVar[int]
+    STEP_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    STOP_STEP_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    rank: int
+    world_size: int
+    start_step: int
+    lookahead: int
+    step_stride: int
+    step_offset: int
+    stop_step: int
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., start_step: _Optional[int] = ..., lookahead: _Optional[int] = ..., step_stride: _Optional[int] = ..., step_offset: _Optional[int] = ..., stop_step: _Optional[int] = ...) -> None: ...
+
+class StreamSlicesResponse(_message.Message):
+    __slots__ = ("slices",)
+    SLICES_FIELD_NUMBER: _ClassVar[int]
+    slices: _containers.RepeatedCompositeFieldContainer[Slice]
+    def __init__(self, slices: _Optional[_Iterable[_Union[Slice, _Mapping]]] = ...) -> None: ...
+
+class GetSliceRequest(_message.Message):
+    __slots__ = ("job", "rank", "world_size", "step")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    rank: int
+    world_size: int
+    step: int
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
+
+class GetSliceResponse(_message.Message):
+    __slots__ = ("slice",)
+    SLICE_FIELD_NUMBER: _ClassVar[int]
+    slice: Slice
+    def __init__(self, slice: _Optional[_Union[Slice, _Mapping]] = ...) -> None: ...
+
+class AckRequest(_message.Message):
+    __slots__ = ("job", "rank", "world_size", "next_step")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NEXT_STEP_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    rank: int
+    world_size: int
+    next_step: int
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., next_step: _Optional[int] = ...) -> None: ...
+
+class AckResponse(_message.Message):
+    __slots__ = ("slowest_step", "fastest_step")
+    SLOWEST_STEP_FIELD_NUMBER: _ClassVar[int]
+    FASTEST_STEP_FIELD_NUMBER: _ClassVar[int]
+    slowest_step: int
+    fastest_step: int
+    def __init__(self, slowest_step: _Optional[int] = ..., fastest_step: _Optional[int] = ...) -> None: ...
+
+class CheckpointRequest(_message.Message):
+    __slots__ = ("job", "step")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    step: int
+    def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
+
+class CheckpointResponse(_message.Message):
+    __slots__ = ("token", "step", "path")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    step: int
+    path: str
+    def __init__(self, token: _Optional[str] = ..., step: _Optional[int] = ..., path: _Optional[str] = ...) -> None: ...
+
+class GetStatusRequest(_message.Message):
+    __slots__ = ("include_clusters",)
+    INCLUDE_CLUSTERS_FIELD_NUMBER: _ClassVar[int]
+    include_clusters: bool
+    def __init__(self, include_clusters: _Optional[bool] = ...) -> None: ...
+
+class RankStatus(_message.Message):
+    __slots__ = ("rank", "next_step", "delivered_step", "seconds_since_seen", "connected")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    NEXT_STEP_FIELD_NUMBER: _ClassVar[int]
+    DELIVERED_STEP_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_SINCE_SEEN_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    next_step: int
+    delivered_step: int
+    seconds_since_seen: float
+    connected: bool
+    def __init__(self, rank: _Optional[int] = ..., next_step: _Optional[int] = ..., delivered_step: _Optional[int] = ..., seconds_since_seen: _Optional[float] = ..., connected: _Optional[bool] = ...) -> None: ...
+
+class GetStatusResponse(_message.Message):
+    __slots__ = ("job", "generated_step", "durable_step", "slowest_step", "fastest_step", "ranks", "active_clusters", "clip", "cluster_sizes", "cluster_draws", "cluster_passes", "cluster_clipped_at")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_STEP_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_STEP_FIELD_NUMBER: _ClassVar[int]
+    SLOWEST_STEP_FIELD_NUMBER: _ClassVar[int]
+    FASTEST_STEP_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_CLUSTERS_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_SIZES_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_DRAWS_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_PASSES_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_CLIPPED_AT_FIELD_NUMBER: _ClassVar[int]
+    job: JobInfo
+    generated_step: int
+    durable_step: int
+    slowest_step: int
+    fastest_step: int
+    ranks: _containers.RepeatedCompositeFieldContainer[RankStatus]
+    active_clusters: int
+    clip: int
+    cluster_sizes: _containers.RepeatedScalarFieldContainer[int]
+    cluster_draws: _containers.RepeatedScalarFieldContainer[int]
+    cluster_passes: _containers.RepeatedScalarFieldContainer[int]
+    cluster_clipped_at: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, job: _Optional[_Union[JobInfo, _Mapping]] = ..., generated_step: _Optional[int] = ..., durable_step: _Optional[int] = ..., slowest_step: _Optional[int] = ..., fastest_step: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., active_clusters: _Optional[int] = ..., clip: _Optional[int] = ..., cluster_sizes: _Optional[_Iterable[int]] = ..., cluster_draws: _Optional[_Iterable[int]] = ..., cluster_passes: _Optional[_Iterable[int]] = ..., cluster_clipped_at: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class UpdateRequest(_message.Message):
+    __slots__ = ("step", "clip", "weights")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    clip: int
+    weights: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, step: _Optional[int] = ..., clip: _Optional[int] = ..., weights: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class UpdateResponse(_message.Message):
+    __slots__ = ("effective_step",)
+    EFFECTIVE_STEP_FIELD_NUMBER: _ClassVar[int]
+    effective_step: int
+    def __init__(self, effective_step: _Optional[int] = ...) -> None: ...
