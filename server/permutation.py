@@ -1,0 +1,96 @@
+"""Keyed pseudo-random permutations computed on the fly, vectorized over many domains.
+
+`permute(x, n, key)` maps each position x in [0, n) to a position in [0, n), and for a fixed
+(n, key) the map is a bijection: a Feistel network over the smallest power-of-two domain
+that holds n, with cycle walking to stay inside [0, n). No permutation is ever stored, so the
+in-cluster order of a cluster of a billion samples costs nothing to keep.
+
+Keys are derived by hashing tuples (`derive_keys(base, a, b)`), never by adding integers,
+so (cluster 1, pass 2) and (cluster 2, pass 1) get unrelated orders.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_U64 = np.uint64
+_C1 = _U64(0xBF58476D1CE4E5B9)
+_C2 = _U64(0x94D049BB133111EB)
+_C3 = _U64(0x9E3779B97F4A7C15)
+_ROUND_TAGS = tuple(_U64(t) for t in (0xA0761D6478BD642F, 0xE7037ED1A0B428DB,
+                                      0x8EBC6AF09C88C6E3, 0x589965CC75374CC3))
+_ROUNDS = len(_ROUND_TAGS)
+
+
+def mix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64 finalizer: a bijective 64-bit mixer with full avalanche (uint64 arrays)."""
+    z = np.asarray(z, dtype=np.uint64)
+    z = z ^ (z >> _U64(30))
+    z = z * _C1
+    z = z ^ (z >> _U64(27))
+    z = z * _C2
+    return z ^ (z >> _U64(31))
+
+
+def seed_key(seed: int, tag: int) -> np.uint64:
+    """A 64-bit base key for a (seed, purpose tag) pair, via numpy's SeedSequence."""
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    return np.random.SeedSequence([int(seed), int(tag)]).generate_state(1, np.uint64)[0]
+
+
+def derive_keys(base: np.uint64, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Hash of the tuple (base, a, b) for each element pair: chained xor-then-mix."""
+    h = mix64(np.asarray(a, dtype=np.uint64) ^ mix64(np.full(np.shape(a), base, dtype=np.uint64) ^ _C3))
+    return mix64(h ^ np.asarray(b, dtype=np.uint64) ^ _C1)
+
+
+def _bit_length(v: np.ndarray) -> np.ndarray:
+    """Number of bits needed to write each non-negative value (0 -> 0); exact below 2**53."""
+    return np.frexp(v.astype(np.float64))[1].astype(np.uint64)
+
+
+def _round(v: np.ndarray, k: np.ndarray) -> np.ndarray:
+    t = (v ^ k) * _C1
+    t = t ^ (t >> _U64(31))
+    t = t * _C2
+    return t >> _U64(32)
+
+
+def permute(x: np.ndarray, n: np.ndarray | int, key: np.ndarray | np.uint64) -> np.ndarray:
+    """Position of each `x` under the keyed bijection of [0, n) (all arguments broadcast).
+
+    Every x must lie in [0, n) and n must be < 2**52. Returns int64.
+    """
+    x = np.asarray(x, dtype=np.uint64)
+    n = np.broadcast_to(np.asarray(n, dtype=np.uint64), x.shape)
+    key = np.broadcast_to(np.asarray(key, dtype=np.uint64), x.shape)
+    bits = _bit_length(n - _U64(1)) if x.size else np.zeros(0, np.uint64)
+    rbits = (bits + _U64(1)) >> _U64(1)
+    lbits = bits - rbits
+    one = _U64(1)
+    rmask = (one << rbits) - one
+    lmask = (one << lbits) - one
+    # The key is already a well-mixed 64-bit hash; distinct tags give each round its own function.
+    round_keys = [key ^ tag for tag in _ROUND_TAGS]
+
+    out = _feistel(x, rbits, rmask, lmask, round_keys)
+    outside = np.flatnonzero(out >= n)
+    while outside.size:
+        # Cycle walking: re-encrypt the few values that fell outside [0, n).
+        cur = _feistel(out[outside], rbits[outside], rmask[outside], lmask[outside],
+                       [k[outside] for k in round_keys])
+        out[outside] = cur
+        outside = outside[cur >= n[outside]]
+    return out.astype(np.int64)
+
+
+def _feistel(v: np.ndarray, rbits: np.ndarray, rmask: np.ndarray, lmask: np.ndarray,
+             round_keys: list[np.ndarray]) -> np.ndarray:
+    """One pass of the unbalanced Feistel network over [0, 2**bits)."""
+    left = v >> rbits
+    right = v & rmask
+    for i in range(0, _ROUNDS, 2):
+        left = left ^ (_round(right, round_keys[i]) & lmask)
+        right = right ^ (_round(left, round_keys[i + 1]) & rmask)
+    return (left << rbits) | right

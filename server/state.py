@@ -1,0 +1,112 @@
+"""The sampler's whole state: small (O(clusters)), versioned, checksummed, strict on load.
+
+Layout of `to_bytes()`:  MAGIC (8) | header length (u32 LE) | header JSON | arrays | sha256 (32)
+The header holds the scalars, the fingerprint and the pending online changes; the arrays
+are little-endian int64 (cursor, draws, clipped_at) and, when set, float64 weights. The
+checksum covers everything before it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from croupier.errors import StateError
+
+MAGIC = b"CRPSTATE"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class Change:
+    """An online change that takes effect at the start of `step`."""
+
+    step: int
+    clip: int | None = None
+    weights: tuple[float, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "clip": self.clip,
+                "weights": None if self.weights is None else list(self.weights)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Change":
+        w = d.get("weights")
+        return cls(step=int(d["step"]), clip=d.get("clip"), weights=None if w is None else tuple(w))
+
+
+@dataclass(frozen=True, eq=False)
+class SamplerState:
+    """Everything needed to continue the global sequence exactly from `step`.
+
+    cursor[c]: draws of cluster c by the cluster-balanced phases (pass = cursor // size).
+    draws[c]: all draws of cluster c, random phases included (what ranks received).
+    clipped_at[c]: step at which c was knocked out by the clip, -1 while active.
+    random_cursor: position in the chain of keyed whole-dataset permutations (random phases).
+    clip / weights: the values in force (after applied online changes).
+    pending: online changes not yet applied, sorted by step.
+    """
+
+    fingerprint: str
+    step: int
+    random_cursor: int
+    clip: int | None
+    weights: np.ndarray | None
+    cursor: np.ndarray
+    draws: np.ndarray
+    clipped_at: np.ndarray
+    pending: tuple[Change, ...] = field(default=())
+
+    def to_bytes(self) -> bytes:
+        k = len(self.cursor)
+        header = {
+            "version": VERSION, "fingerprint": self.fingerprint, "step": self.step,
+            "random_cursor": self.random_cursor, "clip": self.clip, "num_clusters": k,
+            "has_weights": self.weights is not None,
+            "pending": [c.to_dict() for c in self.pending],
+        }
+        hb = json.dumps(header, sort_keys=True).encode()
+        parts = [MAGIC, struct.pack("<I", len(hb)), hb]
+        for arr in (self.cursor, self.draws, self.clipped_at):
+            parts.append(np.ascontiguousarray(arr, dtype="<i8").tobytes())
+        if self.weights is not None:
+            parts.append(np.ascontiguousarray(self.weights, dtype="<f8").tobytes())
+        body = b"".join(parts)
+        return body + hashlib.sha256(body).digest()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "SamplerState":
+        if len(data) < len(MAGIC) + 4 + 32 or data[:len(MAGIC)] != MAGIC:
+            raise StateError(f"not a croupier sampler state (bad magic or {len(data)} bytes)")
+        body, digest = data[:-32], data[-32:]
+        if hashlib.sha256(body).digest() != digest:
+            raise StateError("sampler state checksum mismatch: the state is corrupt or truncated")
+        (hlen,) = struct.unpack_from("<I", body, len(MAGIC))
+        off = len(MAGIC) + 4
+        try:
+            header = json.loads(body[off:off + hlen])
+        except ValueError as exc:
+            raise StateError(f"sampler state header is not valid JSON: {exc}") from None
+        if header.get("version") != VERSION:
+            raise StateError(f"sampler state version {header.get('version')} is not supported (this is {VERSION})")
+        off += hlen
+        k = int(header["num_clusters"])
+        want = off + 3 * 8 * k + (8 * k if header["has_weights"] else 0)
+        if len(body) != want:
+            raise StateError(f"sampler state holds {len(body)} bytes, expected {want} for {k} clusters")
+        arrays = []
+        for _ in range(3):
+            arrays.append(np.frombuffer(body, dtype="<i8", count=k, offset=off).astype(np.int64))
+            off += 8 * k
+        weights = None
+        if header["has_weights"]:
+            weights = np.frombuffer(body, dtype="<f8", count=k, offset=off).astype(np.float64)
+        return cls(fingerprint=header["fingerprint"], step=int(header["step"]),
+                   random_cursor=int(header["random_cursor"]), clip=header["clip"], weights=weights,
+                   cursor=arrays[0], draws=arrays[1], clipped_at=arrays[2],
+                   pending=tuple(Change.from_dict(c) for c in header["pending"]))
