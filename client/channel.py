@@ -1,0 +1,51 @@
+"""Opening a channel to the sampler server: options, TLS, and the bearer-token metadata.
+
+Channel options (message size limits, keepalive) come from `croupier.server.grpc_options`,
+the one place both ends read them, so they always agree. Channels are opened lazily by the
+client objects, inside the process that uses them: a gRPC channel does not survive fork().
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import grpc
+
+from croupier.errors import ConfigError
+
+TOKEN_ENV = "CROUPIER_TOKEN"
+
+
+def channel_options() -> list[tuple[str, int | str]]:
+    """The client-side channel options agreed with the server."""
+    from croupier.server import grpc_options
+
+    return grpc_options.channel_options()
+
+
+def open_channel(address: str, tls_root_cert: str | os.PathLike | bytes | None = None) -> grpc.Channel:
+    """A channel to `address` ("host:port"); TLS when a root certificate (PEM path or bytes) is given."""
+    if not address or ":" not in address:
+        raise ConfigError(f"server address must be host:port, got {address!r}")
+    options = channel_options()
+    if tls_root_cert is None:
+        return grpc.insecure_channel(address, options=options)
+    if isinstance(tls_root_cert, bytes):
+        pem = tls_root_cert
+    else:
+        path = Path(tls_root_cert)
+        if not path.is_file():
+            raise ConfigError(f"TLS root certificate {str(path)!r} does not exist")
+        pem = path.read_bytes()
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=pem), options=options)
+
+
+def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying `token` (or $CROUPIER_TOKEN when None); empty without a token."""
+    token = os.environ.get(TOKEN_ENV) if token is None else token
+    if not token:
+        return ()
+    from croupier.server.grpc_options import bearer
+
+    return bearer(token)

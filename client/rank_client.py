@@ -1,0 +1,520 @@
+"""One trainer rank's connection to the sampler server: its slices, step by step.
+
+`RankClient` joins the job as its rank, then a background thread holds a `StreamSlices`
+stream open and fills a bounded queue with the rank's slices ahead of time. When the server
+goes away (killed, restarted, network), the thread reconnects with exponential backoff and
+jitter and asks again from the next step it has not received: the server deals every
+(step, rank, world) the same ids, so the sequence the trainer sees is unchanged. Consumed
+steps are acknowledged in batches, which lets the server hold fast ranks near slow ones.
+
+`state_dict()` / `load_state_dict()` carry the position a trainer checkpoints with its model:
+the sampler fingerprint (checked on load and on join), the next step to train, and a server
+checkpoint token so a whole job can be resumed, even with another world size.
+
+Nothing touches the network before the first call that needs it, and a client used in a
+process other than the one that opened its channel opens a new one: gRPC channels do not
+survive fork().
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import grpc
+import numpy as np
+
+from croupier import __version__
+from croupier.client.channel import auth_metadata, open_channel
+from croupier.client.errors import ClientError, Unavailable, from_rpc_error, is_transient
+from croupier.errors import ConfigError, EndOfData, FingerprintMismatch, StateError
+from croupier.server.topology import Topology
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+_STATE_KEYS = ("version", "sampler_fingerprint", "next_step", "token")
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with jitter: attempt k waits initial * 2**k (capped), times U(0.5, 1)."""
+
+    initial_s: float = 0.05
+    max_s: float = 2.0
+    give_up_after_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.initial_s <= 0 or self.max_s < self.initial_s:
+            raise ConfigError(f"backoff needs 0 < initial_s <= max_s, got {self.initial_s}, {self.max_s}")
+        if self.give_up_after_s <= 0:
+            raise ConfigError(f"backoff give_up_after_s must be > 0, got {self.give_up_after_s}")
+
+    def delay(self, attempt: int) -> float:
+        return min(self.max_s, self.initial_s * (2.0 ** min(attempt, 30))) * random.uniform(0.5, 1.0)
+
+
+class _End:
+    """Queue marker: the stream reached its stop step."""
+
+
+class RankClient:
+    """A rank's slices of the global sequence, delivered in step order.
+
+    address: "host:port" of the sampler server.
+    job: the job name the server serves.
+    topology: this rank; None reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK.
+    token: bearer token (None: $CROUPIER_TOKEN). tls_root_cert: PEM path or bytes for TLS.
+    lookahead: steps the server streams ahead of what this client has acknowledged.
+    resume_token: a checkpoint token (CheckpointResponse) to resume the job from.
+    start_step: first step to deliver (None: where the server says this rank resumes).
+    stop_step: deliver steps < stop_step only (None: until end of data).
+    step_stride, step_offset: deliver only steps t with t % step_stride == step_offset
+        (DataLoader worker w of N); the offset is taken modulo the stride.
+    on_slice: called from the stream thread with (step, ids) as each slice arrives, ahead of
+        consumption (e.g. to prefetch shards); an exception it raises is re-raised to the
+        consumer.
+    ack_every: acknowledge after this many consumed steps (and at least every ack_interval_s).
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        job: str,
+        topology: Topology | None = None,
+        token: str | None = None,
+        tls_root_cert: str | os.PathLike | bytes | None = None,
+        lookahead: int = 16,
+        resume_token: str | None = None,
+        start_step: int | None = None,
+        stop_step: int | None = None,
+        step_stride: int = 1,
+        step_offset: int = 0,
+        on_slice: Callable[[int, np.ndarray], None] | None = None,
+        ack_every: int | None = None,
+        ack_interval_s: float = 1.0,
+        rpc_timeout_s: float = 30.0,
+        backoff: Backoff | None = None,
+    ) -> None:
+        if not job:
+            raise ConfigError("job name must be non-empty")
+        if lookahead < 1:
+            raise ConfigError(f"lookahead must be >= 1, got {lookahead}")
+        if step_stride < 1:
+            raise ConfigError(f"step_stride must be >= 1, got {step_stride}")
+        if start_step is not None and start_step < 0:
+            raise ConfigError(f"start_step must be >= 0, got {start_step}")
+        if stop_step is not None and stop_step < 0:
+            raise ConfigError(f"stop_step must be >= 0, got {stop_step}")
+        self.address = address
+        self.job = job
+        self.topology = topology if topology is not None else Topology.detect()
+        self._metadata = auth_metadata(token)
+        self._tls_root_cert = tls_root_cert
+        self.lookahead = int(lookahead)
+        self._resume_token = resume_token or ""
+        self._start_step = start_step
+        self.stop_step = stop_step
+        self.step_stride = int(step_stride)
+        self.step_offset = int(step_offset) % self.step_stride
+        self._on_slice = on_slice
+        self._ack_every = int(ack_every) if ack_every else max(1, self.lookahead // 4)
+        self._ack_interval_s = float(ack_interval_s)
+        self._rpc_timeout_s = float(rpc_timeout_s)
+        self._backoff = backoff or Backoff()
+
+        self._pid: int | None = None
+        self._channel: grpc.Channel | None = None
+        self._stub: Any = None
+        self._join: Any = None  # JoinResponse
+        self._expected_fingerprint: str | None = None
+        self._next_step: int | None = None  # next step the consumer will train on
+        self._token = ""
+        self._token_step = -1
+        self._queue: queue.Queue = queue.Queue(maxsize=self.lookahead + 2)
+        self._thread: threading.Thread | None = None
+        self._call: Any = None
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self._acked = -1
+        self._ack_pending = 0
+        self._ack_time = time.monotonic()
+        self._finished = False
+
+    # -- connection ---------------------------------------------------------------------------
+
+    def _ensure_channel(self) -> None:
+        pid = os.getpid()
+        if self._channel is not None and self._pid == pid:
+            return
+        if self._channel is not None:
+            # Inherited across fork(): the parent's channel and thread are unusable here. Drop
+            # them without closing (closing would touch the parent's gRPC state) and start over.
+            self._channel = None
+            self._thread = None
+            self._call = None
+            self._queue = queue.Queue(maxsize=self.lookahead + 2)
+        from croupier.proto.croupier.v1 import croupier_pb2_grpc
+
+        self._channel = open_channel(self.address, self._tls_root_cert)
+        self._stub = croupier_pb2_grpc.SamplerStub(self._channel)
+        self._pid = pid
+
+    def _pb(self):
+        from croupier.proto.croupier.v1 import croupier_pb2
+
+        return croupier_pb2
+
+    def _unary(self, name: str, request: Any, *, retry: bool = True, timeout: float | None = None) -> Any:
+        """Calls a unary RPC, retrying transient failures with backoff when `retry`."""
+        self._ensure_channel()
+        method = getattr(self._stub, name)
+        start = time.monotonic()
+        attempt = 0
+        while True:
+            try:
+                return method(request, metadata=self._metadata, timeout=timeout or self._rpc_timeout_s)
+            except grpc.RpcError as exc:
+                if not (retry and is_transient(exc)) or self._closed.is_set():
+                    raise from_rpc_error(exc, name) from None
+                if time.monotonic() - start > self._backoff.give_up_after_s:
+                    raise Unavailable(
+                        f"{name} failed: server {self.address} unreachable for "
+                        f"{self._backoff.give_up_after_s:.0f} s: {exc.details()}",
+                        code=exc.code(),
+                        details=exc.details() or "",
+                    ) from None
+                time.sleep(self._backoff.delay(attempt))
+                attempt += 1
+
+    def join(self) -> Any:
+        """Joins the job (once) and returns the server's `JobInfo`; checks the fingerprint."""
+        if self._join is not None and self._pid == os.getpid():
+            return self._join.job
+        response = self._do_join(self._resume_token)
+        got = response.job.sampler_fingerprint
+        if self._expected_fingerprint is not None and got != self._expected_fingerprint:
+            raise FingerprintMismatch("sampler", self._expected_fingerprint, got)
+        self._join = response
+        if self._next_step is None:
+            self._next_step = self._start_step if self._start_step is not None else int(response.next_step)
+        return response.job
+
+    def _do_join(self, resume_token: str) -> Any:
+        pb = self._pb()
+        request = pb.JoinRequest(
+            job=self.job,
+            rank=self.topology.rank,
+            world_size=self.topology.world,
+            resume_token=resume_token,
+            client_version=__version__,
+        )
+        return self._unary("Join", request)
+
+    @property
+    def job_info(self) -> Any:
+        """The job description the server sent on join (joins if needed)."""
+        return self.join()
+
+    @property
+    def per_rank_batch(self) -> int:
+        """Samples this rank receives per step."""
+        self.join()
+        return int(self._join.per_rank_batch)
+
+    @property
+    def next_step(self) -> int:
+        """The next step the trainer will receive (joins if needed)."""
+        self.join()
+        assert self._next_step is not None
+        return self._next_step
+
+    # -- the stream ---------------------------------------------------------------------------
+
+    def _first_step(self, start: int) -> int:
+        """Smallest step >= start that this client's stride/offset delivers."""
+        return start + (self.step_offset - start) % self.step_stride
+
+    def _start_stream(self) -> None:
+        self._ensure_channel()
+        if self._thread is not None:
+            return
+        self.join()
+        first = self._first_step(self.next_step)
+        self._thread = threading.Thread(
+            target=self._stream_loop, args=(first,), name=f"croupier-rank{self.topology.rank}-stream", daemon=True
+        )
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        """Blocking put that gives up when the client closes."""
+        while not self._closed.is_set():
+            try:
+                self._queue.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _stream_loop(self, first: int) -> None:
+        pb = self._pb()
+        want = first  # next step this stream owes the consumer
+        stop = self.stop_step or 0
+        attempt = 0
+        failing_since: float | None = None
+        rejoin = False
+        while not self._closed.is_set():
+            if stop and want >= stop:
+                self._put(_End())
+                return
+            try:
+                if rejoin:
+                    self._do_join("")
+                    rejoin = False
+                request = pb.StreamSlicesRequest(
+                    job=self.job,
+                    rank=self.topology.rank,
+                    world_size=self.topology.world,
+                    start_step=want,
+                    lookahead=self.lookahead,
+                    step_stride=self.step_stride,
+                    step_offset=self.step_offset,
+                    stop_step=stop,
+                )
+                call = self._stub.StreamSlices(request, metadata=self._metadata)
+                self._call = call
+                if self._closed.is_set():
+                    call.cancel()
+                    return
+                for response in call:
+                    attempt, failing_since = 0, None
+                    for sl in response.slices:
+                        if sl.step < want:
+                            continue  # already delivered before a reconnect
+                        if sl.step != want:
+                            raise ClientError(f"server skipped from step {want} to step {sl.step} on rank {self.topology.rank}")
+                        if sl.kind == pb.SLICE_KIND_END_OF_DATA:
+                            self._put(EndOfData(sl.step))
+                            return
+                        ids = np.asarray(sl.ids, dtype=np.int64)
+                        if self._join is not None and len(ids) != self._join.per_rank_batch:
+                            raise ClientError(
+                                f"step {sl.step}: rank {self.topology.rank} got {len(ids)} ids, "
+                                f"expected {self._join.per_rank_batch}"
+                            )
+                        if self._on_slice is not None:
+                            self._on_slice(sl.step, ids)
+                        if not self._put((sl.step, ids)):
+                            return
+                        want = sl.step + self.step_stride
+                if stop and want >= stop:
+                    continue  # loop head puts the end marker
+                # The server ended the stream early (shutting down): reconnect like a failure.
+                raise _Reconnect()
+            except (grpc.RpcError, _Reconnect) as exc:
+                if self._closed.is_set():
+                    return
+                if isinstance(exc, grpc.RpcError) and not is_transient(exc):
+                    self._put(from_rpc_error(exc, "StreamSlices"))
+                    return
+                now = time.monotonic()
+                failing_since = failing_since or now
+                if now - failing_since > self._backoff.give_up_after_s:
+                    details = exc.details() if isinstance(exc, grpc.RpcError) else "stream ended"
+                    self._put(Unavailable(
+                        f"StreamSlices failed: server {self.address} unreachable for "
+                        f"{self._backoff.give_up_after_s:.0f} s: {details}"
+                    ))
+                    return
+                log.info("rank %d: stream lost at step %d (%s); reconnecting", self.topology.rank, want, exc)
+                self._closed.wait(self._backoff.delay(attempt))
+                attempt += 1
+                rejoin = True
+            except ClientError as exc:
+                self._put(exc)
+                return
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+                self._put(exc)
+                return
+
+    def next_slice(self, timeout: float | None = None) -> tuple[int, np.ndarray]:
+        """The next (step, ids) of this rank, in step order.
+
+        Raises EndOfData at the end of the sequence (or at stop_step), a ClientError subclass
+        when the server refuses, Unavailable when it stays unreachable.
+        """
+        if self._closed.is_set():
+            raise StateError("RankClient is closed")
+        if self._finished:
+            raise EndOfData(self.next_step, f"no steps left for rank {self.topology.rank} from step {self.next_step}")
+        self._start_stream()
+        try:
+            item = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            raise Unavailable(f"no slice from {self.address} within {timeout} s (step {self.next_step})") from None
+        if isinstance(item, _End):
+            self._finished = True
+            self._ack(force=True)
+            raise EndOfData(self.next_step, f"stop step {self.stop_step} reached")
+        if isinstance(item, BaseException):
+            self._finished = True
+            raise item
+        step, ids = item
+        self._next_step = step + 1
+        self._ack_pending += 1
+        self._ack()
+        return step, ids
+
+    def __iter__(self):
+        """Yields (step, ids) until the end of the sequence or stop_step."""
+        while True:
+            try:
+                yield self.next_slice()
+            except EndOfData:
+                return
+
+    def _ack(self, force: bool = False) -> None:
+        """Acknowledges consumed steps every ack_every steps or ack_interval_s; never fails."""
+        if self._next_step is None or self._next_step <= self._acked:
+            return
+        due = self._ack_pending >= self._ack_every or time.monotonic() - self._ack_time >= self._ack_interval_s
+        if not (force or due):
+            return
+        pb = self._pb()
+        request = pb.AckRequest(
+            job=self.job, rank=self.topology.rank, world_size=self.topology.world, next_step=self._next_step
+        )
+        try:
+            self._ensure_channel()
+            self._stub.Ack(request, metadata=self._metadata, timeout=2.0)
+        except grpc.RpcError as exc:
+            if not is_transient(exc):
+                raise from_rpc_error(exc, "Ack") from None
+            return  # the server is away; the stream thread reconnects, the next ack catches up
+        self._acked = self._next_step
+        self._ack_pending = 0
+        self._ack_time = time.monotonic()
+
+    # -- unary helpers ------------------------------------------------------------------------
+
+    def get_slice(self, step: int) -> np.ndarray:
+        """This rank's ids of `step`, by a single idempotent call (no stream)."""
+        self.join()
+        pb = self._pb()
+        response = self._unary(
+            "GetSlice", pb.GetSliceRequest(job=self.job, rank=self.topology.rank, world_size=self.topology.world, step=step)
+        )
+        if response.slice.kind == pb.SLICE_KIND_END_OF_DATA:
+            raise EndOfData(step)
+        return np.asarray(response.slice.ids, dtype=np.int64)
+
+    def status(self, include_clusters: bool = False) -> Any:
+        """The server's GetStatusResponse (job, progress, counters); does not join."""
+        return self._unary("GetStatus", self._pb().GetStatusRequest(include_clusters=include_clusters))
+
+    def checkpoint(self, step: int | None = None) -> str:
+        """Makes the server's sampler state at `step` (default: the next step) durable; returns the token.
+
+        With an explicit `step` this does not join, so a process that only checkpoints (a
+        trainer's main process whose DataLoader workers read the slices) stays out of the job.
+        """
+        if step is None:
+            self.join()
+            step = self.next_step
+        step = int(step)
+        if step == self._token_step and self._token:
+            return self._token
+        response = self._unary("Checkpoint", self._pb().CheckpointRequest(job=self.job, step=step))
+        self._token, self._token_step = response.token, int(response.step)
+        return self._token
+
+    # -- state --------------------------------------------------------------------------------
+
+    def state_dict(self, checkpoint: bool = True) -> dict[str, Any]:
+        """The position to store with the trainer's checkpoint.
+
+        {"version", "sampler_fingerprint", "next_step", "token"}; with `checkpoint`, the token
+        comes from a Checkpoint call at next_step (a whole job can resume from it, at any
+        world size); without, it is the last token this client obtained, possibly "".
+        """
+        self.join()
+        token = self.checkpoint() if checkpoint else (self._token if self._token_step == self.next_step else "")
+        return {
+            "version": STATE_VERSION,
+            "sampler_fingerprint": self._join.job.sampler_fingerprint,
+            "next_step": int(self.next_step),
+            "token": token,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resumes at the state's next step; refuses a state of another sampler (fingerprint).
+
+        Must be called before the first slice is read.
+        """
+        validate_state(state)
+        if self._thread is not None:
+            raise StateError("load_state_dict must be called before the first next_slice()")
+        expected = str(state["sampler_fingerprint"])
+        if self._join is not None and self._join.job.sampler_fingerprint != expected:
+            raise FingerprintMismatch("sampler", expected, self._join.job.sampler_fingerprint)
+        self._expected_fingerprint = expected
+        self._start_step = int(state["next_step"])
+        self._next_step = int(state["next_step"]) if self._join is not None else None
+        if state["token"] and self._join is None:
+            self._resume_token = str(state["token"])
+        self._finished = False
+
+    # -- lifetime -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Acknowledges what was consumed, stops the stream thread and closes the channel."""
+        if self._closed.is_set():
+            return
+        if self._channel is not None and self._pid == os.getpid():
+            try:
+                self._ack(force=True)
+            except ClientError:
+                pass
+        self._closed.set()
+        call, thread, channel = self._call, self._thread, self._channel
+        if call is not None and self._pid == os.getpid():
+            call.cancel()
+        if thread is not None and self._pid == os.getpid():
+            thread.join(timeout=5.0)
+        if channel is not None and self._pid == os.getpid():
+            channel.close()
+        self._channel = None
+
+    def __enter__(self) -> "RankClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Reconnect(Exception):
+    """The server closed the stream before the client's stop step."""
+
+
+def validate_state(state: Mapping[str, Any]) -> None:
+    """Refuses a client state dict of another version or with missing/ill-typed fields."""
+    if not isinstance(state, Mapping):
+        raise StateError(f"client state must be a mapping, got {type(state).__name__}")
+    missing = [k for k in _STATE_KEYS if k not in state]
+    if missing:
+        raise StateError(f"client state lacks {missing}; expected keys {list(_STATE_KEYS)}")
+    if state["version"] != STATE_VERSION:
+        raise StateError(f"client state version {state['version']!r} is not supported (expected {STATE_VERSION})")
+    if not isinstance(state["next_step"], int) or state["next_step"] < 0:
+        raise StateError(f"client state next_step must be an int >= 0, got {state['next_step']!r}")
+    if not isinstance(state["sampler_fingerprint"], str) or not state["sampler_fingerprint"]:
+        raise StateError(f"client state sampler_fingerprint must be a non-empty string, got {state['sampler_fingerprint']!r}")
+    if not isinstance(state["token"], str):
+        raise StateError(f"client state token must be a string, got {type(state['token']).__name__}")
