@@ -233,4 +233,19 @@ class CroupierIterableDataset(IterableDataset):
         state = self.__dict__.copy()
         state["_control"] = None  # never ship a channel to another process
         state["_control_pid"] = None
+        if not _spawning():
+            # Outside process start-up the shared value cannot travel: ship its value.
+            state["_shared_base"] = int(self._shared_base.value)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if isinstance(state["_shared_base"], int):
+            state["_shared_base"] = multiprocessing.get_context().Value("q", state["_shared_base"])
+        self.__dict__.update(state)
+
+
+def _spawning() -> bool:
+    """Whether we are pickling for a starting child process (shared memory may travel)."""
+    from multiprocessing import context
+
+    return context.get_spawning_popen() is not None

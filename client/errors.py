@@ -26,6 +26,10 @@ class Unauthenticated(ClientError):
     """The server refused the caller's credentials (missing or wrong token)."""
 
 
+class PermissionDenied(Unauthenticated):
+    """The caller is authenticated but may not make this call (e.g. Update without the admin token)."""
+
+
 class InvalidRequest(ClientError):
     """The server refused the request's values (rank outside the world, bad batch, bad step)."""
 
@@ -49,7 +53,7 @@ class NotFound(ClientError):
 
 _BY_CODE: dict[grpc.StatusCode, type[ClientError]] = {
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
-    grpc.StatusCode.PERMISSION_DENIED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
     grpc.StatusCode.FAILED_PRECONDITION: Mismatch,
     grpc.StatusCode.OUT_OF_RANGE: OutOfRange,

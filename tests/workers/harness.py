@@ -1,0 +1,101 @@
+"""Shared pieces of the client tests: a small real MDS dataset and a real server process.
+
+Every sample carries its global id in the `id` column and a text derived from it, so a test
+can check that what a rank decoded is what the shards hold for the id it was dealt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = REPO / ".venv" / "bin"
+CROUPIER = str(VENV_BIN / "croupier")
+
+
+def sample_text(i: int) -> str:
+    """The text stored for sample `i` (varies in length so shards differ in size)."""
+    return f"doc-{i:05d} " + "x" * (i % 17)
+
+
+def write_mds(root: Path, num_samples: int, size_limit: int = 1 << 11, compression: str | None = None) -> Path:
+    """Writes samples 0..n-1 as MDS shards (columns id:int, text:str) under `root`; returns it."""
+    from streaming import MDSWriter
+
+    root.mkdir(parents=True, exist_ok=True)
+    with MDSWriter(out=str(root), columns={"id": "int", "text": "str"}, size_limit=size_limit,
+                   compression=compression) as writer:
+        for i in range(num_samples):
+            writer.write({"id": i, "text": sample_text(i)})
+    return root
+
+
+def cluster_sizes(num_samples: int, num_clusters: int) -> list[int]:
+    """A long-tailed split of n samples into contiguous clusters (largest first)."""
+    weights = 1.0 / np.arange(1, num_clusters + 1)
+    sizes = np.maximum(1, np.floor(weights / weights.sum() * num_samples)).astype(int)
+    sizes[0] += num_samples - sizes.sum()
+    return sizes.tolist()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Kills a process started with start_new_session=True and its whole group."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=20)
+
+
+def read_records(out: Path) -> list[dict]:
+    """Every JSON line the torchrun workers wrote, over all ranks."""
+    records = []
+    for path in sorted(out.glob("records.rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                records.append(json.loads(line))
+    return records
+
+
+def env_for_subprocess() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("CROUPIER_TOKEN", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["OMP_NUM_THREADS"] = "1"
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    return env
+
+
+def python() -> str:
+    return str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
