@@ -211,37 +211,52 @@ class Sampler:
         return self._active[idx]
 
     def _cluster_positions(self, rng: np.random.Generator, m: int, step: int) -> np.ndarray:
-        """Layout positions for m slots from the active clusters; -1 where all are exhausted."""
-        out = np.full(m, -1, dtype=np.int64)
+        """Layout positions for m slots from the active clusters; -1 where all are exhausted.
+
+        Rounds assign clusters to slots (re-drawing slots that overflow a clipped cluster's
+        room); then each cluster's slots, in slot order, take its next stream positions.
+        """
+        assigned = np.full(m, -1, dtype=np.int64)
         pending = np.arange(m)
         sizes = self._sizes
         while pending.size and self._active.size:
             chosen = self._draw_clusters(rng, pending.size)
+            if self._clip is None:
+                assigned[pending] = chosen
+                break
             order = np.argsort(chosen, kind="stable")
             sc = chosen[order]
             slots = pending[order]
             uniq, first, counts = np.unique(sc, return_index=True, return_counts=True)
             ordinal = np.arange(sc.size) - np.repeat(first, counts)
             cur = self._cursor[uniq]
-            take = counts if self._clip is None else np.minimum(counts, self._clip * sizes[uniq] - cur)
+            take = np.minimum(counts, self._clip * sizes[uniq] - cur)
             ok = ordinal < np.repeat(take, counts)
-            c_ok = sc[ok]
-            k = np.repeat(cur, counts)[ok] + ordinal[ok]
-            n_c = sizes[c_ok]
-            passes = k // n_c
-            keys = derive_keys(self._cluster_key, c_ok, passes)
-            out[slots[ok]] = self._offsets[c_ok] + permute(k - passes * n_c, n_c, keys)
+            assigned[slots[ok]] = sc[ok]
             self._cursor[uniq] += take
-            self._draws[uniq] += take
-            if self._clip is not None:
-                self._room -= int(take.sum())
-                done = uniq[cur + take >= self._clip * sizes[uniq]]
-                if done.size:
-                    self._clipped_at[done] = step
-                    room = self._room
-                    self._rebuild_active()
-                    assert self._room == room, "clip room bookkeeping diverged"
+            self._room -= int(take.sum())
+            done = uniq[cur + take >= self._clip * sizes[uniq]]
+            if done.size:
+                self._clipped_at[done] = step
+                self._rebuild_active()
             pending = np.sort(slots[~ok])
+        out = np.full(m, -1, dtype=np.int64)
+        filled = np.flatnonzero(assigned >= 0)
+        if not filled.size:
+            return out
+        chosen = assigned[filled]
+        order = np.argsort(chosen, kind="stable")
+        sc = chosen[order]
+        uniq, first, counts = np.unique(sc, return_index=True, return_counts=True)
+        if self._clip is None:
+            self._cursor[uniq] += counts
+        self._draws[uniq] += counts
+        start = self._cursor[uniq] - counts  # the clusters' cursors before this step
+        k = np.repeat(start, counts) + (np.arange(sc.size) - np.repeat(first, counts))
+        n_c = sizes[sc]
+        passes = k // n_c
+        keys = derive_keys(self._cluster_key, sc, passes)
+        out[filled[order]] = self._offsets[sc] + permute(k - passes * n_c, n_c, keys)
         return out
 
     def _random_positions(self, m: int) -> np.ndarray:
