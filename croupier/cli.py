@@ -18,6 +18,7 @@ from croupier.errors import CroupierError
 COMMAND_MODULES: tuple[str, ...] = (
     "croupier.server.simulate_cli",
     "croupier.client.dump_cli",
+    "croupier.shards.cli",
 )
 
 

@@ -1,0 +1,696 @@
+"""`croupier shards build`: inputs -> MDS shards + embeddings + clusters + sidecar.
+
+Stages, each resumable (state in `OUT/croupier/work/state.json`, saved after every chunk):
+
+    ingest  stream the inputs into append-only text parts (one part = `part_docs` documents)
+    embed   embed the texts chunk by chunk into a float16 memmap (N, d)
+    train   spherical k-means on a bounded, seeded sample of the embeddings
+    assign  nearest centroid of every document, chunk by chunk
+    order   drop empty clusters, counting-sort documents by cluster (chunked, memmap)
+    write   MDSWriter shards (input order, or cluster-major with shard boundaries at cluster
+            starts when a cluster would otherwise straddle two shards) and the sidecar arrays
+    final   move shards and index.json into OUT, write the manifest last, delete work files
+
+`--adopt` skips ingest and write: it embeds the texts of an existing MDS dataset in place
+(local or remote) and writes only the sidecar. Memory stays bounded by a chunk of texts,
+the k-means training sample and O(K) arrays; everything per-document lives on disk.
+A resumed build refuses settings or inputs that differ from the interrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from croupier import __version__
+from croupier.errors import ConfigError, DatasetError
+from croupier.shards.cluster import KMeansConfig, assign_all, num_gpus, train_centroids
+from croupier.shards.fingerprint import index_fingerprint
+from croupier.shards.sidecar import (LAYOUTS, MANIFEST, SIDECAR_DIR, write_json_atomic, write_npy_atomic,
+                                     write_sidecar)
+
+STATE_VERSION = 1
+Hook = Callable[[str, int], None]
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything that determines a build's output (plus how to report progress)."""
+
+    out: str | None
+    inputs: tuple[str, ...] = ()
+    adopt: str | None = None
+    text_field: str = "text"
+    keep_fields: tuple[str, ...] = ()
+    embedder: str = "minilm"
+    clusters: int | None = None
+    layout: str = "cluster-major"
+    shard_size: int = 1 << 26
+    compression: str | None = "zstd"
+    seed: int = 0
+    niter: int = 20
+    max_train: int = 262_144
+    chunk: int = 8192
+    assign_chunk: int = 65_536
+    part_docs: int = 262_144
+    batch_size: int = 64
+    skip_bad: bool = False
+    overwrite: bool = False
+    device: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if bool(self.inputs) == bool(self.adopt):
+            raise ConfigError("give either INPUT files/folders or --adopt MDS_DIR_OR_REMOTE, not both or neither")
+        if self.adopt is None and not self.out:
+            raise ConfigError("--out DIR is required when building from inputs")
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"unknown layout {self.layout!r}; valid layouts: {', '.join(LAYOUTS)}")
+        if self.adopt is not None and self.layout != "original":
+            raise ConfigError("--adopt keeps the dataset as it is: use --layout original "
+                              f"(got {self.layout!r})")
+        if self.adopt is not None and self.keep_fields:
+            raise ConfigError("--keep-fields applies to building from inputs, not to --adopt")
+        if self.clusters is not None and self.clusters < 1:
+            raise ConfigError(f"--clusters must be >= 1, got {self.clusters}")
+        for name, v, lo in (("--shard-size", self.shard_size, 1 << 10), ("--chunk", self.chunk, 1),
+                            ("assign chunk", self.assign_chunk, 1), ("part size", self.part_docs, 1),
+                            ("--niter", self.niter, 1), ("--batch-size", self.batch_size, 1)):
+            if v < lo:
+                raise ConfigError(f"{name} must be >= {lo}, got {v}")
+        if self.shard_size >= 1 << 32:
+            raise ConfigError(f"--shard-size must be < 4 GiB (MDS limit), got {self.shard_size}")
+        if not self.text_field:
+            raise ConfigError("--text-field must not be empty")
+
+    def key(self) -> dict[str, Any]:
+        """The settings a resumed build must share with the interrupted one."""
+        d = asdict(self)
+        for k in ("overwrite", "device", "progress", "out", "batch_size"):
+            d.pop(k)
+        d["inputs"] = list(self.inputs)
+        d["keep_fields"] = list(self.keep_fields)
+        return d
+
+
+@dataclass
+class BuildResult:
+    """What a build produced and how long each stage took (seconds, documents)."""
+
+    out: Path
+    fingerprint: str
+    num_samples: int
+    num_clusters: int
+    layout: str
+    skipped: int = 0
+    resumed: bool = False
+    timings: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def auto_clusters(n: int) -> int:
+    """Default K: about sqrt(N), at most 1024 and at most N."""
+    return int(max(1, min(1024, n, round(math.sqrt(n)))))
+
+
+class _Progress:
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def bar(self, desc: str, total: int, initial: int = 0) -> Any:
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=initial, desc=f"{desc:>7}", unit="doc", unit_scale=True,
+                    disable=not self.enabled, file=sys.stderr, mininterval=0.5, smoothing=0.1)
+
+    def log(self, msg: str) -> None:
+        if self.enabled:
+            print(f"croupier shards: {msg}", file=sys.stderr, flush=True)
+
+
+class Builder:
+    """Runs (or resumes) one build. Use `build(cfg)`."""
+
+    def __init__(self, cfg: BuildConfig, hook: Hook | None = None) -> None:
+        self.cfg = cfg
+        self.hook = hook
+        self.p = _Progress(cfg.progress)
+        self.source = None  # MDSSource when adopting
+        if cfg.adopt is not None:
+            from croupier.shards.mds import MDSSource, is_remote
+
+            if cfg.out is None and is_remote(cfg.adopt):
+                raise ConfigError("--out DIR is required to adopt a remote dataset (the sidecar is written there)")
+            self.out = Path(cfg.out) if cfg.out else Path(cfg.adopt)
+            self.in_place = not is_remote(cfg.adopt) and self.out.resolve() == Path(cfg.adopt).resolve()
+        else:
+            self.out = Path(cfg.out)  # type: ignore[arg-type]
+            self.in_place = False
+        self.side = self.out / SIDECAR_DIR
+        self.work = self.side / "work"
+        self.state_path = self.work / "state.json"
+        self.state: dict[str, Any] = {}
+        self.timings: dict[str, dict[str, float]] = {}
+        self._key: dict[str, Any] | None = None
+
+    # -- state -----------------------------------------------------------------------------
+    def _save(self) -> None:
+        write_json_atomic(self.state_path, self.state)
+
+    def _commit(self, stage: str, chunk: int) -> None:
+        self._save()
+        if self.hook is not None:
+            self.hook(stage, chunk)
+
+    def _full_key(self) -> dict[str, Any]:
+        if self._key is None:
+            from croupier.shards.inputs import input_signature
+
+            key = self.cfg.key()
+            if self.cfg.adopt is None:
+                key["input_files"] = input_signature(self.cfg.inputs)
+            else:
+                key["adopt_index"] = index_fingerprint(self._source().index_bytes)
+            self._key = key
+        return self._key
+
+    def _source(self) -> Any:
+        if self.source is None:
+            from croupier.shards.mds import MDSSource
+
+            self.source = MDSSource(self.cfg.adopt)  # type: ignore[arg-type]
+            self.source.require_column(self.cfg.text_field)
+        return self.source
+
+    # -- output folder ------------------------------------------------------------------------
+    def _prepare(self) -> bool:
+        """Make the output folder ready; returns True when resuming an unfinished build."""
+        cfg, out = self.cfg, self.out
+        if out.exists() and not out.is_dir():
+            raise DatasetError(f"output {str(out)!r} exists and is not a folder")
+        key = self._full_key()
+        finished = (self.side / MANIFEST).exists()
+        has_state = self.state_path.exists()
+        if cfg.adopt is not None:
+            return self._prepare_adopt(key, finished, has_state)
+        has_index = (out / "index.json").exists()
+        if has_state and not finished:
+            state = self._read_state()
+            if state.get("key") == key and not cfg.overwrite:
+                self.state = state
+                return True
+            if not cfg.overwrite:
+                raise DatasetError(
+                    f"output folder {str(out)!r} holds an unfinished build with other settings or changed "
+                    "inputs; pass --overwrite to discard it and start over")
+            shutil.rmtree(out)
+        elif finished or has_index:
+            what = "a finished croupier dataset" if finished else "an MDS dataset (index.json)"
+            if not cfg.overwrite:
+                raise DatasetError(f"output folder {str(out)!r} already holds {what}; "
+                                   "pass --overwrite to replace it")
+            shutil.rmtree(out)
+        elif out.exists() and any(out.iterdir()):
+            raise DatasetError(f"output folder {str(out)!r} is not empty and holds no dataset; "
+                               "choose an empty or new folder")
+        self.state = {"version": STATE_VERSION, "key": key}
+        self.work.mkdir(parents=True, exist_ok=True)
+        self._save()
+        return False
+
+    def _prepare_adopt(self, key: dict[str, Any], finished: bool, has_state: bool) -> bool:
+        cfg, out = self.cfg, self.out
+        src_index = self._source().index_bytes
+        if not self.in_place and (out / "index.json").exists() and (out / "index.json").read_bytes() != src_index:
+            if not cfg.overwrite:
+                raise DatasetError(f"output folder {str(out)!r} already holds another dataset (index.json); "
+                                   "pass --overwrite to replace it")
+            (out / "index.json").unlink()
+            shutil.rmtree(self.side, ignore_errors=True)
+        elif not self.in_place and out.exists() and not (out / "index.json").exists() \
+                and any(p.name != SIDECAR_DIR for p in out.iterdir()):
+            raise DatasetError(f"output folder {str(out)!r} is not empty and holds no dataset; "
+                               "choose an empty or new folder")
+        if has_state and not finished:
+            state = self._read_state()
+            if state.get("key") == key and not cfg.overwrite:
+                self.state = state
+                return True
+            if not cfg.overwrite:
+                raise DatasetError(f"{str(self.side)!r} holds an unfinished sidecar build with other settings; "
+                                   "pass --overwrite to start over")
+        elif finished and not cfg.overwrite:
+            raise DatasetError(f"{str(out)!r} already has a croupier sidecar; pass --overwrite to replace it "
+                               "(the shards are never touched)")
+        shutil.rmtree(self.side, ignore_errors=True)  # only our sidecar, never the shards
+        self.state = {"version": STATE_VERSION, "key": key}
+        self.work.mkdir(parents=True, exist_ok=True)
+        self._save()
+        return False
+
+    def _read_state(self) -> dict[str, Any]:
+        try:
+            state = json.loads(self.state_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise DatasetError(f"build state {str(self.state_path)!r} is unreadable ({exc}); "
+                               "pass --overwrite to start over") from exc
+        if state.get("version") != STATE_VERSION:
+            raise DatasetError(f"build state {str(self.state_path)!r} has version {state.get('version')!r}; "
+                               "pass --overwrite to start over")
+        return state
+
+    # -- stages ------------------------------------------------------------------------------
+    def run(self) -> BuildResult:
+        resumed = self._prepare()
+        if resumed:
+            done = [s for s in ("ingest", "embed", "train", "assign", "order", "write") if self.state.get(f"{s}_done")]
+            self.p.log(f"resuming the unfinished build in {self.out} (finished stages: {', '.join(done) or 'none'})")
+        try:
+            if self.cfg.adopt is None:
+                self._ingest()
+                n = int(self.state["n"])
+            else:
+                n = len(self._source())
+                self.state["n"] = n
+            k = self.cfg.clusters if self.cfg.clusters is not None else auto_clusters(n)
+            if k > n:
+                raise ConfigError(f"--clusters {k} is larger than the number of documents ({n})")
+            self.state["clusters"] = k
+            self._embed()
+            self._train()
+            self._assign()
+            self._order()
+            if self.cfg.adopt is None:
+                self._write()
+            else:
+                self._write_arrays_original()
+            fp = self._finalize()
+        finally:
+            if self.source is not None:
+                self.source.close()
+        return BuildResult(out=self.out, fingerprint=fp, num_samples=n, num_clusters=int(self.state["k_final"]),
+                           layout=self.cfg.layout, skipped=int(self.state.get("skipped", 0)), resumed=resumed,
+                           timings=self.timings)
+
+    def _timed(self, stage: str, t0: float, docs: int) -> None:
+        dt = time.perf_counter() - t0
+        self.timings[stage] = {"seconds": dt, "docs": float(docs)}
+
+    def _ingest(self) -> None:
+        from croupier.shards.inputs import InputReader
+        from croupier.shards.textstore import PartWriter
+
+        st = self.state
+        if st.get("ingest_done"):
+            return
+        parts: list[dict[str, Any]] = st.setdefault("parts", [])
+        start = parts[-1]["end"] if parts else 0
+        skipped0 = int(st.get("skipped", 0))
+        reader = InputReader(self.cfg.inputs, self.cfg.text_field, self.cfg.keep_fields, self.cfg.skip_bad)
+        folder = self.work / "parts"
+        have = sum(p["docs"] for p in parts)
+        t0 = time.perf_counter()
+        bar = self.p.bar("ingest", total=0, initial=have)
+        pw: PartWriter | None = None
+        try:
+            for pos, text, kept in reader.records(start=start):
+                if pw is None:
+                    pw = PartWriter(folder, len(parts), self.cfg.keep_fields)
+                pw.add(text, kept)
+                bar.update(1)
+                if pw.n >= self.cfg.part_docs:
+                    self._close_part(pw, parts, pos + 1, skipped0 + reader.stats.skipped, reader)
+                    pw = None
+            if pw is not None:
+                self._close_part(pw, parts, reader._end, skipped0 + reader.stats.skipped, reader)
+                pw = None
+        finally:
+            if pw is not None:
+                pw.abort()
+            bar.close()
+        n = sum(p["docs"] for p in parts)
+        st["skipped"] = skipped0 + reader.stats.skipped
+        st.setdefault("bad_examples", []).extend(reader.stats.examples)
+        del st["bad_examples"][5:]
+        if st["skipped"]:
+            self.p.log(f"skipped {st['skipped']} bad records, e.g. " + "; ".join(st["bad_examples"][:3]))
+        if n == 0:
+            shutil.rmtree(self.side, ignore_errors=True)
+            if self.out.exists() and not any(self.out.iterdir()):
+                self.out.rmdir()
+            raise DatasetError("the inputs hold no documents" +
+                               (f" ({st['skipped']} bad records skipped)" if st["skipped"] else ""))
+        st["n"] = n
+        st["ingest_done"] = True
+        self._timed("ingest", t0, n - have)
+        self._commit("ingest", len(parts))
+
+    def _close_part(self, pw: Any, parts: list, end: int, skipped: int, reader: Any) -> None:
+        info = pw.close()
+        info["end"] = end
+        parts.append(info)
+        self.state["skipped"] = skipped
+        self.state.setdefault("bad_examples", []).extend(reader.stats.examples)
+        del self.state["bad_examples"][5:]
+        reader.stats.examples.clear()
+        self._commit("ingest", len(parts) - 1)
+
+    def _store(self) -> Any:
+        from croupier.shards.textstore import TextStore
+
+        return TextStore(self.work / "parts", self.state["parts"], self.cfg.keep_fields)
+
+    def _texts(self, lo: int, hi: int, store: Any) -> list[str]:
+        if store is not None:
+            return store.text_range(lo, hi)
+        return self._source().texts(lo, hi, self.cfg.text_field)
+
+    def _make_embedder(self) -> Any:
+        from croupier.shards.embed import get_embedder
+
+        kwargs: dict[str, Any] = {}
+        if self.cfg.embedder == "minilm":
+            kwargs = {"device": self.cfg.device, "batch_size": self.cfg.batch_size}
+        else:
+            kwargs = {"seed": self.cfg.seed} if self.cfg.embedder == "hashing" else {}
+        return get_embedder(self.cfg.embedder, **kwargs)
+
+    def _embed(self) -> None:
+        st = self.state
+        if st.get("embed_done"):
+            return
+        n, c = int(st["n"]), self.cfg.chunk
+        emb = self._make_embedder()
+        st["embedder"] = emb.describe()
+        path = self.work / "embeddings.npy"
+        done = int(st.get("embed_chunks", 0))
+        if done == 0 or not path.exists():
+            done = 0
+            arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, emb.dim))
+        else:
+            arr = np.load(path, mmap_mode="r+")
+        store = self._store() if self.cfg.adopt is None else None
+        nchunks = (n + c - 1) // c
+        bar = self.p.bar("embed", total=n, initial=min(n, done * c))
+        t0 = time.perf_counter()
+        try:
+            for i in range(done, nchunks):
+                lo, hi = i * c, min(n, (i + 1) * c)
+                arr[lo:hi] = emb.encode(self._texts(lo, hi, store)).astype(np.float16)
+                arr.flush()
+                st["embed_chunks"] = i + 1
+                bar.update(hi - lo)
+                self._commit("embed", i)
+        finally:
+            bar.close()
+        del arr
+        self._timed("embed", t0, n - min(n, done * c))
+        st["embed_done"] = True
+        self._save()
+
+    def _kcfg(self) -> KMeansConfig:
+        return KMeansConfig(clusters=int(self.state["clusters"]), seed=self.cfg.seed, niter=self.cfg.niter,
+                            max_train=max(self.cfg.max_train, int(self.state["clusters"])))
+
+    def _train(self) -> None:
+        st = self.state
+        if st.get("train_done"):
+            return
+        kcfg = self._kcfg()
+        emb = np.load(self.work / "embeddings.npy", mmap_mode="r")
+        t0 = time.perf_counter()
+        sample = min(len(emb), kcfg.max_train)
+        self.p.log(f"k-means: {kcfg.clusters} clusters from a sample of {sample} of {len(emb)} documents "
+                   f"({'GPU' if num_gpus() > 0 else 'CPU'}, seed {kcfg.seed})")
+        centroids, obj = train_centroids(emb, kcfg)
+        write_npy_atomic(self.work / "centroids_raw.npy", centroids)
+        self._timed("train", t0, sample)
+        st["objective"] = obj
+        st["train_done"] = True
+        self._commit("train", 0)
+
+    def _assign(self) -> None:
+        st = self.state
+        if st.get("assign_done"):
+            return
+        emb = np.load(self.work / "embeddings.npy", mmap_mode="r")
+        centroids = np.load(self.work / "centroids_raw.npy")
+        n, c = len(emb), self.cfg.assign_chunk
+        path = self.work / "assign.npy"
+        done = int(st.get("assign_chunks", 0))
+        if done == 0 or not path.exists():
+            done = 0
+            out = np.lib.format.open_memmap(path, mode="w+", dtype=np.int32, shape=(n,))
+        else:
+            out = np.load(path, mmap_mode="r+")
+        bar = self.p.bar("assign", total=n, initial=min(n, done * c))
+        t0 = time.perf_counter()
+
+        def on_chunk(i: int) -> None:
+            out.flush()
+            st["assign_chunks"] = i + 1
+            self._commit("assign", i)
+
+        try:
+            assign_all(emb, centroids, out, chunk=c, start_chunk=done, on_chunk=on_chunk, progress=bar)
+        finally:
+            bar.close()
+        del out
+        self._timed("assign", t0, n - min(n, done * c))
+        st["assign_done"] = True
+        self._save()
+
+    def _order(self) -> None:
+        """Drop empty clusters and counting-sort ids by cluster into work/order.npy."""
+        st = self.state
+        if st.get("order_done"):
+            return
+        assign = np.load(self.work / "assign.npy", mmap_mode="r")
+        raw = np.load(self.work / "centroids_raw.npy")
+        n, k, c = len(assign), len(raw), self.cfg.assign_chunk
+        counts = np.zeros(k, dtype=np.int64)
+        for lo in range(0, n, c):
+            counts += np.bincount(assign[lo:lo + c], minlength=k)
+        keep = counts > 0
+        remap = np.full(k, -1, dtype=np.int64)
+        remap[keep] = np.arange(int(keep.sum()))
+        sizes = counts[keep]
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        order = np.lib.format.open_memmap(self.work / "order.npy", mode="w+", dtype=np.int64, shape=(n,))
+        cursor = offsets[:-1].copy()
+        k2 = len(sizes)
+        for lo in range(0, n, c):
+            lab = remap[np.asarray(assign[lo:lo + c])]
+            o = np.argsort(lab, kind="stable")
+            sl = lab[o]
+            rank = np.arange(len(sl)) - np.searchsorted(sl, sl, side="left")
+            order[cursor[sl] + rank] = lo + o
+            cursor += np.bincount(lab, minlength=k2)
+        order.flush()
+        del order
+        write_npy_atomic(self.work / "remap.npy", remap)
+        write_npy_atomic(self.work / "offsets.npy", offsets)
+        write_npy_atomic(self.work / "centroids.npy", raw[keep])
+        if k2 < k:
+            self.p.log(f"{k - k2} of {k} clusters came out empty and were dropped")
+        st["k_final"] = k2
+        st["order_done"] = True
+        self._commit("order", 0)
+
+    def _write_arrays_original(self) -> None:
+        """Sidecar arrays for input order: remapped assignments; members = the sort order."""
+        st = self.state
+        if st.get("arrays_done"):
+            return
+        assign = np.load(self.work / "assign.npy", mmap_mode="r")
+        remap = np.load(self.work / "remap.npy")
+        n, c = len(assign), self.cfg.assign_chunk
+        tmp = self.side / ".assignments.npy.tmp"
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32, shape=(n,))
+        for lo in range(0, n, c):
+            out[lo:lo + c] = remap[np.asarray(assign[lo:lo + c])]
+        out.flush()
+        del out
+        os.replace(tmp, self.side / "assignments.npy")
+        st["arrays_done"] = True
+        self._commit("arrays", 0)
+
+    def _write(self) -> None:
+        st = self.state
+        if st.get("write_done"):
+            return
+        from streaming import MDSWriter
+
+        from croupier.shards.textstore import mds_encoding
+
+        store = self._store()
+        n = int(st["n"])
+        offsets = np.load(self.work / "offsets.npy")
+        order = np.load(self.work / "order.npy", mmap_mode="r")
+        types: dict[str, set[str]] = {f: set() for f in self.cfg.keep_fields}
+        for p in st["parts"]:
+            for f, ts in p["types"].items():
+                types[f].update(ts)
+        columns = {self.cfg.text_field: "str", **{f: mds_encoding(types[f]) for f in self.cfg.keep_fields}}
+        st["columns"] = columns
+        mds_dir = self.work / "mds"
+        shutil.rmtree(mds_dir, ignore_errors=True)
+        cluster_major = self.cfg.layout == "cluster-major"
+        t0 = time.perf_counter()
+        bar = self.p.bar("write", total=n)
+        c = self.cfg.chunk
+        writer = MDSWriter(out=str(mds_dir), columns=columns, compression=self.cfg.compression,
+                           hashes=["sha1", "xxh64"], size_limit=self.cfg.shard_size, max_workers=1)
+        try:
+            if cluster_major:
+                cbytes = self._cluster_bytes(store, offsets)
+                for k in range(len(offsets) - 1):
+                    lo, hi = int(offsets[k]), int(offsets[k + 1])
+                    # start a cluster on a fresh shard when it would otherwise straddle two
+                    if writer.new_samples and writer.new_shard_size + cbytes[k] > self.cfg.shard_size:
+                        writer.flush_shard()
+                        writer._reset_cache()
+                    for a in range(lo, hi, c):
+                        ids = np.asarray(order[a:min(hi, a + c)])
+                        self._write_docs(writer, store, ids, bar)
+            else:
+                for a in range(0, n, c):
+                    self._write_docs(writer, store, np.arange(a, min(n, a + c)), bar)
+            writer.finish()
+        except BaseException:
+            writer.cancel_future_jobs()
+            raise
+        finally:
+            writer.executor.shutdown(wait=True)
+            bar.close()
+        self._timed("write", t0, n)
+        if cluster_major:
+            self._write_arrays_cluster_major(order, offsets)
+        else:
+            self._write_arrays_original()
+        st["write_done"] = True
+        self._commit("write", 0)
+
+    def _write_docs(self, writer: Any, store: Any, ids: np.ndarray, bar: Any) -> None:
+        tf = self.cfg.text_field
+        texts = store.texts(ids)
+        if self.cfg.keep_fields:
+            for text, extra in zip(texts, store.extras(ids)):
+                writer.write({tf: text, **extra})
+        else:
+            for text in texts:
+                writer.write({tf: text})
+        bar.update(len(ids))
+
+    def _cluster_bytes(self, store: Any, offsets: np.ndarray) -> np.ndarray:
+        assign = np.load(self.work / "assign.npy", mmap_mode="r")
+        remap = np.load(self.work / "remap.npy")
+        k2 = len(offsets) - 1
+        out = np.zeros(k2, dtype=np.float64)
+        c = self.cfg.assign_chunk
+        for lo in range(0, len(assign), c):
+            hi = min(len(assign), lo + c)
+            # per-sample MDS overhead: 4-byte offset + 4-byte length per variable column
+            w = store.nbytes(lo, hi) + 4 * (1 + len(self.cfg.keep_fields) + 1)
+            out += np.bincount(remap[np.asarray(assign[lo:hi])], weights=w, minlength=k2)
+        return out
+
+    def _write_arrays_cluster_major(self, order: np.ndarray, offsets: np.ndarray) -> None:
+        """Assignments are ranges; embeddings are gathered into the new id order."""
+        n = len(order)
+        k2 = len(offsets) - 1
+        tmp = self.side / ".assignments.npy.tmp"
+        a = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32, shape=(n,))
+        for k in range(k2):
+            a[offsets[k]:offsets[k + 1]] = k
+        a.flush()
+        del a
+        os.replace(tmp, self.side / "assignments.npy")
+        emb = np.load(self.work / "embeddings.npy", mmap_mode="r")
+        tmp = self.side / ".embeddings.npy.tmp"
+        e = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=emb.shape)
+        c = self.cfg.assign_chunk
+        for lo in range(0, n, c):
+            e[lo:lo + c] = emb[np.asarray(order[lo:lo + c])]
+        e.flush()
+        del e
+        os.replace(tmp, self.side / "embeddings.npy")
+
+    def _finalize(self) -> str:
+        st = self.state
+        t0 = time.perf_counter()
+        cluster_major = self.cfg.layout == "cluster-major"
+        if self.cfg.adopt is None:
+            mds_dir = self.work / "mds"
+            index = json.loads((mds_dir / "index.json").read_bytes()) if (mds_dir / "index.json").exists() else None
+            if index is not None:
+                for s in index["shards"]:
+                    for info in (s.get("raw_data"), s.get("zip_data")):
+                        if info and (mds_dir / info["basename"]).exists():
+                            os.replace(mds_dir / info["basename"], self.out / info["basename"])
+                os.replace(mds_dir / "index.json", self.out / "index.json")
+            index_bytes = (self.out / "index.json").read_bytes()
+        else:
+            index_bytes = self._source().index_bytes
+            if not self.in_place:
+                if not (self.out / "index.json").exists():
+                    with open(self.out / ".index.json.tmp", "wb") as f:
+                        f.write(index_bytes)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(self.out / ".index.json.tmp", self.out / "index.json")
+        for src, dst in ((self.work / "offsets.npy", "offsets.npy"), (self.work / "centroids.npy", "centroids.npy")):
+            if src.exists():
+                os.replace(src, self.side / dst)
+        if not cluster_major:
+            for src, dst in ((self.work / "embeddings.npy", "embeddings.npy"), (self.work / "order.npy", "members.npy")):
+                if src.exists():
+                    os.replace(src, self.side / dst)
+        fp = index_fingerprint(index_bytes)
+        offsets = np.load(self.side / "offsets.npy")
+        centroids = np.load(self.side / "centroids.npy")
+        assignments = np.load(self.side / "assignments.npy", mmap_mode="r")
+        members = None if cluster_major else np.load(self.side / "members.npy", mmap_mode="r")
+        extra: dict[str, Any] = {
+            "embedder": st["embedder"],
+            "metric": "cosine",
+            "seed": self.cfg.seed,
+            "kmeans": {**self._kcfg().to_dict(), "objective": st.get("objective"), "gpu": num_gpus() > 0},
+            "requested_clusters": int(st["clusters"]),
+            "text_field": self.cfg.text_field,
+            "columns": st.get("columns", {}),
+            "source": ({"adopted": self.cfg.adopt} if self.cfg.adopt is not None
+                       else {"inputs": [str(Path(x).resolve()) for x in self.cfg.inputs]}),
+            "remote": (None if self.in_place or self.cfg.adopt is None
+                       else (self.cfg.adopt if "://" in self.cfg.adopt else str(Path(self.cfg.adopt).resolve()))),
+            "skipped_records": int(st.get("skipped", 0)),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "croupier_version": __version__,
+            "scores": {},
+            "selections": {},
+        }
+        write_sidecar(self.out, fingerprint=fp, layout=self.cfg.layout, assignments=assignments,
+                      offsets=offsets, members=members, centroids=centroids, extra=extra)
+        del assignments, members
+        shutil.rmtree(self.work, ignore_errors=True)
+        self._timed("final", t0, int(st["n"]))
+        self.p.log(f"wrote {st['n']} documents in {len(offsets) - 1} clusters ({self.cfg.layout}) to {self.out} [{fp}]")
+        return fp
+
+
+def build(cfg: BuildConfig, hook: Hook | None = None) -> BuildResult:
+    """Run or resume a build. `hook(stage, chunk)` runs after every committed chunk."""
+    return Builder(cfg, hook).run()
+
+
+def config_digest(cfg: BuildConfig) -> str:
+    return hashlib.sha256(json.dumps(cfg.key(), sort_keys=True).encode()).hexdigest()[:16]

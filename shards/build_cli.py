@@ -1,0 +1,76 @@
+"""`croupier shards build`: the command-line face of `croupier.shards.build`."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+from croupier.errors import ConfigError
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2,
+          "mib": 1 << 20, "g": 1000**3, "gb": 1000**3, "gib": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """'64MiB', '100mb', '1048576' -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(f"cannot read size {text!r}; use bytes or a unit like 64MiB, 100MB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from croupier.shards.embed import EMBEDDERS
+    from croupier.shards.sidecar import LAYOUTS
+
+    p = sub.add_parser(
+        "build", help="write MDS shards, embed, cluster and write the cluster sidecar",
+        description="Build an MDS dataset with a cluster sidecar from JSON lines (plain/.gz/.zst), "
+                    "Parquet and folders of .txt files, or --adopt an existing MDS dataset. "
+                    "An interrupted build resumes where it stopped when run again with the same arguments.")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="JSONL/Parquet files or folders")
+    p.add_argument("--out", help="output folder (for --adopt: where the sidecar goes; default: in place)")
+    p.add_argument("--adopt", metavar="MDS_DIR_OR_REMOTE",
+                   help="write a sidecar for an existing MDS dataset without rewriting it")
+    p.add_argument("--text-field", default="text", help="field holding the text (default: text)")
+    p.add_argument("--keep-fields", default="", help="comma-separated fields kept as MDS columns")
+    p.add_argument("--embedder", default="minilm", choices=sorted(EMBEDDERS),
+                   help="minilm (all-MiniLM-L6-v2, default) or hashing (fast, model-free)")
+    p.add_argument("--clusters", type=int, default=None, help="K (default: about sqrt(N), at most 1024)")
+    p.add_argument("--layout", default=None, choices=LAYOUTS,
+                   help="cluster-major (default; rewrites shards cluster by cluster) or original "
+                        "(input order; the only choice with --adopt)")
+    p.add_argument("--shard-size", default="64MiB", help="MDS shard size limit (default 64MiB)")
+    p.add_argument("--compression", default="zstd", help="MDS shard compression (default zstd; 'none' for none)")
+    p.add_argument("--seed", type=int, default=0, help="k-means (and hashing embedder) seed")
+    p.add_argument("--niter", type=int, default=20, help="k-means iterations (default 20)")
+    p.add_argument("--train-sample", type=int, default=262_144,
+                   help="at most this many documents train k-means (default 262144)")
+    p.add_argument("--chunk", type=int, default=8192, help="documents per embedding chunk (resume unit)")
+    p.add_argument("--batch-size", type=int, default=64, help="sentence-model batch size")
+    p.add_argument("--device", default=None, help="embedding device (default: cuda when available)")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed records")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from croupier.shards.build import BuildConfig, build
+
+    keep = tuple(f.strip() for f in args.keep_fields.split(",") if f.strip())
+    layout = args.layout or ("original" if args.adopt else "cluster-major")
+    cfg = BuildConfig(
+        out=args.out, inputs=tuple(args.inputs), adopt=args.adopt, text_field=args.text_field,
+        keep_fields=keep, embedder=args.embedder, clusters=args.clusters, layout=layout,
+        shard_size=parse_size(args.shard_size),
+        compression=None if args.compression.lower() == "none" else args.compression,
+        seed=args.seed, niter=args.niter, max_train=args.train_sample, chunk=args.chunk,
+        batch_size=args.batch_size, skip_bad=args.skip_bad, overwrite=args.overwrite,
+        device=args.device, progress=not args.quiet)
+    res = build(cfg)
+    print(f"{res.out}: {res.num_samples} documents, {res.num_clusters} clusters, layout {res.layout}, "
+          f"fingerprint {res.fingerprint}" + (f", {res.skipped} bad records skipped" if res.skipped else ""))
+    sys.stdout.flush()
+    return 0

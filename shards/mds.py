@@ -1,0 +1,167 @@
+"""Read an existing MDS dataset (a local folder or any remote mosaicml-streaming supports).
+
+`MDSSource` reads `index.json`, then one shard at a time: downloads it when remote (into a
+private cache folder), checks its size and hashes against the index, decompresses it and
+decodes samples with mosaicml-streaming's `MDSReader`. Only one decoded shard is held in
+memory, so a sequential scan of a dataset far larger than RAM stays bounded. Every
+failure (missing or unparsable index, missing shard, hash mismatch, bad compression,
+unknown column) is a `DatasetError` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from croupier.errors import DatasetError
+
+
+def is_remote(location: str) -> bool:
+    return "://" in str(location)
+
+
+class MDSSource:
+    """Random and sequential access to the samples of an MDS dataset."""
+
+    def __init__(self, location: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None,
+                 verify: bool = True) -> None:
+        self.location = str(location)
+        self.remote = is_remote(self.location)
+        self.verify = verify
+        self._own_cache = False
+        if self.remote:
+            if cache_dir is None:
+                cache_dir = tempfile.mkdtemp(prefix="croupier-mds-")
+                self._own_cache = True
+            self.local = Path(cache_dir)
+            self.local.mkdir(parents=True, exist_ok=True)
+        else:
+            self.local = Path(self.location)
+            if not self.local.is_dir():
+                raise DatasetError(f"MDS dataset folder {self.location!r} does not exist")
+        self.index_bytes = self._fetch_bytes("index.json")
+        try:
+            index = json.loads(self.index_bytes)
+            shards = index["shards"]
+            if not isinstance(shards, list) or not shards:
+                raise ValueError("no shards listed")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DatasetError(f"{self._name('index.json')} is not a valid MDS index: {exc}") from exc
+        for i, s in enumerate(shards):
+            if not isinstance(s, dict) or s.get("format") != "mds" or "samples" not in s or "raw_data" not in s:
+                raise DatasetError(f"{self._name('index.json')}: shard {i} is not an MDS shard entry")
+        self.shards: list[dict[str, Any]] = shards
+        counts = np.array([int(s["samples"]) for s in shards], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.columns: list[str] = list(shards[0].get("column_names", []))
+        self._cached: tuple[int, list[bytes]] | None = None
+
+    # -- facts ---------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def close(self) -> None:
+        """Remove the private download cache (remote datasets only)."""
+        self._cached = None
+        if self._own_cache:
+            shutil.rmtree(self.local, ignore_errors=True)
+            self._own_cache = False
+
+    def __enter__(self) -> "MDSSource":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def require_column(self, name: str) -> None:
+        if name not in self.columns:
+            raise DatasetError(f"MDS dataset {self.location!r} has no column {name!r}; "
+                               f"columns: {', '.join(self.columns) or 'none'}")
+
+    # -- reading ---------------------------------------------------------------------------------
+    def _name(self, basename: str) -> str:
+        return f"{self.location.rstrip('/')}/{basename}"
+
+    def _fetch_bytes(self, basename: str) -> bytes:
+        local = self.local / basename
+        if self.remote and not local.exists():
+            from streaming.base.storage import CloudDownloader
+
+            try:
+                CloudDownloader.direct_download(self._name(basename), str(local))
+            except Exception as exc:  # any backend failure: name the file
+                raise DatasetError(f"cannot download {self._name(basename)}: {exc}") from exc
+        try:
+            return local.read_bytes()
+        except FileNotFoundError as exc:
+            raise DatasetError(f"{self._name(basename)} is missing") from exc
+        except OSError as exc:
+            raise DatasetError(f"{self._name(basename)} is unreadable: {exc}") from exc
+
+    def _shard_samples(self, i: int) -> list[bytes]:
+        if self._cached is not None and self._cached[0] == i:
+            return self._cached[1]
+        from streaming.base.compression import decompress
+        from streaming.base.hashing import get_hash
+
+        info = self.shards[i]
+        zip_info, raw_info = info.get("zip_data"), info["raw_data"]
+        stored = zip_info or raw_info
+        data = self._fetch_bytes(stored["basename"])
+        if self.remote:
+            (self.local / stored["basename"]).unlink(missing_ok=True)
+        if self.verify:
+            if "bytes" in stored and len(data) != int(stored["bytes"]):
+                raise DatasetError(f"{self._name(stored['basename'])} is corrupt: {len(data)} bytes, "
+                                   f"index says {stored['bytes']}")
+            for algo, want in (stored.get("hashes") or {}).items():
+                if get_hash(algo, data) != want:
+                    raise DatasetError(f"{self._name(stored['basename'])} is corrupt: {algo} hash mismatch")
+        if zip_info:
+            try:
+                data = decompress(info.get("compression"), data)
+            except Exception as exc:
+                raise DatasetError(f"{self._name(stored['basename'])} cannot be decompressed: {exc}") from exc
+        try:
+            n = int(np.frombuffer(data, np.uint32, 1, 0)[0])
+            offs = np.frombuffer(data, np.uint32, n + 1, 4).astype(np.int64)
+            if n != int(info["samples"]) or offs[-1] > len(data):
+                raise ValueError(f"header says {n} samples, index says {info['samples']}")
+        except ValueError as exc:
+            raise DatasetError(f"{self._name(raw_info['basename'])} is corrupt: {exc}") from exc
+        samples = [data[offs[j]:offs[j + 1]] for j in range(n)]
+        self._cached = (i, samples)
+        return samples
+
+    def _reader(self, i: int) -> Any:
+        from streaming.base.format.mds.reader import MDSReader
+
+        return MDSReader.from_json(str(self.local), None, self.shards[i])
+
+    def get(self, ids: Sequence[int], column: str | None = None) -> list[Any]:
+        """Samples (dicts), or one column of them, at the given global ids (any order)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) and (ids.min() < 0 or ids.max() >= len(self)):
+            raise DatasetError(f"sample id out of range [0, {len(self)})")
+        shard_of = np.searchsorted(self.starts, ids, side="right") - 1
+        out: list[Any] = [None] * len(ids)
+        for s in np.unique(shard_of):
+            raw = self._shard_samples(int(s))
+            reader = self._reader(int(s))
+            for k in np.flatnonzero(shard_of == s):
+                try:
+                    sample = reader.decode_sample(raw[int(ids[k] - self.starts[s])])
+                except Exception as exc:
+                    raise DatasetError(f"sample {int(ids[k])} of {self.location!r} cannot be decoded: {exc}") from exc
+                out[k] = sample if column is None else sample[column]
+        return out
+
+    def texts(self, lo: int, hi: int, column: str) -> list[str]:
+        """Column `column` of samples [lo, hi), read shard by shard."""
+        return self.get(np.arange(lo, hi), column)
