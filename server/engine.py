@@ -48,6 +48,22 @@ class ClusterCounters:
         return self.clipped_at < 0
 
 
+def _runs(sorted_values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(values, first index, length) of each run of equal values in a sorted array."""
+    n = sorted_values.size
+    starts = np.flatnonzero(np.concatenate(([True], sorted_values[1:] != sorted_values[:-1])))
+    return sorted_values[starts], starts, np.diff(np.append(starts, n))
+
+
+def _group(clusters: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorts (cluster, slot) pairs by cluster, then slot: a stable grouping in one plain sort.
+
+    Slots are < 2**32 and clusters < 2**31, so cluster * 2**32 + slot is a unique int64 key.
+    """
+    keys = np.sort((clusters.astype(np.int64) << 32) | slots.astype(np.int64))
+    return keys >> 32, keys & 0xFFFFFFFF
+
+
 class Sampler:
     """Generates the one global sequence of batches for a dataset, policy, batch and seed."""
 
@@ -181,11 +197,19 @@ class Sampler:
         ok = np.ones(len(self._sizes), dtype=bool) if self._weights is None else self._weights > 0
         if self._clip is not None:
             ok &= self._cursor < self._clip * self._sizes
+        self._is_active = ok
         self._active = np.flatnonzero(ok)
         self._cum = None if self._weights is None else np.cumsum(self._weights[self._active])
         self._room = None
         if self._clip is not None:
             self._room = int((self._clip * self._sizes[self._active] - self._cursor[self._active]).sum())
+
+    def _knock_out(self, clusters: np.ndarray) -> None:
+        """Removes clusters whose room the clip has used up (their room is already zero)."""
+        self._is_active[clusters] = False
+        self._active = np.flatnonzero(self._is_active)
+        if self._weights is not None:
+            self._cum = np.cumsum(self._weights[self._active])
 
     def _apply_changes(self, step: int) -> None:
         if not self._pending or self._pending[0].step > step:
@@ -224,10 +248,8 @@ class Sampler:
             if self._clip is None:
                 assigned[pending] = chosen
                 break
-            order = np.argsort(chosen, kind="stable")
-            sc = chosen[order]
-            slots = pending[order]
-            uniq, first, counts = np.unique(sc, return_index=True, return_counts=True)
+            sc, slots = _group(chosen, pending)
+            uniq, first, counts = _runs(sc)
             ordinal = np.arange(sc.size) - np.repeat(first, counts)
             cur = self._cursor[uniq]
             take = np.minimum(counts, self._clip * sizes[uniq] - cur)
@@ -238,16 +260,14 @@ class Sampler:
             done = uniq[cur + take >= self._clip * sizes[uniq]]
             if done.size:
                 self._clipped_at[done] = step
-                self._rebuild_active()
+                self._knock_out(done)
             pending = np.sort(slots[~ok])
         out = np.full(m, -1, dtype=np.int64)
         filled = np.flatnonzero(assigned >= 0)
         if not filled.size:
             return out
-        chosen = assigned[filled]
-        order = np.argsort(chosen, kind="stable")
-        sc = chosen[order]
-        uniq, first, counts = np.unique(sc, return_index=True, return_counts=True)
+        sc, slot_of = _group(assigned[filled], filled)
+        uniq, first, counts = _runs(sc)
         if self._clip is None:
             self._cursor[uniq] += counts
         self._draws[uniq] += counts
@@ -256,7 +276,7 @@ class Sampler:
         n_c = sizes[sc]
         passes = k // n_c
         keys = derive_keys(self._cluster_key, sc, passes)
-        out[filled[order]] = self._offsets[sc] + permute(k - passes * n_c, n_c, keys)
+        out[slot_of] = self._offsets[sc] + permute(k - passes * n_c, n_c, keys)
         return out
 
     def _random_positions(self, m: int) -> np.ndarray:

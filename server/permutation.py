@@ -1,8 +1,8 @@
 """Keyed pseudo-random permutations computed on the fly, vectorized over many domains.
 
 `permute(x, n, key)` maps each position x in [0, n) to a position in [0, n), and for a fixed
-(n, key) the map is a bijection: a Feistel network over the smallest power-of-two domain
-that holds n, with cycle walking to stay inside [0, n). No permutation is ever stored, so the
+(n, key) the map is a bijection: a Feistel network over a mixed-radix domain just above n,
+with cycle walking to stay inside [0, n). No permutation is ever stored, so the
 in-cluster order of a cluster of a billion samples costs nothing to keep.
 
 Keys are derived by hashing tuples (`derive_keys(base, a, b)`), never by adding integers,
@@ -45,11 +45,6 @@ def derive_keys(base: np.uint64, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return mix64(h ^ np.asarray(b, dtype=np.uint64) ^ _C1)
 
 
-def _bit_length(v: np.ndarray) -> np.ndarray:
-    """Number of bits needed to write each non-negative value (0 -> 0); exact below 2**53."""
-    return np.frexp(v.astype(np.float64))[1].astype(np.uint64)
-
-
 def _round(v: np.ndarray, k: np.ndarray) -> np.ndarray:
     t = (v ^ k) * _C1
     t = t ^ (t >> _U64(31))
@@ -60,37 +55,31 @@ def _round(v: np.ndarray, k: np.ndarray) -> np.ndarray:
 def permute(x: np.ndarray, n: np.ndarray | int, key: np.ndarray | np.uint64) -> np.ndarray:
     """Position of each `x` under the keyed bijection of [0, n) (all arguments broadcast).
 
+    A four-round Feistel network over the mixed-radix domain Z_a x Z_b (a = floor(sqrt(n)),
+    b = ceil(n / a), so a * b - n < a): rounds add a keyed hash modulo a and b. Values that
+    land in [n, a * b) cycle-walk; at most one in sqrt(n) does, so the walk is short.
     Every x must lie in [0, n) and n must be < 2**52. Returns int64.
     """
     x = np.asarray(x, dtype=np.uint64)
     n = np.broadcast_to(np.asarray(n, dtype=np.uint64), x.shape)
     key = np.broadcast_to(np.asarray(key, dtype=np.uint64), x.shape)
-    bits = _bit_length(n - _U64(1)) if x.size else np.zeros(0, np.uint64)
-    rbits = (bits + _U64(1)) >> _U64(1)
-    lbits = bits - rbits
-    one = _U64(1)
-    rmask = (one << rbits) - one
-    lmask = (one << lbits) - one
+    a = np.maximum(np.sqrt(n.astype(np.float64)).astype(np.uint64), _U64(1))
+    b = (n + a - _U64(1)) // a
     # The key is already a well-mixed 64-bit hash; distinct tags give each round its own function.
     round_keys = [key ^ tag for tag in _ROUND_TAGS]
-
-    out = _feistel(x, rbits, rmask, lmask, round_keys)
+    out = _feistel(x, a, b, round_keys)
     outside = np.flatnonzero(out >= n)
     while outside.size:
-        # Cycle walking: re-encrypt the few values that fell outside [0, n).
-        cur = _feistel(out[outside], rbits[outside], rmask[outside], lmask[outside],
-                       [k[outside] for k in round_keys])
+        cur = _feistel(out[outside], a[outside], b[outside], [k[outside] for k in round_keys])
         out[outside] = cur
         outside = outside[cur >= n[outside]]
     return out.astype(np.int64)
 
 
-def _feistel(v: np.ndarray, rbits: np.ndarray, rmask: np.ndarray, lmask: np.ndarray,
-             round_keys: list[np.ndarray]) -> np.ndarray:
-    """One pass of the unbalanced Feistel network over [0, 2**bits)."""
-    left = v >> rbits
-    right = v & rmask
+def _feistel(v: np.ndarray, a: np.ndarray, b: np.ndarray, round_keys: list[np.ndarray]) -> np.ndarray:
+    """One pass of the Feistel network over [0, a * b)."""
+    left, right = np.divmod(v, b)
     for i in range(0, _ROUNDS, 2):
-        left = left ^ (_round(right, round_keys[i]) & lmask)
-        right = right ^ (_round(left, round_keys[i + 1]) & rmask)
-    return (left << rbits) | right
+        left = (left + _round(right, round_keys[i])) % a
+        right = (right + _round(left, round_keys[i + 1])) % b
+    return left * b + right

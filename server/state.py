@@ -1,14 +1,15 @@
 """The sampler's whole state: small (O(clusters)), versioned, checksummed, strict on load.
 
-Layout of `to_bytes()`:  MAGIC (8) | header length (u32 LE) | header JSON | arrays | sha256 (32)
+Layout of `to_bytes()`:  MAGIC (8) | header length (u32 LE) | header JSON | arrays | crc32 (u32 LE)
 The header holds the scalars, the fingerprint and the pending online changes; the arrays
 are little-endian int64 (cursor, draws, clipped_at) and, when set, float64 weights. The
-checksum covers everything before it.
+CRC-32 covers everything before it: it catches torn writes and bit rot (the server's state
+files add their own SHA-256 on top), and keeps a 100k-cluster save + load in milliseconds.
 """
 
 from __future__ import annotations
 
-import hashlib
+import zlib
 import json
 import struct
 from dataclasses import dataclass, field
@@ -77,14 +78,14 @@ class SamplerState:
         if self.weights is not None:
             parts.append(np.ascontiguousarray(self.weights, dtype="<f8").tobytes())
         body = b"".join(parts)
-        return body + hashlib.sha256(body).digest()
+        return body + struct.pack("<I", zlib.crc32(body))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "SamplerState":
-        if len(data) < len(MAGIC) + 4 + 32 or data[:len(MAGIC)] != MAGIC:
+        if len(data) < len(MAGIC) + 8 or data[:len(MAGIC)] != MAGIC:
             raise StateError(f"not a croupier sampler state (bad magic or {len(data)} bytes)")
-        body, digest = data[:-32], data[-32:]
-        if hashlib.sha256(body).digest() != digest:
+        body, (crc,) = data[:-4], struct.unpack("<I", data[-4:])
+        if zlib.crc32(body) != crc:
             raise StateError("sampler state checksum mismatch: the state is corrupt or truncated")
         (hlen,) = struct.unpack_from("<I", body, len(MAGIC))
         off = len(MAGIC) + 4
