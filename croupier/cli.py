@@ -17,6 +17,8 @@ from croupier.errors import CroupierError
 
 COMMAND_MODULES: tuple[str, ...] = (
     "croupier.server.simulate_cli",
+    "croupier.server.serve_cli",
+    "croupier.server.admin_cli",
     "croupier.client.dump_cli",
     "croupier.shards.cli",
 )

@@ -1,0 +1,164 @@
+"""Operator commands against a running sampler server.
+
+    croupier status --server HOST:PORT [--json] [--top N]     per-cluster table, totals, rank steps
+    croupier checkpoint --server HOST:PORT --step S           durable checkpoint; prints its token
+    croupier update --server HOST:PORT --step S [--clip N] [--weights W,...]   (admin token)
+
+Common options: --token-file F (bearer token), --tls-ca PEM (serve over TLS, trusting this
+CA or self-signed certificate), --tls-server-name NAME (when the address is not the name
+in the certificate), --timeout SECONDS. A refused call prints its gRPC status and message
+and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import grpc
+import numpy as np
+
+from croupier.errors import ConfigError
+from croupier.proto import pb2, pb2_grpc
+from croupier.server.auth import read_token_file
+from croupier.server.grpc_options import bearer, channel_options
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", required=True, help="HOST:PORT of the sampler server")
+    p.add_argument("--token-file", default=None, help="bearer token file")
+    p.add_argument("--tls-ca", default=None, help="PEM CA (or self-signed certificate) to trust: use TLS")
+    p.add_argument("--tls-server-name", default=None, help="name to check in the server certificate")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    st = subparsers.add_parser("status", help="per-cluster table and rank progress of a running server")
+    _common(st)
+    st.add_argument("--json", action="store_true", help="print the status as JSON")
+    st.add_argument("--top", type=int, default=40, help="clusters shown, largest first (0 = all)")
+    st.set_defaults(func=_guard(status))
+    ck = subparsers.add_parser("checkpoint", help="make the sampler state at a step durable; print its token")
+    _common(ck)
+    ck.add_argument("--step", type=int, required=True, help="the step a trainer would resume at")
+    ck.add_argument("--job", default="", help="job name (default: the server's)")
+    ck.set_defaults(func=_guard(checkpoint))
+    up = subparsers.add_parser("update", help="change the clip or cluster weights from a future step (admin)")
+    _common(up)
+    up.add_argument("--step", type=int, required=True, help="first step the change applies to")
+    up.add_argument("--clip", type=int, default=0, help="new clip threshold (0 = unchanged)")
+    up.add_argument("--weights", default=None, help="new per-cluster weights: comma list or @FILE")
+    up.set_defaults(func=_guard(update))
+
+
+def connect(args: argparse.Namespace) -> tuple[pb2_grpc.SamplerStub, grpc.Channel, tuple]:
+    """A stub, its channel and the call metadata from the common options."""
+    options = channel_options()
+    if args.tls_server_name:
+        options.append(("grpc.ssl_target_name_override", args.tls_server_name))
+    if args.tls_ca:
+        try:
+            ca = Path(args.tls_ca).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --tls-ca {args.tls_ca}: {exc.strerror}") from None
+        channel = grpc.secure_channel(args.server, grpc.ssl_channel_credentials(root_certificates=ca), options)
+    else:
+        channel = grpc.insecure_channel(args.server, options)
+    metadata = bearer(read_token_file(args.token_file)) if args.token_file else ()
+    return pb2_grpc.SamplerStub(channel), channel, metadata
+
+
+def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except grpc.RpcError as exc:
+            print(f"croupier {args.command}: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 2
+
+    return wrapped
+
+
+def status_dict(resp: pb2.GetStatusResponse) -> dict[str, Any]:
+    job = resp.job
+    return {
+        "job": job.job, "sampler_fingerprint": job.sampler_fingerprint,
+        "dataset_fingerprint": job.dataset_fingerprint, "policy": job.policy, "global_batch": job.global_batch,
+        "world_size": job.world_size, "generated_step": resp.generated_step, "durable_step": resp.durable_step,
+        "slowest_step": resp.slowest_step, "fastest_step": resp.fastest_step,
+        "active_clusters": resp.active_clusters, "clip": resp.clip,
+        "clusters": {"size": list(resp.cluster_sizes), "draws": list(resp.cluster_draws),
+                     "passes": list(resp.cluster_passes), "clipped_at": list(resp.cluster_clipped_at)},
+        "ranks": [{"rank": r.rank, "next_step": r.next_step, "delivered_step": r.delivered_step,
+                   "seconds_since_seen": round(r.seconds_since_seen, 3), "connected": r.connected}
+                  for r in resp.ranks],
+    }
+
+
+def format_status(resp: pb2.GetStatusResponse, top: int = 40) -> str:
+    """The human table: job line, clusters (largest first), totals, ranks."""
+    job = resp.job
+    sizes = np.asarray(resp.cluster_sizes, dtype=np.int64)
+    draws = np.asarray(resp.cluster_draws, dtype=np.int64)
+    passes = np.asarray(resp.cluster_passes, dtype=np.int64)
+    clipped = np.asarray(resp.cluster_clipped_at, dtype=np.int64)
+    k = len(sizes)
+    lines = [
+        f"job {job.job!r}  policy {job.policy}  clip {resp.clip or '-'}  global batch {job.global_batch}  "
+        f"world {job.world_size}  seed {job.seed}",
+        f"sampler {job.sampler_fingerprint}  dataset {job.dataset_fingerprint or '-'}",
+        f"generated step {resp.generated_step}  durable step {resp.durable_step}  "
+        f"slowest {resp.slowest_step}  fastest {resp.fastest_step}",
+        "",
+        f"{'cluster':>8} {'size':>10} {'draws':>12} {'draws/size':>10} {'passes':>7} {'clipped at':>10}",
+    ]
+    order = np.argsort(-sizes, kind="stable")
+    shown = order if top <= 0 else order[:top]
+    for c in shown:
+        ratio = draws[c] / sizes[c] if sizes[c] else 0.0
+        cut = "-" if clipped[c] < 0 else str(clipped[c])
+        lines.append(f"{c:>8} {sizes[c]:>10} {draws[c]:>12} {ratio:>10.2f} {passes[c]:>7} {cut:>10}")
+    if len(shown) < k:
+        lines.append(f"{'...':>8} ({k - len(shown)} smaller clusters not shown; --top 0 shows all)")
+    lines.append(f"{'total':>8} {int(sizes.sum()):>10} {int(draws.sum()):>12}   "
+                 f"clusters {k}, active {resp.active_clusters}, clipped {int((clipped >= 0).sum())}")
+    lines += ["", f"{'rank':>6} {'next step':>10} {'delivered':>10} {'lag':>5} {'seen (s ago)':>12} {'stream':>7}"]
+    for r in resp.ranks:
+        lines.append(f"{r.rank:>6} {r.next_step:>10} {r.delivered_step:>10} {resp.fastest_step - r.next_step:>5} "
+                     f"{r.seconds_since_seen:>12.1f} {'open' if r.connected else '-':>7}")
+    if not resp.ranks:
+        lines.append(f"{'':>6} no rank has joined")
+    return "\n".join(lines)
+
+
+def status(args: argparse.Namespace) -> int:
+    stub, channel, md = connect(args)
+    with channel:
+        resp = stub.GetStatus(pb2.GetStatusRequest(include_clusters=True), metadata=md, timeout=args.timeout)
+    print(json.dumps(status_dict(resp)) if args.json else format_status(resp, args.top))
+    return 0
+
+
+def checkpoint(args: argparse.Namespace) -> int:
+    stub, channel, md = connect(args)
+    with channel:
+        resp = stub.Checkpoint(pb2.CheckpointRequest(job=args.job, step=args.step), metadata=md, timeout=args.timeout)
+    print(json.dumps({"token": resp.token, "step": resp.step, "path": resp.path}))
+    return 0
+
+
+def update(args: argparse.Namespace) -> int:
+    from croupier.server.serve_cli import _weights
+
+    weights = _weights(args.weights) or ()
+    if not args.clip and not weights:
+        raise ConfigError("update needs --clip or --weights")
+    stub, channel, md = connect(args)
+    with channel:
+        resp = stub.Update(pb2.UpdateRequest(step=args.step, clip=args.clip, weights=weights), metadata=md,
+                           timeout=args.timeout)
+    print(json.dumps({"effective_step": resp.effective_step}))
+    return 0

@@ -1,0 +1,90 @@
+"""Prometheus metrics of a sampler server, read from the job at scrape time.
+
+Exported (prefix `croupier_`): steps_generated_total, steps_replayed_total,
+slices_served_total, indices_served_total, generated_step, durable_step, slowest_step,
+active_clusters, clipped_clusters, cluster_draws{cluster} (per cluster, only up to
+`MAX_CLUSTER_SERIES` clusters to bound cardinality; draws_total over all of them always),
+rank_lag_steps{rank} (a rank's acknowledged step behind the fastest rank's),
+max_rank_lag_steps, refused_calls_total{method,code}.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Iterator
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from croupier.server.job import Job
+
+MAX_CLUSTER_SERIES = 1024
+
+
+class JobCollector(Collector):
+    """Reads one consistent `Job.status()` per scrape."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+
+    def collect(self) -> Iterator:
+        st = self.job.status()
+        for name, value, doc in (
+            ("croupier_steps_generated", st.steps_generated, "Global batches generated."),
+            ("croupier_steps_replayed", st.steps_replayed, "Global batches recomputed from a saved state."),
+            ("croupier_slices_served", st.slices_served, "Rank slices delivered."),
+            ("croupier_indices_served", st.ids_served, "Sample ids delivered to ranks."),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)
+        clipped = int((st.clipped_at >= 0).sum())
+        for name, value, doc in (
+            ("croupier_generated_step", st.generated_step, "Next step the generator produces."),
+            ("croupier_durable_step", st.durable_step, "Step of the newest durable checkpoint (-1: none)."),
+            ("croupier_slowest_step", st.slowest_step, "Smallest acknowledged step over the ranks."),
+            ("croupier_active_clusters", st.active_clusters, "Clusters not knocked out by the clip."),
+            ("croupier_clipped_clusters", clipped, "Clusters knocked out by the clip."),
+        ):
+            yield GaugeMetricFamily(name, doc, value=value)
+        yield CounterMetricFamily("croupier_draws", "Draws over all clusters.", value=int(st.draws.sum()))
+        if len(st.draws) <= MAX_CLUSTER_SERIES:
+            draws = CounterMetricFamily("croupier_cluster_draws", "Draws per cluster.", labels=["cluster"])
+            for c, d in enumerate(st.draws.tolist()):
+                draws.add_metric([str(c)], d)
+            yield draws
+        lag = GaugeMetricFamily("croupier_rank_lag_steps", "Steps a rank is behind the fastest rank.",
+                                labels=["rank"])
+        for r in st.ranks:
+            lag.add_metric([str(r.rank)], st.fastest_step - r.next_step)
+        yield lag
+        yield GaugeMetricFamily("croupier_max_rank_lag_steps", "Fastest minus slowest acknowledged step.",
+                                value=st.fastest_step - st.slowest_step)
+
+
+class ServerMetrics:
+    """A registry for one server; `refused(method, code)` counts refused calls."""
+
+    def __init__(self, job: Job) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(JobCollector(job))
+        self._refused = Counter("croupier_refused_calls", "Calls refused, by method and status code.",
+                                ["method", "code"], registry=self.registry)
+        self._http = None
+        self._thread: threading.Thread | None = None
+        self.port = 0
+
+    def refused(self, method: str, code: grpc.StatusCode) -> None:
+        self._refused.labels(method.rsplit("/", 1)[-1], code.name).inc()
+
+    def serve(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Starts the /metrics HTTP endpoint; returns its port."""
+        self._http, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        self.port = self._http.server_port
+        return self.port
+
+    def stop(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

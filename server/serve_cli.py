@@ -1,0 +1,190 @@
+"""`croupier serve`: run the sampler server for one job, as a sidecar beside the trainers.
+
+    croupier serve DATASET --policy clusterclip --clip 5 --global-batch 1024 --seed 0 \\
+        --state-dir DIR [--port 0] [--token-file F] [--tls-cert C --tls-key K]
+    croupier serve --cluster-sizes 5000,300,20,1 --global-batch 64 --state-dir DIR   # synthetic
+
+On start it resumes from the newest valid checkpoint in --state-dir, binds (loopback unless
+--host says otherwise; --port 0 picks a free port), prints one JSON line
+{"event": "serving", "address": "127.0.0.1:PORT", ...} to stdout and writes the same object
+to DIR/server.json. SIGTERM or SIGINT checkpoints and stops gracefully. Logs are JSON lines
+on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from croupier.errors import ConfigError
+from croupier.server import logs
+from croupier.server.auth import read_token_file
+from croupier.server.job import Job, JobSpec
+from croupier.server.layout import ClusterLayout
+from croupier.server.metrics import ServerMetrics
+from croupier.server.policy import POLICIES, PolicyConfig
+from croupier.server.service import create_server, describe
+from croupier.server.store import CheckpointStore, atomic_write_bytes
+
+log = logging.getLogger("croupier.server.serve")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="run the sampler server for one job",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = p.add_argument_group("dataset")
+    data.add_argument("dataset", nargs="?", help="MDS dataset folder with a croupier cluster sidecar")
+    data.add_argument("--selection", default="", help="draw only from this named selection of the sidecar")
+    data.add_argument("--cluster-sizes", default="",
+                      help="synthetic layout for tests and demos, e.g. 5000,300,20,1 (no dataset)")
+    data.add_argument("--remote", default="", help="where ranks fetch shards (default: the dataset folder)")
+    pol = p.add_argument_group("sampling")
+    pol.add_argument("--policy", default="clusterclip", choices=POLICIES)
+    pol.add_argument("--clip", default=None, help="repeat clip: an integer >= 1, or 'auto' (needs --budget-steps)")
+    pol.add_argument("--budget-steps", type=int, default=None, help="training budget in steps")
+    pol.add_argument("--weights", default=None, help="per-cluster weights: comma list or @FILE (one per line)")
+    pol.add_argument("--switch-step", type=int, default=None, help="g2s/s2g: step of the switch")
+    pol.add_argument("--switch-fraction", type=float, default=None, help="g2s/s2g: switch at this budget fraction")
+    pol.add_argument("--on-exhausted", default="stop", choices=("stop", "random"))
+    pol.add_argument("--min-active-share", type=float, default=0.5, help="auto clip: floor on active clusters")
+    pol.add_argument("--global-batch", type=int, required=True, help="samples per step over all ranks")
+    pol.add_argument("--seed", type=int, default=0)
+    job = p.add_argument_group("job")
+    job.add_argument("--job", default="default", help="job name ranks must give (empty accepts any)")
+    job.add_argument("--state-dir", required=True, help="durable checkpoints live here")
+    job.add_argument("--max-lag", type=int, default=64, help="most steps a rank may run ahead of the slowest")
+    job.add_argument("--lookahead", type=int, default=16, help="most steps streamed ahead of a rank's ack")
+    job.add_argument("--checkpoint-every", type=int, default=1000, help="automatic checkpoint interval (0 = off)")
+    job.add_argument("--keep-checkpoints", type=int, default=4, help="automatic checkpoints kept")
+    net = p.add_argument_group("network")
+    net.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    net.add_argument("--port", type=int, default=0, help="port (0 = pick a free one)")
+    net.add_argument("--token-file", default=None, help="require this bearer token on every call")
+    net.add_argument("--admin-token-file", default=None, help="token that Update (online changes) requires")
+    net.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key: serve TLS)")
+    net.add_argument("--tls-key", default=None, help="PEM private key")
+    net.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = off)")
+    net.add_argument("--max-workers", type=int, default=2048, help="RPC threads (each open stream holds one)")
+    net.add_argument("--grace", type=float, default=2.0, help="seconds open calls get on shutdown")
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=run)
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{what} must be a comma-separated list of integers, got {text!r}") from None
+
+
+def _weights(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    if text.startswith("@"):
+        try:
+            text = ",".join(Path(text[1:]).read_text().split())
+        except OSError as exc:
+            raise ConfigError(f"cannot read weights file {text[1:]}: {exc.strerror}") from None
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"weights must be comma-separated numbers, got {text[:60]!r}") from None
+
+
+def policy_from_args(args: argparse.Namespace) -> PolicyConfig:
+    clip, auto = None, False
+    if args.clip is not None:
+        if args.clip == "auto":
+            auto = True
+        else:
+            try:
+                clip = int(args.clip)
+            except ValueError:
+                raise ConfigError(f"--clip must be an integer >= 1 or 'auto', got {args.clip!r}") from None
+    return PolicyConfig(policy=args.policy, clip=clip, auto_clip=auto, weights=_weights(args.weights),
+                        switch_step=args.switch_step, switch_fraction=args.switch_fraction,
+                        budget_steps=args.budget_steps, on_exhausted=args.on_exhausted,
+                        min_active_share=args.min_active_share)
+
+
+def dataset_from_args(args: argparse.Namespace) -> tuple[ClusterLayout, str, str]:
+    """(layout, dataset fingerprint, remote) from DATASET or --cluster-sizes."""
+    if bool(args.dataset) == bool(args.cluster_sizes):
+        raise ConfigError("give exactly one of DATASET (a folder with a cluster sidecar) or --cluster-sizes")
+    if args.cluster_sizes:
+        if args.selection:
+            raise ConfigError("--selection needs a DATASET with a sidecar, not --cluster-sizes")
+        return ClusterLayout.from_sizes(_int_list(args.cluster_sizes, "--cluster-sizes")), "", args.remote
+    from croupier.shards.sidecar import Sidecar
+
+    side = Sidecar.open(args.dataset)
+    layout = side.layout(args.selection or None)
+    remote = args.remote or side.remote or str(Path(args.dataset).resolve())
+    return layout, side.fingerprint, remote
+
+
+def _lock_state_dir(state_dir: Path) -> int:
+    """Holds an exclusive lock on the state dir for the process's life (released on any exit)."""
+    fd = os.open(state_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"state directory {state_dir} is in use by another croupier server") from None
+    return fd
+
+
+def run(args: argparse.Namespace) -> int:
+    logs.configure(args.log_level)
+    config = policy_from_args(args)
+    layout, dataset_fp, remote = dataset_from_args(args)
+    token = read_token_file(args.token_file) if args.token_file else None
+    admin = read_token_file(args.admin_token_file) if args.admin_token_file else None
+    spec = JobSpec(name=args.job, dataset_remote=remote, dataset_fingerprint=dataset_fp, selection=args.selection,
+                   max_lag=args.max_lag, max_lookahead=args.lookahead, checkpoint_every=args.checkpoint_every)
+    store = CheckpointStore(args.state_dir, keep=args.keep_checkpoints)
+    lock_fd = _lock_state_dir(store.dir)
+    job = Job(layout, config, args.global_batch, args.seed, spec=spec, store=store)
+    metrics = ServerMetrics(job)
+    host = args.host
+    address = f"[{host}]:{args.port}" if ":" in host else f"{host}:{args.port}"
+    server, port = create_server(job, address, token=token, admin_token=admin, tls_cert=args.tls_cert,
+                                 tls_key=args.tls_key, max_workers=args.max_workers, on_refused=metrics.refused)
+    metrics_port = metrics.serve(host, args.metrics_port) if args.metrics_port else 0
+    info: dict[str, Any] = dict(describe(server), metrics_port=metrics_port, pid=os.getpid(),
+                                state_dir=str(store.dir.resolve()))
+    atomic_write_bytes(store.dir / "server.json", (json.dumps(info, indent=2) + "\n").encode())
+    log.info("serving", extra=dict(info, event="serving"))
+    print(json.dumps(dict(info, event="serving")), flush=True)
+
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        received.append(signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stop.wait(1.0):
+        pass
+    log.info("stopping", extra={"event": "stopping", "signal": signal.Signals(received[0]).name})
+    server.stop(args.grace)
+    metrics.stop()
+    os.close(lock_fd)
+    print(json.dumps({"event": "stopped", "durable_step": job.status().durable_step}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from croupier.cli import main
+
+    sys.exit(main(["serve", *sys.argv[1:]]))
