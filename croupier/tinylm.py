@@ -1,7 +1,7 @@
 """A tiny decoder-only byte-level language model, for the demo and the training comparison.
 
 It is small enough to train for a few hundred steps on two CPU cores in seconds (2 layers,
-width 64, a context of 128 bytes), deterministic for a fixed seed, and it measures what the
+width 64, a context of 64 bytes), deterministic for a fixed seed, and it measures what the
 sampler changes: per-example loss, so held-out loss can be broken down by cluster.
 
 Every example is the first `context + 1` UTF-8 bytes of one document, padded with `PAD`
@@ -31,7 +31,7 @@ VOCAB = 257
 class TinyLMConfig:
     """Shape of the model; `context` is the number of predicted bytes per example."""
 
-    context: int = 128
+    context: int = 64
     d_model: int = 64
     n_layers: int = 2
     n_heads: int = 4

@@ -1,0 +1,352 @@
+"""Training comparison: which sampler gives the best held-out loss on a long-tailed corpus?
+
+The same tiny byte-level decoder-only LM (croupier.tinylm, fixed seed) is trained for the
+same number of examples (steps x global batch, a few passes over the data) on the same
+corpus, once per sampler: random, uniform, clusterclip at `--clip auto` and at two fixed
+thresholds, g2s and s2g. Every run goes through the real path: a sampler server (gRPC, in
+this process, bound to a local port) and the client's `CroupierIterableDataset`, which
+streams the MDS shards `croupier shards build` wrote.
+
+Corpus: `croupier.shards.synthetic` (planted topics, Zipf-like sizes). Each topic is split
+into training documents (which are sharded, embedded and clustered: the sampler's clusters)
+and held-out documents (assigned to the nearest cluster centroid with the same embedder).
+After training, held-out loss is averaged per cluster and the table reports:
+
+    mean       mean over clusters of the held-out loss (nats per byte)
+    rare25     mean held-out loss over the rarest quartile of clusters (by training size)
+    common25   mean held-out loss over the most common quartile of clusters
+    rare_gap   held-out minus training loss on the rarest quartile: the over-fitting that
+               the clip is meant to prevent
+
+Clipped runs continue as random once every cluster is exhausted (`on_exhausted="random"`),
+so every sampler trains on the same number of examples.
+
+    python -m bench.train_compare --scale full --out out/train_compare
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+SCALES: dict[str, dict[str, Any]] = {
+    # docs: corpus size before the held-out split; passes: training budget in passes over the
+    # training documents; batch: global batch (examples per step).
+    "tiny": {"docs": 240, "topics": 8, "alpha": 1.2, "passes": 1.0, "batch": 16, "clips": (2, 6)},
+    "quick": {"docs": 1500, "topics": 20, "alpha": 1.2, "passes": 3.0, "batch": 32, "clips": (2, 8)},
+    "full": {"docs": 4000, "topics": 32, "alpha": 1.2, "passes": 3.0, "batch": 32, "clips": (2, 8)},
+}
+HELDOUT_FRACTION = 0.2
+MIN_HELDOUT = 3
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One sampler configuration of the comparison."""
+
+    name: str
+    policy: dict
+
+
+def variants(budget_steps: int, clips: Sequence[int]) -> list[Variant]:
+    """random, uniform, clusterclip (auto + fixed clips), g2s, s2g for a budget of steps."""
+    out = [Variant("random", {"policy": "random"}), Variant("uniform", {"policy": "uniform"}),
+           Variant("clusterclip auto", {"policy": "clusterclip", "auto_clip": True, "budget_steps": budget_steps,
+                                        "on_exhausted": "random"})]
+    out += [Variant(f"clusterclip {c}", {"policy": "clusterclip", "clip": int(c), "on_exhausted": "random"})
+            for c in clips]
+    out += [Variant(p, {"policy": p, "switch_fraction": 0.5, "budget_steps": budget_steps}) for p in ("g2s", "s2g")]
+    return out
+
+
+@dataclass
+class Prepared:
+    """The sharded corpus and its evaluation sets."""
+
+    dataset: Path
+    num_clusters: int
+    train_sizes: np.ndarray  # per cluster
+    train_texts: list[str]  # one per sample id (dataset order)
+    train_clusters: np.ndarray
+    heldout_texts: list[str]
+    heldout_clusters: np.ndarray
+    build_s: float = 0.0
+
+
+def split_corpus(docs: list[dict], seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Per topic, HELDOUT_FRACTION (at least MIN_HELDOUT) of the documents are held out."""
+    topics = np.array([d["topic"] for d in docs])
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x4E1D]))
+    held = np.zeros(len(docs), dtype=bool)
+    for t in np.unique(topics):
+        idx = np.flatnonzero(topics == t)
+        k = max(MIN_HELDOUT, int(round(HELDOUT_FRACTION * len(idx))))
+        if len(idx) - k < 2:
+            continue  # too small to split: keep it all for training
+        held[rng.choice(idx, size=k, replace=False)] = True
+    return [d for d, h in zip(docs, held) if not h], [d for d, h in zip(docs, held) if h]
+
+
+def prepare(work: Path, docs: int, topics: int, alpha: float, seed: int = 0) -> Prepared:
+    """Generate, split, shard + embed + cluster (hashing embedder, K = topics), assign held-out."""
+    from croupier.shards.build import BuildConfig, build
+    from croupier.shards.embed import get_embedder
+    from croupier.shards.mds import MDSSource
+    from croupier.shards.sidecar import Sidecar
+    from croupier.shards.synthetic import generate_corpus, write_jsonl
+
+    t0 = time.perf_counter()
+    corpus = generate_corpus(docs, topics, alpha=alpha, seed=seed)
+    train, heldout = split_corpus(corpus, seed)
+    work.mkdir(parents=True, exist_ok=True)
+    jsonl = work / "train.jsonl"
+    write_jsonl(jsonl, train)
+    dataset = work / "dataset"
+    build(BuildConfig(out=str(dataset), inputs=(str(jsonl),), embedder="hashing", clusters=topics,
+                      keep_fields=("topic",), seed=seed, progress=False, overwrite=True))
+    side = Sidecar.open(dataset)
+    layout = side.layout()
+    n = side.num_samples
+    with MDSSource(dataset) as src:
+        train_texts = src.texts(0, n, "text")
+    labels = np.full(n, -1, dtype=np.int64)
+    pos = np.arange(layout.num_positions)
+    labels[layout.ids_at(pos)] = layout.clusters_of(pos)
+    embedder = get_embedder("hashing", seed=seed)
+    emb = embedder.encode([d["text"] for d in heldout])
+    held_clusters = np.argmax(emb @ np.asarray(side.centroids(), dtype=np.float32).T, axis=1).astype(np.int64)
+    return Prepared(dataset=dataset, num_clusters=layout.num_clusters, train_sizes=np.asarray(layout.sizes),
+                    train_texts=train_texts, train_clusters=labels, heldout_texts=[d["text"] for d in heldout],
+                    heldout_clusters=held_clusters, build_s=time.perf_counter() - t0)
+
+
+@dataclass
+class RunResult:
+    name: str
+    policy: dict
+    steps: int
+    examples: int
+    train_s: float
+    heldout_per_cluster: np.ndarray
+    train_per_cluster: np.ndarray
+    draws: np.ndarray
+    clip: int | None
+    final_train_loss: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def train_one(prep: Prepared, variant: Variant, *, steps: int, batch: int, cache: Path, seed: int = 0,
+              lr: float = 3e-3, context: int = 64) -> RunResult:
+    """Serve the variant's sampler over gRPC, stream its batches through the client, train, evaluate."""
+    import torch
+
+    from croupier.client.dataset import ID_KEY, STEP_KEY, CroupierIterableDataset
+    from croupier.server.job import Job, JobSpec
+    from croupier.server.policy import PolicyConfig
+    from croupier.server.service import create_server
+    from croupier.server.topology import Topology
+    from croupier.shards.sidecar import Sidecar
+    from croupier.tinylm import TinyLMConfig, build_model, encode, example_losses, make_optimizer, \
+        per_cluster_mean, train_step
+
+    side = Sidecar.open(prep.dataset)
+    config = PolicyConfig.from_dict(variant.policy)
+    job = Job(side.layout(), config, batch, seed,
+              spec=JobSpec(name="compare", dataset_remote=str(prep.dataset), dataset_fingerprint=side.fingerprint))
+    server, port = create_server(job, "127.0.0.1:0")
+    cfg = TinyLMConfig(context=context)
+    model = build_model(cfg, seed=seed)
+    opt = make_optimizer(model, lr=lr)
+    t0 = time.perf_counter()
+    losses: list[float] = []
+    try:
+        ds = CroupierIterableDataset(f"127.0.0.1:{port}", "compare", cache_dir=cache, topology=Topology(0, 1),
+                                     start_step=0, steps=steps, lookahead=16)
+        texts: list[str] = []
+        current = None
+        seen = 0
+        for sample in ds:
+            step = sample[STEP_KEY]
+            if current is not None and step != current:
+                losses.append(train_step(model, opt, encode(texts, context)))
+                texts = []
+            current = step
+            texts.append(sample["text"])
+            seen += 1
+            _ = sample[ID_KEY]
+        if texts:
+            losses.append(train_step(model, opt, encode(texts, context)))
+        ds.close()
+        status = job.status()
+    finally:
+        server.stop(grace=0.5, checkpoint=False)
+    train_s = time.perf_counter() - t0
+    if len(losses) != steps or seen != steps * batch:
+        raise RuntimeError(f"{variant.name}: trained {len(losses)} steps / {seen} examples, expected "
+                           f"{steps} / {steps * batch}")
+    k = prep.num_clusters
+    held = per_cluster_mean(example_losses(model, encode(prep.heldout_texts, context)), prep.heldout_clusters, k)
+    trn = per_cluster_mean(example_losses(model, encode(prep.train_texts, context)), prep.train_clusters, k)
+    return RunResult(name=variant.name, policy=variant.policy, steps=steps, examples=seen, train_s=train_s,
+                     heldout_per_cluster=held, train_per_cluster=trn, draws=np.asarray(status.draws),
+                     clip=int(status.clip) or None, final_train_loss=float(np.mean(losses[-max(1, steps // 10):])))
+
+
+def summarize(result: RunResult, sizes: np.ndarray) -> dict[str, float]:
+    """mean / rare25 / common25 / rare_gap (see the module docstring) over clusters with held-out data."""
+    held, trn = result.heldout_per_cluster, result.train_per_cluster
+    ok = np.flatnonzero(~np.isnan(held))
+    order = ok[np.argsort(sizes[ok], kind="stable")]  # rarest first
+    q = max(1, len(order) // 4)
+    rare, common = order[:q], order[-q:]
+    return {
+        "mean": float(np.mean(held[ok])),
+        "rare25": float(np.mean(held[rare])),
+        "common25": float(np.mean(held[common])),
+        "rare_gap": float(np.mean(held[rare] - trn[rare])),
+        "max_passes": float(np.max(result.draws / sizes)),
+    }
+
+
+def format_table(results: Sequence[RunResult]) -> str:
+    head = f"{'sampler':<18} {'clip':>4} {'mean':>7} {'rare25':>7} {'common25':>8} {'rare_gap':>8} {'max_pass':>8} {'train_s':>7}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        m = r.metrics
+        lines.append(f"{r.name:<18} {str(r.clip or '-'):>4} {m['mean']:>7.4f} {m['rare25']:>7.4f} "
+                     f"{m['common25']:>8.4f} {m['rare_gap']:>+8.4f} {m['max_passes']:>8.1f} {r.train_s:>7.1f}")
+    return "\n".join(lines)
+
+
+def plot(results: Sequence[RunResult], sizes: np.ndarray, path: Path) -> Path:
+    """Held-out loss per cluster vs cluster size, one line per sampler; and the summary bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = np.argsort(sizes, kind="stable")
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))
+    for i, r in enumerate(results):
+        held = r.heldout_per_cluster[order]
+        ok = ~np.isnan(held)
+        ax.plot(sizes[order][ok], held[ok], marker="o", ms=3, lw=1.1, label=r.name, color=f"C{i}")
+    ax.set_xscale("log")
+    ax.set_xlabel("cluster size (training documents)")
+    ax.set_ylabel("held-out loss (nats/byte)")
+    ax.set_title("Held-out loss per cluster")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    names = ("mean", "rare25", "common25")
+    x = np.arange(len(names))
+    w = 0.8 / max(1, len(results))
+    for i, r in enumerate(results):
+        ax2.bar(x + i * w, [r.metrics[n] for n in names], width=w, label=r.name, color=f"C{i}")
+    lo = min(r.metrics[n] for r in results for n in names)
+    hi = max(r.metrics[n] for r in results for n in names)
+    ax2.set_ylim(lo - 0.1 * (hi - lo + 1e-9) - 0.02, hi + 0.1 * (hi - lo + 1e-9) + 0.02)
+    ax2.set_xticks(x + w * (len(results) - 1) / 2, names)
+    ax2.set_ylabel("held-out loss (nats/byte)")
+    ax2.set_title("Summary over clusters")
+    ax2.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def compare(scale: str = "full", out: str | Path | None = None, *, only: Sequence[str] | None = None,
+            seed: int = 0, log=sys.stderr, **overrides: Any) -> tuple[list[RunResult], dict[str, Any]]:
+    """Runs the whole comparison; writes results.json and compare.png under `out` when given."""
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)}")
+    params = dict(SCALES[scale], **{k: v for k, v in overrides.items() if v is not None})
+    import torch
+
+    torch.set_num_threads(1)  # one thread: oversubscribed OpenMP threads spin and crawl on shared cores
+    with tempfile.TemporaryDirectory(prefix="croupier-compare-") as tmp:
+        work = Path(tmp)
+        prep = prepare(work, params["docs"], params["topics"], params["alpha"], seed)
+        n = len(prep.train_texts)
+        steps = max(1, int(round(params["passes"] * n / params["batch"])))
+        all_variants = variants(steps, params["clips"])
+        if only:
+            valid = [v.name for v in all_variants]
+            unknown = [o for o in only if o not in valid]
+            if unknown:
+                raise ValueError(f"unknown sampler(s) {unknown}; valid: {valid}")
+            all_variants = [v for v in all_variants if v.name in only]
+        print(f"[compare] {n} training docs in {prep.num_clusters} clusters (sizes {int(prep.train_sizes.min())}.."
+              f"{int(prep.train_sizes.max())}), {len(prep.heldout_texts)} held-out; {steps} steps x "
+              f"{params['batch']} = {steps * params['batch']} examples ({params['passes']} passes); "
+              f"built in {prep.build_s:.1f}s", file=log, flush=True)
+        results = []
+        for v in all_variants:
+            r = train_one(prep, v, steps=steps, batch=params["batch"], cache=work / "cache", seed=seed)
+            r.metrics = summarize(r, prep.train_sizes)
+            results.append(r)
+            print(f"[compare] {v.name}: held-out mean {r.metrics['mean']:.4f} ({r.train_s:.1f}s)", file=log, flush=True)
+        info = {"scale": scale, "params": {**params, "clips": list(params["clips"])}, "train_docs": n,
+                "heldout_docs": len(prep.heldout_texts), "clusters": prep.num_clusters,
+                "cluster_sizes": prep.train_sizes.tolist(), "steps": steps, "seed": seed}
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        plot(results, np.asarray(info["cluster_sizes"]), out / "compare.png")
+        (out / "results.json").write_text(json.dumps({
+            **info,
+            "results": [{"sampler": r.name, "policy": r.policy, "clip": r.clip, **r.metrics,
+                         "train_s": r.train_s, "final_train_loss": r.final_train_loss,
+                         "heldout_per_cluster": [None if np.isnan(x) else x for x in r.heldout_per_cluster],
+                         "train_per_cluster": [None if np.isnan(x) else x for x in r.train_per_cluster],
+                         "draws": r.draws.tolist()} for r in results]}, indent=1))
+        (out / "table.txt").write_text(format_table(results) + "\n")
+    return results, info
+
+
+def run(scale: str = "full") -> list[dict]:
+    """Benchmark-runner entry point: one row per sampler (held-out mean, ratio vs random)."""
+    results, _ = compare(scale)
+    base = next((r.metrics["mean"] for r in results if r.name == "random"), None)
+    rows = []
+    for r in results:
+        rows.append({"bench": "train_compare", "metric": f"held-out loss, {r.name}", "value": r.metrics["mean"],
+                     "unit": "nats/byte", "reference": base, "ratio": (r.metrics["mean"] / base) if base else None,
+                     "target": "report (a study, no target)"})
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.train_compare", description=__doc__.split("\n\n")[0])
+    p.add_argument("--scale", choices=tuple(SCALES), default="full")
+    p.add_argument("--out", default="out/train_compare", help="folder for compare.png, results.json, table.txt")
+    p.add_argument("--only", default="", help="comma-separated sampler names (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--docs", type=int, default=None)
+    p.add_argument("--topics", type=int, default=None)
+    p.add_argument("--passes", type=float, default=None)
+    args = p.parse_args(argv)
+    only = [s.strip() for s in args.only.split(",") if s.strip()] or None
+    t0 = time.perf_counter()
+    results, info = compare(args.scale, args.out, only=only, seed=args.seed, docs=args.docs, topics=args.topics,
+                            passes=args.passes)
+    print(f"\n{info['train_docs']} training docs, {info['clusters']} clusters, {info['steps']} steps x "
+          f"{info['params']['batch']} examples ({info['params']['passes']} passes), seed {info['seed']}")
+    print(format_table(results))
+    print(f"\nloss: held-out nats/byte (lower is better); rare_gap = held-out - train on the rarest quartile")
+    print(f"wrote {args.out}/compare.png, results.json, table.txt in {time.perf_counter() - t0:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

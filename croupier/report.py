@@ -1,0 +1,295 @@
+"""`croupier report`: the figures a user looks at to choose and defend a clip threshold.
+
+Data comes from a live server (`from_server`: its GetStatus counters, and optionally a few
+seconds of watching rank progress) or from a server's state directory (`from_state_dir`:
+the newest valid checkpoint, read with the server's own `CheckpointStore`). Neither source
+keeps per-step history, so the draws-over-time curves are recomputed by replaying the
+sampler from step 0 with the same dataset layout, policy, batch, seed and online changes:
+the sequence is deterministic, and the replay's final counters are checked against the
+server's before the history is used (the report says so on the page).
+
+`write_report(data, out)` writes sizes_vs_draws.png, passes.png, draws_over_time.png,
+rank_lag.png (when rank progress over time is known) and index.html.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from croupier.errors import ConfigError, DatasetError, StateError
+
+RANK_HISTORY_FILE = "rank_progress.jsonl"
+"""JSON lines {"t", "steps": [next_step of rank 0, 1, ...]} a watcher (e.g. the demo) appends."""
+
+
+@dataclass
+class ReportData:
+    """Everything the report draws; per-cluster arrays have one entry per cluster."""
+
+    source: str
+    policy: str
+    clip: int | None
+    step: int
+    global_batch: int
+    seed: int
+    sizes: np.ndarray
+    draws: np.ndarray
+    passes: np.ndarray
+    clipped_at: np.ndarray
+    history_steps: np.ndarray | None = None
+    history: np.ndarray | None = None
+    rank_times: np.ndarray | None = None
+    rank_steps: np.ndarray | None = None
+    max_lag: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_clusters(self) -> int:
+        return len(self.sizes)
+
+
+# -- replay ------------------------------------------------------------------------------------
+def replay_history(layout: Any, config: Any, global_batch: int, seed: int, upto: int,
+                   events: Sequence[dict] = (), points: int = 200) -> tuple[np.ndarray, np.ndarray, Any]:
+    """Cumulative per-cluster draws at about `points` steps in [0, upto], by replaying the sampler.
+
+    Returns (steps, history of shape (len(steps), K), final ClusterCounters). Online changes
+    (`events`, as the server records them: {"step", "clip", "weights"}) are scheduled first.
+    """
+    from croupier.errors import EndOfData
+    from croupier.server.engine import Sampler
+
+    sampler = Sampler(layout, config, int(global_batch), int(seed))
+    for ev in sorted(events, key=lambda e: int(e["step"])):
+        sampler.schedule(int(ev["step"]), clip=ev.get("clip"), weights=ev.get("weights"))
+    upto = max(0, int(upto))
+    marks = np.unique(np.linspace(0, upto, num=min(points, upto + 1)).round().astype(np.int64))
+    rows = []
+    steps = []
+    for mark in marks:
+        try:
+            while sampler.step < mark:
+                sampler.next_batch()
+        except EndOfData:
+            break
+        steps.append(int(sampler.step))
+        rows.append(sampler.counters().draws)
+    return np.asarray(steps, dtype=np.int64), np.vstack(rows), sampler.counters()
+
+
+def _layout_for(dataset: str, selection: str = "") -> Any:
+    from croupier.shards.sidecar import Sidecar
+
+    return Sidecar.open(dataset).layout(selection or None)
+
+
+def _attach_history(data: ReportData, layout: Any, config: Any, events: Sequence[dict]) -> None:
+    """Replays the sampler; keeps the history only if it reproduces the source's counters."""
+    t0 = time.perf_counter()
+    steps, hist, final = replay_history(layout, config, data.global_batch, data.seed, data.step, events)
+    if len(final.draws) != data.num_clusters or not np.array_equal(final.draws, data.draws):
+        data.notes.append("draws over time omitted: replaying the sampler did not reproduce the server's "
+                          "counters (online changes the source does not record?)")
+        return
+    data.history_steps, data.history = steps, hist
+    data.notes.append(f"draws over time recomputed by replaying the deterministic sampler to step {data.step} "
+                      f"({time.perf_counter() - t0:.1f} s); its final counters equal the server's")
+
+
+def read_rank_history(path: str | Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """(times, rank steps) from a rank_progress.jsonl file, or None if absent/empty."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    times, rows = [], []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if rows and len(rec["steps"]) != len(rows[0]):
+            continue  # the world changed: keep the first world's ranks
+        times.append(float(rec["t"]))
+        rows.append([int(s) for s in rec["steps"]])
+    if not rows or not rows[0]:
+        return None
+    t = np.asarray(times)
+    return t - t[0], np.asarray(rows, dtype=np.int64)
+
+
+# -- sources -----------------------------------------------------------------------------------
+def fetch_status(address: str, token: str | None = None, timeout: float = 10.0) -> Any:
+    """The server's GetStatusResponse with the per-cluster arrays."""
+    import grpc
+
+    from croupier.client.channel import auth_metadata, open_channel
+    from croupier.client.errors import from_rpc_error
+    from croupier.proto.croupier.v1 import croupier_pb2, croupier_pb2_grpc
+
+    channel = open_channel(address)
+    try:
+        stub = croupier_pb2_grpc.SamplerStub(channel)
+        try:
+            return stub.GetStatus(croupier_pb2.GetStatusRequest(include_clusters=True),
+                                  metadata=auth_metadata(token), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, "GetStatus") from None
+    finally:
+        channel.close()
+
+
+def from_server(address: str, *, token: str | None = None, watch_s: float = 0.0, interval_s: float = 0.5,
+                dataset: str | None = None, replay: bool = True) -> ReportData:
+    """Report data from a live server; `watch_s` > 0 samples rank progress for that long."""
+    from croupier.server.policy import PolicyConfig
+
+    status = fetch_status(address, token)
+    times, rows = [], []
+    deadline = time.monotonic() + watch_s
+    while watch_s > 0 and time.monotonic() < deadline:
+        times.append(time.monotonic())
+        rows.append([r.next_step for r in sorted(status.ranks, key=lambda r: r.rank)])
+        time.sleep(interval_s)
+        status = fetch_status(address, token)
+    job = status.job
+    policy = json.loads(job.policy_json) if job.policy_json else {"policy": job.policy}
+    data = ReportData(
+        source=f"server {address}", policy=job.policy, clip=int(status.clip) or None,
+        step=int(status.generated_step), global_batch=int(job.global_batch), seed=int(job.seed),
+        sizes=np.asarray(status.cluster_sizes, dtype=np.int64), draws=np.asarray(status.cluster_draws, dtype=np.int64),
+        passes=np.asarray(status.cluster_passes, dtype=np.int64),
+        clipped_at=np.asarray(status.cluster_clipped_at, dtype=np.int64))
+    if data.num_clusters == 0:
+        raise StateError(f"server {address} returned no per-cluster counters")
+    if len(rows) >= 2 and len({len(r) for r in rows}) == 1 and rows[0]:
+        t = np.asarray(times)
+        data.rank_times, data.rank_steps = t - t[0], np.asarray(rows, dtype=np.int64)
+    elif status.ranks:
+        data.notes.append("rank lag history not shown: the server keeps only current progress "
+                          "(pass --watch SECONDS to sample it); now: " +
+                          ", ".join(f"rank {r.rank} at step {r.next_step}" for r in status.ranks))
+    remote = dataset or job.dataset_remote
+    if replay and remote and "://" not in remote:
+        try:
+            _attach_history(data, _layout_for(remote, job.selection), PolicyConfig.from_dict(policy), ())
+        except (DatasetError, ConfigError, OSError) as exc:
+            data.notes.append(f"draws over time omitted: cannot open dataset {remote}: {exc}")
+    elif replay:
+        data.notes.append("draws over time omitted: the dataset is remote; pass --dataset LOCAL_DIR")
+    return data
+
+
+def _find_dataset(state_dir: Path, meta: dict) -> tuple[str | None, str]:
+    """Dataset folder and selection named by the checkpoint or a server config in the state dir."""
+    for key in ("dataset_remote", "dataset", "remote"):
+        if meta.get(key):
+            return str(meta[key]), str(meta.get("selection") or "")
+    for name in ("server.json", "config.json", "serve.json", "job.json"):
+        path = state_dir / name
+        if path.is_file():
+            try:
+                cfg = json.loads(path.read_text())
+            except ValueError:
+                continue
+            for key in ("dataset_remote", "dataset", "remote"):
+                if isinstance(cfg.get(key), str) and cfg[key]:
+                    return cfg[key], str(cfg.get("selection") or "")
+    return None, ""
+
+
+def from_state_dir(state_dir: str | Path, *, dataset: str | None = None, selection: str | None = None,
+                   replay: bool = True) -> ReportData:
+    """Report data from the newest valid checkpoint in a server's state directory.
+
+    Cluster sizes come from the dataset's sidecar (`dataset`, or the one the state directory
+    names). Rank progress over time is read from state_dir/rank_progress.jsonl when present.
+    """
+    from croupier.server.engine import Sampler
+    from croupier.server.policy import PolicyConfig
+    from croupier.server.state import SamplerState
+    from croupier.server.store import CheckpointStore
+
+    state_dir = Path(state_dir)
+    if not state_dir.is_dir():
+        raise StateError(f"state directory {state_dir} does not exist")
+    ck = CheckpointStore(state_dir).newest_valid()
+    if ck is None:
+        raise StateError(f"state directory {state_dir} holds no valid checkpoint")
+    meta = ck.meta
+    state = SamplerState.from_bytes(ck.state)
+    found, found_sel = _find_dataset(state_dir, meta)
+    dataset = dataset or found
+    if not dataset:
+        raise ConfigError(f"state directory {state_dir} does not name its dataset: pass --dataset DIR")
+    layout = _layout_for(dataset, selection if selection is not None else found_sel)
+    config = PolicyConfig.from_dict(meta["policy"])
+    sampler = Sampler(layout, config, int(meta["global_batch"]), int(meta["seed"]))
+    events = list(meta.get("events", []))
+    sampler.load_state(state)  # checks the fingerprint: the dataset given is the job's
+    c = sampler.counters()
+    data = ReportData(
+        source=f"state directory {state_dir} (checkpoint at step {ck.step})", policy=config.policy,
+        clip=sampler.clip, step=int(state.step), global_batch=int(meta["global_batch"]), seed=int(meta["seed"]),
+        sizes=np.asarray(c.sizes), draws=c.draws, passes=c.passes, clipped_at=c.clipped_at)
+    lag = read_rank_history(state_dir / RANK_HISTORY_FILE)
+    if lag is not None:
+        data.rank_times, data.rank_steps = lag
+    else:
+        data.notes.append("rank lag history not shown: the state directory records none")
+    if replay:
+        _attach_history(data, layout, config, events)
+    return data
+
+
+# -- output ------------------------------------------------------------------------------------
+def cluster_table(data: ReportData, limit: int | None = None) -> str:
+    """A text table: cluster, size, draws, passes (draws/size), cursor passes, clipped at."""
+    order = np.argsort(-data.sizes, kind="stable")
+    lines = [f"{'cluster':>7} {'size':>7} {'draws':>8} {'draws/size':>10} {'passes':>6} {'clipped':>8}"]
+    shown = order if limit is None or len(order) <= limit else np.concatenate([order[: limit // 2],
+                                                                              order[-(limit - limit // 2):]])
+    for i, c in enumerate(shown):
+        if limit is not None and len(order) > limit and i == limit // 2:
+            lines.append(f"{'...':>7}")
+        clipped = f"step {data.clipped_at[c]}" if data.clipped_at[c] >= 0 else "-"
+        lines.append(f"{c:>7} {data.sizes[c]:>7} {data.draws[c]:>8} {data.draws[c] / data.sizes[c]:>10.2f} "
+                     f"{data.passes[c]:>6} {clipped:>8}")
+    return "\n".join(lines)
+
+
+def write_report(data: ReportData, out: str | Path) -> list[Path]:
+    """Writes the PNGs and index.html into `out`; returns the PNG paths."""
+    from croupier import report_plots as rp
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    images: list[tuple[str, str]] = []
+    paths = [rp.plot_sizes_vs_draws(data.sizes, data.draws, out / "sizes_vs_draws.png", policy=data.policy,
+                                    clip=data.clip, clipped_at=data.clipped_at)]
+    images.append(("sizes_vs_draws.png", "Cluster size vs draws (log axes), with the random, uniform and clip lines"))
+    paths.append(rp.plot_passes(data.sizes, data.draws, out / "passes.png", clip=data.clip,
+                                clipped_at=data.clipped_at, policy=data.policy))
+    images.append(("passes.png", "Passes per cluster (draws / size) against the clip line"))
+    if data.history is not None and data.history_steps is not None:
+        paths.append(rp.plot_draws_over_time(data.history_steps, data.history, data.sizes,
+                                             out / "draws_over_time.png", clip=data.clip, policy=data.policy,
+                                             source="replayed"))
+        images.append(("draws_over_time.png", "Cumulative draws of the largest and smallest clusters, and active clusters"))
+    if data.rank_times is not None and data.rank_steps is not None and len(data.rank_times) >= 2:
+        paths.append(rp.plot_rank_lag(data.rank_times, data.rank_steps, out / "rank_lag.png", max_lag=data.max_lag))
+        images.append(("rank_lag.png", "Rank progress and the fastest-minus-slowest lag"))
+    clipped = int((data.clipped_at >= 0).sum())
+    summary = [
+        ("source", data.source), ("policy", data.policy), ("clip", str(data.clip or "none")),
+        ("step", str(data.step)), ("global batch", str(data.global_batch)), ("seed", str(data.seed)),
+        ("clusters", f"{data.num_clusters} ({clipped} clipped)"), ("draws", f"{int(data.draws.sum()):,}"),
+        ("max passes (draws/size)", f"{float((data.draws / data.sizes).max()):.2f}"),
+    ]
+    rp.write_index_html(out, images, title=f"croupier report — {data.policy}", summary=summary, notes=data.notes)
+    (out / "clusters.txt").write_text(cluster_table(data) + "\n", encoding="utf-8")
+    return paths

@@ -1,0 +1,55 @@
+"""`croupier report`: PNGs and an HTML page from a live server or a server's state directory.
+
+    croupier report --server HOST:PORT --out report/ [--watch 10]
+    croupier report --state-dir DIR [--dataset DATASET_DIR] --out report/
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from croupier.errors import ConfigError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "report", help="plot cluster sizes vs draws, passes vs the clip, draws over time, rank lag",
+        description="Writes PNGs and index.html that show how the sampler spread its draws over the "
+                    "clusters, to choose and defend a clip threshold.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--server", metavar="HOST:PORT", help="read counters from a live sampler server")
+    src.add_argument("--state-dir", metavar="DIR", help="read the newest checkpoint of a server's state directory")
+    p.add_argument("--out", default="report", help="output folder (default: report/)")
+    p.add_argument("--dataset", default=None,
+                   help="dataset folder with the cluster sidecar (default: the one the server or state names)")
+    p.add_argument("--selection", default=None, help="selection the job draws from (state-dir mode)")
+    p.add_argument("--token", default=None, help="bearer token (default: $CROUPIER_TOKEN)")
+    p.add_argument("--watch", type=float, default=0.0, metavar="SECONDS",
+                   help="with --server: sample rank progress for this long to plot the lag")
+    p.add_argument("--no-replay", action="store_true",
+                   help="skip recomputing draws over time by replaying the sampler")
+    p.add_argument("--table", type=int, default=20, metavar="N",
+                   help="print the N largest/smallest clusters (0: none)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from croupier import report
+
+    if args.watch < 0:
+        raise ConfigError(f"--watch must be >= 0 seconds, got {args.watch}")
+    if args.server:
+        data = report.from_server(args.server, token=args.token, watch_s=args.watch, dataset=args.dataset,
+                                  replay=not args.no_replay)
+    else:
+        data = report.from_state_dir(args.state_dir, dataset=args.dataset, selection=args.selection,
+                                     replay=not args.no_replay)
+    paths = report.write_report(data, args.out)
+    if args.table:
+        print(report.cluster_table(data, limit=args.table))
+    for note in data.notes:
+        print(f"note: {note}")
+    for path in paths:
+        print(f"wrote {path}")
+    print(f"open {args.out.rstrip('/')}/index.html")
+    return 0
