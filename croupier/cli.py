@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "croupier.server.admin_cli",
     "croupier.client.dump_cli",
     "croupier.shards.cli",
+    "croupier.demo_cli", "croupier.report_cli",
 )
 
 

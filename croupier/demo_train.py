@@ -72,6 +72,8 @@ def _train(args: argparse.Namespace) -> int:
     run = Path(args.run)
     ckpt = run / CKPT_DIR
     ckpt.mkdir(parents=True, exist_ok=True)
+    with (run / "pids.txt").open("a") as f:  # lets the launcher check nothing outlives the run
+        f.write(f"{os.getpid()}\n")
 
     cfg = TinyLMConfig(context=args.context)
     model = build_model(cfg, seed=args.seed)
