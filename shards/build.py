@@ -94,9 +94,13 @@ class BuildConfig:
             raise ConfigError("--text-field must not be empty")
 
     def key(self) -> dict[str, Any]:
-        """The settings a resumed build must share with the interrupted one."""
+        """The settings a resumed build must share with the interrupted one.
+
+        `skip_bad` is not among them: everything ingested before a stop was good, so a
+        build that stopped on a bad record may resume with --skip-bad.
+        """
         d = asdict(self)
-        for k in ("overwrite", "device", "progress", "out", "batch_size"):
+        for k in ("overwrite", "device", "progress", "out", "batch_size", "skip_bad"):
             d.pop(k)
         d["inputs"] = list(self.inputs)
         d["keep_fields"] = list(self.keep_fields)

@@ -138,7 +138,9 @@ class MiniLMEmbedder:
         self.batch_size = int(batch_size)
         self.path = minilm_model_path()
         self.model = SentenceTransformer(self.path, device=device, local_files_only=True)
-        self.dim = int(self.model.get_sentence_embedding_dimension())
+        get_dim = getattr(self.model, "get_embedding_dimension", None) or \
+            self.model.get_sentence_embedding_dimension
+        self.dim = int(get_dim())
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "dim": self.dim, "model": "sentence-transformers/all-MiniLM-L6-v2",
