@@ -12,6 +12,8 @@ import importlib
 SHARDS_COMMAND_MODULES: tuple[str, ...] = (
     "croupier.shards.build_cli",
     "croupier.shards.inspect_cli",
+    "croupier.shards.score_cli",
+    "croupier.shards.select_cli",
 )
 
 
