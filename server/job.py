@@ -200,6 +200,7 @@ class Job:
         self._waiters: dict[int, set[_Waiter]] = {}
         self._slowest = 0
         self._durable_step = -1
+        self._high_water = 0  # highest step this job's generator is known to have reached
         self._steps_generated = 0
         self._steps_replayed = 0
         self._slices_served = 0
@@ -235,6 +236,9 @@ class Job:
         self._events = list(meta.get("events", []))
         self._snapshots = {0: self._snapshots[0], ck.step: _Saved(state, len(self._events))}
         self._durable_step = ck.step
+        # The crashed server may have generated (and ranks consumed) up to one checkpoint
+        # interval past its newest checkpoint; accept positions up to there from reconnecting ranks.
+        self._high_water = int(meta.get("generated_step", ck.step)) + self.spec.checkpoint_every
         self._end_step = meta.get("end_step")
         world = meta.get("world")
         self._world = int(world) if world else None
@@ -297,8 +301,7 @@ class Job:
             far = self._far_bound()
             if next_step > far:
                 raise StepOutOfRange(f"acknowledged step {next_step} is ahead of anything the rank could have "
-                                     f"received (bound {far}: slowest step {self._slowest} + max lag "
-                                     f"{self.spec.max_lag} + lookahead {self.spec.max_lookahead})")
+                                     f"received ({self._far_reason()})")
             prog.last_seen = self._clock()
             if next_step > prog.next_step:
                 prog.next_step = next_step
@@ -354,8 +357,9 @@ class Job:
         with self._lock:
             prog = self._rank_locked(rank, world)
             self._check_step(start_step, "start step")
-            if start_step < prog.next_step:
-                # The rank went back (restarted from an older checkpoint): it has not consumed these.
+            if start_step != prog.next_step:
+                # The rank says where it is: back (restarted from an older checkpoint) or ahead of
+                # what this server knows (it reconnects after a server restart).
                 prog.next_step = start_step
                 self._recompute_slowest()
             prog.streams += 1
@@ -375,11 +379,8 @@ class Job:
         with self._lock:
             if step < 0:
                 raise StepOutOfRange(f"checkpoint step {step} is negative")
-            bound = max(self._gen.step, self._far_bound())
-            if step > bound:
-                raise StepOutOfRange(f"checkpoint step {step} is too far ahead: the server reaches at most step "
-                                     f"{bound} (generated {self._gen.step}, slowest {self._slowest} + max lag "
-                                     f"{self.spec.max_lag} + lookahead {self.spec.max_lookahead})")
+            if step > self._far_bound():
+                raise StepOutOfRange(f"checkpoint step {step} is too far ahead ({self._far_reason()})")
             if self._end_step is not None and step > self._end_step:
                 raise StepOutOfRange(f"checkpoint step {step} is past the end of data at step {self._end_step}")
             saved = self._state_at_locked(step)
@@ -449,15 +450,20 @@ class Job:
         return prog
 
     def _far_bound(self) -> int:
-        return self._slowest + self.spec.max_lag + self.spec.max_lookahead
+        base = max(self._slowest, self._high_water, self._gen.step)
+        return base + self.spec.max_lag + self.spec.max_lookahead
+
+    def _far_reason(self) -> str:
+        return (f"the bound is step {self._far_bound()}: the furthest of slowest rank step {self._slowest} and "
+                f"generated step {max(self._gen.step, self._high_water)}, + max lag {self.spec.max_lag} "
+                f"+ lookahead {self.spec.max_lookahead}")
 
     def _check_step(self, step: int, what: str) -> None:
         if step < 0:
             raise StepOutOfRange(f"{what} {step} is negative")
         far = self._far_bound()
         if step > far and not self._is_end(step):
-            raise StepOutOfRange(f"{what} {step} is too far ahead: the bound is step {far} (slowest rank at step "
-                                 f"{self._slowest} + max lag {self.spec.max_lag} + lookahead {self.spec.max_lookahead})")
+            raise StepOutOfRange(f"{what} {step} is too far ahead ({self._far_reason()})")
 
     def _is_end(self, step: int) -> bool:
         return self._end_step is not None and step >= self._end_step
@@ -629,7 +635,7 @@ class Job:
             "format": "croupier.checkpoint", "server_version": __version__, "job": self.spec.name,
             "sampler_fingerprint": self.fingerprint, "dataset_fingerprint": self.spec.dataset_fingerprint,
             "global_batch": self.global_batch, "seed": self.seed, "policy": self.config.to_dict(),
-            "world": self._world, "formed_at": self._formed_at,
+            "world": self._world, "formed_at": self._formed_at, "generated_step": self._gen.step,
             "formation": list(self._formation) if self._formation else None,
             "ranks": {str(r): p.next_step for r, p in self._ranks.items()},
             "events": self._events, "n_events": saved.n_events, "end_step": self._end_step,

@@ -1,0 +1,187 @@
+"""Durable state: kill -9 and restart resumes exactly; corrupt checkpoints are detected."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from croupier.errors import StateError
+from croupier.proto import pb2, pb2_grpc
+from croupier.server.engine import Sampler
+from croupier.server.grpc_options import channel_options
+from croupier.server.job import Job, JobSpec
+from croupier.server.layout import ClusterLayout
+from croupier.server.policy import PolicyConfig
+from croupier.server.store import CheckpointStore, decode_checkpoint, encode_checkpoint
+
+SIZES = [5000, 300, 20, 1]
+B = 64
+ARGS = ["--cluster-sizes", ",".join(map(str, SIZES)), "--policy", "clusterclip", "--clip", "5",
+        "--global-batch", str(B), "--seed", "0", "--checkpoint-every", "10", "--max-lag", "16", "--lookahead", "4"]
+
+
+def reference(n: int) -> list[np.ndarray]:
+    s = Sampler(ClusterLayout.from_sizes(SIZES), PolicyConfig("clusterclip", clip=5), B, seed=0)
+    return [s.next_batch() for _ in range(n)]
+
+
+class Serve:
+    """A `croupier serve` subprocess; `info` is its JSON "serving" line."""
+
+    def __init__(self, state_dir: Path, log_path: Path, extra: list[str] | None = None) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "ab")
+        cmd = [sys.executable, "-m", "croupier", "serve", *ARGS, "--state-dir", str(state_dir), *(extra or [])]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log)
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait(10)
+            self._log.close()
+            raise RuntimeError(f"server exited {self.proc.returncode}: {log_path.read_text()[-2000:]}")
+        self.info = json.loads(line)
+        self.channel = grpc.insecure_channel(self.info["address"], options=channel_options())
+        self.stub = pb2_grpc.SamplerStub(self.channel)
+
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        self.channel.close()
+        self.proc.send_signal(sig)
+        code = self.proc.wait(20)
+        self.proc.stdout.close()
+        self._log.close()
+        return code
+
+
+def fetch(stub, world: int, start: int, stop: int) -> list[np.ndarray]:
+    """Global batches of [start, stop) as `world` lock-step ranks read and acknowledge them."""
+    out = []
+    for t in range(start, stop):
+        parts = [stub.GetSlice(pb2.GetSliceRequest(rank=r, world_size=world, step=t), timeout=20).slice.ids
+                 for r in range(world)]
+        for r in range(world):
+            stub.Ack(pb2.AckRequest(rank=r, world_size=world, next_step=t + 1), timeout=20)
+        out.append(np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]))
+    return out
+
+
+@pytest.mark.slow
+def test_sigkill_and_restart_resumes_with_identical_batches(tmp_path: Path) -> None:
+    ref = reference(90)
+    state, log_path = tmp_path / "state", tmp_path / "server.log"
+    first = Serve(state, log_path)
+    for r in range(2):
+        first.stub.Join(pb2.JoinRequest(rank=r, world_size=2), timeout=20)
+    got = fetch(first.stub, 2, 0, 57)
+    token = first.stub.Checkpoint(pb2.CheckpointRequest(step=33), timeout=20).token  # between 30 and 40
+    assert first.kill() == -signal.SIGKILL
+    assert json.loads((state / "server.json").read_text())["address"] == first.info["address"]
+
+    second = Serve(state, log_path)
+    try:
+        assert second.info["resumed_from"] is not None and second.info["resumed_from"] >= 50
+        # Ranks that reconnect resume at their acknowledged step.
+        nexts = [second.stub.Join(pb2.JoinRequest(rank=r, world_size=2), timeout=20).next_step for r in range(2)]
+        assert nexts[0] == nexts[1] and 50 <= nexts[0] <= 57
+        got += fetch(second.stub, 2, 57, 70)
+        for t in range(70):
+            assert np.array_equal(got[t], ref[t]), t
+        # The trainer restarts from its checkpoint at step 33 with 4 ranks (elastic resume).
+        for r in range(4):
+            assert second.stub.Join(pb2.JoinRequest(rank=r, world_size=4, resume_token=token),
+                                    timeout=20).next_step == 33
+        again = fetch(second.stub, 4, 33, 80)
+        for t, batch in zip(range(33, 80), again):
+            assert np.array_equal(batch, ref[t]), t
+    finally:
+        assert second.kill(signal.SIGTERM) == 0
+
+
+@pytest.mark.slow
+def test_corrupt_newest_checkpoint_falls_back_loudly(tmp_path: Path) -> None:
+    ref = reference(60)
+    state, log_path = tmp_path / "state", tmp_path / "server.log"
+    first = Serve(state, log_path)
+    first.stub.Join(pb2.JoinRequest(rank=0, world_size=1), timeout=20)
+    fetch(first.stub, 1, 0, 35)
+    first.kill()
+    store = CheckpointStore(state)
+    newest, previous = store.steps()[-1], store.steps()[-2]
+    path = store.path_of(newest)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+    second = Serve(state, log_path)
+    try:
+        assert second.info["resumed_from"] == previous
+        warnings = [json.loads(line) for line in log_path.read_text().splitlines()
+                    if line.startswith("{") and '"checkpoint_corrupt"' in line]
+        assert warnings and warnings[0]["level"] == "WARNING" and warnings[0]["path"] == str(path)
+        assert "checksum" in warnings[0]["reason"]
+        second.stub.Join(pb2.JoinRequest(rank=0, world_size=1), timeout=20)
+        for t, batch in zip(range(25, 50), fetch(second.stub, 1, 25, 50)):
+            assert np.array_equal(batch, ref[t]), t
+    finally:
+        second.kill(signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_state_dir_of_another_config_is_refused(tmp_path: Path) -> None:
+    state, log_path = tmp_path / "state", tmp_path / "server.log"
+    first = Serve(state, log_path)
+    first.stub.Checkpoint(pb2.CheckpointRequest(step=3), timeout=20)
+    assert first.kill(signal.SIGTERM) == 0
+    cmd = [sys.executable, "-m", "croupier", "serve", *ARGS, "--state-dir", str(state), "--seed", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "fingerprint mismatch" in proc.stderr and str(state) in proc.stderr
+
+
+def test_store_detects_every_kind_of_damage(tmp_path: Path) -> None:
+    good = encode_checkpoint({"step": 7, "kind": "auto"}, b"state-bytes")
+    assert decode_checkpoint(good, "x") == ({"step": 7, "kind": "auto"}, b"state-bytes")
+    for bad, reason in ((good[:20], "truncated"), (good[:-1], "truncated"), (b"NOTCKPT!" + good[8:], "magic"),
+                        (good[:-1] + bytes([good[-1] ^ 1]), "checksum")):
+        with pytest.raises(StateError, match=reason):
+            decode_checkpoint(bad, "x")
+
+
+def test_store_retention_keeps_trainer_checkpoints(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, keep=2)
+    store.write(5, {}, b"a", kind="token")
+    for step in (10, 20, 30, 40):
+        store.write(step, {}, b"b")
+    store.write(35, {}, b"c", kind="token")
+    assert store.steps() == [5, 30, 35, 40]
+    store.write(45, {}, b"d", kind="token")
+    assert store.steps() == [30, 35, 40, 45]
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    assert CheckpointStore(tmp_path).newest_valid(at_or_before=39).step == 35
+
+
+def test_job_resumes_from_the_previous_checkpoint_when_the_newest_is_corrupt(tmp_path: Path, caplog) -> None:
+    spec = JobSpec(max_lag=8, max_lookahead=4, checkpoint_every=10)
+    make = lambda: Job(ClusterLayout.from_sizes(SIZES), PolicyConfig("clusterclip", clip=5), B, spec=spec,  # noqa: E731
+                       store=CheckpointStore(tmp_path))
+    job = make()
+    job.join(0, 1)
+    for t in range(25):
+        job.get_slice(0, 1, t)
+        job.ack(0, 1, t + 1)
+    (tmp_path / "ckpt-000000000020.bin").write_bytes(b"garbage")
+    with caplog.at_level(logging.WARNING, logger="croupier"):
+        again = make()
+    assert again.resumed_from == 10
+    assert any(getattr(r, "event", "") == "checkpoint_corrupt" for r in caplog.records)
+    ref = reference(30)
+    again.ack(0, 1, 22)  # the reconnecting rank says where it is
+    assert np.array_equal(again.get_slice(0, 1, 22).ids, ref[22])
+    assert np.array_equal(again.get_slice(0, 1, 12).ids, ref[12])
