@@ -1,0 +1,103 @@
+"""Perplexity scores: mean token NLL of a tiny causal LM, batched = unbatched, end to end."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from croupier.cli import main
+from croupier.errors import ConfigError
+from croupier.shards.askllm import ModelLoadError
+from croupier.shards.perplexity import PerplexityScorer
+from croupier.shards.score_cli import UNSCORABLE
+from croupier.shards.scoring import ShardTextReader
+from croupier.shards.sidecar import Sidecar
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    import torch
+    import transformers
+
+    from croupier.shards.embed import minilm_model_path
+
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_model_path(), local_files_only=True)
+    root = tmp_path_factory.mktemp("ppl")
+    torch.manual_seed(1)
+    gpt2 = root / "gpt2"
+    tok.save_pretrained(gpt2)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=len(tok), n_layer=2, n_embd=32, n_head=2, n_positions=256,
+        bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id,
+    )).save_pretrained(gpt2)
+    t5 = root / "t5"
+    tok.save_pretrained(t5)
+    transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=len(tok), d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2,
+        pad_token_id=tok.pad_token_id, decoder_start_token_id=tok.pad_token_id,
+    )).save_pretrained(t5)
+    return {"gpt2": gpt2, "t5": t5}
+
+
+TEXTS = ["The orchestra rehearses a symphony.", "", "word " * 300, "A judge overturns the verdict on appeal.",
+         "hi"]
+
+
+@pytest.mark.slow
+def test_mean_token_nll_matches_a_plain_forward_pass(models):
+    import torch
+
+    s = PerplexityScorer(str(models["gpt2"]), batch_size=2, max_length=64)
+    got = s.score(TEXTS)
+    tok, model = s.lm.tokenizer, s.lm.model
+    for text, g in zip(TEXTS, got):
+        ids = [tok.cls_token_id] + tok(text, add_special_tokens=False)["input_ids"][:63]
+        if len(ids) < 2:
+            assert math.isnan(g)
+            continue
+        t = torch.tensor([ids])
+        with torch.no_grad():
+            want = model(t, labels=t).loss.item()  # HF's mean next-token cross-entropy
+        assert math.isclose(float(g), want, rel_tol=1e-4), (text, g, want)
+    assert np.isnan(got[1]) and np.isfinite(np.delete(got, 1)).all()
+    assert got[0] > 5  # random weights over a 30k vocabulary: about ln(30522) = 10.3 nats
+    assert s.params()["unit"] == "nats/token"
+
+
+def test_perplexity_needs_a_causal_model(models, tmp_path):
+    with pytest.raises(ConfigError, match="needs a causal LM"):
+        PerplexityScorer(str(models["t5"]))
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        PerplexityScorer(str(tmp_path / "absent"))
+    with pytest.raises(ConfigError, match="max length"):
+        PerplexityScorer(str(models["gpt2"]), max_length=1)
+
+
+@pytest.mark.slow
+def test_perplexity_end_to_end_and_lowest_k(models, tmp_path, capsys):
+    from test_select import build_dataset
+
+    ds = build_dataset(tmp_path / "b", num_docs=60, topics=2)
+    assert main(["shards", "score", str(ds), "--by", "perplexity", "--model", str(models["gpt2"]),
+                 "--max-length", "48", "--chunk-size", "25", "--no-progress"]) == 0
+    side = Sidecar.open(ds)
+    v = np.asarray(side.scores("perplexity"))
+    with ShardTextReader(ds) as r:
+        texts = r.texts(0, side.num_samples)
+    ref = PerplexityScorer(str(models["gpt2"]), max_length=48).score(texts)
+    np.testing.assert_allclose(v, np.where(np.isfinite(ref), ref, UNSCORABLE), rtol=1e-4)
+    p = side.score_params("perplexity")
+    assert p["scorer"] == "perplexity" and p["max_length"] == 48 and p["unscorable"] == 0
+    assert main(["shards", "select", str(ds), "--by", "perplexity", "--keep", "0.2"]) == 0
+    kept = np.asarray(side.selection("perplexity-0.2"))
+    assert len(kept) == 12 and v[kept].max() <= np.sort(v)[11]
+    assert main(["shards", "score", str(ds), "--by", "perplexity", "--endpoint", "http://127.0.0.1:9"]) == 2
+    assert "--endpoint is for askllm only" in capsys.readouterr().err
+    shutil.rmtree(ds)
