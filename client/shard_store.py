@@ -20,8 +20,11 @@ Correctness rules it keeps:
 
 Scheduling: `prefetch(ids)` records the ids a rank will read (a reference count per shard
 plus the position of its next need) and background threads download the shards in order of
-first need. With `cache_limit`, a prefetch only evicts shards needed later than the one it
-fetches (or not at all) and otherwise waits for `release(ids)`; `get(ids)` never waits on the
+first need. With `cache_limit` the store evicts like Belady's rule within what it knows:
+shards no pending id needs go first (least recently used first), then the one needed last.
+A prefetch evicts a still-needed shard only for a shard of the next two slices (and only
+one needed later than it); otherwise it waits for `release(ids)` to free room, because
+evicting live shards far ahead of need re-downloads them. `get(ids)` never waits on the
 limit: it evicts the least-soon-needed shard that is not being read.
 
 Fork safety: nothing that cannot cross a fork (threads, locks, file descriptors, cloud
@@ -56,7 +59,8 @@ INDEX_BASENAME = "index.json"
 HASH_PREFERENCE = ("xxh3_64", "xxh64", "xxh3_128", "xxh128", "xxh32", "blake2b", "sha1", "md5",
                    "sha256", "sha512")
 _ABSENT, _LOADING, _READY = 0, 1, 2
-_NEVER = 1 << 62  # eviction key of a shard that no pending id needs (plus a recency term)
+_NEVER = 1 << 62  # next_need of a shard that no pending id needs
+_LIVE = 1 << 61  # eviction keys: a live shard's key is its next need (< _LIVE), a dead one's is above
 _LOCK_RETRY_S = 0.002
 
 
@@ -241,7 +245,9 @@ class _Runtime:
         self.pending: dict[int, deque[list[int]]] = {}
         self.heap: list[tuple[int, int]] = []
         self.pins: dict[int, int] = {}
-        self.seq = 0
+        self.seq = 0  # ids recorded by prefetch so far (positions in the need sequence)
+        self.consumed = 0  # ids released so far: the reading position in that sequence
+        self.horizon = 0  # ids of two prefetch calls: how far ahead a prefetch may evict live shards
         self.tick = 0
         self.resident = 0  # bytes of every shard whose status is not _ABSENT (loads reserve)
         self.peak = 0
@@ -305,7 +311,7 @@ class _Runtime:
                 self.counters["wait_seconds"] += waited
                 return
             if self.status[s] == _ABSENT:
-                self._make_room(int(self.size[s]), before=None)
+                self._make_room(int(self.size[s]), floor=None)
                 self._reserve(s)
             self.status[s] = _LOADING
         t0 = time.perf_counter()
@@ -338,6 +344,7 @@ class _Runtime:
                 return
             base = self.seq
             self.seq += int(ids.size)
+            self.horizon = 2 * int(ids.size)
             for s, f, c in zip(uniq.tolist(), first.tolist(), counts.tolist()):
                 q = self.pending.setdefault(s, deque())
                 if not q:
@@ -357,6 +364,7 @@ class _Runtime:
                 q = self.pending.get(s)
                 c = min(c, int(self.refs[s]))
                 self.refs[s] -= c
+                self.consumed += c
                 while c and q:
                     take = min(c, q[0][1])
                     q[0][1] -= take
@@ -405,7 +413,8 @@ class _Runtime:
                 heapq.heapreplace(heap, (int(self.next_need[s]), s))
                 continue
             if st == _ABSENT:
-                if not self._make_room(int(self.size[s]), before=need):
+                floor = need if need < self.consumed + self.horizon else _LIVE
+                if not self._make_room(int(self.size[s]), floor=floor):
                     return None
                 self._reserve(s)
             heapq.heappop(heap)
@@ -418,19 +427,20 @@ class _Runtime:
         self.resident += int(self.size[s])
         self.peak = max(self.peak, self.resident)
 
-    def _make_room(self, need: int, before: int | None) -> bool:
-        """Evict until `need` more bytes fit the limit. A prefetch (`before` = its first need)
-        only evicts shards needed later; a get (`before` None) evicts any shard not being read
-        and goes over the limit when every resident shard is being read or loaded."""
+    def _make_room(self, need: int, floor: int | None) -> bool:
+        """Evict until `need` more bytes fit the limit, highest eviction key first, only keys
+        above `floor` (a prefetch: its own next need, or _LIVE for dead shards only). A get
+        (`floor` None) evicts any shard not being read and goes over the limit when every
+        resident shard is being read or loaded."""
         if self.limit is None:
             return True
         while self.resident + need > self.limit:
             cands = np.flatnonzero((self.status == _READY) & (self.in_use == 0))
             if not cands.size:
-                return before is None
+                return floor is None
             key = np.where(self.refs[cands] == 0, _NEVER - self.last_used[cands], self.next_need[cands])
             i = int(np.argmax(key))
-            if before is not None and key[i] <= before:
+            if floor is not None and key[i] <= floor:
                 return False
             self._evict(int(cands[i]))
         return True

@@ -1,0 +1,132 @@
+"""Shared pieces of the shard-reading benchmarks: a cluster-major MDS dataset, read orders,
+and a local "remote" with a per-file latency.
+
+The dataset is written cluster-major (cluster c owns a contiguous id range, clusters in order,
+long-tailed sizes) with zstd and hashes, like the shards/ pipeline writes it, so a
+`ClusterLayout.from_sizes(sizes)` describes it exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import urllib.parse
+from pathlib import Path
+
+import numpy as np
+
+from croupier.server.layout import ClusterLayout
+
+SLOW_SCHEME = "slowfile"
+
+
+def long_tailed_sizes(n: int, k: int, seed: int = 0) -> np.ndarray:
+    """k cluster sizes summing to n, Pareto-distributed (a few big clusters, many small)."""
+    rng = np.random.default_rng(seed)
+    w = rng.pareto(1.1, k) + 1e-3
+    sizes = np.floor(w / w.sum() * (n - k)).astype(np.int64) + 1
+    sizes[int(np.argmax(sizes))] += n - int(sizes.sum())
+    return sizes
+
+
+def write_cluster_major(root: Path, sizes: np.ndarray, size_limit: int, text_bytes: tuple[int, int] = (200, 800),
+                        seed: int = 0) -> Path:
+    """Write an MDS dataset (zstd, xxh64) whose samples are grouped by cluster, cluster 0 first.
+
+    Like `croupier shards build`, a cluster starts on a fresh shard when it would otherwise
+    straddle two shards, so small clusters share shards and big ones own theirs.
+    """
+    from streaming import MDSWriter
+
+    n = int(sizes.sum())
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(text_bytes[0], text_bytes[1], n)
+    pool = rng.choice(np.frombuffer(b"abcdefghijklmnopqrstuvwxyz     ", np.uint8), int(lengths.sum())).tobytes()
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    cluster_bytes = np.add.reduceat(lengths + 32, offsets[:-1])  # text + MDS per-sample overhead
+    columns = {"id": "int", "cluster": "int", "text": "str"}
+    with MDSWriter(out=str(root), columns=columns, compression="zstd", hashes=["xxh64"],
+                   size_limit=size_limit) as writer:
+        for c in range(len(sizes)):
+            if writer.new_samples and writer.new_shard_size + int(cluster_bytes[c]) > size_limit:
+                writer.flush_shard()
+                writer._reset_cache()
+            for i in range(int(offsets[c]), int(offsets[c + 1])):
+                writer.write({"id": i, "cluster": c, "text": pool[starts[i]:starts[i + 1]].decode()})
+    return root
+
+
+def clusterclip_batches(layout: ClusterLayout, steps: int, batch: int, clip: int = 3, seed: int = 0) -> np.ndarray:
+    """The global batches of croupier's sampler (policy clusterclip), shape (steps, batch)."""
+    from croupier.server.engine import Sampler
+    from croupier.server.policy import PolicyConfig
+
+    sampler = Sampler(layout, PolicyConfig(policy="clusterclip", clip=clip), global_batch=batch, seed=seed)
+    return np.stack([sampler.next_batch() for _ in range(steps)])
+
+
+def shard_blocked(batches: np.ndarray, layout: ClusterLayout, shard_ends: np.ndarray, seed: int = 0) -> np.ndarray:
+    """The same cluster draws with each cluster's pass visiting its shards one block at a time.
+
+    Every slot keeps the cluster the sampler drew for it (so the cluster balance and the clip
+    are unchanged); only the order inside a cluster changes: each pass takes the cluster's
+    shard-aligned blocks in a fresh random order, and a random order inside each block.
+    For contiguous (cluster-major) layouts only.
+    """
+    rng = np.random.default_rng(seed)
+    flat = batches.ravel()
+    clusters = layout.clusters_of(flat)
+    by_cluster = np.argsort(clusters, kind="stable")  # k-th draw of cluster c, in sequence order
+    sc = clusters[by_cluster]
+    rank = np.empty(flat.size, dtype=np.int64)
+    rank[by_cluster] = np.arange(flat.size) - np.searchsorted(sc, sc, side="left")
+    sizes = layout.sizes[clusters]
+    passes = rank // sizes
+    orders = np.empty((int(passes.max()) + 1, layout.num_positions), dtype=np.int64)
+    for p in range(orders.shape[0]):
+        for c in range(layout.num_clusters):  # bench setup, once per (pass, cluster)
+            lo, hi = int(layout.offsets[c]), int(layout.offsets[c + 1])
+            cuts = shard_ends[(shard_ends > lo) & (shard_ends < hi)]
+            blocks = np.split(np.arange(lo, hi), cuts - lo)
+            orders[p, lo:hi] = np.concatenate([rng.permutation(blocks[j]) for j in rng.permutation(len(blocks))])
+    return orders[passes, layout.offsets[clusters] + rank - passes * sizes].reshape(batches.shape)
+
+
+def slow_remote(path: Path, latency_s: float) -> str:
+    """A remote URL `slowfile://<path>` that serves local files after `latency_s` seconds each.
+
+    It is a mosaicml-streaming downloader registered under its own scheme, so both croupier's
+    store and `StreamingDataset` go through the same download path with the same latency.
+    """
+    from streaming.base.storage import download
+
+    class _Slow(download.LocalDownloader):
+        delay = 0.0
+
+        @staticmethod
+        def _client_identifier() -> str:
+            return SLOW_SCHEME
+
+        def _download_file_impl(self, remote: str, local: str, timeout: float) -> None:
+            time.sleep(type(self).delay)
+            src = urllib.parse.urlparse(remote).path
+            tmp = f"{local}.tmp{os.getpid()}"
+            shutil.copy(src, tmp)
+            os.rename(tmp, local)
+
+    cls = download.DOWNLOADER_MAPPINGS.get(SLOW_SCHEME)
+    if cls is None:
+        cls = download.DOWNLOADER_MAPPINGS[SLOW_SCHEME] = _Slow
+    cls.delay = latency_s
+    return f"{SLOW_SCHEME}://{Path(path).resolve()}"
+
+
+def shard_ends(remote: Path) -> np.ndarray:
+    """Cumulative sample counts of the shards of a local MDS dataset."""
+    import json
+
+    from croupier.client.shard_index import ShardIndex
+
+    return ShardIndex.from_index(json.loads((Path(remote) / "index.json").read_bytes())).ends
