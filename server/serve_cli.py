@@ -143,7 +143,8 @@ def _lock_state_dir(state_dir: Path) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    logs.configure(args.log_level)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("TLS needs both --tls-cert and --tls-key")
     config = policy_from_args(args)
     layout, dataset_fp, remote = dataset_from_args(args)
     token = read_token_file(args.token_file) if args.token_file else None
@@ -152,20 +153,16 @@ def run(args: argparse.Namespace) -> int:
                    max_lag=args.max_lag, max_lookahead=args.lookahead, checkpoint_every=args.checkpoint_every)
     store = CheckpointStore(args.state_dir, keep=args.keep_checkpoints)
     lock_fd = _lock_state_dir(store.dir)
-    job = Job(layout, config, args.global_batch, args.seed, spec=spec, store=store)
-    metrics = ServerMetrics(job)
-    host = args.host
-    address = f"[{host}]:{args.port}" if ":" in host else f"{host}:{args.port}"
-    server, port = create_server(job, address, token=token, admin_token=admin, tls_cert=args.tls_cert,
-                                 tls_key=args.tls_key, max_workers=args.max_workers, on_refused=metrics.refused)
-    metrics_port = metrics.serve(host, args.metrics_port) if args.metrics_port else 0
-    info: dict[str, Any] = dict(describe(server), metrics_port=metrics_port, pid=os.getpid(),
-                                state_dir=str(store.dir.resolve()))
-    atomic_write_bytes(store.dir / "server.json", (json.dumps(info, indent=2) + "\n").encode())
-    log.info("serving", extra=dict(info, event="serving"))
-    print(json.dumps(dict(info, event="serving")), flush=True)
+    try:
+        return _serve(args, layout, config, spec, store, token, admin)
+    finally:
+        os.close(lock_fd)
 
-    stop = threading.Event()
+
+def _serve(args: argparse.Namespace, layout: ClusterLayout, config: PolicyConfig, spec: JobSpec,
+           store: CheckpointStore, token: str | None, admin: str | None) -> int:
+    logs.configure(args.log_level)
+    stop = threading.Event()  # installed first: a signal during start-up still stops cleanly
     received: list[int] = []
 
     def on_signal(signum, frame):  # noqa: ARG001
@@ -174,12 +171,24 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    job = Job(layout, config, args.global_batch, args.seed, spec=spec, store=store)
+    metrics = ServerMetrics(job)
+    host = args.host
+    address = f"[{host}]:{args.port}" if ":" in host else f"{host}:{args.port}"
+    server, _ = create_server(job, address, token=token, admin_token=admin, tls_cert=args.tls_cert,
+                              tls_key=args.tls_key, max_workers=args.max_workers, on_refused=metrics.refused)
+    metrics_port = metrics.serve(host, args.metrics_port) if args.metrics_port else 0
+    info: dict[str, Any] = dict(describe(server), metrics_port=metrics_port, pid=os.getpid(),
+                                state_dir=str(store.dir.resolve()))
+    atomic_write_bytes(store.dir / "server.json", (json.dumps(info, indent=2) + "\n").encode())
+    log.info("serving", extra=dict(info, event="serving"))
+    print(json.dumps(dict(info, event="serving")), flush=True)
+
     while not stop.wait(1.0):
         pass
     log.info("stopping", extra={"event": "stopping", "signal": signal.Signals(received[0]).name})
     server.stop(args.grace)
     metrics.stop()
-    os.close(lock_fd)
     print(json.dumps({"event": "stopped", "durable_step": job.status().durable_step}), flush=True)
     return 0
 
