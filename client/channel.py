@@ -17,11 +17,20 @@ from croupier.errors import ConfigError
 TOKEN_ENV = "CROUPIER_TOKEN"
 
 
+# gRPC's own reconnect backoff starts at 1 s and grows to 2 min; a restarted server should be
+# found again within a fraction of a second, and the client adds its own jittered backoff.
+RECONNECT_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+)
+
+
 def channel_options() -> list[tuple[str, int | str]]:
-    """The client-side channel options agreed with the server."""
+    """The client-side channel options agreed with the server, plus a short reconnect backoff."""
     from croupier.server import grpc_options
 
-    return grpc_options.channel_options()
+    return [*grpc_options.channel_options(), *RECONNECT_OPTIONS]
 
 
 def open_channel(address: str, tls_root_cert: str | os.PathLike | bytes | None = None) -> grpc.Channel:

@@ -27,13 +27,14 @@ def sample_text(i: int) -> str:
     return f"doc-{i:05d} " + "x" * (i % 17)
 
 
-def write_mds(root: Path, num_samples: int, size_limit: int = 1 << 11, compression: str | None = None) -> Path:
+def write_mds(root: Path, num_samples: int, size_limit: int = 1 << 9, compression: str | None = None,
+              hashes: list[str] | None = None) -> Path:
     """Writes samples 0..n-1 as MDS shards (columns id:int, text:str) under `root`; returns it."""
     from streaming import MDSWriter
 
     root.mkdir(parents=True, exist_ok=True)
     with MDSWriter(out=str(root), columns={"id": "int", "text": "str"}, size_limit=size_limit,
-                   compression=compression) as writer:
+                   compression=compression, hashes=hashes) as writer:
         for i in range(num_samples):
             writer.write({"id": i, "text": sample_text(i)})
     return root

@@ -1,0 +1,285 @@
+"""The client library against a real in-process sampler server and real MDS shards.
+
+Every test compares what the client delivers with an in-process `Sampler` run of the same
+layout, policy, batch and seed: the one global sequence.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from torch.utils.data import DataLoader
+
+from croupier.cli import main as cli_main
+from croupier.client.dataset import ID_KEY, STEP_KEY, CroupierIterableDataset
+from croupier.client.errors import (
+    ClientError,
+    InvalidRequest,
+    NotFound,
+    OutOfRange,
+    Unauthenticated,
+    Unavailable,
+)
+from croupier.client.rank_client import Backoff, RankClient
+from croupier.errors import DatasetError, EndOfData, FingerprintMismatch, StateError
+from croupier.server.engine import Sampler
+from croupier.server.job import Job, JobSpec
+from croupier.server.layout import ClusterLayout
+from croupier.server.policy import PolicyConfig
+from croupier.server.service import create_server
+from croupier.server.store import CheckpointStore
+from croupier.server.topology import Topology
+from croupier.shards.fingerprint import index_fingerprint
+from workers.harness import cluster_sizes, free_port, sample_text, write_mds
+
+N = 200
+SIZES = cluster_sizes(N, 8)
+B = 8
+SEED = 3
+CONFIG = PolicyConfig(policy="clusterclip", clip=3)
+JOB = "t"
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def reference(steps: int, sizes=SIZES, config=CONFIG, batch=B) -> list[np.ndarray]:
+    s = Sampler(ClusterLayout.from_sizes(sizes), config, batch, seed=SEED)
+    return [s.next_batch() for _ in range(steps)]
+
+
+@pytest.fixture(scope="module")
+def mds(tmp_path_factory) -> Path:
+    return write_mds(tmp_path_factory.mktemp("mds") / "ds", N)
+
+
+class Servers:
+    """Starts in-process servers for a test and stops them all at the end."""
+
+    def __init__(self, tmp: Path, remote: Path) -> None:
+        self.tmp = tmp
+        self.remote = remote
+        self.running: list = []
+
+    def start(self, *, state: str = "state", token: str | None = None, port: int = 0, sizes=SIZES,
+              config=CONFIG, lookahead: int = 16, remote: Path | None = None):
+        remote = remote or self.remote
+        fp = index_fingerprint((remote / "index.json").read_bytes())
+        spec = JobSpec(name=JOB, dataset_remote=str(remote), dataset_fingerprint=fp, max_lookahead=lookahead)
+        job = Job(ClusterLayout.from_sizes(sizes), config, B, SEED, spec=spec,
+                  store=CheckpointStore(self.tmp / state))
+        server, bound = create_server(job, f"127.0.0.1:{port}", token=token, max_workers=16)
+        self.running.append(server)
+        return server, f"127.0.0.1:{bound}"
+
+    def stop_all(self) -> None:
+        for s in self.running:
+            s.stop(0)
+
+
+@pytest.fixture
+def servers(tmp_path, mds):
+    s = Servers(tmp_path, mds)
+    yield s
+    s.stop_all()
+
+
+def client(address: str, rank: int = 0, world: int = 1, **kw) -> RankClient:
+    kw.setdefault("backoff", Backoff(initial_s=0.02, max_s=0.2, give_up_after_s=30))
+    return RankClient(address, job=JOB, topology=Topology(rank, world), **kw)
+
+
+def test_ranks_receive_their_slices_of_the_global_sequence(servers):
+    _, addr = servers.start()
+    ref = reference(12)
+    got: dict[int, list] = {}
+
+    def run(rank: int) -> None:
+        with client(addr, rank, 2, stop_step=12, lookahead=3) as c:
+            got[rank] = list(c)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [s for s, _ in got[0]] == list(range(12)) == [s for s, _ in got[1]]
+    for step in range(12):
+        union = np.concatenate([got[0][step][1], got[1][step][1]])
+        np.testing.assert_array_equal(union, ref[step])
+
+
+def test_state_dict_round_trip_resumes_exactly(servers):
+    _, addr = servers.start()
+    ref = reference(10)
+    with client(addr, lookahead=2) as c:
+        head = [c.next_slice() for _ in range(4)]
+        state = c.state_dict()
+    assert state["next_step"] == 4 and state["token"].startswith("croupier-ckpt-v1:4:")
+    assert [s for s, _ in head] == [0, 1, 2, 3]
+    with client(addr, stop_step=10) as c:
+        c.load_state_dict(state)
+        tail = list(c)
+    assert [s for s, _ in tail] == list(range(4, 10))
+    for step, ids in head + tail:
+        np.testing.assert_array_equal(ids, ref[step])
+
+
+def test_load_state_dict_refuses_another_sampler(servers):
+    _, addr = servers.start()
+    with client(addr) as c:
+        state = c.state_dict(checkpoint=False)
+    other = dict(state, sampler_fingerprint="smp:000000000000000000000000")
+    with client(addr) as c:
+        c.load_state_dict(dict(other, token=""))
+        with pytest.raises(FingerprintMismatch, match="smp:000000000000000000000000"):
+            c.next_slice()
+    with client(addr) as c:
+        c.join()
+        with pytest.raises(FingerprintMismatch):
+            c.load_state_dict(dict(other, token=""))
+        with pytest.raises(StateError, match="version"):
+            c.load_state_dict(dict(state, version=99))
+        with pytest.raises(StateError, match="lacks"):
+            c.load_state_dict({"next_step": 3})
+
+
+def test_reconnects_after_server_restart_and_keeps_the_sequence(servers):
+    port = free_port()
+    server, addr = servers.start(port=port, lookahead=2)
+    ref = reference(12)
+    with client(addr, stop_step=12, lookahead=2) as c:
+        got = [c.next_slice() for _ in range(4)]
+        server.stop(0)  # the stream breaks; buffered steps are still delivered
+        restarted = threading.Timer(0.5, lambda: servers.start(port=port, lookahead=2))
+        restarted.start()
+        got += list(c)
+        restarted.join()
+    assert [s for s, _ in got] == list(range(12))
+    for step, ids in got:
+        np.testing.assert_array_equal(ids, ref[step])
+
+
+def test_errors_are_typed_and_carry_the_server_message(servers):
+    _, addr = servers.start(token="s3cret")
+    with client(addr, token="") as c, pytest.raises(Unauthenticated) as info:
+        c.join()
+    assert info.value.details and "token" in info.value.details.lower()
+    with client(addr, token="wrong") as c, pytest.raises(Unauthenticated):
+        c.next_slice()
+    with RankClient(addr, job="nope", topology=Topology(0, 1), token="s3cret") as c, \
+            pytest.raises(NotFound, match="nope"):
+        c.join()
+    with client(addr, token="s3cret") as c:
+        c.join()
+        with pytest.raises(OutOfRange, match="too far ahead"):
+            c.checkpoint(step=10_000)
+    with client(addr, rank=0, world=3, token="s3cret") as c, pytest.raises(InvalidRequest, match="world size 3"):
+        c.join()
+    with client(addr, token="s3cret", resume_token="garbage") as c, pytest.raises(InvalidRequest, match="garbage"):
+        c.join()
+    dead = f"127.0.0.1:{free_port()}"
+    with client(dead, backoff=Backoff(initial_s=0.01, max_s=0.05, give_up_after_s=0.3)) as c, \
+            pytest.raises(Unavailable):
+        c.join()
+    assert issubclass(Unavailable, ClientError)
+
+
+def test_end_of_data_ends_the_iteration(servers):
+    sizes, config = [6, 4, 3, 3], PolicyConfig(policy="clusterclip", clip=1)
+    _, addr = servers.start(sizes=sizes, config=config)
+    with client(addr) as c:
+        got = list(c)
+        with pytest.raises(EndOfData):
+            c.next_slice()
+    ref = []
+    s = Sampler(ClusterLayout.from_sizes(sizes), config, B, seed=SEED)
+    with pytest.raises(EndOfData):
+        while True:
+            ref.append(s.next_batch())
+    assert len(got) == len(ref) >= 1
+    for (step, ids), want in zip(got, ref):
+        np.testing.assert_array_equal(ids, want)
+
+
+def check_batches(batches: list[dict], ref: list[np.ndarray], first: int = 0) -> None:
+    """One DataLoader batch per step, in step order; decoded columns match the shards."""
+    assert len(batches) > 0
+    for k, batch in enumerate(batches):
+        steps = batch[STEP_KEY].tolist()
+        assert steps == [first + k] * len(steps)
+        ids = batch[ID_KEY].numpy()
+        np.testing.assert_array_equal(ids, ref[first + k])
+        np.testing.assert_array_equal(batch["id"].numpy(), ids)
+        assert list(batch["text"]) == [sample_text(int(i)) for i in ids]
+
+
+def test_dataset_yields_decoded_samples_in_server_order(servers, tmp_path):
+    _, addr = servers.start()
+    ds = CroupierIterableDataset(addr, JOB, cache_dir=tmp_path / "cache", steps=6, topology=Topology(0, 1))
+    check_batches(list(DataLoader(ds, batch_size=B)), reference(6))
+
+
+def test_dataloader_with_two_workers_gives_the_server_order(servers, tmp_path):
+    _, addr = servers.start()
+    ds = CroupierIterableDataset(addr, JOB, cache_dir=tmp_path / "cache", steps=9, topology=Topology(0, 1),
+                                 lookahead=4)
+    batches = list(DataLoader(ds, batch_size=B, num_workers=2))
+    assert len(batches) == 9
+    check_batches(batches, reference(9))
+
+
+def test_dataset_state_dict_resumes_exactly(servers, tmp_path):
+    _, addr = servers.start()
+    ref = reference(8)
+    ds = CroupierIterableDataset(addr, JOB, cache_dir=tmp_path / "cache", steps=3, topology=Topology(0, 1))
+    check_batches(list(DataLoader(ds, batch_size=B)), ref)
+    state = ds.state_dict()
+    ds.close()
+    assert state["next_step"] == 3 and state["token"]
+    resumed = CroupierIterableDataset(addr, JOB, cache_dir=tmp_path / "cache", steps=5, topology=Topology(0, 1))
+    resumed.load_state_dict(state)
+    check_batches(list(DataLoader(resumed, batch_size=B)), ref, first=3)
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "missing"])
+def test_bad_shard_is_a_dataset_error_naming_the_shard(servers, tmp_path, damage):
+    broken = write_mds(tmp_path / "broken", N, hashes=["sha1"])
+    victim = sorted(broken.glob("shard.*.mds"))[1]
+    if damage == "missing":
+        victim.unlink()
+    else:
+        data = bytearray(victim.read_bytes())
+        data[-5:] = b"XXXXX"
+        victim.write_bytes(bytes(data))
+    _, addr = servers.start(remote=broken, sizes=[N], config=PolicyConfig(policy="random"))
+    ds = CroupierIterableDataset(addr, JOB, cache_dir=tmp_path / "cache", steps=N // B, topology=Topology(0, 1))
+    with pytest.raises(DatasetError, match=victim.name):
+        list(DataLoader(ds, batch_size=B))
+
+
+def test_rewritten_dataset_is_refused_not_mixed(servers, tmp_path, mds):
+    remote = tmp_path / "remote"
+    shutil.copytree(mds, remote)
+    _, addr = servers.start(remote=remote)
+    ds = CroupierIterableDataset(addr, JOB, cache_dir=tmp_path / "cache", steps=2, topology=Topology(0, 1))
+    check_batches(list(DataLoader(ds, batch_size=B)), reference(2))
+    shutil.rmtree(remote)
+    write_mds(remote, N, size_limit=1 << 10)  # same samples, other shards: another fingerprint
+    with pytest.raises(FingerprintMismatch, match="dataset"):
+        list(DataLoader(ds, batch_size=B))
+
+
+def test_dump_prints_the_rank_slices_and_reads_them(servers, tmp_path, capsys):
+    _, addr = servers.start()
+    ref = reference(3)
+    rc = cli_main(["client", "dump", "--server", addr, "--rank", "1", "--world", "2", "--steps", "3",
+                   "--read", "--cache-dir", str(tmp_path / "cache"), "--max-ids", "0"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    lines = [line for line in out.splitlines() if line.startswith("step ")]
+    assert lines == [f"step {t}\t" + " ".join(str(i) for i in ref[t][B // 2:]) for t in range(3)]
+    assert "samples/s" in out and "read 12 samples" in out
