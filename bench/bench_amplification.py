@@ -1,0 +1,130 @@
+"""Download amplification of the shard store under a cache of 10% of the dataset.
+
+amplification = bytes the store downloaded / bytes of the distinct shards the read sequence
+touches (1.0 = every needed shard fetched once). The dataset is written cluster-major with
+long-tailed cluster sizes (as `croupier shards build` writes it); the read sequence is
+croupier's `clusterclip` sampler (clip 3) for a budget of half the dataset, fed to the store
+as a trainer does: `prefetch(step t + lookahead)`, `get(step t)`, `release(step t)`.
+
+Three read sequences, each with the same cluster draws:
+- sampler: the sampler's order as it is (a keyed random permutation inside each cluster);
+- blocked: each cluster's pass walks its shards one block at a time (random block order,
+  random order inside a block), lookahead = the trainer's 16 steps;
+- blocked, full horizon: the same, with every future step known to the store.
+
+reference = the amplification of an offline oracle (Belady: evict the shard needed farthest
+in the future, knowing the whole sequence) with the same cache; ratio = store / oracle.
+Targets: amplification <= 1.1, peak cache <= the limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SCALES = {
+    "quick": {"n": 20_000, "k": 16, "size_limit": 8 << 10, "batch": 64, "lookahead": 16},
+    "full": {"n": 200_000, "k": 64, "size_limit": 16 << 10, "batch": 256, "lookahead": 16},
+}
+CACHE_FRACTION = 0.10
+
+
+def oracle_fetch_bytes(steps_shards: list[np.ndarray], fetch: np.ndarray, size: np.ndarray, capacity: int) -> int:
+    """Bytes fetched by the farthest-next-use policy over the sequence of per-step shard sets."""
+    seq = np.concatenate(steps_shards)
+    nxt = np.full(seq.size, np.iinfo(np.int64).max, dtype=np.int64)
+    last: dict[int, int] = {}
+    for i in range(seq.size - 1, -1, -1):  # one pass over shard accesses, not samples
+        s = int(seq[i])
+        nxt[i] = last.get(s, nxt[i])
+        last[s] = i
+    resident: dict[int, int] = {}
+    used = fetched = 0
+    for i, s in enumerate(seq.tolist()):
+        if s not in resident:
+            fetched += int(fetch[s])
+            while used + size[s] > capacity and resident:
+                v = max(resident, key=resident.__getitem__)
+                used -= int(size[v])
+                del resident[v]
+            used += int(size[s])
+        resident[s] = int(nxt[i])
+    return fetched
+
+
+def read_through_store(remote: Path, cache: Path, batches: np.ndarray, limit: int, lookahead: int) -> dict:
+    from croupier.client.shard_store import ShardStore
+
+    store = ShardStore(remote, cache, cache_limit=limit, prefetch_threads=4)
+    t0 = time.perf_counter()
+    for b in batches[:lookahead]:
+        store.prefetch(b)
+    for t, b in enumerate(batches):
+        if t + lookahead < len(batches):
+            store.prefetch(batches[t + lookahead])
+        store.get(b)
+        store.release(b)
+    stats = store.stats()
+    stats["seconds"] = time.perf_counter() - t0
+    store.close()
+    return stats
+
+
+def run(scale: str = "full") -> list[dict]:
+    from bench._shard_data import clusterclip_batches, long_tailed_sizes, shard_blocked, write_cluster_major
+    from croupier.client.shard_index import ShardIndex
+    from croupier.client.shard_store import ShardStore
+    from croupier.server.layout import ClusterLayout
+
+    p = SCALES[scale]
+    work = Path(tempfile.mkdtemp(prefix="croupier-bench-amp-"))
+    rows: list[dict] = []
+    try:
+        sizes = long_tailed_sizes(p["n"], p["k"])
+        remote = write_cluster_major(work / "remote", sizes, p["size_limit"], text_bytes=(100, 400))
+        probe = ShardStore(remote, work / "probe")
+        index: ShardIndex = probe.index
+        limit = int(probe.dataset_bytes * CACHE_FRACTION)
+        fetch, size = probe._fetch_bytes, probe._disk_bytes
+        layout = ClusterLayout.from_sizes(sizes)
+        steps = p["n"] // 2 // p["batch"]
+        sampler_order = clusterclip_batches(layout, steps, p["batch"], clip=3, seed=0)
+        blocked = shard_blocked(sampler_order, layout, index.ends, seed=0)
+        cases = [("sampler order", sampler_order, p["lookahead"]),
+                 ("blocked order", blocked, p["lookahead"]),
+                 ("blocked order, full horizon", blocked, steps)]
+        print(f"{index.num_shards} shards, {p['k']} clusters, {steps} steps x {p['batch']}, "
+              f"cache limit {limit} B ({CACHE_FRACTION:.0%} of {probe.dataset_bytes} B)")
+        for i, (name, batches, lookahead) in enumerate(cases):
+            per_step = [np.unique(index.shard_of(b)) for b in batches]
+            needed = probe.shard_fetch_bytes(np.unique(np.concatenate(per_step)))
+            oracle = oracle_fetch_bytes(per_step, fetch, size, limit) / needed
+            st = read_through_store(remote, work / f"cache{i}", batches, limit, lookahead)
+            amp = st["bytes_downloaded"] / needed
+            label = f"{name}, lookahead {lookahead}"
+            print(f"  {label}: amplification {amp:.3f} (oracle {oracle:.3f}), {st['shards_downloaded']} "
+                  f"downloads, {st['evictions']} evictions, peak cache {st['peak_cache_bytes'] / limit:.3f} "
+                  f"of the limit, {st['seconds']:.1f}s")
+            rows.append({"bench": "amplification", "metric": f"bytes fetched / needed ({label})",
+                         "value": amp, "unit": "x", "reference": oracle, "ratio": amp / oracle,
+                         "target": "<= 1.1"})
+            rows.append({"bench": "amplification", "metric": f"peak cache / limit ({label})",
+                         "value": st["peak_cache_bytes"] / limit, "unit": "x", "reference": None,
+                         "ratio": None, "target": "<= 1.0"})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scale", choices=tuple(SCALES), default="quick")
+    args = parser.parse_args()
+    from bench.__main__ import format_table
+
+    print(format_table(run(args.scale)))
