@@ -651,7 +651,8 @@ class Job:
         batch = self._batch_locked(step)
         if batch is None:
             return SliceData(step=step, ids=np.empty(0, dtype=np.int64), end=True)
-        ids = Topology(rank, world).slice(batch)
+        p = self.global_batch // world  # divisibility was checked when the rank joined
+        ids = batch[rank * p:(rank + 1) * p]
         self._slices_served += 1
         self._ids_served += len(ids)
         return SliceData(step=step, ids=ids)
@@ -704,7 +705,7 @@ class SliceStream:
                 return
             yield chunk
 
-    def next_chunk(self, poll: float = 1.0) -> list[SliceData] | None:
+    def next_chunk(self, poll: float = 10.0) -> list[SliceData] | None:
         job = self._job
         while True:
             if self._waiter.cancelled or self.finished:
