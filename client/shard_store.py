@@ -511,6 +511,7 @@ class _Runtime:
         """Hold shard s's lock shared with its files complete; returns (fd, bytes fetched)."""
         fd = os.open(self._lock_path(s), os.O_RDWR | os.O_CREAT, 0o644)
         fetched = 0
+        deadline = time.monotonic() + self.store.download_timeout
         try:
             while True:
                 fcntl.flock(fd, fcntl.LOCK_SH)
@@ -519,8 +520,13 @@ class _Runtime:
                 fcntl.flock(fd, fcntl.LOCK_UN)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    time.sleep(_LOCK_RETRY_S)  # another process is fetching or checking it
+                except BlockingIOError:  # another process is fetching or checking it
+                    if time.monotonic() > deadline:
+                        raise DatasetError(
+                            f"shard {_shard_name(self.readers[s])} in {self.store.local} is incomplete "
+                            f"but another process has held its lock for {self.store.download_timeout:.0f}s "
+                            f"(were its files deleted while in use?)") from None
+                    time.sleep(_LOCK_RETRY_S)
                     continue
                 try:
                     if not self._present(s):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -177,6 +178,29 @@ def test_eviction_keeps_cache_under_limit_and_samples_correct(dataset, tmp_path)
         assert mismatches(store.get(b), b) == []
         assert cached_shard_bytes(store) <= limit
     assert store.stats()["peak_cache_bytes"] <= limit
+    store.close()
+
+
+def test_threads_of_one_process_share_a_store(dataset, tmp_path):
+    probe = ShardStore(dataset, tmp_path / "probe")
+    limit = int(np.sort(probe._disk_bytes)[-6:].sum())
+    store = ShardStore(dataset, tmp_path / "cache", cache_limit=limit, prefetch_threads=2)
+    bad: list[int] = []
+
+    def reader(seed: int) -> None:
+        for b in np.array_split(np.random.default_rng(seed).permutation(600), 10):
+            store.prefetch(b)
+            bad.extend(mismatches(store.get(b), b))
+            store.release(b)
+
+    threads = [threading.Thread(target=reader, args=(seed,)) for seed in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert bad == [] and not any(t.is_alive() for t in threads)
+    st = store.stats()
+    assert st["samples_read"] == 1800 and st["pending_ids"] == 0 and st["pinned_shards"] == 0
     store.close()
 
 
