@@ -94,6 +94,23 @@ def shard_blocked(batches: np.ndarray, layout: ClusterLayout, shard_ends: np.nda
     return orders[passes, layout.offsets[clusters] + rank - passes * sizes].reshape(batches.shape)
 
 
+def read_in_steps(store, batches: np.ndarray, lookahead: int) -> int:
+    """Read `batches` through a ShardStore as a trainer does; returns the samples read.
+
+    Step t: prefetch step t + lookahead (the slices the server has streamed ahead), get step
+    t, release step t.
+    """
+    for b in batches[:lookahead]:
+        store.prefetch(b)
+    read = 0
+    for t, b in enumerate(batches):
+        if t + lookahead < len(batches):
+            store.prefetch(batches[t + lookahead])
+        read += len(store.get(b))
+        store.release(b)
+    return read
+
+
 def slow_remote(path: Path, latency_s: float) -> str:
     """A remote URL `slowfile://<path>` that serves local files after `latency_s` seconds each.
 

@@ -58,17 +58,12 @@ def oracle_fetch_bytes(steps_shards: list[np.ndarray], fetch: np.ndarray, size: 
 
 
 def read_through_store(remote: Path, cache: Path, batches: np.ndarray, limit: int, lookahead: int) -> dict:
+    from bench._shard_data import read_in_steps
     from croupier.client.shard_store import ShardStore
 
     store = ShardStore(remote, cache, cache_limit=limit, prefetch_threads=4)
     t0 = time.perf_counter()
-    for b in batches[:lookahead]:
-        store.prefetch(b)
-    for t, b in enumerate(batches):
-        if t + lookahead < len(batches):
-            store.prefetch(batches[t + lookahead])
-        store.get(b)
-        store.release(b)
+    read_in_steps(store, batches, lookahead)
     stats = store.stats()
     stats["seconds"] = time.perf_counter() - t0
     store.close()

@@ -32,18 +32,12 @@ LOOKAHEAD = 16
 
 
 def store_samples_per_s(remote: str, cache: Path, batches: np.ndarray) -> tuple[float, dict]:
+    from bench._shard_data import read_in_steps
     from croupier.client.shard_store import ShardStore
 
     t0 = time.perf_counter()
     store = ShardStore(remote, cache, prefetch_threads=4)
-    for b in batches[:LOOKAHEAD]:
-        store.prefetch(b)
-    read = 0
-    for t, b in enumerate(batches):
-        if t + LOOKAHEAD < len(batches):
-            store.prefetch(batches[t + LOOKAHEAD])
-        read += len(store.get(b))
-        store.release(b)
+    read = read_in_steps(store, batches, LOOKAHEAD)
     elapsed = time.perf_counter() - t0
     stats = store.stats()
     store.close()
