@@ -8,9 +8,11 @@ this process, bound to a local port) and the client's `CroupierIterableDataset`,
 streams the MDS shards `croupier shards build` wrote.
 
 Corpus: `croupier.shards.synthetic` (planted topics, Zipf-like sizes). Each topic is split
-into training documents (which are sharded, embedded and clustered: the sampler's clusters)
-and held-out documents (assigned to the nearest cluster centroid with the same embedder).
-After training, held-out loss is averaged per cluster and the table reports:
+into training documents (sharded by `croupier shards build`) and held-out documents. The
+sampler's clusters are the planted topics by default (k-means on this corpus splits the big
+topics and evens out cluster sizes, which would hide the long tail the samplers differ on);
+`--clusters kmeans` uses the sidecar's k-means clusters instead (held-out documents go to the
+nearest centroid). After training, held-out loss is averaged per cluster and the table reports:
 
     mean       mean over clusters of the held-out loss (nats per byte)
     rare25     mean held-out loss over the rarest quartile of clusters (by training size)
@@ -73,6 +75,8 @@ class Prepared:
     """The sharded corpus and its evaluation sets."""
 
     dataset: Path
+    layout: Any  # ClusterLayout the sampler draws from
+    fingerprint: str  # dataset (MDS index) fingerprint
     num_clusters: int
     train_sizes: np.ndarray  # per cluster
     train_texts: list[str]  # one per sample id (dataset order)
@@ -96,8 +100,14 @@ def split_corpus(docs: list[dict], seed: int = 0) -> tuple[list[dict], list[dict
     return [d for d, h in zip(docs, held) if not h], [d for d, h in zip(docs, held) if h]
 
 
-def prepare(work: Path, docs: int, topics: int, alpha: float, seed: int = 0) -> Prepared:
-    """Generate, split, shard + embed + cluster (hashing embedder, K = topics), assign held-out."""
+def prepare(work: Path, docs: int, topics: int, alpha: float, seed: int = 0, clusters: str = "topics") -> Prepared:
+    """Generate, split, shard + embed + cluster (hashing embedder, K = topics), assign held-out.
+
+    clusters="topics": the sampler's clusters are the planted topics (kept as an MDS column),
+    so the comparison measures the samplers on a known long-tailed mix; "kmeans": the
+    sidecar's k-means clusters, held-out documents assigned to the nearest centroid.
+    """
+    from croupier.server.layout import ClusterLayout
     from croupier.shards.build import BuildConfig, build
     from croupier.shards.embed import get_embedder
     from croupier.shards.mds import MDSSource
@@ -114,17 +124,28 @@ def prepare(work: Path, docs: int, topics: int, alpha: float, seed: int = 0) -> 
     build(BuildConfig(out=str(dataset), inputs=(str(jsonl),), embedder="hashing", clusters=topics,
                       keep_fields=("topic",), seed=seed, progress=False, overwrite=True))
     side = Sidecar.open(dataset)
-    layout = side.layout()
     n = side.num_samples
     with MDSSource(dataset) as src:
         train_texts = src.texts(0, n, "text")
-    labels = np.full(n, -1, dtype=np.int64)
-    pos = np.arange(layout.num_positions)
-    labels[layout.ids_at(pos)] = layout.clusters_of(pos)
-    embedder = get_embedder("hashing", seed=seed)
-    emb = embedder.encode([d["text"] for d in heldout])
-    held_clusters = np.argmax(emb @ np.asarray(side.centroids(), dtype=np.float32).T, axis=1).astype(np.int64)
-    return Prepared(dataset=dataset, num_clusters=layout.num_clusters, train_sizes=np.asarray(layout.sizes),
+        train_topics = np.asarray(src.get(np.arange(n), "topic"), dtype=np.int64)
+    if clusters == "topics":
+        present = np.unique(train_topics)
+        remap = np.full(topics, -1, dtype=np.int64)
+        remap[present] = np.arange(len(present))
+        layout = ClusterLayout.from_assignments(remap[train_topics])
+        labels = remap[train_topics]
+        held_clusters = remap[np.array([d["topic"] for d in heldout], dtype=np.int64)]
+    elif clusters == "kmeans":
+        layout = side.layout()
+        labels = np.full(n, -1, dtype=np.int64)
+        pos = np.arange(layout.num_positions)
+        labels[layout.ids_at(pos)] = layout.clusters_of(pos)
+        emb = get_embedder("hashing", seed=seed).encode([d["text"] for d in heldout])
+        held_clusters = np.argmax(emb @ np.asarray(side.centroids(), dtype=np.float32).T, axis=1).astype(np.int64)
+    else:
+        raise ValueError(f"unknown cluster source {clusters!r}; valid: topics, kmeans")
+    return Prepared(dataset=dataset, layout=layout, fingerprint=side.fingerprint,
+                    num_clusters=layout.num_clusters, train_sizes=np.asarray(layout.sizes),
                     train_texts=train_texts, train_clusters=labels, heldout_texts=[d["text"] for d in heldout],
                     heldout_clusters=held_clusters, build_s=time.perf_counter() - t0)
 
@@ -154,14 +175,12 @@ def train_one(prep: Prepared, variant: Variant, *, steps: int, batch: int, cache
     from croupier.server.policy import PolicyConfig
     from croupier.server.service import create_server
     from croupier.server.topology import Topology
-    from croupier.shards.sidecar import Sidecar
     from croupier.tinylm import TinyLMConfig, build_model, encode, example_losses, make_optimizer, \
         per_cluster_mean, train_step
 
-    side = Sidecar.open(prep.dataset)
     config = PolicyConfig.from_dict(variant.policy)
-    job = Job(side.layout(), config, batch, seed,
-              spec=JobSpec(name="compare", dataset_remote=str(prep.dataset), dataset_fingerprint=side.fingerprint))
+    job = Job(prep.layout, config, batch, seed,
+              spec=JobSpec(name="compare", dataset_remote=str(prep.dataset), dataset_fingerprint=prep.fingerprint))
     server, port = create_server(job, "127.0.0.1:0")
     cfg = TinyLMConfig(context=context)
     model = build_model(cfg, seed=seed)
@@ -266,7 +285,7 @@ def plot(results: Sequence[RunResult], sizes: np.ndarray, path: Path) -> Path:
 
 
 def compare(scale: str = "full", out: str | Path | None = None, *, only: Sequence[str] | None = None,
-            seed: int = 0, log=sys.stderr, **overrides: Any) -> tuple[list[RunResult], dict[str, Any]]:
+            seed: int = 0, clusters: str = "topics", log=sys.stderr, **overrides: Any) -> tuple[list[RunResult], dict[str, Any]]:
     """Runs the whole comparison; writes results.json and compare.png under `out` when given."""
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)}")
@@ -276,7 +295,7 @@ def compare(scale: str = "full", out: str | Path | None = None, *, only: Sequenc
     torch.set_num_threads(1)  # one thread: oversubscribed OpenMP threads spin and crawl on shared cores
     with tempfile.TemporaryDirectory(prefix="croupier-compare-") as tmp:
         work = Path(tmp)
-        prep = prepare(work, params["docs"], params["topics"], params["alpha"], seed)
+        prep = prepare(work, params["docs"], params["topics"], params["alpha"], seed, clusters)
         n = len(prep.train_texts)
         steps = max(1, int(round(params["passes"] * n / params["batch"])))
         all_variants = variants(steps, params["clips"])
@@ -296,7 +315,7 @@ def compare(scale: str = "full", out: str | Path | None = None, *, only: Sequenc
             r.metrics = summarize(r, prep.train_sizes)
             results.append(r)
             print(f"[compare] {v.name}: held-out mean {r.metrics['mean']:.4f} ({r.train_s:.1f}s)", file=log, flush=True)
-        info = {"scale": scale, "params": {**params, "clips": list(params["clips"])}, "train_docs": n,
+        info = {"scale": scale, "clusters_from": clusters, "params": {**params, "clips": list(params["clips"])}, "train_docs": n,
                 "heldout_docs": len(prep.heldout_texts), "clusters": prep.num_clusters,
                 "cluster_sizes": prep.train_sizes.tolist(), "steps": steps, "seed": seed}
     if out is not None:
@@ -332,15 +351,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default="out/train_compare", help="folder for compare.png, results.json, table.txt")
     p.add_argument("--only", default="", help="comma-separated sampler names (default: all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clusters", choices=("topics", "kmeans"), default="topics",
+                   help="sampler clusters: the planted topics (default) or the sidecar's k-means clusters")
     p.add_argument("--docs", type=int, default=None)
     p.add_argument("--topics", type=int, default=None)
     p.add_argument("--passes", type=float, default=None)
     args = p.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()] or None
     t0 = time.perf_counter()
-    results, info = compare(args.scale, args.out, only=only, seed=args.seed, docs=args.docs, topics=args.topics,
+    results, info = compare(args.scale, args.out, only=only, seed=args.seed, clusters=args.clusters, docs=args.docs, topics=args.topics,
                             passes=args.passes)
-    print(f"\n{info['train_docs']} training docs, {info['clusters']} clusters, {info['steps']} steps x "
+    print(f"\n{info['train_docs']} training docs, {info['clusters']} clusters ({info['clusters_from']}), {info['steps']} steps x "
           f"{info['params']['batch']} examples ({info['params']['passes']} passes), seed {info['seed']}")
     print(format_table(results))
     print(f"\nloss: held-out nats/byte (lower is better); rare_gap = held-out - train on the rarest quartile")

@@ -52,11 +52,11 @@ class DemoConfig:
     out: Path = Path("croupier-demo")
     corpus: Path | None = None
     text_field: str = "text"
-    docs: int = 3000
+    docs: int = 2000
     topics: int = 24
     alpha: float = 1.2
     clusters: int | None = None
-    embedder: str = "minilm"
+    embedder: str = "hashing"
     steps: int = 300
     global_batch: int = 16
     world: int = 2
@@ -286,7 +286,7 @@ class Demo:
         log = self.logs / f"train.{phase}.log"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(c.world),
                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "croupier.demo_train",
-               "--server", self.address, "--job", JOB, "--cache", str(self.out / "cache"), "--run", str(self.run_dir),
+               "--server", self.address, "--job", JOB, "--cache", str(self.out / "cache"), "--run-dir", str(self.run_dir),
                "--stop-step", str(stop_step), "--text-field", c.text_field, "--context", str(c.context),
                "--seed", str(c.seed)]
         if resume:
@@ -295,6 +295,7 @@ class Demo:
         proc = self.children.start(cmd, log, self.env)
         records = self.run_dir / "records.rank0.jsonl"
         last_print = time.monotonic()
+        shown = None
         deadline = time.monotonic() + c.timeout_s
         while proc.poll() is None:
             if time.monotonic() > deadline:
@@ -304,7 +305,8 @@ class Demo:
             if time.monotonic() - last_print >= 5.0:
                 last_print = time.monotonic()
                 step, loss = _last_record(records)
-                if step is not None:
+                if step is not None and step != shown and step >= (c.half if resume else 0):
+                    shown = step
                     self.echo(f"      step {step + 1}/{c.steps}  loss {loss:.3f}")
         Children.kill(proc)  # reaps it and any straggler in its group
         if proc.returncode != 0:

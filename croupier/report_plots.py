@@ -128,6 +128,7 @@ def plot_draws_over_time(steps: Sequence[int], history: np.ndarray, sizes: Seque
         if clip:
             ax.axhline(clip * sizes[c], color=line.get_color(), lw=0.8, ls=":")
     ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_ylim(bottom=0)
     ax.set_ylabel("cumulative draws")
     title = f"Draws over time — {policy or 'policy'}"
     if clip:
