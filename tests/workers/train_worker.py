@@ -40,6 +40,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ckpt-every", type=int, default=4)
     p.add_argument("--step-sleep", type=float, default=0.0)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume-step", type=int, default=None, help="resume from this checkpoint step")
     p.add_argument("--token", default=None)
     p.add_argument("--lookahead", type=int, default=4)
     return p.parse_args()
@@ -69,10 +70,13 @@ def main() -> int:
                                  token=args.token, lookahead=args.lookahead, start_step=0)
     start = 0
     if args.resume:
-        mine = checkpoint_steps(ckpt, topo.rank) or checkpoint_steps(ckpt, 0)
-        latest = torch.tensor([mine[-1] if mine else 0], dtype=torch.int64)
-        dist.all_reduce(latest, op=dist.ReduceOp.MIN)
-        start = int(latest.item())
+        if args.resume_step is not None:
+            start = args.resume_step
+        else:
+            mine = checkpoint_steps(ckpt, topo.rank) or checkpoint_steps(ckpt, 0)
+            latest = torch.tensor([mine[-1] if mine else 0], dtype=torch.int64)
+            dist.all_reduce(latest, op=dist.ReduceOp.MIN)
+            start = int(latest.item())
         if start > 0:
             source = ckpt / f"rank{topo.rank}.step{start}.json"
             if not source.exists():
