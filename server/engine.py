@@ -24,7 +24,7 @@ import numpy as np
 from croupier.errors import ConfigError, EndOfData, FingerprintMismatch, StateError
 from croupier.server.autoclip import AutoClip, derive_clip
 from croupier.server.layout import ClusterLayout
-from croupier.server.permutation import derive_keys, permute, seed_key
+from croupier.server.permutation import derive_keys, mix64, permute, seed_key, unpermute
 from croupier.server.policy import PolicyConfig, check_weights
 from croupier.server.state import Change, SamplerState
 
@@ -32,6 +32,7 @@ ENGINE_VERSION = 1
 _CLUSTER_TAG = 0x43_4C_55_53  # purpose tags for seed_key: distinct streams per use
 _RANDOM_TAG = 0x52_41_4E_44
 _STEP_TAG = 0x53_54_45_50
+_BLOCK_TAG = np.uint64(0x424C_4F43_4B53_0001)
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,6 +89,7 @@ class Sampler:
             base_clip = self.auto_clip.clip
         self._base_clip = base_clip
         ident = {"engine": ENGINE_VERSION, "layout": layout.fingerprint, "policy": config.to_dict(),
+                 "block_size": int(layout.block_size),
                  "global_batch": self.global_batch, "seed": self.seed}
         digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
         self.fingerprint = f"smp:{digest}"
@@ -276,8 +278,35 @@ class Sampler:
         n_c = sizes[sc]
         passes = k // n_c
         keys = derive_keys(self._cluster_key, sc, passes)
-        out[slot_of] = self._offsets[sc] + permute(k - passes * n_c, n_c, keys)
+        out[slot_of] = self._offsets[sc] + self._in_pass_order(k - passes * n_c, n_c, keys)
         return out
+
+    def _in_pass_order(self, k: np.ndarray, n: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        """Position inside its cluster of the k-th draw of a pass (vectorized over draws).
+
+        Block size 1: a keyed permutation of [0, n). Block size S: blocks of S positions
+        (the last one, of `last` positions, shorter) visited in a keyed order; the k-th draw
+        falls in the block at slot k // S of that order, counting the short block's slot
+        `p_last` as `last` positions long; inside a block, a keyed permutation.
+        """
+        s = self.layout.block_size
+        if s == 1:
+            return permute(k, n, keys)
+        nb = (n + s - 1) // s
+        last = n - (nb - 1) * s
+        block_keys = mix64(keys ^ _BLOCK_TAG)
+        p_last = unpermute(nb - 1, nb, block_keys)
+        lo = p_last * s
+        before = k < lo
+        inside = ~before & (k < lo + last)
+        after = ~before & ~inside
+        slot = np.where(before, k // s, p_last)
+        off = np.where(before, k % s, k - lo)
+        slot[after] = p_last[after] + 1 + (k[after] - lo[after] - last[after]) // s
+        off[after] = (k[after] - lo[after] - last[after]) % s
+        block = permute(slot, nb, block_keys)
+        size = np.where(block == nb - 1, last, s)
+        return block * s + permute(off, size, derive_keys(np.uint64(0), keys, block))
 
     def _random_positions(self, m: int) -> np.ndarray:
         """The next m positions of the chain of keyed whole-layout permutations."""

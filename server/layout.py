@@ -27,12 +27,20 @@ class ClusterLayout:
     num_samples: size of the id space (ids lie in [0, num_samples)).
     fingerprint: a string that changes whenever membership changes; sampler states and
         checkpoints are bound to it.
+    block_size: the in-cluster read block, in samples. 1 (the default) orders each pass of a
+        cluster uniformly at random. B > 1 splits each cluster into blocks of B consecutive
+        positions from its start (the last one shorter) and orders a pass block by block:
+        blocks in a keyed random order, samples in a keyed random order inside each block.
+        A cluster-major dataset whose shards each hold B samples of one cluster then reads
+        one shard at a time per cluster, which keeps the readers' working set and download
+        amplification small (DESIGN.md, "Reading shards").
     """
 
     offsets: np.ndarray
     members: np.ndarray | None
     num_samples: int
     fingerprint: str
+    block_size: int = 1
     sizes: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -54,12 +62,15 @@ class ClusterLayout:
             )
         if self.members is None and offsets[-1] > self.num_samples:
             raise ConfigError(f"layout covers {int(offsets[-1])} positions but the dataset has {self.num_samples} samples")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, (int, np.integer)) \
+                or self.block_size < 1:
+            raise ConfigError(f"block size must be an integer >= 1, got {self.block_size!r}")
         object.__setattr__(self, "offsets", offsets)
         object.__setattr__(self, "sizes", sizes)
 
     # -- construction -------------------------------------------------------------------
     @classmethod
-    def from_sizes(cls, sizes: Sequence[int] | np.ndarray) -> "ClusterLayout":
+    def from_sizes(cls, sizes: Sequence[int] | np.ndarray, block_size: int = 1) -> "ClusterLayout":
         """Synthetic clusters of the given sizes with contiguous ids (cluster 0 first)."""
         sizes = np.asarray(sizes, dtype=np.int64)
         if sizes.ndim != 1 or len(sizes) == 0:
@@ -69,7 +80,8 @@ class ClusterLayout:
             raise ConfigError(f"cluster sizes must be >= 1; cluster {i} has size {int(sizes[i])}")
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         digest = hashlib.sha256(b"croupier.sizes.v1" + sizes.astype("<i8").tobytes()).hexdigest()[:16]
-        return cls(offsets=offsets, members=None, num_samples=int(offsets[-1]), fingerprint=f"sizes:{digest}")
+        return cls(offsets=offsets, members=None, num_samples=int(offsets[-1]), fingerprint=f"sizes:{digest}",
+                   block_size=block_size)
 
     @classmethod
     def from_assignments(cls, assignments: np.ndarray, num_clusters: int | None = None,

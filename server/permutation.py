@@ -83,3 +83,29 @@ def _feistel(v: np.ndarray, a: np.ndarray, b: np.ndarray, round_keys: list[np.nd
         left = (left + _round(right, round_keys[i])) % a
         right = (right + _round(left, round_keys[i + 1])) % b
     return left * b + right
+
+
+def unpermute(y: np.ndarray, n: np.ndarray | int, key: np.ndarray | np.uint64) -> np.ndarray:
+    """Inverse of `permute`: the x with permute(x, n, key) == y (arguments broadcast)."""
+    y = np.asarray(y, dtype=np.uint64)
+    n = np.broadcast_to(np.asarray(n, dtype=np.uint64), y.shape)
+    key = np.broadcast_to(np.asarray(key, dtype=np.uint64), y.shape)
+    a = np.maximum(np.sqrt(n.astype(np.float64)).astype(np.uint64), _U64(1))
+    b = (n + a - _U64(1)) // a
+    round_keys = [key ^ tag for tag in _ROUND_TAGS]
+    out = _feistel_inverse(y, a, b, round_keys)
+    outside = np.flatnonzero(out >= n)
+    while outside.size:
+        cur = _feistel_inverse(out[outside], a[outside], b[outside], [k[outside] for k in round_keys])
+        out[outside] = cur
+        outside = outside[cur >= n[outside]]
+    return out.astype(np.int64)
+
+
+def _feistel_inverse(v: np.ndarray, a: np.ndarray, b: np.ndarray, round_keys: list[np.ndarray]) -> np.ndarray:
+    """The rounds of `_feistel` undone in reverse order."""
+    left, right = np.divmod(v, b)
+    for i in range(_ROUNDS - 2, -1, -2):
+        right = (right + b - _round(left, round_keys[i + 1]) % b) % b
+        left = (left + a - _round(right, round_keys[i]) % a) % a
+    return left * b + right

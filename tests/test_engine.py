@@ -70,10 +70,10 @@ sizes_st = st.lists(st.integers(1, 60), min_size=1, max_size=12)
 
 
 @given(sizes=sizes_st, clip=st.integers(1, 4), per_rank=st.integers(1, 8),
-       world=st.sampled_from([1, 2, 4, 8]), seed=st.integers(0, 1000))
+       world=st.sampled_from([1, 2, 4, 8]), seed=st.integers(0, 1000), block=st.sampled_from([1, 3, 8]))
 @settings(max_examples=40, deadline=None)
-def test_clip_is_exact_and_passes_do_not_repeat(sizes, clip, per_rank, world, seed) -> None:
-    layout = ClusterLayout.from_sizes(sizes)
+def test_clip_is_exact_and_passes_do_not_repeat(sizes, clip, per_rank, world, seed, block) -> None:
+    layout = ClusterLayout.from_sizes(sizes, block_size=block)
     batch = per_rank * world
     s = Sampler(layout, PolicyConfig("clusterclip", clip=clip), batch, seed)
     seen: list[np.ndarray] = []
@@ -288,3 +288,30 @@ def test_member_list_layouts_draw_their_members() -> None:
     ids = np.concatenate([s.next_batch() for _ in range(20)])
     assert set(ids.tolist()) <= {0, 1, 2, 3, 4, 5, 7}
     assert 6 not in ids
+
+
+@given(sizes=st.lists(st.integers(1, 200), min_size=1, max_size=6), block=st.integers(2, 50),
+       seed=st.integers(0, 1000))
+@settings(max_examples=30, deadline=None)
+def test_block_order_reads_one_block_at_a_time_and_covers_each_pass(sizes, block, seed) -> None:
+    layout = ClusterLayout.from_sizes(sizes, block_size=block)
+    s = Sampler(layout, PolicyConfig("uniform"), 16, seed)
+    ids = np.concatenate([s.next_batch() for _ in range(3 * sum(sizes) // 16 + 1)])
+    cluster_of = layout.clusters_of(ids)
+    for c, n in enumerate(sizes):
+        stream = ids[cluster_of == c] - layout.offsets[c]
+        for p in range(len(stream) // n):
+            one_pass = stream[p * n:(p + 1) * n]
+            assert np.array_equal(np.sort(one_pass), np.arange(n))
+            blocks = one_pass // block
+            # each block is read in one contiguous run within the pass
+            runs = 1 + int(np.count_nonzero(blocks[1:] != blocks[:-1]))
+            assert runs == (n + block - 1) // block
+
+
+def test_block_size_is_part_of_the_fingerprint() -> None:
+    a = Sampler(ClusterLayout.from_sizes([10, 5]), PolicyConfig("uniform"), 4)
+    b = Sampler(ClusterLayout.from_sizes([10, 5], block_size=4), PolicyConfig("uniform"), 4)
+    assert a.fingerprint != b.fingerprint
+    with pytest.raises(ConfigError, match="block size must be an integer >= 1, got 0"):
+        ClusterLayout.from_sizes([10, 5], block_size=0)

@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from croupier.server.permutation import derive_keys, permute, seed_key
+from croupier.server.permutation import derive_keys, permute, seed_key, unpermute
 
 
 @given(n=st.integers(1, 3000), seed=st.integers(0, 2**32))
@@ -45,3 +45,11 @@ def test_different_keys_give_different_orders_and_positions_spread() -> None:
     assert not np.array_equal(p1, p2)
     # a shuffle, not a rotation: displacement is spread out
     assert np.corrcoef(np.arange(n), p1)[0, 1] ** 2 < 0.05
+
+
+@given(n=st.integers(1, 5000), seed=st.integers(0, 2**32))
+@settings(max_examples=40, deadline=None)
+def test_unpermute_inverts_permute(n: int, seed: int) -> None:
+    key = seed_key(seed, 9)
+    x = np.arange(n)
+    assert np.array_equal(unpermute(permute(x, n, key), n, key), x)
