@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--cluster-sizes", help="synthetic clusters with contiguous ids, e.g. 5000,300,20,1")
     src.add_argument("--dataset", help="dataset folder with a croupier cluster sidecar")
     p.add_argument("--selection", help="sample only inside this named selection of the dataset")
+    p.add_argument("--block-size", type=int, default=1,
+                   help="--cluster-sizes: in-cluster read block in samples (1 = fully random order)")
     add_policy_arguments(p)
     p.add_argument("--global-batch", type=int, required=True, help="samples per step over all ranks")
     p.add_argument("--steps", type=int, required=True, help="steps to simulate")
@@ -92,7 +94,7 @@ def layout_from_args(args: argparse.Namespace) -> ClusterLayout:
     if args.cluster_sizes is not None:
         if getattr(args, "selection", None):
             raise ConfigError("--selection needs --dataset: synthetic clusters have no selections")
-        return ClusterLayout.from_sizes(parse_sizes(args.cluster_sizes))
+        return ClusterLayout.from_sizes(parse_sizes(args.cluster_sizes), block_size=getattr(args, "block_size", 1))
     from croupier.shards.sidecar import Sidecar
 
     return Sidecar.open(args.dataset).layout(getattr(args, "selection", None))
