@@ -99,6 +99,7 @@ def run_inspect(args: argparse.Namespace) -> int:
                 examples[int(c)] = [str(t) for t in src.get(_member_ids(side, int(c), args.examples), field)]
     if args.json:
         summary["examples"] = {str(k): v for k, v in examples.items()}
+        summary["manifest"] = {k: v for k, v in m.items() if k != "sizes"}
         print(json.dumps(summary, indent=1, default=str))
         return 0
     s = summary["sizes"]

@@ -349,3 +349,18 @@ def test_build_killed_with_sigkill_resumes_from_its_last_chunk(tmp_path, corpus)
     assert got["fp"] == ref["fp"]
     for key in ("assign", "emb", "centroids"):
         np.testing.assert_array_equal(got[key], ref[key])
+
+
+def test_kept_fields_get_typed_mds_columns(tmp_path):
+    rows = [{"text": "alpha beta gamma", "meta": {"a": 1}, "score": 1, "lang": "en", "n": 3},
+            {"text": "delta epsilon", "meta": [1, 2], "score": 2.5, "lang": "fr", "n": 4},
+            {"text": "zeta eta theta", "meta": None, "score": 3, "lang": "de", "n": 5}]
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "ds"
+    build(BuildConfig(out=str(out), inputs=(str(tmp_path / "in.jsonl"),), embedder="hashing", clusters=2,
+                      layout="original", keep_fields=("meta", "score", "lang", "n"), progress=False))
+    assert Sidecar.open(out).manifest["columns"] == {"text": "str", "meta": "json", "score": "float64",
+                                                     "lang": "str", "n": "int64"}
+    back = read_back(out, tmp_path / "cache")
+    assert [(s["meta"], float(s["score"]), s["lang"], int(s["n"])) for s in back] == \
+        [(r["meta"], float(r["score"]), r["lang"], r["n"]) for r in rows]
