@@ -56,8 +56,14 @@ def truncate_chars(example: str, max_chars: int) -> str:
     return example if len(example) <= max_chars else example[:max_chars]
 
 
-def yes_probability(top_logprobs: dict) -> float:
-    """P("yes") from one position's {token: logprob} map (0.0 when absent)."""
+def yes_probability(top_logprobs: dict | list) -> float:
+    """P("yes") from one position's top log-probabilities (0.0 when "yes" is absent).
+
+    Accepts the completions format ({token: logprob}) and the chat format
+    ([{"token": ..., "logprob": ...}, ...]).
+    """
+    if isinstance(top_logprobs, list):
+        top_logprobs = {d["token"]: d["logprob"] for d in top_logprobs}
     return float(sum(math.exp(lp) for tok, lp in top_logprobs.items()
                      if tok in _YES and lp is not None))
 

@@ -19,7 +19,7 @@ import pytest
 from croupier.cli import main
 from croupier.shards.askllm import (PROMPT_TEMPLATE, AskLLMScorer, ModelLoadError, build_prompt,
                                     load_model)
-from croupier.shards.askllm_http import EndpointError, HTTPAskLLM, completions_url
+from croupier.shards.askllm_http import EndpointError, HTTPAskLLM, completions_url, yes_probability
 from croupier.shards.scoring import ShardTextReader
 from croupier.shards.sidecar import Sidecar
 
@@ -235,6 +235,12 @@ def test_completions_url():
     assert completions_url("http://h:8000") == "http://h:8000/v1/completions"
     assert completions_url("http://h:8000/v1/") == "http://h:8000/v1/completions"
     assert completions_url("https://h/x/v1/completions") == "https://h/x/v1/completions"
+
+
+def test_yes_probability_reads_both_logprob_formats():
+    assert yes_probability({" yes": math.log(0.25), " no": math.log(0.5), "yes": math.log(0.125)}) == 0.375
+    assert yes_probability([{"token": " yes", "logprob": math.log(0.5)}, {"token": "No", "logprob": -1.0}]) == 0.5
+    assert yes_probability({" no": -0.1, " Yes": -1.0}) == 0.0
 
 
 def test_http_backend_scores_with_the_papers_prompt(server):
