@@ -263,6 +263,25 @@ def test_selection_drives_every_policy_and_survives_reopen_and_state_roundtrip(d
         _selection_sampler(ds, "sub", PolicyConfig("uniform")).load_state(SamplerState.from_bytes(st_bytes))
 
 
+def test_simulate_samples_only_inside_the_selection_with_every_policy(ds: Path, capsys):
+    assert main(["shards", "select", str(ds), "--by", "random", "--keep", "0.2", "--name", "fifth"]) == 0
+    chosen = set(np.asarray(Sidecar.open(ds).selection("fifth")).tolist())
+    k = Sidecar.open(ds).layout(selection="fifth").num_clusters
+    capsys.readouterr()
+    for name in POLICIES:
+        extra = {"g2s": ["--switch-step", "3"], "s2g": ["--switch-step", "3"],
+                 "clusterclip": ["--clip", "2", "--on-exhausted", "random"],
+                 "weighted": ["--weights", ",".join(str(i + 1) for i in range(k))]}.get(name, [])
+        assert main(["simulate", "--dataset", str(ds), "--selection", "fifth", "--policy", name, *extra,
+                     "--global-batch", "8", "--steps", "12", "--format", "jsonl"]) == 0, name
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+        assert len(lines) == 12
+        assert set(i for line in lines for i in line["indices"]) <= chosen, name
+    assert main(["simulate", "--dataset", str(ds), "--selection", "nope", "--policy", "uniform",
+                 "--global-batch", "8", "--steps", "2"]) == 2
+    assert "unknown selection 'nope'" in capsys.readouterr().err
+
+
 # -- through `croupier serve` --------------------------------------------------------------------------
 @pytest.mark.slow
 def test_selection_survives_serve_restart_and_resume(ds: Path, tmp_path: Path):
