@@ -212,7 +212,7 @@ class Builder:
             if state.get("key") == key and not cfg.overwrite:
                 self.state = state
                 return True
-            if not cfg.overwrite:
+            if not cfg.overwrite and _has_progress(state):
                 raise DatasetError(
                     f"output folder {str(out)!r} holds an unfinished build with other settings or changed "
                     "inputs; pass --overwrite to discard it and start over")
@@ -249,7 +249,7 @@ class Builder:
             if state.get("key") == key and not cfg.overwrite:
                 self.state = state
                 return True
-            if not cfg.overwrite:
+            if not cfg.overwrite and _has_progress(state):
                 raise DatasetError(f"{str(self.side)!r} holds an unfinished sidecar build with other settings; "
                                    "pass --overwrite to start over")
         elif finished and not cfg.overwrite:
@@ -689,6 +689,11 @@ class Builder:
         self._timed("final", t0, int(st["n"]))
         self.p.log(f"wrote {st['n']} documents in {len(offsets) - 1} clusters ({self.cfg.layout}) to {self.out} [{fp}]")
         return fp
+
+
+def _has_progress(state: dict[str, Any]) -> bool:
+    """Whether an unfinished build got far enough to be worth keeping (else it is replaced)."""
+    return bool(state.get("parts") or state.get("embed_chunks"))
 
 
 def build(cfg: BuildConfig, hook: Hook | None = None) -> BuildResult:

@@ -162,7 +162,9 @@ class InputReader:
                         try:
                             obj = json.loads(line)
                         except json.JSONDecodeError as exc:
-                            self._bad(where, f"malformed JSON ({exc.msg} at column {exc.colno})")
+                            hint = ("; the file looks like one JSON array, convert it to JSON lines"
+                                    if lineno == 1 and line.lstrip().startswith("[") else "")
+                            self._bad(where, f"malformed JSON ({exc.msg} at column {exc.colno}){hint}")
                             yield pos, None
                         else:
                             yield pos, self._from_obj(obj, where)
