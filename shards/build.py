@@ -19,7 +19,6 @@ A resumed build refuses settings or inputs that differ from the interrupted one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -699,7 +698,3 @@ def _has_progress(state: dict[str, Any]) -> bool:
 def build(cfg: BuildConfig, hook: Hook | None = None) -> BuildResult:
     """Run or resume a build. `hook(stage, chunk)` runs after every committed chunk."""
     return Builder(cfg, hook).run()
-
-
-def config_digest(cfg: BuildConfig) -> str:
-    return hashlib.sha256(json.dumps(cfg.key(), sort_keys=True).encode()).hexdigest()[:16]

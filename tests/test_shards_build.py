@@ -3,7 +3,6 @@ mosaicml-streaming, planted-topic recovery, cluster-major invariants, resume, ad
 
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 
