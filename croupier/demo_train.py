@@ -1,7 +1,7 @@
 """The demo's training worker: one torchrun rank training the tiny LM on croupier's slices.
 
     torchrun --nproc_per_node 2 -m croupier.demo_train --server HOST:PORT --job demo \
-        --cache CACHE --run RUN --stop-step 150 [--resume]
+        --cache CACHE --run-dir RUN --stop-step 150 [--resume]
 
 Each rank reads its slice of every global batch through `CroupierIterableDataset` and a
 `DataLoader` (one DataLoader batch = one step's slice), encodes the texts as bytes and takes
@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--server", required=True, help="sampler server HOST:PORT")
     p.add_argument("--job", default="demo")
     p.add_argument("--cache", required=True, help="local shard cache root")
-    p.add_argument("--run", required=True, help="run folder (records, checkpoints)")
+    p.add_argument("--run-dir", required=True, help="run folder (records, checkpoints)")
     p.add_argument("--stop-step", type=int, required=True, help="train steps < this, then checkpoint")
     p.add_argument("--resume", action="store_true", help="continue from RUN/ckpt")
     p.add_argument("--text-field", default="text")
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     topo = Topology.detect()
-    run = Path(args.run)
+    run = Path(args.run_dir)
     ckpt = run / CKPT_DIR
     ckpt.mkdir(parents=True, exist_ok=True)
     with (run / "pids.txt").open("a") as f:  # lets the launcher check nothing outlives the run
