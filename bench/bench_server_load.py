@@ -48,10 +48,18 @@ def cluster_sizes() -> np.ndarray:
     return np.floor(w / w.sum() * 4_000_000).astype(np.int64) + 1
 
 
-def _rank_loop(stub, pb2, rank: int, world: int, steps: int, rate: float, t0: float, out: list) -> None:
-    stub.Join(pb2.JoinRequest(rank=rank, world_size=world), timeout=60)
-    stream = stub.StreamSlices(pb2.StreamSlicesRequest(rank=rank, world_size=world, lookahead=LOOKAHEAD,
-                                                       stop_step=steps), timeout=600)
+def _rank_loop(stub, pb2, rank: int, world: int, steps: int, rate: float, t0: float, out: list,
+               retries: list) -> None:
+    """One simulated trainer rank; a broken stream or a failed ack is retried, as a client would."""
+    import grpc
+
+    stub.Join(pb2.JoinRequest(rank=rank, world_size=world), timeout=300)
+
+    def open_stream(start: int):
+        return stub.StreamSlices(pb2.StreamSlicesRequest(rank=rank, world_size=world, start_step=start,
+                                                         lookahead=LOOKAHEAD, stop_step=steps))
+
+    stream = open_stream(0)
     have: set[int] = set()
     waits = []
     pending = None
@@ -62,16 +70,23 @@ def _rank_loop(stub, pb2, rank: int, world: int, steps: int, rate: float, t0: fl
             time.sleep(delay)
         want = time.time()  # a rank running behind its clock (slow start-up) is not charged for that
         while t not in have:
-            resp = next(stream)
+            try:
+                resp = next(stream)
+            except grpc.RpcError:
+                retries.append(rank)
+                stream.cancel()
+                stream = open_stream(t)
+                continue
             have.update(s.step for s in resp.slices)
         have.discard(t)
         waits.append(time.time() - want)
         if (t + 1) % ACK_EVERY == 0 or t == steps - 1:
-            if pending is not None:
-                pending.result()
-            pending = stub.Ack.future(pb2.AckRequest(rank=rank, world_size=world, next_step=t + 1), timeout=60)
+            if pending is not None and pending.exception() is not None:
+                retries.append(rank)  # acks are cumulative: the next one covers this one
+            pending = stub.Ack.future(pb2.AckRequest(rank=rank, world_size=world, next_step=t + 1))
     if pending is not None:
         pending.result()
+    stream.cancel()
     out.append(waits[WARMUP_STEPS:])
 
 
@@ -86,10 +101,11 @@ def client_process(address: str, ranks: list[int], world: int, steps: int, rate:
     stub = pb2_grpc.SamplerStub(channel)
     results: list = []
     errors: list = []
+    retries: list = []
 
     def run_rank(r: int) -> None:
         try:
-            _rank_loop(stub, pb2, r, world, steps, rate, t0, results)
+            _rank_loop(stub, pb2, r, world, steps, rate, t0, results, retries)
         except Exception as exc:  # noqa: BLE001 - reported to the parent
             errors.append(f"rank {r}: {exc!r}")
 
@@ -99,7 +115,7 @@ def client_process(address: str, ranks: list[int], world: int, steps: int, rate:
     for t in threads:
         t.join()
     channel.close()
-    queue.put({"waits": [w for ws in results for w in ws], "errors": errors[:3]})
+    queue.put({"waits": [w for ws in results for w in ws], "errors": errors[:3], "retries": len(retries)})
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -162,7 +178,7 @@ def one_load(n: int, steps: int, rate: float, procs: int) -> dict:
     waits = np.asarray([w for r in results for w in r["waits"]])
     ids = n * steps * PER_RANK
     return {"p50_ms": float(np.percentile(waits, 50) * 1e3), "p99_ms": float(np.percentile(waits, 99) * 1e3),
-            "cpu_per_m": cpu / ids * 1e6, "batch": batch}
+            "cpu_per_m": cpu / ids * 1e6, "batch": batch, "retries": sum(r["retries"] for r in results)}
 
 
 def run(scale: str = "full") -> list[dict]:
@@ -181,6 +197,8 @@ def run(scale: str = "full") -> list[dict]:
             {"bench": name, "metric": f"server CPU per 1M indices (B={r['batch']})", "value": r["cpu_per_m"],
              "unit": "s", "reference": ref_cpu, "ratio": r["cpu_per_m"] / ref_cpu,
              "target": "(info: x generation alone)"},
+            {"bench": name, "metric": "stream reopenings + failed acks", "value": float(r["retries"]),
+             "unit": "count", "reference": None, "ratio": None, "target": "(info)"},
         ]
     return rows
 
