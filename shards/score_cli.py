@@ -2,8 +2,9 @@
 
 Scores land in the dataset's sidecar as float32 columns (`Sidecar.write_scores`) with the
 scorer's parameters in the manifest. Work in progress lives in
-`DIR/croupier/scoring/NAME/` (see `scoring.ChunkedRun`): an interrupted run (crash,
-Ctrl-C, endpoint outage) keeps its finished chunks and the same command resumes it.
+`DIR/croupier/scoring/NAME/` (see `scoring.ChunkedRun`) until the column is stored: an
+interrupted run (crash, Ctrl-C, endpoint outage) keeps its finished chunks and the same
+command resumes it; two runs on the same NAME at once are refused.
 
 - density: two streaming passes over the memory-mapped embeddings (`density.py`); the
   sketch after pass 1 is saved too, so a resume skips it.
@@ -72,7 +73,14 @@ def score_density(sidecar: Any, name: str, *, rows: int = 1000, buckets: int = 2
         "auto: median 10-NN distance in a 2048 sample" if bandwidth == "auto" else "given"),
         "score": "mean bucket count over rows (self included)"}
     chunk = int(chunk_size or DEFAULT_CHUNK["density"])
-    run = ChunkedRun(work_dir(sidecar, name), len(emb), chunk, record)
+    with ChunkedRun(work_dir(sidecar, name), len(emb), chunk, record) as run:
+        values = _density_passes(run, emb, params, progress)
+    return values, record
+
+
+def _density_passes(run: ChunkedRun, emb: np.ndarray, params: DensityParams,
+                    progress: bool) -> np.ndarray:
+    chunk = run.chunk_size
     sketch = DensitySketch(emb.shape[1], params)
     sketch_file = run.dir / "sketch.npz"
     start_chunk = 0
@@ -95,10 +103,8 @@ def score_density(sidecar: Any, name: str, *, rows: int = 1000, buckets: int = 2
                     last_save = time.monotonic()
         finally:
             bar.close()
-    values = run_chunked(run, lambda a, b: sketch.query(emb[a:b]),
-                         label="density pass 2/2 (query)", progress=progress)
-    run.remove()
-    return values, record
+    return run_chunked(run, lambda a, b: sketch.query(emb[a:b]),
+                       label="density pass 2/2 (query)", progress=progress)
 
 
 def _save_sketch(path: Path, sketch: DensitySketch, next_chunk: int) -> None:
@@ -117,11 +123,19 @@ def score_texts(sidecar: Any, name: str, scorer: Any, record: dict, *, text_fiel
             raise DatasetError(f"the MDS index lists {reader.num_samples} samples but the sidecar "
                                f"{sidecar.num_samples}")
         chunk = int(chunk_size or DEFAULT_CHUNK["askllm"])
-        run = ChunkedRun(work_dir(sidecar, name), reader.num_samples, chunk, record)
-        values = run_chunked(run, lambda a, b: scorer.score(reader.texts(a, b)), label=label,
-                             progress=progress)
-    run.remove()
+        with ChunkedRun(work_dir(sidecar, name), reader.num_samples, chunk, record) as run:
+            values = run_chunked(run, lambda a, b: scorer.score(reader.texts(a, b)), label=label,
+                                 progress=progress)
     return values
+
+
+def discard_work(sidecar: Any, name: str) -> None:
+    """Delete a finished run's work folder (once its scores are stored in the sidecar)."""
+    import shutil
+
+    work = work_dir(sidecar, name)
+    shutil.rmtree(work, ignore_errors=True)
+    work.with_name(work.name + ".lock").unlink(missing_ok=True)
 
 
 def make_askllm(args: argparse.Namespace) -> Any:
@@ -156,8 +170,7 @@ def run(args: argparse.Namespace) -> int:
     sidecar = Sidecar.open(args.dir)
     progress = not args.no_progress
     if args.restart:
-        import shutil
-        shutil.rmtree(work_dir(sidecar, name), ignore_errors=True)
+        discard_work(sidecar, name)
     t0 = time.monotonic()
     if by == "density":
         bw = args.bandwidth if args.bandwidth == "auto" else _positive_float(args.bandwidth, "bandwidth")
@@ -175,6 +188,7 @@ def run(args: argparse.Namespace) -> int:
             record = {**record, "unscorable": int(bad.sum()), "unscorable_value": UNSCORABLE}
     elapsed = time.monotonic() - t0
     sidecar.write_scores(name, values, {**record, "elapsed_s": round(elapsed, 3)})
+    discard_work(sidecar, name)
     print(f"score {name!r} ({by}): {len(values):,} samples in {elapsed:,.1f} s "
           f"({len(values) / max(elapsed, 1e-9):,.0f} samples/s); min {values.min():.4g}, "
           f"median {float(np.median(values)):.4g}, max {values.max():.4g}")
@@ -228,4 +242,4 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-__all__ = ["SCORERS", "check_scorer", "score_density", "score_texts", "register", "run"]
+__all__ = ["SCORERS", "check_scorer", "score_density", "score_texts", "discard_work", "register", "run"]

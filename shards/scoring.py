@@ -44,6 +44,7 @@ class ChunkedRun:
         if chunk_size < 1:
             raise ConfigError(f"chunk size must be >= 1, got {chunk_size}")
         self.dir = Path(work_dir)
+        self._lock = _exclusive_lock(self.dir.with_name(self.dir.name + ".lock"))
         self.n = int(n)
         self.chunk_size = int(chunk_size)
         self.num_chunks = -(-self.n // self.chunk_size)
@@ -100,9 +101,33 @@ class ChunkedRun:
             raise ConfigError(f"{len(self.pending())} of {self.num_chunks} chunks are not scored yet")
         return np.array(self._scores)
 
-    def remove(self) -> None:
-        del self._scores, self._done
-        shutil.rmtree(self.dir, ignore_errors=True)
+    def close(self) -> None:
+        """Release the maps and the lock; the work folder stays for a later resume."""
+        self._scores = self._done = None
+        if self._lock is not None:
+            self._lock.close()  # closing the descriptor releases the flock
+            self._lock = None
+
+    def __enter__(self) -> "ChunkedRun":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _exclusive_lock(path: Path) -> Any:
+    """An exclusive, non-blocking flock: two runs must not fill the same work folder."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise ConfigError(f"another scoring run is filling {str(path.with_suffix(''))!r}; wait for it "
+                          f"or stop it first") from None
+    return f
 
 
 class Progress:

@@ -216,7 +216,19 @@ def test_density_scoring_resumes_after_an_interruption(ds: Path, monkeypatch):
                                        progress=False)
     assert added["n"] == 0  # pass 1 came from the saved sketch
     np.testing.assert_array_equal(again, full)
+    assert work.exists()  # kept until the column is stored
+    score_cli.discard_work(side, "part")
     assert not work.exists()
+
+
+def test_two_runs_on_one_work_folder_are_refused(tmp_path: Path):
+    from croupier.shards.scoring import ChunkedRun
+
+    with ChunkedRun(tmp_path / "w", 10, 4, {"a": 1}):
+        with pytest.raises(ConfigError, match="another scoring run"):
+            ChunkedRun(tmp_path / "w", 10, 4, {"a": 1})
+    with ChunkedRun(tmp_path / "w", 10, 4, {"a": 1}) as again:  # free once the first closed
+        assert again.resumed and len(again.pending()) == 3
 
 
 def _selection_sampler(ds: Path, name: str, policy: PolicyConfig, batch: int = 16) -> Sampler:
