@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from queue import Empty
 
@@ -72,8 +73,8 @@ def _rank_loop(stub, pb2, rank: int, world: int, steps: int, rate: float, t0: fl
         while t not in have:
             try:
                 resp = next(stream)
-            except grpc.RpcError:
-                retries.append(rank)
+            except grpc.RpcError as exc:
+                retries.append(f"stream {exc.code().name}")
                 stream.cancel()
                 stream = open_stream(t)
                 continue
@@ -82,7 +83,7 @@ def _rank_loop(stub, pb2, rank: int, world: int, steps: int, rate: float, t0: fl
         waits.append(time.time() - want)
         if (t + 1) % ACK_EVERY == 0 or t == steps - 1:
             if pending is not None and pending.exception() is not None:
-                retries.append(rank)  # acks are cumulative: the next one covers this one
+                retries.append(f"ack {pending.exception().code().name}")  # the next ack covers this one
             pending = stub.Ack.future(pb2.AckRequest(rank=rank, world_size=world, next_step=t + 1))
     if pending is not None:
         pending.result()
@@ -115,7 +116,7 @@ def client_process(address: str, ranks: list[int], world: int, steps: int, rate:
     for t in threads:
         t.join()
     channel.close()
-    queue.put({"waits": [w for ws in results for w in ws], "errors": errors[:3], "retries": len(retries)})
+    queue.put({"waits": [w for ws in results for w in ws], "errors": errors[:3], "retries": retries})
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -144,8 +145,10 @@ def one_load(n: int, steps: int, rate: float, procs: int) -> dict:
         sizes = ",".join(map(str, cluster_sizes()))
         cmd = [sys.executable, "-m", "croupier", "serve", "--cluster-sizes", sizes, "--policy", "clusterclip",
                "--clip", "5", "--global-batch", str(batch), "--state-dir", tmp, "--lookahead", str(LOOKAHEAD),
-               "--max-lag", str(2 * LOOKAHEAD), "--max-workers", str(2 * n + 64), "--log-level", "WARNING"]
-        server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+               "--max-lag", str(2 * LOOKAHEAD), "--max-workers", str(2 * n + 64), "--log-level", os.environ.get("CROUPIER_BENCH_SERVER_LOG_LEVEL", "WARNING")]
+        log = open(os.environ["CROUPIER_BENCH_SERVER_LOG"], "w") if os.environ.get("CROUPIER_BENCH_SERVER_LOG") \
+            else subprocess.DEVNULL
+        server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
         try:
             info = json.loads(server.stdout.readline())
             ctx = mp.get_context("spawn")
@@ -178,7 +181,8 @@ def one_load(n: int, steps: int, rate: float, procs: int) -> dict:
     waits = np.asarray([w for r in results for w in r["waits"]])
     ids = n * steps * PER_RANK
     return {"p50_ms": float(np.percentile(waits, 50) * 1e3), "p99_ms": float(np.percentile(waits, 99) * 1e3),
-            "cpu_per_m": cpu / ids * 1e6, "batch": batch, "retries": sum(r["retries"] for r in results)}
+            "cpu_per_m": cpu / ids * 1e6, "batch": batch,
+            "retries": Counter(x for r in results for x in r["retries"])}
 
 
 def run(scale: str = "full") -> list[dict]:
@@ -197,8 +201,9 @@ def run(scale: str = "full") -> list[dict]:
             {"bench": name, "metric": f"server CPU per 1M indices (B={r['batch']})", "value": r["cpu_per_m"],
              "unit": "s", "reference": ref_cpu, "ratio": r["cpu_per_m"] / ref_cpu,
              "target": "(info: x generation alone)"},
-            {"bench": name, "metric": "stream reopenings + failed acks", "value": float(r["retries"]),
-             "unit": "count", "reference": None, "ratio": None, "target": "(info)"},
+            {"bench": name, "metric": "stream reopenings + failed acks", "value": float(sum(r["retries"].values())),
+             "unit": "count", "reference": None, "ratio": None,
+             "target": ", ".join(f"{k}: {v}" for k, v in r["retries"].most_common(3)) or "(info)"},
         ]
     return rows
 
