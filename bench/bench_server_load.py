@@ -143,11 +143,12 @@ def one_load(n: int, steps: int, rate: float, procs: int) -> dict:
     batch = PER_RANK * n
     with tempfile.TemporaryDirectory() as tmp:
         sizes = ",".join(map(str, cluster_sizes()))
+        log_path = os.environ.get("CROUPIER_BENCH_SERVER_LOG")  # keep the server's JSON logs (debugging)
+        level = "INFO" if log_path else "WARNING"
         cmd = [sys.executable, "-m", "croupier", "serve", "--cluster-sizes", sizes, "--policy", "clusterclip",
                "--clip", "5", "--global-batch", str(batch), "--state-dir", tmp, "--lookahead", str(LOOKAHEAD),
-               "--max-lag", str(2 * LOOKAHEAD), "--max-workers", str(2 * n + 64), "--log-level", os.environ.get("CROUPIER_BENCH_SERVER_LOG_LEVEL", "WARNING")]
-        log = open(os.environ["CROUPIER_BENCH_SERVER_LOG"], "w") if os.environ.get("CROUPIER_BENCH_SERVER_LOG") \
-            else subprocess.DEVNULL
+               "--max-lag", str(2 * LOOKAHEAD), "--max-workers", str(2 * n + 64), "--log-level", level]
+        log = open(log_path, "w") if log_path else subprocess.DEVNULL
         server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
         try:
             info = json.loads(server.stdout.readline())
@@ -175,6 +176,8 @@ def one_load(n: int, steps: int, rate: float, procs: int) -> dict:
         finally:
             server.terminate()
             server.communicate(timeout=60)
+            if log is not subprocess.DEVNULL:
+                log.close()
     errors = [e for r in results for e in r["errors"]]
     if errors:
         raise RuntimeError(f"{len(errors)} simulated ranks failed, e.g. {errors[0]}")
