@@ -102,27 +102,27 @@ class Cluster:
         assert self.server is not None
         kill_tree(self.server, signal.SIGKILL)
 
-    def torchrun(self, nproc: int, out: str, stop_step: int, *extra: str, max_restarts: int = 0,
-                 step_sleep: float = 0.0) -> subprocess.Popen:
+    def torchrun(self, nproc: int, out: str, stop_step: int, *extra: str, step_sleep: float = 0.0,
+                 attempt: int = 0) -> subprocess.Popen:
         cmd = [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-               "--max_restarts", str(max_restarts), "--monitor_interval", "0.2", str(WORKER),
+               "--monitor_interval", "0.2", str(WORKER), "--attempt", str(attempt),
                "--server", self.address, "--job", JOB, "--cache", str(self.cache), "--out", str(self.tmp / out),
                "--ckpt", str(self.tmp / "ckpt"), "--stop-step", str(stop_step),
                "--per-rank-batch", str(B // nproc), "--token", TOKEN, "--step-sleep", str(step_sleep), *extra]
-        log = open(self.logs / f"torchrun-{out}.log", "w")
+        log = open(self.logs / f"torchrun-{out}-{attempt}.log", "w")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 env=self.env, cwd=str(self.tmp))
         self.procs.append(proc)
         return proc
 
-    def wait(self, proc: subprocess.Popen, out: str, timeout: float = 300) -> None:
+    def wait(self, proc: subprocess.Popen, out: str, timeout: float = 300, attempt: int = 0) -> None:
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             kill_tree(proc)
             rc = "timeout"
         if rc != 0:
-            log = (self.logs / f"torchrun-{out}.log").read_text()
+            log = (self.logs / f"torchrun-{out}-{attempt}.log").read_text()
             raise AssertionError(f"torchrun {out} ended with {rc}:\n{log[-6000:]}")
 
     def max_step(self, out: str, rank: int | None = None) -> int:
@@ -190,14 +190,18 @@ def test_server_killed_mid_run_then_two_ranks_resume_from_a_four_rank_checkpoint
 
 
 def test_rank_killed_restarts_from_its_checkpoint(cluster):
+    """kill -9 of rank 2 takes the torchrun job down; relaunched, every rank resumes from the
+    newest checkpoint all ranks wrote (as a scheduler restarting the job would)."""
     steps = 20
     ref = reference(steps)
     cluster.start_server()
-    run = cluster.torchrun(4, "kill", steps, "--resume", max_restarts=1, step_sleep=0.15)
+    run = cluster.torchrun(4, "kill", steps, "--resume", step_sleep=0.15)
     wait_for(lambda: cluster.max_step("kill", rank=2) >= 9 or run.poll() is not None, 240, "rank 2 to reach step 9")
     pid = int((cluster.tmp / "kill" / "pid.rank2").read_text())
     os.kill(pid, signal.SIGKILL)
-    cluster.wait(run, "kill")
+    assert run.wait(timeout=120) != 0
+    run = cluster.torchrun(4, "kill", steps, "--resume", attempt=1)
+    cluster.wait(run, "kill", attempt=1)
     records = read_records(cluster.tmp / "kill")
     first = [r for r in records if r["restart"] == 0]
     second = [r for r in records if r["restart"] == 1]

@@ -43,6 +43,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--resume-step", type=int, default=None, help="resume from this checkpoint step")
     p.add_argument("--token", default=None)
     p.add_argument("--lookahead", type=int, default=4)
+    p.add_argument("--attempt", type=int, default=0, help="launch number, recorded with every step")
     return p.parse_args()
 
 
@@ -87,7 +88,7 @@ def main() -> int:
     loader = DataLoader(ds, batch_size=args.per_rank_batch, num_workers=0)
     model = torch.nn.Linear(2, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    restart = args.attempt
     records = (out / f"records.rank{topo.rank}.jsonl").open("a")
     for batch in loader:
         steps = batch[STEP_KEY].tolist()
