@@ -87,6 +87,13 @@ def diagnose_model_path(name: str) -> str:
         cache = constants.HF_HUB_CACHE
     except Exception:  # pragma: no cover - huggingface_hub always ships with transformers
         cache = "the Hugging Face cache"
+    cached = Path(cache) / ("models--" + name.replace("/", "--")) / "snapshots"
+    snapshots = sorted(cached.glob("*"), key=lambda q: q.stat().st_mtime) if cached.is_dir() else []
+    if snapshots:
+        inner = diagnose_model_path(str(snapshots[-1]))
+        return (f"the Hugging Face cache holds {name!r} at {snapshots[-1]}, but "
+                f"{inner.split(' lacks ', 1)[1] if ' lacks ' in inner else 'its files are unreadable'}"
+                + (" are missing" if " lacks " in inner else ""))
     return (f"{name!r} is neither a local folder nor a model in the Hugging Face cache at {cache} "
             f"(downloads are off); fetch it where there is network (`huggingface-cli download "
             f"{name}`) or pass a folder holding config.json, weights and tokenizer files")
@@ -122,8 +129,9 @@ def _resolve_dtype(dtype: str, device: str):
     import torch
     table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if dtype == "auto":
-        if device.startswith("cuda"):
-            return "bfloat16", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # bfloat16 on GPUs that have it; float32 otherwise (T5-family models overflow in fp16).
+        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+            return "bfloat16", torch.bfloat16
         return "float32", torch.float32
     if dtype not in table:
         raise ConfigError(f"unknown dtype {dtype!r}; valid: auto, {', '.join(table)}")

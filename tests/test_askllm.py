@@ -346,3 +346,16 @@ def test_local_model_end_to_end(ds, tiny, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["shards", "score", str(ds), "--by", "askllm"]) == 2
     assert "exactly one of --model" in capsys.readouterr().err
+
+
+def test_a_cached_model_with_missing_files_is_named(tmp_path, tiny, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    snap = tmp_path / "hub" / "models--acme--tiny" / "snapshots" / "0123abc"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text((tiny["gpt2"] / "config.json").read_text())
+    (snap / "tokenizer.json").write_text((tiny["gpt2"] / "tokenizer.json").read_text())
+    from croupier.shards.askllm import diagnose_model_path
+    msg = diagnose_model_path("acme/tiny")
+    assert "cache holds 'acme/tiny'" in msg and "model weights" in msg and "missing" in msg
