@@ -247,22 +247,29 @@ def format_table(results: Sequence[RunResult]) -> str:
 
 
 def plot(results: Sequence[RunResult], sizes: np.ndarray, path: Path) -> Path:
-    """Held-out loss per cluster vs cluster size, one line per sampler; and the summary bars."""
+    """Three panels: per-cluster held-out loss (minus random's, when random ran) vs cluster
+    size; the mean / rare25 / common25 summary; the rare-cluster train/held-out gap."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    order = np.argsort(sizes, kind="stable")
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))
+    base = next((r.heldout_per_cluster for r in results if r.name == "random"), None)
+    fig, (ax, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.6), gridspec_kw={"width_ratios": [1.3, 1.2, 0.8]})
     for i, r in enumerate(results):
-        held = r.heldout_per_cluster[order]
-        ok = ~np.isnan(held)
-        ax.plot(sizes[order][ok], held[ok], marker="o", ms=3, lw=1.1, label=r.name, color=f"C{i}")
+        y = r.heldout_per_cluster - (base if base is not None else 0.0)
+        ok = ~np.isnan(y)
+        ax.plot(sizes[ok] * np.exp(0.04 * (i - len(results) / 2)), y[ok], "o", ms=3.5, alpha=0.8,
+                label=r.name, color=f"C{i}")
     ax.set_xscale("log")
     ax.set_xlabel("cluster size (training documents)")
-    ax.set_ylabel("held-out loss (nats/byte)")
-    ax.set_title("Held-out loss per cluster")
+    if base is not None:
+        ax.axhline(0.0, color="0.5", lw=0.8)
+        ax.set_ylabel("held-out loss − random's (nats/byte)")
+        ax.set_title("Per cluster, relative to random (below 0: better)")
+    else:
+        ax.set_ylabel("held-out loss (nats/byte)")
+        ax.set_title("Held-out loss per cluster")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     names = ("mean", "rare25", "common25")
@@ -270,13 +277,20 @@ def plot(results: Sequence[RunResult], sizes: np.ndarray, path: Path) -> Path:
     w = 0.8 / max(1, len(results))
     for i, r in enumerate(results):
         ax2.bar(x + i * w, [r.metrics[n] for n in names], width=w, label=r.name, color=f"C{i}")
+        ax3.bar(i, r.metrics["rare_gap"], color=f"C{i}")
     lo = min(r.metrics[n] for r in results for n in names)
     hi = max(r.metrics[n] for r in results for n in names)
-    ax2.set_ylim(lo - 0.1 * (hi - lo + 1e-9) - 0.02, hi + 0.1 * (hi - lo + 1e-9) + 0.02)
+    pad = 0.1 * (hi - lo) + 0.02
+    ax2.set_ylim(lo - pad, hi + pad)
     ax2.set_xticks(x + w * (len(results) - 1) / 2, names)
     ax2.set_ylabel("held-out loss (nats/byte)")
-    ax2.set_title("Summary over clusters")
+    ax2.set_title("Summary over clusters (lower is better)")
     ax2.grid(True, axis="y", alpha=0.3)
+    ax3.set_xticks(np.arange(len(results)), [r.name for r in results], rotation=45, ha="right", fontsize=8)
+    ax3.axhline(0.0, color="0.5", lw=0.8)
+    ax3.set_ylabel("held-out − train loss (nats/byte)")
+    ax3.set_title("Over-fitting on the rarest quartile")
+    ax3.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
