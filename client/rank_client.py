@@ -381,7 +381,7 @@ class RankClient:
                 return
 
     def _ack(self, force: bool = False) -> None:
-        """Acknowledges consumed steps every ack_every steps or ack_interval_s; never fails."""
+        """Acknowledges consumed steps every ack_every steps or ack_interval_s; never raises."""
         if self._next_step is None or self._next_step <= self._acked:
             return
         due = self._ack_pending >= self._ack_every or time.monotonic() - self._ack_time >= self._ack_interval_s
@@ -395,9 +395,11 @@ class RankClient:
             self._ensure_channel()
             self._stub.Ack(request, metadata=self._metadata, timeout=2.0)
         except grpc.RpcError as exc:
-            if not is_transient(exc):
-                raise from_rpc_error(exc, "Ack") from None
-            return  # the server is away; the stream thread reconnects, the next ack catches up
+            # Acks are advisory (flow control): a server that is away, restarting, or not yet
+            # re-formed must not stop training on buffered steps. The stream thread reconnects
+            # and reports real refusals; the next ack catches up.
+            log.debug("rank %d: ack of step %d failed: %s", self.topology.rank, self._next_step, exc)
+            return
         self._acked = self._next_step
         self._ack_pending = 0
         self._ack_time = time.monotonic()
@@ -478,10 +480,7 @@ class RankClient:
         if self._closed.is_set():
             return
         if self._channel is not None and self._pid == os.getpid():
-            try:
-                self._ack(force=True)
-            except ClientError:
-                pass
+            self._ack(force=True)
         self._closed.set()
         call, thread, channel = self._call, self._thread, self._channel
         if call is not None and self._pid == os.getpid():
