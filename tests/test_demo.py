@@ -3,6 +3,7 @@ and restarted), real 2-rank torchrun training; exact resume; report files; nothi
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -73,8 +74,13 @@ def test_demo_runs_end_to_end_and_leaves_nothing_behind(tmp_path):
 
 @pytest.mark.slow
 def test_demo_failure_still_cleans_up(tmp_path):
-    """A training phase that times out raises DemoError, and no child survives it."""
-    cfg = _small(tmp_path / "demo", docs=60, topics=3, steps=8, timeout_s=2.0)
+    """On the user's own JSON lines: a training phase that times out raises DemoError, and no
+    child survives it."""
+    corpus = tmp_path / "mine.jsonl"
+    with open(corpus, "w") as f:
+        for i in range(60):
+            f.write(json.dumps({"id": i, "body": f"note {i}: " + ("alpha beta " if i % 3 else "gamma delta ") * 4}) + "\n")
+    cfg = _small(tmp_path / "demo", corpus=corpus, text_field="body", steps=8, timeout_s=2.0)
     demo_pids: list[int] = []
     from croupier.demo import Demo
 
@@ -86,6 +92,9 @@ def test_demo_failure_still_cleans_up(tmp_path):
             demo_pids = demo._all_pids()
     assert demo_pids
     assert [p for p in demo_pids if _alive(p)] == []
+    from croupier.shards.sidecar import Sidecar
+
+    assert Sidecar.open(tmp_path / "demo" / "dataset").num_samples == 60  # it built the user's corpus
 
 
 def test_demo_config_refuses_bad_values(tmp_path):
