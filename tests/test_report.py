@@ -110,22 +110,14 @@ def test_report_from_live_server_and_state_dir(dataset, tmp_path, capsys):
     assert "index.html" in printed and "draws/size" in printed
     _pngs_ok(tmp_path / "cli", ["sizes_vs_draws.png", "passes.png", "draws_over_time.png"])
 
-
-@pytest.mark.slow
-def test_report_state_dir_of_another_dataset_is_refused(dataset, tmp_path):
+    # The state of one dataset is refused against another; a state dir must name its dataset.
     from croupier.shards.build import BuildConfig, build
     from croupier.shards.synthetic import generate_corpus, write_jsonl
 
-    state = tmp_path / "state"
-    proc, address = _serve(dataset, state, tmp_path / "server.log")
-    try:
-        RankClient(address, job="rep", topology=Topology(0, 1)).checkpoint(0)
-    finally:
-        _stop(proc)
     write_jsonl(tmp_path / "other.jsonl", generate_corpus(60, 3, seed=2))
     build(BuildConfig(out=str(tmp_path / "other"), inputs=(str(tmp_path / "other.jsonl"),), embedder="hashing",
                       clusters=3, progress=False))
-    with pytest.raises((FingerprintMismatch, ConfigError)):
+    with pytest.raises(FingerprintMismatch):
         report.from_state_dir(state, dataset=str(tmp_path / "other"))
     info = json.loads((state / "server.json").read_text())
     if any(info.get(k) for k in ("dataset_remote", "dataset", "remote")):
