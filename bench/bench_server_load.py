@@ -85,8 +85,11 @@ def _rank_loop(stub, pb2, rank: int, world: int, steps: int, rate: float, t0: fl
             if pending is not None and pending.exception() is not None:
                 retries.append(f"ack {pending.exception().code().name}")  # the next ack covers this one
             pending = stub.Ack.future(pb2.AckRequest(rank=rank, world_size=world, next_step=t + 1))
-    if pending is not None:
-        pending.result()
+    for attempt in range(5):  # the last ack must land: other ranks' lag bound depends on it
+        if pending is not None and pending.exception() is None:
+            break
+        retries.append(f"ack {pending.exception().code().name}")
+        pending = stub.Ack.future(pb2.AckRequest(rank=rank, world_size=world, next_step=steps))
     stream.cancel()
     out.append(waits[WARMUP_STEPS:])
 

@@ -163,11 +163,15 @@ class _Saved:
 
 
 class _Waiter:
-    __slots__ = ("event", "cancelled")
+    """A blocked stream or GetSlice. `lagged`: held by the lag bound (woken when the slowest
+    rank moves) rather than by its own lookahead (woken only by its own rank's acks)."""
+
+    __slots__ = ("event", "cancelled", "lagged")
 
     def __init__(self) -> None:
         self.event = threading.Event()
         self.cancelled = False
+        self.lagged = True
 
 
 class Job:
@@ -304,8 +308,8 @@ class Job:
                                      f"received ({self._far_reason()})")
             prog.last_seen = self._clock()
             if next_step > prog.next_step:
-                prog.next_step = next_step
-                self._after_progress(rank)
+                old_next, prog.next_step = prog.next_step, next_step
+                self._after_progress(rank, old_next)
             return self._slowest, self._fastest()
 
     def get_slice(self, rank: int, world: int, step: int, job: str = "",
@@ -362,6 +366,7 @@ class Job:
                 # what this server knows (it reconnects after a server restart).
                 prog.next_step = start_step
                 self._recompute_slowest()
+                self._notify(rank)  # the rank's other streams (DataLoader workers) see the new position
             prog.streams += 1
             prog.last_seen = self._clock()
             first = start_step + ((step_offset - start_step) % stride)
@@ -489,16 +494,15 @@ class Job:
         self._slowest = min(steps)
         if self._slowest != old:
             self._trim_locked()
-            self._notify_all()
+            self._notify_lagged()
 
     def _fastest(self) -> int:
         return max((p.next_step for p in self._ranks.values()), default=self._formed_at)
 
-    def _after_progress(self, rank: int) -> None:
-        old = self._slowest
-        self._recompute_slowest()
-        if self._slowest == old:
-            self._notify(rank)
+    def _after_progress(self, rank: int, old_next: int) -> None:
+        if old_next <= self._slowest:  # only the slowest rank's progress can move the slowest step
+            self._recompute_slowest()
+        self._notify(rank)
 
     def _notify(self, rank: int) -> None:
         for w in self._waiters.get(rank, ()):
@@ -508,6 +512,12 @@ class Job:
         for ws in self._waiters.values():
             for w in ws:
                 w.event.set()
+
+    def _notify_lagged(self) -> None:
+        for ws in self._waiters.values():
+            for w in ws:
+                if w.lagged:
+                    w.event.set()
 
     # -- internals: the sequence --------------------------------------------------------------
     def _trim_locked(self) -> None:
@@ -727,7 +737,10 @@ class SliceStream:
         prog = job._ranks.get(self.rank)
         if prog is None:
             raise JobReformed("the rank is no longer part of the job; join again")
-        bound = min(prog.next_step + self.lookahead, job._slowest + job.spec.max_lag)
+        own_bound = prog.next_step + self.lookahead
+        lag_bound = job._slowest + job.spec.max_lag
+        bound = min(own_bound, lag_bound)
+        self._waiter.lagged = lag_bound <= own_bound
         if self.stop:
             bound = min(bound, self.stop)
         out: list[SliceData] = []
