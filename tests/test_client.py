@@ -7,6 +7,7 @@ layout, policy, batch and seed: the one global sequence.
 from __future__ import annotations
 
 import shutil
+import subprocess
 import threading
 from pathlib import Path
 
@@ -65,13 +66,15 @@ class Servers:
         self.running: list = []
 
     def start(self, *, state: str = "state", token: str | None = None, port: int = 0, sizes=SIZES,
-              config=CONFIG, lookahead: int = 16, remote: Path | None = None):
+              config=CONFIG, lookahead: int = 16, remote: Path | None = None, tls: tuple[Path, Path] | None = None):
         remote = remote or self.remote
         fp = index_fingerprint((remote / "index.json").read_bytes())
         spec = JobSpec(name=JOB, dataset_remote=str(remote), dataset_fingerprint=fp, max_lookahead=lookahead)
         job = Job(ClusterLayout.from_sizes(sizes), config, B, SEED, spec=spec,
                   store=CheckpointStore(self.tmp / state))
-        server, bound = create_server(job, f"127.0.0.1:{port}", token=token, max_workers=16)
+        cert, key = tls if tls else (None, None)
+        server, bound = create_server(job, f"127.0.0.1:{port}", token=token, max_workers=16, tls_cert=cert,
+                                      tls_key=key)
         self.running.append(server)
         return server, f"127.0.0.1:{bound}"
 
@@ -225,11 +228,20 @@ def test_dataset_yields_decoded_samples_in_server_order(servers, tmp_path):
 
 def test_dataloader_with_two_workers_gives_the_server_order(servers, tmp_path):
     _, addr = servers.start()
+    ref = reference(16)
     ds = CroupierIterableDataset(addr, JOB, cache_dir=tmp_path / "cache", steps=9, topology=Topology(0, 1),
-                                 lookahead=4)
+                                 lookahead=4, cache_limit=4096)
     batches = list(DataLoader(ds, batch_size=B, num_workers=2))
     assert len(batches) == 9
-    check_batches(batches, reference(9))
+    check_batches(batches, ref)
+    # The trainer's main process checkpoints at the step it trained last; workers resume there.
+    state = ds.state_dict(next_step=int(batches[-1][STEP_KEY][0]) + 1)
+    ds.close()
+    assert state["next_step"] == 9 and state["token"].startswith("croupier-ckpt-v1:9:")
+    resumed = CroupierIterableDataset(addr, JOB, cache_dir=tmp_path / "cache", steps=7, topology=Topology(0, 1),
+                                      lookahead=4)
+    resumed.load_state_dict(state)
+    check_batches(list(DataLoader(resumed, batch_size=B, num_workers=3)), ref, first=9)
 
 
 def test_dataset_state_dict_resumes_exactly(servers, tmp_path):
@@ -283,3 +295,21 @@ def test_dump_prints_the_rank_slices_and_reads_them(servers, tmp_path, capsys):
     lines = [line for line in out.splitlines() if line.startswith("step ")]
     assert lines == [f"step {t}\t" + " ".join(str(i) for i in ref[t][B // 2:]) for t in range(3)]
     assert "samples/s" in out and "read 12 samples" in out
+
+
+def test_tls_with_the_server_certificate(servers, tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    _, addr = servers.start(tls=(cert, key), token="tls-token")
+    addr = addr.replace("127.0.0.1", "localhost")
+    with client(addr, tls_root_cert=cert, token="tls-token", stop_step=3) as c:
+        got = list(c)
+    for (step, ids), want in zip(got, reference(3)):
+        np.testing.assert_array_equal(ids, want)
+    assert len(got) == 3
+    with client(addr, token="tls-token", rpc_timeout_s=2,
+                backoff=Backoff(initial_s=0.01, max_s=0.05, give_up_after_s=0.5)) as c, \
+            pytest.raises(Unavailable):
+        c.join()  # a plaintext client cannot talk to a TLS server
