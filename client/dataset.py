@@ -108,20 +108,18 @@ class CroupierIterableDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
-        client = self._client(resume_token=self._resume_token or None)
+        client = self._client(resume_token=self._resume_token or None,
+                              expected_fingerprint=self._expected_fingerprint)
         store = None
         try:
-            if self._expected_fingerprint is not None:
-                client._expected_fingerprint = self._expected_fingerprint
             job = client.join()
             self._fingerprint = job.sampler_fingerprint
             if info is None:
                 self._resume_token = ""  # the job is resumed; later iterations just continue
             base = self._resolve_base(client, workers)
-            stop = None if self.steps is None else base + self.steps
-            client = self._configure(client, base, stop, workers, worker)
             store = self._open_store(job)
-            client._on_slice = lambda step, ids: store.prefetch(ids)
+            client.plan(base, None if self.steps is None else base + self.steps, step_stride=workers,
+                        step_offset=base + worker, on_slice=lambda step, ids: store.prefetch(ids))
             yield from self._samples(client, store, in_process=info is None)
         finally:
             client.close()
@@ -140,15 +138,6 @@ class CroupierIterableDataset(IterableDataset):
             if self._shared_base.value < 0:
                 self._shared_base.value = client.next_step
             return int(self._shared_base.value)
-
-    def _configure(self, joined: RankClient, base: int, stop: int | None, workers: int, worker: int) -> RankClient:
-        """The joined client, configured to stream this worker's steps from `base`."""
-        joined.stop_step = stop
-        joined.step_stride = workers
-        joined.step_offset = (base + worker) % workers
-        joined._start_step = base
-        joined._next_step = base
-        return joined
 
     def _open_store(self, job: Any):
         from croupier.client.shard_store import ShardStore

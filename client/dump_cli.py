@@ -60,7 +60,7 @@ def run_dump(args: argparse.Namespace) -> int:
     try:
         info = client.join()
         start = client.next_step
-        client.stop_step = start + args.steps
+        client.plan(start, start + args.steps)
         print(f"job {info.job}: dataset {info.dataset_fingerprint} at {info.dataset_remote or '-'}, "
               f"policy {info.policy}, global batch {info.global_batch}, rank {args.rank}/{args.world}, "
               f"steps {start}..{start + args.steps - 1}")
@@ -73,7 +73,7 @@ def run_dump(args: argparse.Namespace) -> int:
                 cache = tmp.name
             store = ShardStore(args.remote or info.dataset_remote, cache,
                                fingerprint=info.dataset_fingerprint or None)
-            client._on_slice = lambda step, ids: store.prefetch(ids)
+            client.plan(start, start + args.steps, on_slice=lambda step, ids: store.prefetch(ids))
         samples = 0
         began = time.perf_counter()
         for step, ids in client:

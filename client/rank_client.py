@@ -81,6 +81,7 @@ class RankClient:
         consumption (e.g. to prefetch shards); an exception it raises is re-raised to the
         consumer.
     ack_every: acknowledge after this many consumed steps (and at least every ack_interval_s).
+    expected_fingerprint: refuse (FingerprintMismatch) a server whose sampler fingerprint differs.
     """
 
     def __init__(
@@ -102,6 +103,7 @@ class RankClient:
         ack_interval_s: float = 1.0,
         rpc_timeout_s: float = 30.0,
         backoff: Backoff | None = None,
+        expected_fingerprint: str | None = None,
     ) -> None:
         if not job:
             raise ConfigError("job name must be non-empty")
@@ -134,7 +136,7 @@ class RankClient:
         self._channel: grpc.Channel | None = None
         self._stub: Any = None
         self._join: Any = None  # JoinResponse
-        self._expected_fingerprint: str | None = None
+        self._expected_fingerprint = expected_fingerprint or None
         self._next_step: int | None = None  # next step the consumer will train on
         self._token = ""
         self._token_step = -1
@@ -142,7 +144,6 @@ class RankClient:
         self._thread: threading.Thread | None = None
         self._call: Any = None
         self._closed = threading.Event()
-        self._lock = threading.Lock()
         self._acked = -1
         self._ack_pending = 0
         self._ack_time = time.monotonic()
@@ -237,6 +238,26 @@ class RankClient:
         return self._next_step
 
     # -- the stream ---------------------------------------------------------------------------
+
+    def plan(self, start_step: int, stop_step: int | None = None, step_stride: int = 1, step_offset: int = 0,
+             on_slice: Callable[[int, np.ndarray], None] | None = None) -> None:
+        """Sets which steps the stream delivers; only before the first `next_slice()`.
+
+        For callers that must join first to decide (a DataLoader worker learns the start step
+        from the job, then reads every `step_stride`-th step from it).
+        """
+        if self._thread is not None:
+            raise StateError("plan() must be called before the first next_slice()")
+        if start_step < 0 or (stop_step is not None and stop_step < 0) or step_stride < 1:
+            raise ConfigError(f"bad plan: start {start_step}, stop {stop_step}, stride {step_stride} "
+                              "(need start >= 0, stop >= 0, stride >= 1)")
+        self._start_step = int(start_step)
+        self._next_step = int(start_step)
+        self.stop_step = stop_step
+        self.step_stride = int(step_stride)
+        self.step_offset = int(step_offset) % self.step_stride
+        if on_slice is not None:
+            self._on_slice = on_slice
 
     def _first_step(self, start: int) -> int:
         """Smallest step >= start that this client's stride/offset delivers."""
