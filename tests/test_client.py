@@ -20,6 +20,7 @@ from croupier.client.dataset import ID_KEY, STEP_KEY, CroupierIterableDataset
 from croupier.client.errors import (
     ClientError,
     InvalidRequest,
+    Mismatch,
     NotFound,
     OutOfRange,
     Unauthenticated,
@@ -33,6 +34,7 @@ from croupier.server.layout import ClusterLayout
 from croupier.server.policy import PolicyConfig
 from croupier.server.service import create_server
 from croupier.server.store import CheckpointStore
+from croupier.server.token import CheckpointToken
 from croupier.server.topology import Topology
 from croupier.shards.fingerprint import index_fingerprint
 from workers.harness import cluster_sizes, free_port, sample_text, write_mds
@@ -129,6 +131,8 @@ def test_state_dict_round_trip_resumes_exactly(servers):
     assert [s for s, _ in tail] == list(range(4, 10))
     for step, ids in head + tail:
         np.testing.assert_array_equal(ids, ref[step])
+    with client(addr) as c:  # a re-request of a step returns the same slice
+        np.testing.assert_array_equal(c.get_slice(2), ref[2])
 
 
 def test_load_state_dict_refuses_another_sampler(servers):
@@ -183,6 +187,10 @@ def test_errors_are_typed_and_carry_the_server_message(servers):
     with client(addr, rank=0, world=3, token="s3cret") as c, pytest.raises(InvalidRequest, match="world size 3"):
         c.join()
     with client(addr, token="s3cret", resume_token="garbage") as c, pytest.raises(InvalidRequest, match="garbage"):
+        c.join()
+    foreign = CheckpointToken("smp:0123456789abcdef01234567", 2).encode()
+    with client(addr, token="s3cret", resume_token=foreign) as c, \
+            pytest.raises(Mismatch, match="smp:0123456789abcdef01234567"):
         c.join()
     dead = f"127.0.0.1:{free_port()}"
     with client(dead, backoff=Backoff(initial_s=0.01, max_s=0.05, give_up_after_s=0.3)) as c, \
