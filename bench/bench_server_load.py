@@ -5,8 +5,9 @@ processes, every rank joins, opens its slice stream and consumes one step every 
 seconds on a shared clock, acknowledging every ACK_EVERY steps, as a trainer would. We report
 
 - client wait per step (p50, p99): how long a rank was blocked on its stream between
-  wanting step t (its clock's time for t, or later if it runs behind) and having its slice. Reference: the step interval; the ratio is the
-  fraction of a step spent waiting (the target is far below 1: the trainer never waits).
+  wanting step t (its clock's time for t, or later if it runs behind) and having its slice.
+  Reference: the step interval; the ratio is the fraction of a step spent waiting (the
+  target is far below 1: the trainer never waits).
 - server CPU per million indices: user+system CPU seconds of the server process (from
   /proc) over the run, per million sample ids delivered. Reference: the CPU the sampling
   core alone spends generating the same batches in this process, so the ratio is the

@@ -269,10 +269,12 @@ class Job:
                 if token.fingerprint != self.fingerprint:
                     raise FingerprintMismatch("checkpoint token", expected=self.fingerprint, got=token.fingerprint)
                 if self._end_step is not None and token.step > self._end_step:
-                    raise StepOutOfRange(f"resume token step {token.step} is past the end of data at step {self._end_step}")
+                    raise StepOutOfRange(f"resume token step {token.step} is past the end of data "
+                                         f"at step {self._end_step}")
             Topology(rank=rank, world=world)
             if global_batch and global_batch != self.global_batch:
-                raise ConfigError(f"global batch {global_batch} does not match the job's global batch {self.global_batch}")
+                raise ConfigError(f"global batch {global_batch} does not match the job's global batch "
+                                  f"{self.global_batch}")
             p = per_rank_batch(self.global_batch, world)
             now = self._clock()
             if token is not None:
