@@ -1,1 +1,41 @@
-"""croupier.client."""
+"""croupier.client: what a trainer imports.
+
+    from croupier.client import CroupierIterableDataset, RankClient
+    from croupier.client.errors import ClientError, Unauthenticated, ...
+
+`CroupierIterableDataset` (torch) and `ShardStore` (mosaicml-streaming) load on first use, so
+importing the package for `RankClient` alone stays light.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from croupier.client.errors import (
+    ClientError,
+    InvalidRequest,
+    Mismatch,
+    NotFound,
+    OutOfRange,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
+from croupier.client.rank_client import Backoff, RankClient
+
+__all__ = [
+    "Backoff", "ClientError", "CroupierIterableDataset", "InvalidRequest", "Mismatch", "NotFound", "OutOfRange",
+    "PermissionDenied", "RankClient", "ShardStore", "Unauthenticated", "Unavailable",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "CroupierIterableDataset":
+        from croupier.client.dataset import CroupierIterableDataset
+
+        return CroupierIterableDataset
+    if name == "ShardStore":
+        from croupier.client.shard_store import ShardStore
+
+        return ShardStore
+    raise AttributeError(f"module 'croupier.client' has no attribute {name!r}")
