@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import threading
 import time
 import urllib.request
@@ -15,6 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from croupier.cli import main
 from croupier.proto import pb2, pb2_grpc
 from croupier.server.engine import Sampler
 from croupier.server.grpc_options import MAX_MESSAGE_BYTES, bearer, channel_options
@@ -232,9 +234,10 @@ def _self_signed(tmp: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def test_tls_with_a_self_signed_certificate(tmp_path: Path) -> None:
+def test_tls_with_a_self_signed_certificate(tmp_path: Path, capsys) -> None:
     cert, key = _self_signed(tmp_path)
-    server, port = create_server(make_job(), "127.0.0.1:0", tls_cert=cert, tls_key=key, token="t0k")
+    server, port = create_server(make_job(), "127.0.0.1:0", tls_cert=cert, tls_key=key, token="t0k",
+                                 admin_token="adm")
     try:
         creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
         with grpc.secure_channel(f"localhost:{port}", creds, options=channel_options()) as channel:
@@ -243,6 +246,13 @@ def test_tls_with_a_self_signed_certificate(tmp_path: Path) -> None:
             ids = stub.GetSlice(pb2.GetSliceRequest(rank=0, world_size=1, step=0), metadata=bearer("t0k"),
                                 timeout=10).slice.ids
             assert list(ids) == reference(1)[0].tolist()
+        (tmp_path / "tok").write_text("t0k")
+        (tmp_path / "adm").write_text("adm")
+        tls = ["--server", f"localhost:{port}", "--tls-ca", str(cert)]
+        assert main(["status", *tls, "--token-file", str(tmp_path / "tok"), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["generated_step"] == 1
+        assert main(["update", *tls, "--token-file", str(tmp_path / "adm"), "--step", "4", "--clip", "2"]) == 0
+        assert json.loads(capsys.readouterr().out) == {"effective_step": 4}
         with grpc.insecure_channel(f"127.0.0.1:{port}") as plain:  # plaintext to a TLS port fails
             got, _ = code_of(pb2_grpc.SamplerStub(plain).GetVersion, pb2.GetVersionRequest(), timeout=3)
             assert got in (CODE.UNAVAILABLE, CODE.DEADLINE_EXCEEDED)
