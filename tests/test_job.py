@@ -7,6 +7,8 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from croupier.errors import ConfigError, FingerprintMismatch
 from croupier.server.engine import Sampler
@@ -288,3 +290,26 @@ def test_round_trip_through_a_checkpoint_token(tmp_path) -> None:
                                save=lambda t: t.job.checkpoint(t.step).token, load=_Trainer.load, k=27, tail=30)
     ref = reference(57)
     assert all(np.array_equal(a, b) for a, b in zip(tail, ref[27:]))
+
+
+_REF = reference(80)
+
+
+@settings(max_examples=25, deadline=None)
+@given(world=st.sampled_from([1, 2, 4]), turns=st.lists(st.integers(0, 3), min_size=1, max_size=70))
+def test_any_interleaving_gets_exact_slices_within_the_lag_bound(world: int, turns: list[int]) -> None:
+    job = make_job(max_lag=3, max_lookahead=2)
+    for r in range(world):
+        job.join(r, world)
+    nxt = [0] * world
+    p = B // world
+    for turn in turns:
+        r = turn % world
+        t = nxt[r]
+        if t < min(nxt) + 3:
+            assert np.array_equal(job.get_slice(r, world, t).ids, _REF[t][r * p:(r + 1) * p])
+            nxt[r] += 1
+            assert job.ack(r, world, nxt[r]) == (min(nxt), max(nxt))
+        else:
+            with pytest.raises(StepOutOfRange, match="lag bound"):
+                job.get_slice(r, world, t, timeout=0)
