@@ -133,6 +133,23 @@ class Cluster:
     def close(self) -> None:
         for p in self.procs:
             kill_tree(p)
+        # torchrun starts each rank in its own session: a rank left behind by a failed run is
+        # not in torchrun's process group, so end it by the pid it wrote.
+        for pid_file in self.tmp.glob("*/pid.rank*"):
+            kill_worker(int(pid_file.read_text()))
+
+
+def kill_worker(pid: int) -> None:
+    """SIGKILLs `pid` if it is still one of this test's rank processes."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return
+    if str(WORKER).encode() in cmdline:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.fixture(scope="module")
