@@ -18,6 +18,11 @@ Checkpointing: `state_dict(next_step)` returns {"version", "sampler_fingerprint"
 "next_step", "token"}; `load_state_dict()` makes the next iteration start exactly there.
 Without workers the dataset tracks the position itself; with workers pass the next step to
 train (one past the `_croupier_step` of the last batch trained on).
+
+The sequence has no epochs: a trainer iterates once. Without workers a second iteration
+continues where the first stopped; with workers (whose progress the main process cannot
+see) every iteration starts from the dataset's start (the loaded state, `start_step`, or
+the rank's position on the server when the first worker joined).
 """
 
 from __future__ import annotations

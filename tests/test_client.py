@@ -37,6 +37,7 @@ from croupier.server.store import CheckpointStore
 from croupier.server.token import CheckpointToken
 from croupier.server.topology import Topology
 from croupier.shards.fingerprint import index_fingerprint
+from roundtrip import assert_resume_exact
 from workers.harness import cluster_sizes, free_port, sample_text, write_mds
 
 N = 200
@@ -133,6 +134,30 @@ def test_state_dict_round_trip_resumes_exactly(servers):
         np.testing.assert_array_equal(ids, ref[step])
     with client(addr) as c:  # a re-request of a step returns the same slice
         np.testing.assert_array_equal(c.get_slice(2), ref[2])
+
+
+def test_rank_client_passes_the_shared_resume_check(servers):
+    _, addr = servers.start()
+    opened: list[RankClient] = []
+
+    def make() -> RankClient:
+        opened.append(client(addr, lookahead=3))
+        return opened[-1]
+
+    def advance(c: RankClient) -> np.ndarray:
+        step, ids = c.next_slice()
+        return np.concatenate([[step], ids])
+
+    try:
+        tail = assert_resume_exact(make, advance, lambda c: c.state_dict(), lambda c, s: c.load_state_dict(s),
+                                   k=5, tail=6)
+    finally:
+        for c in opened:
+            c.close()
+    ref = reference(11)
+    for row in tail:
+        np.testing.assert_array_equal(row[1:], ref[row[0]])
+    assert [int(row[0]) for row in tail] == list(range(5, 11))
 
 
 def test_load_state_dict_refuses_another_sampler(servers):
