@@ -74,8 +74,14 @@ class DensitySketch:
     """R x B count sketch over p-stable LSH buckets of d-dimensional embeddings.
 
     Memory: R*B int32 counts (80 MB at the paper's R=1000, B=20000) plus the d x (R*K)
-    float32 projection matrix. The hash functions are a pure function of (params, dim).
+    float32 projections. The hash functions are a pure function of (params, dim).
+
+    A chunk is projected onto all K*R directions in one matrix product; hashing, counting
+    and gathering then go `ROW_BLOCK` rows at a time, so each block's buckets and counts
+    (a few MB) stay in cache instead of scattering over the whole R*B table.
     """
+
+    ROW_BLOCK = 64
 
     def __init__(self, dim: int, params: DensityParams | None = None) -> None:
         if int(dim) < 1:
@@ -83,60 +89,92 @@ class DensitySketch:
         self.dim = int(dim)
         self.params = params or DensityParams()
         p = self.params
+        rows, k = int(p.rows), int(p.hashes_per_row)
         rng = np.random.default_rng(np.random.SeedSequence([_SEED_TAG, int(p.seed), self.dim]))
-        width = int(p.rows) * int(p.hashes_per_row)
-        # Scaling by 1/w once here saves a division per chunk.
-        self._proj = (rng.standard_normal((self.dim, width), dtype=np.float32)
-                      / np.float32(p.bandwidth))
-        self._offset = rng.random(width, dtype=np.float32)  # b / w, uniform in [0, 1)
-        self._mult = (rng.integers(0, 2**31, size=(int(p.hashes_per_row), int(p.rows)),
-                                   dtype=np.uint32) * np.uint32(2) + np.uint32(1))  # odd
-        self._row_base = (np.arange(int(p.rows), dtype=np.int64) * int(p.buckets))
-        self.counts = np.zeros(int(p.rows) * int(p.buckets), dtype=np.int32)
+        # proj[j, r] is the j-th Gaussian direction of row r, pre-divided by the width w.
+        self._proj = rng.standard_normal((k, rows, self.dim), dtype=np.float32) / np.float32(p.bandwidth)
+        self._offset = rng.random((k, rows, 1), dtype=np.float32)  # b / w, uniform in [0, 1)
+        self._mult = (rng.integers(0, 2**31, size=(k, rows, 1), dtype=np.uint32) * np.uint32(2)
+                      + np.uint32(1))  # odd multipliers
+        self.counts = np.zeros(rows * int(p.buckets), dtype=np.int32)
         self.num_added = 0
 
     # -- hashing -----------------------------------------------------------------------
-    def cells(self, x: np.ndarray) -> np.ndarray:
-        """Flat sketch cell (row * B + bucket) of every row for each embedding: (n, R) int64."""
+    def _check(self, x: np.ndarray) -> np.ndarray:
+        """Embeddings as a contiguous float32 (d, n) matrix."""
         x = np.asarray(x)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ConfigError(f"embeddings must have shape (n, {self.dim}), got {x.shape}")
+        return np.ascontiguousarray(x.T, dtype=np.float32)
+
+    def _blocks(self) -> Iterator[tuple[int, int]]:
+        rows = int(self.params.rows)
+        for r0 in range(0, rows, self.ROW_BLOCK):
+            yield r0, min(rows, r0 + self.ROW_BLOCK)
+
+    def _project(self, xt: np.ndarray) -> np.ndarray:
+        """All K*R projections of a chunk in one matrix product: (K, R, n) float32."""
+        k, rows = self._proj.shape[:2]
+        return (self._proj.reshape(k * rows, self.dim) @ xt).reshape(k, rows, xt.shape[1])
+
+    def _block_buckets(self, proj: np.ndarray, r0: int, r1: int) -> np.ndarray:
+        """Bucket in [0, B) of rows [r0, r1) for each embedding: (r1 - r0, n) int64.
+
+        Consumes `proj[:, r0:r1]` (floored in place).
+        """
         p = self.params
-        proj = x.astype(np.float32, copy=False) @ self._proj
-        proj += self._offset
-        np.floor(proj, out=proj)
-        # Cell indices of p-stable hashes are small integers: 32 bits hold them, and 32-bit
-        # arithmetic halves the memory traffic of the hashing below.
-        codes = proj.astype(np.int32).view(np.uint32)
-        rows, k = int(p.rows), int(p.hashes_per_row)
-        # Column block j (rows wide) holds the j-th concatenated hash of every row.
-        # Vector hash: sum_j code_j * odd_j (mod 2^32), an xorshift-multiply finalizer, then
-        # a multiply-high onto [0, B) (no division).
-        key = codes[:, :rows] * self._mult[0]
-        for j in range(1, k):  # K is small; samples and rows stay vectorized
-            key += codes[:, j * rows:(j + 1) * rows] * self._mult[j]
+        key = None
+        for j in range(int(p.hashes_per_row)):  # K is small; rows and samples stay vectorized
+            blk = proj[j, r0:r1]
+            blk += self._offset[j, r0:r1]
+            np.floor(blk, out=blk)
+            # p-stable cell indices are small integers: 32-bit arithmetic holds them.
+            codes = blk.astype(np.int32).view(np.uint32)
+            codes *= self._mult[j, r0:r1]
+            key = codes if key is None else np.add(key, codes, out=key)
+        # Vector hash: sum_j code_j * odd_j (mod 2^32), an xorshift-multiply finalizer,
+        # then a multiply-high onto [0, B) (no division).
         key ^= key >> np.uint32(15)
         key *= np.uint32(0x2C1B3C6D)
         key ^= key >> np.uint32(12)
-        cells = key.astype(np.int64)
-        cells *= int(p.buckets)
-        cells >>= 32
-        cells += self._row_base
-        return cells
+        out = key.astype(np.int64)
+        out *= int(p.buckets)
+        out >>= 32
+        return out
+
+    def cells(self, x: np.ndarray) -> np.ndarray:
+        """Flat sketch cell (row * B + bucket) of every row for each embedding: (n, R) int64."""
+        proj = self._project(self._check(x))
+        b = int(self.params.buckets)
+        parts = [self._block_buckets(proj, r0, r1) + (np.arange(r0, r1, dtype=np.int64) * b)[:, None]
+                 for r0, r1 in self._blocks()]
+        return np.concatenate(parts, axis=0).T
 
     # -- the two passes ------------------------------------------------------------------
     def add(self, x: np.ndarray) -> None:
         """Pass 1: count a chunk of embeddings into the sketch."""
-        cells = self.cells(x).ravel()
-        if len(cells):
-            np.add(self.counts, np.bincount(cells, minlength=len(self.counts)), out=self.counts,
-                   casting="unsafe")
-        self.num_added += len(x)
+        xt = self._check(x)
+        if xt.shape[1]:
+            b = int(self.params.buckets)
+            proj = self._project(xt)
+            for r0, r1 in self._blocks():
+                local = self._block_buckets(proj, r0, r1)
+                local += (np.arange(r1 - r0, dtype=np.int64) * b)[:, None]
+                seg = self.counts[r0 * b:r1 * b]
+                np.add(seg, np.bincount(local.ravel(), minlength=len(seg)), out=seg, casting="unsafe")
+        self.num_added += xt.shape[1]
 
     def query(self, x: np.ndarray) -> np.ndarray:
         """Pass 2: mean bucket count over rows for each embedding of a chunk (float32)."""
-        cells = self.cells(x)
-        return self.counts[cells].mean(axis=1, dtype=np.float64).astype(np.float32)
+        xt = self._check(x)
+        b = int(self.params.buckets)
+        total = np.zeros(xt.shape[1], dtype=np.int64)
+        proj = self._project(xt)
+        for r0, r1 in self._blocks():
+            local = self._block_buckets(proj, r0, r1)
+            local += (np.arange(r1 - r0, dtype=np.int64) * b)[:, None]
+            total += self.counts[r0 * b:r1 * b][local].sum(axis=0, dtype=np.int64)
+        return (total / float(self.params.rows)).astype(np.float32)
 
 
 def iter_chunks(n: int, chunk_size: int) -> Iterator[tuple[int, int]]:

@@ -87,17 +87,20 @@ def test_scores_do_not_depend_on_chunking_and_follow_the_seed():
 
 def test_sketch_counts_every_embedding_once_per_row():
     x = _gaussian()[:500]
-    sk = DensitySketch(x.shape[1], DensityParams(rows=50, buckets=300, bandwidth=4.0, hashes_per_row=3))
+    rows = DensitySketch.ROW_BLOCK * 2 + 22  # several row blocks, the last one partial
+    sk = DensitySketch(x.shape[1], DensityParams(rows=rows, buckets=300, bandwidth=4.0, hashes_per_row=3))
     sk.add(x[:200])
     sk.add(x[200:])
-    counts = sk.counts.reshape(50, 300)
+    counts = sk.counts.reshape(rows, 300)
     assert (counts.sum(1) == 500).all()
     cells = sk.cells(x)
-    assert cells.shape == (500, 50)
-    assert ((cells // 300) == np.arange(50)).all()  # row r only touches its own buckets
+    assert cells.shape == (500, rows)
+    assert ((cells // 300) == np.arange(rows)).all()  # row r only touches its own buckets
+    # the query is the mean over rows of the counts of the embedding's cells
+    np.testing.assert_allclose(sk.query(x[:7]), sk.counts[cells[:7]].mean(1), rtol=1e-6)
 
 
-GOLDEN = np.array([2.5, 2.875, 2.25, 2.5, 1.875, 2.25, 2.25, 3.25, 2.25], dtype=np.float32)
+GOLDEN = np.array([3.25, 3.125, 3.0, 2.375, 1.875, 2.625, 3.25, 3.125, 3.125], dtype=np.float32)
 
 
 def test_golden_scores_for_a_fixed_seed():
