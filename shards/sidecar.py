@@ -259,6 +259,11 @@ class Sidecar:
     def clustering_hash(self) -> str:
         return str(self.manifest.get("clustering_hash", ""))
 
+    @property
+    def block_size(self) -> int:
+        """Samples per shard-aligned read block (cluster-major builds); 1 = no blocks."""
+        return int(self.manifest.get("block_size", 1))
+
     def layout(self, selection: str | None = None) -> ClusterLayout:
         """The sampler's view: the whole dataset, or only the ids of a named selection.
 
@@ -269,7 +274,7 @@ class Sidecar:
         if selection is None:
             fp = f"{self.fingerprint}+clu:{self.clustering_hash}"
             return ClusterLayout(offsets=offsets, members=self.members(), num_samples=self.num_samples,
-                                 fingerprint=fp)
+                                 fingerprint=fp, block_size=self.block_size)
         ids = self.selection(selection)
         labels = self._labels_of(ids, offsets)
         counts = np.bincount(labels, minlength=self.num_clusters).astype(np.int64)
@@ -280,7 +285,7 @@ class Sidecar:
         h = short_hash(self.clustering_hash.encode(), _ids_digest(np.asarray(ids)))
         fp = f"{self.fingerprint}+sel:{selection}:{h}"
         return ClusterLayout(offsets=sel_offsets, members=members, num_samples=self.num_samples,
-                             fingerprint=fp)
+                             fingerprint=fp, block_size=self.block_size)
 
     def layout_clusters(self, selection: str | None = None) -> np.ndarray:
         """Sidecar cluster id of each layout cluster (identity without a selection)."""

@@ -87,18 +87,18 @@ def test_hashing_build_cluster_major_reads_back_every_sample_once(tmp_path, corp
     # clusters recover the planted topics
     nmi = normalized_mutual_info_score([int(s["topic"]) for s in samples], a)
     assert nmi > NMI_BOUND_HASHING, nmi
-    # shard boundaries follow clusters: a cluster that fits in one shard lies in one shard
+    # shard-aligned read blocks: every cluster and every block of `block_size` samples of a
+    # cluster starts a shard, and no shard spans two clusters
     index = json.loads((out / "index.json").read_text())
     starts = np.concatenate([[0], np.cumsum([s["samples"] for s in index["shards"]])])
     offsets = side.offsets()
-    limit = index["shards"][0]["size_limit"]
-    raw = {s["text"]: len(s["text"].encode()) + 40 for s in samples}
-    for k in range(side.num_clusters):
-        lo, hi = int(offsets[k]), int(offsets[k + 1])
-        nbytes = sum(raw[samples[i]["text"]] for i in range(lo, hi))
-        first, last = np.searchsorted(starts, [lo, hi - 1], side="right") - 1
-        if nbytes < limit * 0.9:
-            assert first == last, (k, nbytes, limit)
+    block = side.block_size
+    assert block > 1 and layout.block_size == block
+    block_starts = np.concatenate([np.arange(lo, hi, block) for lo, hi in zip(offsets[:-1], offsets[1:])])
+    assert np.isin(block_starts, starts).all()
+    shard_cluster_first = np.searchsorted(offsets, starts[:-1], side="right") - 1
+    shard_cluster_last = np.searchsorted(offsets, starts[1:] - 1, side="right") - 1
+    assert np.array_equal(shard_cluster_first, shard_cluster_last)
     assert len(index["shards"]) > side.num_clusters  # the size limit still applies
 
 
