@@ -31,7 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=d.steps, help=f"training steps (default {d.steps})")
     p.add_argument("--global-batch", type=int, default=d.global_batch, help=f"samples per step over both ranks (default {d.global_batch})")
     p.add_argument("--world", type=int, default=d.world, help="torchrun ranks (default 2)")
-    p.add_argument("--policy", default=d.policy, help="sampling policy (default clusterclip)")
+    p.add_argument("--policy", default=d.policy, choices=("random", "uniform", "clusterclip", "g2s", "s2g"),
+                   help="sampling policy (default clusterclip; g2s/s2g switch halfway)")
     p.add_argument("--clip", default=d.clip, help="clip threshold: integer or auto (default auto)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--quiet", action="store_true", help="print only the final summary")
