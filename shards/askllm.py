@@ -213,15 +213,20 @@ def encode_prompts(tokenizer, examples: Sequence[str], max_length: int, *,
     """
     prompts = [build_prompt(e) for e in examples]
     wrap = len(prefix_ids) + len(suffix_ids)
-    enc = tokenizer(prompts, add_special_tokens=False,
-                    return_offsets_mapping=bool(getattr(tokenizer, "is_fast", False)))
+    all_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    long = [i for i, ids in enumerate(all_ids) if len(ids) + wrap > max_length]
+    offsets: dict[int, Any] = {}
+    if long and getattr(tokenizer, "is_fast", False):  # offsets only where a cut is needed
+        enc = tokenizer([prompts[i] for i in long], add_special_tokens=False,
+                        return_offsets_mapping=True)
+        offsets = dict(zip(long, enc["offset_mapping"]))
     out: list[list[int]] = []
-    for i, ids in enumerate(enc["input_ids"]):
+    for i, ids in enumerate(all_ids):
         ids = list(ids)
         if len(ids) + wrap > max_length:
             tail_start_char = len(PROMPT_PREFIX) + len(examples[i])
-            if "offset_mapping" in enc:
-                offs = enc["offset_mapping"][i]
+            if i in offsets:
+                offs = offsets[i]
                 # first token that reaches into the suffix (closing ### and question)
                 t = next((j for j, (a, b) in enumerate(offs) if b > tail_start_char), len(ids))
             else:
