@@ -3,7 +3,7 @@ and a local "remote" with a per-file latency.
 
 The dataset is written cluster-major (cluster c owns a contiguous id range, clusters in order,
 long-tailed sizes) with zstd and hashes, like the shards/ pipeline writes it, so a
-`ClusterLayout.from_sizes(sizes)` describes it exactly.
+`ClusterLayout.from_sizes(sizes, block_size=block)` describes it exactly.
 """
 
 from __future__ import annotations
@@ -31,11 +31,13 @@ def long_tailed_sizes(n: int, k: int, seed: int = 0) -> np.ndarray:
 
 
 def write_cluster_major(root: Path, sizes: np.ndarray, size_limit: int, text_bytes: tuple[int, int] = (200, 800),
-                        seed: int = 0) -> Path:
-    """Write an MDS dataset (zstd, xxh64) whose samples are grouped by cluster, cluster 0 first.
+                        seed: int = 0) -> tuple[Path, int]:
+    """Write an MDS dataset (zstd, xxh64) grouped by cluster, cluster 0 first; returns (root, block).
 
-    Like `croupier shards build`, a cluster starts on a fresh shard when it would otherwise
-    straddle two shards, so small clusters share shards and big ones own theirs.
+    Like `croupier shards build`, every cluster starts a fresh shard and each shard holds
+    `block` consecutive samples of one cluster (the last of a cluster fewer), `block` filling
+    three quarters of `size_limit` on average: the sampler's layout with that block size
+    reads one shard at a time per cluster.
     """
     from streaming import MDSWriter
 
@@ -45,17 +47,18 @@ def write_cluster_major(root: Path, sizes: np.ndarray, size_limit: int, text_byt
     pool = rng.choice(np.frombuffer(b"abcdefghijklmnopqrstuvwxyz     ", np.uint8), int(lengths.sum())).tobytes()
     starts = np.concatenate([[0], np.cumsum(lengths)])
     offsets = np.concatenate([[0], np.cumsum(sizes)])
-    cluster_bytes = np.add.reduceat(lengths + 32, offsets[:-1])  # text + MDS per-sample overhead
+    block = max(1, int(0.75 * size_limit / float(np.mean(lengths + 32))))  # + MDS per-sample overhead
     columns = {"id": "int", "cluster": "int", "text": "str"}
     with MDSWriter(out=str(root), columns=columns, compression="zstd", hashes=["xxh64"],
                    size_limit=size_limit) as writer:
         for c in range(len(sizes)):
-            if writer.new_samples and writer.new_shard_size + int(cluster_bytes[c]) > size_limit:
-                writer.flush_shard()
-                writer._reset_cache()
-            for i in range(int(offsets[c]), int(offsets[c + 1])):
-                writer.write({"id": i, "cluster": c, "text": pool[starts[i]:starts[i + 1]].decode()})
-    return root
+            for b0 in range(int(offsets[c]), int(offsets[c + 1]), block):
+                if writer.new_samples:
+                    writer.flush_shard()
+                    writer._reset_cache()
+                for i in range(b0, min(b0 + block, int(offsets[c + 1]))):
+                    writer.write({"id": i, "cluster": c, "text": pool[starts[i]:starts[i + 1]].decode()})
+    return root, block
 
 
 def clusterclip_batches(layout: ClusterLayout, steps: int, batch: int, clip: int = 3, seed: int = 0) -> np.ndarray:
@@ -65,33 +68,6 @@ def clusterclip_batches(layout: ClusterLayout, steps: int, batch: int, clip: int
 
     sampler = Sampler(layout, PolicyConfig(policy="clusterclip", clip=clip), global_batch=batch, seed=seed)
     return np.stack([sampler.next_batch() for _ in range(steps)])
-
-
-def shard_blocked(batches: np.ndarray, layout: ClusterLayout, shard_ends: np.ndarray, seed: int = 0) -> np.ndarray:
-    """The same cluster draws with each cluster's pass visiting its shards one block at a time.
-
-    Every slot keeps the cluster the sampler drew for it (so the cluster balance and the clip
-    are unchanged); only the order inside a cluster changes: each pass takes the cluster's
-    shard-aligned blocks in a fresh random order, and a random order inside each block.
-    For contiguous (cluster-major) layouts only.
-    """
-    rng = np.random.default_rng(seed)
-    flat = batches.ravel()
-    clusters = layout.clusters_of(flat)
-    by_cluster = np.argsort(clusters, kind="stable")  # k-th draw of cluster c, in sequence order
-    sc = clusters[by_cluster]
-    rank = np.empty(flat.size, dtype=np.int64)
-    rank[by_cluster] = np.arange(flat.size) - np.searchsorted(sc, sc, side="left")
-    sizes = layout.sizes[clusters]
-    passes = rank // sizes
-    orders = np.empty((int(passes.max()) + 1, layout.num_positions), dtype=np.int64)
-    for p in range(orders.shape[0]):
-        for c in range(layout.num_clusters):  # bench setup, once per (pass, cluster)
-            lo, hi = int(layout.offsets[c]), int(layout.offsets[c + 1])
-            cuts = shard_ends[(shard_ends > lo) & (shard_ends < hi)]
-            blocks = np.split(np.arange(lo, hi), cuts - lo)
-            orders[p, lo:hi] = np.concatenate([rng.permutation(blocks[j]) for j in rng.permutation(len(blocks))])
-    return orders[passes, layout.offsets[clusters] + rank - passes * sizes].reshape(batches.shape)
 
 
 def read_in_steps(store, batches: np.ndarray, lookahead: int) -> int:

@@ -6,11 +6,12 @@ long-tailed cluster sizes (as `croupier shards build` writes it); the read seque
 croupier's `clusterclip` sampler (clip 3) for a budget of half the dataset, fed to the store
 as a trainer does: `prefetch(step t + lookahead)`, `get(step t)`, `release(step t)`.
 
-Three read sequences, each with the same cluster draws:
-- sampler: the sampler's order as it is (a keyed random permutation inside each cluster);
-- blocked: each cluster's pass walks its shards one block at a time (random block order,
-  random order inside a block), lookahead = the trainer's 16 steps;
-- blocked, full horizon: the same, with every future step known to the store.
+Read sequences (the same cluster draws, clusterclip clip 3):
+- block-local order: the layout's block size equals the samples per shard, so each cluster's
+  pass walks its shards one at a time (keyed block order, keyed order inside a block); with
+  a lookahead of 16 steps, the client's default of 64, and with every future step known;
+- fully shuffled in-cluster order (block size 1), for contrast: every shard of every active
+  cluster is needed at once.
 
 reference = the amplification of an offline oracle (Belady: evict the shard needed farthest
 in the future, knowing the whole sequence) with the same cache; ratio = store / oracle.
@@ -28,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 SCALES = {
-    "quick": {"n": 20_000, "k": 16, "size_limit": 8 << 10, "batch": 64, "lookahead": 16},
-    "full": {"n": 200_000, "k": 64, "size_limit": 16 << 10, "batch": 256, "lookahead": 16},
+    "quick": {"n": 20_000, "k": 16, "size_limit": 8 << 10, "batch": 64, "lookahead": 64},
+    "full": {"n": 200_000, "k": 64, "size_limit": 16 << 10, "batch": 256, "lookahead": 64},
 }
 CACHE_FRACTION = 0.10
 
@@ -71,7 +72,7 @@ def read_through_store(remote: Path, cache: Path, batches: np.ndarray, limit: in
 
 
 def run(scale: str = "full") -> list[dict]:
-    from bench._shard_data import clusterclip_batches, long_tailed_sizes, shard_blocked, write_cluster_major
+    from bench._shard_data import clusterclip_batches, long_tailed_sizes, write_cluster_major
     from croupier.client.shard_index import ShardIndex
     from croupier.client.shard_store import ShardStore
     from croupier.server.layout import ClusterLayout
@@ -81,18 +82,18 @@ def run(scale: str = "full") -> list[dict]:
     rows: list[dict] = []
     try:
         sizes = long_tailed_sizes(p["n"], p["k"])
-        remote = write_cluster_major(work / "remote", sizes, p["size_limit"], text_bytes=(100, 400))
+        remote, block = write_cluster_major(work / "remote", sizes, p["size_limit"], text_bytes=(100, 400))
         probe = ShardStore(remote, work / "probe")
         index: ShardIndex = probe.index
         limit = int(probe.dataset_bytes * CACHE_FRACTION)
         fetch, size = probe._fetch_bytes, probe._disk_bytes
-        layout = ClusterLayout.from_sizes(sizes)
         steps = p["n"] // 2 // p["batch"]
-        sampler_order = clusterclip_batches(layout, steps, p["batch"], clip=3, seed=0)
-        blocked = shard_blocked(sampler_order, layout, index.ends, seed=0)
-        cases = [("sampler order", sampler_order, p["lookahead"]),
-                 ("blocked order", blocked, p["lookahead"]),
-                 ("blocked order, full horizon", blocked, steps)]
+        blocked = clusterclip_batches(ClusterLayout.from_sizes(sizes, block_size=block), steps, p["batch"])
+        shuffled = clusterclip_batches(ClusterLayout.from_sizes(sizes), steps, p["batch"])
+        cases = [("block-local order", blocked, p["lookahead"] // 4),
+                 ("block-local order", blocked, p["lookahead"]),
+                 ("block-local order, full horizon", blocked, steps),
+                 ("fully shuffled in-cluster order", shuffled, p["lookahead"])]
         print(f"{index.num_shards} shards, {p['k']} clusters, {steps} steps x {p['batch']}, "
               f"cache limit {limit} B ({CACHE_FRACTION:.0%} of {probe.dataset_bytes} B)")
         for i, (name, batches, lookahead) in enumerate(cases):

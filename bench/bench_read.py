@@ -70,8 +70,9 @@ def run(scale: str = "full") -> list[dict]:
     rows: list[dict] = []
     try:
         sizes = long_tailed_sizes(p["n"], p["k"])
-        local = write_cluster_major(work / "remote", sizes, p["size_limit"])
-        batches = clusterclip_batches(ClusterLayout.from_sizes(sizes), p["read"] // p["batch"], p["batch"])
+        local, block = write_cluster_major(work / "remote", sizes, p["size_limit"])
+        batches = clusterclip_batches(ClusterLayout.from_sizes(sizes, block_size=block), p["read"] // p["batch"],
+                                      p["batch"])
         count = batches.size
         for name, remote in (("local remote", str(local)),
                              (f"remote with {p['latency_s'] * 1e3:.0f} ms per file",

@@ -65,7 +65,7 @@ class CroupierIterableDataset(IterableDataset):
         topology: Topology | None = None,
         token: str | None = None,
         tls_root_cert: str | os.PathLike | bytes | None = None,
-        lookahead: int = 16,
+        lookahead: int = 64,
         remote: str | None = None,
         prefetch_threads: int = 4,
     ) -> None:

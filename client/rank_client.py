@@ -92,7 +92,7 @@ class RankClient:
         topology: Topology | None = None,
         token: str | None = None,
         tls_root_cert: str | os.PathLike | bytes | None = None,
-        lookahead: int = 16,
+        lookahead: int = 64,
         resume_token: str | None = None,
         start_step: int | None = None,
         stop_step: int | None = None,

@@ -73,8 +73,8 @@ class JobSpec:
     dataset_remote: str = ""
     dataset_fingerprint: str = ""
     selection: str = ""
-    max_lag: int = 64
-    max_lookahead: int = 16
+    max_lag: int = 128
+    max_lookahead: int = 64
     checkpoint_every: int = 1000
     snapshot_every: int = 32
 
