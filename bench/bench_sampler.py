@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -36,6 +35,17 @@ def _long_tailed_sizes(n: int, k: int):
     sizes = np.floor(w / w.sum() * (n - k)).astype(np.int64) + 1
     sizes[0] += n - sizes.sum()
     return sizes
+
+
+def _peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM). getrusage's ru_maxrss would carry over the
+    parent's high-water mark across fork + exec, so a benchmark child would report its
+    parent's memory."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("VmHWM not found in /proc/self/status")
 
 
 def child_croupier(n: int, k: int, indices: int) -> dict:
@@ -62,7 +72,7 @@ def child_croupier(n: int, k: int, indices: int) -> dict:
         s.load_state(SamplerState.from_bytes(blob))
     save_load = (time.perf_counter() - t1) / 20
     return {"rate": produced / elapsed, "first_batch_s": first, "save_load_s": save_load,
-            "state_bytes": len(blob), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "state_bytes": len(blob), "peak_rss_mb": _peak_rss_mb()}
 
 
 def child_torch(n: int, indices: int) -> dict:
@@ -88,7 +98,7 @@ def child_torch(n: int, indices: int) -> dict:
         produced += len(batch)
     elapsed = time.perf_counter() - t0
     return {"rate": produced / elapsed, "first_batch_s": first,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": _peak_rss_mb()}
 
 
 def _in_child(fn: str, *args: int) -> dict:

@@ -72,25 +72,31 @@ class SamplerState:
             "pending": [c.to_dict() for c in self.pending],
         }
         hb = json.dumps(header, sort_keys=True).encode()
-        parts = [MAGIC, struct.pack("<I", len(hb)), hb]
-        for arr in (self.cursor, self.draws, self.clipped_at):
-            parts.append(np.ascontiguousarray(arr, dtype="<i8").tobytes())
+        arrays: list[tuple[np.ndarray, str]] = [(self.cursor, "<i8"), (self.draws, "<i8"), (self.clipped_at, "<i8")]
         if self.weights is not None:
-            parts.append(np.ascontiguousarray(self.weights, dtype="<f8").tobytes())
-        body = b"".join(parts)
-        return body + struct.pack("<I", zlib.crc32(body))
+            arrays.append((self.weights, "<f8"))
+        head = len(MAGIC) + 4 + len(hb)
+        buf = bytearray(head + 8 * k * len(arrays) + 4)
+        buf[:head] = MAGIC + struct.pack("<I", len(hb)) + hb
+        off = head
+        for arr, dtype in arrays:  # one copy per array, straight into the buffer
+            np.frombuffer(buf, dtype=dtype, count=k, offset=off)[:] = arr
+            off += 8 * k
+        view = memoryview(buf)
+        struct.pack_into("<I", buf, off, zlib.crc32(view[:off]))
+        return bytes(buf)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "SamplerState":
         if len(data) < len(MAGIC) + 8 or data[:len(MAGIC)] != MAGIC:
             raise StateError(f"not a croupier sampler state (bad magic or {len(data)} bytes)")
-        body, (crc,) = data[:-4], struct.unpack("<I", data[-4:])
+        body, (crc,) = memoryview(data)[:-4], struct.unpack("<I", data[-4:])
         if zlib.crc32(body) != crc:
             raise StateError("sampler state checksum mismatch: the state is corrupt or truncated")
         (hlen,) = struct.unpack_from("<I", body, len(MAGIC))
         off = len(MAGIC) + 4
         try:
-            header = json.loads(body[off:off + hlen])
+            header = json.loads(bytes(body[off:off + hlen]))
         except ValueError as exc:
             raise StateError(f"sampler state header is not valid JSON: {exc}") from None
         if header.get("version") != VERSION:
@@ -100,13 +106,14 @@ class SamplerState:
         want = off + 3 * 8 * k + (8 * k if header["has_weights"] else 0)
         if len(body) != want:
             raise StateError(f"sampler state holds {len(body)} bytes, expected {want} for {k} clusters")
+        # Read-only views into `data`, no copies: a sampler copies them on load_state.
         arrays = []
         for _ in range(3):
-            arrays.append(np.frombuffer(body, dtype="<i8", count=k, offset=off).astype(np.int64))
+            arrays.append(np.frombuffer(body, dtype="<i8", count=k, offset=off))
             off += 8 * k
         weights = None
         if header["has_weights"]:
-            weights = np.frombuffer(body, dtype="<f8", count=k, offset=off).astype(np.float64)
+            weights = np.frombuffer(body, dtype="<f8", count=k, offset=off)
         return cls(fingerprint=header["fingerprint"], step=int(header["step"]),
                    random_cursor=int(header["random_cursor"]), clip=header["clip"], weights=weights,
                    cursor=arrays[0], draws=arrays[1], clipped_at=arrays[2],
