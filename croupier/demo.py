@@ -56,7 +56,7 @@ class DemoConfig:
     topics: int = 24
     alpha: float = 1.2
     clusters: int | None = None
-    embedder: str = "hashing"
+    embedder: str = "minilm"
     steps: int = 300
     global_batch: int = 16
     world: int = 2

@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--clusters", type=int, default=None,
                    help="k-means clusters (default: the topic count, or about sqrt(N) for --corpus)")
     p.add_argument("--embedder", default=d.embedder, choices=("minilm", "hashing"),
-                   help="document embedder (default hashing: model-free and fast; minilm: all-MiniLM-L6-v2, slower on CPU)")
+                   help="document embedder (default minilm: all-MiniLM-L6-v2, offline; hashing: model-free, for large corpora on CPU)")
     p.add_argument("--steps", type=int, default=d.steps, help=f"training steps (default {d.steps})")
     p.add_argument("--global-batch", type=int, default=d.global_batch, help=f"samples per step over both ranks (default {d.global_batch})")
     p.add_argument("--world", type=int, default=d.world, help="torchrun ranks (default 2)")
