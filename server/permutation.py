@@ -11,6 +11,8 @@ so (cluster 1, pass 2) and (cluster 2, pass 1) get unrelated orders.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 _U64 = np.uint64
@@ -60,6 +62,17 @@ def permute(x: np.ndarray, n: np.ndarray | int, key: np.ndarray | np.uint64) -> 
     land in [n, a * b) cycle-walk; at most one in sqrt(n) does, so the walk is short.
     Every x must lie in [0, n) and n must be < 2**52. Returns int64.
     """
+    return _cycle_walk(x, n, key, _feistel)
+
+
+def unpermute(y: np.ndarray, n: np.ndarray | int, key: np.ndarray | np.uint64) -> np.ndarray:
+    """Inverse of `permute`: the x with permute(x, n, key) == y (arguments broadcast)."""
+    return _cycle_walk(y, n, key, _feistel_inverse)
+
+
+def _cycle_walk(x: np.ndarray, n: np.ndarray | int, key: np.ndarray | np.uint64,
+                network: Callable[..., np.ndarray]) -> np.ndarray:
+    """Applies `network` (a bijection of [0, a * b)) until every value lies in [0, n)."""
     x = np.asarray(x, dtype=np.uint64)
     n = np.broadcast_to(np.asarray(n, dtype=np.uint64), x.shape)
     key = np.broadcast_to(np.asarray(key, dtype=np.uint64), x.shape)
@@ -67,10 +80,10 @@ def permute(x: np.ndarray, n: np.ndarray | int, key: np.ndarray | np.uint64) -> 
     b = (n + a - _U64(1)) // a
     # The key is already a well-mixed 64-bit hash; distinct tags give each round its own function.
     round_keys = [key ^ tag for tag in _ROUND_TAGS]
-    out = _feistel(x, a, b, round_keys)
+    out = network(x, a, b, round_keys)
     outside = np.flatnonzero(out >= n)
     while outside.size:
-        cur = _feistel(out[outside], a[outside], b[outside], [k[outside] for k in round_keys])
+        cur = network(out[outside], a[outside], b[outside], [k[outside] for k in round_keys])
         out[outside] = cur
         outside = outside[cur >= n[outside]]
     return out.astype(np.int64)
@@ -84,22 +97,6 @@ def _feistel(v: np.ndarray, a: np.ndarray, b: np.ndarray, round_keys: list[np.nd
         right = (right + _round(left, round_keys[i + 1])) % b
     return left * b + right
 
-
-def unpermute(y: np.ndarray, n: np.ndarray | int, key: np.ndarray | np.uint64) -> np.ndarray:
-    """Inverse of `permute`: the x with permute(x, n, key) == y (arguments broadcast)."""
-    y = np.asarray(y, dtype=np.uint64)
-    n = np.broadcast_to(np.asarray(n, dtype=np.uint64), y.shape)
-    key = np.broadcast_to(np.asarray(key, dtype=np.uint64), y.shape)
-    a = np.maximum(np.sqrt(n.astype(np.float64)).astype(np.uint64), _U64(1))
-    b = (n + a - _U64(1)) // a
-    round_keys = [key ^ tag for tag in _ROUND_TAGS]
-    out = _feistel_inverse(y, a, b, round_keys)
-    outside = np.flatnonzero(out >= n)
-    while outside.size:
-        cur = _feistel_inverse(out[outside], a[outside], b[outside], [k[outside] for k in round_keys])
-        out[outside] = cur
-        outside = outside[cur >= n[outside]]
-    return out.astype(np.int64)
 
 
 def _feistel_inverse(v: np.ndarray, a: np.ndarray, b: np.ndarray, round_keys: list[np.ndarray]) -> np.ndarray:
