@@ -48,41 +48,15 @@ def test_prompt_is_the_papers_byte_for_byte():
     assert build_prompt("{x} {}") == PROMPT_TEMPLATE.replace("{example}", "{x} {}")  # braces are text
 
 
-# -- tiny models: random weights, a real WordPiece tokenizer, no downloads ---------------------------
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, Path]:
-    import torch
-    import transformers
-
-    from croupier.shards.embed import minilm_model_path
-
-    tok = transformers.AutoTokenizer.from_pretrained(minilm_model_path(), local_files_only=True)
-    root = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    gpt2 = root / "gpt2"
-    tok.save_pretrained(gpt2)
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=len(tok), n_layer=2, n_embd=32, n_head=2, n_positions=512,
-        bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id,
-    )).save_pretrained(gpt2)
-    t5 = root / "t5"
-    tok.save_pretrained(t5)
-    transformers.T5ForConditionalGeneration(transformers.T5Config(
-        vocab_size=len(tok), d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2,
-        pad_token_id=tok.pad_token_id, decoder_start_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id,
-    )).save_pretrained(t5)
-    return {"gpt2": gpt2, "t5": t5}
-
-
 TEXTS = ["The telescope observes a distant galaxy.", "x", "Cooking: the sauce simmers " * 8,
          "Braces {like} these and ### marks", "A court rules on the appeal."]
 
 
 @pytest.mark.slow
-def test_causal_score_is_p_yes_after_the_prompt(tiny):
+def test_causal_score_is_p_yes_after_the_prompt(tiny_lms):
     import torch
 
-    s = AskLLMScorer(str(tiny["gpt2"]), batch_size=2, max_length=256)
+    s = AskLLMScorer(str(tiny_lms["gpt2"]), batch_size=2, max_length=256)
     got = s.score(TEXTS)
     tok, model = s.lm.tokenizer, s.lm.model
     yes = tok.convert_tokens_to_ids("yes")
@@ -98,10 +72,10 @@ def test_causal_score_is_p_yes_after_the_prompt(tiny):
 
 
 @pytest.mark.slow
-def test_seq2seq_score_is_p_yes_at_the_first_decoder_step(tiny):
+def test_seq2seq_score_is_p_yes_at_the_first_decoder_step(tiny_lms):
     import torch
 
-    s = AskLLMScorer(str(tiny["t5"]), batch_size=3, max_length=256)
+    s = AskLLMScorer(str(tiny_lms["t5"]), batch_size=3, max_length=256)
     got = s.score(TEXTS)
     tok, model = s.lm.tokenizer, s.lm.model
     yes = tok.convert_tokens_to_ids("yes")
@@ -116,8 +90,8 @@ def test_seq2seq_score_is_p_yes_at_the_first_decoder_step(tiny):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["gpt2", "t5"])
-def test_long_examples_are_cut_and_the_question_kept(tiny, kind):
-    s = AskLLMScorer(str(tiny[kind]), max_length=120)
+def test_long_examples_are_cut_and_the_question_kept(tiny_lms, kind):
+    s = AskLLMScorer(str(tiny_lms[kind]), max_length=120)
     long = " ".join(f"word{i}" for i in range(3000))
     enc = s.encode([long, "short one"])
     assert len(enc[0]) == 120 and len(enc[1]) < 120
@@ -130,15 +104,15 @@ def test_long_examples_are_cut_and_the_question_kept(tiny, kind):
     assert np.isfinite(s.score([long])).all()
 
 
-def test_models_that_cannot_load_offline_name_what_is_missing(tmp_path, tiny, capsys):
+def test_models_that_cannot_load_offline_name_what_is_missing(tmp_path, tiny_lms, capsys):
     only_config = tmp_path / "only-config"
     only_config.mkdir()
-    (only_config / "config.json").write_text((tiny["gpt2"] / "config.json").read_text())
+    (only_config / "config.json").write_text((tiny_lms["gpt2"] / "config.json").read_text())
     with pytest.raises(ModelLoadError, match=r"lacks model weights .*tokenizer files"):
         load_model(str(only_config))
     no_weights = tmp_path / "no-weights"
     no_weights.mkdir()
-    for f in tiny["gpt2"].iterdir():
+    for f in tiny_lms["gpt2"].iterdir():
         if f.name != "model.safetensors":
             (no_weights / f.name).write_bytes(f.read_bytes())
     with pytest.raises(ModelLoadError, match=r"lacks model weights \(model.safetensors or pytorch_model.bin\)"):
@@ -285,8 +259,7 @@ def test_unreachable_endpoint_is_a_clear_error():
 
 # -- end to end through `croupier shards score` ---------------------------------------------------
 @pytest.fixture(scope="module")
-def small_ds(tmp_path_factory) -> Path:
-    from test_select import build_dataset
+def small_ds(tmp_path_factory, build_dataset) -> Path:
     return build_dataset(tmp_path_factory.mktemp("askds"), num_docs=120, topics=3)
 
 
@@ -327,17 +300,17 @@ def test_endpoint_outage_keeps_partial_scores_and_the_run_resumes(ds, server, ca
 
 
 @pytest.mark.slow
-def test_local_model_end_to_end(ds, tiny, capsys):
-    assert main(["shards", "score", str(ds), "--by", "askllm", "--model", str(tiny["t5"]), "--name", "ask-t5",
+def test_local_model_end_to_end(ds, tiny_lms, capsys):
+    assert main(["shards", "score", str(ds), "--by", "askllm", "--model", str(tiny_lms["t5"]), "--name", "ask-t5",
                  "--max-length", "96", "--chunk-size", "64", "--batch-size", "32", "--no-progress"]) == 0
     side = Sidecar.open(ds)
     v = np.asarray(side.scores("ask-t5"))
     assert v.shape == (side.num_samples,) and ((v > 0) & (v < 1)).all()
     p = side.score_params("ask-t5")
-    assert p["model"] == str(tiny["t5"]) and p["seq2seq"] is True and p["max_length"] == 96
+    assert p["model"] == str(tiny_lms["t5"]) and p["seq2seq"] is True and p["max_length"] == 96
     with ShardTextReader(ds) as r:
         few = r.texts(0, 3)
-    ref = AskLLMScorer(str(tiny["t5"]), max_length=96).score(few)
+    ref = AskLLMScorer(str(tiny_lms["t5"]), max_length=96).score(few)
     np.testing.assert_allclose(v[:3], ref, rtol=1e-4)
     assert main(["shards", "select", str(ds), "--by", "askllm", "--scores", "ask-t5", "--keep", "0.5",
                  "--per-cluster"]) == 0
@@ -348,14 +321,14 @@ def test_local_model_end_to_end(ds, tiny, capsys):
     assert "exactly one of --model" in capsys.readouterr().err
 
 
-def test_a_cached_model_with_missing_files_is_named(tmp_path, tiny, monkeypatch):
+def test_a_cached_model_with_missing_files_is_named(tmp_path, tiny_lms, monkeypatch):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     snap = tmp_path / "hub" / "models--acme--tiny" / "snapshots" / "0123abc"
     snap.mkdir(parents=True)
-    (snap / "config.json").write_text((tiny["gpt2"] / "config.json").read_text())
-    (snap / "tokenizer.json").write_text((tiny["gpt2"] / "tokenizer.json").read_text())
+    (snap / "config.json").write_text((tiny_lms["gpt2"] / "config.json").read_text())
+    (snap / "tokenizer.json").write_text((tiny_lms["gpt2"] / "tokenizer.json").read_text())
     from croupier.shards.askllm import diagnose_model_path
     msg = diagnose_model_path("acme/tiny")
     assert "cache holds 'acme/tiny'" in msg and "model weights" in msg and "missing" in msg

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,40 +20,15 @@ from croupier.shards.sidecar import Sidecar
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
-    import torch
-    import transformers
-
-    from croupier.shards.embed import minilm_model_path
-
-    tok = transformers.AutoTokenizer.from_pretrained(minilm_model_path(), local_files_only=True)
-    root = tmp_path_factory.mktemp("ppl")
-    torch.manual_seed(1)
-    gpt2 = root / "gpt2"
-    tok.save_pretrained(gpt2)
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=len(tok), n_layer=2, n_embd=32, n_head=2, n_positions=256,
-        bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id,
-    )).save_pretrained(gpt2)
-    t5 = root / "t5"
-    tok.save_pretrained(t5)
-    transformers.T5ForConditionalGeneration(transformers.T5Config(
-        vocab_size=len(tok), d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2,
-        pad_token_id=tok.pad_token_id, decoder_start_token_id=tok.pad_token_id,
-    )).save_pretrained(t5)
-    return {"gpt2": gpt2, "t5": t5}
-
-
 TEXTS = ["The orchestra rehearses a symphony.", "", "word " * 300, "A judge overturns the verdict on appeal.",
          "hi"]
 
 
 @pytest.mark.slow
-def test_mean_token_nll_matches_a_plain_forward_pass(models):
+def test_mean_token_nll_matches_a_plain_forward_pass(tiny_lms):
     import torch
 
-    s = PerplexityScorer(str(models["gpt2"]), batch_size=2, max_length=64)
+    s = PerplexityScorer(str(tiny_lms["gpt2"]), batch_size=2, max_length=64)
     got = s.score(TEXTS)
     tok, model = s.lm.tokenizer, s.lm.model
     for text, g in zip(TEXTS, got):
@@ -71,27 +45,25 @@ def test_mean_token_nll_matches_a_plain_forward_pass(models):
     assert s.params()["unit"] == "nats/token"
 
 
-def test_perplexity_needs_a_causal_model(models, tmp_path):
+def test_perplexity_needs_a_causal_model(tiny_lms, tmp_path):
     with pytest.raises(ConfigError, match="needs a causal LM"):
-        PerplexityScorer(str(models["t5"]))
+        PerplexityScorer(str(tiny_lms["t5"]))
     with pytest.raises(ModelLoadError, match="does not exist"):
         PerplexityScorer(str(tmp_path / "absent"))
     with pytest.raises(ConfigError, match="max length"):
-        PerplexityScorer(str(models["gpt2"]), max_length=1)
+        PerplexityScorer(str(tiny_lms["gpt2"]), max_length=1)
 
 
 @pytest.mark.slow
-def test_perplexity_end_to_end_and_lowest_k(models, tmp_path, capsys):
-    from test_select import build_dataset
-
+def test_perplexity_end_to_end_and_lowest_k(tiny_lms, build_dataset, tmp_path, capsys):
     ds = build_dataset(tmp_path / "b", num_docs=60, topics=2)
-    assert main(["shards", "score", str(ds), "--by", "perplexity", "--model", str(models["gpt2"]),
+    assert main(["shards", "score", str(ds), "--by", "perplexity", "--model", str(tiny_lms["gpt2"]),
                  "--max-length", "48", "--chunk-size", "25", "--no-progress"]) == 0
     side = Sidecar.open(ds)
     v = np.asarray(side.scores("perplexity"))
     with ShardTextReader(ds) as r:
         texts = r.texts(0, side.num_samples)
-    ref = PerplexityScorer(str(models["gpt2"]), max_length=48).score(texts)
+    ref = PerplexityScorer(str(tiny_lms["gpt2"]), max_length=48).score(texts)
     np.testing.assert_allclose(v, np.where(np.isfinite(ref), ref, UNSCORABLE), rtol=1e-4)
     p = side.score_params("perplexity")
     assert p["scorer"] == "perplexity" and p["max_length"] == 48 and p["unscorable"] == 0

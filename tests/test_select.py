@@ -24,23 +24,8 @@ from croupier.shards.select import allocate, keep_count, priorities, select, top
 from croupier.shards.sidecar import Sidecar
 
 
-# -- a real dataset: synthetic corpus -> `shards build` (hashing embedder) ---------------------------
-def build_dataset(root: Path, num_docs: int = 400, topics: int = 5, layout: str = "cluster-major") -> Path:
-    """MDS shards (zstd, several shards) + sidecar with embeddings, built by the real builder."""
-    from croupier.shards.build import BuildConfig, Builder
-    from croupier.shards.synthetic import generate_corpus, write_jsonl
-
-    root.mkdir(parents=True, exist_ok=True)
-    src = root / "docs.jsonl"
-    write_jsonl(src, generate_corpus(num_docs, topics, seed=0))
-    out = root / "ds"
-    Builder(BuildConfig(out=str(out), inputs=(str(src),), embedder="hashing", clusters=topics,
-                        layout=layout, shard_size=16 << 10, progress=False)).run()
-    return out
-
-
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Path:
+def built(tmp_path_factory, build_dataset) -> Path:
     return build_dataset(tmp_path_factory.mktemp("selds"))
 
 
