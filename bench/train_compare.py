@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -168,8 +167,6 @@ class RunResult:
 def train_one(prep: Prepared, variant: Variant, *, steps: int, batch: int, cache: Path, seed: int = 0,
               lr: float = 3e-3, context: int = 64) -> RunResult:
     """Serve the variant's sampler over gRPC, stream its batches through the client, train, evaluate."""
-    import torch
-
     from croupier.client.dataset import ID_KEY, STEP_KEY, CroupierIterableDataset
     from croupier.server.job import Job, JobSpec
     from croupier.server.policy import PolicyConfig
@@ -378,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\n{info['train_docs']} training docs, {info['clusters']} clusters ({info['clusters_from']}), {info['steps']} steps x "
           f"{info['params']['batch']} examples ({info['params']['passes']} passes), seed {info['seed']}")
     print(format_table(results))
-    print(f"\nloss: held-out nats/byte (lower is better); rare_gap = held-out - train on the rarest quartile")
+    print("\nloss: held-out nats/byte (lower is better); rare_gap = held-out - train on the rarest quartile")
     print(f"wrote {args.out}/compare.png, results.json, table.txt in {time.perf_counter() - t0:.0f}s")
     return 0
 

@@ -31,7 +31,6 @@ import multiprocessing
 import os
 from typing import Any, Iterator, Mapping
 
-import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from croupier.client.rank_client import STATE_VERSION, RankClient, validate_state

@@ -149,7 +149,7 @@ class Builder:
         self.p = _Progress(cfg.progress)
         self.source = None  # MDSSource when adopting
         if cfg.adopt is not None:
-            from croupier.shards.mds import MDSSource, is_remote
+            from croupier.shards.mds import is_remote
 
             if cfg.out is None and is_remote(cfg.adopt):
                 raise ConfigError("--out DIR is required to adopt a remote dataset (the sidecar is written there)")
