@@ -118,8 +118,6 @@ def slow_remote(path: Path, latency_s: float) -> str:
 
 def shard_ends(remote: Path) -> np.ndarray:
     """Cumulative sample counts of the shards of a local MDS dataset."""
-    import json
+    from croupier.format.mds_index import MDSIndex
 
-    from croupier.client.shard_index import ShardIndex
-
-    return ShardIndex.from_index(json.loads((Path(remote) / "index.json").read_bytes())).ends
+    return MDSIndex.read(remote).table.ends

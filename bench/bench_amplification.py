@@ -73,7 +73,7 @@ def read_through_store(remote: Path, cache: Path, batches: np.ndarray, limit: in
 
 def run(scale: str = "full") -> list[dict]:
     from bench._shard_data import clusterclip_batches, long_tailed_sizes, write_cluster_major
-    from croupier.client.shard_index import ShardIndex
+    from croupier.format.id_table import ShardTable
     from croupier.client.shard_store import ShardStore
     from croupier.server.layout import ClusterLayout
 
@@ -84,7 +84,7 @@ def run(scale: str = "full") -> list[dict]:
         sizes = long_tailed_sizes(p["n"], p["k"])
         remote, block = write_cluster_major(work / "remote", sizes, p["size_limit"], text_bytes=(100, 400))
         probe = ShardStore(remote, work / "probe")
-        index: ShardIndex = probe.index
+        index: ShardTable = probe.index
         limit = int(probe.dataset_bytes * CACHE_FRACTION)
         fetch, size = probe._fetch_bytes, probe._disk_bytes
         steps = p["n"] // 2 // p["batch"]

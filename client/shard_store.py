@@ -8,11 +8,16 @@ no torch.distributed and leaves nothing in /dev/shm.
 
 Correctness rules it keeps:
 - The remote's index.json is fetched on every open and its fingerprint
-  (`croupier.shards.fingerprint.index_fingerprint`) must equal the one the server announced.
+  (`croupier.format.fingerprint.index_fingerprint`) must equal the one the server announced.
   The cache directory is `<cache_root>/<fingerprint>/`, so a rewritten dataset gets a new
   directory and old and new samples never mix.
 - A shard that is missing on the remote, or whose bytes fail the index's hash, raises a
   `DatasetError` naming the file (and the expected and actual hash).
+- Shards found complete in the cache from an earlier run are adopted without reading them,
+  so start-up stays fast, and verified on first use in each process: size, the index's hash
+  of the decompressed file when it records one, and the MDS sample header. A corrupt one is
+  logged, counted (`stats()["cache_repairs"]`) and fetched again. Any failure to read a
+  sample is a `DatasetError` naming the shard.
 - Several processes (all ranks and DataLoader workers of a node) may share one cache
   directory. Each shard has a lock file: a process holds it shared while it keeps the shard
   ("pinned"), takes it exclusively to download, and deletes a shard only when it can take it
@@ -36,7 +41,6 @@ from __future__ import annotations
 
 import fcntl
 import heapq
-import json
 import logging
 import os
 import threading
@@ -48,25 +52,18 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from croupier.client.shard_index import ShardIndex
 from croupier.errors import ConfigError, DatasetError, FingerprintMismatch
-from croupier.shards.fingerprint import index_fingerprint
+from croupier.format.atomic import write_bytes_atomic
+from croupier.format.fingerprint import cache_dir_name
+from croupier.format.mds_index import INDEX_BASENAME, MDSIndex
+from croupier.format.mds_shard import file_fault_at, header_fault_at
 
 log = logging.getLogger(__name__)
 
-INDEX_BASENAME = "index.json"
-# Hash algorithms to validate shards with, fastest first; the first one every shard records wins.
-HASH_PREFERENCE = ("xxh3_64", "xxh64", "xxh3_128", "xxh128", "xxh32", "blake2b", "sha1", "md5",
-                   "sha256", "sha512")
 _ABSENT, _LOADING, _READY = 0, 1, 2
 _NEVER = 1 << 62  # next_need of a shard that no pending id needs
 _LIVE = 1 << 61  # eviction keys: a live shard's key is its next need (< _LIVE), a dead one's is above
 _LOCK_RETRY_S = 0.002
-
-
-def cache_dir_name(fingerprint: str) -> str:
-    """Directory name of a dataset's cache under the cache root (fingerprints hold a colon)."""
-    return fingerprint.replace(":", "-")
 
 
 class ShardStore:
@@ -106,23 +103,25 @@ class ShardStore:
         self.download_timeout = float(download_timeout)
 
         index_bytes = _fetch_index(self.remote, self.cache_root, self.download_timeout)
-        got = index_fingerprint(index_bytes)
+        mds = MDSIndex(index_bytes, where=f"{INDEX_BASENAME} at {self.remote}")
+        got = mds.fingerprint
         if fingerprint is not None and got != fingerprint:
             raise FingerprintMismatch(f"dataset at {self.remote}", fingerprint, got)
         self.fingerprint = got
         self.local = self.cache_root / cache_dir_name(got)
         _store_index(self.local / INDEX_BASENAME, index_bytes)
 
+        self.entries = mds.shards
+        self.index = mds.table
         try:
-            obj = json.loads(index_bytes)
-            self.index = ShardIndex.from_index(obj)
-            self._readers = _readers(obj, str(self.local), allow_unsafe_types)
+            self._readers = _readers(mds.obj, str(self.local), allow_unsafe_types)
         except (ValueError, KeyError, TypeError) as e:
             raise DatasetError(f"index.json at {self.remote} is not a readable MDS index: {e}") from e
         pairs = [r.file_pairs for r in self._readers]
         self._disk_bytes = np.array([sum(raw.bytes for raw, _ in p) for p in pairs], dtype=np.int64)
         self._fetch_bytes = np.array([sum((z or raw).bytes for raw, z in p) for p in pairs], dtype=np.int64)
-        self.hash_algorithm = _choose_hash(pairs)
+        self.hash_algorithm = mds.hash_algorithm(stored=True)
+        self.raw_hash_algorithm = mds.hash_algorithm(stored=False)
         if self.cache_limit is not None and self.cache_limit < int(self._disk_bytes.max()):
             big = int(self._disk_bytes.argmax())
             raise ConfigError(f"cache_limit {self.cache_limit} bytes cannot hold shard "
@@ -163,8 +162,9 @@ class ShardStore:
 
     def stats(self) -> dict[str, float]:
         """Counters of this process: bytes_downloaded, shards_downloaded, shards_reused,
-        evictions, samples_read, wait_seconds (get blocked on shards), cache_bytes,
-        peak_cache_bytes, pinned_shards, pending_ids."""
+        cache_repairs (cached shards found corrupt and fetched again), evictions, samples_read,
+        wait_seconds (get blocked on shards), cache_bytes, peak_cache_bytes, pinned_shards,
+        pending_ids."""
         rt = self._rt
         if rt is None or rt.pid != os.getpid():
             return dict(_Runtime.zero_counters(), cache_bytes=0, peak_cache_bytes=0, pinned_shards=0,
@@ -242,6 +242,7 @@ class _Runtime:
         self.in_use = np.zeros(n, dtype=np.int64)
         self.next_need = np.full(n, _NEVER, dtype=np.int64)
         self.last_used = np.zeros(n, dtype=np.int64)
+        self.unverified = np.zeros(n, dtype=bool)  # adopted from an earlier run, not yet checked
         self.pending: dict[int, deque[list[int]]] = {}
         self.heap: list[tuple[int, int]] = []
         self.pins: dict[int, int] = {}
@@ -258,11 +259,13 @@ class _Runtime:
 
     @staticmethod
     def zero_counters() -> dict[str, float]:
-        return {"bytes_downloaded": 0, "shards_downloaded": 0, "shards_reused": 0, "evictions": 0,
-                "samples_read": 0, "wait_seconds": 0.0}
+        return {"bytes_downloaded": 0, "shards_downloaded": 0, "shards_reused": 0, "cache_repairs": 0,
+                "evictions": 0, "samples_read": 0, "wait_seconds": 0.0}
 
     def _adopt_leftovers(self) -> None:
-        """Count shards already complete in the cache (an earlier run) as resident, unpinned."""
+        """Count shards already complete in the cache (an earlier run) as resident, unpinned.
+
+        Only their sizes are looked at here; their contents are verified on first use."""
         try:
             names = {e.name: e.stat().st_size for e in os.scandir(self.store.local) if e.is_file()}
         except FileNotFoundError:
@@ -270,6 +273,7 @@ class _Runtime:
         for s, reader in enumerate(self.readers):
             if all(names.get(raw.basename) == raw.bytes for raw, _ in reader.file_pairs):
                 self.status[s] = _READY
+                self.unverified[s] = True
                 self.resident += int(self.size[s])
         self.peak = self.resident
 
@@ -289,7 +293,12 @@ class _Runtime:
             try:
                 reader = self.readers[s]
                 for p, o in zip(positions.tolist(), offsets[positions].tolist()):
-                    out[p] = reader.get_item(o)
+                    try:
+                        out[p] = reader.get_item(o)
+                    except Exception as e:
+                        raise DatasetError(
+                            f"sample {int(ids[p])} (offset {o} of shard {self.store.entries[s].name} in "
+                            f"{self.store.local}) cannot be read: {type(e).__name__}: {e}") from e
             finally:
                 self._unuse(s)
         with self.cond:
@@ -515,7 +524,7 @@ class _Runtime:
         try:
             while True:
                 fcntl.flock(fd, fcntl.LOCK_SH)
-                if self._present(s):
+                if self._present(s) and (not self.unverified[s] or self._verify_adopted(s) is None):
                     return fd, fetched
                 fcntl.flock(fd, fcntl.LOCK_UN)
                 try:
@@ -529,14 +538,40 @@ class _Runtime:
                     time.sleep(_LOCK_RETRY_S)
                     continue
                 try:
-                    if not self._present(s):
+                    fault = "absent" if not self._present(s) else \
+                        self._verify_adopted(s) if self.unverified[s] else None
+                    if fault is not None:
+                        if fault != "absent":
+                            log.warning("cached shard %s in %s is corrupt (%s): fetching it again",
+                                        self.store.entries[s].name, self.store.local, fault)
+                            with self.cond:
+                                self.counters["cache_repairs"] += 1
                         self._download(s)
+                        self.unverified[s] = False
                         fetched += int(self.store._fetch_bytes[s])
                 finally:
                     fcntl.flock(fd, fcntl.LOCK_UN)
         except BaseException:
             os.close(fd)
             raise
+
+    def _verify_adopted(self, s: int) -> str | None:
+        """Check an adopted shard's files against the index (hash, then MDS header); None if good.
+
+        A good shard is marked verified, so each process reads it once."""
+        entry = self.store.entries[s]
+        local = self.store.local
+        for raw, _ in self.readers[s].file_pairs:
+            algo = self.store.raw_hash_algorithm if raw.hashes else None
+            fault = file_fault_at(local / raw.basename, raw, algo)
+            if fault is not None:
+                return f"{raw.basename}: {fault}"
+        if entry.format == "mds":
+            fault = header_fault_at(local / entry.raw.basename, entry.samples, entry.raw.basename)
+            if fault is not None:
+                return fault
+        self.unverified[s] = False
+        return None
 
     def _download(self, s: int) -> None:
         """Fetch, verify and decompress shard s (caller holds its lock exclusively)."""
@@ -625,15 +660,12 @@ def _fetch_index(remote: str, cache_root: Path, timeout: float) -> bytes:
 
 def _store_index(path: Path, data: bytes) -> None:
     """Write the dataset's index.json into its cache dir unless an identical copy is there."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         if path.read_bytes() == data:
             return
     except FileNotFoundError:
         pass
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, data)
 
 
 def _readers(index: dict, local: str, allow_unsafe_types: bool) -> list[Any]:
@@ -647,22 +679,6 @@ def _readers(index: dict, local: str, allow_unsafe_types: bool) -> list[Any]:
     if not readers:
         raise ValueError("it lists no shards")
     return readers
-
-
-def _choose_hash(pairs: list[list[tuple[Any, Any]]]) -> str | None:
-    """The preferred hash algorithm that every downloaded shard file records, if any."""
-    from streaming.base.hashing import get_hashes
-
-    common: set[str] | None = None
-    for pair in pairs:
-        for raw, zip_info in pair:
-            have = set((zip_info or raw).hashes)
-            common = have if common is None else common & have
-    common = (common or set()) & get_hashes()
-    for algo in HASH_PREFERENCE:
-        if algo in common:
-            return algo
-    return min(common) if common else None
 
 
 def _shard_name(reader: Any) -> str:

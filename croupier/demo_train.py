@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from croupier.client.dataset import ID_KEY, STEP_KEY, CroupierIterableDataset
+from croupier.format.atomic import atomic_path, write_json_atomic
 from croupier.server.topology import Topology
 from croupier.tinylm import TinyLMConfig, build_model, encode, make_optimizer, train_step
 
@@ -49,12 +50,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="model initialisation seed")
     p.add_argument("--lookahead", type=int, default=8)
     return p.parse_args(argv)
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,13 +128,12 @@ def _train(args: argparse.Namespace) -> int:
                            "(the sequence ended early: the clip exhausted every cluster?)")
 
     state = ds.state_dict(next_step=next_step)
-    _write_json_atomic(ckpt / f"data.rank{topo.rank}.json", state)
+    write_json_atomic(ckpt / f"data.rank{topo.rank}.json", state, indent=None)
     ds.close()
     if topo.rank == 0:
-        tmp = ckpt / f".{MODEL_FILE}.tmp"
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "config": cfg.to_dict(), "next_step": next_step}, tmp)
-        os.replace(tmp, ckpt / MODEL_FILE)
+        with atomic_path(ckpt / MODEL_FILE) as tmp:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "config": cfg.to_dict(), "next_step": next_step}, tmp)
     dist.barrier()
     return 0
 

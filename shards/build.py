@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
+
 import shutil
 import sys
 import time
@@ -33,10 +33,15 @@ import numpy as np
 
 from croupier import __version__
 from croupier.errors import ConfigError, DatasetError
+from croupier.format import sidecar_layout as names
+from croupier.format.atomic import replace_durably, write_bytes_atomic, write_json_atomic, write_npy_atomic
+from croupier.format.fingerprint import index_fingerprint
+from croupier.format.mds_index import INDEX_BASENAME, MDSIndex
+from croupier.format.sidecar_layout import LAYOUTS, MANIFEST, SIDECAR_DIR
 from croupier.shards.cluster import KMeansConfig, assign_all, num_gpus, train_centroids
-from croupier.shards.fingerprint import index_fingerprint
-from croupier.shards.sidecar import (LAYOUTS, MANIFEST, SIDECAR_DIR, write_json_atomic, write_npy_atomic,
-                                     write_sidecar)
+from croupier.shards.sidecar import write_sidecar
+
+ARRAYS = names.ARRAY_FILES
 
 STATE_VERSION = 1
 Hook = Callable[[str, int], None]
@@ -159,7 +164,7 @@ class Builder:
             self.out = Path(cfg.out)  # type: ignore[arg-type]
             self.in_place = False
         self.side = self.out / SIDECAR_DIR
-        self.work = self.side / "work"
+        self.work = self.side / names.WORK_DIR
         self.state_path = self.work / "state.json"
         self.state: dict[str, Any] = {}
         self.timings: dict[str, dict[str, float]] = {}
@@ -205,7 +210,7 @@ class Builder:
         has_state = self.state_path.exists()
         if cfg.adopt is not None:
             return self._prepare_adopt(key, finished, has_state)
-        has_index = (out / "index.json").exists()
+        has_index = (out / INDEX_BASENAME).exists()
         if has_state and not finished:
             state = self._read_state()
             if state.get("key") == key and not cfg.overwrite:
@@ -233,13 +238,13 @@ class Builder:
     def _prepare_adopt(self, key: dict[str, Any], finished: bool, has_state: bool) -> bool:
         cfg, out = self.cfg, self.out
         src_index = self._source().index_bytes
-        if not self.in_place and (out / "index.json").exists() and (out / "index.json").read_bytes() != src_index:
+        if not self.in_place and (out / INDEX_BASENAME).exists() and (out / INDEX_BASENAME).read_bytes() != src_index:
             if not cfg.overwrite:
                 raise DatasetError(f"output folder {str(out)!r} already holds another dataset (index.json); "
                                    "pass --overwrite to replace it")
-            (out / "index.json").unlink()
+            (out / INDEX_BASENAME).unlink()
             shutil.rmtree(self.side, ignore_errors=True)
-        elif not self.in_place and out.exists() and not (out / "index.json").exists() \
+        elif not self.in_place and out.exists() and not (out / INDEX_BASENAME).exists() \
                 and any(p.name != SIDECAR_DIR for p in out.iterdir()):
             raise DatasetError(f"output folder {str(out)!r} is not empty and holds no dataset; "
                                "choose an empty or new folder")
@@ -523,13 +528,13 @@ class Builder:
         assign = np.load(self.work / "assign.npy", mmap_mode="r")
         remap = np.load(self.work / "remap.npy")
         n, c = len(assign), self.cfg.assign_chunk
-        tmp = self.side / ".assignments.npy.tmp"
+        tmp = self.side / f".{ARRAYS[names.ASSIGNMENTS]}.tmp"
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32, shape=(n,))
         for lo in range(0, n, c):
             out[lo:lo + c] = remap[np.asarray(assign[lo:lo + c])]
         out.flush()
         del out
-        os.replace(tmp, self.side / "assignments.npy")
+        replace_durably(tmp, self.side / ARRAYS[names.ASSIGNMENTS])
         st["arrays_done"] = True
         self._commit("arrays", 0)
 
@@ -625,22 +630,22 @@ class Builder:
         """Assignments are ranges; embeddings are gathered into the new id order."""
         n = len(order)
         k2 = len(offsets) - 1
-        tmp = self.side / ".assignments.npy.tmp"
+        tmp = self.side / f".{ARRAYS[names.ASSIGNMENTS]}.tmp"
         a = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32, shape=(n,))
         for k in range(k2):
             a[offsets[k]:offsets[k + 1]] = k
         a.flush()
         del a
-        os.replace(tmp, self.side / "assignments.npy")
+        replace_durably(tmp, self.side / ARRAYS[names.ASSIGNMENTS])
         emb = np.load(self.work / "embeddings.npy", mmap_mode="r")
-        tmp = self.side / ".embeddings.npy.tmp"
+        tmp = self.side / f".{ARRAYS[names.EMBEDDINGS]}.tmp"
         e = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=emb.shape)
         c = self.cfg.assign_chunk
         for lo in range(0, n, c):
             e[lo:lo + c] = emb[np.asarray(order[lo:lo + c])]
         e.flush()
         del e
-        os.replace(tmp, self.side / "embeddings.npy")
+        replace_durably(tmp, self.side / ARRAYS[names.EMBEDDINGS])
 
     def _finalize(self) -> str:
         st = self.state
@@ -648,35 +653,29 @@ class Builder:
         cluster_major = self.cfg.layout == "cluster-major"
         if self.cfg.adopt is None:
             mds_dir = self.work / "mds"
-            index = json.loads((mds_dir / "index.json").read_bytes()) if (mds_dir / "index.json").exists() else None
-            if index is not None:
-                for s in index["shards"]:
-                    for info in (s.get("raw_data"), s.get("zip_data")):
-                        if info and (mds_dir / info["basename"]).exists():
-                            os.replace(mds_dir / info["basename"], self.out / info["basename"])
-                os.replace(mds_dir / "index.json", self.out / "index.json")
-            index_bytes = (self.out / "index.json").read_bytes()
+            if (mds_dir / INDEX_BASENAME).exists():  # not yet moved (a resumed finalize skips this)
+                index = MDSIndex.read(mds_dir)
+                for entry in index.shards:
+                    for info in (entry.raw, entry.zip):
+                        if info and (mds_dir / info.basename).exists():
+                            replace_durably(mds_dir / info.basename, self.out / info.basename)
+                replace_durably(mds_dir / INDEX_BASENAME, self.out / INDEX_BASENAME)  # the index last
+            index_bytes = (self.out / INDEX_BASENAME).read_bytes()
         else:
             index_bytes = self._source().index_bytes
-            if not self.in_place:
-                if not (self.out / "index.json").exists():
-                    with open(self.out / ".index.json.tmp", "wb") as f:
-                        f.write(index_bytes)
-                        f.flush()
-                        os.fsync(f.fileno())
-                    os.replace(self.out / ".index.json.tmp", self.out / "index.json")
-        for src, dst in ((self.work / "offsets.npy", "offsets.npy"), (self.work / "centroids.npy", "centroids.npy")):
-            if src.exists():
-                os.replace(src, self.side / dst)
+            if not self.in_place and not (self.out / INDEX_BASENAME).exists():
+                write_bytes_atomic(self.out / INDEX_BASENAME, index_bytes)
+        moves = [("offsets.npy", names.OFFSETS), ("centroids.npy", names.CENTROIDS)]
         if not cluster_major:
-            for src, dst in ((self.work / "embeddings.npy", "embeddings.npy"), (self.work / "order.npy", "members.npy")):
-                if src.exists():
-                    os.replace(src, self.side / dst)
+            moves += [("embeddings.npy", names.EMBEDDINGS), ("order.npy", names.MEMBERS)]
+        for work_name, role in moves:
+            if (self.work / work_name).exists():
+                replace_durably(self.work / work_name, self.side / ARRAYS[role])
         fp = index_fingerprint(index_bytes)
-        offsets = np.load(self.side / "offsets.npy")
-        centroids = np.load(self.side / "centroids.npy")
-        assignments = np.load(self.side / "assignments.npy", mmap_mode="r")
-        members = None if cluster_major else np.load(self.side / "members.npy", mmap_mode="r")
+        offsets = np.load(self.side / ARRAYS[names.OFFSETS])
+        centroids = np.load(self.side / ARRAYS[names.CENTROIDS])
+        assignments = np.load(self.side / ARRAYS[names.ASSIGNMENTS], mmap_mode="r")
+        members = None if cluster_major else np.load(self.side / ARRAYS[names.MEMBERS], mmap_mode="r")
         extra: dict[str, Any] = {
             "embedder": st["embedder"],
             "metric": "cosine",

@@ -10,7 +10,6 @@ unknown column) is a `DatasetError` naming the file.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -20,6 +19,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from croupier.errors import DatasetError
+from croupier.format.mds_index import INDEX_BASENAME, MDSIndex, ShardEntry
+from croupier.format.mds_shard import file_fault, split_samples
 
 
 def is_remote(location: str) -> bool:
@@ -45,26 +46,16 @@ class MDSSource:
             self.local = Path(self.location)
             if not self.local.is_dir():
                 raise DatasetError(f"MDS dataset folder {self.location!r} does not exist")
-        self.index_bytes = self._fetch_bytes("index.json")
-        try:
-            index = json.loads(self.index_bytes)
-            shards = index["shards"]
-            if not isinstance(shards, list) or not shards:
-                raise ValueError("no shards listed")
-        except (ValueError, KeyError, TypeError) as exc:
-            raise DatasetError(f"{self._name('index.json')} is not a valid MDS index: {exc}") from exc
-        for i, s in enumerate(shards):
-            if not isinstance(s, dict) or s.get("format") != "mds" or "samples" not in s or "raw_data" not in s:
-                raise DatasetError(f"{self._name('index.json')}: shard {i} is not an MDS shard entry")
-        self.shards: list[dict[str, Any]] = shards
-        counts = np.array([int(s["samples"]) for s in shards], dtype=np.int64)
-        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self.columns: list[str] = list(shards[0].get("column_names", []))
+        self.index = MDSIndex(self._fetch_bytes(INDEX_BASENAME), self._name(INDEX_BASENAME))
+        self.index.require_format("mds")
+        self.index_bytes = self.index.data
+        self.shards: list[ShardEntry] = self.index.shards
+        self.columns: list[str] = list(self.index.columns)
         self._cached: tuple[int, list[bytes]] | None = None
 
     # -- facts ---------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return int(self.starts[-1])
+        return self.index.num_samples
 
     def close(self) -> None:
         """Remove the private download cache (remote datasets only)."""
@@ -108,55 +99,43 @@ class MDSSource:
         if self._cached is not None and self._cached[0] == i:
             return self._cached[1]
         from streaming.base.compression import decompress
-        from streaming.base.hashing import get_hash
 
-        info = self.shards[i]
-        zip_info, raw_info = info.get("zip_data"), info["raw_data"]
-        stored = zip_info or raw_info
-        data = self._fetch_bytes(stored["basename"])
+        entry = self.shards[i]
+        stored = entry.stored
+        data = self._fetch_bytes(stored.basename)
         if self.remote:
-            (self.local / stored["basename"]).unlink(missing_ok=True)
+            (self.local / stored.basename).unlink(missing_ok=True)
         if self.verify:
-            if "bytes" in stored and len(data) != int(stored["bytes"]):
-                raise DatasetError(f"{self._name(stored['basename'])} is corrupt: {len(data)} bytes, "
-                                   f"index says {stored['bytes']}")
-            for algo, want in (stored.get("hashes") or {}).items():
-                if get_hash(algo, data) != want:
-                    raise DatasetError(f"{self._name(stored['basename'])} is corrupt: {algo} hash mismatch")
-        if zip_info:
+            fault = file_fault(data, stored)
+            if fault is not None:
+                raise DatasetError(f"{self._name(stored.basename)} is corrupt: {fault}")
+        if entry.zip is not None:
             try:
-                data = decompress(info.get("compression"), data)
+                data = decompress(entry.compression, data)
             except Exception as exc:
-                raise DatasetError(f"{self._name(stored['basename'])} cannot be decompressed: {exc}") from exc
-        try:
-            n = int(np.frombuffer(data, np.uint32, 1, 0)[0])
-            offs = np.frombuffer(data, np.uint32, n + 1, 4).astype(np.int64)
-            if n != int(info["samples"]) or offs[-1] > len(data):
-                raise ValueError(f"header says {n} samples, index says {info['samples']}")
-        except ValueError as exc:
-            raise DatasetError(f"{self._name(raw_info['basename'])} is corrupt: {exc}") from exc
-        samples = [data[offs[j]:offs[j + 1]] for j in range(n)]
+                raise DatasetError(f"{self._name(stored.basename)} cannot be decompressed: {exc}") from exc
+        samples = split_samples(data, entry.samples, self._name(entry.raw.basename))
         self._cached = (i, samples)
         return samples
 
     def _reader(self, i: int) -> Any:
         from streaming.base.format.mds.reader import MDSReader
 
-        return MDSReader.from_json(str(self.local), None, self.shards[i])
+        return MDSReader.from_json(str(self.local), None, self.shards[i].info)
 
     def get(self, ids: Sequence[int], column: str | None = None) -> list[Any]:
         """Samples (dicts), or one column of them, at the given global ids (any order)."""
         ids = np.asarray(ids, dtype=np.int64)
         if len(ids) and (ids.min() < 0 or ids.max() >= len(self)):
             raise DatasetError(f"sample id out of range [0, {len(self)})")
-        shard_of = np.searchsorted(self.starts, ids, side="right") - 1
+        shard_of, offsets = self.index.table.locate(ids)
         out: list[Any] = [None] * len(ids)
         for s in np.unique(shard_of):
             raw = self._shard_samples(int(s))
             reader = self._reader(int(s))
             for k in np.flatnonzero(shard_of == s):
                 try:
-                    sample = reader.decode_sample(raw[int(ids[k] - self.starts[s])])
+                    sample = reader.decode_sample(raw[int(offsets[k])])
                 except Exception as exc:
                     raise DatasetError(f"sample {int(ids[k])} of {self.location!r} cannot be decoded: {exc}") from exc
                 out[k] = sample if column is None else sample[column]

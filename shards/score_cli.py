@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from croupier.errors import ConfigError, DatasetError
+from croupier.format.atomic import atomic_path
 from croupier.shards.density import DensityParams, DensitySketch, suggest_bandwidth
 from croupier.shards.scoring import ChunkedRun, Progress, ShardTextReader, run_chunked
 
@@ -108,10 +109,10 @@ def _density_passes(run: ChunkedRun, emb: np.ndarray, params: DensityParams,
 
 
 def _save_sketch(path: Path, sketch: DensitySketch, next_chunk: int) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, counts=sketch.counts, next_chunk=np.int64(next_chunk),
-             num_added=np.int64(sketch.num_added))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
+            np.savez(f, counts=sketch.counts, next_chunk=np.int64(next_chunk),
+                     num_added=np.int64(sketch.num_added))
 
 
 # -- language-model scorers ---------------------------------------------------------------

@@ -30,6 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 from croupier.errors import ConfigError, DatasetError
+from croupier.format.atomic import write_json_atomic
 
 JOB_VERSION = 1
 
@@ -65,9 +66,7 @@ class ChunkedRun:
             self.dir.mkdir(parents=True, exist_ok=True)
             np.zeros(self.n, dtype=np.float32).tofile(self.dir / "scores.f32")
             np.zeros(self.num_chunks, dtype=np.uint8).tofile(self.dir / "done.u8")
-            tmp = self.dir / "job.json.tmp"
-            tmp.write_text(json.dumps(job, sort_keys=True))
-            os.replace(tmp, job_path)
+            write_json_atomic(job_path, job, indent=None)
         self._scores = np.memmap(self.dir / "scores.f32", dtype=np.float32, mode="r+", shape=(self.n,))
         self._done = np.memmap(self.dir / "done.u8", dtype=np.uint8, mode="r+", shape=(self.num_chunks,))
 
@@ -192,25 +191,16 @@ class ShardTextReader:
     def __init__(self, dataset_dir: str | os.PathLike[str], field: str = "text") -> None:
         from streaming.base.format import reader_from_json
 
+        from croupier.format.mds_index import MDSIndex
+
         self.root = Path(dataset_dir)
-        index = self.root / "index.json"
-        if not index.is_file():
-            raise DatasetError(f"{str(self.root)!r} holds no MDS index.json: not an MDS dataset")
-        try:
-            obj = json.loads(index.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise DatasetError(f"MDS index {str(index)!r} is unreadable: {exc}") from exc
-        self.infos = obj.get("shards", [])
-        if not self.infos:
-            raise DatasetError(f"MDS index {str(index)!r} lists no shards")
-        names = self.infos[0].get("column_names", [])
+        self.index = MDSIndex.read(self.root)
+        names = self.index.columns
         if field not in names:
             raise ConfigError(f"the dataset has no column {field!r}; columns: {', '.join(names)}")
         self.field = field
         self._reader_from_json = reader_from_json
-        counts = np.array([int(i["samples"]) for i in self.infos], dtype=np.int64)
-        self.starts = np.concatenate([[0], np.cumsum(counts)])
-        self.num_samples = int(self.starts[-1])
+        self.num_samples = self.index.num_samples
         self._tmp: str | None = None
         self._open_shard = -1
         self._reader: Any = None
@@ -219,19 +209,19 @@ class ShardTextReader:
         if s == self._open_shard:
             return self._reader
         self._release()
-        info = self.infos[s]
-        raw = info["raw_data"]["basename"]
+        entry = self.index.shards[s]
+        info = entry.info
+        raw = entry.raw.basename
         base = self.root
         if not (self.root / raw).is_file():
-            zinfo = info.get("zip_data") or {}
-            zpath = self.root / zinfo.get("basename", "") if zinfo else None
+            zpath = self.root / entry.zip.basename if entry.zip is not None else None
             if zpath is None or not zpath.is_file():
                 raise DatasetError(f"shard {raw!r} of {str(self.root)!r} is missing (neither raw "
                                    f"nor compressed file is present locally)")
             from streaming.base.compression import decompress
             if self._tmp is None:
                 self._tmp = tempfile.mkdtemp(prefix="croupier-score-")
-            data = decompress(info["compression"], zpath.read_bytes())
+            data = decompress(entry.compression, zpath.read_bytes())
             (Path(self._tmp) / raw).parent.mkdir(parents=True, exist_ok=True)
             (Path(self._tmp) / raw).write_bytes(data)
             base = Path(self._tmp)
@@ -251,12 +241,13 @@ class ShardTextReader:
         if not (0 <= a <= b <= self.num_samples):
             raise ConfigError(f"sample range [{a}, {b}) is outside [0, {self.num_samples})")
         out: list[str] = []
+        table = self.index.table
         i = a
         while i < b:
-            s = int(np.searchsorted(self.starts, i, side="right") - 1)
-            stop = min(b, int(self.starts[s + 1]))
+            s = int(table.shard_of([i])[0])
+            stop = min(b, int(table.ends[s]))
             reader = self._shard(s)
-            base = int(self.starts[s])
+            base = int(table.starts[s])
             for j in range(i - base, stop - base):
                 v = reader[j][self.field]
                 out.append(v if isinstance(v, str) else

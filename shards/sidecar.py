@@ -1,16 +1,8 @@
 """The cluster sidecar: everything croupier knows about an MDS dataset, kept next to it.
 
-A sidecar lives in a `croupier/` folder beside the dataset's `index.json`:
-
-    DATASET/index.json, shard.00000.mds.zstd, ...
-    DATASET/croupier/manifest.json      versioned, written last, bound to index.json
-    DATASET/croupier/offsets.npy        int64 (K+1,): CSR cluster offsets
-    DATASET/croupier/members.npy        int64 (N,): ids per cluster (layout "original" only)
-    DATASET/croupier/assignments.npy    int32 (N,): cluster of every sample id
-    DATASET/croupier/centroids.npy      float32 (K, d): unit-norm cluster centroids
-    DATASET/croupier/embeddings.npy     float16 (N, d): one embedding per sample id
-    DATASET/croupier/scores/NAME.npy    float32 (N,): a per-sample score column
-    DATASET/croupier/selections/NAME.npy int64 (n,): sorted ids of a selected subset
+A sidecar lives in a `croupier/` folder beside the dataset's `index.json`; its file names
+and the manifest's `files` map are fixed in `croupier.format.sidecar_layout`, and array
+files are looked up through that map.
 
 The manifest's `fingerprint` is `index_fingerprint(index.json bytes)`: a sidecar whose
 shards were rewritten is refused with `FingerprintMismatch`. An adopted remote dataset
@@ -33,79 +25,26 @@ import fcntl
 import hashlib
 import json
 import os
-import re
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
 from croupier.errors import ConfigError, DatasetError, FingerprintMismatch
+from croupier.format import sidecar_layout as names
+from croupier.format.atomic import write_json_atomic, write_npy_atomic
+from croupier.format.fingerprint import index_fingerprint
+from croupier.format.mds_index import INDEX_BASENAME
+from croupier.format.sidecar_layout import FORMAT, LAYOUTS, MANIFEST, SIDECAR_DIR, VERSION, validate_name
 from croupier.server.layout import ClusterLayout
-from croupier.shards.fingerprint import index_fingerprint
 
-FORMAT = "croupier.sidecar"
-VERSION = 1
-SIDECAR_DIR = "croupier"
-MANIFEST = "manifest.json"
-LAYOUTS = ("cluster-major", "original")
-_NAME_RE = re.compile(r"^[a-z0-9_.-]+$")
-_MAX_NAME = 64
-
-
-def validate_name(kind: str, name: str) -> str:
-    """A score/selection name: 1-64 chars of [a-z0-9_.-], not starting with a dot."""
-    if not isinstance(name, str) or not (1 <= len(name) <= _MAX_NAME) or not _NAME_RE.match(name) \
-            or name.startswith("."):
-        raise ConfigError(
-            f"{kind} name must be 1-{_MAX_NAME} characters of [a-z0-9_.-] not starting with '.', got {name!r}"
-        )
-    return name
-
-
-# -- atomic file helpers ---------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temporary path next to `target`; on success fsync it and rename it over `target`."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, target)
-        _fsync_dir(target.parent)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
-def write_json_atomic(target: Path, obj: Any) -> None:
-    with atomic_path(target) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-
-
-def write_npy_atomic(target: Path, array: np.ndarray) -> None:
-    with atomic_path(target) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, array, allow_pickle=False)
+__all__ = ["LAYOUTS", "MANIFEST", "SIDECAR_DIR", "Sidecar", "short_hash", "validate_name", "write_sidecar"]
 
 
 @contextlib.contextmanager
 def _locked(side_dir: Path) -> Iterator[None]:
     side_dir.mkdir(parents=True, exist_ok=True)
-    with open(side_dir / ".lock", "a") as f:
+    with open(side_dir / names.LOCK, "a") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
             yield
@@ -148,7 +87,7 @@ class Sidecar:
         sidecar was built for.
         """
         root = Path(dataset_dir)
-        index = root / "index.json"
+        index = root / INDEX_BASENAME
         man_path = root / SIDECAR_DIR / MANIFEST
         if not root.is_dir():
             raise DatasetError(f"dataset folder {str(root)!r} does not exist")
@@ -181,7 +120,7 @@ class Sidecar:
                 f"sidecar manifest {str(path)!r} has version {manifest.get('version')!r}; "
                 f"this croupier reads version {VERSION}"
             )
-        for key in ("fingerprint", "num_samples", "num_clusters", "layout", "sizes"):
+        for key in ("fingerprint", "num_samples", "num_clusters", "layout", "sizes", "files"):
             if key not in manifest:
                 raise DatasetError(f"sidecar manifest {str(path)!r} lacks the field {key!r}")
         if manifest["layout"] not in LAYOUTS:
@@ -189,12 +128,16 @@ class Sidecar:
         return manifest
 
     def _check_files(self) -> None:
-        needed = ["offsets.npy", "assignments.npy"]
-        if self.manifest["layout"] == "original":
-            needed.append("members.npy")
-        for name in needed:
-            if not (self.dir / name).is_file():
-                raise DatasetError(f"sidecar file {str(self.dir / name)!r} is missing")
+        for role in names.required_roles(self.manifest["layout"]):
+            path = self.dir / self._file(role)
+            if not path.is_file():
+                raise DatasetError(f"sidecar file {str(path)!r} is missing")
+
+    def _file(self, role: str) -> str:
+        try:
+            return names.array_file(self.manifest, role)
+        except DatasetError as exc:
+            raise DatasetError(f"{str(self.dir / MANIFEST)!r}: {exc}") from None
 
     def reload(self) -> None:
         """Re-read the manifest (after another process added scores or selections)."""
@@ -224,7 +167,7 @@ class Sidecar:
         return self.manifest.get("remote")
 
     def _load(self, name: str) -> np.ndarray:
-        path = self.dir / name
+        path = self.dir / names.checked_relative(name)
         try:
             return np.load(path, mmap_mode="r", allow_pickle=False)
         except FileNotFoundError as exc:
@@ -234,25 +177,25 @@ class Sidecar:
 
     def offsets(self) -> np.ndarray:
         """int64 (K+1,) CSR offsets into the cluster-sorted positions."""
-        return np.asarray(self._load("offsets.npy"), dtype=np.int64)
+        return np.asarray(self._load(self._file(names.OFFSETS)), dtype=np.int64)
 
     def members(self) -> np.ndarray | None:
         """int64 (N,) sample ids grouped by cluster (memmap), or None for cluster-major data."""
         if self.layout_kind == "cluster-major":
             return None
-        return self._load("members.npy")
+        return self._load(self._file(names.MEMBERS))
 
     def assignments(self) -> np.ndarray:
         """int32 (N,) cluster id of every sample id (memmap)."""
-        return self._load("assignments.npy")
+        return self._load(self._file(names.ASSIGNMENTS))
 
     def embeddings(self) -> np.ndarray:
         """float16 (N, d) embedding of every sample id (memmap)."""
-        return self._load("embeddings.npy")
+        return self._load(self._file(names.EMBEDDINGS))
 
     def centroids(self) -> np.ndarray:
         """float32 (K, d) unit-norm centroids."""
-        return np.asarray(self._load("centroids.npy"), dtype=np.float32)
+        return np.asarray(self._load(self._file(names.CENTROIDS)), dtype=np.float32)
 
     # -- layouts -----------------------------------------------------------------------------
     @property
@@ -323,7 +266,7 @@ class Sidecar:
         if not np.isfinite(values).all():
             bad = int(np.flatnonzero(~np.isfinite(values))[0])
             raise ConfigError(f"score {name!r} has a non-finite value {values[bad]} at sample {bad}")
-        rel = f"scores/{name}.npy"
+        rel = names.score_file(name)
         self._write_entry("scores", name, rel, values, {
             "params": _jsonable(params), "dtype": "float32", "length": int(len(values)),
         })
@@ -354,7 +297,7 @@ class Sidecar:
                               f"got range [{int(ids.min())}, {int(ids.max())}]")
         if len(ids) > 1 and not (np.diff(ids) > 0).all():
             raise ConfigError(f"selection {name!r} ids must be sorted and unique")
-        rel = f"selections/{name}.npy"
+        rel = names.selection_file(name)
         self._write_entry("selections", name, rel, ids, {
             "params": _jsonable(params), "count": int(len(ids)),
         })
@@ -429,10 +372,7 @@ def write_sidecar(root: Path, *, fingerprint: str, layout: str, assignments: np.
         "sizes": sizes.tolist(),
         "dim": int(centroids.shape[1]),
         "clustering_hash": clustering_hash,
-        "files": {
-            "offsets": "offsets.npy", "assignments": "assignments.npy", "centroids": "centroids.npy",
-            "embeddings": "embeddings.npy", **({"members": "members.npy"} if members is not None else {}),
-        },
+        "files": names.files_map(has_members=members is not None),
         "scores": {},
         "selections": {},
     }

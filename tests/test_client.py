@@ -36,7 +36,7 @@ from croupier.server.service import create_server
 from croupier.server.store import CheckpointStore
 from croupier.server.token import CheckpointToken
 from croupier.server.topology import Topology
-from croupier.shards.fingerprint import index_fingerprint
+from croupier.format.fingerprint import index_fingerprint
 from roundtrip import assert_resume_exact
 from workers.harness import cluster_sizes, free_port, sample_text, write_mds
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from streaming import MDSWriter
 
-from croupier.client.shard_index import SampleIdError, ShardIndex
+from croupier.format.id_table import SampleIdError, ShardTable
 from croupier.client.shard_store import ShardStore
 from croupier.errors import ConfigError, DatasetError, FingerprintMismatch
-from croupier.shards.fingerprint import index_fingerprint
+from croupier.format.fingerprint import index_fingerprint
 
 COLUMNS = {"id": "int", "text": "str", "vec": "ndarray:int32"}
 
@@ -61,7 +61,7 @@ def dataset(tmp_path_factory) -> Path:
 # -- id -> shard table ------------------------------------------------------------------------------
 def test_shard_index_locates_ids_across_empty_shards():
     counts = np.array([3, 0, 5, 1, 0, 4])
-    table = ShardIndex(counts)
+    table = ShardTable(counts)
     ids = np.arange(table.num_samples)
     shard, offset = table.locate(ids)
     assert shard.tolist() == np.repeat(np.arange(6), counts).tolist()
@@ -71,7 +71,7 @@ def test_shard_index_locates_ids_across_empty_shards():
     with pytest.raises(SampleIdError, match="sample id -1"):
         table.shard_of(np.array([-1]))
     with pytest.raises(ConfigError, match="negative sample count"):
-        ShardIndex([2, -1])
+        ShardTable([2, -1])
 
 
 # -- reading ----------------------------------------------------------------------------------------
@@ -266,3 +266,64 @@ def test_store_works_after_fork_and_pickling(dataset, tmp_path):
     assert mismatches(clone.get([599, 3]), [599, 3]) == []
     clone.close()
     store.close()
+
+
+# -- a cache left by an earlier run is verified on first use ----------------------------------------
+def _flip_text_byte(path: Path, marker: bytes) -> None:
+    """Same-size corruption: one byte inside a sample's text becomes 0xFF."""
+    data = bytearray(path.read_bytes())
+    at = data.index(marker)
+    data[at + 1] = 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_same_size_corruption_of_a_cached_shard_is_detected_and_repaired(tmp_path, caplog):
+    remote = write_dataset(tmp_path / "remote", 300)
+    with ShardStore(remote, tmp_path / "cache") as first:
+        assert mismatches(first.get(np.arange(300)), np.arange(300)) == []
+        sid, _ = first.index.locate([150])
+        raw = first.local / f"shard.{int(sid[0]):05d}.mds"
+    size = raw.stat().st_size
+    _flip_text_byte(raw, b"sample 150 ")
+    assert raw.stat().st_size == size
+
+    with ShardStore(remote, tmp_path / "cache") as second:
+        with caplog.at_level("WARNING", logger="croupier.client.shard_store"):
+            assert mismatches(second.get(np.arange(300)), np.arange(300)) == []
+        stats = second.stats()
+    assert stats["cache_repairs"] == 1
+    assert stats["shards_downloaded"] == 1 and stats["shards_reused"] == second.num_shards - 1
+    assert f"cached shard {raw.name}.zstd" in caplog.text and "xxh64 expected" in caplog.text
+
+
+def test_damaged_header_of_a_cached_shard_without_hashes_is_repaired(tmp_path):
+    remote = tmp_path / "remote"
+    with MDSWriter(out=str(remote), columns=COLUMNS, compression="zstd", size_limit=2048) as writer:
+        for i in range(200):
+            writer.write(make_sample(i))
+    with ShardStore(remote, tmp_path / "cache") as first:
+        first.get(np.arange(200))
+        raw = first.local / "shard.00001.mds"
+    data = bytearray(raw.read_bytes())
+    data[8:12] = (1 << 30).to_bytes(4, "little")  # an offset pointing far outside the file
+    raw.write_bytes(bytes(data))
+    with ShardStore(remote, tmp_path / "cache") as second:
+        assert mismatches(second.get(np.arange(200)), np.arange(200)) == []
+        assert second.stats()["cache_repairs"] == 1
+
+
+def test_a_sample_that_cannot_be_decoded_is_a_dataset_error_naming_the_shard(tmp_path):
+    remote = tmp_path / "remote"  # no hashes: a same-size corruption passes every check but decoding
+    with MDSWriter(out=str(remote), columns=COLUMNS, compression="zstd", size_limit=2048) as writer:
+        for i in range(200):
+            writer.write(make_sample(i))
+    with ShardStore(remote, tmp_path / "cache") as first:
+        sid, _ = first.index.locate([120])
+        first.get([120])
+        raw = first.local / f"shard.{int(sid[0]):05d}.mds"
+    _flip_text_byte(raw, b"sample 120 ")
+    with ShardStore(remote, tmp_path / "cache") as second:
+        with pytest.raises(DatasetError, match=rf"sample 120 \(offset \d+ of shard {raw.name}\.zstd in .*\) "
+                                               r"cannot be read: UnicodeDecodeError"):
+            second.get([120])
+        assert mismatches(second.get([0, 1]), [0, 1]) == []  # the rest still reads

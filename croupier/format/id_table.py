@@ -1,4 +1,4 @@
-"""Global sample id -> (shard, offset in shard), from the per-shard sample counts of an index.json.
+"""Global sample id -> (shard, offset in shard), from the per-shard sample counts of an MDS index.
 
 An MDS dataset numbers its samples shard after shard: shard `s` holds the ids
 `[starts[s], starts[s] + samples[s])`. The table is two int64 arrays, and a lookup is one
@@ -18,7 +18,7 @@ class SampleIdError(CroupierError, IndexError):
     """A requested sample id lies outside the dataset."""
 
 
-class ShardIndex:
+class ShardTable:
     """Where each global sample id lives.
 
     samples: per-shard sample counts in shard order (empty shards are allowed).
@@ -27,22 +27,13 @@ class ShardIndex:
     def __init__(self, samples: Sequence[int] | np.ndarray) -> None:
         counts = np.asarray(samples, dtype=np.int64)
         if counts.ndim != 1 or counts.size == 0:
-            raise ConfigError(f"a shard index needs at least one shard, got {counts.size}")
+            raise ConfigError(f"a shard table needs at least one shard, got {counts.size}")
         if (counts < 0).any():
             s = int(np.flatnonzero(counts < 0)[0])
             raise ConfigError(f"shard {s} has a negative sample count {int(counts[s])}")
         self.samples = counts
         self.ends = np.cumsum(counts)
         self.starts = self.ends - counts
-
-    @classmethod
-    def from_index(cls, index: dict) -> "ShardIndex":
-        """Table of a parsed MDS index.json (format version 2)."""
-        shards = index.get("shards")
-        if index.get("version") != 2 or not isinstance(shards, list):
-            raise ConfigError(f"index.json must be streaming format version 2 with a shard list, "
-                              f"got version {index.get('version')!r}")
-        return cls([int(info["samples"]) for info in shards])
 
     @property
     def num_shards(self) -> int:
