@@ -2,7 +2,8 @@
 
 Each module listed in `COMMAND_MODULES` exposes `register(subparsers)`, which adds its
 sub-command(s) and sets `func` on the parser; `func(args)` returns the exit code. Errors
-derived from `CroupierError` print as one clear line and exit 2.
+derived from `CroupierError` print as one clear line and exit 2, and so does a missing
+Python module (with what to install, `croupier.optional`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except CroupierError as exc:
         print(f"croupier {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:  # an import the code did not wrap: still one line
+        if not exc.name:
+            raise
+        from croupier.optional import install_hint
+
+        print(f"croupier {args.command}: error: the Python module {exc.name!r} is not installed: "
+              f"{install_hint(exc.name)}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         return 0

@@ -43,3 +43,13 @@ class EndOfData(CroupierError):
 
 class DatasetError(CroupierError):
     """A dataset, shard or sidecar is missing, unreadable, or corrupt."""
+
+
+class MissingDependency(CroupierError):
+    """A Python package a feature needs is not installed; the message says what to install."""
+
+    def __init__(self, module: str, purpose: str, hint: str) -> None:
+        super().__init__(f"{purpose} needs the Python module {module!r}, which is not installed: {hint}")
+        self.module = module
+        self.purpose = purpose
+        self.hint = hint

@@ -278,6 +278,9 @@ class Builder:
 
     # -- stages ------------------------------------------------------------------------------
     def run(self) -> BuildResult:
+        from croupier.shards.cluster import check_available
+
+        check_available()  # before any work: a build without faiss fails at once, in one line
         resumed = self._prepare()
         if resumed:
             done = [s for s in ("ingest", "embed", "train", "assign", "order", "write") if self.state.get(f"{s}_done")]

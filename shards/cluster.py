@@ -16,6 +16,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from croupier.errors import ConfigError
+from croupier.optional import require
 
 METRICS = ("cosine",)
 
@@ -28,8 +29,17 @@ def normalize(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def _faiss():
+    return require("faiss", "k-means clustering")
+
+
+def check_available() -> None:
+    """Raises MissingDependency (what to pip install) when faiss is not installed."""
+    _faiss()
+
+
 def num_gpus() -> int:
-    import faiss
+    faiss = _faiss()
 
     get = getattr(faiss, "get_num_gpus", None)
     return int(get()) if get is not None else 0
@@ -78,7 +88,7 @@ def train_centroids(embeddings: np.ndarray, cfg: KMeansConfig, *, gpu: bool | No
 
     Returns (unit-norm float32 centroids (K, d), final objective).
     """
-    import faiss
+    faiss = _faiss()
 
     n, d = embeddings.shape
     ids = training_sample_ids(n, cfg)
@@ -96,7 +106,7 @@ class Assigner:
     """Nearest-centroid (max inner product) search over chunks of embeddings."""
 
     def __init__(self, centroids: np.ndarray, *, gpu: bool | None = None) -> None:
-        import faiss
+        faiss = _faiss()
 
         c = normalize(centroids)
         index = faiss.IndexFlatIP(c.shape[1])

@@ -86,8 +86,9 @@ def _open_text(path: Path) -> io.TextIOBase:
     if name.endswith(".gz"):
         return gzip.open(path, "rt", encoding="utf-8", newline="\n")  # type: ignore[return-value]
     if name.endswith(".zst"):
-        import zstandard
+        from croupier.optional import require
 
+        zstandard = require("zstandard", f"reading {name}")
         raw = open(path, "rb")
         stream = zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
         return io.TextIOWrapper(stream, encoding="utf-8", newline="\n")
