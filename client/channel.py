@@ -33,20 +33,29 @@ def channel_options() -> list[tuple[str, int | str]]:
     return [*grpc_options.channel_options(), *RECONNECT_OPTIONS]
 
 
-def open_channel(address: str, tls_root_cert: str | os.PathLike | bytes | None = None) -> grpc.Channel:
-    """A channel to `address` ("host:port"); TLS when a root certificate (PEM path or bytes) is given."""
+def open_channel(address: str, tls_root_cert: str | os.PathLike | bytes | None = None, *,
+                 server_name: str | None = None) -> grpc.Channel:
+    """A channel to `address` ("host:port"); TLS when a root certificate (PEM path or bytes) is given.
+
+    server_name: the name to check in the server's certificate when `address` is not it
+    (e.g. an IP address)."""
     if not address or ":" not in address:
         raise ConfigError(f"server address must be host:port, got {address!r}")
     options = channel_options()
     if tls_root_cert is None:
+        if server_name:
+            raise ConfigError("a TLS server name needs a TLS root certificate (--tls-ca)")
         return grpc.insecure_channel(address, options=options)
     if isinstance(tls_root_cert, bytes):
         pem = tls_root_cert
     else:
         path = Path(tls_root_cert)
-        if not path.is_file():
-            raise ConfigError(f"TLS root certificate {str(path)!r} does not exist")
-        pem = path.read_bytes()
+        try:
+            pem = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read TLS root certificate {str(path)!r}: {exc.strerror}") from None
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
     return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=pem), options=options)
 
 

@@ -123,15 +123,16 @@ def read_rank_history(path: str | Path) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 # -- sources -----------------------------------------------------------------------------------
-def fetch_status(address: str, token: str | None = None, timeout: float = 10.0) -> Any:
-    """The server's GetStatusResponse with the per-cluster arrays."""
+def fetch_status(address: str, token: str | None = None, timeout: float = 10.0, *, tls_ca: str | None = None,
+                 tls_server_name: str | None = None) -> Any:
+    """The server's GetStatusResponse with the per-cluster arrays (TLS when `tls_ca` is given)."""
     import grpc
 
     from croupier.client.channel import auth_metadata, open_channel
     from croupier.client.errors import from_rpc_error
     from croupier.proto.croupier.v1 import croupier_pb2, croupier_pb2_grpc
 
-    channel = open_channel(address)
+    channel = open_channel(address, tls_ca, server_name=tls_server_name)
     try:
         stub = croupier_pb2_grpc.SamplerStub(channel)
         try:
@@ -144,18 +145,19 @@ def fetch_status(address: str, token: str | None = None, timeout: float = 10.0) 
 
 
 def from_server(address: str, *, token: str | None = None, watch_s: float = 0.0, interval_s: float = 0.5,
-                dataset: str | None = None, replay: bool = True) -> ReportData:
+                dataset: str | None = None, replay: bool = True, tls_ca: str | None = None,
+                tls_server_name: str | None = None) -> ReportData:
     """Report data from a live server; `watch_s` > 0 samples rank progress for that long."""
     from croupier.server.policy import PolicyConfig
 
-    status = fetch_status(address, token)
+    status = fetch_status(address, token, tls_ca=tls_ca, tls_server_name=tls_server_name)
     times, rows = [], []
     deadline = time.monotonic() + watch_s
     while watch_s > 0 and time.monotonic() < deadline:
         times.append(time.monotonic())
         rows.append([r.next_step for r in sorted(status.ranks, key=lambda r: r.rank)])
         time.sleep(interval_s)
-        status = fetch_status(address, token)
+        status = fetch_status(address, token, tls_ca=tls_ca, tls_server_name=tls_server_name)
     job = status.job
     policy = json.loads(job.policy_json) if job.policy_json else {"policy": job.policy}
     data = ReportData(

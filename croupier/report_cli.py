@@ -1,6 +1,6 @@
 """`croupier report`: PNGs and an HTML page from a live server or a server's state directory.
 
-    croupier report --server HOST:PORT --out report/ [--watch 10]
+    croupier report --server HOST:PORT --out report/ [--watch 10] [--token-file F] [--tls-ca PEM]
     croupier report --state-dir DIR [--dataset DATASET_DIR] --out report/
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from croupier.client.cli_options import add_connection_arguments, connection_from_args
 from croupier.errors import ConfigError
 
 
@@ -23,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", default=None,
                    help="dataset folder with the cluster sidecar (default: the one the server or state names)")
     p.add_argument("--selection", default=None, help="selection the job draws from (state-dir mode)")
-    p.add_argument("--token", default=None, help="bearer token (default: $CROUPIER_TOKEN)")
+    add_connection_arguments(p, server_required=False, token_flag=True)
     p.add_argument("--watch", type=float, default=0.0, metavar="SECONDS",
                    help="with --server: sample rank progress for this long to plot the lag")
     p.add_argument("--no-replay", action="store_true",
@@ -39,8 +40,10 @@ def run(args: argparse.Namespace) -> int:
     if args.watch < 0:
         raise ConfigError(f"--watch must be >= 0 seconds, got {args.watch}")
     if args.server:
-        data = report.from_server(args.server, token=args.token, watch_s=args.watch, dataset=args.dataset,
-                                  replay=not args.no_replay)
+        conn = connection_from_args(args)
+        data = report.from_server(conn.server, token=conn.token or "", watch_s=args.watch, dataset=args.dataset,
+                                  replay=not args.no_replay, tls_ca=conn.tls_ca,
+                                  tls_server_name=conn.tls_server_name)
     else:
         data = report.from_state_dir(args.state_dir, dataset=args.dataset, selection=args.selection,
                                      replay=not args.no_replay)

@@ -4,10 +4,10 @@
     croupier checkpoint --server HOST:PORT --step S           durable checkpoint; prints its token
     croupier update --server HOST:PORT --step S [--clip N] [--weights W,...]   (admin token)
 
-Common options: --token-file F (bearer token), --tls-ca PEM (serve over TLS, trusting this
-CA or self-signed certificate), --tls-server-name NAME (when the address is not the name
-in the certificate), --timeout SECONDS. A refused call prints its gRPC status and message
-and exits 2.
+Common options (`croupier.client.cli_options`, shared by every client command): --token-file F
+(default: $CROUPIER_TOKEN), --tls-ca PEM (TLS, trusting this CA or self-signed certificate),
+--tls-server-name NAME (when the address is not the name in the certificate), and
+--timeout SECONDS. A refused call prints its gRPC status and message and exits 2.
 """
 
 from __future__ import annotations
@@ -15,23 +15,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
 import grpc
 import numpy as np
 
+from croupier.client.channel import auth_metadata
+from croupier.client.cli_options import add_connection_arguments, connection_from_args
 from croupier.errors import ConfigError
 from croupier.proto import pb2, pb2_grpc
-from croupier.server.auth import read_token_file
-from croupier.server.grpc_options import bearer, channel_options
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", required=True, help="HOST:PORT of the sampler server")
-    p.add_argument("--token-file", default=None, help="bearer token file")
-    p.add_argument("--tls-ca", default=None, help="PEM CA (or self-signed certificate) to trust: use TLS")
-    p.add_argument("--tls-server-name", default=None, help="name to check in the server certificate")
+    add_connection_arguments(p)
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
 
 
@@ -56,19 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def connect(args: argparse.Namespace) -> tuple[pb2_grpc.SamplerStub, grpc.Channel, tuple]:
     """A stub, its channel and the call metadata from the common options."""
-    options = channel_options()
-    if args.tls_server_name:
-        options.append(("grpc.ssl_target_name_override", args.tls_server_name))
-    if args.tls_ca:
-        try:
-            ca = Path(args.tls_ca).read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"cannot read --tls-ca {args.tls_ca}: {exc.strerror}") from None
-        channel = grpc.secure_channel(args.server, grpc.ssl_channel_credentials(root_certificates=ca), options)
-    else:
-        channel = grpc.insecure_channel(args.server, options)
-    metadata = bearer(read_token_file(args.token_file)) if args.token_file else ()
-    return pb2_grpc.SamplerStub(channel), channel, metadata
+    conn = connection_from_args(args)
+    channel = conn.open()
+    return pb2_grpc.SamplerStub(channel), channel, auth_metadata(conn.token or "")
 
 
 def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -151,9 +137,9 @@ def checkpoint(args: argparse.Namespace) -> int:
 
 
 def update(args: argparse.Namespace) -> int:
-    from croupier.server.serve_cli import _weights
+    from croupier.server.sampling_args import parse_weights
 
-    weights = _weights(args.weights) or ()
+    weights = parse_weights(args.weights) or ()
     if not args.clip and not weights:
         raise ConfigError("update needs --clip or --weights")
     stub, channel, md = connect(args)

@@ -30,8 +30,12 @@ ADMIN_METHODS = ("/croupier.v1.Sampler/Update",)
 """Methods that need the admin token."""
 
 
-def read_token_file(path: str | Path) -> str:
-    """The token in `path` (surrounding whitespace stripped); refuses an empty file."""
+MIN_SERVER_TOKEN_CHARS = 16
+"""Shortest token a server accepts in its token files: a short token can be guessed."""
+
+
+def read_token_file(path: str | Path, min_length: int = 1) -> str:
+    """The token in `path` (surrounding whitespace stripped); refuses an empty or short one."""
     try:
         token = Path(path).read_text().strip()
     except OSError as exc:
@@ -40,6 +44,9 @@ def read_token_file(path: str | Path) -> str:
         raise ConfigError(f"token file {path} is empty")
     if any(c.isspace() for c in token):
         raise ConfigError(f"token in {path} contains whitespace")
+    if len(token) < min_length:
+        raise ConfigError(f"token in {path} has {len(token)} characters; a server token needs at least "
+                          f"{min_length} (make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))')")
     return token
 
 

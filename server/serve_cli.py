@@ -9,12 +9,19 @@ On start it resumes from the newest valid checkpoint in --state-dir, binds (loop
 {"event": "serving", "address": "127.0.0.1:PORT", ...} to stdout and writes the same object
 to DIR/server.json. SIGTERM or SIGINT checkpoints and stops gracefully. Logs are JSON lines
 on stderr.
+
+Security defaults: without --token-file any local user may call the server, `Update`
+included, and it says so in a warning at start. A --host that is not loopback is refused
+unless both a token and TLS are configured, or --insecure says the network is trusted.
+/metrics (no authentication) binds to loopback unless --metrics-host widens it. Server
+token files must hold at least 16 characters.
 """
 
 from __future__ import annotations
 
 import argparse
 import fcntl
+import ipaddress
 import json
 import logging
 import os
@@ -26,11 +33,13 @@ from typing import Any
 
 from croupier.errors import ConfigError
 from croupier.server import logs
-from croupier.server.auth import read_token_file
+from croupier.server.auth import MIN_SERVER_TOKEN_CHARS, read_token_file
 from croupier.server.job import Job, JobSpec
 from croupier.server.layout import ClusterLayout
 from croupier.server.metrics import ServerMetrics
-from croupier.server.policy import POLICIES, PolicyConfig
+from croupier.server.policy import PolicyConfig
+from croupier.server.sampling_args import (add_block_size_argument, add_policy_arguments, policy_from_args,
+                                           refuse_block_size_for_dataset, synthetic_layout)
 from croupier.server.service import create_server, describe
 from croupier.server.store import CheckpointStore, atomic_write_bytes
 
@@ -46,17 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--cluster-sizes", default="",
                       help="synthetic layout for tests and demos, e.g. 5000,300,20,1 (no dataset)")
     data.add_argument("--remote", default="", help="where ranks fetch shards (default: the dataset folder)")
-    pol = p.add_argument_group("sampling")
-    pol.add_argument("--policy", default="clusterclip", choices=POLICIES)
-    pol.add_argument("--clip", default=None, help="repeat clip: an integer >= 1, or 'auto' (needs --budget-steps)")
-    pol.add_argument("--budget-steps", type=int, default=None, help="training budget in steps")
-    pol.add_argument("--weights", default=None, help="per-cluster weights: comma list or @FILE (one per line)")
-    pol.add_argument("--switch-step", type=int, default=None, help="g2s/s2g: step of the switch")
-    pol.add_argument("--switch-fraction", type=float, default=None, help="g2s/s2g: switch at this budget fraction")
-    pol.add_argument("--on-exhausted", default="stop", choices=("stop", "random"))
-    pol.add_argument("--min-active-share", type=float, default=0.5, help="auto clip: floor on active clusters")
-    pol.add_argument("--global-batch", type=int, required=True, help="samples per step over all ranks")
-    pol.add_argument("--seed", type=int, default=0)
+    add_block_size_argument(data)
+    add_policy_arguments(p.add_argument_group("sampling (the same flags as `croupier simulate`)"))
     job = p.add_argument_group("job")
     job.add_argument("--job", default="default", help="job name ranks must give (empty accepts any)")
     job.add_argument("--state-dir", required=True, help="durable checkpoints live here")
@@ -71,48 +71,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     net.add_argument("--admin-token-file", default=None, help="token that Update (online changes) requires")
     net.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key: serve TLS)")
     net.add_argument("--tls-key", default=None, help="PEM private key")
+    net.add_argument("--insecure", action="store_true",
+                     help="allow a non-loopback --host without a token and TLS (a trusted network)")
     net.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = off)")
+    net.add_argument("--metrics-host", default="127.0.0.1",
+                     help="address /metrics binds to (default loopback: it has no authentication)")
     net.add_argument("--max-workers", type=int, default=2048, help="RPC threads (each open stream holds one)")
     net.add_argument("--grace", type=float, default=2.0, help="seconds open calls get on shutdown")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=run)
-
-
-def _int_list(text: str, what: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"{what} must be a comma-separated list of integers, got {text!r}") from None
-
-
-def _weights(text: str | None) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    if text.startswith("@"):
-        try:
-            text = ",".join(Path(text[1:]).read_text().split())
-        except OSError as exc:
-            raise ConfigError(f"cannot read weights file {text[1:]}: {exc.strerror}") from None
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise ConfigError(f"weights must be comma-separated numbers, got {text[:60]!r}") from None
-
-
-def policy_from_args(args: argparse.Namespace) -> PolicyConfig:
-    clip, auto = None, False
-    if args.clip is not None:
-        if args.clip == "auto":
-            auto = True
-        else:
-            try:
-                clip = int(args.clip)
-            except ValueError:
-                raise ConfigError(f"--clip must be an integer >= 1 or 'auto', got {args.clip!r}") from None
-    return PolicyConfig(policy=args.policy, clip=clip, auto_clip=auto, weights=_weights(args.weights),
-                        switch_step=args.switch_step, switch_fraction=args.switch_fraction,
-                        budget_steps=args.budget_steps, on_exhausted=args.on_exhausted,
-                        min_active_share=args.min_active_share)
 
 
 def dataset_from_args(args: argparse.Namespace) -> tuple[ClusterLayout, str, str]:
@@ -122,7 +89,8 @@ def dataset_from_args(args: argparse.Namespace) -> tuple[ClusterLayout, str, str
     if args.cluster_sizes:
         if args.selection:
             raise ConfigError("--selection needs a DATASET with a sidecar, not --cluster-sizes")
-        return ClusterLayout.from_sizes(_int_list(args.cluster_sizes, "--cluster-sizes")), "", args.remote
+        return synthetic_layout(args), "", args.remote
+    refuse_block_size_for_dataset(args)
     from croupier.shards.sidecar import Sidecar
 
     side = Sidecar.open(args.dataset)
@@ -142,13 +110,34 @@ def _lock_state_dir(state_dir: Path) -> int:
     return fd
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` names this machine's loopback interface only."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def check_exposure(host: str, token: str | None, tls: bool, insecure: bool) -> None:
+    """Refuses to serve beyond loopback without both a token and TLS, unless --insecure."""
+    if is_loopback(host) or insecure or (token is not None and tls):
+        return
+    missing = " and ".join(m for m, ok in (("--token-file", token is not None), ("--tls-cert/--tls-key", tls))
+                           if not ok)
+    raise ConfigError(f"--host {host} is not a loopback address: serving beyond this machine needs a token and "
+                      f"TLS (missing: {missing}); pass --insecure to serve without them on a trusted network")
+
+
 def run(args: argparse.Namespace) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ConfigError("TLS needs both --tls-cert and --tls-key")
+    token = read_token_file(args.token_file, MIN_SERVER_TOKEN_CHARS) if args.token_file else None
+    admin = read_token_file(args.admin_token_file, MIN_SERVER_TOKEN_CHARS) if args.admin_token_file else None
+    check_exposure(args.host, token, bool(args.tls_cert), args.insecure)
     config = policy_from_args(args)
     layout, dataset_fp, remote = dataset_from_args(args)
-    token = read_token_file(args.token_file) if args.token_file else None
-    admin = read_token_file(args.admin_token_file) if args.admin_token_file else None
     spec = JobSpec(name=args.job, dataset_remote=remote, dataset_fingerprint=dataset_fp, selection=args.selection,
                    max_lag=args.max_lag, max_lookahead=args.lookahead, checkpoint_every=args.checkpoint_every)
     store = CheckpointStore(args.state_dir, keep=args.keep_checkpoints)
@@ -177,10 +166,16 @@ def _serve(args: argparse.Namespace, layout: ClusterLayout, config: PolicyConfig
     address = f"[{host}]:{args.port}" if ":" in host else f"{host}:{args.port}"
     server, _ = create_server(job, address, token=token, admin_token=admin, tls_cert=args.tls_cert,
                               tls_key=args.tls_key, max_workers=args.max_workers, on_refused=metrics.refused)
-    metrics_port = metrics.serve(host, args.metrics_port) if args.metrics_port else 0
+    metrics_port = metrics.serve(args.metrics_host, args.metrics_port) if args.metrics_port else 0
     info: dict[str, Any] = dict(describe(server), metrics_port=metrics_port, pid=os.getpid(),
                                 state_dir=str(store.dir.resolve()))
+    if metrics_port:
+        info["metrics_host"] = args.metrics_host
     atomic_write_bytes(store.dir / "server.json", (json.dumps(info, indent=2) + "\n").encode())
+    if token is None:
+        log.warning("no token configured: every user who can reach %s may call the server, Update "
+                    "(online changes) included; pass --token-file (and --admin-token-file) to require one",
+                    address, extra={"event": "no_token"})
     log.info("serving", extra=dict(info, event="serving"))
     print(json.dumps(dict(info, event="serving")), flush=True)
 

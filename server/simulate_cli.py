@@ -19,8 +19,11 @@ import numpy as np
 from croupier.errors import ConfigError, EndOfData
 from croupier.server.engine import Sampler
 from croupier.server.layout import ClusterLayout
-from croupier.server.policy import ON_EXHAUSTED, POLICIES, PolicyConfig
+from croupier.server.sampling_args import (add_block_size_argument, add_policy_arguments, policy_from_args,
+                                           refuse_block_size_for_dataset, synthetic_layout)
 from croupier.server.topology import Topology
+
+__all__ = ["Schedule", "format_summary", "layout_from_args", "policy_from_args", "register", "run", "simulate"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,71 +33,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--cluster-sizes", help="synthetic clusters with contiguous ids, e.g. 5000,300,20,1")
     src.add_argument("--dataset", help="dataset folder with a croupier cluster sidecar")
     p.add_argument("--selection", help="sample only inside this named selection of the dataset")
-    p.add_argument("--block-size", type=int, default=1,
-                   help="--cluster-sizes: in-cluster read block in samples (1 = fully random order)")
+    add_block_size_argument(p)
     add_policy_arguments(p)
-    p.add_argument("--global-batch", type=int, required=True, help="samples per step over all ranks")
     p.add_argument("--steps", type=int, required=True, help="steps to simulate")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--world", type=int, default=1, help="ranks in the world (jsonl: print one rank's slice)")
     p.add_argument("--rank", type=int, help="the rank whose slice jsonl prints")
     p.add_argument("--format", choices=("jsonl", "summary"), default="summary")
     p.set_defaults(func=run)
 
 
-def add_policy_arguments(p: argparse.ArgumentParser) -> None:
-    """Policy flags shared by `simulate` and `serve`."""
-    p.add_argument("--policy", required=True, help=f"one of: {', '.join(POLICIES)}")
-    p.add_argument("--clip", help="repeat clip threshold (integer >= 1) or 'auto' (needs --budget-steps)")
-    p.add_argument("--budget-steps", type=int, help="planned training steps (for --clip auto and --switch-fraction)")
-    p.add_argument("--min-active-share", type=float, default=0.5,
-                   help="--clip auto keeps at least this share of clusters active to the end (default 0.5)")
-    p.add_argument("--weights", help="comma-separated per-cluster weights (policy weighted)")
-    p.add_argument("--switch-step", type=int, help="g2s/s2g: first step of the second phase")
-    p.add_argument("--switch-fraction", type=float, help="g2s/s2g: switch at this fraction of --budget-steps")
-    p.add_argument("--on-exhausted", choices=ON_EXHAUSTED, default="stop",
-                   help="when the clip exhausts every cluster: stop (end of data) or continue as random")
-
-
-def policy_from_args(args: argparse.Namespace) -> PolicyConfig:
-    """Builds a validated PolicyConfig from the shared policy flags."""
-    clip: int | None = None
-    auto = False
-    if args.clip is not None:
-        if args.clip == "auto":
-            auto = True
-        else:
-            try:
-                clip = int(args.clip)
-            except ValueError:
-                raise ConfigError(f"--clip must be an integer >= 1 or 'auto', got {args.clip!r}") from None
-    weights = None
-    if args.weights:
-        try:
-            weights = tuple(float(w) for w in args.weights.split(","))
-        except ValueError:
-            raise ConfigError(f"--weights must be comma-separated numbers, got {args.weights!r}") from None
-    return PolicyConfig(policy=args.policy, clip=clip, auto_clip=auto, weights=weights,
-                        switch_step=args.switch_step, switch_fraction=args.switch_fraction,
-                        budget_steps=args.budget_steps, on_exhausted=args.on_exhausted,
-                        min_active_share=args.min_active_share)
-
-
-def parse_sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise ConfigError(f"--cluster-sizes must be comma-separated integers, got {text!r}") from None
-    if not sizes:
-        raise ConfigError("--cluster-sizes is empty: give at least one cluster size")
-    return sizes
-
-
 def layout_from_args(args: argparse.Namespace) -> ClusterLayout:
     if args.cluster_sizes is not None:
         if getattr(args, "selection", None):
             raise ConfigError("--selection needs --dataset: synthetic clusters have no selections")
-        return ClusterLayout.from_sizes(parse_sizes(args.cluster_sizes), block_size=getattr(args, "block_size", 1))
+        return synthetic_layout(args)
+    refuse_block_size_for_dataset(args)
     from croupier.shards.sidecar import Sidecar
 
     return Sidecar.open(args.dataset).layout(getattr(args, "selection", None))

@@ -69,3 +69,5 @@ def test_bad_input_exits_nonzero_with_the_rule() -> None:
     assert r.returncode == 2 and "steps must be >= 0, got -1" in r.stderr
     r = cli("--cluster-sizes", "", "--policy", "uniform", "--global-batch", "4", "--steps", "1")
     assert r.returncode == 2 and "cluster-sizes is empty" in r.stderr
+    r = cli("--dataset", "nowhere", "--block-size", "4", "--policy", "uniform", "--global-batch", "4", "--steps", "1")
+    assert r.returncode == 2 and "--block-size 4 applies to --cluster-sizes only" in r.stderr

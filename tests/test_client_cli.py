@@ -1,0 +1,132 @@
+"""Client commands against a real `croupier serve` process (TLS, token): one set of connection
+flags on every command (--token-file, $CROUPIER_TOKEN, --tls-ca, --tls-server-name), and
+`client dump --format jsonl` printing exactly what `simulate --format jsonl` prints."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from croupier.cli import main
+
+TOKEN = "client-cli-token-0123456789"
+SEQUENCE = ["--cluster-sizes", "50,30,20", "--block-size", "4", "--policy", "clusterclip", "--clip", "3",
+            "--global-batch", "8", "--seed", "2"]
+
+
+def _certificate(tmp: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and the name croupier.test (not localhost)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "croupier.test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("croupier.test"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp / "server.crt", tmp / "server.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("client-cli")
+    cert, key = _certificate(root)
+    token_file = root / "token"
+    token_file.write_text(TOKEN + "\n")
+    proc = subprocess.Popen([sys.executable, "-m", "croupier", "serve", *SEQUENCE, "--state-dir", str(root / "state"),
+                             "--port", "0", "--token-file", str(token_file), "--tls-cert", str(cert),
+                             "--tls-key", str(key), "--log-level", "WARNING"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        info = json.loads(proc.stdout.readline())
+        yield {"address": f"127.0.0.1:{info['port']}", "port": info["port"], "cert": str(cert),
+               "token_file": str(token_file), "root": root}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+
+
+def _dump(server, *extra: str) -> list[str]:
+    return ["client", "dump", "--server", server["address"], "--world", "2", "--rank", "1", "--start-step", "0",
+            "--steps", "5", *extra]
+
+
+def test_dump_jsonl_equals_simulate(server, capsys):
+    assert main(_dump(server, "--tls-ca", server["cert"], "--token-file", server["token_file"],
+                      "--format", "jsonl")) == 0
+    dumped = capsys.readouterr()
+    assert main(["simulate", *SEQUENCE, "--steps", "5", "--world", "2", "--rank", "1", "--format", "jsonl"]) == 0
+    simulated = capsys.readouterr().out
+    assert dumped.out == simulated
+    assert [json.loads(line)["step"] for line in dumped.out.splitlines()] == [0, 1, 2, 3, 4]
+    assert "job " in dumped.err  # the job line goes to stderr, keeping stdout diffable
+    assert main(_dump(server, "--tls-ca", server["cert"], "--token-file", server["token_file"])) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith("step 0\t")  # text stays the default
+
+
+def _commands(server, out: Path) -> dict[str, list[str]]:
+    tls = ["--server", server["address"], "--tls-ca", server["cert"]]
+    return {
+        "status": ["status", *tls, "--json"],
+        "checkpoint": ["checkpoint", *tls, "--step", "1"],
+        "dump": _dump(server, "--tls-ca", server["cert"], "--steps", "1"),
+        "report": ["report", *tls, "--out", str(out), "--no-replay", "--table", "0"],
+    }
+
+
+def test_every_client_command_takes_a_token_file_or_the_environment(server, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("CROUPIER_TOKEN", raising=False)
+    errs = []
+    for name, argv in _commands(server, tmp_path / "report").items():
+        assert main([*argv, "--token-file", server["token_file"]]) == 0, (name, capsys.readouterr().err)
+        capsys.readouterr()
+        monkeypatch.setenv("CROUPIER_TOKEN", TOKEN)
+        assert main(argv) == 0, (name, capsys.readouterr().err)
+        capsys.readouterr()
+        monkeypatch.delenv("CROUPIER_TOKEN")
+        assert main(argv) == 2, name
+        errs.append((name, capsys.readouterr().err))
+    assert [name for name, _ in errs] == ["status", "checkpoint", "dump", "report"]
+    assert all("UNAUTHENTICATED" in err for _, err in errs), errs
+
+
+def test_one_tls_flag_name_everywhere_with_the_old_name_kept(server, capsys):
+    for argv in (["status", "--server", server["address"], "--json"],
+                 _dump(server, "--steps", "1")):
+        assert main([*argv, "--tls-root-cert", server["cert"], "--token-file", server["token_file"]]) == 0
+        assert "--tls-root-cert is deprecated; use --tls-ca" in capsys.readouterr().err
+    # the certificate names croupier.test and 127.0.0.1, not localhost: the name is checked
+    local = ["status", "--server", f"localhost:{server['port']}", "--tls-ca", server["cert"],
+             "--token-file", server["token_file"], "--json", "--timeout", "5"]
+    assert main(local) == 2
+    capsys.readouterr()
+    assert main([*local, "--tls-server-name", "croupier.test"]) == 0
+    assert json.loads(capsys.readouterr().out)["job"] is not None
+
+
+def test_token_flags_refuse_ambiguity_and_missing_files(server, tmp_path, capsys):
+    assert main(_dump(server, "--token", TOKEN, "--token-file", server["token_file"])) == 2
+    assert "give --token or --token-file, not both" in capsys.readouterr().err
+    assert main(["status", "--server", server["address"], "--token-file", str(tmp_path / "nope")]) == 2
+    assert "cannot read token file" in capsys.readouterr().err
+    assert main(["status", "--server", server["address"], "--tls-server-name", "croupier.test"]) == 2
+    assert "--tls-server-name needs --tls-ca" in capsys.readouterr().err
