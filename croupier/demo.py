@@ -15,6 +15,9 @@
 
 Every child runs in its own process group and is killed in a `finally` (and at exit), so an
 error or Ctrl-C leaves no process behind; the client reads shards without shared memory.
+Processes a child starts in sessions of their own (torchrun's workers) escape its group, so
+every child also carries a run tag in its environment, which its descendants inherit, and
+the cleanup kills every process that holds the tag, wherever it lives.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -39,6 +43,8 @@ from croupier.errors import ConfigError, CroupierError
 
 MARKER = ".croupier-demo"
 JOB = "demo"
+RUN_TAG_ENV = "CROUPIER_DEMO_RUN"
+"""Environment variable that tags every process a demo run starts, grandchildren included."""
 
 
 class DemoError(CroupierError):
@@ -100,24 +106,69 @@ class DemoResult:
 
 
 # -- child processes ----------------------------------------------------------------------------
+def tagged_processes(tag: str, exact: bool = True) -> list[int]:
+    """Pids of live processes whose environment has RUN_TAG_ENV equal to `tag` (or, with
+    `exact` False, starting with it). Only this user's processes are readable: that is all
+    a demo starts."""
+    want = f"{RUN_TAG_ENV}={tag}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:  # gone, or another user's
+            continue
+        if any(v == want if exact else v.startswith(want) for v in env):
+            found.append(int(entry))
+    return found
+
+
+def kill_tagged(tag: str, exact: bool = True, timeout_s: float = 10.0) -> None:
+    """SIGKILLs every process tagged `tag` until none is left (they cannot fork once killed)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pids = tagged_processes(tag, exact)
+        if not pids or time.monotonic() > deadline:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        time.sleep(0.05)
+
+
 class Children:
-    """Child processes, each in its own session/process group; `kill_all` ends every group."""
+    """Child processes, each in its own session/process group and tagged in its environment;
+    `kill_tree` ends one child with all its descendants, `kill_all` every one of them."""
 
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen] = []
         self.pids: list[int] = []
+        self.run_tag = uuid.uuid4().hex
+        self._tags: dict[int, str] = {}
         self._lock = threading.Lock()
         atexit.register(self.kill_all)
 
     def start(self, cmd: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            tag = f"{self.run_tag}.{len(self.pids)}"
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=env, start_new_session=True)
+                                    env={**env, RUN_TAG_ENV: tag}, start_new_session=True)
         with self._lock:
             self.procs.append(proc)
             self.pids.append(proc.pid)
+            self._tags[proc.pid] = tag
         return proc
+
+    def kill_tree(self, proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+        """`kill(proc, sig)`, then SIGKILL every process it started, in any session."""
+        self.kill(proc, sig)
+        kill_tagged(self._tags.get(proc.pid, f"{self.run_tag}.?"))
 
     @staticmethod
     def kill(proc: subprocess.Popen, sig: int = signal.SIGKILL, wait_s: float = 20.0) -> None:
@@ -145,6 +196,7 @@ class Children:
             self.procs.clear()
         for proc in procs:
             self.kill(proc)
+        kill_tagged(self.run_tag + ".", exact=False)
 
 
 def _env() -> dict[str, str]:
@@ -299,7 +351,7 @@ class Demo:
         deadline = time.monotonic() + c.timeout_s
         while proc.poll() is None:
             if time.monotonic() > deadline:
-                Children.kill(proc)
+                self.children.kill_tree(proc)
                 raise DemoError(f"training phase {phase} timed out after {c.timeout_s:.0f} s; see {log}")
             time.sleep(0.2)
             if time.monotonic() - last_print >= 5.0:
@@ -308,7 +360,7 @@ class Demo:
                 if step is not None and step != shown and step >= (c.half if resume else 0):
                     shown = step
                     self.echo(f"      step {step + 1}/{c.steps}  loss {loss:.3f}")
-        Children.kill(proc)  # reaps it and any straggler in its group
+        self.children.kill_tree(proc)  # reaps it and any straggler, in its group or not
         if proc.returncode != 0:
             raise DemoError(f"training phase {phase} failed (exit {proc.returncode}); see {log}:\n{_tail(log)}")
         self.timings[f"train.{phase}"] = time.perf_counter() - t0

@@ -26,6 +26,30 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _naming(folder: Path, settle_s: float = 5.0) -> list[str]:
+    """Command lines of live processes that name `folder` (waits up to `settle_s` for dying ones).
+
+    A process can leave its parent's session and process group, but not its command line."""
+    needle = str(folder).encode()
+    deadline = time.monotonic() + settle_s
+    while True:
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmd = f.read()
+            except OSError:
+                continue
+            if needle in cmd and _alive(int(entry)):
+                shown = cmd.replace(b"\0", b" ").decode(errors="replace")
+                found.append(f"{entry}: {shown}")
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
 def _shm() -> set[str]:
     return set(os.listdir(SHM)) if SHM.is_dir() else set()
 
@@ -69,18 +93,21 @@ def test_demo_runs_end_to_end_and_leaves_nothing_behind(tmp_path):
     # every server, torchrun and rank process is gone; no shared memory left
     assert len(result.pids) >= 2 + 2 + 4  # 2 servers, 2 torchruns, 2 ranks x 2 phases
     assert [p for p in result.pids if _alive(p)] == []
+    assert _naming(tmp_path) == []
     assert _new_shm(shm_before) == set()
 
 
 @pytest.mark.slow
 def test_demo_failure_still_cleans_up(tmp_path):
     """On the user's own JSON lines: a training phase that times out raises DemoError, and no
-    child survives it."""
+    child survives it: not the server, not torchrun, and not torchrun's workers, which run in
+    sessions of their own (found by their command line, which names this test's folder)."""
     corpus = tmp_path / "mine.jsonl"
     with open(corpus, "w") as f:
         for i in range(60):
             f.write(json.dumps({"id": i, "body": f"note {i}: " + ("alpha beta " if i % 3 else "gamma delta ") * 4}) + "\n")
-    cfg = _small(tmp_path / "demo", corpus=corpus, text_field="body", steps=8, timeout_s=2.0)
+    # far more steps than fit in the timeout: the workers are surely up and training when it hits
+    cfg = _small(tmp_path / "demo", corpus=corpus, text_field="body", steps=20_000, timeout_s=25.0)
     demo_pids: list[int] = []
     from croupier.demo import Demo
 
@@ -91,7 +118,9 @@ def test_demo_failure_still_cleans_up(tmp_path):
         finally:
             demo_pids = demo._all_pids()
     assert demo_pids
+    assert len(demo_pids) >= 2 + 2  # the server, torchrun and its two workers (from pids.txt)
     assert [p for p in demo_pids if _alive(p)] == []
+    assert _naming(tmp_path) == []
     from croupier.shards.sidecar import Sidecar
 
     assert Sidecar.open(tmp_path / "demo" / "dataset").num_samples == 60  # it built the user's corpus
