@@ -107,6 +107,16 @@ def test_every_client_command_takes_a_token_file_or_the_environment(server, tmp_
         errs.append((name, capsys.readouterr().err))
     assert [name for name, _ in errs] == ["status", "checkpoint", "dump", "report"]
     assert all("UNAUTHENTICATED" in err for _, err in errs), errs
+    # update needs the admin token: a plain token from either source authenticates, then is refused
+    update = ["update", "--server", server["address"], "--tls-ca", server["cert"], "--step", "50", "--clip", "2"]
+    assert main([*update, "--token-file", server["token_file"]]) == 2
+    assert "PERMISSION_DENIED" in capsys.readouterr().err
+    monkeypatch.setenv("CROUPIER_TOKEN", TOKEN)
+    assert main(update) == 2
+    assert "PERMISSION_DENIED" in capsys.readouterr().err
+    monkeypatch.delenv("CROUPIER_TOKEN")
+    assert main(update) == 2
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
 
 
 def test_one_tls_flag_name_everywhere_with_the_old_name_kept(server, capsys):
