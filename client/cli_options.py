@@ -21,12 +21,16 @@ from croupier.client.channel import TOKEN_ENV
 from croupier.errors import ConfigError
 
 
-class _DeprecatedAlias(argparse.Action):
-    """Stores into the new flag's destination and says once that the old name is deprecated."""
+def _deprecated_alias(new: str) -> type[argparse.Action]:
+    """An action for an old flag name: stores into the new flag's destination and says, on
+    stderr, which name to use instead."""
 
-    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ARG002
-        print(f"croupier: {option_string} is deprecated; use {self.metavar}", file=sys.stderr)
-        setattr(namespace, self.dest, values)
+    class Alias(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):  # noqa: ARG002
+            print(f"croupier: {option_string} is deprecated; use {new}", file=sys.stderr)
+            setattr(namespace, self.dest, values)
+
+    return Alias
 
 
 def add_connection_arguments(p: argparse.ArgumentParser, *, server_required: bool = True,
@@ -41,8 +45,7 @@ def add_connection_arguments(p: argparse.ArgumentParser, *, server_required: boo
                        help="bearer token (visible in ps: prefer --token-file or $CROUPIER_TOKEN)")
     p.add_argument("--tls-ca", default=None, metavar="PEM",
                    help="use TLS, trusting this CA (or self-signed) certificate")
-    p.add_argument("--tls-root-cert", dest="tls_ca", action=_DeprecatedAlias, metavar="--tls-ca",
-                   help=argparse.SUPPRESS)
+    p.add_argument("--tls-root-cert", dest="tls_ca", action=_deprecated_alias("--tls-ca"), help=argparse.SUPPRESS)
     if server_name:
         p.add_argument("--tls-server-name", default=None, metavar="NAME",
                        help="name to check in the server certificate (when the address is not that name)")
