@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from streaming import MDSWriter
 
-from croupier.format.id_table import SampleIdError, ShardTable
 from croupier.client.shard_store import ShardStore
 from croupier.errors import ConfigError, DatasetError, FingerprintMismatch
 from croupier.format.fingerprint import index_fingerprint
+from croupier.format.id_table import SampleIdError, ShardTable
 
 COLUMNS = {"id": "int", "text": "str", "vec": "ndarray:int32"}
 
