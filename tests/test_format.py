@@ -35,6 +35,14 @@ def test_client_imports_nothing_of_the_writer_side():
     assert out.split() == []
 
 
+def test_the_format_package_stays_light():
+    code = ("import sys, croupier.format, croupier.format.mds_shard, croupier.format.sidecar_layout; "
+            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'grpc', 'torch', 'faiss', 'streaming', 'transformers'})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == []
+
+
 def test_index_table_and_fingerprint_of_a_real_dataset(tmp_path):
     root = _write(tmp_path / "ds")
     index = MDSIndex.read(root)
