@@ -14,15 +14,22 @@ Shards come from the job's remote (or `remote=`) into `cache_dir`, keyed by the 
 fingerprint; the shards of the slices in the lookahead window are prefetched as the slices
 arrive, and with `cache_limit` the store evicts what no pending slice needs.
 
-Checkpointing: `state_dict(next_step)` returns {"version", "sampler_fingerprint",
-"next_step", "token"}; `load_state_dict()` makes the next iteration start exactly there.
-Without workers the dataset tracks the position itself; with workers pass the next step to
-train (one past the `_croupier_step` of the last batch trained on).
+Checkpointing: `state_dict()` is local and cheap (no server call), so it can be called every
+step and inside DataLoader workers, before the first item too: torchdata's
+`StatefulDataLoader` calls it in every worker and restores each worker's own state, so a
+restored loader continues with exactly the batches the saved one would have yielded next.
+The state records the next step of this process's lane, how many samples of it were already
+yielded, the lane stride (the number of workers) and the iteration's end. With a plain
+`DataLoader` and workers the main process cannot see the workers' progress: pass the next
+step to train (one past the `_croupier_step` of the last batch trained on) as
+`state_dict(next_step)`; every worker count can resume from such a state.
+`state_dict(..., checkpoint=True)` also asks the server for a checkpoint token at that step
+(the trainer's own checkpoint: one call, not every step).
 
 The sequence has no epochs: a trainer iterates once. Without workers a second iteration
-continues where the first stopped; with workers (whose progress the main process cannot
-see) every iteration starts from the dataset's start (the loaded state, `start_step`, or
-the rank's position on the server when the first worker joined).
+continues where the first stopped; with workers every new iteration starts from the
+dataset's start (the loaded state, `start_step`, or the rank's position on the server when
+the first worker joined).
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from typing import Any, Iterator, Mapping
 from torch.utils.data import IterableDataset, get_worker_info
 
 from croupier.client.rank_client import STATE_VERSION, RankClient, validate_state
-from croupier.errors import ConfigError, EndOfData, FingerprintMismatch
+from croupier.errors import ConfigError, EndOfData, FingerprintMismatch, StateError
 from croupier.server.topology import Topology
 
 STEP_KEY = "_croupier_step"
@@ -90,11 +97,18 @@ class CroupierIterableDataset(IterableDataset):
         self._resume_token = ""
         self._expected_fingerprint: str | None = None
         self._fingerprint: str | None = None
-        self._position: int | None = None  # next step to train, tracked in-process
+        # This process's lane: next step, samples of it already yielded, stride (workers; None for a
+        # global step that any worker count can start from) and the iteration's end.
+        self._position: int | None = None
+        self._skip = 0
+        self._stride: int | None = None
+        self._stop: int | None = None
         # Start step agreed by all DataLoader workers of one iteration (-1: not resolved yet).
         # Shared memory made before the fork, so workers that join at different moments (and
         # may see the server's position move under acks) still start from one base.
         self._shared_base = multiprocessing.get_context().Value("q", -1 if start_step is None else start_step)
+        # Set by DataLoader workers when they iterate, so the main process knows it cannot see the position.
+        self._shared_workers = multiprocessing.get_context().Value("q", 0)
         self._control: RankClient | None = None
         self._control_pid: int | None = None
 
@@ -112,6 +126,9 @@ class CroupierIterableDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
+        if info is not None:
+            with self._shared_workers.get_lock():
+                self._shared_workers.value = workers
         client = self._client(resume_token=self._resume_token or None,
                               expected_fingerprint=self._expected_fingerprint)
         store = None
@@ -120,28 +137,54 @@ class CroupierIterableDataset(IterableDataset):
             self._fingerprint = job.sampler_fingerprint
             if info is None:
                 self._resume_token = ""  # the job is resumed; later iterations just continue
-            base = self._resolve_base(client, workers)
+            first, stop, skip = self._lane(client, workers, worker)
+            self._position, self._skip, self._stride, self._stop = first, skip, workers, stop
             store = self._open_store(job)
-            client.plan(base, None if self.steps is None else base + self.steps, step_stride=workers,
-                        step_offset=base + worker, on_slice=lambda step, ids: store.prefetch(ids))
-            yield from self._samples(client, store, in_process=info is None)
+            client.plan(first, stop, step_stride=workers, step_offset=first,
+                        on_slice=lambda step, ids: store.prefetch(ids))
+            yield from self._samples(client, store, workers)
+            if info is not None:
+                self._position = None  # a new iteration of a worker starts from the dataset's start
         finally:
             client.close()
             if store is not None:
                 store.close()
 
-    def _resolve_base(self, client: RankClient, workers: int) -> int:
-        """First step of this iteration, the same for every worker."""
+    def _lane(self, client: RankClient | None, workers: int, worker: int) -> tuple[int | None, int | None, int]:
+        """(first step, stop step, samples of the first step to skip) of this process's lane.
+
+        A lane state (saved by a process reading with the same stride) continues as it is; a
+        global next step (a trainer's `state_dict(next_step)`, `start_step`, or the rank's
+        position on the server) starts worker w at that step + w. Without a client (a state
+        taken before the first item) an unresolved server position stays None.
+        """
+        if self._position is not None and self._stride is not None:
+            if self._stride != workers:
+                raise ConfigError(f"this state was saved by a reader of every {self._stride}th step (that many "
+                                  f"DataLoader workers), but it is now read by {workers}: restore a loader "
+                                  f"state into the same num_workers, or resume from state_dict(next_step)")
+            if workers == 1 and self._stop is not None and self._position >= self._stop:
+                # the last iteration ended: the next one continues from there
+                return self._position, None if self.steps is None else self._position + self.steps, 0
+            return self._position, self._stop, self._skip
+        base = self._global_base(client, workers)
+        if base is None:
+            return None, None, 0
+        return base + worker, None if self.steps is None else base + self.steps, 0
+
+    def _global_base(self, client: RankClient | None, workers: int) -> int | None:
+        """The first step of an iteration, the same for every worker (None: not known yet)."""
         if self._position is not None:
             return self._position
         if self._start_step is not None:
             return self._start_step
         if workers == 1:
-            return client.next_step
+            return None if client is None else client.next_step
         with self._shared_base.get_lock():
-            if self._shared_base.value < 0:
+            if self._shared_base.value < 0 and client is not None:
                 self._shared_base.value = client.next_step
-            return int(self._shared_base.value)
+            value = int(self._shared_base.value)
+        return None if value < 0 else value
 
     def _open_store(self, job: Any):
         from croupier.client.shard_store import ShardStore
@@ -157,20 +200,26 @@ class CroupierIterableDataset(IterableDataset):
             prefetch_threads=self.prefetch_threads,
         )
 
-    def _samples(self, client: RankClient, store: Any, in_process: bool) -> Iterator[dict[str, Any]]:
+    def _samples(self, client: RankClient, store: Any, stride: int) -> Iterator[dict[str, Any]]:
+        skip = self._skip
         while True:
             try:
                 step, ids = client.next_slice()
             except EndOfData:
                 return
-            samples = store.get(ids)
+            kept = ids[skip:]
+            samples = store.get(kept)
             last = len(samples) - 1
-            for i, (sample_id, sample) in enumerate(zip(ids.tolist(), samples)):
+            for i, (sample_id, sample) in enumerate(zip(kept.tolist(), samples)):
                 sample[STEP_KEY] = step
                 sample[ID_KEY] = sample_id
-                if i == last and in_process:
-                    self._position = step + 1
+                # the position is what comes after the sample being handed out now
+                if i == last:
+                    self._position, self._skip = step + stride, 0
+                else:
+                    self._position, self._skip = step, skip + i + 1
                 yield sample
+            skip = 0
             store.release(ids)
 
     # -- checkpoint state ---------------------------------------------------------------------
@@ -181,40 +230,64 @@ class CroupierIterableDataset(IterableDataset):
             self._control_pid = os.getpid()
         return self._control
 
-    def state_dict(self, next_step: int | None = None, checkpoint: bool = True) -> dict[str, Any]:
-        """The position to store in the trainer's checkpoint.
+    def state_dict(self, next_step: int | None = None, checkpoint: bool = False) -> dict[str, Any]:
+        """The reading position, for the trainer's checkpoint. Local: no server call by default.
 
-        next_step: the next step to train; None uses the position this process tracked
-        (exact without DataLoader workers). With `checkpoint`, the token comes from the
-        server's Checkpoint at that step (the call is made from this process: with
-        non-persistent DataLoader workers under fork, prefer multiprocessing_context="forkserver").
+        Without `next_step`: this process's own lane (the main process without workers, or a
+        DataLoader worker under StatefulDataLoader), at any moment, before the first item too.
+        next_step: the next global step to train, given by a trainer whose plain DataLoader
+        workers read the data (the main process cannot see their progress).
+        checkpoint: also take the server's checkpoint token at that step (call it when the
+        trainer checkpoints, not every step; with non-persistent DataLoader workers under fork,
+        prefer multiprocessing_context="forkserver").
         """
-        if next_step is None:
-            next_step = self._position if self._position is not None else self._start_step
-        if next_step is None:
-            raise ConfigError("the dataset has not yielded a step yet: pass next_step to state_dict()")
-        control = self._control_client()
-        fingerprint = self._fingerprint or control.status().job.sampler_fingerprint
-        token = control.checkpoint(step=int(next_step)) if checkpoint else ""
+        if next_step is not None:
+            if isinstance(next_step, bool) or not isinstance(next_step, int) or next_step < 0:
+                raise ConfigError(f"next_step must be an int >= 0, got {next_step!r}")
+            position, skip, stride, stop = int(next_step), 0, None, None
+        else:
+            info = get_worker_info()
+            workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
+            if info is None and self._position is None and self._shared_workers.value > 0:
+                raise ConfigError("DataLoader workers read this dataset, so this process does not know the "
+                                  "position: pass next_step (one past the last trained _croupier_step) to "
+                                  "state_dict(), or use torchdata's StatefulDataLoader, which saves every "
+                                  "worker's own state")
+            position, stop, skip = self._lane(None, workers, worker)
+            stride = workers if position is not None else None
+        fingerprint = self._fingerprint or self._expected_fingerprint or ""
+        token = ""
+        if checkpoint:
+            if position is None:
+                raise ConfigError("no position to checkpoint yet: pass next_step to state_dict(checkpoint=True)")
+            control = self._control_client()
+            fingerprint = fingerprint or control.status().job.sampler_fingerprint
+            token = control.checkpoint(step=position)
         return {
-            "version": STATE_VERSION,
+            "version": DATASET_STATE_VERSION,
             "sampler_fingerprint": fingerprint,
-            "next_step": int(next_step),
+            "next_step": position,
+            "skip": skip,
+            "stride": stride,
+            "stop_step": stop,
             "token": token,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """The next iteration starts at the state's next step; its fingerprint is checked on join."""
-        validate_state(state)
-        expected = str(state["sampler_fingerprint"])
-        if self._fingerprint is not None and self._fingerprint != expected:
+        """The next iteration continues from the state; its fingerprint is checked on join.
+
+        Takes this dataset's states and a `RankClient` state (a global next step)."""
+        position, skip, stride, stop = _parse_state(state)
+        expected = str(state["sampler_fingerprint"]) or None
+        if expected is not None and self._fingerprint is not None and self._fingerprint != expected:
             raise FingerprintMismatch("sampler", expected, self._fingerprint)
         self._expected_fingerprint = expected
-        self._start_step = int(state["next_step"])
-        self._position = None
+        self._position, self._skip, self._stride, self._stop = position, skip, stride, stop
         self._resume_token = str(state["token"])
-        with self._shared_base.get_lock():
-            self._shared_base.value = self._start_step
+        if position is not None and stride is None:
+            self._start_step = position
+            with self._shared_base.get_lock():
+                self._shared_base.value = position
 
     def close(self) -> None:
         """Closes the control channel used by state_dict() (iteration clients close themselves)."""
@@ -227,14 +300,53 @@ class CroupierIterableDataset(IterableDataset):
         state["_control"] = None  # never ship a channel to another process
         state["_control_pid"] = None
         if not _spawning():
-            # Outside process start-up the shared value cannot travel: ship its value.
-            state["_shared_base"] = int(self._shared_base.value)
+            # Outside process start-up shared values cannot travel: ship their values.
+            for key in _SHARED:
+                state[key] = int(getattr(self, key).value)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        if isinstance(state["_shared_base"], int):
-            state["_shared_base"] = multiprocessing.get_context().Value("q", state["_shared_base"])
+        for key in _SHARED:
+            if isinstance(state[key], int):
+                state[key] = multiprocessing.get_context().Value("q", state[key])
         self.__dict__.update(state)
+
+
+_SHARED = ("_shared_base", "_shared_workers")
+DATASET_STATE_VERSION = 2
+_DATASET_STATE_KEYS = ("version", "sampler_fingerprint", "next_step", "skip", "stride", "stop_step", "token")
+
+
+def _parse_state(state: Mapping[str, Any]) -> tuple[int | None, int, int | None, int | None]:
+    """(next step, skip, stride, stop) of a dataset state, or of a RankClient state; strict."""
+    if isinstance(state, Mapping) and state.get("version") == STATE_VERSION:
+        validate_state(state)
+        return int(state["next_step"]), 0, None, None
+    if not isinstance(state, Mapping):
+        raise StateError(f"dataset state must be a mapping, got {type(state).__name__}")
+    missing = [k for k in _DATASET_STATE_KEYS if k not in state]
+    if missing:
+        raise StateError(f"dataset state lacks {missing}; expected keys {list(_DATASET_STATE_KEYS)}")
+    if state["version"] != DATASET_STATE_VERSION:
+        raise StateError(f"dataset state version {state['version']!r} is not supported "
+                         f"(expected {DATASET_STATE_VERSION}, or a client state of version {STATE_VERSION})")
+
+    def opt_int(key: str, low: int) -> int | None:
+        value = state[key]
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise StateError(f"dataset state {key} must be None or an int >= {low}, got {value!r}")
+        return int(value)
+
+    position, stride, stop = opt_int("next_step", 0), opt_int("stride", 1), opt_int("stop_step", 0)
+    skip = opt_int("skip", 0) or 0
+    if not isinstance(state["sampler_fingerprint"], str) or not isinstance(state["token"], str):
+        raise StateError("dataset state sampler_fingerprint and token must be strings, got "
+                         f"{state['sampler_fingerprint']!r} and {type(state['token']).__name__}")
+    if position is None and (skip or stride is not None):
+        raise StateError(f"dataset state without next_step cannot have skip {skip} or stride {stride}")
+    return position, skip, stride, stop
 
 
 def _spawning() -> bool:

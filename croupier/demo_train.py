@@ -127,7 +127,7 @@ def _train(args: argparse.Namespace) -> int:
         raise RuntimeError(f"rank {topo.rank} stopped at step {next_step}, expected {args.stop_step} "
                            "(the sequence ended early: the clip exhausted every cluster?)")
 
-    state = ds.state_dict(next_step=next_step)
+    state = ds.state_dict(next_step=next_step, checkpoint=True)
     write_json_atomic(ckpt / f"data.rank{topo.rank}.json", state, indent=None)
     ds.close()
     if topo.rank == 0:

@@ -27,7 +27,7 @@ from croupier.client.errors import (
     Unavailable,
 )
 from croupier.client.rank_client import Backoff, RankClient
-from croupier.errors import DatasetError, EndOfData, FingerprintMismatch, StateError
+from croupier.errors import ConfigError, DatasetError, EndOfData, FingerprintMismatch, StateError
 from croupier.server.engine import Sampler
 from croupier.server.job import Job, JobSpec
 from croupier.server.layout import ClusterLayout
@@ -268,7 +268,7 @@ def test_dataloader_with_two_workers_gives_the_server_order(servers, tmp_path):
     assert len(batches) == 9
     check_batches(batches, ref)
     # The trainer's main process checkpoints at the step it trained last; workers resume there.
-    state = ds.state_dict(next_step=int(batches[-1][STEP_KEY][0]) + 1)
+    state = ds.state_dict(next_step=int(batches[-1][STEP_KEY][0]) + 1, checkpoint=True)
     ds.close()
     assert state["next_step"] == 9 and state["token"].startswith("croupier-ckpt-v1:9:")
     resumed = CroupierIterableDataset(addr, JOB, cache_dir=tmp_path / "cache", steps=7, topology=Topology(0, 1),
@@ -282,7 +282,8 @@ def test_dataset_state_dict_resumes_exactly(servers, tmp_path):
     ref = reference(8)
     ds = CroupierIterableDataset(addr, JOB, cache_dir=tmp_path / "cache", steps=3, topology=Topology(0, 1))
     check_batches(list(DataLoader(ds, batch_size=B)), ref)
-    state = ds.state_dict()
+    assert ds.state_dict()["token"] == ""  # local by default: no server call
+    state = ds.state_dict(checkpoint=True)
     ds.close()
     assert state["next_step"] == 3 and state["token"]
     resumed = CroupierIterableDataset(addr, JOB, cache_dir=tmp_path / "cache", steps=5, topology=Topology(0, 1))
@@ -346,3 +347,99 @@ def test_tls_with_the_server_certificate(servers, tmp_path):
                 backoff=Backoff(initial_s=0.01, max_s=0.05, give_up_after_s=0.5)) as c, \
             pytest.raises(Unavailable):
         c.join()  # a plaintext client cannot talk to a TLS server
+
+
+# -- torchdata's StatefulDataLoader ------------------------------------------------------------
+
+def _rows(batches: list[dict]) -> list[tuple[list[int], list[int]]]:
+    return [(b[STEP_KEY].tolist(), b[ID_KEY].tolist()) for b in batches]
+
+
+def _stateful(addr: str, tmp_path: Path, workers: int, batch: int = B, steps: int = 10):
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    ds = CroupierIterableDataset(addr, JOB, cache_dir=tmp_path / "cache", steps=steps, topology=Topology(0, 1),
+                                 lookahead=4, start_step=0)
+    return StatefulDataLoader(ds, batch_size=batch, num_workers=workers)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stateful_dataloader_restores_exactly_at_any_point(servers, tmp_path, workers):
+    """A loader restored from StatefulDataLoader.state_dict() yields exactly what the saved one would
+    have yielded next: saved before the first batch and at several points mid-run."""
+    _, addr = servers.start()
+    whole = _rows(list(_stateful(addr, tmp_path, workers)))
+    check_batches(list(_stateful(addr, tmp_path, workers)), reference(10))
+    assert len(whole) == 10
+    for k in (0, 3, 6):
+        loader = _stateful(addr, tmp_path, workers)
+        it = iter(loader)
+        head = [next(it) for _ in range(k)]
+        state = loader.state_dict()
+        del it
+        restored = _stateful(addr, tmp_path, workers)
+        restored.load_state_dict(state)
+        assert _rows(head) + _rows(list(restored)) == whole, f"saved after {k} batches"
+
+
+def test_stateful_dataloader_state_survives_a_server_restart(servers, tmp_path):
+    port = free_port()
+    server, addr = servers.start(port=port)
+    loader = _stateful(addr, tmp_path, 2)
+    it = iter(loader)
+    head = [next(it) for _ in range(4)]
+    state = loader.state_dict()
+    del it
+    server.stop(0)
+    servers.start(port=port)  # same port and state dir
+    restored = _stateful(addr, tmp_path, 2)
+    restored.load_state_dict(state)
+    tail = list(restored)
+    check_batches(head + tail, reference(10))
+
+
+def test_stateful_dataloader_resumes_inside_a_step(servers, tmp_path):
+    """Batches smaller than a step's slice: the state records the samples of the step already
+    yielded, so a restore continues mid-step."""
+    _, addr = servers.start()
+    whole = _rows(list(_stateful(addr, tmp_path, 0, batch=B // 2, steps=4)))
+    loader = _stateful(addr, tmp_path, 0, batch=B // 2, steps=4)
+    it = iter(loader)
+    head = [next(it) for _ in range(3)]  # one and a half steps
+    state = loader.state_dict()
+    restored = _stateful(addr, tmp_path, 0, batch=B // 2, steps=4)
+    restored.load_state_dict(state)
+    assert _rows(head) + _rows(list(restored)) == whole
+    assert sum(len(ids) for _, ids in whole) == 4 * B
+
+
+def test_dataset_state_is_local_before_the_first_item(tmp_path):
+    """state_dict() makes no server call: it works with no server at all, before any item."""
+    ds = CroupierIterableDataset("127.0.0.1:1", JOB, cache_dir=tmp_path, start_step=5, topology=Topology(0, 1))
+    state = ds.state_dict()
+    assert (state["next_step"], state["skip"], state["token"]) == (5, 0, "")
+    fresh = CroupierIterableDataset("127.0.0.1:1", JOB, cache_dir=tmp_path, topology=Topology(0, 1))
+    assert fresh.state_dict()["next_step"] is None  # the server's position, resolved on join
+    fresh.load_state_dict(state)
+    assert fresh.state_dict()["next_step"] == 5
+
+
+def test_dataset_state_refusals_name_the_rule(servers, tmp_path):
+    _, addr = servers.start()
+    ds = CroupierIterableDataset(addr, JOB, cache_dir=tmp_path / "cache", steps=4, topology=Topology(0, 1))
+    list(DataLoader(ds, batch_size=B, num_workers=2))
+    with pytest.raises(ConfigError, match="pass next_step"):
+        ds.state_dict()  # the workers' progress is invisible to the main process
+    lane = {"version": 2, "sampler_fingerprint": "", "next_step": 3, "skip": 0, "stride": 2, "stop_step": 9,
+            "token": ""}
+    other = CroupierIterableDataset(addr, JOB, cache_dir=tmp_path / "cache", steps=4, topology=Topology(0, 1))
+    other.load_state_dict(lane)
+    with pytest.raises(ConfigError, match="same num_workers"):
+        list(DataLoader(other, batch_size=B))
+    for bad, rule in ((dict(lane, skip=-1), "skip"), (dict(lane, stride=0), "stride"),
+                      (dict(lane, version=7), "version"), ({"next_step": 1}, "lacks"),
+                      (dict(lane, next_step=None), "without next_step")):
+        with pytest.raises(StateError, match=rule):
+            other.load_state_dict(bad)
+    with pytest.raises(ConfigError, match="next_step must be"):
+        other.state_dict(next_step=-2)

@@ -108,7 +108,7 @@ def main() -> int:
         }) + "\n")
         records.flush()
         if (step + 1) % args.ckpt_every == 0:
-            state = ds.state_dict(next_step=step + 1)
+            state = ds.state_dict(next_step=step + 1, checkpoint=True)
             write_atomic(ckpt / f"rank{topo.rank}.step{step + 1}.json", state)
         if args.step_sleep:
             time.sleep(args.step_sleep)
