@@ -54,7 +54,7 @@ def run_dump(args: argparse.Namespace) -> int:
                         tls_root_cert=args.tls_root_cert) as probe:
             job = probe.status().job.job
     client = RankClient(args.server, job=job, topology=topology, token=args.token,
-                        tls_root_cert=args.tls_root_cert, start_step=args.start_step)
+                        tls_root_cert=args.tls_root_cert, start_step=args.start_step, read_only=True)
     store = None
     tmp = None
     try:
