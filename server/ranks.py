@@ -120,8 +120,8 @@ class RankTable:
         live = [p.next_step for r, p in members.items() if r not in silent]
         if len(members) < world and now - self._formed_time <= self.timeout_s:
             live.append(self.formed_at)  # ranks that have not joined yet, until the timeout
-        if not live:  # everyone is silent: nobody to hold back, nobody ahead either
-            live = [p.next_step for p in members.values()] or [self.formed_at]
+        if not live:  # everyone is silent: nobody holds anyone back
+            live = [max((p.next_step for p in members.values()), default=self.formed_at)]
         old = self.slowest
         self.silent = silent
         self.slowest = min(live)

@@ -27,7 +27,7 @@ import logging
 import threading
 from concurrent import futures
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -404,6 +404,7 @@ def create_server(job: Job, address: str = "127.0.0.1:0", *, token: str | None =
                   tls_key: str | Path | None = None, max_workers: int = 4,
                   streams_per_peer: int = DEFAULT_STREAMS_PER_PEER, calls_per_peer: int = DEFAULT_CALLS_PER_PEER,
                   on_refused: Callable[[str, grpc.StatusCode], None] | None = None,
+                  interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
                   start: bool = True) -> tuple[SamplerServer, int]:
     """A sampler server for `job` bound to `address` (port 0 picks a free port).
 
@@ -411,6 +412,7 @@ def create_server(job: Job, address: str = "127.0.0.1:0", *, token: str | None =
     asyncio event loop in its own thread: an open stream costs no thread. `max_workers`
     bounds the threads that run disk-writing calls (Checkpoint, Update); `streams_per_peer`
     and `calls_per_peer` bound what one connection may hold open (RESOURCE_EXHAUSTED past it).
+    `interceptors` run after authentication (e.g. a fault injector in tests).
     """
     if (tls_cert is None) != (tls_key is None):
         raise ConfigError("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
@@ -441,11 +443,12 @@ def create_server(job: Job, address: str = "127.0.0.1:0", *, token: str | None =
     ready.wait()
 
     async def build() -> tuple[grpc.aio.Server, Any, SamplerServicer, int]:
-        interceptors = []
+        chain: list[grpc.aio.ServerInterceptor] = []
         auth = AsyncTokenAuthInterceptor(token, admin_token, on_refused=on_refused)
         if auth.enabled:
-            interceptors.append(auth)
-        server = grpc.aio.server(interceptors=interceptors, options=server_options())
+            chain.append(auth)
+        chain.extend(interceptors)
+        server = grpc.aio.server(interceptors=chain, options=server_options())
         servicer = SamplerServicer(job, on_refused=on_refused, limits=limits)
         server.add_generic_rpc_handlers((servicer.generic_handler(),))
         health_servicer = health.aio.HealthServicer()
