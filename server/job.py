@@ -360,10 +360,16 @@ class Job:
                 raise StepOutOfRange(f"acknowledged step {next_step} is ahead of anything the rank could have "
                                      f"received ({self._far_reason()})")
             readmitted = self._table.seen(rank)
-            if prog.acknowledge(next_step, stride, step_offset) or readmitted:
+            old = prog.next_step
+            moved = prog.acknowledge(next_step, stride, step_offset)
+            if readmitted:
                 self._recompute_locked()
+            elif moved and self._table.moved(rank, old, prog.next_step):
+                self._trim_locked()
+                self._notify_lagged()
+            if moved or readmitted:
                 self._notify(rank)
-            return self._table.slowest, self._table.fastest()
+            return self._table.slowest, self._table.top
 
     def get_slice(self, rank: int, world: int, step: int, job: str = "",
                   is_active: Callable[[], bool] = lambda: True, timeout: float | None = None) -> SliceData:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -84,6 +85,8 @@ class RankTable:
         self.slowest = 0
         self.silent: frozenset[int] = frozenset()
         self._formed_time = clock()
+        self._counts: Counter[int] = Counter()  # positions of the live members (and the not-yet-joined)
+        self.top = 0  # the fastest position, kept incrementally
 
     def reset(self, world: int | None, formed_at: int) -> None:
         """A new formation: every rank starts over at `formed_at`."""
@@ -124,8 +127,25 @@ class RankTable:
             live = [max((p.next_step for p in members.values()), default=self.formed_at)]
         old = self.slowest
         self.silent = silent
+        self._counts = Counter(live)
         self.slowest = min(live)
+        self.top = self.fastest()
         return self.slowest != old
+
+    def moved(self, rank: int, old: int, new: int) -> bool:
+        """A member's position moved from `old` to `new` (an acknowledgement); updates the slowest
+        step incrementally, in O(distinct positions). Returns whether the slowest step changed."""
+        self.top = max(self.top, new)
+        if rank >= (self.world or 0) or rank in self.silent or self._counts[old] <= 0:
+            return False
+        self._counts[old] -= 1
+        self._counts[new] += 1
+        if self._counts[old] == 0:
+            del self._counts[old]
+            if old == self.slowest:
+                self.slowest = min(self._counts)
+                return True
+        return False
 
     def fastest(self) -> int:
         return max((p.next_step for p in self.ranks.values()), default=self.formed_at)

@@ -113,6 +113,45 @@ def status_response(job: Job, st: JobStatus, include_clusters: bool) -> pb2.GetS
     return resp
 
 
+class _Wakeup:
+    """Wakes one waiting coroutine from any thread (directly on the loop's own thread, through
+    call_soon_threadsafe from others). A wake-up between `arm()` and `wait()` is not lost."""
+
+    __slots__ = ("loop", "thread", "fut", "flag")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.thread = threading.get_ident()
+        self.fut: asyncio.Future | None = None
+        self.flag = False
+
+    def __call__(self) -> None:
+        if threading.get_ident() == self.thread:
+            self._set()
+        else:
+            self.loop.call_soon_threadsafe(self._set)
+
+    def _set(self) -> None:
+        self.flag = True
+        f = self.fut
+        if f is not None and not f.done():
+            f.set_result(None)
+
+    def arm(self) -> None:
+        self.flag = False
+
+    async def wait(self, timeout: float) -> None:
+        if self.flag:
+            return
+        self.fut = f = self.loop.create_future()
+        timer = self.loop.call_later(timeout, self._set)
+        try:
+            await f
+        finally:
+            timer.cancel()
+            self.fut = None
+
+
 class PeerLimits:
     """Per-peer (per-connection) limits on open streams and in-flight unary calls."""
 
@@ -174,22 +213,18 @@ class SamplerServicer:
             rank=request.rank, world=request.world_size, start_step=request.start_step,
             lookahead=request.lookahead, step_stride=request.step_stride, step_offset=request.step_offset,
             stop_step=request.stop_step, job=request.job, read_only=request.read_only)
-        woken = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        stream.waiter.on_wake = lambda: loop.call_soon_threadsafe(woken.set)
+        woken = _Wakeup(asyncio.get_running_loop())
+        stream.waiter.on_wake = woken
         try:
             while True:
-                woken.clear()
+                woken.arm()
                 chunk = stream.poll()
                 if chunk is None:
                     return
                 if chunk:
                     yield pb2.StreamSlicesResponse(slices=[_slice_pb(s) for s in chunk])
                     continue
-                try:
-                    await asyncio.wait_for(woken.wait(), timeout=WAKE_POLL_S)
-                except asyncio.TimeoutError:
-                    pass
+                await woken.wait(WAKE_POLL_S)
         finally:
             stream.waiter.on_wake = None
             stream.close()
@@ -198,24 +233,21 @@ class SamplerServicer:
         job = self.job
         waiter = job.begin_get_slice(rank=request.rank, world=request.world_size, step=request.step,
                                      job=request.job)
-        woken = asyncio.Event()
         loop = asyncio.get_running_loop()
-        waiter.on_wake = lambda: loop.call_soon_threadsafe(woken.set)
+        woken = _Wakeup(loop)
+        waiter.on_wake = woken
         remaining = context.time_remaining()
         deadline = None if remaining is None else loop.time() + remaining
         try:
             while True:
-                woken.clear()
+                woken.arm()
                 s = job.try_slice(request.rank, request.world_size, request.step)
                 if s is not None:
                     return pb2.GetSliceResponse(slice=_slice_pb(s))
                 wait = WAKE_POLL_S if deadline is None else min(WAKE_POLL_S, deadline - loop.time())
                 if wait <= 0:
                     raise StepOutOfRange(f"step {request.step} stayed beyond the lag bound until the deadline")
-                try:
-                    await asyncio.wait_for(woken.wait(), timeout=wait)
-                except asyncio.TimeoutError:
-                    pass
+                await woken.wait(wait)
         finally:
             waiter.on_wake = None
             job.end_wait(request.rank, waiter)
