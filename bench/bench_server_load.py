@@ -49,6 +49,7 @@ PER_RANK = 8  # samples per rank per step: global batch = 8 * N
 ACK_EVERY = 2
 LOOKAHEAD = 8
 WARMUP_STEPS = 2
+STALL_S = 120.0  # a load whose ranks are not done this long after their last step was due has stalled
 CLUSTERS = 1000
 
 
@@ -69,7 +70,7 @@ async def _rank_loop(stub, pb2, rank: int, world: int, steps: int, rate: float, 
 
     def open_stream(start: int):
         return stub.StreamSlices(pb2.StreamSlicesRequest(rank=rank, world_size=world, start_step=start,
-                                                         lookahead=LOOKAHEAD, stop_step=steps))
+                                                         lookahead=LOOKAHEAD, stop_step=steps, packed_ids=True))
 
     async def ack(next_step: int) -> None:
         for _ in range(5):
@@ -193,6 +194,7 @@ def one_load(n: int, steps: int, rate: float, procs: int, env: dict[str, str] | 
                 peak["threads"], peak["rss_mb"] = max(peak["threads"], th), max(peak["rss_mb"], rss)
 
         sampler = threading.Thread(target=sample, daemon=True)
+        clients: list = []
         try:
             info = json.loads(server.stdout.readline())
             ctx = mp.get_context("spawn")
@@ -206,18 +208,26 @@ def one_load(n: int, steps: int, rate: float, procs: int, env: dict[str, str] | 
             for c in clients:
                 c.start()
             results = []
-            deadline = time.time() + steps / rate + 600
+            deadline = t0 + steps / rate + STALL_S
             while len(results) < len(clients):
                 try:
                     results.append(queue.get(timeout=1.0))
                 except Empty:
                     dead = [c.exitcode for c in clients if c.exitcode not in (None, 0)]
-                    if dead or time.time() > deadline:
-                        raise RuntimeError(f"client processes failed (exit codes {dead}) or timed out") from None
+                    if dead:
+                        raise RuntimeError(f"client processes failed (exit codes {dead})") from None
+                    if time.time() > deadline:
+                        raise RuntimeError(f"stalled: the ranks had not finished {STALL_S:.0f} s after their "
+                                           "last step was due") from None
             cpu = _cpu_seconds(server.pid) - cpu0
             sampling.set()
             for c in clients:
                 c.join(30)
+        except BaseException:
+            for c in clients:
+                if c.is_alive():
+                    c.kill()
+            raise
         finally:
             sampling.set()
             server.terminate()
@@ -277,6 +287,12 @@ def _baseline_env(rev: str, tmp: Path) -> tuple[dict[str, str], Path]:
     return env, tree
 
 
+def _progress(rows: list[dict]) -> None:
+    for r in rows:
+        print(f"[bench_server_load] {r['bench']}: {r['metric']} = {r['value']} {r['unit']} {r.get('target') or ''}",
+              file=sys.stderr, flush=True)
+
+
 def run(scale: str = "full", baseline: str | None = None) -> list[dict]:
     p = SCALES[scale]
     rows = []
@@ -290,10 +306,18 @@ def run(scale: str = "full", baseline: str | None = None) -> list[dict]:
             r = one_load(n, p["steps"], p["rate"], p["procs"])
             ref_cpu = generation_cpu_per_million(r["batch"], max(10, 4000 // n))
             rows += _rows(n, r, p, ref_cpu, "")
+            _progress(rows[-6:])
             if base_env is None:
                 continue
-            old = one_load(n, p["steps"], p["rate"], p["procs"], env=base_env, cwd=base_tmp / "pkg")
+            try:
+                old = one_load(n, p["steps"], p["rate"], p["procs"], env=base_env, cwd=base_tmp / "pkg")
+            except RuntimeError as exc:  # the old server may stall or fail: that is a result too
+                rows.append({"bench": f"server load N={n} ranks [{baseline}]", "metric": "FAILED", "value": None,
+                             "unit": "", "reference": None, "ratio": None, "target": str(exc)[:100]})
+                _progress(rows[-1:])
+                continue
             rows += _rows(n, old, p, ref_cpu, f" [{baseline}]")
+            _progress(rows[-6:])
             for key, what, target in _COMPARED:
                 rows.append({"bench": f"server load N={n} ranks: new / {baseline}", "metric": what,
                              "value": r[key], "unit": "", "reference": old[key],

@@ -332,6 +332,7 @@ class RankClient:
                     step_offset=self.step_offset,
                     stop_step=stop,
                     read_only=self.read_only,
+                    packed_ids=True,
                 )
                 call = self._stub.StreamSlices(request, metadata=self._metadata)
                 self._call = call
@@ -489,7 +490,8 @@ class RankClient:
         self.join()
         pb = self._pb()
         response = self._unary(
-            "GetSlice", pb.GetSliceRequest(job=self.job, rank=self.topology.rank, world_size=self.topology.world, step=step)
+            "GetSlice", pb.GetSliceRequest(job=self.job, rank=self.topology.rank, world_size=self.topology.world, step=step,
+                                           packed_ids=True)
         )
         if response.slice.kind == pb.SLICE_KIND_END_OF_DATA:
             raise EndOfData(step)

@@ -87,10 +87,13 @@ def job_info(job: Job) -> pb2.JobInfo:
         num_clusters=job.layout.num_clusters, selection=spec.selection, world_size=job.world or 0)
 
 
-def _slice_pb(s: SliceData) -> pb2.Slice:
+def _slice_pb(s: SliceData, packed: bool = True) -> pb2.Slice:
+    """A slice for the wire: ids packed into bytes, or as repeated int64 for older clients."""
     if s.end:
         return pb2.Slice(step=s.step, kind=_END)
-    return pb2.Slice(step=s.step, packed_ids=pack_ids(s.ids), kind=_DATA)
+    if packed:
+        return pb2.Slice(step=s.step, packed_ids=pack_ids(s.ids), kind=_DATA)
+    return pb2.Slice(step=s.step, ids=s.ids.tolist(), kind=_DATA)
 
 
 def status_response(job: Job, st: JobStatus, include_clusters: bool) -> pb2.GetStatusResponse:
@@ -222,7 +225,7 @@ class SamplerServicer:
                 if chunk is None:
                     return
                 if chunk:
-                    yield pb2.StreamSlicesResponse(slices=[_slice_pb(s) for s in chunk])
+                    yield pb2.StreamSlicesResponse(slices=[_slice_pb(s, request.packed_ids) for s in chunk])
                     continue
                 await woken.wait(WAKE_POLL_S)
         finally:
@@ -243,7 +246,7 @@ class SamplerServicer:
                 woken.arm()
                 s = job.try_slice(request.rank, request.world_size, request.step)
                 if s is not None:
-                    return pb2.GetSliceResponse(slice=_slice_pb(s))
+                    return pb2.GetSliceResponse(slice=_slice_pb(s, request.packed_ids))
                 wait = WAKE_POLL_S if deadline is None else min(WAKE_POLL_S, deadline - loop.time())
                 if wait <= 0:
                     raise StepOutOfRange(f"step {request.step} stayed beyond the lag bound until the deadline")

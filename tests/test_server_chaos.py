@@ -178,3 +178,19 @@ def test_thousand_open_streams_cost_no_threads(tmp_path: Path) -> None:
     print("server threads with 1000 open streams:", counts["open"])
     assert counts["open"] < THREAD_BOUND, counts
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "the limit is 1000 per peer" in details
+
+
+def test_sigterm_without_a_state_dir_exits_non_zero_with_the_reason(tmp_path: Path) -> None:
+    port = free_port()
+    server = Server(tmp_path, port)
+    server.start()
+    client = RankClient(f"127.0.0.1:{port}", job="default", topology=Topology(0, 1), stop_step=20)
+    assert [step for step, _ in client] == list(range(20))
+    client.close()
+    import shutil
+
+    shutil.rmtree(tmp_path / "state")  # the disk is gone when the server is asked to stop
+    code = server.stop()
+    assert code == 1
+    log = (tmp_path / "server.log").read_text()
+    assert "final checkpoint not written" in log and "No such file or directory" in log

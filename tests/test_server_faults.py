@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from prometheus_client import generate_latest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from croupier.cli import main
@@ -31,6 +32,7 @@ from croupier.server.engine import Sampler
 from croupier.server.grpc_options import channel_options
 from croupier.server.job import Job, JobSpec, StateDirInvalid
 from croupier.server.layout import ClusterLayout
+from croupier.server.metrics import ServerMetrics
 from croupier.server.policy import PolicyConfig
 from croupier.server.service import CHECKPOINT_HEALTH, create_server
 from croupier.server.store import CheckpointStore
@@ -178,6 +180,7 @@ def test_stopped_reader_and_silent_rank_stop_holding_others_back(serve) -> None:
     st = stub.GetStatus(pb2.GetStatusRequest(), timeout=5)
     r1 = next(r for r in st.ranks if r.rank == 1)
     assert not r1.live and r1.next_step == 0 and st.slowest_step == 60
+    assert "croupier_silent_ranks 1.0" in generate_latest(ServerMetrics(job).registry).decode()
     # Rank 1 comes back: re-admitted at its position, and it holds the others again.
     stub.Ack(pb2.AckRequest(rank=1, world_size=2, next_step=0), timeout=5)
     st = stub.GetStatus(pb2.GetStatusRequest(), timeout=5)
@@ -246,6 +249,8 @@ def test_failing_checkpoint_writes_never_fail_a_rank(serve, tmp_path, caplog, co
             client.checkpoint(step=200)
         client.close()
     check_exact(trainers, 200)
+    text = generate_latest(ServerMetrics(job).registry).decode()
+    assert "croupier_checkpoint_healthy 0.0" in text and "croupier_checkpoint_failures_total" in text
     failed = [r for r in caplog.records if getattr(r, "event", "") == "checkpoint_failed"]
     assert failed and all(getattr(r, "errno") == code and str(tmp_path) in getattr(r, "path") for r in failed)
     assert len(failed) <= job.status().checkpoint.failures  # logged at most once per retry window

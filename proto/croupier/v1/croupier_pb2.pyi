@@ -99,7 +99,7 @@ class Slice(_message.Message):
     def __init__(self, step: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., kind: _Optional[_Union[SliceKind, str]] = ..., packed_ids: _Optional[bytes] = ...) -> None: ...
 
 class StreamSlicesRequest(_message.Message):
-    __slots__ = ("job", "rank", "world_size", "start_step", "lookahead", "step_stride", "step_offset", "stop_step", "read_only")
+    __slots__ = ("job", "rank", "world_size", "start_step", "lookahead", "step_stride", "step_offset", "stop_step", "read_only", "packed_ids")
     JOB_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +109,7 @@ class StreamSlicesRequest(_message.Message):
     STEP_OFFSET_FIELD_NUMBER: _ClassVar[int]
     STOP_STEP_FIELD_NUMBER: _ClassVar[int]
     READ_ONLY_FIELD_NUMBER: _ClassVar[int]
+    PACKED_IDS_FIELD_NUMBER: _ClassVar[int]
     job: str
     rank: int
     world_size: int
@@ -118,7 +119,8 @@ class StreamSlicesRequest(_message.Message):
     step_offset: int
     stop_step: int
     read_only: bool
-    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., start_step: _Optional[int] = ..., lookahead: _Optional[int] = ..., step_stride: _Optional[int] = ..., step_offset: _Optional[int] = ..., stop_step: _Optional[int] = ..., read_only: _Optional[bool] = ...) -> None: ...
+    packed_ids: bool
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., start_step: _Optional[int] = ..., lookahead: _Optional[int] = ..., step_stride: _Optional[int] = ..., step_offset: _Optional[int] = ..., stop_step: _Optional[int] = ..., read_only: _Optional[bool] = ..., packed_ids: _Optional[bool] = ...) -> None: ...
 
 class StreamSlicesResponse(_message.Message):
     __slots__ = ("slices",)
@@ -127,16 +129,18 @@ class StreamSlicesResponse(_message.Message):
     def __init__(self, slices: _Optional[_Iterable[_Union[Slice, _Mapping]]] = ...) -> None: ...
 
 class GetSliceRequest(_message.Message):
-    __slots__ = ("job", "rank", "world_size", "step")
+    __slots__ = ("job", "rank", "world_size", "step", "packed_ids")
     JOB_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    PACKED_IDS_FIELD_NUMBER: _ClassVar[int]
     job: str
     rank: int
     world_size: int
     step: int
-    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
+    packed_ids: bool
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., step: _Optional[int] = ..., packed_ids: _Optional[bool] = ...) -> None: ...
 
 class GetSliceResponse(_message.Message):
     __slots__ = ("slice",)
