@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 
 from croupier.client.rank_client import Backoff, RankClient

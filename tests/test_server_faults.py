@@ -27,7 +27,7 @@ from croupier.cli import main
 from croupier.client.errors import Unavailable
 from croupier.client.rank_client import Backoff, RankClient
 from croupier.errors import ConfigError, FingerprintMismatch
-from croupier.proto import pb2, pb2_grpc, slice_ids
+from croupier.proto import pb2, pb2_grpc
 from croupier.server.engine import Sampler
 from croupier.server.grpc_options import channel_options
 from croupier.server.job import Job, JobSpec, StateDirInvalid
