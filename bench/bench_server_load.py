@@ -1,8 +1,9 @@
 """Benchmark 3, server load: N simulated ranks against one `croupier serve` process.
 
-For N = 64, 256 and 1024 ranks (full scale; 16 and 64 quick), spread over a few client
-processes, every rank joins, opens its slice stream and consumes one step every 1/RATE
-seconds on a shared clock, acknowledging every ACK_EVERY steps, as a trainer would. We report
+For N = 64, 256 and 1024 ranks (full scale; 16 and 64 quick), spread as asyncio tasks over a
+few client processes (so the client side does not dominate the cores), every rank joins,
+opens its slice stream and consumes one step every 1/RATE seconds on a shared clock,
+acknowledging every ACK_EVERY steps, as a trainer would. We report
 
 - client wait per step (p50, p99): how long a rank was blocked on its stream between
   wanting step t (its clock's time for t, or later if it runs behind) and having its slice.
@@ -12,8 +13,14 @@ seconds on a shared clock, acknowledging every ACK_EVERY steps, as a trainer wou
   /proc) over the run, per million sample ids delivered. Reference: the CPU the sampling
   core alone spends generating the same batches in this process, so the ratio is the
   serving overhead (gRPC, protobuf, flow control) on top of generation.
+- server threads and RSS (the most seen while the ranks ran), and stream reopenings plus
+  failed (e.g. CANCELLED) acknowledgements.
 
-Run: python bench/bench_server_load.py [--scale quick|full]
+With `--baseline REV` the same loads (parameters frozen in SCALES) run, in the same
+invocation, against the server of git revision REV too (checked out into a temporary
+`git worktree` under /tmp, removed afterwards), and each metric's ratio new/old is printed.
+
+Run: python bench/bench_server_load.py [--scale quick|full] [--baseline main]
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,6 +49,7 @@ PER_RANK = 8  # samples per rank per step: global batch = 8 * N
 ACK_EVERY = 2
 LOOKAHEAD = 8
 WARMUP_STEPS = 2
+STALL_S = 120.0  # a load whose ranks are not done this long after their last step was due has stalled
 CLUSTERS = 1000
 
 
@@ -50,77 +59,94 @@ def cluster_sizes() -> np.ndarray:
     return np.floor(w / w.sum() * 4_000_000).astype(np.int64) + 1
 
 
-def _rank_loop(stub, pb2, rank: int, world: int, steps: int, rate: float, t0: float, out: list,
-               retries: list) -> None:
+async def _rank_loop(stub, pb2, rank: int, world: int, steps: int, rate: float, t0: float, out: list,
+                     retries: list) -> None:
     """One simulated trainer rank; a broken stream or a failed ack is retried, as a client would."""
+    import asyncio
+
     import grpc
 
-    stub.Join(pb2.JoinRequest(rank=rank, world_size=world), timeout=300)
+    await stub.Join(pb2.JoinRequest(rank=rank, world_size=world), timeout=300)
 
     def open_stream(start: int):
         return stub.StreamSlices(pb2.StreamSlicesRequest(rank=rank, world_size=world, start_step=start,
-                                                         lookahead=LOOKAHEAD, stop_step=steps))
+                                                         lookahead=LOOKAHEAD, stop_step=steps, packed_ids=True))
+
+    async def ack(next_step: int) -> None:
+        for _ in range(5):
+            try:
+                await stub.Ack(pb2.AckRequest(rank=rank, world_size=world, next_step=next_step), timeout=30)
+                return
+            except grpc.aio.AioRpcError as exc:
+                retries.append(f"ack {exc.code().name}")
 
     stream = open_stream(0)
     have: set[int] = set()
     waits = []
-    pending = None
+    acks = []
     for t in range(steps):
-        due = t0 + t / rate
-        delay = due - time.time()
+        delay = t0 + t / rate - time.time()
         if delay > 0:
-            time.sleep(delay)
+            await asyncio.sleep(delay)
         want = time.time()  # a rank running behind its clock (slow start-up) is not charged for that
         while t not in have:
             try:
-                resp = next(stream)
-            except grpc.RpcError as exc:
+                resp = await stream.read()
+            except grpc.aio.AioRpcError as exc:
                 retries.append(f"stream {exc.code().name}")
                 stream.cancel()
+                stream = open_stream(t)
+                continue
+            if resp is grpc.aio.EOF:
+                retries.append("stream EOF")
                 stream = open_stream(t)
                 continue
             have.update(s.step for s in resp.slices)
         have.discard(t)
         waits.append(time.time() - want)
         if (t + 1) % ACK_EVERY == 0 or t == steps - 1:
-            if pending is not None and pending.exception() is not None:
-                retries.append(f"ack {pending.exception().code().name}")  # the next ack covers this one
-            pending = stub.Ack.future(pb2.AckRequest(rank=rank, world_size=world, next_step=t + 1))
-    for attempt in range(5):  # the last ack must land: other ranks' lag bound depends on it
-        if pending is not None and pending.exception() is None:
-            break
-        retries.append(f"ack {pending.exception().code().name}")
-        pending = stub.Ack.future(pb2.AckRequest(rank=rank, world_size=world, next_step=steps))
+            acks.append(asyncio.ensure_future(ack(t + 1)))
+    await asyncio.gather(*acks)
     stream.cancel()
     out.append(waits[WARMUP_STEPS:])
 
 
 def client_process(address: str, ranks: list[int], world: int, steps: int, rate: float, t0: float, queue) -> None:
-    """One client process: one channel, one thread per simulated rank (spawned, never forked)."""
+    """One client process: one asyncio channel, one task per simulated rank (spawned, never forked)."""
+    import asyncio
+
     import grpc
 
     from croupier.proto import pb2, pb2_grpc
     from croupier.server.grpc_options import channel_options
 
-    channel = grpc.insecure_channel(address, options=channel_options())
-    stub = pb2_grpc.SamplerStub(channel)
     results: list = []
     errors: list = []
     retries: list = []
 
-    def run_rank(r: int) -> None:
+    async def run_rank(stub, r: int) -> None:
         try:
-            _rank_loop(stub, pb2, r, world, steps, rate, t0, results, retries)
+            await _rank_loop(stub, pb2, r, world, steps, rate, t0, results, retries)
         except Exception as exc:  # noqa: BLE001 - reported to the parent
             errors.append(f"rank {r}: {exc!r}")
 
-    threads = [threading.Thread(target=run_rank, args=(r,), daemon=True) for r in ranks]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    channel.close()
+    async def main() -> None:
+        async with grpc.aio.insecure_channel(address, options=channel_options()) as channel:
+            stub = pb2_grpc.SamplerStub(channel)
+            await asyncio.gather(*(run_rank(stub, r) for r in ranks))
+
+    asyncio.run(main())
     queue.put({"waits": [w for ws in results for w in ws], "errors": errors[:3], "retries": retries})
+
+
+def _threads_rss(pid: int) -> tuple[int, float]:
+    threads, rss = 0, 0.0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            threads = int(line.split()[1])
+        elif line.startswith("VmRSS:"):
+            rss = int(line.split()[1]) / 1024
+    return threads, rss
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -142,7 +168,8 @@ def generation_cpu_per_million(global_batch: int, steps: int) -> float:
     return (time.process_time() - c0) / (steps * global_batch) * 1e6
 
 
-def one_load(n: int, steps: int, rate: float, procs: int) -> dict:
+def one_load(n: int, steps: int, rate: float, procs: int, env: dict[str, str] | None = None,
+             cwd: Path | None = None) -> dict:
     world = n
     batch = PER_RANK * n
     with tempfile.TemporaryDirectory() as tmp:
@@ -153,7 +180,21 @@ def one_load(n: int, steps: int, rate: float, procs: int) -> dict:
                "--clip", "5", "--global-batch", str(batch), "--state-dir", tmp, "--lookahead", str(LOOKAHEAD),
                "--max-lag", str(2 * LOOKAHEAD), "--max-workers", str(2 * n + 64), "--log-level", level]
         log = open(log_path, "w") if log_path else subprocess.DEVNULL
-        server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+        server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+                                  cwd=cwd)
+        peak = {"threads": 0, "rss_mb": 0.0}
+        sampling = threading.Event()
+
+        def sample() -> None:
+            while not sampling.wait(0.5):
+                try:
+                    th, rss = _threads_rss(server.pid)
+                except OSError:
+                    return
+                peak["threads"], peak["rss_mb"] = max(peak["threads"], th), max(peak["rss_mb"], rss)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        clients: list = []
         try:
             info = json.loads(server.stdout.readline())
             ctx = mp.get_context("spawn")
@@ -163,21 +204,32 @@ def one_load(n: int, steps: int, rate: float, procs: int) -> dict:
             clients = [ctx.Process(target=client_process, args=(info["address"], g, world, steps, rate, t0, queue))
                        for g in groups]
             cpu0 = _cpu_seconds(server.pid)
+            sampler.start()
             for c in clients:
                 c.start()
             results = []
-            deadline = time.time() + steps / rate + 600
+            deadline = t0 + steps / rate + STALL_S
             while len(results) < len(clients):
                 try:
                     results.append(queue.get(timeout=1.0))
                 except Empty:
                     dead = [c.exitcode for c in clients if c.exitcode not in (None, 0)]
-                    if dead or time.time() > deadline:
-                        raise RuntimeError(f"client processes failed (exit codes {dead}) or timed out") from None
+                    if dead:
+                        raise RuntimeError(f"client processes failed (exit codes {dead})") from None
+                    if time.time() > deadline:
+                        raise RuntimeError(f"stalled: the ranks had not finished {STALL_S:.0f} s after their "
+                                           "last step was due") from None
             cpu = _cpu_seconds(server.pid) - cpu0
+            sampling.set()
             for c in clients:
                 c.join(30)
+        except BaseException:
+            for c in clients:
+                if c.is_alive():
+                    c.kill()
+            raise
         finally:
+            sampling.set()
             server.terminate()
             server.communicate(timeout=60)
             if log is not subprocess.DEVNULL:
@@ -188,41 +240,107 @@ def one_load(n: int, steps: int, rate: float, procs: int) -> dict:
     waits = np.asarray([w for r in results for w in r["waits"]])
     ids = n * steps * PER_RANK
     return {"p50_ms": float(np.percentile(waits, 50) * 1e3), "p99_ms": float(np.percentile(waits, 99) * 1e3),
-            "cpu_per_m": cpu / ids * 1e6, "batch": batch,
+            "cpu_per_m": cpu / ids * 1e6, "batch": batch, "threads": peak["threads"], "rss_mb": peak["rss_mb"],
             "retries": Counter(x for r in results for x in r["retries"])}
 
 
-def run(scale: str = "full") -> list[dict]:
+def _rows(n: int, r: dict, p: dict, ref_cpu: float, label: str) -> list[dict]:
+    interval_ms = 1e3 / p["rate"]
+    name = f"server load N={n} ranks{label}"
+    return [
+        {"bench": name, "metric": f"client wait per step p50 ({p['rate']:g} steps/s)", "value": r["p50_ms"],
+         "unit": "ms", "reference": interval_ms, "ratio": r["p50_ms"] / interval_ms, "target": "<< 1 (x step)"},
+        {"bench": name, "metric": "client wait per step p99", "value": r["p99_ms"], "unit": "ms",
+         "reference": interval_ms, "ratio": r["p99_ms"] / interval_ms, "target": "< 0.5 (x step)"},
+        {"bench": name, "metric": f"server CPU per 1M indices (B={r['batch']})", "value": r["cpu_per_m"],
+         "unit": "s", "reference": ref_cpu, "ratio": r["cpu_per_m"] / ref_cpu,
+         "target": "(info: x generation alone)"},
+        {"bench": name, "metric": "server threads (peak)", "value": float(r["threads"]), "unit": "count",
+         "reference": None, "ratio": None, "target": "< 64"},
+        {"bench": name, "metric": "server RSS (peak)", "value": r["rss_mb"], "unit": "MiB",
+         "reference": None, "ratio": None, "target": "(info)"},
+        {"bench": name, "metric": "stream reopenings + failed acks", "value": float(sum(r["retries"].values())),
+         "unit": "count", "reference": None, "ratio": None,
+         "target": ", ".join(f"{k}: {v}" for k, v in r["retries"].most_common(3)) or "0"},
+    ]
+
+
+_COMPARED = (("p99_ms", "client wait p99", "<= 0.1"), ("p50_ms", "client wait p50", "(info)"),
+             ("cpu_per_m", "server CPU per 1M indices", "<= 0.2"), ("threads", "server threads", "(info)"),
+             ("rss_mb", "server RSS", "(info)"))
+
+
+def _baseline_env(rev: str, tmp: Path) -> tuple[dict[str, str], Path]:
+    """An environment whose `python -m croupier` is the croupier of git revision `rev`: a
+    temporary worktree and a package folder of links mirroring pyproject's package-dir."""
+    root = Path(__file__).resolve().parents[1]
+    tree = tmp / "tree"
+    subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(tree), rev], check=True,
+                   capture_output=True)
+    pkg = tmp / "pkg" / "croupier"
+    pkg.mkdir(parents=True)
+    for f in (tree / "croupier").iterdir():
+        (pkg / f.name).symlink_to(f)
+    for sub in ("proto", "server", "client", "shards"):
+        (pkg / sub).symlink_to(tree / sub)
+    env = dict(os.environ, PYTHONPATH=str(tmp / "pkg"))  # run with cwd=tmp/pkg: `-m` puts the cwd first
+    return env, tree
+
+
+def _progress(rows: list[dict]) -> None:
+    for r in rows:
+        print(f"[bench_server_load] {r['bench']}: {r['metric']} = {r['value']} {r['unit']} {r.get('target') or ''}",
+              file=sys.stderr, flush=True)
+
+
+def run(scale: str = "full", baseline: str | None = None) -> list[dict]:
     p = SCALES[scale]
     rows = []
-    interval_ms = 1e3 / p["rate"]
-    for n in p["ranks"]:
-        r = one_load(n, p["steps"], p["rate"], p["procs"])
-        ref_cpu = generation_cpu_per_million(r["batch"], max(10, 4000 // n))
-        name = f"server load N={n} ranks"
-        rows += [
-            {"bench": name, "metric": f"client wait per step p50 ({p['rate']:g} steps/s)", "value": r["p50_ms"],
-             "unit": "ms", "reference": interval_ms, "ratio": r["p50_ms"] / interval_ms, "target": "<< 1 (x step)"},
-            {"bench": name, "metric": "client wait per step p99", "value": r["p99_ms"], "unit": "ms",
-             "reference": interval_ms, "ratio": r["p99_ms"] / interval_ms, "target": "< 0.5 (x step)"},
-            {"bench": name, "metric": f"server CPU per 1M indices (B={r['batch']})", "value": r["cpu_per_m"],
-             "unit": "s", "reference": ref_cpu, "ratio": r["cpu_per_m"] / ref_cpu,
-             "target": "(info: x generation alone)"},
-            {"bench": name, "metric": "stream reopenings + failed acks", "value": float(sum(r["retries"].values())),
-             "unit": "count", "reference": None, "ratio": None,
-             "target": ", ".join(f"{k}: {v}" for k, v in r["retries"].most_common(3)) or "(info)"},
-        ]
+    base_tmp = Path(tempfile.mkdtemp(prefix="croupier-bench-baseline-")) if baseline else None
+    tree = None
+    try:
+        base_env = None
+        if baseline:
+            base_env, tree = _baseline_env(baseline, base_tmp)
+        for n in p["ranks"]:
+            r = one_load(n, p["steps"], p["rate"], p["procs"])
+            ref_cpu = generation_cpu_per_million(r["batch"], max(10, 4000 // n))
+            rows += _rows(n, r, p, ref_cpu, "")
+            _progress(rows[-6:])
+            if base_env is None:
+                continue
+            try:
+                old = one_load(n, p["steps"], p["rate"], p["procs"], env=base_env, cwd=base_tmp / "pkg")
+            except RuntimeError as exc:  # the old server may stall or fail: that is a result too
+                rows.append({"bench": f"server load N={n} ranks [{baseline}]", "metric": "FAILED", "value": None,
+                             "unit": "", "reference": None, "ratio": None, "target": str(exc)[:100]})
+                _progress(rows[-1:])
+                continue
+            rows += _rows(n, old, p, ref_cpu, f" [{baseline}]")
+            _progress(rows[-6:])
+            for key, what, target in _COMPARED:
+                rows.append({"bench": f"server load N={n} ranks: new / {baseline}", "metric": what,
+                             "value": r[key], "unit": "", "reference": old[key],
+                             "ratio": r[key] / old[key] if old[key] else None, "target": target})
+    finally:
+        if tree is not None:
+            root = Path(__file__).resolve().parents[1]
+            subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(tree)], check=False,
+                           capture_output=True)
+        if base_tmp is not None:
+            shutil.rmtree(base_tmp, ignore_errors=True)
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", choices=sorted(SCALES), default="full")
+    ap.add_argument("--baseline", default=None, help="git revision whose server runs the same loads (ratios)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from bench.__main__ import format_table
 
-    print(format_table(run(args.scale)))
+    print(format_table(run(args.scale, args.baseline)), flush=True)
     return 0
 
 

@@ -65,7 +65,7 @@ def run_dump(args: argparse.Namespace) -> int:
         with RankClient(conn.server, job="?", topology=topology, token=token, tls_root_cert=conn.tls_ca) as probe:
             job = probe.status().job.job
     client = RankClient(conn.server, job=job, topology=topology, token=token, tls_root_cert=conn.tls_ca,
-                        start_step=args.start_step)
+                        start_step=args.start_step, read_only=True)
     store = None
     tmp = None
     try:

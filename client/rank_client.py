@@ -34,6 +34,7 @@ from croupier import __version__
 from croupier.client.channel import auth_metadata, open_channel
 from croupier.client.errors import ClientError, Unavailable, from_rpc_error, is_transient
 from croupier.errors import ConfigError, EndOfData, FingerprintMismatch, StateError
+from croupier.proto import slice_ids
 from croupier.server.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,11 @@ class RankClient:
         consumption (e.g. to prefetch shards); an exception it raises is re-raised to the
         consumer.
     ack_every: acknowledge after this many consumed steps (and at least every ack_interval_s).
+    heartbeat_s: re-send the acknowledgement at least this often while nothing new was
+        consumed (a trainer in a long evaluation stays live on the server).
     expected_fingerprint: refuse (FingerprintMismatch) a server whose sampler fingerprint differs.
+    read_only: read slices without taking part in the training (`croupier client dump`): the
+        stream is marked read-only and nothing is acknowledged, so no rank's position moves.
     """
 
     def __init__(
@@ -104,6 +109,8 @@ class RankClient:
         rpc_timeout_s: float = 30.0,
         backoff: Backoff | None = None,
         expected_fingerprint: str | None = None,
+        heartbeat_s: float = 10.0,
+        read_only: bool = False,
     ) -> None:
         if not job:
             raise ConfigError("job name must be non-empty")
@@ -131,6 +138,10 @@ class RankClient:
         self._ack_interval_s = float(ack_interval_s)
         self._rpc_timeout_s = float(rpc_timeout_s)
         self._backoff = backoff or Backoff()
+        if not heartbeat_s > 0:
+            raise ConfigError(f"heartbeat_s must be > 0, got {heartbeat_s}")
+        self._heartbeat_s = float(heartbeat_s)
+        self.read_only = bool(read_only)
 
         self._pid: int | None = None
         self._channel: grpc.Channel | None = None
@@ -144,9 +155,12 @@ class RankClient:
         self._thread: threading.Thread | None = None
         self._call: Any = None
         self._closed = threading.Event()
-        self._acked = -1
+        self._acked = -1  # last acknowledgement the server confirmed
         self._ack_pending = 0
         self._ack_time = time.monotonic()
+        self._ack_lock = threading.Lock()
+        self._ack_due = threading.Event()
+        self._ack_thread: threading.Thread | None = None
         self._finished = False
 
     # -- connection ---------------------------------------------------------------------------
@@ -160,6 +174,7 @@ class RankClient:
             # them without closing (closing would touch the parent's gRPC state) and start over.
             self._channel = None
             self._thread = None
+            self._ack_thread = None
             self._call = None
             self._queue = queue.Queue(maxsize=self.lookahead + 2)
         from croupier.proto.croupier.v1 import croupier_pb2_grpc
@@ -273,6 +288,11 @@ class RankClient:
             target=self._stream_loop, args=(first,), name=f"croupier-rank{self.topology.rank}-stream", daemon=True
         )
         self._thread.start()
+        if not self.read_only:
+            self._ack_thread = threading.Thread(
+                target=self._ack_loop, name=f"croupier-rank{self.topology.rank}-ack", daemon=True
+            )
+            self._ack_thread.start()
 
     def _put(self, item: Any) -> bool:
         """Blocking put that gives up when the client closes."""
@@ -297,8 +317,11 @@ class RankClient:
                 return
             try:
                 if rejoin:
-                    self._do_join("")
+                    self._check_rejoin(self._do_join(""))
                     rejoin = False
+                # Every (re)connect re-sends the consumed position first: a restarted server
+                # learns where this rank is, and a lost acknowledgement is made good.
+                self._send_ack(force=True)
                 request = pb.StreamSlicesRequest(
                     job=self.job,
                     rank=self.topology.rank,
@@ -308,6 +331,8 @@ class RankClient:
                     step_stride=self.step_stride,
                     step_offset=self.step_offset,
                     stop_step=stop,
+                    read_only=self.read_only,
+                    packed_ids=True,
                 )
                 call = self._stub.StreamSlices(request, metadata=self._metadata)
                 self._call = call
@@ -324,7 +349,7 @@ class RankClient:
                         if sl.kind == pb.SLICE_KIND_END_OF_DATA:
                             self._put(EndOfData(sl.step))
                             return
-                        ids = np.asarray(sl.ids, dtype=np.int64)
+                        ids = slice_ids(sl)
                         if self._join is not None and len(ids) != self._join.per_rank_batch:
                             raise ClientError(
                                 f"step {sl.step}: rank {self.topology.rank} got {len(ids)} ids, "
@@ -388,9 +413,11 @@ class RankClient:
             self._finished = True
             raise item
         step, ids = item
-        self._next_step = step + 1
-        self._ack_pending += 1
-        self._ack()
+        with self._ack_lock:
+            self._next_step = step + 1
+            self._ack_pending += 1
+            if self._ack_pending >= self._ack_every:
+                self._ack_due.set()
         return step, ids
 
     def __iter__(self):
@@ -401,29 +428,60 @@ class RankClient:
             except EndOfData:
                 return
 
+    def _ack_loop(self) -> None:
+        """Sends acknowledgements off the consumer's path: when `ack_every` steps were consumed,
+        every `ack_interval_s` while the consumed position is ahead of the last confirmed
+        acknowledgement (also while the consumer waits on an empty queue), and as a heartbeat
+        every `heartbeat_s` otherwise."""
+        while not self._closed.is_set():
+            self._ack_due.wait(min(self._ack_interval_s, self._heartbeat_s))
+            self._ack_due.clear()
+            if self._closed.is_set():
+                return
+            heartbeat = time.monotonic() - self._ack_time >= self._heartbeat_s
+            self._send_ack(force=heartbeat)
+
     def _ack(self, force: bool = False) -> None:
-        """Acknowledges consumed steps every ack_every steps or ack_interval_s; never raises."""
-        if self._next_step is None or self._next_step <= self._acked:
+        """Acknowledges consumed steps now (from the caller's thread); never raises."""
+        self._send_ack(force=force)
+
+    def _send_ack(self, force: bool = False) -> None:
+        """One acknowledgement of the consumed position; idempotent, so re-sending is safe.
+        Failures are logged and left to the next attempt: acknowledgements are flow control,
+        and a server that is away must not stop training on buffered steps."""
+        if self.read_only or self._join is None:
             return
-        due = self._ack_pending >= self._ack_every or time.monotonic() - self._ack_time >= self._ack_interval_s
-        if not (force or due):
-            return
+        with self._ack_lock:
+            position = self._next_step
+            if position is None or (position <= self._acked and not force):
+                return
+            pending = self._ack_pending
         pb = self._pb()
         request = pb.AckRequest(
-            job=self.job, rank=self.topology.rank, world_size=self.topology.world, next_step=self._next_step
+            job=self.job, rank=self.topology.rank, world_size=self.topology.world, next_step=position,
+            step_stride=self.step_stride, step_offset=self.step_offset,
         )
         try:
             self._ensure_channel()
-            self._stub.Ack(request, metadata=self._metadata, timeout=2.0)
+            self._stub.Ack(request, metadata=self._metadata, timeout=min(self._rpc_timeout_s, 5.0))
         except grpc.RpcError as exc:
-            # Acks are advisory (flow control): a server that is away, restarting, or not yet
-            # re-formed must not stop training on buffered steps. The stream thread reconnects
-            # and reports real refusals; the next ack catches up.
-            log.debug("rank %d: ack of step %d failed: %s", self.topology.rank, self._next_step, exc)
+            log.debug("rank %d: ack of step %d failed: %s", self.topology.rank, position, exc)
             return
-        self._acked = self._next_step
-        self._ack_pending = 0
-        self._ack_time = time.monotonic()
+        with self._ack_lock:
+            self._acked = max(self._acked, position)
+            self._ack_pending = max(self._ack_pending - pending, 0)
+            self._ack_time = time.monotonic()
+
+    def _check_rejoin(self, response: Any) -> None:
+        """A server this client re-joins must serve the same sampler and dataset."""
+        first = self._join.job
+        got = response.job
+        if got.sampler_fingerprint != first.sampler_fingerprint:
+            raise FingerprintMismatch("sampler (server after reconnect)", first.sampler_fingerprint,
+                                      got.sampler_fingerprint)
+        if got.dataset_fingerprint != first.dataset_fingerprint:
+            raise FingerprintMismatch("dataset (server after reconnect)", first.dataset_fingerprint,
+                                      got.dataset_fingerprint)
 
     # -- unary helpers ------------------------------------------------------------------------
 
@@ -432,11 +490,12 @@ class RankClient:
         self.join()
         pb = self._pb()
         response = self._unary(
-            "GetSlice", pb.GetSliceRequest(job=self.job, rank=self.topology.rank, world_size=self.topology.world, step=step)
+            "GetSlice", pb.GetSliceRequest(job=self.job, rank=self.topology.rank, world_size=self.topology.world, step=step,
+                                           packed_ids=True)
         )
         if response.slice.kind == pb.SLICE_KIND_END_OF_DATA:
             raise EndOfData(step)
-        return np.asarray(response.slice.ids, dtype=np.int64)
+        return slice_ids(response.slice)
 
     def status(self, include_clusters: bool = False) -> Any:
         """The server's GetStatusResponse (job, progress, counters); does not join."""
@@ -501,13 +560,16 @@ class RankClient:
         if self._closed.is_set():
             return
         if self._channel is not None and self._pid == os.getpid():
-            self._ack(force=True)
+            self._send_ack()
         self._closed.set()
+        self._ack_due.set()
         call, thread, channel = self._call, self._thread, self._channel
         if call is not None and self._pid == os.getpid():
             call.cancel()
         if thread is not None and self._pid == os.getpid():
             thread.join(timeout=5.0)
+        if self._ack_thread is not None and self._pid == os.getpid():
+            self._ack_thread.join(timeout=5.0)
         if channel is not None and self._pid == os.getpid():
             channel.close()
         self._channel = None

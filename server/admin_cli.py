@@ -132,7 +132,7 @@ def checkpoint(args: argparse.Namespace) -> int:
     stub, channel, md = connect(args)
     with channel:
         resp = stub.Checkpoint(pb2.CheckpointRequest(job=args.job, step=args.step), metadata=md, timeout=args.timeout)
-    print(json.dumps({"token": resp.token, "step": resp.step, "path": resp.path}))
+    print(json.dumps({"token": resp.token, "step": resp.step}))
     return 0
 
 

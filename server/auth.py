@@ -120,3 +120,57 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
     def _refused(self, method: str, code: grpc.StatusCode) -> None:
         if self._on_refused is not None:
             self._on_refused(method, code)
+
+
+def _async_denying_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str):
+    """`_denying_handler` for the asyncio server: coroutine handlers."""
+
+    async def unary(request, context):  # noqa: ARG001 - grpc handler signature
+        await context.abort(code, message)
+
+    async def streaming(request, context):  # noqa: ARG001
+        await context.abort(code, message)
+        yield  # pragma: no cover - abort raises
+
+    kind = (handler.request_streaming, handler.response_streaming)
+    des, ser = handler.request_deserializer, handler.response_serializer
+    if kind == (False, False):
+        return grpc.unary_unary_rpc_method_handler(unary, des, ser)
+    if kind == (False, True):
+        return grpc.unary_stream_rpc_method_handler(streaming, des, ser)
+    if kind == (True, False):
+        return grpc.stream_unary_rpc_method_handler(unary, des, ser)
+    return grpc.stream_stream_rpc_method_handler(streaming, des, ser)
+
+
+class AsyncTokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """`TokenAuthInterceptor`'s rules for the asyncio (grpc.aio) server."""
+
+    def __init__(self, token: str | None, admin_token: str | None = None,
+                 on_refused: Callable[[str, grpc.StatusCode], None] | None = None) -> None:
+        self._rules = TokenAuthInterceptor(token, admin_token, on_refused)
+
+    @property
+    def enabled(self) -> bool:
+        return self._rules.enabled
+
+    async def intercept_service(self, continuation, handler_call_details):
+        rules = self._rules
+        method = handler_call_details.method
+        handler = await continuation(handler_call_details)
+        if not rules._tokens or method.startswith(OPEN_SERVICES) or handler is None:
+            return handler
+        got = rules._presented(handler_call_details.invocation_metadata)
+        ok = got is not None and any(hmac.compare_digest(got, t) for t in rules._tokens)
+        if not ok:
+            why = "missing" if got is None else "invalid"
+            rules._refused(method, grpc.StatusCode.UNAUTHENTICATED)
+            return _async_denying_handler(
+                handler, grpc.StatusCode.UNAUTHENTICATED,
+                f"{why} bearer token: this server requires metadata '{AUTH_METADATA_KEY}: Bearer <token>'")
+        if method in ADMIN_METHODS and (rules._admin is None or not hmac.compare_digest(got, rules._admin)):
+            rules._refused(method, grpc.StatusCode.PERMISSION_DENIED)
+            return _async_denying_handler(
+                handler, grpc.StatusCode.PERMISSION_DENIED,
+                f"{method.rsplit('/', 1)[-1]} needs the admin token (server started with --admin-token-file)")
+        return handler

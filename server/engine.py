@@ -25,7 +25,7 @@ from croupier.errors import ConfigError, EndOfData, FingerprintMismatch, StateEr
 from croupier.server.autoclip import AutoClip, derive_clip
 from croupier.server.layout import ClusterLayout
 from croupier.server.permutation import derive_keys, mix64, permute, seed_key, unpermute
-from croupier.server.policy import PolicyConfig, check_weights
+from croupier.server.policy import PolicyConfig, check_clip, check_weights
 from croupier.server.state import Change, SamplerState
 
 ENGINE_VERSION = 1
@@ -87,6 +87,8 @@ class Sampler:
             self.auto_clip = derive_clip(layout.sizes, self.global_batch, config.budget_steps,
                                          config.min_active_share)
             base_clip = self.auto_clip.clip
+        if base_clip is not None:
+            check_clip(int(base_clip), int(layout.sizes.sum()))
         self._base_clip = base_clip
         ident = {"engine": ENGINE_VERSION, "layout": layout.fingerprint, "policy": config.to_dict(),
                  "block_size": int(layout.block_size),
@@ -153,6 +155,7 @@ class Sampler:
             if self.config.policy not in ("clusterclip", "weighted"):
                 raise ConfigError(f"policy {self.config.policy!r} takes no clip; the clip applies to clusterclip and weighted")
             clip = int(clip)
+            check_clip(clip, int(self._sizes.sum()))
         wt: tuple[float, ...] | None = None
         if weights is not None:
             wt = tuple(float(w) for w in weights)

@@ -1,24 +1,30 @@
 """One training job as the sampler server sees it: the global sequence, its ranks, checkpoints.
 
-This is the server's domain logic, free of gRPC so it is testable directly:
+This is the server's domain logic, free of gRPC so it is testable directly. It composes
+three parts, each with one job:
 
-- **Generation window.** A live `Sampler` (the generator) produces global batches in step
-  order; recent batches stay in memory, so every rank's request (and re-request) of a step in
-  the window returns identical ids. A step older than the window is recomputed by replaying a
-  sampler restored from the nearest saved state at or before it (an in-memory snapshot, a
-  durable checkpoint, or the fresh state of step 0) and re-applying the online changes that
-  state does not hold yet. The sequence is deterministic, so replay is exact.
-- **Ranks and flow control.** The first Join fixes the world size. A rank may receive step t
-  only when t < its acknowledged step + lookahead and t < the slowest rank's acknowledged
-  step + max_lag; ranks that have not joined yet count at the step the job formed at. A
-  rank that disconnects and returns resumes at its acknowledged step. A Join carrying a
-  checkpoint token re-forms the job at the token's step, possibly with another world size.
-- **Checkpoints.** Every `checkpoint_every` generated steps, on demand (any step the server
-  can reach, including one between two saved states), after every online change and on
-  shutdown, the sampler state (O(clusters) bytes) and the job's metadata go to the
-  `CheckpointStore`. On start the job resumes from the newest valid checkpoint.
+- **The sequence window** (here). A live `Sampler` (the generator) produces global batches in
+  step order; recent batches stay in memory, so every request (and re-request) of a step in
+  the window returns identical ids. A step older than the window is recomputed by replaying
+  a sampler restored from the nearest saved state at or before it (an in-memory snapshot, a
+  checkpoint, or the fresh state of step 0) and re-applying the online changes (the typed
+  change log) that state does not hold yet. The sequence is deterministic, so replay is exact.
+- **The rank table** (`ranks.RankTable`): positions moved only by idempotent
+  acknowledgements, per-worker lanes, liveness, the slowest step. A rank may receive step t
+  on its training stream only when t < its position + lookahead and t < the slowest live
+  rank's position + max lag; a read-only stream is bounded by the lag bound alone. A Join
+  carrying a checkpoint token re-forms the job at the token's step, possibly with another
+  world size.
+- **The checkpoint writer** (`checkpoint_writer.CheckpointWriter`): every `checkpoint_every`
+  generated steps, on demand, after every online change and on shutdown, the job takes an
+  immutable snapshot (`CheckpointMeta` + sampler state bytes) under its lock and the writer
+  writes it without the lock. It also keeps the generated-step mark durable ahead of
+  generation, so a restarted server accepts reconnecting ranks wherever they were.
 
-Every public method takes the job's one lock; waiting (flow control) happens outside it.
+Every public method takes the job's one lock briefly; waiting (flow control) and checkpoint
+I/O happen outside it. Two documented exceptions write under the lock: an online change
+(`update`) is made durable before any batch can use it, and when a burst of generation
+outruns the background writer the mark is written in line (see `_ensure_mark_locked`).
 """
 
 from __future__ import annotations
@@ -26,17 +32,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 
-from croupier import __version__
 from croupier.errors import ConfigError, CroupierError, EndOfData, FingerprintMismatch, StateError
+from croupier.server.checkpoint_writer import CheckpointMeta, CheckpointWriteError, CheckpointWriter, WriterHealth
 from croupier.server.engine import Sampler
 from croupier.server.layout import ClusterLayout
 from croupier.server.policy import PolicyConfig
-from croupier.server.state import SamplerState
+from croupier.server.ranks import RankProgress, RankTable, RankView
+from croupier.server.state import Change, SamplerState
 from croupier.server.store import CheckpointStore, StoredCheckpoint
 from croupier.server.token import CheckpointToken
 from croupier.server.topology import Topology, per_rank_batch
@@ -47,6 +55,12 @@ MAX_SLICES_PER_MESSAGE = 32
 """Most steps packed into one stream message."""
 MAX_IDS_PER_MESSAGE = 1 << 20
 """Most sample ids in one stream message (8 MiB of packed int64, under the 16 MiB limit)."""
+MARK_AHEAD_WINDOWS = 4
+"""The generated-step mark is kept this many lookahead windows ahead of generation."""
+
+__all__ = ["Job", "JobSpec", "JobStatus", "SliceData", "SliceStream", "JoinResult", "CheckpointResult",
+           "RankProgress", "RankView", "StepOutOfRange", "UnknownJob", "NotJoined", "JobReformed",
+           "CheckpointUnavailable", "StateDirInvalid"]
 
 
 class StepOutOfRange(CroupierError):
@@ -65,6 +79,14 @@ class JobReformed(CroupierError):
     """The job was re-formed (resume token, new world) while a rank's stream was open."""
 
 
+class CheckpointUnavailable(CroupierError):
+    """A checkpoint a caller asked for could not be written (the state directory refuses writes)."""
+
+
+class StateDirInvalid(StateError):
+    """The state directory holds checkpoints, none of which is valid: refused, not reset."""
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """What the operator fixes for a job besides the sampler itself."""
@@ -77,6 +99,7 @@ class JobSpec:
     max_lookahead: int = 64
     checkpoint_every: int = 1000
     snapshot_every: int = 32
+    rank_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         if self.max_lag < 1:
@@ -87,6 +110,8 @@ class JobSpec:
             raise ConfigError(f"checkpoint interval must be >= 0 steps (0 = off), got {self.checkpoint_every}")
         if self.snapshot_every < 1:
             raise ConfigError(f"snapshot interval must be >= 1 step, got {self.snapshot_every}")
+        if not self.rank_timeout_s > 0:
+            raise ConfigError(f"rank liveness timeout must be > 0 seconds, got {self.rank_timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -107,28 +132,12 @@ class JoinResult:
 
 @dataclass(frozen=True)
 class CheckpointResult:
+    """A durable checkpoint: its token and step. `path` is for the server's own logs and
+    operators' tools; it never goes to a rank."""
+
     token: str
     step: int
     path: str
-
-
-@dataclass
-class RankProgress:
-    """What the server knows of one rank."""
-
-    next_step: int
-    delivered_step: int = 0
-    last_seen: float = field(default_factory=time.monotonic)
-    streams: int = 0
-
-
-@dataclass(frozen=True)
-class RankView:
-    rank: int
-    next_step: int
-    delivered_step: int
-    seconds_since_seen: float
-    connected: bool
 
 
 @dataclass(frozen=True)
@@ -152,6 +161,7 @@ class JobStatus:
     steps_replayed: int
     slices_served: int
     ids_served: int
+    checkpoint: WriterHealth | None = None
 
 
 @dataclass
@@ -164,22 +174,37 @@ class _Saved:
 
 class _Waiter:
     """A blocked stream or GetSlice. `lagged`: held by the lag bound (woken when the slowest
-    rank moves) rather than by its own lookahead (woken only by its own rank's acks)."""
+    rank moves) rather than by its own lookahead (woken only by its own rank's acks).
+    `on_wake`, when set, is called (from any thread) on every wake-up: the asyncio servicer
+    hands it a thread-safe callback into its event loop."""
 
-    __slots__ = ("event", "cancelled", "lagged")
+    __slots__ = ("event", "cancelled", "lagged", "on_wake")
 
     def __init__(self) -> None:
         self.event = threading.Event()
         self.cancelled = False
         self.lagged = True
+        self.on_wake: Callable[[], None] | None = None
+
+    def wake(self) -> None:
+        self.event.set()
+        cb = self.on_wake
+        if cb is not None:
+            cb()
 
 
 class Job:
-    """The sampler server's domain object; see the module docstring."""
+    """The sampler server's domain object; see the module docstring.
+
+    fresh: set aside (into a `stale-*` folder) whatever the state directory holds and start
+        at step 0; without it, a state directory whose checkpoints are all invalid is refused.
+    fault_hook: passed to the checkpoint writer (called with each target path before a write).
+    """
 
     def __init__(self, layout: ClusterLayout, config: PolicyConfig, global_batch: int, seed: int = 0,
                  spec: JobSpec | None = None, store: CheckpointStore | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *, fresh: bool = False,
+                 fault_hook: Callable[[Path], None] | None = None) -> None:
         self.layout = layout
         self.config = config
         self.global_batch = int(global_batch)
@@ -192,70 +217,91 @@ class Job:
         self.fingerprint = self._gen.fingerprint
         self._batches: dict[int, np.ndarray] = {}
         self._snapshots: dict[int, _Saved] = {0: _Saved(self._gen.state(), 0)}
-        self._pinned: dict[int, _Saved] = {}  # checkpoints taken without a store
+        self._pinned: dict[int, _Saved] = {}  # states of checkpoints this server wrote or loaded
         self._replayer: tuple[Sampler, int] | None = None
-        self._events: list[dict[str, Any]] = []
+        self._events: list[Change] = []
         self._end_step: int | None = None
-        self._world: int | None = None
-        self._formed_at = 0
+        self._table = RankTable(self.spec.rank_timeout_s, clock)
         self._formation: tuple[int, int] | None = None  # (token step, world) of the last re-form
         self._epoch = 0  # bumps on every re-form; open streams of an older epoch end
-        self._ranks: dict[int, RankProgress] = {}
         self._waiters: dict[int, set[_Waiter]] = {}
-        self._slowest = 0
         self._durable_step = -1
+        self._durable_lock = threading.Lock()
         self._high_water = 0  # highest step this job's generator is known to have reached
+        self._auto_submitted = 0
+        self._mark_promised = -1
         self._steps_generated = 0
         self._steps_replayed = 0
         self._slices_served = 0
         self._ids_served = 0
         self.resumed_from: int | None = None
+        self._writer: CheckpointWriter | None = None
         if store is not None:
-            self._resume_from_store()
+            self._writer = CheckpointWriter(store, self._on_written, fault_hook)
+            try:
+                self._resume_from_store(fresh)
+            except BaseException:
+                self._writer.close()
+                raise
 
     # -- construction helpers -------------------------------------------------------------------
     def _new_sampler(self) -> Sampler:
         return Sampler(self.layout, self.config, self.global_batch, self.seed)
 
-    def _resume_from_store(self) -> None:
-        assert self.store is not None
-        for step in reversed(self.store.steps()):
-            try:
-                ck = self.store.load(step)
-                state = SamplerState.from_bytes(ck.state)
-            except StateError as exc:
-                log.warning("checkpoint corrupt, falling back to the previous one",
-                            extra={"event": "checkpoint_corrupt", "path": str(self.store.path_of(step)),
-                                   "reason": str(exc)})
-                continue
-            got = ck.meta.get("sampler_fingerprint", state.fingerprint)
-            if got != self.fingerprint or state.fingerprint != self.fingerprint:
-                raise FingerprintMismatch(f"state directory {self.store.dir}", expected=self.fingerprint, got=got)
-            self._restore(ck, state)
-            return
+    def _check_state(self, ck: StoredCheckpoint) -> None:
+        state = SamplerState.from_bytes(ck.state)
+        meta = CheckpointMeta.from_dict(ck.meta, str(ck.path))
+        if meta.sampler_fingerprint != self.fingerprint or state.fingerprint != self.fingerprint:
+            raise FingerprintMismatch(f"state directory {ck.path.parent}", expected=self.fingerprint,
+                                      got=meta.sampler_fingerprint)
 
-    def _restore(self, ck: StoredCheckpoint, state: SamplerState) -> None:
+    def _resume_from_store(self, fresh: bool) -> None:
+        assert self.store is not None and self._writer is not None
+        if fresh:
+            aside = self.store.set_aside()
+            if aside is not None:
+                log.warning("starting fresh: previous checkpoints set aside",
+                            extra={"event": "fresh", "path": str(aside)})
+            return
+        mark = self._writer.read_mark(self.fingerprint)
+        skipped: list[tuple[Path, str]] = []
+        ck = self.store.newest_valid(check=self._check_state, skipped=skipped)
+        if ck is None:
+            if skipped:
+                listing = "; ".join(f"{p.name}: {why}" for p, why in skipped)
+                raise StateDirInvalid(f"state directory {self.store.dir} holds {len(skipped)} checkpoint(s) and "
+                                      f"none is valid ({listing}); refusing to start over silently: repair or "
+                                      "remove them, or pass --fresh to set them aside and start at step 0")
+            if mark > 0:
+                self._high_water = mark
+                self._mark_promised = mark
+                log.info("no checkpoint; generated-step mark found",
+                         extra={"event": "resumed_mark", "mark": mark, "path": str(self._writer.mark_path)})
+            return
+        self._restore(ck, SamplerState.from_bytes(ck.state), mark)
+
+    def _restore(self, ck: StoredCheckpoint, state: SamplerState, mark: int) -> None:
+        meta = CheckpointMeta.from_dict(ck.meta, str(ck.path))
         self._gen.load_state(state)
-        meta = ck.meta
-        self._events = list(meta.get("events", []))
-        self._snapshots = {0: self._snapshots[0], ck.step: _Saved(state, len(self._events))}
+        self._events = [Change.from_dict(e) for e in meta.events]
+        saved = _Saved(state, len(self._events))
+        self._snapshots = {0: self._snapshots[0], ck.step: saved}
+        self._pinned[ck.step] = saved
         self._durable_step = ck.step
-        # The crashed server may have generated (and ranks consumed) up to one checkpoint
-        # interval past its newest checkpoint; accept positions up to there from reconnecting ranks.
-        self._high_water = int(meta.get("generated_step", ck.step)) + self.spec.checkpoint_every
-        self._end_step = meta.get("end_step")
-        world = meta.get("world")
-        self._world = int(world) if world else None
-        self._formed_at = int(meta.get("formed_at", 0))
-        if meta.get("formation"):
-            self._formation = tuple(meta["formation"])  # type: ignore[assignment]
-        now = self._clock()
-        for r, nxt in (meta.get("ranks") or {}).items():
-            self._ranks[int(r)] = RankProgress(next_step=int(nxt), delivered_step=int(nxt), last_seen=now)
-        self._recompute_slowest()
+        self._auto_submitted = ck.step
+        if mark >= 0:
+            self._high_water = max(meta.generated_step, mark)
+        else:  # a state directory from before the mark: the old server may have run one interval past
+            self._high_water = meta.generated_step + self.spec.checkpoint_every
+        self._mark_promised = max(mark, -1)
+        self._end_step = meta.end_step
+        self._formation = meta.formation
+        self._table.reset(meta.world, meta.formed_at)
+        self._table.restore(meta.ranks)
+        self._table.recompute()
         self.resumed_from = ck.step
         log.info("resumed from checkpoint", extra={"event": "resumed", "path": str(ck.path), "step": ck.step,
-                                                   "world": self._world})
+                                                   "world": meta.world, "high_water": self._high_water})
 
     # -- public API: ranks ----------------------------------------------------------------------
     def join(self, rank: int, world: int, job: str = "", global_batch: int = 0,
@@ -276,30 +322,35 @@ class Job:
                 raise ConfigError(f"global batch {global_batch} does not match the job's global batch "
                                   f"{self.global_batch}")
             p = per_rank_batch(self.global_batch, world)
-            now = self._clock()
+            t = self._table
             if token is not None:
-                if self._formation != (token.step, world) or self._world != world:
+                if self._formation != (token.step, world) or t.world != world:
                     self._reform(token.step, world)
-                prog = self._ranks.setdefault(rank, RankProgress(next_step=token.step))
-                prog.next_step = token.step
-                prog.delivered_step = token.step
+                prog = t.get(rank)
+                prog.next_step = prog.delivered_step = prog.base = token.step
+                prog.lanes = {}
             else:
-                if self._world is None:
-                    self._world = world
-                elif world != self._world:
-                    raise ConfigError(f"world size {world} does not match the job's world size {self._world}; "
+                if t.world is None:
+                    t.world = world
+                elif world != t.world:
+                    raise ConfigError(f"world size {world} does not match the job's world size {t.world}; "
                                       "pass a checkpoint token to re-form the job with another world size")
-                prog = self._ranks.setdefault(rank, RankProgress(next_step=self._formed_at))
-            prog.last_seen = now
-            self._recompute_slowest()
+                prog = t.get(rank)
+            t.seen(rank)
+            self._recompute_locked()
             log.info("rank joined", extra={"event": "join", "rank": rank, "world": world,
                                            "next_step": prog.next_step, "client_version": client_version,
                                            "resume_step": None if token is None else token.step})
             return JoinResult(next_step=prog.next_step, per_rank_batch=p, world=world)
 
-    def ack(self, rank: int, world: int, next_step: int, job: str = "") -> tuple[int, int]:
-        """A rank has consumed every step before `next_step`; returns (slowest, fastest)."""
+    def ack(self, rank: int, world: int, next_step: int, job: str = "", step_stride: int = 1,
+            step_offset: int = 0) -> tuple[int, int]:
+        """The stream (step_stride, step_offset) of a rank has consumed every one of its steps
+        before `next_step`; idempotent. Returns (slowest, fastest)."""
         self._check_job(job)
+        stride = max(int(step_stride), 1)
+        if not 0 <= step_offset < stride:
+            raise ConfigError(f"step offset {step_offset} is outside [0, step stride {stride})")
         with self._lock:
             prog = self._rank_locked(rank, world)
             if next_step < 0:
@@ -308,47 +359,80 @@ class Job:
             if next_step > far:
                 raise StepOutOfRange(f"acknowledged step {next_step} is ahead of anything the rank could have "
                                      f"received ({self._far_reason()})")
-            prog.last_seen = self._clock()
-            if next_step > prog.next_step:
-                old_next, prog.next_step = prog.next_step, next_step
-                self._after_progress(rank, old_next)
-            return self._slowest, self._fastest()
+            readmitted = self._table.seen(rank)
+            old = prog.next_step
+            moved = prog.acknowledge(next_step, stride, step_offset)
+            if readmitted:
+                self._recompute_locked()
+            elif moved and self._table.moved(rank, old, prog.next_step):
+                self._trim_locked()
+                self._notify_lagged()
+            if moved or readmitted:
+                self._notify(rank)
+            return self._table.slowest, self._table.top
 
     def get_slice(self, rank: int, world: int, step: int, job: str = "",
                   is_active: Callable[[], bool] = lambda: True, timeout: float | None = None) -> SliceData:
-        """Rank's slice of `step`, waiting while the step is beyond the lag bound."""
+        """Rank's slice of `step`, waiting while the step is beyond the lag bound. Read-only:
+        the rank's position does not move."""
         self._check_job(job)
         waiter = _Waiter()
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            prog = self._rank_locked(rank, world)
+            self._rank_locked(rank, world)
             self._check_step(step, "step")
-            prog.last_seen = self._clock()
+            if self._table.seen(rank):
+                self._recompute_locked()
             self._waiters.setdefault(rank, set()).add(waiter)
         try:
             while True:
                 waiter.event.clear()
                 with self._lock:
-                    self._check_world(world)
-                    if step < self._slowest + self.spec.max_lag or self._is_end(step):
-                        out = self._slice_locked(step, rank, world)
-                        prog = self._ranks[rank]
-                        prog.delivered_step = max(prog.delivered_step, step + 1)
+                    out = self.try_slice_locked(rank, world, step)
+                    if out is not None:
                         return out
                 if not is_active() or waiter.cancelled:
                     raise StepOutOfRange(f"step {step} is beyond the lag bound and the caller went away")
                 wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
                 if wait <= 0:
-                    raise StepOutOfRange(f"step {step} stayed beyond the lag bound (slowest step {self._slowest} + "
-                                         f"max lag {self.spec.max_lag}) until the deadline")
+                    raise StepOutOfRange(f"step {step} stayed beyond the lag bound (slowest step "
+                                         f"{self._table.slowest} + max lag {self.spec.max_lag}) until the deadline")
                 waiter.event.wait(wait)
         finally:
             with self._lock:
                 self._waiters.get(rank, set()).discard(waiter)
 
+    def begin_get_slice(self, rank: int, world: int, step: int, job: str = "") -> _Waiter:
+        """Validates a GetSlice and registers its waiter (for the asyncio servicer); pair with
+        `try_slice` and `end_wait`."""
+        self._check_job(job)
+        waiter = _Waiter()
+        with self._lock:
+            self._rank_locked(rank, world)
+            self._check_step(step, "step")
+            if self._table.seen(rank):
+                self._recompute_locked()
+            self._waiters.setdefault(rank, set()).add(waiter)
+        return waiter
+
+    def try_slice(self, rank: int, world: int, step: int) -> SliceData | None:
+        with self._lock:
+            return self.try_slice_locked(rank, world, step)
+
+    def try_slice_locked(self, rank: int, world: int, step: int) -> SliceData | None:
+        self._check_world(world)
+        if step < self._table.slowest + self.spec.max_lag or self._is_end(step):
+            return self._slice_locked(step, rank, world)
+        return None
+
+    def end_wait(self, rank: int, waiter: _Waiter) -> None:
+        with self._lock:
+            self._waiters.get(rank, set()).discard(waiter)
+
     def open_stream(self, rank: int, world: int, start_step: int, lookahead: int = 0, step_stride: int = 1,
-                    step_offset: int = 0, stop_step: int = 0, job: str = "") -> "SliceStream":
-        """A cursor that yields the rank's slices from `start_step` under flow control."""
+                    step_offset: int = 0, stop_step: int = 0, job: str = "", read_only: bool = False) -> "SliceStream":
+        """A cursor that yields the rank's slices from `start_step` under flow control. Opening
+        it never moves the rank's position (only acknowledgements do)."""
         self._check_job(job)
         stride = max(int(step_stride), 1)
         if step_stride < 0:
@@ -361,27 +445,29 @@ class Job:
             raise ConfigError(f"stop step must be >= 0 (0 = no stop), got {stop_step}")
         la = self.spec.max_lookahead if lookahead == 0 else min(int(lookahead), self.spec.max_lookahead)
         with self._lock:
-            prog = self._rank_locked(rank, world)
+            if read_only:
+                Topology(rank=rank, world=world)
+                self._check_world(world)
+            else:
+                prog = self._rank_locked(rank, world)
+                prog.streams += 1
+                if self._table.seen(rank):
+                    self._recompute_locked()
             self._check_step(start_step, "start step")
-            if start_step != prog.next_step:
-                # The rank says where it is: back (restarted from an older checkpoint) or ahead of
-                # what this server knows (it reconnects after a server restart).
-                prog.next_step = start_step
-                self._recompute_slowest()
-                self._notify(rank)  # the rank's other streams (DataLoader workers) see the new position
-            prog.streams += 1
-            prog.last_seen = self._clock()
             first = start_step + ((step_offset - start_step) % stride)
             waiter = _Waiter()
             self._waiters.setdefault(rank, set()).add(waiter)
             epoch = self._epoch
         log.info("stream opened", extra={"event": "stream_open", "rank": rank, "start_step": start_step,
-                                         "stride": stride, "offset": step_offset})
-        return SliceStream(self, rank, world, first, la, stride, stop_step, waiter, epoch)
+                                         "stride": stride, "offset": step_offset, "read_only": read_only})
+        return SliceStream(self, rank, world, first, la, stride, stop_step, waiter, epoch, read_only)
 
     # -- public API: checkpoints, changes, status ----------------------------------------------------
     def checkpoint(self, step: int, job: str = "", kind: str = "token") -> CheckpointResult:
-        """Makes the sampler state before `step` durable; returns the token that resumes there."""
+        """Makes the sampler state before `step` durable; returns the token that resumes there.
+
+        The state is taken under the lock, written without it. CheckpointUnavailable when the
+        state directory refuses the write (the job goes on serving)."""
         self._check_job(job)
         with self._lock:
             if step < 0:
@@ -391,50 +477,94 @@ class Job:
             if self._end_step is not None and step > self._end_step:
                 raise StepOutOfRange(f"checkpoint step {step} is past the end of data at step {self._end_step}")
             saved = self._state_at_locked(step)
-            path = self._persist_locked(saved, kind=kind)
-            token = CheckpointToken(self.fingerprint, step).encode()
-            log.info("checkpoint", extra={"event": "checkpoint", "step": step, "path": path, "kind": kind})
-            return CheckpointResult(token=token, step=step, path=path)
+            self._pinned[step] = saved
+            meta, data = self._meta_locked(saved), saved.state.to_bytes()
+        path = self._write(step, meta, data, kind)
+        token = CheckpointToken(self.fingerprint, step).encode()
+        log.info("checkpoint", extra={"event": "checkpoint", "step": step, "path": path, "kind": kind})
+        return CheckpointResult(token=token, step=step, path=path)
 
     def checkpoint_now(self, kind: str = "auto") -> int:
-        """Durably saves the generator's current state (shutdown, schedule changes); its step."""
+        """Durably saves the generator's current state (shutdown); its step. Raises
+        CheckpointUnavailable when the state directory refuses the write."""
         with self._lock:
             saved = _Saved(self._gen.state(), len(self._events))
-            self._persist_locked(saved, kind=kind)
-            return saved.state.step
+            self._pinned[saved.state.step] = saved
+            meta, data = self._meta_locked(saved), saved.state.to_bytes()
+        self._write(saved.state.step, meta, data, kind)
+        return saved.state.step
+
+    def _write(self, step: int, meta: CheckpointMeta, data: bytes, kind: str) -> str:
+        if self._writer is None:
+            return ""
+        try:
+            return str(self._writer.write_now(step, meta, data, kind))
+        except CheckpointWriteError as exc:
+            raise CheckpointUnavailable(f"{exc}; the server keeps serving and retries; try again later") from None
 
     def update(self, step: int, clip: int = 0, weights: list[float] | None = None) -> int:
-        """Schedules an online change from `step` (>= the generated step); returns `step`."""
+        """Schedules an online change from `step` (>= the generated step); returns `step`.
+
+        The change is durable before this returns, and before any batch can use it: the
+        checkpoint is written under the lock, and the change is undone when it cannot be."""
         with self._lock:
             if step < self._gen.step:
                 raise ConfigError(f"step {step} is already generated (generated step {self._gen.step}); "
                                   f"a change must name a step >= {self._gen.step}")
             w = list(weights) if weights else None
+            before = self._gen.state()
             self._gen.schedule(step, clip=clip or None, weights=w)
-            self._events.append({"step": int(step), "clip": int(clip) if clip else None, "weights": w})
+            change = Change(step=int(step), clip=int(clip) if clip else None,
+                            weights=None if w is None else tuple(float(x) for x in w))
+            self._events.append(change)
+            saved = _Saved(self._gen.state(), len(self._events))
+            if self._writer is not None:
+                try:
+                    self._writer.write_now(saved.state.step, self._meta_locked(saved), saved.state.to_bytes(), "auto")
+                except CheckpointWriteError as exc:
+                    self._gen.load_state(before)
+                    self._events.pop()
+                    raise CheckpointUnavailable(f"online change not applied: {exc}") from None
+            self._pinned[saved.state.step] = saved
             self._replayer = None
-            self._persist_locked(_Saved(self._gen.state(), len(self._events)), kind="auto")
             log.info("online change scheduled", extra={"event": "update", "step": step, "clip": clip or None,
                                                        "weights": None if w is None else len(w)})
             return int(step)
 
     def status(self) -> JobStatus:
         with self._lock:
+            self._recompute_locked()
             c = self._gen.counters()
-            now = self._clock()
-            ranks = tuple(RankView(r, p.next_step, p.delivered_step, max(now - p.last_seen, 0.0), p.streams > 0)
-                          for r, p in sorted(self._ranks.items()))
+            t = self._table
             return JobStatus(
-                generated_step=self._gen.step, durable_step=self._durable_step, slowest_step=self._slowest,
-                fastest_step=self._fastest(), world=self._world or 0, ranks=ranks,
+                generated_step=self._gen.step, durable_step=self._durable_step, slowest_step=t.slowest,
+                fastest_step=t.fastest(), world=t.world or 0, ranks=t.views(),
                 active_clusters=int(c.active.sum()), clip=int(self._gen.clip or 0), end_step=self._end_step,
                 sizes=c.sizes, draws=c.draws, passes=c.passes, clipped_at=c.clipped_at,
                 steps_generated=self._steps_generated, steps_replayed=self._steps_replayed,
-                slices_served=self._slices_served, ids_served=self._ids_served)
+                slices_served=self._slices_served, ids_served=self._ids_served,
+                checkpoint=None if self._writer is None else self._writer.health())
+
+    def checkpoint_health(self) -> WriterHealth | None:
+        """The checkpoint writer's state (None without a state directory)."""
+        return None if self._writer is None else self._writer.health()
+
+    def tick(self) -> float:
+        """Re-derives liveness (a rank may have turned silent); returns seconds until the next
+        rank could. The server calls it periodically."""
+        with self._lock:
+            self._recompute_locked()
+            return self._table.next_deadline()
+
+    def close(self) -> None:
+        """Stops the background checkpoint writer (after it drains)."""
+        if self._writer is not None:
+            self._writer.flush(timeout=10.0)
+            self._writer.close()
 
     @property
     def world(self) -> int | None:
-        return self._world
+        return self._table.world
 
     # -- internals: validation ------------------------------------------------------------------
     def _check_job(self, job: str) -> None:
@@ -442,27 +572,27 @@ class Job:
             raise UnknownJob(f"this server serves job {self.spec.name!r}, not {job!r}")
 
     def _check_world(self, world: int) -> None:
-        if self._world is None:
+        if self._table.world is None:
             raise NotJoined("no rank has joined yet: call Join first")
-        if world != self._world:
-            raise ConfigError(f"world size {world} does not match the job's world size {self._world}")
+        if world != self._table.world:
+            raise ConfigError(f"world size {world} does not match the job's world size {self._table.world}")
 
     def _rank_locked(self, rank: int, world: int) -> RankProgress:
         Topology(rank=rank, world=world)
         self._check_world(world)
-        prog = self._ranks.get(rank)
-        if prog is None:  # a rank may call again after a server restart without re-joining
-            prog = self._ranks[rank] = RankProgress(next_step=self._formed_at, last_seen=self._clock())
-            self._recompute_slowest()
+        new = rank not in self._table.ranks  # a rank may call again after a server restart without re-joining
+        prog = self._table.get(rank)
+        if new:
+            self._recompute_locked()
         return prog
 
     def _far_bound(self) -> int:
-        base = max(self._slowest, self._high_water, self._gen.step)
+        base = max(self._table.slowest, self._high_water, self._gen.step)
         return base + self.spec.max_lag + self.spec.max_lookahead
 
     def _far_reason(self) -> str:
-        return (f"the bound is step {self._far_bound()}: the furthest of slowest rank step {self._slowest} and "
-                f"generated step {max(self._gen.step, self._high_water)}, + max lag {self.spec.max_lag} "
+        return (f"the bound is step {self._far_bound()}: the furthest of slowest rank step {self._table.slowest} "
+                f"and generated step {max(self._gen.step, self._high_water)}, + max lag {self.spec.max_lag} "
                 f"+ lookahead {self.spec.max_lookahead}")
 
     def _check_step(self, step: int, what: str) -> None:
@@ -478,58 +608,84 @@ class Job:
     # -- internals: ranks ---------------------------------------------------------------------
     def _reform(self, step: int, world: int) -> None:
         log.info("job re-formed", extra={"event": "reform", "step": step, "world": world,
-                                          "old_world": self._world})
-        self._world = world
-        self._formed_at = step
+                                          "old_world": self._table.world})
         self._formation = (step, world)
         self._epoch += 1
-        self._ranks = {}
-        self._recompute_slowest()
+        self._table.reset(world, step)
+        self._trim_locked()
         self._notify_all()
 
-    def _recompute_slowest(self) -> None:
-        world = self._world or 0
-        steps = [p.next_step for r, p in self._ranks.items() if r < world]
-        if len(steps) < world or not steps:
-            steps.append(self._formed_at)
-        old = self._slowest
-        self._slowest = min(steps)
-        if self._slowest != old:
+    def _recompute_locked(self) -> None:
+        before = self._table.silent
+        if self._table.recompute():
             self._trim_locked()
             self._notify_lagged()
-
-    def _fastest(self) -> int:
-        return max((p.next_step for p in self._ranks.values()), default=self._formed_at)
-
-    def _after_progress(self, rank: int, old_next: int) -> None:
-        if old_next <= self._slowest:  # only the slowest rank's progress can move the slowest step
-            self._recompute_slowest()
-        self._notify(rank)
+        if self._table.silent != before:
+            for r in self._table.silent - before:
+                log.warning("rank silent past the liveness timeout; no longer holding the others back",
+                            extra={"event": "rank_silent", "rank": r, "timeout_s": self._table.timeout_s})
+            for r in before - self._table.silent:
+                log.info("rank back", extra={"event": "rank_back", "rank": r})
 
     def _notify(self, rank: int) -> None:
         for w in self._waiters.get(rank, ()):
-            w.event.set()
+            w.wake()
 
     def _notify_all(self) -> None:
         for ws in self._waiters.values():
             for w in ws:
-                w.event.set()
+                w.wake()
 
     def _notify_lagged(self) -> None:
         for ws in self._waiters.values():
             for w in ws:
                 if w.lagged:
-                    w.event.set()
+                    w.wake()
+
+    # -- internals: durability ------------------------------------------------------------------
+    def _on_written(self, step: int) -> None:
+        with self._durable_lock:
+            self._durable_step = max(self._durable_step, step)
+
+    def _meta_locked(self, saved: _Saved) -> CheckpointMeta:
+        t = self._table
+        return CheckpointMeta(
+            job=self.spec.name, sampler_fingerprint=self.fingerprint,
+            dataset_fingerprint=self.spec.dataset_fingerprint, global_batch=self.global_batch, seed=self.seed,
+            policy=self.config.to_dict(), world=t.world, formed_at=t.formed_at,
+            generated_step=max(self._gen.step, self._high_water), formation=self._formation,
+            ranks=t.positions(), events=tuple(c.to_dict() for c in self._events), n_events=saved.n_events,
+            end_step=self._end_step, created=time.time())
+
+    def _ensure_mark_locked(self, upto: int) -> None:
+        """Keeps the durable generated-step mark >= `upto` (a step about to become deliverable).
+
+        The mark is promised MARK_AHEAD_WINDOWS lookahead windows ahead and refreshed by the
+        background writer when generation gets within one window of it; only a burst that
+        outruns the writer writes it in line. A refused write is logged and counted by the
+        writer: serving goes on (the mark only widens what a restarted server accepts)."""
+        w = self._writer
+        if w is None:
+            return
+        window = self.spec.max_lookahead
+        if upto + (MARK_AHEAD_WINDOWS - 1) * window > self._mark_promised:
+            self._mark_promised = upto + MARK_AHEAD_WINDOWS * window
+            w.submit_mark(self._mark_promised, self.fingerprint)
+        if upto > w.mark:
+            w.write_mark_now(self._mark_promised, self.fingerprint)
 
     # -- internals: the sequence --------------------------------------------------------------
     def _trim_locked(self) -> None:
         """Drops batches and snapshots no rank can need without a replay."""
-        lo = self._slowest - self.spec.max_lookahead
+        lo = self._table.slowest - self.spec.max_lookahead
         for s in [s for s in self._batches if s < lo]:
             del self._batches[s]
         keep_from = max((s for s in self._snapshots if s <= lo), default=0)
         for s in [s for s in self._snapshots if 0 < s < keep_from]:
             del self._snapshots[s]
+        if len(self._pinned) > 16:
+            for s in sorted(self._pinned)[:-16]:
+                del self._pinned[s]
 
     def _generate_one_locked(self) -> None:
         gen = self._gen
@@ -537,8 +693,12 @@ class Job:
         if step % self.spec.snapshot_every == 0 and step not in self._snapshots:
             self._snapshots[step] = _Saved(gen.state(), len(self._events))
         every = self.spec.checkpoint_every
-        if self.store is not None and every and step % every == 0 and step > max(self._durable_step, 0):
-            self._persist_locked(_Saved(gen.state(), len(self._events)), kind="auto")
+        if self._writer is not None and every and step % every == 0 and step > self._auto_submitted:
+            saved = _Saved(gen.state(), len(self._events))
+            self._pinned[step] = saved
+            self._writer.submit(step, self._meta_locked(saved), saved.state.to_bytes())
+            self._auto_submitted = step
+        self._ensure_mark_locked(step + 1)
         try:
             self._batches[step] = gen.next_batch()
         except EndOfData:
@@ -563,33 +723,23 @@ class Job:
         return b
 
     def _base_for(self, step: int) -> tuple[Sampler, int]:
-        """A sampler positioned at or before `step`, with every online change applied."""
-        best: tuple[int, str] = (-1, "")
+        """A sampler positioned at or before `step`, with every online change applied.
+
+        In-memory states first (the replayer, snapshots, checkpoints this server wrote or
+        loaded); the state directory only when it holds a nearer one."""
+        cands: list[tuple[int, str]] = [(0, "snapshot")]
         if self._replayer is not None and self._replayer[0].step <= step:
-            best = (self._replayer[0].step, "replayer")
-        snap = max((s for s in self._snapshots if s <= step), default=0)
-        if snap > best[0]:
-            best = (snap, "snapshot")
+            cands.append((self._replayer[0].step, "replayer"))
+        cands.append((max((s for s in self._snapshots if s <= step), default=0), "snapshot"))
         pinned = max((s for s in self._pinned if s <= step), default=-1)
-        if pinned > best[0]:
-            best = (pinned, "pinned")
-        if self.store is not None:
-            for s in reversed(self.store.steps()):
-                if s <= step:
-                    if s > best[0]:
-                        try:
-                            ck = self.store.load(s)
-                            st = SamplerState.from_bytes(ck.state)
-                            if st.fingerprint != self.fingerprint:
-                                raise StateError(f"checkpoint {ck.path} belongs to sampler {st.fingerprint}")
-                            saved = _Saved(st, int(ck.meta.get("n_events", len(ck.meta.get("events", [])))))
-                            return self._sampler_from(saved)
-                        except StateError as exc:
-                            log.warning("checkpoint corrupt, falling back to the previous one",
-                                        extra={"event": "checkpoint_corrupt", "path": str(self.store.path_of(s)),
-                                               "reason": str(exc)})
-                            continue
-                    break
+        if pinned >= 0:
+            cands.append((pinned, "pinned"))
+        best = max(cands)
+        if self.store is not None and best[0] < step - self.spec.snapshot_every:
+            ck = self.store.newest_valid(at_or_before=step, check=self._check_state)
+            if ck is not None and ck.step > best[0]:
+                meta = CheckpointMeta.from_dict(ck.meta, str(ck.path))
+                return self._sampler_from(_Saved(SamplerState.from_bytes(ck.state), meta.n_events))
         if best[1] == "replayer":
             assert self._replayer is not None
             return self._replayer
@@ -600,9 +750,9 @@ class Job:
         s = self._new_sampler()
         s.load_state(saved.state)
         for ev in self._events[saved.n_events:]:
-            if ev["step"] < s.step:
-                raise StateError(f"online change at step {ev['step']} predates the saved state at step {s.step}")
-            s.schedule(ev["step"], clip=ev["clip"], weights=ev["weights"])
+            if ev.step < s.step:
+                raise StateError(f"online change at step {ev.step} predates the saved state at step {s.step}")
+            s.schedule(ev.step, clip=ev.clip, weights=None if ev.weights is None else list(ev.weights))
         return s, len(self._events)
 
     def _replay_locked(self, step: int, upto: int | None = None) -> np.ndarray:
@@ -638,27 +788,6 @@ class Job:
         self._replayer = (sampler, n)
         return _Saved(sampler.state(), n)
 
-    def _persist_locked(self, saved: _Saved, kind: str) -> str:
-        step = saved.state.step
-        if self.store is None:
-            self._pinned[step] = saved
-            return ""
-        meta = {
-            "format": "croupier.checkpoint", "server_version": __version__, "job": self.spec.name,
-            "sampler_fingerprint": self.fingerprint, "dataset_fingerprint": self.spec.dataset_fingerprint,
-            "global_batch": self.global_batch, "seed": self.seed, "policy": self.config.to_dict(),
-            "world": self._world, "formed_at": self._formed_at, "generated_step": self._gen.step,
-            "formation": list(self._formation) if self._formation else None,
-            "ranks": {str(r): p.next_step for r, p in self._ranks.items()},
-            "events": self._events, "n_events": saved.n_events, "end_step": self._end_step,
-            "created": time.time(),
-        }
-        path = self.store.write(step, meta, saved.state.to_bytes(), kind=kind)
-        self._durable_step = max(self._durable_step, step)
-        log.info("checkpoint written", extra={"event": "checkpoint_written", "step": step, "kind": kind,
-                                              "path": str(path)})
-        return str(path)
-
     def _slice_locked(self, step: int, rank: int, world: int) -> SliceData:
         batch = self._batch_locked(step)
         if batch is None:
@@ -673,14 +802,14 @@ class Job:
 class SliceStream:
     """One open stream of a rank's slices (StreamSlices); made by `Job.open_stream`.
 
-    `next_chunk()` blocks until at least one slice is deliverable under flow control and
-    returns consecutive slices of this stream's steps (several when available), or None
-    when the stream is finished (stop step reached, end of data sent, or cancelled). Call
-    `cancel()` from another thread to release a waiting `next_chunk()`, and `close()` once.
+    `poll()` returns the consecutive slices deliverable now under flow control (possibly
+    none), or None when the stream is finished; `next_chunk()` blocks until `poll` has
+    something. `cancel()` (any thread) releases a waiting `next_chunk()`; `close()` once.
+    A read-only stream is bounded by the lag bound alone and touches no rank state.
     """
 
     def __init__(self, job: Job, rank: int, world: int, first: int, lookahead: int, stride: int,
-                 stop_step: int, waiter: _Waiter, epoch: int) -> None:
+                 stop_step: int, waiter: _Waiter, epoch: int, read_only: bool = False) -> None:
         self._job = job
         self.rank = rank
         self.world = world
@@ -688,14 +817,19 @@ class SliceStream:
         self.lookahead = lookahead
         self.stride = stride
         self.stop = stop_step
+        self.read_only = read_only
         self._waiter = waiter
         self._epoch = epoch
         self.finished = False
         self._closed = False
 
+    @property
+    def waiter(self) -> _Waiter:
+        return self._waiter
+
     def cancel(self) -> None:
         self._waiter.cancelled = True
-        self._waiter.event.set()
+        self._waiter.wake()
 
     def close(self) -> None:
         if self._closed:
@@ -704,10 +838,9 @@ class SliceStream:
         job = self._job
         with job._lock:
             job._waiters.get(self.rank, set()).discard(self._waiter)
-            prog = job._ranks.get(self.rank)
-            if prog is not None and self._epoch == job._epoch:
+            prog = job._table.ranks.get(self.rank)
+            if prog is not None and self._epoch == job._epoch and not self.read_only:
                 prog.streams = max(prog.streams - 1, 0)
-                prog.last_seen = job._clock()
         log.info("stream closed", extra={"event": "stream_close", "rank": self.rank, "next": self.next})
 
     def __iter__(self) -> Iterator[list[SliceData]]:
@@ -717,32 +850,42 @@ class SliceStream:
                 return
             yield chunk
 
-    def next_chunk(self, poll: float = 10.0) -> list[SliceData] | None:
+    def poll(self) -> list[SliceData] | None:
+        """Slices deliverable now ([] when none), or None when the stream is finished."""
+        if self._waiter.cancelled or self.finished:
+            return None
+        self._waiter.event.clear()
         job = self._job
+        with job._lock:
+            if self._epoch != job._epoch:
+                raise JobReformed(f"the job was re-formed at step {job._table.formed_at} with world size "
+                                  f"{job._table.world}; join again")
+            chunk = self._collect_locked()
+        if not chunk and self.finished:
+            return None
+        return chunk
+
+    def next_chunk(self, poll: float = 10.0) -> list[SliceData] | None:
         while True:
-            if self._waiter.cancelled or self.finished:
-                return None
-            self._waiter.event.clear()
-            with job._lock:
-                if self._epoch != job._epoch:
-                    raise JobReformed(f"the job was re-formed at step {job._formed_at} with world size {job._world}; "
-                                      "join again")
-                chunk = self._collect_locked()
-            if chunk:
+            chunk = self.poll()
+            if chunk is None or chunk:
                 return chunk
-            if self.finished:
-                return None
             self._waiter.event.wait(poll)
 
     def _collect_locked(self) -> list[SliceData]:
         job = self._job
-        prog = job._ranks.get(self.rank)
-        if prog is None:
-            raise JobReformed("the rank is no longer part of the job; join again")
-        own_bound = prog.next_step + self.lookahead
-        lag_bound = job._slowest + job.spec.max_lag
-        bound = min(own_bound, lag_bound)
-        self._waiter.lagged = lag_bound <= own_bound
+        table = job._table
+        lag_bound = table.slowest + job.spec.max_lag
+        prog = table.ranks.get(self.rank)
+        if self.read_only:
+            bound = lag_bound
+            self._waiter.lagged = True
+        else:
+            if prog is None:
+                raise JobReformed("the rank is no longer part of the job; join again")
+            own_bound = prog.next_step + self.lookahead
+            bound = min(own_bound, lag_bound)
+            self._waiter.lagged = lag_bound <= own_bound
         if self.stop:
             bound = min(bound, self.stop)
         out: list[SliceData] = []
@@ -753,7 +896,8 @@ class SliceStream:
             sl = job._slice_locked(self.next, self.rank, self.world)
             out.append(sl)
             n_ids += len(sl.ids)
-            prog.delivered_step = max(prog.delivered_step, self.next + 1)
+            if prog is not None and not self.read_only:
+                prog.delivered_step = max(prog.delivered_step, self.next + 1)
             self.next += self.stride
             if sl.end:
                 self.finished = True

@@ -5,7 +5,9 @@ slices_served_total, indices_served_total, generated_step, durable_step, slowest
 active_clusters, clipped_clusters, cluster_draws{cluster} (per cluster, only up to
 `MAX_CLUSTER_SERIES` clusters to bound cardinality; draws_total over all of them always),
 rank_lag_steps{rank} (a rank's acknowledged step behind the fastest rank's),
-max_rank_lag_steps, refused_calls_total{method,code}.
+max_rank_lag_steps, refused_calls_total{method,code}, silent_ranks and rank_live{rank}
+(ranks past the liveness timeout), checkpoint_failures_total, checkpoint_healthy (0 while
+checkpoint writes fail) and generated_mark (the durable generated-step mark).
 """
 
 from __future__ import annotations
@@ -60,6 +62,20 @@ class JobCollector(Collector):
         yield lag
         yield GaugeMetricFamily("croupier_max_rank_lag_steps", "Fastest minus slowest acknowledged step.",
                                 value=st.fastest_step - st.slowest_step)
+        live = GaugeMetricFamily("croupier_rank_live", "1 while a rank is within the liveness timeout.",
+                                 labels=["rank"])
+        for r in st.ranks:
+            live.add_metric([str(r.rank)], 1 if r.live else 0)
+        yield live
+        yield GaugeMetricFamily("croupier_silent_ranks", "Ranks silent past the liveness timeout.",
+                                value=sum(not r.live for r in st.ranks))
+        if st.checkpoint is not None:
+            yield CounterMetricFamily("croupier_checkpoint_failures", "Checkpoint or mark writes that failed.",
+                                      value=st.checkpoint.failures)
+            yield GaugeMetricFamily("croupier_checkpoint_healthy", "0 while checkpoint writes fail, else 1.",
+                                    value=1 if st.checkpoint.ok else 0)
+            yield GaugeMetricFamily("croupier_generated_mark", "Durable generated-step mark (-1: none).",
+                                    value=st.checkpoint.mark)
 
 
 class ServerMetrics:

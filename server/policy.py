@@ -131,8 +131,21 @@ class PolicyConfig:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
 
+CLIP_PRODUCT_LIMIT = 2 ** 62
+"""clip × total samples must stay below this: per-cluster room (clip × size) and its sums are int64."""
+
+
+def check_clip(clip: int, total_samples: int) -> None:
+    """A clip must be an integer >= 1 whose product with the dataset size fits the int64 arithmetic."""
+    if isinstance(clip, bool) or not isinstance(clip, int) or clip < 1:
+        raise ConfigError(f"clip must be an integer >= 1, got {clip!r}")
+    if clip * int(total_samples) >= CLIP_PRODUCT_LIMIT:
+        raise ConfigError(f"clip × total samples must be < 2**62 (int64 draw arithmetic); clip {clip} × "
+                          f"{total_samples} samples = {clip * int(total_samples)}")
+
+
 def check_weights(weights: tuple[float, ...] | list[float]) -> None:
-    """Weights must be finite, >= 0, and not all zero."""
+    """Weights must be finite, >= 0, not all zero, and sum to a finite number (zero = excluded)."""
     if len(weights) == 0:
         raise ConfigError("weights must not be empty")
     for i, w in enumerate(weights):
@@ -140,3 +153,8 @@ def check_weights(weights: tuple[float, ...] | list[float]) -> None:
             raise ConfigError(f"weights must be finite and >= 0; weight {i} is {w}")
     if not any(w > 0 for w in weights):
         raise ConfigError("at least one weight must be > 0")
+    total = 0.0
+    for w in weights:  # the sampler's cumulative sum runs in this order
+        total += w
+    if not math.isfinite(total):
+        raise ConfigError(f"weights must have a finite sum; they sum to {total} (largest weight {max(weights)})")

@@ -4,10 +4,12 @@
         --state-dir DIR [--port 0] [--token-file F] [--tls-cert C --tls-key K]
     croupier serve --cluster-sizes 5000,300,20,1 --global-batch 64 --state-dir DIR   # synthetic
 
-On start it resumes from the newest valid checkpoint in --state-dir, binds (loopback unless
+On start it resumes from the newest valid checkpoint in --state-dir (a directory whose
+checkpoints are all invalid is refused; --fresh sets them aside and starts at step 0), binds (loopback unless
 --host says otherwise; --port 0 picks a free port), prints one JSON line
 {"event": "serving", "address": "127.0.0.1:PORT", ...} to stdout and writes the same object
-to DIR/server.json. SIGTERM or SIGINT checkpoints and stops gracefully. Logs are JSON lines
+to DIR/server.json. SIGTERM or SIGINT checkpoints and stops gracefully (exit 1, with a message, when that final
+checkpoint cannot be written). Logs are JSON lines
 on stderr.
 
 Security defaults: without --token-file any local user may call the server, `Update`
@@ -34,7 +36,7 @@ from typing import Any
 from croupier.errors import ConfigError
 from croupier.server import logs
 from croupier.server.auth import MIN_SERVER_TOKEN_CHARS, read_token_file
-from croupier.server.job import Job, JobSpec
+from croupier.server.job import CheckpointUnavailable, Job, JobSpec
 from croupier.server.layout import ClusterLayout
 from croupier.server.metrics import ServerMetrics
 from croupier.server.policy import PolicyConfig
@@ -64,6 +66,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     job.add_argument("--lookahead", type=int, default=64, help="most steps streamed ahead of a rank's ack")
     job.add_argument("--checkpoint-every", type=int, default=1000, help="automatic checkpoint interval (0 = off)")
     job.add_argument("--keep-checkpoints", type=int, default=4, help="automatic checkpoints kept")
+    job.add_argument("--fresh", action="store_true",
+                     help="set aside what --state-dir holds (into a stale-* folder) and start at step 0")
+    job.add_argument("--rank-timeout", type=float, default=120.0,
+                     help="seconds of silence after which a rank stops holding the others back")
     net = p.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     net.add_argument("--port", type=int, default=0, help="port (0 = pick a free one)")
@@ -76,7 +82,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     net.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = off)")
     net.add_argument("--metrics-host", default="127.0.0.1",
                      help="address /metrics binds to (default loopback: it has no authentication)")
-    net.add_argument("--max-workers", type=int, default=2048, help="RPC threads (each open stream holds one)")
+    net.add_argument("--max-workers", type=int, default=4,
+                     help="threads for disk-writing calls (Checkpoint, Update); streams cost no thread")
+    net.add_argument("--streams-per-peer", type=int, default=4096, help="open streams one connection may hold")
+    net.add_argument("--calls-per-peer", type=int, default=1024, help="unary calls one connection may have in flight")
     net.add_argument("--grace", type=float, default=2.0, help="seconds open calls get on shutdown")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=run)
@@ -139,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
     config = policy_from_args(args)
     layout, dataset_fp, remote = dataset_from_args(args)
     spec = JobSpec(name=args.job, dataset_remote=remote, dataset_fingerprint=dataset_fp, selection=args.selection,
-                   max_lag=args.max_lag, max_lookahead=args.lookahead, checkpoint_every=args.checkpoint_every)
+                   max_lag=args.max_lag, max_lookahead=args.lookahead, checkpoint_every=args.checkpoint_every,
+                   rank_timeout_s=args.rank_timeout)
     store = CheckpointStore(args.state_dir, keep=args.keep_checkpoints)
     lock_fd = _lock_state_dir(store.dir)
     try:
@@ -160,12 +170,13 @@ def _serve(args: argparse.Namespace, layout: ClusterLayout, config: PolicyConfig
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    job = Job(layout, config, args.global_batch, args.seed, spec=spec, store=store)
+    job = Job(layout, config, args.global_batch, args.seed, spec=spec, store=store, fresh=args.fresh)
     metrics = ServerMetrics(job)
     host = args.host
     address = f"[{host}]:{args.port}" if ":" in host else f"{host}:{args.port}"
     server, _ = create_server(job, address, token=token, admin_token=admin, tls_cert=args.tls_cert,
-                              tls_key=args.tls_key, max_workers=args.max_workers, on_refused=metrics.refused)
+                              tls_key=args.tls_key, max_workers=args.max_workers, on_refused=metrics.refused,
+                              streams_per_peer=args.streams_per_peer, calls_per_peer=args.calls_per_peer)
     metrics_port = metrics.serve(args.metrics_host, args.metrics_port) if args.metrics_port else 0
     info: dict[str, Any] = dict(describe(server), metrics_port=metrics_port, pid=os.getpid(),
                                 state_dir=str(store.dir.resolve()))
@@ -182,7 +193,15 @@ def _serve(args: argparse.Namespace, layout: ClusterLayout, config: PolicyConfig
     while not stop.wait(1.0):
         pass
     log.info("stopping", extra={"event": "stopping", "signal": signal.Signals(received[0]).name})
-    server.stop(args.grace)
+    try:
+        server.stop(args.grace)
+    except CheckpointUnavailable as exc:
+        metrics.stop()
+        log.error("final checkpoint failed", extra={"event": "final_checkpoint_failed", "reason": str(exc)})
+        print(json.dumps({"event": "stopped", "error": f"final checkpoint not written: {exc}",
+                          "durable_step": job.status().durable_step}), flush=True)
+        print(f"croupier serve: final checkpoint not written: {exc}", file=sys.stderr, flush=True)
+        return 1
     metrics.stop()
     print(json.dumps({"event": "stopped", "durable_step": job.status().durable_step}), flush=True)
     return 0

@@ -1,7 +1,7 @@
 """The gRPC face of a `Job`: a thin servicer, and `create_server` that wires it up.
 
-The servicer translates protos to domain calls and domain errors to status codes, nothing
-more (the job holds the one lock). Requests are parsed here rather than by gRPC, so a
+The servicer (grpc.aio) translates protos to domain calls and domain errors to status codes,
+nothing more (the job holds the one lock). Requests are parsed here rather than by gRPC, so a
 message that is not a valid protobuf gets INVALID_ARGUMENT with a reason instead of gRPC's
 generic INTERNAL; a message over the size limit gets RESOURCE_EXHAUSTED from gRPC itself.
 
@@ -14,17 +14,20 @@ Status codes (the client maps them back to croupier errors):
     NOT_FOUND            a job name this server does not serve
     ABORTED              the job was re-formed (resume token, new world) under an open stream
     DATA_LOSS            a checkpoint needed to recompute an old step is corrupt
+    UNAVAILABLE          Checkpoint or Update while the state directory refuses writes (retry later)
+    RESOURCE_EXHAUSTED   a peer over its limit of open streams or calls in flight (the message names it)
     UNAUTHENTICATED      missing or wrong bearer token (auth interceptor)
     PERMISSION_DENIED    Update without the admin token (auth interceptor)
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from concurrent import futures
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -33,12 +36,24 @@ from grpc_reflection.v1alpha import reflection
 
 from croupier import __version__
 from croupier.errors import ConfigError, CroupierError, DatasetError, FingerprintMismatch, StateError
-from croupier.proto import API_VERSION, SERVICE_NAME, pb2
-from croupier.server.auth import TokenAuthInterceptor
+from croupier.proto import API_VERSION, SERVICE_NAME, pack_ids, pb2
+from croupier.server.auth import AsyncTokenAuthInterceptor
 from croupier.server.grpc_options import server_options
-from croupier.server.job import Job, JobReformed, JobStatus, NotJoined, SliceData, StepOutOfRange, UnknownJob
+from croupier.server.job import (CheckpointUnavailable, Job, JobReformed, JobStatus, NotJoined, SliceData,
+                                 StepOutOfRange, UnknownJob)
 
 log = logging.getLogger("croupier.server.service")
+
+DEFAULT_STREAMS_PER_PEER = 4096
+"""Most streams one connection may hold open (a rank's DataLoader workers, a node agent's ranks)."""
+DEFAULT_CALLS_PER_PEER = 1024
+"""Most unary calls one connection may have in flight."""
+CHECKPOINT_HEALTH = "croupier.v1.Sampler/checkpoint"
+"""Health service name that turns NOT_SERVING while checkpoint writes fail (serving goes on)."""
+WAKE_POLL_S = 5.0
+"""A waiting stream re-checks flow control at least this often (liveness changes with time)."""
+TICK_S = 1.0
+"""How often the server re-derives rank liveness and checkpoint health."""
 
 _DATA = pb2.SLICE_KIND_DATA
 _END = pb2.SLICE_KIND_END_OF_DATA
@@ -58,6 +73,8 @@ def status_code_of(exc: CroupierError) -> grpc.StatusCode:
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, StateError):
         return grpc.StatusCode.DATA_LOSS
+    if isinstance(exc, CheckpointUnavailable):
+        return grpc.StatusCode.UNAVAILABLE
     return grpc.StatusCode.INTERNAL
 
 
@@ -70,9 +87,12 @@ def job_info(job: Job) -> pb2.JobInfo:
         num_clusters=job.layout.num_clusters, selection=spec.selection, world_size=job.world or 0)
 
 
-def _slice_pb(s: SliceData) -> pb2.Slice:
+def _slice_pb(s: SliceData, packed: bool = True) -> pb2.Slice:
+    """A slice for the wire: ids packed into bytes, or as repeated int64 for older clients."""
     if s.end:
         return pb2.Slice(step=s.step, kind=_END)
+    if packed:
+        return pb2.Slice(step=s.step, packed_ids=pack_ids(s.ids), kind=_DATA)
     return pb2.Slice(step=s.step, ids=s.ids.tolist(), kind=_DATA)
 
 
@@ -82,7 +102,12 @@ def status_response(job: Job, st: JobStatus, include_clusters: bool) -> pb2.GetS
         slowest_step=st.slowest_step, fastest_step=st.fastest_step, active_clusters=st.active_clusters,
         clip=st.clip,
         ranks=[pb2.RankStatus(rank=r.rank, next_step=r.next_step, delivered_step=r.delivered_step,
-                              seconds_since_seen=r.seconds_since_seen, connected=r.connected) for r in st.ranks])
+                              seconds_since_seen=r.seconds_since_seen, connected=r.connected, live=r.live)
+               for r in st.ranks])
+    if st.checkpoint is not None:
+        resp.checkpoint_error = st.checkpoint.error
+        resp.checkpoint_failures = st.checkpoint.failures
+        resp.generated_mark = max(st.checkpoint.mark, 0)
     if include_clusters:
         resp.cluster_sizes.extend(st.sizes.tolist())
         resp.cluster_draws.extend(st.draws.tolist())
@@ -91,94 +116,216 @@ def status_response(job: Job, st: JobStatus, include_clusters: bool) -> pb2.GetS
     return resp
 
 
-class SamplerServicer:
-    """croupier.v1.Sampler over a `Job`. Methods take parsed requests and a grpc context."""
+class _Wakeup:
+    """Wakes one waiting coroutine from any thread (directly on the loop's own thread, through
+    call_soon_threadsafe from others). A wake-up between `arm()` and `wait()` is not lost."""
 
-    def __init__(self, job: Job, on_refused: Callable[[str, grpc.StatusCode], None] | None = None) -> None:
+    __slots__ = ("loop", "thread", "fut", "flag")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.thread = threading.get_ident()
+        self.fut: asyncio.Future | None = None
+        self.flag = False
+
+    def __call__(self) -> None:
+        if threading.get_ident() == self.thread:
+            self._set()
+        else:
+            self.loop.call_soon_threadsafe(self._set)
+
+    def _set(self) -> None:
+        self.flag = True
+        f = self.fut
+        if f is not None and not f.done():
+            f.set_result(None)
+
+    def arm(self) -> None:
+        self.flag = False
+
+    async def wait(self, timeout: float) -> None:
+        if self.flag:
+            return
+        self.fut = f = self.loop.create_future()
+        timer = self.loop.call_later(timeout, self._set)
+        try:
+            await f
+        finally:
+            timer.cancel()
+            self.fut = None
+
+
+class PeerLimits:
+    """Per-peer (per-connection) limits on open streams and in-flight unary calls."""
+
+    def __init__(self, max_streams: int, max_calls: int) -> None:
+        if max_streams < 1 or max_calls < 1:
+            raise ConfigError(f"per-peer limits must be >= 1, got streams {max_streams}, calls {max_calls}")
+        self.max_streams = max_streams
+        self.max_calls = max_calls
+        self.streams: dict[str, int] = {}
+        self.calls: dict[str, int] = {}
+
+    def acquire(self, peer: str, streaming: bool) -> str | None:
+        """None when admitted; else the refusal naming the limit."""
+        table, limit, what = ((self.streams, self.max_streams, "open streams") if streaming
+                              else (self.calls, self.max_calls, "calls in flight"))
+        n = table.get(peer, 0)
+        if n >= limit:
+            return f"peer {peer} already has {n} {what}; the limit is {limit} per peer"
+        table[peer] = n + 1
+        return None
+
+    def release(self, peer: str, streaming: bool) -> None:
+        table = self.streams if streaming else self.calls
+        n = table.get(peer, 0) - 1
+        if n > 0:
+            table[peer] = n
+        else:
+            table.pop(peer, None)
+
+    def open_streams(self) -> int:
+        return sum(self.streams.values())
+
+
+class SamplerServicer:
+    """croupier.v1.Sampler over a `Job`, on grpc.aio: an open stream is a coroutine, not a thread.
+
+    Quick job calls (Join, Ack, status, slices) run on the event loop; calls that write to
+    disk (Checkpoint, Update) run in a small thread pool, so the loop never waits on a disk.
+    """
+
+    def __init__(self, job: Job, on_refused: Callable[[str, grpc.StatusCode], None] | None = None,
+                 limits: PeerLimits | None = None) -> None:
         self.job = job
         self._on_refused = on_refused
+        self.limits = limits or PeerLimits(DEFAULT_STREAMS_PER_PEER, DEFAULT_CALLS_PER_PEER)
 
-    def GetVersion(self, request: pb2.GetVersionRequest, context) -> pb2.GetVersionResponse:
+    async def GetVersion(self, request: pb2.GetVersionRequest, context) -> pb2.GetVersionResponse:
         return pb2.GetVersionResponse(server_version=__version__, api_version=API_VERSION)
 
-    def Join(self, request: pb2.JoinRequest, context) -> pb2.JoinResponse:
+    async def Join(self, request: pb2.JoinRequest, context) -> pb2.JoinResponse:
         r = self.job.join(rank=request.rank, world=request.world_size, job=request.job,
                           global_batch=request.global_batch, resume_token=request.resume_token,
                           client_version=request.client_version)
         return pb2.JoinResponse(job=job_info(self.job), next_step=r.next_step, per_rank_batch=r.per_rank_batch,
                                 max_lookahead=self.job.spec.max_lookahead, max_lag=self.job.spec.max_lag)
 
-    def StreamSlices(self, request: pb2.StreamSlicesRequest, context):
+    async def StreamSlices(self, request: pb2.StreamSlicesRequest, context):
         stream = self.job.open_stream(
             rank=request.rank, world=request.world_size, start_step=request.start_step,
             lookahead=request.lookahead, step_stride=request.step_stride, step_offset=request.step_offset,
-            stop_step=request.stop_step, job=request.job)
-        context.add_callback(stream.cancel)
+            stop_step=request.stop_step, job=request.job, read_only=request.read_only)
+        woken = _Wakeup(asyncio.get_running_loop())
+        stream.waiter.on_wake = woken
         try:
-            for chunk in stream:
-                yield pb2.StreamSlicesResponse(slices=[_slice_pb(s) for s in chunk])
+            while True:
+                woken.arm()
+                chunk = stream.poll()
+                if chunk is None:
+                    return
+                if chunk:
+                    yield pb2.StreamSlicesResponse(slices=[_slice_pb(s, request.packed_ids) for s in chunk])
+                    continue
+                await woken.wait(WAKE_POLL_S)
         finally:
+            stream.waiter.on_wake = None
             stream.close()
 
-    def GetSlice(self, request: pb2.GetSliceRequest, context) -> pb2.GetSliceResponse:
-        s = self.job.get_slice(rank=request.rank, world=request.world_size, step=request.step, job=request.job,
-                               is_active=context.is_active, timeout=context.time_remaining())
-        return pb2.GetSliceResponse(slice=_slice_pb(s))
+    async def GetSlice(self, request: pb2.GetSliceRequest, context) -> pb2.GetSliceResponse:
+        job = self.job
+        waiter = job.begin_get_slice(rank=request.rank, world=request.world_size, step=request.step,
+                                     job=request.job)
+        loop = asyncio.get_running_loop()
+        woken = _Wakeup(loop)
+        waiter.on_wake = woken
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else loop.time() + remaining
+        try:
+            while True:
+                woken.arm()
+                s = job.try_slice(request.rank, request.world_size, request.step)
+                if s is not None:
+                    return pb2.GetSliceResponse(slice=_slice_pb(s, request.packed_ids))
+                wait = WAKE_POLL_S if deadline is None else min(WAKE_POLL_S, deadline - loop.time())
+                if wait <= 0:
+                    raise StepOutOfRange(f"step {request.step} stayed beyond the lag bound until the deadline")
+                await woken.wait(wait)
+        finally:
+            waiter.on_wake = None
+            job.end_wait(request.rank, waiter)
 
-    def Ack(self, request: pb2.AckRequest, context) -> pb2.AckResponse:
+    async def Ack(self, request: pb2.AckRequest, context) -> pb2.AckResponse:
         slowest, fastest = self.job.ack(rank=request.rank, world=request.world_size, next_step=request.next_step,
-                                        job=request.job)
+                                        job=request.job, step_stride=request.step_stride,
+                                        step_offset=request.step_offset)
         return pb2.AckResponse(slowest_step=slowest, fastest_step=fastest)
 
-    def Checkpoint(self, request: pb2.CheckpointRequest, context) -> pb2.CheckpointResponse:
-        c = self.job.checkpoint(step=request.step, job=request.job)
-        return pb2.CheckpointResponse(token=c.token, step=c.step, path=c.path)
+    async def Checkpoint(self, request: pb2.CheckpointRequest, context) -> pb2.CheckpointResponse:
+        c = await asyncio.to_thread(self.job.checkpoint, step=request.step, job=request.job)
+        return pb2.CheckpointResponse(token=c.token, step=c.step)  # the path stays in the server's log
 
-    def GetStatus(self, request: pb2.GetStatusRequest, context) -> pb2.GetStatusResponse:
+    async def GetStatus(self, request: pb2.GetStatusRequest, context) -> pb2.GetStatusResponse:
         return status_response(self.job, self.job.status(), request.include_clusters)
 
-    def Update(self, request: pb2.UpdateRequest, context) -> pb2.UpdateResponse:
+    async def Update(self, request: pb2.UpdateRequest, context) -> pb2.UpdateResponse:
         if request.clip < 0:
             raise ConfigError(f"clip must be >= 1 (0 = unchanged), got {request.clip}")
-        step = self.job.update(step=request.step, clip=int(request.clip), weights=list(request.weights))
+        step = await asyncio.to_thread(self.job.update, step=request.step, clip=int(request.clip),
+                                       weights=list(request.weights))
         return pb2.UpdateResponse(effective_step=step)
 
     # -- wiring -------------------------------------------------------------------------------------
-    def _refuse(self, context, method: str, exc: CroupierError) -> None:
-        code = status_code_of(exc)
+    async def _refuse(self, context, method: str, code: grpc.StatusCode, reason: str) -> None:
         log.info("call refused", extra={"event": "refused", "method": method, "code": code.name,
-                                        "reason": str(exc)})
+                                        "reason": reason})
         if self._on_refused is not None:
             self._on_refused(method, code)
-        context.abort(code, str(exc))
+        await context.abort(code, reason)
 
-    def _parse(self, cls: type, raw: bytes, context, method: str):
+    async def _parse(self, cls: type, raw: bytes, context, method: str):
         try:
             return cls.FromString(raw)
         except DecodeError as exc:
-            self._refuse(context, method, ConfigError(f"request is not a valid {cls.DESCRIPTOR.full_name}: {exc}"))
+            await self._refuse(context, method, grpc.StatusCode.INVALID_ARGUMENT,
+                               f"request is not a valid {cls.DESCRIPTOR.full_name}: {exc}")
 
     def _unary(self, name: str, req_cls: type, resp_cls: type) -> grpc.RpcMethodHandler:
         fn = getattr(self, name)
 
-        def handle(raw: bytes, context):
-            request = self._parse(req_cls, raw, context, name)
+        async def handle(raw: bytes, context):
+            peer = context.peer()
+            refusal = self.limits.acquire(peer, streaming=False)
+            if refusal is not None:
+                await self._refuse(context, name, grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
             try:
-                return fn(request, context)
-            except CroupierError as exc:
-                self._refuse(context, name, exc)
+                request = await self._parse(req_cls, raw, context, name)
+                try:
+                    return await fn(request, context)
+                except CroupierError as exc:
+                    await self._refuse(context, name, status_code_of(exc), str(exc))
+            finally:
+                self.limits.release(peer, streaming=False)
 
         return grpc.unary_unary_rpc_method_handler(handle, response_serializer=resp_cls.SerializeToString)
 
     def _unary_stream(self, name: str, req_cls: type, resp_cls: type) -> grpc.RpcMethodHandler:
         fn = getattr(self, name)
 
-        def handle(raw: bytes, context):
-            request = self._parse(req_cls, raw, context, name)
+        async def handle(raw: bytes, context):
+            peer = context.peer()
+            refusal = self.limits.acquire(peer, streaming=True)
+            if refusal is not None:
+                await self._refuse(context, name, grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
             try:
-                yield from fn(request, context)
-            except CroupierError as exc:
-                self._refuse(context, name, exc)
+                request = await self._parse(req_cls, raw, context, name)
+                try:
+                    async for item in fn(request, context):
+                        yield item
+                except CroupierError as exc:
+                    await self._refuse(context, name, status_code_of(exc), str(exc))
+            finally:
+                self.limits.release(peer, streaming=True)
 
         return grpc.unary_stream_rpc_method_handler(handle, response_serializer=resp_cls.SerializeToString)
 
@@ -194,43 +341,92 @@ class SamplerServicer:
 
 
 class SamplerServer:
-    """A running sampler server: gRPC server, health, reflection, the job. Stop with `stop()`."""
+    """A running sampler server: an asyncio gRPC server (health, reflection, the job) on its own
+    event-loop thread. Stop with `stop()`."""
 
-    def __init__(self, grpc_server: grpc.Server, job: Job, health_servicer: health.HealthServicer,
+    def __init__(self, job: Job, loop: asyncio.AbstractEventLoop, thread: threading.Thread,
+                 grpc_server: grpc.aio.Server, health_servicer: Any, servicer: SamplerServicer,
                  port: int, host: str, tls: bool) -> None:
-        self.grpc_server = grpc_server
         self.job = job
+        self.loop = loop
+        self._thread = thread
+        self.grpc_server = grpc_server
         self.health = health_servicer
+        self.servicer = servicer
         self.port = port
         self.host = host
         self.tls = tls
         self._stopped = threading.Event()
+        self._ticker: asyncio.Task | None = None
 
     @property
     def address(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
+    def _run(self, coro, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
     def start(self) -> "SamplerServer":
-        self.grpc_server.start()
-        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        async def go() -> None:
+            await self.grpc_server.start()
+            await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+            await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+            await self.health.set(CHECKPOINT_HEALTH, health_pb2.HealthCheckResponse.SERVING)
+            self._ticker = asyncio.get_running_loop().create_task(self._tick())
+
+        self._run(go())
         return self
+
+    async def _tick(self) -> None:
+        """Liveness of ranks and health of checkpoint writes, once a second."""
+        serving = True
+        while True:
+            await asyncio.sleep(TICK_S)
+            try:
+                self.job.tick()
+                h = self.job.checkpoint_health()
+                ok = h is None or h.ok
+                if ok != serving:
+                    serving = ok
+                    await self.health.set(CHECKPOINT_HEALTH, health_pb2.HealthCheckResponse.SERVING if ok
+                                          else health_pb2.HealthCheckResponse.NOT_SERVING)
+            except Exception:  # noqa: BLE001 - the ticker must outlive any one failure
+                log.exception("tick failed", extra={"event": "tick_failed"})
+
+    def threads(self) -> int:
+        """Threads of this process now (for status and tests)."""
+        return threading.active_count()
 
     def stop(self, grace: float | None = 2.0, checkpoint: bool = True) -> None:
         """Reports NOT_SERVING, stops accepting calls, ends streams after `grace` seconds,
-        then (by default) durably checkpoints the generator's state. Idempotent."""
+        then (by default) durably checkpoints the generator's state. Idempotent. Raises
+        CheckpointUnavailable when that final checkpoint cannot be written (after stopping)."""
         if self._stopped.is_set():
             return
         self._stopped.set()
-        self.health.enter_graceful_shutdown()
-        self.grpc_server.stop(grace).wait()
-        if checkpoint and self.job.store is not None:
-            step = self.job.checkpoint_now(kind="auto")
-            log.info("stopped", extra={"event": "stopped", "checkpoint_step": step})
+
+        async def down() -> None:
+            if self._ticker is not None:
+                self._ticker.cancel()
+            await self.health.enter_graceful_shutdown()
+            await self.grpc_server.stop(grace)
+
+        try:
+            self._run(down())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=10.0)
+        try:
+            if checkpoint and self.job.store is not None:
+                step = self.job.checkpoint_now(kind="auto")
+                log.info("stopped", extra={"event": "stopped", "checkpoint_step": step})
+        finally:
+            self.job.close()
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
-        return self.grpc_server.wait_for_termination(timeout)
+        """True once the server has been stopped (within `timeout`)."""
+        return self._stopped.wait(timeout)
 
 
 def _split_host(address: str) -> str:
@@ -240,45 +436,77 @@ def _split_host(address: str) -> str:
 
 def create_server(job: Job, address: str = "127.0.0.1:0", *, token: str | None = None,
                   admin_token: str | None = None, tls_cert: str | Path | None = None,
-                  tls_key: str | Path | None = None, max_workers: int = 2048,
+                  tls_key: str | Path | None = None, max_workers: int = 4,
+                  streams_per_peer: int = DEFAULT_STREAMS_PER_PEER, calls_per_peer: int = DEFAULT_CALLS_PER_PEER,
                   on_refused: Callable[[str, grpc.StatusCode], None] | None = None,
+                  interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
                   start: bool = True) -> tuple[SamplerServer, int]:
     """A sampler server for `job` bound to `address` (port 0 picks a free port).
 
-    Returns (server, bound port), started unless `start` is False. Every open stream holds
-    one worker thread, so `max_workers` bounds concurrent streams plus unary calls.
+    Returns (server, bound port), started unless `start` is False. The server runs on one
+    asyncio event loop in its own thread: an open stream costs no thread. `max_workers`
+    bounds the threads that run disk-writing calls (Checkpoint, Update); `streams_per_peer`
+    and `calls_per_peer` bound what one connection may hold open (RESOURCE_EXHAUSTED past it).
+    `interceptors` run after authentication (e.g. a fault injector in tests).
     """
     if (tls_cert is None) != (tls_key is None):
         raise ConfigError("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
-    if max_workers < 4:
-        raise ConfigError(f"max workers must be >= 4, got {max_workers}")
-    interceptors = []
-    auth = TokenAuthInterceptor(token, admin_token, on_refused=on_refused)
-    if auth.enabled:
-        interceptors.append(auth)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="croupier-rpc"),
-                         interceptors=interceptors, options=server_options())
-    servicer = SamplerServicer(job, on_refused=on_refused)
-    server.add_generic_rpc_handlers((servicer.generic_handler(),))
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    tls = tls_cert is not None
+    if max_workers < 1:
+        raise ConfigError(f"max workers must be >= 1, got {max_workers}")
+    creds = None
+    if tls_cert is not None:
+        try:
+            key, cert = Path(tls_key).read_bytes(), Path(tls_cert).read_bytes()  # type: ignore[arg-type]
+        except OSError as exc:
+            raise ConfigError(f"cannot read TLS certificate or key: {exc}") from None
+        creds = grpc.ssl_server_credentials([(key, cert)])
+    limits = PeerLimits(streams_per_peer, calls_per_peer)
+    loop = asyncio.new_event_loop()
+    loop.set_default_executor(futures.ThreadPoolExecutor(max_workers=max_workers,
+                                                         thread_name_prefix="croupier-io"))
+    ready = threading.Event()
+
+    def run_loop() -> None:
+        asyncio.set_event_loop(loop)
+        loop.call_soon(ready.set)
+        loop.run_forever()
+        loop.run_until_complete(loop.shutdown_default_executor())
+        loop.close()
+
+    thread = threading.Thread(target=run_loop, name="croupier-aio", daemon=True)
+    thread.start()
+    ready.wait()
+
+    async def build() -> tuple[grpc.aio.Server, Any, SamplerServicer, int]:
+        chain: list[grpc.aio.ServerInterceptor] = []
+        auth = AsyncTokenAuthInterceptor(token, admin_token, on_refused=on_refused)
+        if auth.enabled:
+            chain.append(auth)
+        chain.extend(interceptors)
+        server = grpc.aio.server(interceptors=chain, options=server_options())
+        servicer = SamplerServicer(job, on_refused=on_refused, limits=limits)
+        server.add_generic_rpc_handlers((servicer.generic_handler(),))
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server)
+        try:
+            port = server.add_secure_port(address, creds) if creds is not None else server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot bind {address}: {exc}") from None
+        if not port:
+            raise ConfigError(f"cannot bind {address}")
+        return server, health_servicer, servicer, port
+
     try:
-        if tls:
-            try:
-                key, cert = Path(tls_key).read_bytes(), Path(tls_cert).read_bytes()  # type: ignore[arg-type]
-            except OSError as exc:
-                raise ConfigError(f"cannot read TLS certificate or key: {exc}") from None
-            port = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
-        else:
-            port = server.add_insecure_port(address)
-    except RuntimeError as exc:
-        raise ConfigError(f"cannot bind {address}: {exc}") from None
-    if not port:
-        raise ConfigError(f"cannot bind {address}")
-    srv = SamplerServer(server, job, health_servicer, port, _split_host(address), tls)
+        server, health_servicer, servicer, port = asyncio.run_coroutine_threadsafe(build(), loop).result()
+    except BaseException:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5.0)
+        raise
+    srv = SamplerServer(job, loop, thread, server, health_servicer, servicer, port, _split_host(address),
+                        creds is not None)
     if start:
         srv.start()
     return srv, port

@@ -22,9 +22,10 @@ import os
 import re
 import struct
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from croupier.errors import ConfigError, StateError
 
@@ -158,21 +159,50 @@ class CheckpointStore:
         self._kinds[step] = str(meta.get("kind", "auto"))
         return StoredCheckpoint(step=step, meta=meta, state=state, path=path)
 
-    def newest_valid(self, at_or_before: int | None = None) -> StoredCheckpoint | None:
+    def newest_valid(self, at_or_before: int | None = None,
+                     check: Callable[[StoredCheckpoint], None] | None = None,
+                     skipped: list[tuple[Path, str]] | None = None) -> StoredCheckpoint | None:
         """The newest checkpoint (with step <= at_or_before, if given) that passes its checks.
 
-        Each corrupt file skipped on the way is logged at WARNING with its path and the reason.
+        This is the one walk-back over the state directory. `check` may refuse a checkpoint
+        that reads back whole (raise StateError: e.g. its sampler state does not parse). Each
+        file skipped on the way is logged at WARNING with its path and the reason, and
+        appended to `skipped` as (path, reason) when given.
         """
         for step in reversed(self.steps()):
             if at_or_before is not None and step > at_or_before:
                 continue
             try:
-                return self.load(step)
+                ck = self.load(step)
+                if check is not None:
+                    check(ck)
+                return ck
             except StateError as exc:
                 log.warning("checkpoint corrupt, falling back to the previous one",
                             extra={"event": "checkpoint_corrupt", "path": str(self.path_of(step)),
                                    "reason": str(exc)})
+                if skipped is not None:
+                    skipped.append((self.path_of(step), str(exc)))
         return None
+
+    def set_aside(self) -> Path | None:
+        """Moves every checkpoint file (and the generated-step mark) into a new `stale-*`
+        folder of the state directory (what `--fresh` does); returns it, None when empty."""
+        names = [f"ckpt-{s:012d}.bin" for s in self.steps()]
+        names += [n for n in ("generated.mark",) if (self.dir / n).exists()]
+        if not names:
+            return None
+        target = self.dir / time.strftime("stale-%Y%m%dT%H%M%S")
+        n = 0
+        while target.exists():
+            n += 1
+            target = self.dir / (time.strftime("stale-%Y%m%dT%H%M%S") + f"-{n}")
+        target.mkdir()
+        for name in names:
+            os.replace(self.dir / name, target / name)
+        fsync_dir(self.dir)
+        self._kinds.clear()
+        return target
 
     def _kind_of(self, step: int) -> str:
         if step not in self._kinds:

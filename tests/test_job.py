@@ -142,6 +142,7 @@ def test_checkpoint_between_saved_states_resumes_exactly_with_another_world(tmp_
     result = job.checkpoint(37)  # between the automatic checkpoints of steps 20 and 40
     assert result.step == 37 and CheckpointToken.decode(result.token).step == 37
     assert (tmp_path / "ckpt-000000000037.bin").exists()
+    job.close()  # drains the background checkpoint writer, as a stopping server does
     # A new server on the same state dir; the trainer re-forms with 4 ranks at step 37.
     job2 = make_job(CheckpointStore(tmp_path))
     assert job2.resumed_from == 40
@@ -167,6 +168,7 @@ def test_online_change_is_replayed_exactly(tmp_path) -> None:
     for t in (1, 9, gen + 1, gen + 3, 30):  # replays cross the change
         assert np.array_equal(job.get_slice(0, 1, t).ids, ref[t])
     token = job.checkpoint(gen + 1).token
+    job.close()
     job2 = make_job(CheckpointStore(tmp_path))
     job2.join(0, 1, resume_token=token)
     for t in range(gen + 1, gen + 12):

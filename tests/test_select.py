@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from croupier.cli import main
 from croupier.errors import ConfigError, DatasetError
+from croupier.proto import slice_ids
 from croupier.server.engine import Sampler
 from croupier.server.policy import POLICIES, PolicyConfig
 from croupier.shards.select import allocate, keep_count, priorities, select, top_k, top_k_per_group
@@ -304,8 +305,8 @@ def test_selection_survives_serve_restart_and_resume(ds: Path, tmp_path: Path):
     def fetch(stub, a, b):
         out = []
         for t in range(a, b):
-            out.append(np.asarray(stub.GetSlice(pb2.GetSliceRequest(rank=0, world_size=1, step=t),
-                                                timeout=20).slice.ids, dtype=np.int64))
+            out.append(slice_ids(stub.GetSlice(pb2.GetSliceRequest(rank=0, world_size=1, step=t),
+                                               timeout=20).slice))
             stub.Ack(pb2.AckRequest(rank=0, world_size=1, next_step=t + 1), timeout=20)
         return out
 

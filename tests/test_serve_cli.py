@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from croupier.cli import main
-from croupier.proto import pb2, pb2_grpc
+from croupier.proto import pb2, pb2_grpc, slice_ids
 from croupier.server.grpc_options import bearer, channel_options
 from croupier.shards.build import BuildConfig, build
 from croupier.shards.sidecar import Sidecar
@@ -69,8 +69,8 @@ def test_serve_a_dataset_with_a_token_then_stop_on_sigterm(dataset: Path, tmp_pa
                                timeout=10)
             assert joined.job.dataset_remote == str(dataset.resolve())
             assert joined.job.num_clusters == side.num_clusters and joined.per_rank_batch == 8
-            ids = stub.GetSlice(pb2.GetSliceRequest(rank=0, world_size=2, step=0), metadata=bearer("serve-cli-token-0123456789"),
-                                timeout=10).slice.ids
+            ids = slice_ids(stub.GetSlice(pb2.GetSliceRequest(rank=0, world_size=2, step=0),
+                                          metadata=bearer("serve-cli-token-0123456789"), timeout=10).slice)
             assert len(ids) == 8 and max(ids) < side.num_samples
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
             assert "croupier_steps_generated_total 1.0" in resp.read().decode()
@@ -86,7 +86,8 @@ def test_serve_a_dataset_with_a_token_then_stop_on_sigterm(dataset: Path, tmp_pa
         assert sum(status["clusters"]["draws"]) == 16 and status["ranks"][0]["next_step"] == 0
         assert main(["checkpoint", *server, "--token-file", str(token_file), "--step", "1"]) == 0
         ck = json.loads(capsys.readouterr().out)
-        assert ck["step"] == 1 and ck["token"].startswith("croupier-ckpt-v1:1:") and Path(ck["path"]).exists()
+        assert ck["step"] == 1 and ck["token"].startswith("croupier-ckpt-v1:1:") and "path" not in ck
+        assert (state / "ckpt-000000000001.bin").exists()  # the server keeps its paths to itself
         assert main(["checkpoint", *server, "--token-file", str(token_file), "--step", "-1"]) == 2
         assert "OUT_OF_RANGE" in capsys.readouterr().err
         assert main(["update", *server, "--token-file", str(token_file), "--step", "5", "--clip", "2"]) == 2

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from croupier.errors import StateError
-from croupier.proto import pb2, pb2_grpc
+from croupier.proto import pb2, pb2_grpc, slice_ids
 from croupier.server.engine import Sampler
 from croupier.server.grpc_options import channel_options
 from croupier.server.job import Job, JobSpec
@@ -64,7 +64,7 @@ def fetch(stub, world: int, start: int, stop: int) -> list[np.ndarray]:
     """Global batches of [start, stop) as `world` lock-step ranks read and acknowledge them."""
     out = []
     for t in range(start, stop):
-        parts = [stub.GetSlice(pb2.GetSliceRequest(rank=r, world_size=world, step=t), timeout=20).slice.ids
+        parts = [slice_ids(stub.GetSlice(pb2.GetSliceRequest(rank=r, world_size=world, step=t), timeout=20).slice)
                  for r in range(world)]
         for r in range(world):
             stub.Ack(pb2.AckRequest(rank=r, world_size=world, next_step=t + 1), timeout=20)
@@ -176,6 +176,7 @@ def test_job_resumes_from_the_previous_checkpoint_when_the_newest_is_corrupt(tmp
     for t in range(25):
         job.get_slice(0, 1, t)
         job.ack(0, 1, t + 1)
+    job.close()  # drains the background checkpoint writer
     (tmp_path / "ckpt-000000000020.bin").write_bytes(b"garbage")
     with caplog.at_level(logging.WARNING, logger="croupier"):
         again = make()

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from croupier.cli import main
-from croupier.proto import pb2, pb2_grpc
+from croupier.proto import pb2, pb2_grpc, slice_ids
 from croupier.server.engine import Sampler
 from croupier.server.grpc_options import MAX_MESSAGE_BYTES, bearer, channel_options
 from croupier.server.job import Job, JobSpec
@@ -113,7 +113,7 @@ def test_every_bad_input_gets_its_status_and_the_server_keeps_serving(served) ->
     assert got == CODE.INVALID_ARGUMENT and "not a valid croupier.v1.JoinRequest" in details
     assert code_of(garbage, b"\x00" * (MAX_MESSAGE_BYTES + 1), timeout=5)[0] == CODE.RESOURCE_EXHAUSTED
     ok = stub.GetSlice(pb2.GetSliceRequest(rank=1, world_size=2, step=0), timeout=5).slice
-    assert ok.kind == pb2.SLICE_KIND_DATA and list(ok.ids) == reference(1)[0][B // 2:].tolist()
+    assert ok.kind == pb2.SLICE_KIND_DATA and slice_ids(ok).tolist() == reference(1)[0][B // 2:].tolist()
 
 
 def test_good_rank_streams_while_bad_calls_are_refused(served) -> None:
@@ -127,7 +127,7 @@ def test_good_rank_streams_while_bad_calls_are_refused(served) -> None:
         try:
             for resp in stub.StreamSlices(pb2.StreamSlicesRequest(rank=0, world_size=1, stop_step=40), timeout=30):
                 for s in resp.slices:
-                    got[s.step] = list(s.ids)
+                    got[s.step] = slice_ids(s).tolist()
                     stub.Ack(pb2.AckRequest(rank=0, world_size=1, next_step=s.step + 1), timeout=5)
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
@@ -153,7 +153,7 @@ def test_status_counters_equal_what_the_ranks_received(served) -> None:
         stub.Join(pb2.JoinRequest(rank=r, world_size=2), timeout=5)
     for t in range(30):
         for r in range(2):
-            received.append(stub.GetSlice(pb2.GetSliceRequest(rank=r, world_size=2, step=t), timeout=5).slice.ids)
+            received.append(slice_ids(stub.GetSlice(pb2.GetSliceRequest(rank=r, world_size=2, step=t), timeout=5).slice))
             stub.Ack(pb2.AckRequest(rank=r, world_size=2, next_step=t + 1), timeout=5)
     st = stub.GetStatus(pb2.GetStatusRequest(include_clusters=True), timeout=5)
     assert st.generated_step == 30 and st.slowest_step == 30
@@ -243,8 +243,8 @@ def test_tls_with_a_self_signed_certificate(tmp_path: Path, capsys) -> None:
         with grpc.secure_channel(f"localhost:{port}", creds, options=channel_options()) as channel:
             stub = pb2_grpc.SamplerStub(channel)
             stub.Join(pb2.JoinRequest(rank=0, world_size=1), metadata=bearer("t0k"), timeout=10)
-            ids = stub.GetSlice(pb2.GetSliceRequest(rank=0, world_size=1, step=0), metadata=bearer("t0k"),
-                                timeout=10).slice.ids
+            ids = slice_ids(stub.GetSlice(pb2.GetSliceRequest(rank=0, world_size=1, step=0), metadata=bearer("t0k"),
+                                          timeout=10).slice)
             assert list(ids) == reference(1)[0].tolist()
         (tmp_path / "tok").write_text("t0k")
         (tmp_path / "adm").write_text("adm")

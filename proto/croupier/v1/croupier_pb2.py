@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63roupier/v1/croupier.proto\x12\x0b\x63roupier.v1\"\x13\n\x11GetVersionRequest\"A\n\x12GetVersionResponse\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x02 \x01(\t\"\x83\x02\n\x07JobInfo\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x16\n\x0e\x64\x61taset_remote\x18\x02 \x01(\t\x12\x1b\n\x13\x64\x61taset_fingerprint\x18\x03 \x01(\t\x12\x1b\n\x13sampler_fingerprint\x18\x04 \x01(\t\x12\x14\n\x0cglobal_batch\x18\x05 \x01(\x03\x12\x0e\n\x06policy\x18\x06 \x01(\t\x12\x13\n\x0bpolicy_json\x18\x07 \x01(\t\x12\x0c\n\x04seed\x18\x08 \x01(\x03\x12\x13\n\x0bnum_samples\x18\t \x01(\x03\x12\x14\n\x0cnum_clusters\x18\n \x01(\x03\x12\x11\n\tselection\x18\x0b \x01(\t\x12\x12\n\nworld_size\x18\x0c \x01(\x05\"\x80\x01\n\x0bJoinRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x12\n\nworld_size\x18\x03 \x01(\x05\x12\x14\n\x0cglobal_batch\x18\x04 \x01(\x03\x12\x14\n\x0cresume_token\x18\x05 \x01(\t\x12\x16\n\x0e\x63lient_version\x18\x06 \x01(\t\"\x84\x01\n\x0cJoinResponse\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x14.croupier.v1.JobInfo\x12\x11\n\tnext_step\x18\x02 \x01(\x03\x12\x16\n\x0eper_rank_batch\x18\x03 \x01(\x03\x12\x15\n\rmax_lookahead\x18\x04 \x01(\x05\x12\x0f\n\x07max_lag\x18\x05 \x01(\x05\"H\n\x05Slice\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0b\n\x03ids\x18\x02 \x03(\x03\x12$\n\x04kind\x18\x03 \x01(\x0e\x32\x16.croupier.v1.SliceKind\"\xa8\x01\n\x13StreamSlicesRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x12\n\nworld_size\x18\x03 \x01(\x05\x12\x12\n\nstart_step\x18\x04 \x01(\x03\x12\x11\n\tlookahead\x18\x05 \x01(\x05\x12\x13\n\x0bstep_stride\x18\x06 \x01(\x05\x12\x13\n\x0bstep_offset\x18\x07 \x01(\x05\x12\x11\n\tstop_step\x18\x08 \x01(\x03\":\n\x14StreamSlicesResponse\x12\"\n\x06slices\x18\x01 \x03(\x0b\x32\x12.croupier.v1.Slice\"N\n\x0fGetSliceRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x12\n\nworld_size\x18\x03 \x01(\x05\x12\x0c\n\x04step\x18\x04 \x01(\x03\"5\n\x10GetSliceResponse\x12!\n\x05slice\x18\x01 \x01(\x0b\x32\x12.croupier.v1.Slice\"N\n\nAckRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x12\n\nworld_size\x18\x03 \x01(\x05\x12\x11\n\tnext_step\x18\x04 \x01(\x03\"9\n\x0b\x41\x63kResponse\x12\x14\n\x0cslowest_step\x18\x01 \x01(\x03\x12\x14\n\x0c\x66\x61stest_step\x18\x02 \x01(\x03\".\n\x11\x43heckpointRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\"?\n\x12\x43heckpointResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0c\n\x04path\x18\x03 \x01(\t\",\n\x10GetStatusRequest\x12\x18\n\x10include_clusters\x18\x01 \x01(\x08\"t\n\nRankStatus\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x11\n\tnext_step\x18\x02 \x01(\x03\x12\x16\n\x0e\x64\x65livered_step\x18\x03 \x01(\x03\x12\x1a\n\x12seconds_since_seen\x18\x04 \x01(\x01\x12\x11\n\tconnected\x18\x05 \x01(\x08\"\xc1\x02\n\x11GetStatusResponse\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x14.croupier.v1.JobInfo\x12\x16\n\x0egenerated_step\x18\x02 \x01(\x03\x12\x14\n\x0c\x64urable_step\x18\x03 \x01(\x03\x12\x14\n\x0cslowest_step\x18\x04 \x01(\x03\x12\x14\n\x0c\x66\x61stest_step\x18\x05 \x01(\x03\x12&\n\x05ranks\x18\x06 \x03(\x0b\x32\x17.croupier.v1.RankStatus\x12\x17\n\x0f\x61\x63tive_clusters\x18\x07 \x01(\x03\x12\x0c\n\x04\x63lip\x18\x08 \x01(\x03\x12\x15\n\rcluster_sizes\x18\t \x03(\x03\x12\x15\n\rcluster_draws\x18\n \x03(\x03\x12\x16\n\x0e\x63luster_passes\x18\x0b \x03(\x03\x12\x1a\n\x12\x63luster_clipped_at\x18\x0c \x03(\x03\"<\n\rUpdateRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04\x63lip\x18\x02 \x01(\x03\x12\x0f\n\x07weights\x18\x03 \x03(\x01\"(\n\x0eUpdateResponse\x12\x16\n\x0e\x65\x66\x66\x65\x63tive_step\x18\x01 \x01(\x03*X\n\tSliceKind\x12\x1a\n\x16SLICE_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fSLICE_KIND_DATA\x10\x01\x12\x1a\n\x16SLICE_KIND_END_OF_DATA\x10\x02\x32\xcd\x04\n\x07Sampler\x12M\n\nGetVersion\x12\x1e.croupier.v1.GetVersionRequest\x1a\x1f.croupier.v1.GetVersionResponse\x12;\n\x04Join\x12\x18.croupier.v1.JoinRequest\x1a\x19.croupier.v1.JoinResponse\x12U\n\x0cStreamSlices\x12 .croupier.v1.StreamSlicesRequest\x1a!.croupier.v1.StreamSlicesResponse0\x01\x12G\n\x08GetSlice\x12\x1c.croupier.v1.GetSliceRequest\x1a\x1d.croupier.v1.GetSliceResponse\x12\x38\n\x03\x41\x63k\x12\x17.croupier.v1.AckRequest\x1a\x18.croupier.v1.AckResponse\x12M\n\nCheckpoint\x12\x1e.croupier.v1.CheckpointRequest\x1a\x1f.croupier.v1.CheckpointResponse\x12J\n\tGetStatus\x12\x1d.croupier.v1.GetStatusRequest\x1a\x1e.croupier.v1.GetStatusResponse\x12\x41\n\x06Update\x12\x1a.croupier.v1.UpdateRequest\x1a\x1b.croupier.v1.UpdateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63roupier/v1/croupier.proto\x12\x0b\x63roupier.v1\"\x13\n\x11GetVersionRequest\"A\n\x12GetVersionResponse\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x02 \x01(\t\"\x83\x02\n\x07JobInfo\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x16\n\x0e\x64\x61taset_remote\x18\x02 \x01(\t\x12\x1b\n\x13\x64\x61taset_fingerprint\x18\x03 \x01(\t\x12\x1b\n\x13sampler_fingerprint\x18\x04 \x01(\t\x12\x14\n\x0cglobal_batch\x18\x05 \x01(\x03\x12\x0e\n\x06policy\x18\x06 \x01(\t\x12\x13\n\x0bpolicy_json\x18\x07 \x01(\t\x12\x0c\n\x04seed\x18\x08 \x01(\x03\x12\x13\n\x0bnum_samples\x18\t \x01(\x03\x12\x14\n\x0cnum_clusters\x18\n \x01(\x03\x12\x11\n\tselection\x18\x0b \x01(\t\x12\x12\n\nworld_size\x18\x0c \x01(\x05\"\x80\x01\n\x0bJoinRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x12\n\nworld_size\x18\x03 \x01(\x05\x12\x14\n\x0cglobal_batch\x18\x04 \x01(\x03\x12\x14\n\x0cresume_token\x18\x05 \x01(\t\x12\x16\n\x0e\x63lient_version\x18\x06 \x01(\t\"\x84\x01\n\x0cJoinResponse\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x14.croupier.v1.JobInfo\x12\x11\n\tnext_step\x18\x02 \x01(\x03\x12\x16\n\x0eper_rank_batch\x18\x03 \x01(\x03\x12\x15\n\rmax_lookahead\x18\x04 \x01(\x05\x12\x0f\n\x07max_lag\x18\x05 \x01(\x05\"\\\n\x05Slice\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0b\n\x03ids\x18\x02 \x03(\x03\x12$\n\x04kind\x18\x03 \x01(\x0e\x32\x16.croupier.v1.SliceKind\x12\x12\n\npacked_ids\x18\x04 \x01(\x0c\"\xcf\x01\n\x13StreamSlicesRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x12\n\nworld_size\x18\x03 \x01(\x05\x12\x12\n\nstart_step\x18\x04 \x01(\x03\x12\x11\n\tlookahead\x18\x05 \x01(\x05\x12\x13\n\x0bstep_stride\x18\x06 \x01(\x05\x12\x13\n\x0bstep_offset\x18\x07 \x01(\x05\x12\x11\n\tstop_step\x18\x08 \x01(\x03\x12\x11\n\tread_only\x18\t \x01(\x08\x12\x12\n\npacked_ids\x18\n \x01(\x08\":\n\x14StreamSlicesResponse\x12\"\n\x06slices\x18\x01 \x03(\x0b\x32\x12.croupier.v1.Slice\"b\n\x0fGetSliceRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x12\n\nworld_size\x18\x03 \x01(\x05\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\x12\n\npacked_ids\x18\x05 \x01(\x08\"5\n\x10GetSliceResponse\x12!\n\x05slice\x18\x01 \x01(\x0b\x32\x12.croupier.v1.Slice\"x\n\nAckRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x12\n\nworld_size\x18\x03 \x01(\x05\x12\x11\n\tnext_step\x18\x04 \x01(\x03\x12\x13\n\x0bstep_stride\x18\x05 \x01(\x05\x12\x13\n\x0bstep_offset\x18\x06 \x01(\x05\"9\n\x0b\x41\x63kResponse\x12\x14\n\x0cslowest_step\x18\x01 \x01(\x03\x12\x14\n\x0c\x66\x61stest_step\x18\x02 \x01(\x03\".\n\x11\x43heckpointRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\"=\n\x12\x43heckpointResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03J\x04\x08\x03\x10\x04R\x04path\",\n\x10GetStatusRequest\x12\x18\n\x10include_clusters\x18\x01 \x01(\x08\"\x82\x01\n\nRankStatus\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x11\n\tnext_step\x18\x02 \x01(\x03\x12\x16\n\x0e\x64\x65livered_step\x18\x03 \x01(\x03\x12\x1a\n\x12seconds_since_seen\x18\x04 \x01(\x01\x12\x11\n\tconnected\x18\x05 \x01(\x08\x12\x0c\n\x04live\x18\x06 \x01(\x08\"\x90\x03\n\x11GetStatusResponse\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x14.croupier.v1.JobInfo\x12\x16\n\x0egenerated_step\x18\x02 \x01(\x03\x12\x14\n\x0c\x64urable_step\x18\x03 \x01(\x03\x12\x14\n\x0cslowest_step\x18\x04 \x01(\x03\x12\x14\n\x0c\x66\x61stest_step\x18\x05 \x01(\x03\x12&\n\x05ranks\x18\x06 \x03(\x0b\x32\x17.croupier.v1.RankStatus\x12\x17\n\x0f\x61\x63tive_clusters\x18\x07 \x01(\x03\x12\x0c\n\x04\x63lip\x18\x08 \x01(\x03\x12\x15\n\rcluster_sizes\x18\t \x03(\x03\x12\x15\n\rcluster_draws\x18\n \x03(\x03\x12\x16\n\x0e\x63luster_passes\x18\x0b \x03(\x03\x12\x1a\n\x12\x63luster_clipped_at\x18\x0c \x03(\x03\x12\x18\n\x10\x63heckpoint_error\x18\r \x01(\t\x12\x1b\n\x13\x63heckpoint_failures\x18\x0e \x01(\x03\x12\x16\n\x0egenerated_mark\x18\x0f \x01(\x03\"<\n\rUpdateRequest\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04\x63lip\x18\x02 \x01(\x03\x12\x0f\n\x07weights\x18\x03 \x03(\x01\"(\n\x0eUpdateResponse\x12\x16\n\x0e\x65\x66\x66\x65\x63tive_step\x18\x01 \x01(\x03*X\n\tSliceKind\x12\x1a\n\x16SLICE_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fSLICE_KIND_DATA\x10\x01\x12\x1a\n\x16SLICE_KIND_END_OF_DATA\x10\x02\x32\xcd\x04\n\x07Sampler\x12M\n\nGetVersion\x12\x1e.croupier.v1.GetVersionRequest\x1a\x1f.croupier.v1.GetVersionResponse\x12;\n\x04Join\x12\x18.croupier.v1.JoinRequest\x1a\x19.croupier.v1.JoinResponse\x12U\n\x0cStreamSlices\x12 .croupier.v1.StreamSlicesRequest\x1a!.croupier.v1.StreamSlicesResponse0\x01\x12G\n\x08GetSlice\x12\x1c.croupier.v1.GetSliceRequest\x1a\x1d.croupier.v1.GetSliceResponse\x12\x38\n\x03\x41\x63k\x12\x17.croupier.v1.AckRequest\x1a\x18.croupier.v1.AckResponse\x12M\n\nCheckpoint\x12\x1e.croupier.v1.CheckpointRequest\x1a\x1f.croupier.v1.CheckpointResponse\x12J\n\tGetStatus\x12\x1d.croupier.v1.GetStatusRequest\x1a\x1e.croupier.v1.GetStatusResponse\x12\x41\n\x06Update\x12\x1a.croupier.v1.UpdateRequest\x1a\x1b.croupier.v1.UpdateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'croupier.v1.croupier_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SLICEKIND']._serialized_start=1943
-  _globals['_SLICEKIND']._serialized_end=2031
+  _globals['_SLICEKIND']._serialized_start=2156
+  _globals['_SLICEKIND']._serialized_end=2244
   _globals['_GETVERSIONREQUEST']._serialized_start=43
   _globals['_GETVERSIONREQUEST']._serialized_end=62
   _globals['_GETVERSIONRESPONSE']._serialized_start=64
@@ -44,33 +44,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOINRESPONSE']._serialized_start=525
   _globals['_JOINRESPONSE']._serialized_end=657
   _globals['_SLICE']._serialized_start=659
-  _globals['_SLICE']._serialized_end=731
-  _globals['_STREAMSLICESREQUEST']._serialized_start=734
-  _globals['_STREAMSLICESREQUEST']._serialized_end=902
-  _globals['_STREAMSLICESRESPONSE']._serialized_start=904
-  _globals['_STREAMSLICESRESPONSE']._serialized_end=962
-  _globals['_GETSLICEREQUEST']._serialized_start=964
-  _globals['_GETSLICEREQUEST']._serialized_end=1042
-  _globals['_GETSLICERESPONSE']._serialized_start=1044
-  _globals['_GETSLICERESPONSE']._serialized_end=1097
-  _globals['_ACKREQUEST']._serialized_start=1099
-  _globals['_ACKREQUEST']._serialized_end=1177
-  _globals['_ACKRESPONSE']._serialized_start=1179
-  _globals['_ACKRESPONSE']._serialized_end=1236
-  _globals['_CHECKPOINTREQUEST']._serialized_start=1238
-  _globals['_CHECKPOINTREQUEST']._serialized_end=1284
-  _globals['_CHECKPOINTRESPONSE']._serialized_start=1286
-  _globals['_CHECKPOINTRESPONSE']._serialized_end=1349
-  _globals['_GETSTATUSREQUEST']._serialized_start=1351
-  _globals['_GETSTATUSREQUEST']._serialized_end=1395
-  _globals['_RANKSTATUS']._serialized_start=1397
-  _globals['_RANKSTATUS']._serialized_end=1513
-  _globals['_GETSTATUSRESPONSE']._serialized_start=1516
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1837
-  _globals['_UPDATEREQUEST']._serialized_start=1839
-  _globals['_UPDATEREQUEST']._serialized_end=1899
-  _globals['_UPDATERESPONSE']._serialized_start=1901
-  _globals['_UPDATERESPONSE']._serialized_end=1941
-  _globals['_SAMPLER']._serialized_start=2034
-  _globals['_SAMPLER']._serialized_end=2623
+  _globals['_SLICE']._serialized_end=751
+  _globals['_STREAMSLICESREQUEST']._serialized_start=754
+  _globals['_STREAMSLICESREQUEST']._serialized_end=961
+  _globals['_STREAMSLICESRESPONSE']._serialized_start=963
+  _globals['_STREAMSLICESRESPONSE']._serialized_end=1021
+  _globals['_GETSLICEREQUEST']._serialized_start=1023
+  _globals['_GETSLICEREQUEST']._serialized_end=1121
+  _globals['_GETSLICERESPONSE']._serialized_start=1123
+  _globals['_GETSLICERESPONSE']._serialized_end=1176
+  _globals['_ACKREQUEST']._serialized_start=1178
+  _globals['_ACKREQUEST']._serialized_end=1298
+  _globals['_ACKRESPONSE']._serialized_start=1300
+  _globals['_ACKRESPONSE']._serialized_end=1357
+  _globals['_CHECKPOINTREQUEST']._serialized_start=1359
+  _globals['_CHECKPOINTREQUEST']._serialized_end=1405
+  _globals['_CHECKPOINTRESPONSE']._serialized_start=1407
+  _globals['_CHECKPOINTRESPONSE']._serialized_end=1468
+  _globals['_GETSTATUSREQUEST']._serialized_start=1470
+  _globals['_GETSTATUSREQUEST']._serialized_end=1514
+  _globals['_RANKSTATUS']._serialized_start=1517
+  _globals['_RANKSTATUS']._serialized_end=1647
+  _globals['_GETSTATUSRESPONSE']._serialized_start=1650
+  _globals['_GETSTATUSRESPONSE']._serialized_end=2050
+  _globals['_UPDATEREQUEST']._serialized_start=2052
+  _globals['_UPDATEREQUEST']._serialized_end=2112
+  _globals['_UPDATERESPONSE']._serialized_start=2114
+  _globals['_UPDATERESPONSE']._serialized_end=2154
+  _globals['_SAMPLER']._serialized_start=2247
+  _globals['_SAMPLER']._serialized_end=2836
 # @@protoc_insertion_point(module_scope)

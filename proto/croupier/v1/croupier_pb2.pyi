@@ -87,17 +87,19 @@ class JoinResponse(_message.Message):
     def __init__(self, job: _Optional[_Union[JobInfo, _Mapping]] = ..., next_step: _Optional[int] = ..., per_rank_batch: _Optional[int] = ..., max_lookahead: _Optional[int] = ..., max_lag: _Optional[int] = ...) -> None: ...
 
 class Slice(_message.Message):
-    __slots__ = ("step", "ids", "kind")
+    __slots__ = ("step", "ids", "kind", "packed_ids")
     STEP_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
+    PACKED_IDS_FIELD_NUMBER: _ClassVar[int]
     step: int
     ids: _containers.RepeatedScalarFieldContainer[int]
     kind: SliceKind
-    def __init__(self, step: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., kind: _Optional[_Union[SliceKind, str]] = ...) -> None: ...
+    packed_ids: bytes
+    def __init__(self, step: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., kind: _Optional[_Union[SliceKind, str]] = ..., packed_ids: _Optional[bytes] = ...) -> None: ...
 
 class StreamSlicesRequest(_message.Message):
-    __slots__ = ("job", "rank", "world_size", "start_step", "lookahead", "step_stride", "step_offset", "stop_step")
+    __slots__ = ("job", "rank", "world_size", "start_step", "lookahead", "step_stride", "step_offset", "stop_step", "read_only", "packed_ids")
     JOB_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +108,8 @@ class StreamSlicesRequest(_message.Message):
     STEP_STRIDE_FIELD_NUMBER: _ClassVar[int]
     STEP_OFFSET_FIELD_NUMBER: _ClassVar[int]
     STOP_STEP_FIELD_NUMBER: _ClassVar[int]
+    READ_ONLY_FIELD_NUMBER: _ClassVar[int]
+    PACKED_IDS_FIELD_NUMBER: _ClassVar[int]
     job: str
     rank: int
     world_size: int
@@ -114,7 +118,9 @@ class StreamSlicesRequest(_message.Message):
     step_stride: int
     step_offset: int
     stop_step: int
-    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., start_step: _Optional[int] = ..., lookahead: _Optional[int] = ..., step_stride: _Optional[int] = ..., step_offset: _Optional[int] = ..., stop_step: _Optional[int] = ...) -> None: ...
+    read_only: bool
+    packed_ids: bool
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., start_step: _Optional[int] = ..., lookahead: _Optional[int] = ..., step_stride: _Optional[int] = ..., step_offset: _Optional[int] = ..., stop_step: _Optional[int] = ..., read_only: _Optional[bool] = ..., packed_ids: _Optional[bool] = ...) -> None: ...
 
 class StreamSlicesResponse(_message.Message):
     __slots__ = ("slices",)
@@ -123,16 +129,18 @@ class StreamSlicesResponse(_message.Message):
     def __init__(self, slices: _Optional[_Iterable[_Union[Slice, _Mapping]]] = ...) -> None: ...
 
 class GetSliceRequest(_message.Message):
-    __slots__ = ("job", "rank", "world_size", "step")
+    __slots__ = ("job", "rank", "world_size", "step", "packed_ids")
     JOB_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    PACKED_IDS_FIELD_NUMBER: _ClassVar[int]
     job: str
     rank: int
     world_size: int
     step: int
-    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
+    packed_ids: bool
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., step: _Optional[int] = ..., packed_ids: _Optional[bool] = ...) -> None: ...
 
 class GetSliceResponse(_message.Message):
     __slots__ = ("slice",)
@@ -141,16 +149,20 @@ class GetSliceResponse(_message.Message):
     def __init__(self, slice: _Optional[_Union[Slice, _Mapping]] = ...) -> None: ...
 
 class AckRequest(_message.Message):
-    __slots__ = ("job", "rank", "world_size", "next_step")
+    __slots__ = ("job", "rank", "world_size", "next_step", "step_stride", "step_offset")
     JOB_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     NEXT_STEP_FIELD_NUMBER: _ClassVar[int]
+    STEP_STRIDE_FIELD_NUMBER: _ClassVar[int]
+    STEP_OFFSET_FIELD_NUMBER: _ClassVar[int]
     job: str
     rank: int
     world_size: int
     next_step: int
-    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., next_step: _Optional[int] = ...) -> None: ...
+    step_stride: int
+    step_offset: int
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., next_step: _Optional[int] = ..., step_stride: _Optional[int] = ..., step_offset: _Optional[int] = ...) -> None: ...
 
 class AckResponse(_message.Message):
     __slots__ = ("slowest_step", "fastest_step")
@@ -169,14 +181,12 @@ class CheckpointRequest(_message.Message):
     def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
 
 class CheckpointResponse(_message.Message):
-    __slots__ = ("token", "step", "path")
+    __slots__ = ("token", "step")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
-    PATH_FIELD_NUMBER: _ClassVar[int]
     token: str
     step: int
-    path: str
-    def __init__(self, token: _Optional[str] = ..., step: _Optional[int] = ..., path: _Optional[str] = ...) -> None: ...
+    def __init__(self, token: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
 
 class GetStatusRequest(_message.Message):
     __slots__ = ("include_clusters",)
@@ -185,21 +195,23 @@ class GetStatusRequest(_message.Message):
     def __init__(self, include_clusters: _Optional[bool] = ...) -> None: ...
 
 class RankStatus(_message.Message):
-    __slots__ = ("rank", "next_step", "delivered_step", "seconds_since_seen", "connected")
+    __slots__ = ("rank", "next_step", "delivered_step", "seconds_since_seen", "connected", "live")
     RANK_FIELD_NUMBER: _ClassVar[int]
     NEXT_STEP_FIELD_NUMBER: _ClassVar[int]
     DELIVERED_STEP_FIELD_NUMBER: _ClassVar[int]
     SECONDS_SINCE_SEEN_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
     rank: int
     next_step: int
     delivered_step: int
     seconds_since_seen: float
     connected: bool
-    def __init__(self, rank: _Optional[int] = ..., next_step: _Optional[int] = ..., delivered_step: _Optional[int] = ..., seconds_since_seen: _Optional[float] = ..., connected: _Optional[bool] = ...) -> None: ...
+    live: bool
+    def __init__(self, rank: _Optional[int] = ..., next_step: _Optional[int] = ..., delivered_step: _Optional[int] = ..., seconds_since_seen: _Optional[float] = ..., connected: _Optional[bool] = ..., live: _Optional[bool] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("job", "generated_step", "durable_step", "slowest_step", "fastest_step", "ranks", "active_clusters", "clip", "cluster_sizes", "cluster_draws", "cluster_passes", "cluster_clipped_at")
+    __slots__ = ("job", "generated_step", "durable_step", "slowest_step", "fastest_step", "ranks", "active_clusters", "clip", "cluster_sizes", "cluster_draws", "cluster_passes", "cluster_clipped_at", "checkpoint_error", "checkpoint_failures", "generated_mark")
     JOB_FIELD_NUMBER: _ClassVar[int]
     GENERATED_STEP_FIELD_NUMBER: _ClassVar[int]
     DURABLE_STEP_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +224,9 @@ class GetStatusResponse(_message.Message):
     CLUSTER_DRAWS_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_PASSES_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_CLIPPED_AT_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_ERROR_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_MARK_FIELD_NUMBER: _ClassVar[int]
     job: JobInfo
     generated_step: int
     durable_step: int
@@ -224,7 +239,10 @@ class GetStatusResponse(_message.Message):
     cluster_draws: _containers.RepeatedScalarFieldContainer[int]
     cluster_passes: _containers.RepeatedScalarFieldContainer[int]
     cluster_clipped_at: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, job: _Optional[_Union[JobInfo, _Mapping]] = ..., generated_step: _Optional[int] = ..., durable_step: _Optional[int] = ..., slowest_step: _Optional[int] = ..., fastest_step: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., active_clusters: _Optional[int] = ..., clip: _Optional[int] = ..., cluster_sizes: _Optional[_Iterable[int]] = ..., cluster_draws: _Optional[_Iterable[int]] = ..., cluster_passes: _Optional[_Iterable[int]] = ..., cluster_clipped_at: _Optional[_Iterable[int]] = ...) -> None: ...
+    checkpoint_error: str
+    checkpoint_failures: int
+    generated_mark: int
+    def __init__(self, job: _Optional[_Union[JobInfo, _Mapping]] = ..., generated_step: _Optional[int] = ..., durable_step: _Optional[int] = ..., slowest_step: _Optional[int] = ..., fastest_step: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., active_clusters: _Optional[int] = ..., clip: _Optional[int] = ..., cluster_sizes: _Optional[_Iterable[int]] = ..., cluster_draws: _Optional[_Iterable[int]] = ..., cluster_passes: _Optional[_Iterable[int]] = ..., cluster_clipped_at: _Optional[_Iterable[int]] = ..., checkpoint_error: _Optional[str] = ..., checkpoint_failures: _Optional[int] = ..., generated_mark: _Optional[int] = ...) -> None: ...
 
 class UpdateRequest(_message.Message):
     __slots__ = ("step", "clip", "weights")
