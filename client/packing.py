@@ -1,0 +1,218 @@
+"""`PackedSequences`: each step's documents as exactly R rows of L tokens, for LLM trainers.
+
+A causal-LM trainer under DDP or FSDP wants equal shapes on every rank every step, not
+documents. `PackedSequences` wraps a `CroupierIterableDataset` and turns the rank's slice of
+each step into one item of `rows` x `seq_len` tokens:
+
+- `input_ids`   int64 [R, L]: the documents' tokens, each document followed by `eos_id`, packed
+  back to back in the server's order;
+- `labels`      int64 [R, L]: `input_ids` with -100 on padding (the model shifts them);
+- `loss_mask`   bool  [R, L]: True on real tokens;
+- `document_ids` int64 [R, L]: the global sample id each token came from (-1 on padding), for
+  per-document attention masks;
+- `position_ids` int64 [R, L]: positions restarting at every document start and row start
+  (0 on padding);
+- `_croupier_step`: the step.
+
+Use it with `DataLoader(packed, batch_size=None)` (the item is already the rank's batch).
+
+Carry: tokens beyond R x L at the end of a step are carried into the next step of the same
+lane, at most `max_carry` of them (default one row, L); the rest are dropped and counted in
+`stats()["tokens_dropped"]`. So a step never needs more than its own documents plus one row,
+and R x L can always be met or padded. The carry is part of `state_dict()`, so a restore
+continues byte for byte. On elastic resume (another rank, world size or worker count than
+the state was saved with) the carry belongs to no lane any more: it is dropped and counted in
+`stats()["carry_dropped"]`, and packing starts afresh at the restored step.
+
+Token columns: with `token_key`, a sample's tokens come from that MDS column (an integer
+array, e.g. written by `croupier shards build --tokenizer`), and nothing is tokenized at
+training time.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from croupier.client.dataset import STEP_KEY, CroupierIterableDataset
+from croupier.errors import ConfigError, DatasetError, StateError
+
+PACK_STATE_VERSION = 1
+IGNORE_INDEX = -100
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    """A Hugging Face tokenizer from a local path or the local cache only (no download)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+    except Exception as exc:  # transformers raises several types for "not available offline"
+        raise ConfigError(f"tokenizer {name_or_path!r} cannot be loaded offline (a local folder or a model "
+                          f"already in the Hugging Face cache is needed): {exc}") from exc
+
+
+class PackedSequences(IterableDataset):
+    """Exactly `rows` x `seq_len` tokens per step for this rank, deterministic and resumable.
+
+    dataset: the rank's `CroupierIterableDataset`.
+    tokenizer: a Hugging Face tokenizer (or a name/path loaded offline); unused with `token_key`.
+    text_key: the MDS column holding the text; token_key: a column of token ids instead.
+    eos_id: appended after every document (default: the tokenizer's EOS token).
+    pad_id: fills rows a step cannot fill (masked out of the loss).
+    max_carry: tokens carried into the next step at most (default seq_len).
+    """
+
+    def __init__(self, dataset: CroupierIterableDataset, *, seq_len: int, rows: int, tokenizer: Any = None,
+                 text_key: str = "text", token_key: str | None = None, eos_id: int | None = None,
+                 pad_id: int = 0, max_carry: int | None = None) -> None:
+        super().__init__()
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+            raise ConfigError(f"seq_len must be an int >= 2 (a next-token target needs two tokens), got {seq_len!r}")
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+            raise ConfigError(f"rows must be an int >= 1, got {rows!r}")
+        if max_carry is not None and max_carry < 0:
+            raise ConfigError(f"max_carry must be >= 0 tokens, got {max_carry}")
+        if isinstance(tokenizer, str):
+            tokenizer = load_tokenizer(tokenizer)
+        if token_key is None and tokenizer is None:
+            raise ConfigError("packing needs a tokenizer, or token_key naming a column of token ids")
+        if eos_id is None:
+            eos_id = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+            if eos_id is None:
+                raise ConfigError("no eos_id given and the tokenizer has no eos_token_id: pass eos_id")
+        self.dataset = dataset
+        self.seq_len = seq_len
+        self.rows = rows
+        self.tokenizer = tokenizer
+        self.text_key = text_key
+        self.token_key = token_key
+        self.eos_id = int(eos_id)
+        self.pad_id = int(pad_id)
+        self.max_carry = seq_len if max_carry is None else int(max_carry)
+        self._carry_tokens = np.zeros(0, np.int64)
+        self._carry_docs = np.zeros(0, np.int64)
+        self._stats = dict(steps=0, documents=0, tokens_in=0, tokens_packed=0, tokens_padding=0,
+                           tokens_dropped=0, carry_dropped=0)
+
+    # -- packing ---------------------------------------------------------------------------------
+
+    def _tokens(self, samples: list[dict[str, Any]]) -> list[np.ndarray]:
+        if self.token_key is not None:
+            out = []
+            for sample in samples:
+                arr = np.asarray(sample[self.token_key])
+                if arr.dtype.kind not in "iu":
+                    raise DatasetError(f"token column {self.token_key!r} of sample {sample.get('_croupier_id')} "
+                                       f"holds {arr.dtype}, not integer token ids")
+                out.append(arr.astype(np.int64, copy=False).ravel())
+            return out
+        texts = [str(sample[self.text_key]) for sample in samples]
+        encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [np.asarray(ids, dtype=np.int64) for ids in encoded]
+
+    def pack(self, step: int, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """One step's item from its samples (and the carry), updating the carry and counters."""
+        docs = self._tokens(samples)
+        ids = np.fromiter((int(s["_croupier_id"]) for s in samples), np.int64, len(samples))
+        lengths = np.fromiter((d.size + 1 for d in docs), np.int64, len(docs))  # + EOS
+        eos = np.array([self.eos_id], np.int64)
+        tokens = np.concatenate([self._carry_tokens, *(x for d in docs for x in (d, eos))])
+        owners = np.concatenate([self._carry_docs, np.repeat(ids, lengths)])
+        starts = np.zeros(tokens.size, bool)  # first token of a document (a carried tail is no start)
+        starts[self._carry_tokens.size + np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+               if len(docs) else []] = True
+        need = self.rows * self.seq_len
+        used = min(need, tokens.size)
+        rest = tokens.size - used
+        keep = min(rest, self.max_carry)
+        self._carry_tokens = tokens[used:used + keep].copy()
+        self._carry_docs = owners[used:used + keep].copy()
+        st = self._stats
+        st["steps"] += 1
+        st["documents"] += len(docs)
+        st["tokens_in"] += int(lengths.sum())
+        st["tokens_packed"] += used
+        st["tokens_padding"] += need - used
+        st["tokens_dropped"] += rest - keep
+        input_ids = np.full(need, self.pad_id, np.int64)
+        document_ids = np.full(need, -1, np.int64)
+        seg_start = np.ones(need, bool)
+        input_ids[:used] = tokens[:used]
+        document_ids[:used] = owners[:used]
+        seg_start[:used] = starts[:used]
+        shape = (self.rows, self.seq_len)
+        input_ids, document_ids, seg_start = input_ids.reshape(shape), document_ids.reshape(shape), seg_start.reshape(shape)
+        seg_start[:, 0] = True  # positions restart at every row start too
+        mask = document_ids >= 0
+        cols = np.arange(self.seq_len, dtype=np.int64)
+        row_base = np.maximum.accumulate(np.where(seg_start, cols, 0), axis=1)
+        return {
+            "input_ids": torch.from_numpy(input_ids),
+            "labels": torch.from_numpy(np.where(mask, input_ids, IGNORE_INDEX)),
+            "loss_mask": torch.from_numpy(mask),
+            "document_ids": torch.from_numpy(document_ids),
+            "position_ids": torch.from_numpy(np.where(mask, cols - row_base, 0)),
+            STEP_KEY: step,
+        }
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for step, samples in self.dataset.iter_steps():
+            yield self.pack(step, samples)
+
+    def stats(self) -> dict[str, int]:
+        """Counters of this process: steps, documents, tokens_in, tokens_packed, tokens_padding,
+        tokens_dropped (beyond the carry bound), carry_dropped (on elastic resume)."""
+        return dict(self._stats)
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def _lane(self) -> list[int]:
+        info = get_worker_info()
+        topo = self.dataset.topology
+        return [topo.rank, topo.world, 1 if info is None else info.num_workers, 0 if info is None else info.id]
+
+    def state_dict(self, next_step: int | None = None) -> dict[str, Any]:
+        """The dataset's position plus the carry, local and cheap (safe to call every step).
+
+        next_step: a global step (see `CroupierIterableDataset.state_dict`); such a state carries
+        no carry, since it may resume on any number of workers."""
+        inner = self.dataset.state_dict(next_step=next_step)
+        carry = next_step is None
+        return {
+            "version": PACK_STATE_VERSION,
+            "dataset": inner,
+            "lane": self._lane(),
+            "seq_len": self.seq_len,
+            "rows": self.rows,
+            "carry_tokens": self._carry_tokens.tolist() if carry else [],
+            "carry_docs": self._carry_docs.tolist() if carry else [],
+            "stats": dict(self._stats),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores position and carry; the carry is dropped (and counted) on elastic resume."""
+        if not isinstance(state, Mapping) or state.get("version") != PACK_STATE_VERSION:
+            raise StateError(f"packed state version {getattr(state, 'get', lambda k: None)('version')!r} is not "
+                             f"supported (expected {PACK_STATE_VERSION})")
+        missing = [k for k in ("dataset", "lane", "seq_len", "rows", "carry_tokens", "carry_docs", "stats") if k not in state]
+        if missing:
+            raise StateError(f"packed state lacks {missing}")
+        if (state["seq_len"], state["rows"]) != (self.seq_len, self.rows):
+            raise StateError(f"packed state is for {state['rows']} rows of {state['seq_len']} tokens, this packer "
+                             f"makes {self.rows} of {self.seq_len}")
+        tokens = np.asarray(state["carry_tokens"], np.int64)
+        docs = np.asarray(state["carry_docs"], np.int64)
+        if tokens.shape != docs.shape or tokens.ndim != 1 or tokens.size > self.max_carry:
+            raise StateError(f"packed state carry is malformed: {tokens.size} tokens and {docs.size} document ids "
+                             f"(at most {self.max_carry}, equal lengths)")
+        self.dataset.load_state_dict(state["dataset"])
+        self._stats = {k: int(state["stats"].get(k, 0)) for k in self._stats}
+        if list(state["lane"]) == self._lane():
+            self._carry_tokens, self._carry_docs = tokens, docs
+        else:
+            self._stats["carry_dropped"] += int(tokens.size)
+            self._carry_tokens = self._carry_docs = np.zeros(0, np.int64)
