@@ -43,6 +43,29 @@ class Topology:
             raise ConfigError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers: {exc}") from None
         return cls(rank=rank, world=world, local_rank=local_rank)
 
+    @classmethod
+    def data_parallel(cls, env: Mapping[str, str] | None = None, *, tensor: int = 1, pipeline: int = 1,
+                      context: int = 1) -> "Topology":
+        """The data-parallel rank and size of this process, from torchrun's env and the parallel sizes.
+
+        With tensor, context or pipeline parallelism the ranks of one data-parallel group must
+        read the same slice, so croupier's world is the data-parallel size. The mapping is the
+        default layout of Megatron-LM and torchtitan: tensor-parallel innermost, then context,
+        then data, pipeline outermost, i.e. global rank g has data-parallel rank
+        (g // (tensor * context)) % dp_size with dp_size = WORLD_SIZE / (tensor * context * pipeline).
+        Another layout passes `Topology(dp_rank, dp_size)` itself.
+        """
+        base = cls.detect(env)
+        for name, size in (("tensor", tensor), ("pipeline", pipeline), ("context", context)):
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ConfigError(f"{name}-parallel size must be an int >= 1, got {size!r}")
+        model = tensor * pipeline * context
+        if base.world % model:
+            raise ConfigError(f"world size {base.world} is not divisible by tensor x context x pipeline = "
+                              f"{tensor} x {context} x {pipeline} = {model}")
+        dp_size = base.world // model
+        return cls(rank=(base.rank // (tensor * context)) % dp_size, world=dp_size, local_rank=base.local_rank)
+
     def slice_bounds(self, global_batch: int) -> tuple[int, int]:
         """[start, stop) of this rank's contiguous slice of a global batch."""
         per_rank = per_rank_batch(global_batch, self.world)

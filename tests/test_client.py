@@ -477,3 +477,29 @@ def test_packed_sequences_resume_token_for_token_through_stateful_dataloader(ser
     restored = loader()
     restored.load_state_dict(state)
     assert tokens(head) + tokens(list(restored)) == tokens(whole)
+
+
+def test_the_ranks_of_one_data_parallel_group_read_the_same_slice(servers):
+    """Tensor-parallel peers are several consumers of one data-parallel rank's slice."""
+    _, addr = servers.start()
+    ref = reference(8)
+    got: dict[int, list] = {}
+
+    def run(g: int) -> None:
+        topo = Topology.data_parallel({"RANK": str(g), "WORLD_SIZE": "4"}, tensor=2)
+        with RankClient(addr, job=JOB, topology=topo, stop_step=8, lookahead=3,
+                        backoff=Backoff(initial_s=0.02, max_s=0.2, give_up_after_s=30)) as c:
+            got[g] = list(c)
+
+    threads = [threading.Thread(target=run, args=(g,)) for g in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(got) == [0, 1, 2, 3]
+    for a, b in ((0, 1), (2, 3)):  # tensor peers: identical slices
+        assert [s for s, _ in got[a]] == list(range(8)) == [s for s, _ in got[b]]
+        for (_, x), (_, y) in zip(got[a], got[b]):
+            np.testing.assert_array_equal(x, y)
+    for step in range(8):  # the two data-parallel ranks split the global batch
+        np.testing.assert_array_equal(np.concatenate([got[0][step][1], got[2][step][1]]), ref[step])

@@ -121,3 +121,19 @@ def test_topology_comes_from_torchrun_env(monkeypatch):
     c = RankClient("127.0.0.1:1", job="j")
     assert c.topology == Topology(3, 4, 1)
     c.close()
+
+
+def test_data_parallel_topology_from_torchrun_env_and_parallel_sizes():
+    # 16 ranks = pipeline 2 x data 2 x tensor 4: tensor innermost, pipeline outermost
+    got = [Topology.data_parallel({"RANK": str(g), "WORLD_SIZE": "16", "LOCAL_RANK": str(g % 8)}, tensor=4,
+                                  pipeline=2) for g in range(16)]
+    assert {t.world for t in got} == {2}
+    assert [t.rank for t in got] == [0] * 4 + [1] * 4 + [0] * 4 + [1] * 4
+    assert got[13].local_rank == 5
+    ctx = [Topology.data_parallel({"RANK": str(g), "WORLD_SIZE": "8"}, tensor=2, context=2).rank for g in range(8)]
+    assert ctx == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert Topology.data_parallel({"RANK": "5", "WORLD_SIZE": "8"}) == Topology(5, 8)
+    with pytest.raises(ConfigError, match=r"world size 6 is not divisible by tensor x context x pipeline = 4 x 1 x 1"):
+        Topology.data_parallel({"RANK": "0", "WORLD_SIZE": "6"}, tensor=4)
+    with pytest.raises(ConfigError, match="tensor-parallel size must be an int >= 1, got 0"):
+        Topology.data_parallel({"RANK": "0", "WORLD_SIZE": "6"}, tensor=0)
