@@ -38,21 +38,11 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from croupier.client.dataset import STEP_KEY, CroupierIterableDataset
-from croupier.errors import ConfigError, DatasetError, StateError
+from croupier.errors import ConfigError, StateError
+from croupier.tokenizer import load_tokenizer, token_array
 
 PACK_STATE_VERSION = 1
 IGNORE_INDEX = -100
-
-
-def load_tokenizer(name_or_path: str) -> Any:
-    """A Hugging Face tokenizer from a local path or the local cache only (no download)."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
-    except Exception as exc:  # transformers raises several types for "not available offline"
-        raise ConfigError(f"tokenizer {name_or_path!r} cannot be loaded offline (a local folder or a model "
-                          f"already in the Hugging Face cache is needed): {exc}") from exc
 
 
 class PackedSequences(IterableDataset):
@@ -102,14 +92,8 @@ class PackedSequences(IterableDataset):
 
     def _tokens(self, samples: list[dict[str, Any]]) -> list[np.ndarray]:
         if self.token_key is not None:
-            out = []
-            for sample in samples:
-                arr = np.asarray(sample[self.token_key])
-                if arr.dtype.kind not in "iu":
-                    raise DatasetError(f"token column {self.token_key!r} of sample {sample.get('_croupier_id')} "
-                                       f"holds {arr.dtype}, not integer token ids")
-                out.append(arr.astype(np.int64, copy=False).ravel())
-            return out
+            return [token_array(s[self.token_key], f"sample {s.get('_croupier_id')} ({self.token_key!r})")
+                    for s in samples]
         texts = [str(sample[self.text_key]) for sample in samples]
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         return [np.asarray(ids, dtype=np.int64) for ids in encoded]

@@ -32,9 +32,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from croupier.client.dataset import STEP_KEY, CroupierIterableDataset
-from croupier.client.packing import PackedSequences, load_tokenizer
+from croupier.client.packing import PackedSequences
 from croupier.format.atomic import atomic_path
 from croupier.server.topology import Topology
+from croupier.tokenizer import load_tokenizer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -71,6 +71,8 @@ class BuildConfig:
     overwrite: bool = False
     device: str | None = None
     progress: bool = True
+    tokenizer: str | None = None
+    token_field: str = "tokens"
 
     def __post_init__(self) -> None:
         if bool(self.inputs) == bool(self.adopt):
@@ -95,6 +97,8 @@ class BuildConfig:
             raise ConfigError(f"--shard-size must be < 4 GiB (MDS limit), got {self.shard_size}")
         if not self.text_field:
             raise ConfigError("--text-field must not be empty")
+        if self.tokenizer is not None and self.token_field in (self.text_field, *self.keep_fields):
+            raise ConfigError(f"--token-field {self.token_field!r} must differ from the text field and the kept fields")
 
     def key(self) -> dict[str, Any]:
         """The settings a resumed build must share with the interrupted one.
@@ -195,8 +199,21 @@ class Builder:
             from croupier.shards.mds import MDSSource
 
             self.source = MDSSource(self.cfg.adopt)  # type: ignore[arg-type]
-            self.source.require_column(self.cfg.text_field)
+            if not self._decodes_tokens(self.source):
+                self.source.require_column(self.cfg.text_field)
         return self.source
+
+    def _decodes_tokens(self, source: Any) -> bool:
+        """An adopted dataset with a token column and no text column is embedded by decoding."""
+        return (self.cfg.tokenizer is not None and self.cfg.text_field not in source.columns
+                and self.cfg.token_field in source.columns)
+
+    def _tokenizer(self) -> Any:
+        if getattr(self, "_tok", None) is None:
+            from croupier.tokenizer import load_tokenizer
+
+            self._tok = load_tokenizer(self.cfg.tokenizer)  # type: ignore[arg-type]
+        return self._tok
 
     # -- output folder ------------------------------------------------------------------------
     def _prepare(self) -> bool:
@@ -382,7 +399,14 @@ class Builder:
     def _texts(self, lo: int, hi: int, store: Any) -> list[str]:
         if store is not None:
             return store.text_range(lo, hi)
-        return self._source().texts(lo, hi, self.cfg.text_field)
+        source = self._source()
+        if self._decodes_tokens(source):
+            from croupier.tokenizer import token_array
+
+            rows = source.texts(lo, hi, self.cfg.token_field)
+            arrays = [token_array(v, f"sample {lo + i} of {self.cfg.adopt}") for i, v in enumerate(rows)]
+            return self._tokenizer().batch_decode(arrays, skip_special_tokens=True)
+        return source.texts(lo, hi, self.cfg.text_field)
 
     def _make_embedder(self) -> Any:
         from croupier.shards.embed import get_embedder
@@ -557,6 +581,11 @@ class Builder:
             for f, ts in p["types"].items():
                 types[f].update(ts)
         columns = {self.cfg.text_field: "str", **{f: mds_encoding(types[f]) for f in self.cfg.keep_fields}}
+        if self.cfg.tokenizer is not None:
+            from croupier.tokenizer import TOKEN_COLUMN_ENCODING
+
+            self._tokenizer()  # refuse a tokenizer that cannot load before writing anything
+            columns[self.cfg.token_field] = TOKEN_COLUMN_ENCODING
         st["columns"] = columns
         mds_dir = self.work / "mds"
         shutil.rmtree(mds_dir, ignore_errors=True)
@@ -607,12 +636,14 @@ class Builder:
     def _write_docs(self, writer: Any, store: Any, ids: np.ndarray, bar: Any) -> None:
         tf = self.cfg.text_field
         texts = store.texts(ids)
-        if self.cfg.keep_fields:
-            for text, extra in zip(texts, store.extras(ids)):
-                writer.write({tf: text, **extra})
-        else:
-            for text in texts:
-                writer.write({tf: text})
+        extras = store.extras(ids) if self.cfg.keep_fields else [{}] * len(texts)
+        if self.cfg.tokenizer is not None:
+            from croupier.tokenizer import encode
+
+            tokens = encode(self._tokenizer(), texts)
+            extras = [{**extra, self.cfg.token_field: t} for extra, t in zip(extras, tokens)]
+        for text, extra in zip(texts, extras):
+            writer.write({tf: text, **extra})
         bar.update(len(ids))
 
     def _cluster_bytes(self, store: Any, offsets: np.ndarray) -> np.ndarray:
@@ -625,6 +656,8 @@ class Builder:
             hi = min(len(assign), lo + c)
             # per-sample MDS overhead: 4-byte offset + 4-byte length per variable column
             w = store.nbytes(lo, hi) + 4 * (1 + len(self.cfg.keep_fields) + 1)
+            if self.cfg.tokenizer is not None:
+                w = 2 * w  # int32 token ids take about as many bytes as the text
             out += np.bincount(remap[np.asarray(assign[lo:hi])], weights=w, minlength=k2)
         return out
 

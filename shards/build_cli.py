@@ -50,6 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk", type=int, default=8192, help="documents per embedding chunk (resume unit)")
     p.add_argument("--batch-size", type=int, default=64, help="sentence-model batch size")
     p.add_argument("--device", default=None, help="embedding device (default: cuda when available)")
+    p.add_argument("--tokenizer", default=None, metavar="NAME_OR_PATH",
+                   help="store token ids (int32) in --token-field so training need not tokenize; with --adopt "
+                        "of a dataset holding only a token column, decode it for embedding")
+    p.add_argument("--token-field", default="tokens", help="token column name (default: tokens)")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed records")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -68,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         compression=None if args.compression.lower() == "none" else args.compression,
         seed=args.seed, niter=args.niter, max_train=args.train_sample, chunk=args.chunk,
         batch_size=args.batch_size, skip_bad=args.skip_bad, overwrite=args.overwrite,
-        device=args.device, progress=not args.quiet)
+        device=args.device, progress=not args.quiet, tokenizer=args.tokenizer, token_field=args.token_field)
     res = build(cfg)
     print(f"{res.out}: {res.num_samples} documents, {res.num_clusters} clusters, layout {res.layout}, "
           f"fingerprint {res.fingerprint}" + (f", {res.skipped} bad records skipped" if res.skipped else ""))

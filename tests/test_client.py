@@ -452,7 +452,8 @@ def test_packed_sequences_resume_token_for_token_through_stateful_dataloader(ser
     uninterrupted run's, carry included."""
     from torchdata.stateful_dataloader import StatefulDataLoader
 
-    from croupier.client.packing import PackedSequences, load_tokenizer
+    from croupier.client.packing import PackedSequences
+    from croupier.tokenizer import load_tokenizer
 
     _, addr = servers.start()
     eos = load_tokenizer(str(tiny_tokenizer)).sep_token_id

@@ -363,3 +363,59 @@ def test_kept_fields_get_typed_mds_columns(tmp_path):
     back = read_back(out, tmp_path / "cache")
     assert [(s["meta"], float(s["score"]), s["lang"], int(s["n"])) for s in back] == \
         [(r["meta"], float(r["score"]), r["lang"], r["n"]) for r in rows]
+
+
+# -- token columns --------------------------------------------------------------------------------
+
+def test_tokenizer_stores_token_ids_as_a_column(tmp_path, corpus, tiny_tokenizer):
+    from croupier.tokenizer import load_tokenizer
+
+    write_jsonl(tmp_path / "in.jsonl", corpus[:300])
+    out = tmp_path / "ds"
+    assert main(["shards", "build", str(tmp_path / "in.jsonl"), "--out", str(out), "--embedder", "hashing",
+                 "--clusters", "4", "--tokenizer", str(tiny_tokenizer), "--quiet"]) == 0
+    columns = json.loads((out / "index.json").read_text())["shards"][0]["column_names"]
+    assert "tokens" in columns
+    tok = load_tokenizer(str(tiny_tokenizer))
+    samples = read_back(out, tmp_path / "cache")
+    assert len(samples) == 300
+    for s in samples[:50]:
+        assert s["tokens"].dtype == np.int32
+        np.testing.assert_array_equal(s["tokens"], tok(s["text"], add_special_tokens=False)["input_ids"])
+    # a tokenizer that cannot be loaded offline is refused before anything is written
+    assert main(["shards", "build", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "no"), "--embedder",
+                 "hashing", "--clusters", "4", "--tokenizer", str(tmp_path / "missing-tok"), "--quiet"]) == 2
+
+
+def _token_mds(path: Path, rows: list[np.ndarray], encoding: str) -> None:
+    from streaming import MDSWriter
+
+    with MDSWriter(out=str(path), columns={"tokens": encoding}, compression="zstd", hashes=["sha1"],
+                   size_limit=1 << 14) as w:
+        for r in rows:
+            w.write({"tokens": r.tobytes() if encoding == "bytes" else r})
+
+
+def test_adopt_a_token_column_dataset_embeds_it_by_decoding(tmp_path, corpus, tiny_tokenizer):
+    """LLM Foundry's concat_tokens layout: int64 token bytes and no text column."""
+    from croupier.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_tokenizer))
+    docs = corpus[:400]
+    rows = [np.asarray(tok(d["text"], add_special_tokens=False)["input_ids"], np.int64) for d in docs]
+    src = tmp_path / "tokens"
+    _token_mds(src, rows, "bytes")
+    assert main(["shards", "build", "--adopt", str(src), "--embedder", "hashing", "--clusters", "8",
+                 "--tokenizer", str(tiny_tokenizer), "--quiet"]) == 0
+    side = Sidecar.open(src)
+    assert side.num_samples == 400
+    # decoded text clusters by topic as the text itself would
+    assert normalized_mutual_info_score([d["topic"] for d in docs], np.asarray(side.assignments())) > 0.5
+    # without a tokenizer there is no text to embed: the missing column is named
+    assert main(["shards", "build", "--adopt", str(src), "--out", str(tmp_path / "o"), "--embedder", "hashing",
+                 "--clusters", "4", "--quiet"]) == 2
+    bad = tmp_path / "floats"
+    _token_mds(bad, [r.astype(np.float32) for r in rows[:20]], "ndarray:float32")
+    with pytest.raises(DatasetError, match="token column of sample 0 .* holds float32"):
+        build(BuildConfig(out=None, adopt=str(bad), layout="original", embedder="hashing", clusters=2,
+                          tokenizer=str(tiny_tokenizer), progress=False))
