@@ -31,6 +31,7 @@ training time.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Iterator, Mapping
 
 import numpy as np
@@ -90,25 +91,30 @@ class PackedSequences(IterableDataset):
 
     # -- packing ---------------------------------------------------------------------------------
 
-    def _tokens(self, samples: list[dict[str, Any]]) -> list[np.ndarray]:
+    def _tokens(self, samples: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+        """(every document's tokens followed by EOS, back to back; each document's length + 1)."""
         if self.token_key is not None:
-            return [token_array(s[self.token_key], f"sample {s.get('_croupier_id')} ({self.token_key!r})")
-                    for s in samples]
-        texts = [str(sample[self.text_key]) for sample in samples]
-        encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return [np.asarray(ids, dtype=np.int64) for ids in encoded]
+            arrays = [token_array(s[self.token_key], f"sample {s.get('_croupier_id')} ({self.token_key!r})")
+                      for s in samples]
+            lengths = np.fromiter((a.size + 1 for a in arrays), np.int64, len(arrays))
+            eos = np.array([self.eos_id], np.int64)
+            flat = np.concatenate([x for a in arrays for x in (a, eos)]) if arrays else np.zeros(0, np.int64)
+            return flat, lengths
+        encoded = self.tokenizer([str(s[self.text_key]) for s in samples], add_special_tokens=False)["input_ids"]
+        lengths = np.fromiter((len(row) + 1 for row in encoded), np.int64, len(encoded))
+        eos = (self.eos_id,)
+        flat = np.fromiter(itertools.chain.from_iterable(x for row in encoded for x in (row, eos)), np.int64,
+                           int(lengths.sum()))
+        return flat, lengths
 
     def pack(self, step: int, samples: list[dict[str, Any]]) -> dict[str, Any]:
         """One step's item from its samples (and the carry), updating the carry and counters."""
-        docs = self._tokens(samples)
+        flat, lengths = self._tokens(samples)
         ids = np.fromiter((int(s["_croupier_id"]) for s in samples), np.int64, len(samples))
-        lengths = np.fromiter((d.size + 1 for d in docs), np.int64, len(docs))  # + EOS
-        eos = np.array([self.eos_id], np.int64)
-        tokens = np.concatenate([self._carry_tokens, *(x for d in docs for x in (d, eos))])
+        tokens = np.concatenate([self._carry_tokens, flat])
         owners = np.concatenate([self._carry_docs, np.repeat(ids, lengths)])
         starts = np.zeros(tokens.size, bool)  # first token of a document (a carried tail is no start)
-        starts[self._carry_tokens.size + np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-               if len(docs) else []] = True
+        starts[self._carry_tokens.size + np.cumsum(lengths) - lengths] = True
         need = self.rows * self.seq_len
         used = min(need, tokens.size)
         rest = tokens.size - used
@@ -117,7 +123,7 @@ class PackedSequences(IterableDataset):
         self._carry_docs = owners[used:used + keep].copy()
         st = self._stats
         st["steps"] += 1
-        st["documents"] += len(docs)
+        st["documents"] += len(samples)
         st["tokens_in"] += int(lengths.sum())
         st["tokens_packed"] += used
         st["tokens_padding"] += need - used
