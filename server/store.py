@@ -21,13 +21,13 @@ import logging
 import os
 import re
 import struct
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from croupier.errors import ConfigError, StateError
+from croupier.format.atomic import fsync_dir, write_bytes_atomic
 
 MAGIC = b"CRPRCKPT"
 VERSION = 1
@@ -49,32 +49,10 @@ class StoredCheckpoint:
     path: Path
 
 
-def fsync_dir(path: Path) -> None:
-    """Makes a rename inside `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write_bytes(target: Path, data: bytes) -> None:
-    """Writes `data` to `target` so that a crash leaves the old or the new content, whole."""
-    target = Path(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_dir(target.parent)
+    """Writes `data` to `target` so that a crash leaves the old or the new content, whole; the
+    folder must exist (a deleted state directory is a fault to report, not to recreate)."""
+    write_bytes_atomic(target, data, make_parent=False)
 
 
 def encode_checkpoint(meta: dict[str, Any], state: bytes) -> bytes:

@@ -28,12 +28,15 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike[str], *, make_parent: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to `target`; on success fsync it and rename it over `target`.
 
-    On an exception the temporary file is removed and `target` is left as it was."""
+    On an exception the temporary file is removed and `target` is left as it was. Without
+    `make_parent` a missing folder is an error (a state directory deleted under a running
+    server must show as a fault, not be silently recreated)."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if make_parent:
+        target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -48,8 +51,8 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-def write_bytes_atomic(target: str | os.PathLike[str], data: bytes) -> None:
-    with atomic_path(target) as tmp:
+def write_bytes_atomic(target: str | os.PathLike[str], data: bytes, *, make_parent: bool = True) -> None:
+    with atomic_path(target, make_parent=make_parent) as tmp:
         tmp.write_bytes(data)
 
 
