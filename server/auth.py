@@ -50,29 +50,8 @@ def read_token_file(path: str | Path, min_length: int = 1) -> str:
     return token
 
 
-def _denying_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str):
-    """A handler of the same streaming shape as `handler` that aborts with `code`."""
-
-    def unary(request, context):  # noqa: ARG001 - grpc handler signature
-        context.abort(code, message)
-
-    def streaming(request, context):  # noqa: ARG001
-        context.abort(code, message)
-        yield  # pragma: no cover - abort raises
-
-    kind = (handler.request_streaming, handler.response_streaming)
-    des, ser = handler.request_deserializer, handler.response_serializer
-    if kind == (False, False):
-        return grpc.unary_unary_rpc_method_handler(unary, des, ser)
-    if kind == (False, True):
-        return grpc.unary_stream_rpc_method_handler(streaming, des, ser)
-    if kind == (True, False):
-        return grpc.stream_unary_rpc_method_handler(unary, des, ser)
-    return grpc.stream_stream_rpc_method_handler(streaming, des, ser)
-
-
-class TokenAuthInterceptor(grpc.ServerInterceptor):
-    """Refuses calls without the right bearer token (see module docstring)."""
+class TokenRules:
+    """Who may call what: the bearer-token rules, apart from any gRPC server flavour."""
 
     def __init__(self, token: str | None, admin_token: str | None = None,
                  on_refused: Callable[[str, grpc.StatusCode], None] | None = None) -> None:
@@ -86,7 +65,8 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
     def enabled(self) -> bool:
         return bool(self._tokens)
 
-    def _presented(self, metadata) -> bytes | None:
+    @staticmethod
+    def _presented(metadata) -> bytes | None:
         for key, value in metadata or ():
             if key == AUTH_METADATA_KEY:
                 value = value.decode() if isinstance(value, bytes) else value
@@ -95,35 +75,27 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
                 return b""
         return None
 
-    def intercept_service(self, continuation, handler_call_details):
-        method = handler_call_details.method
+    def refusal(self, method: str, metadata) -> tuple[grpc.StatusCode, str] | None:
+        """(status, message) refusing a call of `method` with `metadata`, or None to let it through."""
         if not self._tokens or method.startswith(OPEN_SERVICES):
-            return continuation(handler_call_details)
-        handler = continuation(handler_call_details)
-        if handler is None:
             return None
-        got = self._presented(handler_call_details.invocation_metadata)
-        ok = got is not None and any(hmac.compare_digest(got, t) for t in self._tokens)
-        if not ok:
+        got = self._presented(metadata)
+        if got is None or not any(hmac.compare_digest(got, t) for t in self._tokens):
             why = "missing" if got is None else "invalid"
-            self._refused(method, grpc.StatusCode.UNAUTHENTICATED)
-            return _denying_handler(
-                handler, grpc.StatusCode.UNAUTHENTICATED,
-                f"{why} bearer token: this server requires metadata '{AUTH_METADATA_KEY}: Bearer <token>'")
-        if method in ADMIN_METHODS and (self._admin is None or not hmac.compare_digest(got, self._admin)):
-            self._refused(method, grpc.StatusCode.PERMISSION_DENIED)
-            return _denying_handler(
-                handler, grpc.StatusCode.PERMISSION_DENIED,
-                f"{method.rsplit('/', 1)[-1]} needs the admin token (server started with --admin-token-file)")
-        return handler
-
-    def _refused(self, method: str, code: grpc.StatusCode) -> None:
+            refused = (grpc.StatusCode.UNAUTHENTICATED,
+                       f"{why} bearer token: this server requires metadata '{AUTH_METADATA_KEY}: Bearer <token>'")
+        elif method in ADMIN_METHODS and (self._admin is None or not hmac.compare_digest(got, self._admin)):
+            refused = (grpc.StatusCode.PERMISSION_DENIED,
+                       f"{method.rsplit('/', 1)[-1]} needs the admin token (server started with --admin-token-file)")
+        else:
+            return None
         if self._on_refused is not None:
-            self._on_refused(method, code)
+            self._on_refused(method, refused[0])
+        return refused
 
 
-def _async_denying_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str):
-    """`_denying_handler` for the asyncio server: coroutine handlers."""
+def _denying_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str):
+    """A coroutine handler of the same streaming shape as `handler` that aborts with `code`."""
 
     async def unary(request, context):  # noqa: ARG001 - grpc handler signature
         await context.abort(code, message)
@@ -144,33 +116,19 @@ def _async_denying_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode
 
 
 class AsyncTokenAuthInterceptor(grpc.aio.ServerInterceptor):
-    """`TokenAuthInterceptor`'s rules for the asyncio (grpc.aio) server."""
+    """Refuses calls without the right bearer token (see module docstring), on the asyncio server."""
 
     def __init__(self, token: str | None, admin_token: str | None = None,
                  on_refused: Callable[[str, grpc.StatusCode], None] | None = None) -> None:
-        self._rules = TokenAuthInterceptor(token, admin_token, on_refused)
+        self._rules = TokenRules(token, admin_token, on_refused)
 
     @property
     def enabled(self) -> bool:
         return self._rules.enabled
 
     async def intercept_service(self, continuation, handler_call_details):
-        rules = self._rules
-        method = handler_call_details.method
         handler = await continuation(handler_call_details)
-        if not rules._tokens or method.startswith(OPEN_SERVICES) or handler is None:
-            return handler
-        got = rules._presented(handler_call_details.invocation_metadata)
-        ok = got is not None and any(hmac.compare_digest(got, t) for t in rules._tokens)
-        if not ok:
-            why = "missing" if got is None else "invalid"
-            rules._refused(method, grpc.StatusCode.UNAUTHENTICATED)
-            return _async_denying_handler(
-                handler, grpc.StatusCode.UNAUTHENTICATED,
-                f"{why} bearer token: this server requires metadata '{AUTH_METADATA_KEY}: Bearer <token>'")
-        if method in ADMIN_METHODS and (rules._admin is None or not hmac.compare_digest(got, rules._admin)):
-            rules._refused(method, grpc.StatusCode.PERMISSION_DENIED)
-            return _async_denying_handler(
-                handler, grpc.StatusCode.PERMISSION_DENIED,
-                f"{method.rsplit('/', 1)[-1]} needs the admin token (server started with --admin-token-file)")
-        return handler
+        if handler is None:
+            return None
+        refused = self._rules.refusal(handler_call_details.method, handler_call_details.invocation_metadata)
+        return handler if refused is None else _denying_handler(handler, *refused)
