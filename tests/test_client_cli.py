@@ -4,8 +4,6 @@ flags on every command (--token-file, $CROUPIER_TOKEN, --tls-ca, --tls-server-na
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import signal
 import subprocess
@@ -15,41 +13,18 @@ from pathlib import Path
 import pytest
 
 from croupier.cli import main
+from workers.harness import self_signed
 
 TOKEN = "client-cli-token-0123456789"
 SEQUENCE = ["--cluster-sizes", "50,30,20", "--block-size", "4", "--policy", "clusterclip", "--clip", "3",
             "--global-batch", "8", "--seed", "2"]
 
 
-def _certificate(tmp: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 and the name croupier.test (not localhost)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "croupier.test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("croupier.test"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = tmp / "server.crt", tmp / "server.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("client-cli")
-    cert, key = _certificate(root)
+    cert, key = self_signed(root, "croupier.test")
     token_file = root / "token"
     token_file.write_text(TOKEN + "\n")
     proc = subprocess.Popen([sys.executable, "-m", "croupier", "serve", *SEQUENCE, "--state-dir", str(root / "state"),
