@@ -7,7 +7,6 @@ layout, policy, batch and seed: the one global sequence.
 from __future__ import annotations
 
 import shutil
-import subprocess
 import threading
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from croupier.server.token import CheckpointToken
 from croupier.server.topology import Topology
 from croupier.format.fingerprint import index_fingerprint
 from roundtrip import assert_resume_exact
-from workers.harness import cluster_sizes, free_port, sample_text, write_mds
+from workers.harness import cluster_sizes, free_port, sample_text, self_signed, write_mds
 
 N = 200
 SIZES = cluster_sizes(N, 8)
@@ -332,10 +331,7 @@ def test_dump_prints_the_rank_slices_and_reads_them(servers, tmp_path, capsys):
 
 
 def test_tls_with_the_server_certificate(servers, tmp_path):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    cert, key = self_signed(tmp_path)
     _, addr = servers.start(tls=(cert, key), token="tls-token")
     addr = addr.replace("127.0.0.1", "localhost")
     with client(addr, tls_root_cert=cert, token="tls-token", stop_step=3) as c:
