@@ -72,6 +72,19 @@ def from_rpc_error(error: grpc.RpcError, call: str) -> ClientError:
     return cls(f"{call} failed ({name}): {details}", code=code, details=details)
 
 
+def from_status(code_name: str, details: str, call: str) -> ClientError:
+    """Wraps a failure reported in-band (a Session lane event: a status code name and the
+    server's message) as the `ClientError` subclass of that status."""
+    code = getattr(grpc.StatusCode, code_name, None)
+    cls = _BY_CODE.get(code, ClientError) if code is not None else ClientError
+    return cls(f"{call} failed ({code_name}): {details}", code=code, details=details)
+
+
+def is_transient_code(code: grpc.StatusCode | None) -> bool:
+    """Whether a status is worth retrying after a backoff (server down, restarting, re-formed)."""
+    return code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED)
+
+
 def is_transient(error: grpc.RpcError) -> bool:
     """Whether a failure is worth retrying after a backoff (server down or restarting)."""
     code = error.code() if hasattr(error, "code") else None

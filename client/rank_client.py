@@ -27,12 +27,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-import grpc
 import numpy as np
 
 from croupier import __version__
-from croupier.client.channel import auth_metadata, open_channel
-from croupier.client.errors import ClientError, Unavailable, from_rpc_error, is_transient
+from croupier.client.channel import auth_metadata
+from croupier.client.errors import ClientError, Unavailable, from_status, is_transient_code
+from croupier.client.transport import LANE, GrpcTransport, LaneCall, Transport
 from croupier.errors import ConfigError, EndOfData, FingerprintMismatch, StateError
 from croupier.proto import slice_ids
 from croupier.server.topology import Topology
@@ -87,6 +87,9 @@ class RankClient:
     expected_fingerprint: refuse (FingerprintMismatch) a server whose sampler fingerprint differs.
     read_only: read slices without taking part in the training (`croupier client dump`): the
         stream is marked read-only and nothing is acknowledged, so no rank's position moves.
+    agent: the runtime directory of this node's `croupier agent` (None: $CROUPIER_AGENT; "" or
+        unset: connect to the server directly). Through an agent the rank opens no connection
+        of its own to the server; `address` is then only a label.
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class RankClient:
         expected_fingerprint: str | None = None,
         heartbeat_s: float = 10.0,
         read_only: bool = False,
+        agent: str | os.PathLike | None = None,
     ) -> None:
         if not job:
             raise ConfigError("job name must be non-empty")
@@ -142,10 +146,10 @@ class RankClient:
             raise ConfigError(f"heartbeat_s must be > 0, got {heartbeat_s}")
         self._heartbeat_s = float(heartbeat_s)
         self.read_only = bool(read_only)
+        self.agent = str(agent) if agent is not None else os.environ.get("CROUPIER_AGENT", "")
 
         self._pid: int | None = None
-        self._channel: grpc.Channel | None = None
-        self._stub: Any = None
+        self._transport: Transport | None = None
         self._join: Any = None  # JoinResponse
         self._expected_fingerprint = expected_fingerprint or None
         self._next_step: int | None = None  # next step the consumer will train on
@@ -153,7 +157,7 @@ class RankClient:
         self._token_step = -1
         self._queue: queue.Queue = queue.Queue(maxsize=self.lookahead + 2)
         self._thread: threading.Thread | None = None
-        self._call: Any = None
+        self._call: LaneCall | None = None
         self._closed = threading.Event()
         self._acked = -1  # last acknowledgement the server confirmed
         self._ack_pending = 0
@@ -165,23 +169,30 @@ class RankClient:
 
     # -- connection ---------------------------------------------------------------------------
 
-    def _ensure_channel(self) -> None:
+    def _ensure_channel(self) -> Transport:
         pid = os.getpid()
-        if self._channel is not None and self._pid == pid:
-            return
-        if self._channel is not None:
-            # Inherited across fork(): the parent's channel and thread are unusable here. Drop
-            # them without closing (closing would touch the parent's gRPC state) and start over.
-            self._channel = None
+        if self._transport is not None and self._pid == pid:
+            return self._transport
+        if self._transport is not None:
+            # Inherited across fork(): the parent's channel, sockets and threads are unusable
+            # here. Drop them without closing (closing would touch the parent's state).
+            self._transport = None
             self._thread = None
             self._ack_thread = None
             self._call = None
             self._queue = queue.Queue(maxsize=self.lookahead + 2)
-        from croupier.proto.croupier.v1 import croupier_pb2_grpc
+        if self.agent:
+            from croupier.client.agent_transport import AgentTransport
 
-        self._channel = open_channel(self.address, self._tls_root_cert)
-        self._stub = croupier_pb2_grpc.SamplerStub(self._channel)
+            self._transport = AgentTransport(self.agent)
+        else:
+            self._transport = GrpcTransport(self.address, self._tls_root_cert, self._metadata)
         self._pid = pid
+        return self._transport
+
+    @property
+    def _where(self) -> str:
+        return f"agent {self.agent}" if self.agent else f"server {self.address}"
 
     def _pb(self):
         from croupier.proto.croupier.v1 import croupier_pb2
@@ -190,23 +201,24 @@ class RankClient:
 
     def _unary(self, name: str, request: Any, *, retry: bool = True, timeout: float | None = None) -> Any:
         """Calls a unary RPC, retrying transient failures with backoff when `retry`."""
-        self._ensure_channel()
-        method = getattr(self._stub, name)
+        transport = self._ensure_channel()
         start = time.monotonic()
         attempt = 0
         while True:
             try:
-                return method(request, metadata=self._metadata, timeout=timeout or self._rpc_timeout_s)
-            except grpc.RpcError as exc:
-                if not (retry and is_transient(exc)) or self._closed.is_set():
-                    raise from_rpc_error(exc, name) from None
+                return transport.unary(name, request, timeout or self._rpc_timeout_s)
+            except ClientError as exc:
+                if not (retry and is_transient_code(exc.code)) or self._closed.is_set():
+                    raise
                 if time.monotonic() - start > self._backoff.give_up_after_s:
                     raise Unavailable(
-                        f"{name} failed: server {self.address} unreachable for "
-                        f"{self._backoff.give_up_after_s:.0f} s: {exc.details()}",
-                        code=exc.code(),
-                        details=exc.details() or "",
+                        f"{name} failed: {self._where} unreachable for "
+                        f"{self._backoff.give_up_after_s:.0f} s: {exc.details}",
+                        code=exc.code,
+                        details=exc.details,
                     ) from None
+                if attempt == 0 or attempt % 10 == 0:
+                    log.warning("rank %d: %s failed (%s); retrying", self.topology.rank, name, exc)
                 time.sleep(self._backoff.delay(attempt))
                 attempt += 1
 
@@ -315,77 +327,83 @@ class RankClient:
             if stop and want >= stop:
                 self._put(_End())
                 return
+            ended = False
             try:
                 if rejoin:
                     self._check_rejoin(self._do_join(""))
                     rejoin = False
-                # Every (re)connect re-sends the consumed position first: a restarted server
-                # learns where this rank is, and a lost acknowledgement is made good.
-                self._send_ack(force=True)
-                request = pb.StreamSlicesRequest(
-                    job=self.job,
-                    rank=self.topology.rank,
-                    world_size=self.topology.world,
-                    start_step=want,
-                    lookahead=self.lookahead,
-                    step_stride=self.step_stride,
-                    step_offset=self.step_offset,
-                    stop_step=stop,
-                    read_only=self.read_only,
-                    packed_ids=True,
+                lane = pb.LaneOpen(
+                    lane=LANE, rank=self.topology.rank, world_size=self.topology.world, start_step=want,
+                    lookahead=self.lookahead, step_stride=self.step_stride, step_offset=self.step_offset,
+                    stop_step=stop, read_only=self.read_only,
                 )
-                call = self._stub.StreamSlices(request, metadata=self._metadata)
+                # Every (re)connect re-sends the consumed position with the lane's opening: a
+                # restarted server learns where this rank is, and a lost acknowledgement is made good.
+                call = self._ensure_channel().open_lane(self.job, lane, self._ack_position())
                 self._call = call
                 if self._closed.is_set():
                     call.cancel()
                     return
+                ended = False
                 for response in call:
                     attempt, failing_since = 0, None
-                    for sl in response.slices:
-                        if sl.step < want:
-                            continue  # already delivered before a reconnect
-                        if sl.step != want:
-                            raise ClientError(f"server skipped from step {want} to step {sl.step} on rank {self.topology.rank}")
-                        if sl.kind == pb.SLICE_KIND_END_OF_DATA:
-                            self._put(EndOfData(sl.step))
+                    for ev in response.events:
+                        if ev.error_code:
+                            raise from_status(ev.error_code, ev.error, "Session")
+                        self._confirm_ack(int(ev.acked_step))
+                    for lane_slices in response.lanes:
+                        for sl in lane_slices.slices:
+                            if sl.step < want:
+                                continue  # already delivered before a reconnect
+                            if sl.step != want:
+                                raise ClientError(f"server skipped from step {want} to step {sl.step} "
+                                                  f"on rank {self.topology.rank}")
+                            if sl.kind == pb.SLICE_KIND_END_OF_DATA:
+                                self._put(EndOfData(sl.step))
+                                return
+                            ids = slice_ids(sl)
+                            if self._join is not None and len(ids) != self._join.per_rank_batch:
+                                raise ClientError(
+                                    f"step {sl.step}: rank {self.topology.rank} got {len(ids)} ids, "
+                                    f"expected {self._join.per_rank_batch}"
+                                )
+                            if self._on_slice is not None:
+                                self._on_slice(sl.step, ids)
+                            if not self._put((sl.step, ids)):
+                                return
+                            want = sl.step + self.step_stride
+                    if stop and want >= stop and not ended:
+                        # The lane stays open until close(): the consumer's last acknowledgement
+                        # travels on it, and the server's confirmation comes back on it.
+                        ended = True
+                        if not self._put(_End()):
                             return
-                        ids = slice_ids(sl)
-                        if self._join is not None and len(ids) != self._join.per_rank_batch:
-                            raise ClientError(
-                                f"step {sl.step}: rank {self.topology.rank} got {len(ids)} ids, "
-                                f"expected {self._join.per_rank_batch}"
-                            )
-                        if self._on_slice is not None:
-                            self._on_slice(sl.step, ids)
-                        if not self._put((sl.step, ids)):
-                            return
-                        want = sl.step + self.step_stride
-                if stop and want >= stop:
-                    continue  # loop head puts the end marker
+                if self._closed.is_set() or ended:
+                    return
                 # The server ended the stream early (shutting down): reconnect like a failure.
                 raise _Reconnect()
-            except (grpc.RpcError, _Reconnect) as exc:
+            except (ClientError, _Reconnect) as exc:
+                self._call = None
                 if self._closed.is_set():
                     return
-                if isinstance(exc, grpc.RpcError) and not is_transient(exc):
-                    self._put(from_rpc_error(exc, "StreamSlices"))
+                if isinstance(exc, ClientError) and not is_transient_code(exc.code):
+                    self._put(exc)
                     return
                 now = time.monotonic()
                 failing_since = failing_since or now
                 if now - failing_since > self._backoff.give_up_after_s:
-                    details = exc.details() if isinstance(exc, grpc.RpcError) else "stream ended"
+                    details = exc.details if isinstance(exc, ClientError) else "stream ended"
                     self._put(Unavailable(
-                        f"StreamSlices failed: server {self.address} unreachable for "
+                        f"Session failed: {self._where} unreachable for "
                         f"{self._backoff.give_up_after_s:.0f} s: {details}"
                     ))
                     return
-                log.info("rank %d: stream lost at step %d (%s); reconnecting", self.topology.rank, want, exc)
+                level = logging.WARNING if attempt == 0 or attempt % 10 == 0 else logging.DEBUG
+                log.log(level, "rank %d: stream from %s lost at step %d (%s); reconnecting",
+                        self.topology.rank, self._where, want, exc)
                 self._closed.wait(self._backoff.delay(attempt))
                 attempt += 1
                 rejoin = True
-            except ClientError as exc:
-                self._put(exc)
-                return
             except Exception as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
                 self._put(exc)
                 return
@@ -445,31 +463,33 @@ class RankClient:
         """Acknowledges consumed steps now (from the caller's thread); never raises."""
         self._send_ack(force=force)
 
+    def _ack_position(self) -> int | None:
+        """The consumed position to (re-)send, or None (read-only, not joined, nothing consumed)."""
+        if self.read_only or self._join is None:
+            return None
+        with self._ack_lock:
+            return self._next_step
+
     def _send_ack(self, force: bool = False) -> None:
-        """One acknowledgement of the consumed position; idempotent, so re-sending is safe.
-        Failures are logged and left to the next attempt: acknowledgements are flow control,
-        and a server that is away must not stop training on buffered steps."""
+        """One acknowledgement of the consumed position, in-band on the open lane; idempotent,
+        so re-sending is safe. Without an open lane nothing is sent: the next (re)connect
+        carries the position. The server's confirmation arrives as a lane event."""
         if self.read_only or self._join is None:
             return
         with self._ack_lock:
             position = self._next_step
             if position is None or (position <= self._acked and not force):
                 return
-            pending = self._ack_pending
-        pb = self._pb()
-        request = pb.AckRequest(
-            job=self.job, rank=self.topology.rank, world_size=self.topology.world, next_step=position,
-            step_stride=self.step_stride, step_offset=self.step_offset,
-        )
-        try:
-            self._ensure_channel()
-            self._stub.Ack(request, metadata=self._metadata, timeout=min(self._rpc_timeout_s, 5.0))
-        except grpc.RpcError as exc:
-            log.debug("rank %d: ack of step %d failed: %s", self.topology.rank, position, exc)
-            return
+        call = self._call
+        if call is not None and call.ack(position):
+            with self._ack_lock:
+                self._ack_time = time.monotonic()
+
+    def _confirm_ack(self, position: int) -> None:
         with self._ack_lock:
-            self._acked = max(self._acked, position)
-            self._ack_pending = max(self._ack_pending - pending, 0)
+            if position > self._acked:
+                self._acked = position
+            self._ack_pending = 0 if self._next_step is None or self._next_step <= self._acked else self._ack_pending
             self._ack_time = time.monotonic()
 
     def _check_rejoin(self, response: Any) -> None:
@@ -559,20 +579,27 @@ class RankClient:
         """Acknowledges what was consumed, stops the stream thread and closes the channel."""
         if self._closed.is_set():
             return
-        if self._channel is not None and self._pid == os.getpid():
+        mine = self._transport is not None and self._pid == os.getpid()
+        call = self._call
+        if mine and call is not None:
+            # The last acknowledgement and the lane's close travel before the stream ends.
             self._send_ack()
         self._closed.set()
         self._ack_due.set()
-        call, thread, channel = self._call, self._thread, self._channel
-        if call is not None and self._pid == os.getpid():
+        if mine and call is not None:
+            call.finish()  # the server ends the stream once the lane's close arrived
+            if self._thread is not None:
+                self._thread.join(timeout=2.0)
+        call, thread, transport = self._call, self._thread, self._transport
+        if mine and call is not None:
             call.cancel()
-        if thread is not None and self._pid == os.getpid():
+        if mine and thread is not None:
             thread.join(timeout=5.0)
-        if self._ack_thread is not None and self._pid == os.getpid():
+        if mine and self._ack_thread is not None:
             self._ack_thread.join(timeout=5.0)
-        if channel is not None and self._pid == os.getpid():
-            channel.close()
-        self._channel = None
+        if mine and transport is not None:
+            transport.close()
+        self._transport = None
 
     def __enter__(self) -> "RankClient":
         return self

@@ -566,6 +566,10 @@ class Job:
     def world(self) -> int | None:
         return self._table.world
 
+    def check_job(self, job: str) -> None:
+        """UnknownJob unless `job` is empty or this job's name."""
+        self._check_job(job)
+
     # -- internals: validation ------------------------------------------------------------------
     def _check_job(self, job: str) -> None:
         if job and job != self.spec.name:

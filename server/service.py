@@ -39,6 +39,7 @@ from croupier.errors import ConfigError, CroupierError, DatasetError, Fingerprin
 from croupier.proto import API_VERSION, SERVICE_NAME, pack_ids, pb2
 from croupier.server.auth import AsyncTokenAuthInterceptor
 from croupier.server.grpc_options import server_options
+from croupier.server.session import SessionHandler, SessionState
 from croupier.server.job import (CheckpointUnavailable, Job, JobReformed, JobStatus, NotJoined, SliceData,
                                  StepOutOfRange, UnknownJob)
 
@@ -200,6 +201,7 @@ class SamplerServicer:
         self.job = job
         self._on_refused = on_refused
         self.limits = limits or PeerLimits(DEFAULT_STREAMS_PER_PEER, DEFAULT_CALLS_PER_PEER)
+        self.sessions: dict[int, SessionState] = {}
 
     async def GetVersion(self, request: pb2.GetVersionRequest, context) -> pb2.GetVersionResponse:
         return pb2.GetVersionResponse(server_version=__version__, api_version=API_VERSION)
@@ -231,6 +233,35 @@ class SamplerServicer:
         finally:
             stream.waiter.on_wake = None
             stream.close()
+
+    async def Session(self, requests, context):
+        """Many lanes on one stream (see croupier.server.session)."""
+        state = SessionState(peer=context.peer())
+        woken = _Wakeup(asyncio.get_running_loop())
+        handler = SessionHandler(self.job, state, woken, _slice_pb, status_code_of)
+        reader = asyncio.get_running_loop().create_task(handler.read(requests))
+        self.sessions[id(state)] = state
+        log.info("session opened", extra={"event": "session_open", "peer": state.peer})
+        try:
+            while True:
+                woken.arm()
+                resp = handler.collect()
+                if resp is not None:
+                    yield resp
+                    continue
+                if reader.done():
+                    exc = reader.exception()
+                    if exc is not None:
+                        raise exc
+                    if not handler.streaming():
+                        return
+                await woken.wait(WAKE_POLL_S)
+        finally:
+            reader.cancel()
+            self.sessions.pop(id(state), None)
+            handler.close()
+            log.info("session closed", extra={"event": "session_close", "peer": state.peer,
+                                              "node": state.node.node if state.node is not None else ""})
 
     async def GetSlice(self, request: pb2.GetSliceRequest, context) -> pb2.GetSliceResponse:
         job = self.job
@@ -266,7 +297,10 @@ class SamplerServicer:
         return pb2.CheckpointResponse(token=c.token, step=c.step)  # the path stays in the server's log
 
     async def GetStatus(self, request: pb2.GetStatusRequest, context) -> pb2.GetStatusResponse:
-        return status_response(self.job, self.job.status(), request.include_clusters)
+        resp = status_response(self.job, self.job.status(), request.include_clusters)
+        resp.sessions.extend(s.status() for s in self.sessions.values())
+        resp.open_streams = self.limits.open_streams()
+        return resp
 
     async def Update(self, request: pb2.UpdateRequest, context) -> pb2.UpdateResponse:
         if request.clip < 0:
@@ -329,13 +363,43 @@ class SamplerServicer:
 
         return grpc.unary_stream_rpc_method_handler(handle, response_serializer=resp_cls.SerializeToString)
 
+    def _stream_stream(self, name: str, req_cls: type, resp_cls: type) -> grpc.RpcMethodHandler:
+        fn = getattr(self, name)
+
+        async def handle(raw_requests, context):
+            peer = context.peer()
+            refusal = self.limits.acquire(peer, streaming=True)
+            if refusal is not None:
+                await self._refuse(context, name, grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+
+            async def parsed():
+                async for raw in raw_requests:
+                    try:
+                        yield req_cls.FromString(raw)
+                    except DecodeError as exc:
+                        raise ConfigError(f"request is not a valid {req_cls.DESCRIPTOR.full_name}: {exc}") from None
+
+            try:
+                try:
+                    async for item in fn(parsed(), context):
+                        yield item
+                except CroupierError as exc:
+                    await self._refuse(context, name, status_code_of(exc), str(exc))
+            finally:
+                self.limits.release(peer, streaming=True)
+
+        return grpc.stream_stream_rpc_method_handler(handle, response_serializer=resp_cls.SerializeToString)
+
     def generic_handler(self) -> grpc.GenericRpcHandler:
         """All Sampler methods, taking raw request bytes (parsed in `_parse`)."""
         handlers = {}
         for method in pb2.DESCRIPTOR.services_by_name["Sampler"].methods:
             req_cls = getattr(pb2, method.input_type.name)
             resp_cls = getattr(pb2, method.output_type.name)
-            make = self._unary_stream if method.server_streaming else self._unary
+            if method.client_streaming:
+                make = self._stream_stream
+            else:
+                make = self._unary_stream if method.server_streaming else self._unary
             handlers[method.name] = make(method.name, req_cls, resp_cls)
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 

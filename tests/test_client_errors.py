@@ -110,7 +110,7 @@ def test_client_validates_at_construction_and_opens_nothing():
     with pytest.raises(ConfigError, match="job"):
         RankClient("127.0.0.1:1", job="", topology=topo)
     c = RankClient("127.0.0.1:1", job="j", topology=topo)
-    assert c._channel is None  # nothing opened before the first call: safe to fork
+    assert c._transport is None  # nothing opened before the first call: safe to fork
     c.close()
 
 

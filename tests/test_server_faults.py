@@ -106,7 +106,8 @@ def serve():
 
 
 class DropAcks(grpc.aio.ServerInterceptor):
-    """Fault injector: refuses every other Ack with UNAVAILABLE, as a lossy proxy would."""
+    """Fault injector: strips the acknowledgements from every other Session message that
+    carries any, as a lossy link would lose them."""
 
     def __init__(self) -> None:
         self.seen = 0
@@ -114,17 +115,25 @@ class DropAcks(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if not details.method.endswith("/Ack"):
+        if not details.method.endswith("/Session"):
             return handler
-        self.seen += 1
-        if self.seen % 2:
-            return handler
-        self.dropped += 1
 
-        async def drop(request, context):  # noqa: ARG001
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "ack dropped by the fault injector")
+        async def filtered(raw_requests):
+            async for raw in raw_requests:
+                msg = pb2.SessionRequest.FromString(raw)
+                if msg.acks:
+                    self.seen += 1
+                    if self.seen % 2 == 0:
+                        self.dropped += 1
+                        del msg.acks[:]
+                yield msg.SerializeToString()
 
-        return grpc.unary_unary_rpc_method_handler(drop, handler.request_deserializer, handler.response_serializer)
+        async def session(raw_requests, context):
+            async for item in handler.stream_stream(filtered(raw_requests), context):
+                yield item
+
+        return grpc.stream_stream_rpc_method_handler(session, handler.request_deserializer,
+                                                     handler.response_serializer)
 
 
 def test_dropped_acks_do_not_stall_flow_control(serve) -> None:

@@ -211,7 +211,7 @@ class RankStatus(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., next_step: _Optional[int] = ..., delivered_step: _Optional[int] = ..., seconds_since_seen: _Optional[float] = ..., connected: _Optional[bool] = ..., live: _Optional[bool] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("job", "generated_step", "durable_step", "slowest_step", "fastest_step", "ranks", "active_clusters", "clip", "cluster_sizes", "cluster_draws", "cluster_passes", "cluster_clipped_at", "checkpoint_error", "checkpoint_failures", "generated_mark")
+    __slots__ = ("job", "generated_step", "durable_step", "slowest_step", "fastest_step", "ranks", "active_clusters", "clip", "cluster_sizes", "cluster_draws", "cluster_passes", "cluster_clipped_at", "checkpoint_error", "checkpoint_failures", "generated_mark", "sessions", "open_streams")
     JOB_FIELD_NUMBER: _ClassVar[int]
     GENERATED_STEP_FIELD_NUMBER: _ClassVar[int]
     DURABLE_STEP_FIELD_NUMBER: _ClassVar[int]
@@ -227,6 +227,8 @@ class GetStatusResponse(_message.Message):
     CHECKPOINT_ERROR_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FAILURES_FIELD_NUMBER: _ClassVar[int]
     GENERATED_MARK_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    OPEN_STREAMS_FIELD_NUMBER: _ClassVar[int]
     job: JobInfo
     generated_step: int
     durable_step: int
@@ -242,7 +244,117 @@ class GetStatusResponse(_message.Message):
     checkpoint_error: str
     checkpoint_failures: int
     generated_mark: int
-    def __init__(self, job: _Optional[_Union[JobInfo, _Mapping]] = ..., generated_step: _Optional[int] = ..., durable_step: _Optional[int] = ..., slowest_step: _Optional[int] = ..., fastest_step: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., active_clusters: _Optional[int] = ..., clip: _Optional[int] = ..., cluster_sizes: _Optional[_Iterable[int]] = ..., cluster_draws: _Optional[_Iterable[int]] = ..., cluster_passes: _Optional[_Iterable[int]] = ..., cluster_clipped_at: _Optional[_Iterable[int]] = ..., checkpoint_error: _Optional[str] = ..., checkpoint_failures: _Optional[int] = ..., generated_mark: _Optional[int] = ...) -> None: ...
+    sessions: _containers.RepeatedCompositeFieldContainer[SessionStatus]
+    open_streams: int
+    def __init__(self, job: _Optional[_Union[JobInfo, _Mapping]] = ..., generated_step: _Optional[int] = ..., durable_step: _Optional[int] = ..., slowest_step: _Optional[int] = ..., fastest_step: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., active_clusters: _Optional[int] = ..., clip: _Optional[int] = ..., cluster_sizes: _Optional[_Iterable[int]] = ..., cluster_draws: _Optional[_Iterable[int]] = ..., cluster_passes: _Optional[_Iterable[int]] = ..., cluster_clipped_at: _Optional[_Iterable[int]] = ..., checkpoint_error: _Optional[str] = ..., checkpoint_failures: _Optional[int] = ..., generated_mark: _Optional[int] = ..., sessions: _Optional[_Iterable[_Union[SessionStatus, _Mapping]]] = ..., open_streams: _Optional[int] = ...) -> None: ...
+
+class LaneOpen(_message.Message):
+    __slots__ = ("lane", "rank", "world_size", "start_step", "lookahead", "step_stride", "step_offset", "stop_step", "read_only")
+    LANE_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    START_STEP_FIELD_NUMBER: _ClassVar[int]
+    LOOKAHEAD_FIELD_NUMBER: _ClassVar[int]
+    STEP_STRIDE_FIELD_NUMBER: _ClassVar[int]
+    STEP_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    STOP_STEP_FIELD_NUMBER: _ClassVar[int]
+    READ_ONLY_FIELD_NUMBER: _ClassVar[int]
+    lane: int
+    rank: int
+    world_size: int
+    start_step: int
+    lookahead: int
+    step_stride: int
+    step_offset: int
+    stop_step: int
+    read_only: bool
+    def __init__(self, lane: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., start_step: _Optional[int] = ..., lookahead: _Optional[int] = ..., step_stride: _Optional[int] = ..., step_offset: _Optional[int] = ..., stop_step: _Optional[int] = ..., read_only: _Optional[bool] = ...) -> None: ...
+
+class LaneAck(_message.Message):
+    __slots__ = ("lane", "next_step")
+    LANE_FIELD_NUMBER: _ClassVar[int]
+    NEXT_STEP_FIELD_NUMBER: _ClassVar[int]
+    lane: int
+    next_step: int
+    def __init__(self, lane: _Optional[int] = ..., next_step: _Optional[int] = ...) -> None: ...
+
+class NodeReport(_message.Message):
+    __slots__ = ("node", "agent_id", "consumers", "bytes_downloaded", "cache_hits", "cache_misses", "cache_bytes", "cache_limit", "shards_downloaded")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CONSUMERS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DOWNLOADED_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_MISSES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_DOWNLOADED_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    agent_id: str
+    consumers: int
+    bytes_downloaded: int
+    cache_hits: int
+    cache_misses: int
+    cache_bytes: int
+    cache_limit: int
+    shards_downloaded: int
+    def __init__(self, node: _Optional[str] = ..., agent_id: _Optional[str] = ..., consumers: _Optional[int] = ..., bytes_downloaded: _Optional[int] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., cache_limit: _Optional[int] = ..., shards_downloaded: _Optional[int] = ...) -> None: ...
+
+class SessionRequest(_message.Message):
+    __slots__ = ("job", "open", "acks", "close", "node")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    ACKS_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    open: _containers.RepeatedCompositeFieldContainer[LaneOpen]
+    acks: _containers.RepeatedCompositeFieldContainer[LaneAck]
+    close: _containers.RepeatedScalarFieldContainer[int]
+    node: NodeReport
+    def __init__(self, job: _Optional[str] = ..., open: _Optional[_Iterable[_Union[LaneOpen, _Mapping]]] = ..., acks: _Optional[_Iterable[_Union[LaneAck, _Mapping]]] = ..., close: _Optional[_Iterable[int]] = ..., node: _Optional[_Union[NodeReport, _Mapping]] = ...) -> None: ...
+
+class LaneSlices(_message.Message):
+    __slots__ = ("lane", "slices")
+    LANE_FIELD_NUMBER: _ClassVar[int]
+    SLICES_FIELD_NUMBER: _ClassVar[int]
+    lane: int
+    slices: _containers.RepeatedCompositeFieldContainer[Slice]
+    def __init__(self, lane: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[Slice, _Mapping]]] = ...) -> None: ...
+
+class LaneEvent(_message.Message):
+    __slots__ = ("lane", "acked_step", "error_code", "error")
+    LANE_FIELD_NUMBER: _ClassVar[int]
+    ACKED_STEP_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    lane: int
+    acked_step: int
+    error_code: str
+    error: str
+    def __init__(self, lane: _Optional[int] = ..., acked_step: _Optional[int] = ..., error_code: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+
+class SessionResponse(_message.Message):
+    __slots__ = ("lanes", "events")
+    LANES_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    lanes: _containers.RepeatedCompositeFieldContainer[LaneSlices]
+    events: _containers.RepeatedCompositeFieldContainer[LaneEvent]
+    def __init__(self, lanes: _Optional[_Iterable[_Union[LaneSlices, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[LaneEvent, _Mapping]]] = ...) -> None: ...
+
+class SessionStatus(_message.Message):
+    __slots__ = ("peer", "node", "ranks", "lanes", "seconds_open")
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    LANES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_OPEN_FIELD_NUMBER: _ClassVar[int]
+    peer: str
+    node: NodeReport
+    ranks: _containers.RepeatedScalarFieldContainer[int]
+    lanes: int
+    seconds_open: float
+    def __init__(self, peer: _Optional[str] = ..., node: _Optional[_Union[NodeReport, _Mapping]] = ..., ranks: _Optional[_Iterable[int]] = ..., lanes: _Optional[int] = ..., seconds_open: _Optional[float] = ...) -> None: ...
 
 class UpdateRequest(_message.Message):
     __slots__ = ("step", "clip", "weights")

@@ -75,6 +75,11 @@ class SamplerStub:
                 request_serializer=croupier_dot_v1_dot_croupier__pb2.UpdateRequest.SerializeToString,
                 response_deserializer=croupier_dot_v1_dot_croupier__pb2.UpdateResponse.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/croupier.v1.Sampler/Session',
+                request_serializer=croupier_dot_v1_dot_croupier__pb2.SessionRequest.SerializeToString,
+                response_deserializer=croupier_dot_v1_dot_croupier__pb2.SessionResponse.FromString,
+                _registered_method=True)
 
 
 class SamplerServicer:
@@ -138,6 +143,16 @@ class SamplerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Session(self, request_iterator, context):
+        """One stream for many lanes: a rank's DataLoader workers, or all ranks and workers of a
+        node behind a node agent. The client opens, acknowledges and closes lanes in-band; the
+        server streams every open lane its slices under the same flow control as StreamSlices.
+        A refused lane is reported in a LaneEvent and closed; the other lanes keep going.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SamplerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -180,6 +195,11 @@ def add_SamplerServicer_to_server(servicer, server):
                     servicer.Update,
                     request_deserializer=croupier_dot_v1_dot_croupier__pb2.UpdateRequest.FromString,
                     response_serializer=croupier_dot_v1_dot_croupier__pb2.UpdateResponse.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=croupier_dot_v1_dot_croupier__pb2.SessionRequest.FromString,
+                    response_serializer=croupier_dot_v1_dot_croupier__pb2.SessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -399,6 +419,33 @@ class Sampler:
             '/croupier.v1.Sampler/Update',
             croupier_dot_v1_dot_croupier__pb2.UpdateRequest.SerializeToString,
             croupier_dot_v1_dot_croupier__pb2.UpdateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/croupier.v1.Sampler/Session',
+            croupier_dot_v1_dot_croupier__pb2.SessionRequest.SerializeToString,
+            croupier_dot_v1_dot_croupier__pb2.SessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
