@@ -160,7 +160,7 @@ class CroupierIterableDataset(IterableDataset):
                 self._resume_token = ""  # the job is resumed; later iterations just continue
             first, stop, skip = self._lane(client, workers, worker)
             self._position, self._skip, self._stride, self._stop = first, skip, workers, stop
-            store = self._open_store(job)
+            store = self._open_store(job, client)
             client.plan(first, stop, step_stride=workers, step_offset=first,
                         on_slice=lambda step, ids: store.prefetch(ids))
             while True:
@@ -218,12 +218,16 @@ class CroupierIterableDataset(IterableDataset):
             value = int(self._shared_base.value)
         return None if value < 0 else value
 
-    def _open_store(self, job: Any):
+    def _open_store(self, job: Any, client: RankClient | None = None):
         from croupier.client.shard_store import ShardStore
 
         remote = self.remote or job.dataset_remote
         if not remote:
             raise ConfigError(f"job {self.job!r} names no dataset remote; pass remote= to the dataset")
+        if client is not None and client.agent:
+            from croupier.client.agent_store import AgentStore
+
+            return AgentStore(client._ensure_channel(), remote, job.dataset_fingerprint or None)
         return ShardStore(
             remote,
             self.cache_dir,

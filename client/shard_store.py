@@ -78,6 +78,8 @@ class ShardStore:
     download_attempts: attempts per file before a download error is final.
     download_timeout: seconds per file download.
     allow_unsafe_types: accept shards with pickle columns (arbitrary code on decode).
+    index_bytes: the dataset's index.json when the caller has it (a node agent's cache): then
+        the remote's is not fetched. Its fingerprint is checked all the same.
 
     The index.json is fetched and checked at construction, so a wrong remote or a rewritten
     dataset fails at once. Counters from `stats()` are per process.
@@ -86,7 +88,7 @@ class ShardStore:
     def __init__(self, remote: str | Path, cache_root: str | Path, fingerprint: str | None = None,
                  cache_limit: int | None = None, prefetch_threads: int = 4, *,
                  download_attempts: int = 2, download_timeout: float = 60.0,
-                 allow_unsafe_types: bool = False) -> None:
+                 allow_unsafe_types: bool = False, index_bytes: bytes | None = None) -> None:
         if cache_limit is not None and (isinstance(cache_limit, bool) or int(cache_limit) <= 0):
             raise ConfigError(f"cache_limit must be a positive number of bytes or None, got {cache_limit!r}")
         if isinstance(prefetch_threads, bool) or not isinstance(prefetch_threads, int) or prefetch_threads < 0:
@@ -102,7 +104,8 @@ class ShardStore:
         self.download_attempts = int(download_attempts)
         self.download_timeout = float(download_timeout)
 
-        index_bytes = _fetch_index(self.remote, self.cache_root, self.download_timeout)
+        if index_bytes is None:
+            index_bytes = _fetch_index(self.remote, self.cache_root, self.download_timeout)
         mds = MDSIndex(index_bytes, where=f"{INDEX_BASENAME} at {self.remote}")
         got = mds.fingerprint
         if fingerprint is not None and got != fingerprint:

@@ -20,7 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "croupier.server.simulate_cli",
     "croupier.server.serve_cli",
     "croupier.server.admin_cli",
-    "croupier.client.dump_cli",
+    "croupier.client.dump_cli", "croupier.client.agent_cli",
     "croupier.shards.cli",
     "croupier.demo_cli", "croupier.report_cli",
 )

@@ -1,0 +1,464 @@
+"""`croupier agent`: one process per node between the node's consumers and the sampler server.
+
+Every rank and DataLoader worker of the node talks to the agent over ZeroMQ IPC (see
+`croupier.client.agent_protocol`); the agent holds the node's one gRPC channel and one
+`Session` stream to the server, on which every local consumer is a lane. So the server holds
+one stream per node instead of one per worker, acknowledgements of all local lanes travel
+together (flow control still holds per rank: each lane is acknowledged for itself), and the
+node's shard cache has one owner (`croupier.client.node_cache`).
+
+Faults: when the server goes away, every open lane is reported UNAVAILABLE to its consumer,
+which re-joins and re-opens it through the agent with backoff (ranks only see a delay); when
+the agent goes away, consumers block and log, and re-open their lanes when an agent is back
+on the same runtime directory. A consumer that stays silent past `CONSUMER_TIMEOUT_S` has
+its lanes closed.
+
+Everything runs on one asyncio event loop: zmq.asyncio for the consumers, grpc.aio for the
+server. Sample bytes never pass through the agent: consumers read shard files from the node
+cache directly and only ask the agent to make them present.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from croupier import __version__
+from croupier.client.agent_protocol import (BEAT, BEAT_S, CALL, CONSUMER_TIMEOUT_S, FETCH, FORWARDED_CALLS, HELLO,
+                                            INFO_NAME, LOCK_NAME, REPLY, SESSION, endpoint, socket_path)
+from croupier.client.channel import auth_metadata, open_channel
+from croupier.errors import ConfigError
+from croupier.format.atomic import write_bytes_atomic
+from croupier.proto import SERVICE_NAME, pb2
+
+log = logging.getLogger("croupier.agent")
+
+REPORT_S = 5.0
+"""How often the agent sends its node report on the session."""
+
+
+@dataclass
+class _Consumer:
+    identity: bytes
+    last_seen: float = field(default_factory=time.monotonic)
+    lanes: dict[int, int] = field(default_factory=dict)  # consumer lane id -> session lane id
+
+
+@dataclass
+class _Lane:
+    consumer: bytes
+    local: int
+    rank: int
+
+
+class AgentLocked(ConfigError):
+    """Another agent holds the runtime directory."""
+
+
+class NodeAgent:
+    """The agent of one node (see the module docstring). `run()` serves until `stop()`."""
+
+    def __init__(self, server: str, runtime_dir: str | os.PathLike, cache_dir: str | os.PathLike,
+                 cache_limit: int | None = None, job: str = "", token: str | None = None,
+                 tls_root_cert: str | None = None, node: str | None = None) -> None:
+        if not server or ":" not in server:
+            raise ConfigError(f"agent --server must be host:port, got {server!r}")
+        self.server = server
+        self.runtime_dir = Path(runtime_dir)
+        self.cache_dir = Path(cache_dir)
+        self.cache_limit = cache_limit
+        self.job = job
+        self.node = node or socket.gethostname()
+        self.agent_id = uuid.uuid4().hex[:12]
+        self._metadata = auth_metadata(token)
+        self._tls_root_cert = tls_root_cert
+        self._endpoint = endpoint(self.runtime_dir)
+        self._lock_fd: int | None = None
+        self._consumers: dict[bytes, _Consumer] = {}
+        self._lanes: dict[int, _Lane] = {}
+        self._next_lane = 1
+        self._pending = pb2.SessionRequest()
+        self._acks: dict[int, int] = {}
+        self._flush = asyncio.Event()
+        self._session: Any = None
+        self._session_job = ""
+        self._stopping = asyncio.Event()
+        self.cache: Any = None
+        self.stats = {"calls": 0, "sessions_opened": 0, "session_losses": 0, "messages_from_server": 0}
+
+    # -- lifetime ----------------------------------------------------------------------------------
+    def _take_runtime_dir(self) -> None:
+        """Creates the runtime directory (0700) and takes its lock; refuses a second agent."""
+        try:
+            self.runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(self.runtime_dir, 0o700)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the agent runtime directory {str(self.runtime_dir)!r}: "
+                              f"{exc.strerror}") from None
+        fd = os.open(self.runtime_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            holder = ""
+            try:
+                holder = json.loads((self.runtime_dir / INFO_NAME).read_text()).get("pid", "")
+            except (OSError, ValueError):
+                pass
+            raise AgentLocked(f"another croupier agent (pid {holder or '?'}) already serves the runtime directory "
+                              f"{str(self.runtime_dir)!r}; one agent per node and runtime directory") from None
+        self._lock_fd = fd
+        sock = socket_path(self.runtime_dir)
+        if sock.exists() or sock.is_symlink():
+            sock.unlink()  # a killed agent's socket: the lock says nobody serves it
+
+    def _write_info(self) -> None:
+        info = {"pid": os.getpid(), "agent_id": self.agent_id, "server": self.server, "node": self.node,
+                "job": self.job, "cache_dir": str(self.cache_dir), "cache_limit": self.cache_limit or 0,
+                "version": __version__}
+        write_bytes_atomic(self.runtime_dir / INFO_NAME, json.dumps(info).encode())
+
+    def stop(self) -> None:
+        """Asks a running `run()` to return (from the agent's loop)."""
+        self._stopping.set()
+
+    async def run(self, ready: asyncio.Event | None = None) -> None:
+        self._take_runtime_dir()
+        _warm_imports()  # once, before serving: never on the event loop while ranks wait
+        from croupier.client.node_cache import NodeCache
+
+        self.cache = NodeCache(self.cache_dir, self.cache_limit)
+        ctx = zmq.asyncio.Context()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        sock.bind(self._endpoint)
+        os.chmod(socket_path(self.runtime_dir), 0o600)
+        self._sock = sock
+        self._channel = _aio_channel(self.server, self._tls_root_cert)
+        self._write_info()
+        log.info("agent serving", extra={"event": "agent_start", "endpoint": self._endpoint, "server": self.server,
+                                         "node": self.node, "agent_id": self.agent_id})
+        tasks = [asyncio.create_task(self._serve_consumers()), asyncio.create_task(self._writer()),
+                 asyncio.create_task(self._beats())]
+        if ready is not None:
+            ready.set()
+        try:
+            await self._stopping.wait()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self._session is not None:
+                self._session.cancel()
+            await self._channel.close()
+            sock.close(0)
+            ctx.term()
+            self.cache.close()
+            try:
+                socket_path(self.runtime_dir).unlink()
+            except OSError:
+                pass
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+            log.info("agent stopped", extra={"event": "agent_stop", "agent_id": self.agent_id})
+
+    # -- consumers ---------------------------------------------------------------------------------
+    async def _send(self, identity: bytes, frames: list[bytes]) -> None:
+        try:
+            await self._sock.send_multipart([identity, *frames], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.debug("consumer queue full; message dropped")
+
+    async def _serve_consumers(self) -> None:
+        while True:
+            frames = await self._sock.recv_multipart()
+            try:
+                await self._on_message(frames[0], frames[1:])
+            except Exception:  # noqa: BLE001 - one bad message must not stop the node
+                log.exception("bad message from a consumer", extra={"event": "bad_consumer_message"})
+
+    async def _on_message(self, identity: bytes, frames: list[bytes]) -> None:
+        c = self._consumers.get(identity)
+        if c is None:
+            c = self._consumers[identity] = _Consumer(identity)
+        c.last_seen = time.monotonic()
+        kind = frames[0]
+        if kind == HELLO:
+            info = {"agent_id": self.agent_id, "node": self.node, "server": self.server, "version": __version__,
+                    "cache_dir": str(self.cache_dir)}
+            await self._send(identity, [HELLO, frames[1], self.agent_id.encode(), json.dumps(info).encode()])
+        elif kind == CALL:
+            asyncio.create_task(self._forward_call(identity, frames[1], frames[2].decode(), frames[3]))
+        elif kind == SESSION:
+            self._on_session_request(c, pb2.SessionRequest.FromString(frames[1]))
+        elif kind == FETCH:
+            asyncio.create_task(self._fetch(identity, frames[1], frames[2]))
+        else:
+            log.warning("unknown message kind %r from a consumer", kind[:20])
+
+    async def _forward_call(self, identity: bytes, req_id: bytes, method: str, payload: bytes) -> None:
+        self.stats["calls"] += 1
+        if method not in FORWARDED_CALLS:
+            await self._send(identity, [REPLY, req_id, b"INVALID_ARGUMENT",
+                                        f"the agent forwards {list(FORWARDED_CALLS)}, not {method!r}".encode()])
+            return
+        call = self._channel.unary_unary(f"/{SERVICE_NAME}/{method}")
+        try:
+            resp = await call(payload, metadata=self._metadata, timeout=30.0)
+        except grpc.aio.AioRpcError as exc:
+            await self._send(identity, [REPLY, req_id, exc.code().name.encode(), (exc.details() or "").encode()])
+            return
+        if method == "Join":
+            self._note_join(pb2.JoinResponse.FromString(resp))
+        await self._send(identity, [REPLY, req_id, b"", resp])
+
+    def _note_join(self, resp: pb2.JoinResponse) -> None:
+        if self.cache is not None and resp.job.dataset_remote and self.cache._store is None:
+            self.cache.configure(resp.job.dataset_remote, resp.job.dataset_fingerprint or None)
+            asyncio.create_task(self._open_cache())
+
+    async def _open_cache(self) -> None:
+        """Opens the node cache (fetches index.json once) off the event loop."""
+        try:
+            await asyncio.to_thread(self.cache.store)
+        except Exception as exc:  # noqa: BLE001 - consumers' fetches report it again
+            log.error("cannot open the node cache: %s", exc, extra={"event": "cache_open_failed"})
+
+    async def _fetch(self, identity: bytes, req_id: bytes, payload: bytes) -> None:
+        shards = np.frombuffer(payload, dtype="<i8")
+        try:
+            await asyncio.to_thread(self.cache.ensure, shards)
+            local = await asyncio.to_thread(lambda: str(self.cache.local_dir))
+        except Exception as exc:  # noqa: BLE001 - reported to the consumer, which raises it
+            code = b"FAILED_PRECONDITION" if isinstance(exc, ConfigError) else b"DATA_LOSS"
+            await self._send(identity, [REPLY, req_id, code, str(exc).encode()])
+            return
+        await self._send(identity, [REPLY, req_id, b"", local.encode()])
+
+    def _on_session_request(self, c: _Consumer, req: pb2.SessionRequest) -> None:
+        if req.job:
+            if self._session_job and req.job != self._session_job:
+                self._refuse_lanes(c, req, "FAILED_PRECONDITION",
+                                   f"this agent serves job {self._session_job!r}, not {req.job!r}")
+                return
+            self._session_job = req.job
+        for op in req.open:
+            old = c.lanes.pop(op.lane, None)
+            if old is not None:
+                self._close_lane(old)
+            g = self._next_lane
+            self._next_lane += 1
+            c.lanes[op.lane] = g
+            self._lanes[g] = _Lane(c.identity, op.lane, op.rank)
+            opened = self._pending.open.add()
+            opened.CopyFrom(op)
+            opened.lane = g
+        for ack in req.acks:
+            g = c.lanes.get(ack.lane)
+            if g is not None:
+                self._acks[g] = max(self._acks.get(g, -1), ack.next_step)
+        for lane in req.close:
+            g = c.lanes.pop(lane, None)
+            if g is not None:
+                self._close_lane(g)
+        self._flush.set()
+
+    def _refuse_lanes(self, c: _Consumer, req: pb2.SessionRequest, code: str, message: str) -> None:
+        resp = pb2.SessionResponse(events=[pb2.LaneEvent(lane=op.lane, error_code=code, error=message)
+                                           for op in req.open])
+        asyncio.create_task(self._send(c.identity, [SESSION, self.agent_id.encode(), resp.SerializeToString()]))
+
+    def _close_lane(self, g: int) -> None:
+        ln = self._lanes.pop(g, None)
+        self._acks.pop(g, None)
+        if ln is not None and self._session is not None:
+            self._pending.close.append(g)
+            if self.cache is not None:
+                self.cache.forget_lane(g)
+
+    # -- the server session ------------------------------------------------------------------------
+    def _report(self) -> pb2.NodeReport:
+        r = pb2.NodeReport(node=self.node, agent_id=self.agent_id, consumers=len(self._consumers))
+        if self.cache is not None:
+            s = self.cache.stats()
+            r.bytes_downloaded = int(s["bytes_downloaded"])
+            r.cache_hits = int(s["hits"])
+            r.cache_misses = int(s["misses"])
+            r.cache_bytes = int(s["cache_bytes"])
+            r.cache_limit = int(self.cache_limit or 0)
+            r.shards_downloaded = int(s["shards_downloaded"])
+        return r
+
+    async def _writer(self) -> None:
+        """Sends what consumers asked for (opens, aggregated acks, closes) on the session."""
+        last_report = 0.0
+        while True:
+            try:
+                await asyncio.wait_for(self._flush.wait(), timeout=REPORT_S)
+            except asyncio.TimeoutError:
+                pass
+            self._flush.clear()
+            req = self._pending
+            self._pending = pb2.SessionRequest()
+            for g, step in self._acks.items():
+                req.acks.add(lane=g, next_step=step)
+            self._acks.clear()
+            now = time.monotonic()
+            if now - last_report >= REPORT_S:
+                req.node.CopyFrom(self._report())
+                last_report = now
+            if not (req.open or req.acks or req.close or req.HasField("node")):
+                continue
+            if self._session is None:
+                if not req.open:
+                    continue  # nothing open: acks and closes of a lost session are moot
+                self._open_session()
+                req.job = self._session_job
+                req.node.CopyFrom(self._report())
+            try:
+                await self._session.write(req)
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+                self._lose_session(f"writing to the server failed: {exc}")
+
+    def _open_session(self) -> None:
+        stub = self._channel.stream_stream(f"/{SERVICE_NAME}/Session",
+                                           request_serializer=pb2.SessionRequest.SerializeToString,
+                                           response_deserializer=pb2.SessionResponse.FromString)
+        self._session = stub(metadata=self._metadata)
+        self.stats["sessions_opened"] += 1
+        asyncio.create_task(self._reader(self._session))
+        log.info("session opened", extra={"event": "agent_session_open", "server": self.server})
+
+    async def _reader(self, call: Any) -> None:
+        try:
+            while True:
+                resp = await call.read()
+                if resp is grpc.aio.EOF:
+                    raise ConnectionError("the server ended the session")
+                self.stats["messages_from_server"] += 1
+                self._dispatch(resp)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any end of the session is a loss
+            if call is self._session:
+                detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+                self._lose_session(detail or type(exc).__name__)
+
+    def _dispatch(self, resp: pb2.SessionResponse) -> None:
+        out: dict[bytes, pb2.SessionResponse] = {}
+        for ls in resp.lanes:
+            ln = self._lanes.get(ls.lane)
+            if ln is None:
+                continue
+            if self.cache is not None:
+                self.cache.prefetch_slices(ls.lane, ls.slices)
+            m = out.setdefault(ln.consumer, pb2.SessionResponse())
+            m.lanes.add(lane=ln.local, slices=ls.slices)
+        for ev in resp.events:
+            ln = self._lanes.get(ev.lane)
+            if ln is None:
+                continue
+            if self.cache is not None and ev.acked_step and not ev.error_code:
+                self.cache.release_lane(ev.lane, ev.acked_step)
+            m = out.setdefault(ln.consumer, pb2.SessionResponse())
+            e = m.events.add()
+            e.CopyFrom(ev)
+            e.lane = ln.local
+            if ev.error_code:
+                c = self._consumers.get(ln.consumer)
+                if c is not None:
+                    c.lanes.pop(ln.local, None)
+                self._lanes.pop(ev.lane, None)
+        agent = self.agent_id.encode()
+        for identity, m in out.items():
+            asyncio.create_task(self._send(identity, [SESSION, agent, m.SerializeToString()]))
+
+    def _lose_session(self, why: str) -> None:
+        """The server session ended: every open lane is reported UNAVAILABLE to its consumer,
+        which re-opens it (a new session opens with the first re-opened lane)."""
+        if self._session is None:
+            return
+        self.stats["session_losses"] += 1
+        log.warning("server session lost (%s); %d lanes told to reconnect", why, len(self._lanes),
+                    extra={"event": "agent_session_lost", "server": self.server})
+        call, self._session = self._session, None
+        call.cancel()
+        self._pending = pb2.SessionRequest()
+        self._acks.clear()
+        agent = self.agent_id.encode()
+        by_consumer: dict[bytes, pb2.SessionResponse] = {}
+        for g, ln in self._lanes.items():
+            by_consumer.setdefault(ln.consumer, pb2.SessionResponse()).events.add(
+                lane=ln.local, error_code="UNAVAILABLE", error=f"the agent lost its server session: {why}")
+            if self.cache is not None:
+                self.cache.forget_lane(g)
+        self._lanes.clear()
+        for c in self._consumers.values():
+            c.lanes.clear()
+        for identity, m in by_consumer.items():
+            asyncio.create_task(self._send(identity, [SESSION, agent, m.SerializeToString()]))
+
+    async def _beats(self) -> None:
+        agent = self.agent_id.encode()
+        while True:
+            await asyncio.sleep(BEAT_S)
+            now = time.monotonic()
+            for identity, c in list(self._consumers.items()):
+                if now - c.last_seen > CONSUMER_TIMEOUT_S:
+                    log.info("consumer silent for %.0f s; its lanes are closed", now - c.last_seen,
+                             extra={"event": "consumer_gone"})
+                    for g in c.lanes.values():
+                        self._close_lane(g)
+                    del self._consumers[identity]
+                    self._flush.set()
+                elif c.lanes:
+                    await self._send(identity, [BEAT, agent])
+
+
+def _warm_imports() -> None:
+    """Imports the shard reader's heavy modules off the event loop, before a rank needs them."""
+    import streaming.base.stream  # noqa: F401
+
+
+def _aio_channel(address: str, tls_root_cert: str | None) -> grpc.aio.Channel:
+    from croupier.client.channel import channel_options
+
+    if tls_root_cert is None:
+        return grpc.aio.insecure_channel(address, options=channel_options())
+    try:
+        pem = Path(tls_root_cert).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read TLS root certificate {tls_root_cert!r}: {exc.strerror}") from None
+    return grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=pem),
+                                   options=channel_options())
+
+
+def run_agent(agent: NodeAgent) -> None:
+    """Runs `agent` in this thread until SIGTERM / SIGINT."""
+    import signal
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, agent.stop)
+        await agent.run()
+
+    asyncio.run(main())
+
+
+__all__ = ["NodeAgent", "AgentLocked", "run_agent", "open_channel"]

@@ -1,0 +1,44 @@
+"""`croupier agent`: run this node's agent in the foreground until SIGTERM.
+
+    croupier agent --server HOST:PORT --runtime-dir DIR --cache-dir DIR [--cache-limit SIZE]
+                   [--job NAME] [--node NAME] [--token-file F] [--tls-root-cert F]
+
+Ranks and DataLoader workers whose environment has CROUPIER_AGENT=DIR (the runtime directory)
+then talk only to this agent. See docs/agent.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from croupier.client.cli_options import resolve_token
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("agent", help="the node agent: one server stream and one shard cache per node")
+    p.add_argument("--server", required=True, metavar="HOST:PORT", help="the sampler server")
+    p.add_argument("--runtime-dir", required=True, metavar="DIR",
+                   help="per-job directory for the agent's socket (created 0700); ranks get CROUPIER_AGENT=DIR")
+    p.add_argument("--cache-dir", required=True, metavar="DIR", help="the node's shard cache")
+    p.add_argument("--cache-limit", default=None, metavar="SIZE",
+                   help="most bytes of shards the node keeps, with units (e.g. 20GiB); default: no limit")
+    p.add_argument("--job", default="", help="the job name (default: whatever the ranks join)")
+    p.add_argument("--node", default=None, help="node name shown in status (default: the host name)")
+    p.add_argument("--token-file", default=None, metavar="FILE", help="bearer token file (default: $CROUPIER_TOKEN)")
+    p.add_argument("--tls-root-cert", "--tls-ca", dest="tls_ca", default=None, metavar="PEM",
+                   help="use TLS, trusting this CA (or self-signed) certificate")
+    p.add_argument("--log-level", default="INFO", help="log level (default INFO)")
+    p.set_defaults(func=run_agent_cli)
+
+
+def run_agent_cli(args: argparse.Namespace) -> int:
+    from croupier.client.agent import NodeAgent, run_agent
+    from croupier.server import logs
+    from croupier.shards.build_cli import parse_size
+
+    logs.configure(args.log_level)
+    limit = None if args.cache_limit is None else parse_size(args.cache_limit)
+    agent = NodeAgent(args.server, args.runtime_dir, args.cache_dir, cache_limit=limit, job=args.job,
+                      token=resolve_token(None, args.token_file), tls_root_cert=args.tls_ca, node=args.node)
+    run_agent(agent)
+    return 0

@@ -1,0 +1,135 @@
+"""The node's one shard cache, owned by its `croupier agent`.
+
+The agent sees every slice it forwards to a local consumer before the consumer does, so it
+knows the union of the node's lookahead, in step order: it records each slice's ids as a
+need (`prefetch_slices`) and background threads download the shards in order of first need,
+one download per shard per node. A lane's needs are released when the server confirms the
+lane's acknowledgement (`release_lane`), so eviction (under `cache_limit`) follows Belady's
+rule over what the node will read: shards no local consumer still needs go first, then the
+one needed last (`croupier.client.shard_store` implements the rule; this is one store per
+node instead of one per process).
+
+Consumers never receive sample bytes from the agent: before reading a step they ask it to
+make the step's shards present (`ensure`), then read the files from the shared cache
+directory under the store's per-shard shared locks, which the agent's eviction respects.
+The dataset's index.json is fetched once, by the agent, and read by consumers from the cache.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from croupier.errors import ConfigError
+from croupier.format.mds_index import INDEX_BASENAME
+from croupier.proto import slice_ids
+
+READY = 2
+"""ShardStore's status of a shard resident in the cache."""
+
+
+class NodeCache:
+    """One node's shard cache (see the module docstring); thread-safe."""
+
+    def __init__(self, cache_dir: str | Path, cache_limit: int | None = None, prefetch_threads: int = 4) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.cache_limit = cache_limit
+        self.prefetch_threads = prefetch_threads
+        self._remote: str | None = None
+        self._fingerprint: str | None = None
+        self._store: Any = None
+        self._lock = threading.Lock()
+        self._lanes: dict[int, deque[tuple[int, np.ndarray]]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def configure(self, remote: str, fingerprint: str | None) -> None:
+        """The dataset the node reads (from the job a rank joined); the store opens on first use."""
+        with self._lock:
+            if self._remote is None:
+                self._remote, self._fingerprint = remote, fingerprint
+            elif (remote, fingerprint) != (self._remote, self._fingerprint):
+                raise ConfigError(f"this agent's cache serves dataset {self._remote} ({self._fingerprint}); "
+                                  f"a rank joined a job reading {remote} ({fingerprint})")
+
+    def store(self) -> Any:
+        """The node's ShardStore, opened (index.json fetched) on first call."""
+        with self._lock:
+            if self._store is None:
+                if self._remote is None:
+                    raise ConfigError("no rank has joined through this agent yet: the dataset is not known")
+                from croupier.client.shard_store import ShardStore  # noqa: PLC0415 - streaming is heavy
+
+                self._store = ShardStore(self._remote, self.cache_dir, fingerprint=self._fingerprint,
+                                         cache_limit=self.cache_limit, prefetch_threads=self.prefetch_threads)
+            return self._store
+
+    @property
+    def local_dir(self) -> Path:
+        """The directory holding the dataset's shards and index.json (opens the store)."""
+        return Path(self.store().local)
+
+    def index_path(self) -> Path:
+        return self.local_dir / INDEX_BASENAME
+
+    # -- needs -------------------------------------------------------------------------------------
+    def prefetch_slices(self, lane: int, slices: Iterable[Any]) -> None:
+        """Records the ids of slices about to reach a local consumer as needs, in order."""
+        store = self._store
+        if store is None:
+            return  # not open yet (it opens off the agent's loop): consumers' fetches still work
+        q = self._lanes.setdefault(lane, deque())
+        for sl in slices:
+            ids = slice_ids(sl)
+            if ids.size:
+                q.append((int(sl.step), ids))
+                store.prefetch(ids)
+
+    def release_lane(self, lane: int, acked_step: int) -> None:
+        """The lane consumed every step before `acked_step`: its needs there are released."""
+        q = self._lanes.get(lane)
+        if not q:
+            return
+        store = self.store()
+        while q and q[0][0] < acked_step:
+            store.release(q.popleft()[1])
+
+    def forget_lane(self, lane: int) -> None:
+        """A lane closed: whatever it had not consumed is no longer needed."""
+        q = self._lanes.pop(lane, None)
+        if q and self._store is not None:
+            for _, ids in q:
+                self._store.release(ids)
+
+    def ensure(self, shards: np.ndarray) -> None:
+        """Makes these shards present in the cache (downloading those that are not)."""
+        store = self.store()
+        rt = store._runtime()
+        for s in np.unique(np.asarray(shards, dtype=np.int64)).tolist():
+            if not 0 <= s < store.num_shards:
+                raise ConfigError(f"shard {s} is outside the dataset's {store.num_shards} shards")
+            with rt.cond:
+                hit = bool(rt.status[s] == READY)
+            with self._lock:
+                if hit:
+                    self.hits += 1
+                else:
+                    self.misses += 1
+            rt._acquire(s)
+            rt._unuse(s)
+
+    def stats(self) -> dict[str, float]:
+        base = {"bytes_downloaded": 0, "shards_downloaded": 0, "cache_bytes": 0, "peak_cache_bytes": 0,
+                "evictions": 0}
+        if self._store is not None:
+            base.update({k: v for k, v in self._store.stats().items() if k in base})
+        base.update(hits=self.hits, misses=self.misses)
+        return base
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
