@@ -2,8 +2,9 @@
 
 For N = 64, 256 and 1024 ranks (full scale; 16 and 64 quick), spread as asyncio tasks over a
 few client processes (so the client side does not dominate the cores), every rank joins,
-opens its slice stream and consumes one step every 1/RATE seconds on a shared clock,
-acknowledging every ACK_EVERY steps, as a trainer would. We report
+opens its Session stream (one lane; a server without Session: StreamSlices plus unary Ack)
+and consumes one step every 1/RATE seconds on a shared clock, acknowledging every ACK_EVERY
+steps in-band, as `RankClient` does. We report
 
 - client wait per step (p50, p99): how long a rank was blocked on its stream between
   wanting step t (its clock's time for t, or later if it runs behind) and having its slice.
@@ -111,7 +112,65 @@ async def _rank_loop(stub, pb2, rank: int, world: int, steps: int, rate: float, 
     out.append(waits[WARMUP_STEPS:])
 
 
-def client_process(address: str, ranks: list[int], world: int, steps: int, rate: float, t0: float, queue) -> None:
+async def _session_rank_loop(stub, pb2, rank: int, world: int, steps: int, rate: float, t0: float, out: list,
+                             retries: list) -> None:
+    """One simulated trainer rank on a Session stream (what RankClient uses): acknowledgements
+    travel in-band; a broken stream is re-opened from the next step with the position."""
+    import asyncio
+
+    import grpc
+
+    await stub.Join(pb2.JoinRequest(rank=rank, world_size=world), timeout=300)
+
+    async def open_session(start: int, acked: int):
+        call = stub.Session()
+        req = pb2.SessionRequest(open=[pb2.LaneOpen(lane=1, rank=rank, world_size=world, start_step=start,
+                                                    lookahead=LOOKAHEAD, stop_step=steps)])
+        if acked:
+            req.acks.add(lane=1, next_step=acked)
+        await call.write(req)
+        return call
+
+    call = await open_session(0, 0)
+    have: set[int] = set()
+    waits = []
+    acked = 0
+    for t in range(steps):
+        delay = t0 + t / rate - time.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        want = time.time()
+        while t not in have:
+            try:
+                resp = await call.read()
+            except grpc.aio.AioRpcError as exc:
+                retries.append(f"stream {exc.code().name}")
+                call.cancel()
+                call = await open_session(t, acked)
+                continue
+            if resp is grpc.aio.EOF:
+                retries.append("stream EOF")
+                call = await open_session(t, acked)
+                continue
+            for ev in resp.events:
+                if ev.error_code:
+                    retries.append(f"lane {ev.error_code}")
+            for ls in resp.lanes:
+                have.update(s.step for s in ls.slices)
+        have.discard(t)
+        waits.append(time.time() - want)
+        if (t + 1) % ACK_EVERY == 0 or t == steps - 1:
+            acked = t + 1
+            try:
+                await call.write(pb2.SessionRequest(acks=[pb2.LaneAck(lane=1, next_step=acked)]))
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+                retries.append(f"ack {type(exc).__name__}")
+    call.cancel()
+    out.append(waits[WARMUP_STEPS:])
+
+
+def client_process(address: str, ranks: list[int], world: int, steps: int, rate: float, t0: float, queue,
+                   protocol: str = "session") -> None:
     """One client process: one asyncio channel, one task per simulated rank (spawned, never forked)."""
     import asyncio
 
@@ -126,7 +185,8 @@ def client_process(address: str, ranks: list[int], world: int, steps: int, rate:
 
     async def run_rank(stub, r: int) -> None:
         try:
-            await _rank_loop(stub, pb2, r, world, steps, rate, t0, results, retries)
+            loop = _session_rank_loop if protocol == "session" else _rank_loop
+            await loop(stub, pb2, r, world, steps, rate, t0, results, retries)
         except Exception as exc:  # noqa: BLE001 - reported to the parent
             errors.append(f"rank {r}: {exc!r}")
 
@@ -169,7 +229,7 @@ def generation_cpu_per_million(global_batch: int, steps: int) -> float:
 
 
 def one_load(n: int, steps: int, rate: float, procs: int, env: dict[str, str] | None = None,
-             cwd: Path | None = None) -> dict:
+             cwd: Path | None = None, protocol: str = "session") -> dict:
     world = n
     batch = PER_RANK * n
     with tempfile.TemporaryDirectory() as tmp:
@@ -201,7 +261,7 @@ def one_load(n: int, steps: int, rate: float, procs: int, env: dict[str, str] | 
             queue = ctx.Queue()
             groups = [list(range(p, n, procs)) for p in range(procs)]
             t0 = time.time() + 3.0 + n / 200  # every rank starts on the same clock, after start-up
-            clients = [ctx.Process(target=client_process, args=(info["address"], g, world, steps, rate, t0, queue))
+            clients = [ctx.Process(target=client_process, args=(info["address"], g, world, steps, rate, t0, queue, protocol))
                        for g in groups]
             cpu0 = _cpu_seconds(server.pid)
             sampler.start()
@@ -302,6 +362,8 @@ def run(scale: str = "full", baseline: str | None = None) -> list[dict]:
         base_env = None
         if baseline:
             base_env, tree = _baseline_env(baseline, base_tmp)
+            has_session = "rpc Session(" in (tree / "proto" / "croupier" / "v1" / "croupier.proto").read_text()
+            base_protocol = "session" if has_session else "streams"
         for n in p["ranks"]:
             r = one_load(n, p["steps"], p["rate"], p["procs"])
             ref_cpu = generation_cpu_per_million(r["batch"], max(10, 4000 // n))
@@ -310,7 +372,8 @@ def run(scale: str = "full", baseline: str | None = None) -> list[dict]:
             if base_env is None:
                 continue
             try:
-                old = one_load(n, p["steps"], p["rate"], p["procs"], env=base_env, cwd=base_tmp / "pkg")
+                old = one_load(n, p["steps"], p["rate"], p["procs"], env=base_env, cwd=base_tmp / "pkg",
+                               protocol=base_protocol)
             except RuntimeError as exc:  # the old server may stall or fail: that is a result too
                 rows.append({"bench": f"server load N={n} ranks [{baseline}]", "metric": "FAILED", "value": None,
                              "unit": "", "reference": None, "ratio": None, "target": str(exc)[:100]})

@@ -39,7 +39,7 @@ import zmq.asyncio
 
 from croupier import __version__
 from croupier.client.agent_protocol import (BEAT, BEAT_S, CALL, CONSUMER_TIMEOUT_S, FETCH, FORWARDED_CALLS, HELLO,
-                                            INFO_NAME, LOCK_NAME, REPLY, SESSION, endpoint, socket_path)
+                                            INFO_NAME, LOCK_NAME, REPLY, SESSION, STATS_NAME, endpoint, socket_path)
 from croupier.client.channel import auth_metadata, open_channel
 from croupier.errors import ConfigError
 from croupier.format.atomic import write_bytes_atomic
@@ -132,6 +132,21 @@ class NodeAgent:
                 "version": __version__}
         write_bytes_atomic(self.runtime_dir / INFO_NAME, json.dumps(info).encode())
 
+    def stats_now(self) -> dict[str, Any]:
+        """The agent's counters: its node report's figures and its own."""
+        r = self._report()
+        return {"node": r.node, "agent_id": r.agent_id, "consumers": r.consumers, "lanes": len(self._lanes),
+                "bytes_downloaded": r.bytes_downloaded, "shards_downloaded": r.shards_downloaded,
+                "cache_hits": r.cache_hits, "cache_misses": r.cache_misses, "cache_bytes": r.cache_bytes,
+                "cache_limit": r.cache_limit, **self.stats}
+
+    def write_stats(self) -> None:
+        """Writes `stats_now()` to <runtime dir>/stats.json (every report period and at stop)."""
+        try:
+            write_bytes_atomic(self.runtime_dir / STATS_NAME, json.dumps(self.stats_now()).encode())
+        except OSError as exc:
+            log.warning("cannot write agent stats: %s", exc, extra={"event": "agent_stats_failed"})
+
     def stop(self) -> None:
         """Asks a running `run()` to return (from the agent's loop)."""
         self._stopping.set()
@@ -168,6 +183,7 @@ class NodeAgent:
             await self._channel.close()
             sock.close(0)
             ctx.term()
+            self.write_stats()
             self.cache.close()
             try:
                 socket_path(self.runtime_dir).unlink()
@@ -268,10 +284,21 @@ class NodeAgent:
             opened = self._pending.open.add()
             opened.CopyFrom(op)
             opened.lane = g
+        unknown = []
         for ack in req.acks:
             g = c.lanes.get(ack.lane)
             if g is not None:
                 self._acks[g] = max(self._acks.get(g, -1), ack.next_step)
+            else:
+                unknown.append(ack.lane)
+        if unknown:
+            # Acknowledgements of lanes this agent never opened: the consumer's previous agent
+            # is gone (this one restarted). Tell it at once, so it re-opens instead of waiting.
+            resp = pb2.SessionResponse(events=[pb2.LaneEvent(
+                lane=lane, error_code="UNAVAILABLE",
+                error=f"lane {lane} is unknown to this agent (agent {self.agent_id} restarted?); open it again")
+                for lane in sorted(set(unknown))])
+            asyncio.create_task(self._send(c.identity, [SESSION, self.agent_id.encode(), resp.SerializeToString()]))
         for lane in req.close:
             g = c.lanes.pop(lane, None)
             if g is not None:
@@ -322,6 +349,7 @@ class NodeAgent:
             if now - last_report >= REPORT_S:
                 req.node.CopyFrom(self._report())
                 last_report = now
+                await asyncio.to_thread(self.write_stats)
             if not (req.open or req.acks or req.close or req.HasField("node")):
                 continue
             if self._session is None:

@@ -78,6 +78,7 @@ class AgentTransport:
         self._out: queue.Queue = queue.Queue()
         self._wake_r, self._wake_w = os.pipe()
         self._ids = itertools.count(1)
+        self._lane_ids = itertools.count(1)
         self._pending: dict[bytes, _Pending] = {}
         self._lanes: dict[int, "_AgentLane"] = {}
         self._lock = threading.Lock()
@@ -205,7 +206,7 @@ class AgentTransport:
 
     def open_lane(self, job: str, lane: pb2.LaneOpen, ack: int | None) -> "_AgentLane":
         with self._lock:
-            local = max(self._lanes, default=0) + 1
+            local = next(self._lane_ids)  # never reused: a late event of an old lane reaches no new one
             spec = pb2.LaneOpen()
             spec.CopyFrom(lane)
             spec.lane = local

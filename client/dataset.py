@@ -34,15 +34,19 @@ the first worker joined).
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 from typing import Any, Iterator, Mapping
 
 from torch.utils.data import IterableDataset, get_worker_info
 
+from croupier.client.agent_protocol import AGENT_ENV
 from croupier.client.rank_client import STATE_VERSION, RankClient, validate_state
 from croupier.errors import ConfigError, EndOfData, FingerprintMismatch, StateError
 from croupier.server.topology import Topology
+
+log = logging.getLogger(__name__)
 
 STEP_KEY = "_croupier_step"
 ID_KEY = "_croupier_id"
@@ -52,8 +56,11 @@ class CroupierIterableDataset(IterableDataset):
     """Decoded samples of this rank's slices, in the server's order.
 
     address, job, topology, token, tls_root_cert, lookahead: as for `RankClient`.
-    cache_dir: local shard cache root (shared safely by ranks and workers on a node).
-    cache_limit: bytes of shards to keep locally (None: no limit).
+    cache_dir: local shard cache root (shared safely by ranks and workers on a node). Not
+        needed under a node agent, whose node cache is used instead.
+    cache_limit: bytes of shards to keep locally (None: no limit). Under a node agent the
+        agent's --cache-limit applies to the whole node instead.
+    agent: the node agent's runtime directory (None: $CROUPIER_AGENT; "": connect directly).
     steps: steps to yield per iteration (None: until the end of the sequence).
     start_step: first step (None: the loaded state's, else where the server says the rank resumes).
     remote: where shards are read from (None: the job's dataset_remote).
@@ -64,7 +71,7 @@ class CroupierIterableDataset(IterableDataset):
         address: str,
         job: str,
         *,
-        cache_dir: str | os.PathLike,
+        cache_dir: str | os.PathLike | None = None,
         cache_limit: int | None = None,
         steps: int | None = None,
         start_step: int | None = None,
@@ -74,6 +81,7 @@ class CroupierIterableDataset(IterableDataset):
         lookahead: int = 64,
         remote: str | None = None,
         prefetch_threads: int = 4,
+        agent: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
         if steps is not None and steps < 0:
@@ -84,7 +92,13 @@ class CroupierIterableDataset(IterableDataset):
             raise ConfigError(f"cache_limit must be > 0 bytes, got {cache_limit}")
         self.address = address
         self.job = job
-        self.cache_dir = os.fspath(cache_dir)
+        self.agent = os.fspath(agent) if agent is not None else os.environ.get(AGENT_ENV, "")
+        if self.agent and (cache_dir is not None or cache_limit is not None):
+            _warn_once(f"a node agent ({AGENT_ENV}={self.agent}) serves this rank: its node cache is used, and the "
+                       "dataset's cache_dir / cache_limit are ignored")
+        if cache_dir is None and not self.agent:
+            raise ConfigError("cache_dir is required when no node agent is configured (agent= or $CROUPIER_AGENT)")
+        self.cache_dir = os.fspath(cache_dir) if cache_dir is not None else ""
         self.cache_limit = cache_limit
         self.steps = steps
         self.topology = topology if topology is not None else Topology.detect()
@@ -120,6 +134,7 @@ class CroupierIterableDataset(IterableDataset):
             token=self.token,
             tls_root_cert=self.tls_root_cert,
             lookahead=self.lookahead,
+            agent=self.agent,
             **kwargs,
         )
 
@@ -361,6 +376,15 @@ def _parse_state(state: Mapping[str, Any]) -> tuple[int | None, int, int | None,
     if position is None and (skip or stride is not None):
         raise StateError(f"dataset state without next_step cannot have skip {skip} or stride {stride}")
     return position, skip, stride, stop
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
 
 
 def _spawning() -> bool:

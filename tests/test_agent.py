@@ -187,3 +187,207 @@ def test_two_agents_on_one_runtime_dir_refuse_each_other(cluster) -> None:
     assert second.wait(30) == 2
     assert "already serves the runtime directory" in (cluster.tmp / "agent0.log").read_text()
     assert cluster.agents[0].poll() is None  # the first one keeps serving
+
+
+def read_records(out: Path) -> list[dict]:
+    recs = []
+    for path in sorted(out.glob("records.rank*.jsonl")):
+        recs += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return recs
+
+
+def launch_ranks(cluster: Cluster, nodes: list[int], per_node: int, steps: int, out: Path, start_step: int = 0,
+                 workers: int = 2) -> list[subprocess.Popen]:
+    """Real rank processes (each a DataLoader with `workers` worker processes), per node."""
+    from workers.harness import python
+
+    world = len(nodes) * per_node
+    procs = []
+    for k, node in enumerate(nodes):
+        for local in range(per_node):
+            rank = k * per_node + local
+            env = dict(env_for_subprocess(), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local),
+                       CROUPIER_AGENT=str(cluster.runtime(node)))
+            log = open(cluster.tmp / f"rank{rank}.log", "ab")
+            procs.append(subprocess.Popen(
+                [python(), str(Path(__file__).parent / "workers" / "agent_rank.py"), "--job", JOB, "--steps",
+                 str(steps), "--start-step", str(start_step), "--per-rank-batch", str(B // world),
+                 "--workers", str(workers), "--out", str(out)],
+                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
+            log.close()
+    return procs
+
+
+def agent_stats(cluster: Cluster, node: int) -> dict:
+    return json.loads((cluster.runtime(node) / "stats.json").read_text())
+
+
+def test_four_nodes_of_two_ranks_with_two_workers_each(cluster, mds, tmp_path) -> None:
+    """Real processes: 4 agents, 8 ranks, 16 DataLoader workers. The union of delivered steps is
+    the global sequence, the decoded columns match the shards, the server holds one stream per
+    node, and no node downloads a shard twice."""
+    cluster.start_server()
+    for node in range(4):
+        cluster.start_agent(node)
+    steps = 24
+    seen = {"sessions": 0, "streams": 0, "nodes": set()}
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.1):
+            st = cluster.status()
+            seen["sessions"] = max(seen["sessions"], len(st.sessions))
+            seen["streams"] = max(seen["streams"], cluster.server.servicer.limits.open_streams())
+            seen["nodes"] |= {s.node.node for s in st.sessions if s.node.node}
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    procs = launch_ranks(cluster, list(range(4)), 2, steps, tmp_path / "out")
+    try:
+        for p in procs:
+            assert p.wait(180) == 0, (tmp_path / f"rank{procs.index(p)}.log").read_text()[-3000:]
+    finally:
+        stop.set()
+        for p in procs:
+            kill_tree(p)
+    recs = read_records(tmp_path / "out")
+    ref = reference(steps)
+    by_step: dict[int, dict[int, list[int]]] = {}
+    for r in recs:
+        assert r["step"] not in by_step.get(r["rank"], {}), f"step {r['step']} twice on rank {r['rank']}"
+        by_step.setdefault(r["rank"], {})[r["step"]] = r["ids"]
+        assert r["id"] == r["ids"] and r["text"] == [sample_text(i) for i in r["ids"]]
+    for step in range(steps):
+        union = np.concatenate([by_step[rank][step] for rank in range(8)])
+        np.testing.assert_array_equal(union, ref[step])
+    # One stream per node on the server, not one per rank or worker (8 ranks x 2 workers here).
+    assert seen["streams"] <= 4 and seen["sessions"] == 4, seen
+    assert seen["nodes"] == {f"node{n}" for n in range(4)}
+    # Each node downloaded each shard it read once, and only those.
+    from croupier.format.mds_index import MDSIndex
+
+    index = MDSIndex((mds / "index.json").read_bytes(), where="test")
+    for node in range(4):
+        kill_tree(cluster.agents[node], signal.SIGTERM)
+        st = agent_stats(cluster, node)
+        ids = np.concatenate([np.asarray(by_step[rank][s]) for rank in (2 * node, 2 * node + 1)
+                              for s in range(steps)])
+        touched = np.unique(index.table.shard_of(ids))
+        assert st["shards_downloaded"] == len(touched), (node, st)
+        assert st["bytes_downloaded"] == sum(index.shards[s].raw.bytes for s in touched.tolist()), (node, st)
+
+
+class Trainer(threading.Thread):
+    """A rank reading through its node's agent (RankClient, as a trainer uses it)."""
+
+    def __init__(self, cluster: Cluster, node: int, rank: int, world: int, stop: int, **kw) -> None:
+        super().__init__(daemon=True)
+        self.client = client(cluster, node, rank, world, stop_step=stop, lookahead=4, **kw)
+        self.rank = rank
+        self.got: dict[int, np.ndarray] = {}
+        self.duplicates = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            for step, ids in self.client:
+                self.duplicates += step in self.got
+                self.got[step] = np.array(ids)
+                time.sleep(0.01)
+        except BaseException as exc:  # noqa: BLE001 - checked by the test
+            self.error = exc
+        finally:
+            self.client.close()
+
+
+def wait_progress(trainers: list[Trainer], step: int, timeout: float = 120) -> None:
+    wait_for(lambda: min(len(t.got) for t in trainers) >= step or any(t.error for t in trainers), timeout,
+             f"every rank past step {step}")
+    assert not any(t.error for t in trainers), [t.error for t in trainers]
+
+
+def finish(trainers: list[Trainer], first: int, stop: int) -> None:
+    for t in trainers:
+        t.join(180)
+    assert not any(t.is_alive() for t in trainers)
+    assert all(t.error is None for t in trainers), [t.error for t in trainers]
+    assert all(t.duplicates == 0 for t in trainers)
+    ref = reference(stop)
+    for step in range(first, stop):
+        np.testing.assert_array_equal(np.concatenate([t.got[step] for t in trainers]), ref[step])
+
+
+def test_agent_killed_mid_run_blocks_its_ranks_until_it_is_back(cluster, caplog) -> None:
+    cluster.start_server()
+    cluster.start_agent(0)
+    cluster.start_agent(1)
+    stop = 85
+    trainers = [Trainer(cluster, r // 2, r, 4, stop) for r in range(4)]
+    for t in trainers:
+        t.start()
+    wait_progress(trainers, 30)
+    kill_tree(cluster.agents[0], signal.SIGKILL)
+    at_kill = [len(t.got) for t in trainers]
+    time.sleep(2.0)
+    # Node 0's ranks are blocked (nothing from the server reaches them without their agent);
+    # node 1's ranks run on up to the lag bound.
+    assert [len(t.got) for t in trainers[:2]] <= [a + 5 for a in at_kill[:2]]
+    cluster.start_agent(0)
+    finish(trainers, 0, stop)
+    lost = [r.getMessage() for r in caplog.records if "agent" in r.getMessage() and r.levelname == "WARNING"]
+    assert lost, "the ranks of the killed agent logged nothing"
+
+
+def test_server_killed_under_agents_is_only_a_delay(tmp_path, mds) -> None:
+    from workers.harness import python
+
+    port = free_port()
+    cmd = [python(), "-m", "croupier", "serve", "--cluster-sizes", ",".join(map(str, SIZES)), "--global-batch",
+           str(B), "--policy", "clusterclip", "--clip", "3", "--seed", str(SEED), "--state-dir",
+           str(tmp_path / "state"), "--port", str(port), "--job", JOB, "--log-level", "WARNING"]
+
+    def start() -> subprocess.Popen:
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(tmp_path / "server.log", "ab"),
+                             env=env_for_subprocess(), start_new_session=True)
+        assert p.stdout.readline()
+        return p
+
+    server = start()
+    c = Cluster(tmp_path, mds)
+    c.address = f"127.0.0.1:{port}"
+    try:
+        for node in range(2):
+            c.start_agent(node)
+        stop = 85
+        trainers = [Trainer(c, r // 2, r, 4, stop) for r in range(4)]
+        for t in trainers:
+            t.start()
+        for k in (15, 50):
+            wait_progress(trainers, k)
+            kill_tree(server, signal.SIGKILL)
+            server = start()
+        finish(trainers, 0, stop)
+        for n in range(2):
+            kill_tree(c.agents[n], signal.SIGTERM)  # an agent writes its counters when it stops
+            assert agent_stats(c, n)["session_losses"] >= 2
+    finally:
+        c.stop()
+        kill_tree(server, signal.SIGTERM)
+
+
+def test_elastic_resume_from_four_nodes_to_two(cluster) -> None:
+    cluster.start_server()
+    for node in range(4):
+        cluster.start_agent(node)
+    first = [Trainer(cluster, r // 2, r, 8, 20) for r in range(8)]
+    for t in first:
+        t.start()
+    finish(first, 0, 20)
+    token = first[0].client.__class__("agent", job=JOB, topology=Topology(0, 8),
+                                      agent=str(cluster.runtime(0))).checkpoint(20)
+    # The job goes on with two nodes of two ranks, from the token, through the same agents.
+    second = [Trainer(cluster, r // 2, r, 4, 45, resume_token=token) for r in range(4)]
+    for t in second:
+        t.start()
+    finish(second, 20, 45)
+    assert all(min(t.got) == 20 for t in second)
