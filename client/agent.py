@@ -74,7 +74,7 @@ class NodeAgent:
 
     def __init__(self, server: str, runtime_dir: str | os.PathLike, cache_dir: str | os.PathLike,
                  cache_limit: int | None = None, job: str = "", token: str | None = None,
-                 tls_root_cert: str | None = None, node: str | None = None) -> None:
+                 tls_root_cert: str | None = None, node: str | None = None, idle_exit_s: float = 0.0) -> None:
         if not server or ":" not in server:
             raise ConfigError(f"agent --server must be host:port, got {server!r}")
         self.server = server
@@ -84,6 +84,7 @@ class NodeAgent:
         self.job = job
         self.node = node or socket.gethostname()
         self.agent_id = uuid.uuid4().hex[:12]
+        self.idle_exit_s = float(idle_exit_s)
         self._metadata = auth_metadata(token)
         self._tls_root_cert = tls_root_cert
         self._endpoint = endpoint(self.runtime_dir)
@@ -110,9 +111,13 @@ class NodeAgent:
             raise ConfigError(f"cannot create the agent runtime directory {str(self.runtime_dir)!r}: "
                               f"{exc.strerror}") from None
         fd = os.open(self.runtime_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        for attempt in range(10):  # a rank probing the lock holds it for an instant
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
             os.close(fd)
             holder = ""
             try:
@@ -443,9 +448,15 @@ class NodeAgent:
 
     async def _beats(self) -> None:
         agent = self.agent_id.encode()
+        idle_since = time.monotonic()
         while True:
             await asyncio.sleep(BEAT_S)
             now = time.monotonic()
+            if self._consumers:
+                idle_since = now
+            elif self.idle_exit_s and now - idle_since > self.idle_exit_s:
+                log.info("no consumer for %.0f s: exiting", now - idle_since, extra={"event": "agent_idle_exit"})
+                self.stop()
             for identity, c in list(self._consumers.items()):
                 if now - c.last_seen > CONSUMER_TIMEOUT_S:
                     log.info("consumer silent for %.0f s; its lanes are closed", now - c.last_seen,

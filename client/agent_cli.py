@@ -27,6 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--token-file", default=None, metavar="FILE", help="bearer token file (default: $CROUPIER_TOKEN)")
     p.add_argument("--tls-root-cert", "--tls-ca", dest="tls_ca", default=None, metavar="PEM",
                    help="use TLS, trusting this CA (or self-signed) certificate")
+    p.add_argument("--exit-when-idle", type=float, default=0.0, metavar="SECONDS",
+                   help="exit after this long without consumers (0, the default: run until SIGTERM)")
     p.add_argument("--log-level", default="INFO", help="log level (default INFO)")
     p.set_defaults(func=run_agent_cli)
 
@@ -39,6 +41,7 @@ def run_agent_cli(args: argparse.Namespace) -> int:
     logs.configure(args.log_level)
     limit = None if args.cache_limit is None else parse_size(args.cache_limit)
     agent = NodeAgent(args.server, args.runtime_dir, args.cache_dir, cache_limit=limit, job=args.job,
-                      token=resolve_token(None, args.token_file), tls_root_cert=args.tls_ca, node=args.node)
+                      token=resolve_token(None, args.token_file), tls_root_cert=args.tls_ca, node=args.node,
+                      idle_exit_s=args.exit_when_idle)
     run_agent(agent)
     return 0

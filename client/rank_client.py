@@ -88,8 +88,10 @@ class RankClient:
     read_only: read slices without taking part in the training (`croupier client dump`): the
         stream is marked read-only and nothing is acknowledged, so no rank's position moves.
     agent: the runtime directory of this node's `croupier agent` (None: $CROUPIER_AGENT; "" or
-        unset: connect to the server directly). Through an agent the rank opens no connection
-        of its own to the server; `address` is then only a label.
+        unset: connect to the server directly; "auto": local rank 0 starts the node's agent for
+        `address` when none runs, see croupier.client.agent_auto). Through an agent the rank
+        opens no connection of its own to the server; with an explicit directory `address` is
+        only a label.
     """
 
     def __init__(
@@ -181,6 +183,11 @@ class RankClient:
             self._ack_thread = None
             self._call = None
             self._queue = queue.Queue(maxsize=self.lookahead + 2)
+        if self.agent == "auto":
+            from croupier.client.agent_auto import ensure_agent
+
+            self.agent = ensure_agent(self.address, self.job,
+                                      None if isinstance(self._tls_root_cert, bytes) else self._tls_root_cert)
         if self.agent:
             from croupier.client.agent_transport import AgentTransport
 

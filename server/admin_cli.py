@@ -79,8 +79,16 @@ def status_dict(resp: pb2.GetStatusResponse) -> dict[str, Any]:
         "clusters": {"size": list(resp.cluster_sizes), "draws": list(resp.cluster_draws),
                      "passes": list(resp.cluster_passes), "clipped_at": list(resp.cluster_clipped_at)},
         "ranks": [{"rank": r.rank, "next_step": r.next_step, "delivered_step": r.delivered_step,
-                   "seconds_since_seen": round(r.seconds_since_seen, 3), "connected": r.connected}
+                   "seconds_since_seen": round(r.seconds_since_seen, 3), "connected": r.connected,
+                   "live": r.live}
                   for r in resp.ranks],
+        "open_streams": resp.open_streams,
+        "sessions": [{"peer": x.peer, "node": x.node.node, "agent_id": x.node.agent_id, "ranks": list(x.ranks),
+                      "lanes": x.lanes, "consumers": x.node.consumers, "seconds_open": round(x.seconds_open, 1),
+                      "bytes_downloaded": x.node.bytes_downloaded, "shards_downloaded": x.node.shards_downloaded,
+                      "cache_hits": x.node.cache_hits, "cache_misses": x.node.cache_misses,
+                      "cache_bytes": x.node.cache_bytes, "cache_limit": x.node.cache_limit}
+                     for x in resp.sessions],
     }
 
 
@@ -117,7 +125,23 @@ def format_status(resp: pb2.GetStatusResponse, top: int = 40) -> str:
                      f"{r.seconds_since_seen:>12.1f} {'open' if r.connected else '-':>7}")
     if not resp.ranks:
         lines.append(f"{'':>6} no rank has joined")
+    lines += ["", f"open streams {resp.open_streams}, sessions {len(resp.sessions)}"]
+    if resp.sessions:
+        lines.append(f"{'node':>12} {'ranks':>12} {'lanes':>6} {'consumers':>9} {'downloaded':>12} "
+                     f"{'cache':>12} {'limit':>12} {'hit rate':>8}")
+        for x in sorted(resp.sessions, key=lambda x: (x.node.node, x.peer)):
+            r = x.node
+            asked = r.cache_hits + r.cache_misses
+            ranks = ",".join(map(str, x.ranks)) or "-"
+            lines.append(f"{(r.node or x.peer)[-12:]:>12} {ranks[-12:]:>12} {x.lanes:>6} {r.consumers:>9} "
+                         f"{_mib(r.bytes_downloaded):>12} {_mib(r.cache_bytes):>12} "
+                         f"{_mib(r.cache_limit) if r.cache_limit else '-':>12} "
+                         f"{(f'{r.cache_hits / asked:.2f}' if asked else '-'):>8}")
     return "\n".join(lines)
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
 
 
 def status(args: argparse.Namespace) -> int:

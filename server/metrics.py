@@ -13,7 +13,7 @@ checkpoint writes fail) and generated_mark (the durable generated-step mark).
 from __future__ import annotations
 
 import threading
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, start_http_server
@@ -78,6 +78,38 @@ class JobCollector(Collector):
                                     value=st.checkpoint.mark)
 
 
+class SessionCollector(Collector):
+    """Open sessions and what node agents report about their nodes (per node, labelled)."""
+
+    def __init__(self, sessions: Callable[[], list]) -> None:
+        self.sessions = sessions
+
+    def collect(self) -> Iterator:
+        sessions = self.sessions()
+        yield GaugeMetricFamily("croupier_open_sessions", "Open Session streams (one per node behind agents).",
+                                value=len(sessions))
+        families = {
+            "lanes": GaugeMetricFamily("croupier_node_lanes", "Open lanes of a node's session.", labels=["node"]),
+            "down": GaugeMetricFamily("croupier_node_bytes_downloaded", "Shard bytes a node's cache downloaded.",
+                                      labels=["node"]),
+            "bytes": GaugeMetricFamily("croupier_node_cache_bytes", "Bytes in a node's shard cache.",
+                                       labels=["node"]),
+            "hit": GaugeMetricFamily("croupier_node_cache_hit_ratio",
+                                     "Share of a node's shard requests served from its cache.", labels=["node"]),
+        }
+        for st in sessions:
+            node = st.node.node if st.HasField("node") and st.node.node else ""
+            if not node:
+                continue
+            r = st.node
+            families["lanes"].add_metric([node], st.lanes)
+            families["down"].add_metric([node], r.bytes_downloaded)
+            families["bytes"].add_metric([node], r.cache_bytes)
+            asked = r.cache_hits + r.cache_misses
+            families["hit"].add_metric([node], r.cache_hits / asked if asked else 0.0)
+        yield from families.values()
+
+
 class ServerMetrics:
     """A registry for one server; `refused(method, code)` counts refused calls."""
 
@@ -89,6 +121,10 @@ class ServerMetrics:
         self._http = None
         self._thread: threading.Thread | None = None
         self.port = 0
+
+    def attach_sessions(self, servicer: Any) -> None:
+        """Adds the open sessions of `servicer` (a SamplerServicer) and their node reports."""
+        self.registry.register(SessionCollector(lambda: [x.status() for x in list(servicer.sessions.values())]))
 
     def refused(self, method: str, code: grpc.StatusCode) -> None:
         self._refused.labels(method.rsplit("/", 1)[-1], code.name).inc()

@@ -177,6 +177,7 @@ def _serve(args: argparse.Namespace, layout: ClusterLayout, config: PolicyConfig
     server, _ = create_server(job, address, token=token, admin_token=admin, tls_cert=args.tls_cert,
                               tls_key=args.tls_key, max_workers=args.max_workers, on_refused=metrics.refused,
                               streams_per_peer=args.streams_per_peer, calls_per_peer=args.calls_per_peer)
+    metrics.attach_sessions(server.servicer)
     metrics_port = metrics.serve(args.metrics_host, args.metrics_port) if args.metrics_port else 0
     info: dict[str, Any] = dict(describe(server), metrics_port=metrics_port, pid=os.getpid(),
                                 state_dir=str(store.dir.resolve()))

@@ -161,12 +161,27 @@ def check_union(got: dict[int, dict[int, np.ndarray]], steps: int) -> None:
         np.testing.assert_array_equal(np.concatenate([got[r][step] for r in range(world)]), ref[step])
 
 
-def test_ranks_through_agents_get_the_sequence_on_one_stream_per_node(cluster) -> None:
+def test_ranks_through_agents_get_the_sequence_on_one_stream_per_node(cluster, capsys) -> None:
     cluster.start_server()
     for node in range(2):
         cluster.start_agent(node)
     got = run_ranks(cluster, nodes=2, per_node=2, steps=30)
     check_union(got, 30)
+    # `croupier status` shows the nodes (their agents' sessions stay open between jobs' runs).
+    from croupier.cli import main as cli_main
+    from croupier.server.metrics import ServerMetrics
+    from prometheus_client import generate_latest
+
+    assert cli_main(["status", "--server", cluster.address, "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert sorted(x["node"] for x in st["sessions"]) == ["node0", "node1"] and st["open_streams"] == 2
+    assert cli_main(["status", "--server", cluster.address]) == 0
+    table = capsys.readouterr().out
+    assert "sessions 2" in table and "node0" in table and "node1" in table
+    metrics = ServerMetrics(cluster.server.job)
+    metrics.attach_sessions(cluster.server.servicer)
+    text = generate_latest(metrics.registry).decode()
+    assert "croupier_open_sessions 2.0" in text and 'croupier_node_cache_hit_ratio{node="node0"}' in text
 
 
 def test_missing_or_foreign_agent_socket_is_refused_naming_the_path(cluster, tmp_path) -> None:
@@ -391,3 +406,28 @@ def test_elastic_resume_from_four_nodes_to_two(cluster) -> None:
         t.start()
     finish(second, 20, 45)
     assert all(min(t.got) == 20 for t in second)
+
+
+def test_auto_agent_is_started_by_local_rank_zero(cluster, tmp_path, monkeypatch) -> None:
+    cluster.start_server()
+    short = Path("/tmp") / f"cr-auto-{os.getpid()}"  # a short path: Unix socket paths are limited
+    monkeypatch.setenv("CROUPIER_RUNTIME_DIR", str(short))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    try:
+        with RankClient(cluster.address, job=JOB, topology=Topology(0, 1), agent="auto", stop_step=10,
+                        lookahead=4) as c:
+            got = dict(iter(c))
+            runtime = Path(c.agent)
+        assert runtime.parent == short and (runtime / "agent.sock").exists()
+        ref = reference(10)
+        for step in range(10):
+            np.testing.assert_array_equal(got[step], ref[step])
+        st = cluster.status()
+        assert len(st.sessions) == 1  # the rank reached the server through the agent it started
+        pid = json.loads((runtime / INFO_NAME).read_text())["pid"]
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: not (runtime / "agent.sock").exists(), 30, "the agent to stop")
+    finally:
+        import shutil
+
+        shutil.rmtree(short, ignore_errors=True)
