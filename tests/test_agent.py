@@ -45,8 +45,8 @@ JOB = "agentjob"
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
 
-def reference(steps: int) -> list[np.ndarray]:
-    s = Sampler(ClusterLayout.from_sizes(SIZES), CONFIG, B, seed=SEED)
+def reference(steps: int, sizes=SIZES) -> list[np.ndarray]:
+    s = Sampler(ClusterLayout.from_sizes(sizes), CONFIG, B, seed=SEED)
     return [s.next_batch() for _ in range(steps)]
 
 
@@ -66,10 +66,10 @@ class Cluster:
         self.agents: dict[int, subprocess.Popen] = {}
         self.procs: list[subprocess.Popen] = []
 
-    def start_server(self, port: int = 0, lookahead: int = 8):
+    def start_server(self, port: int = 0, lookahead: int = 8, sizes=SIZES):
         fp = index_fingerprint((self.remote / "index.json").read_bytes())
         spec = JobSpec(name=JOB, dataset_remote=str(self.remote), dataset_fingerprint=fp, max_lookahead=lookahead)
-        job = Job(ClusterLayout.from_sizes(SIZES), CONFIG, B, SEED, spec=spec, store=CheckpointStore(self.tmp / "state"))
+        job = Job(ClusterLayout.from_sizes(sizes), CONFIG, B, SEED, spec=spec, store=CheckpointStore(self.tmp / "state"))
         self.server, bound = create_server(job, f"127.0.0.1:{port}", max_workers=4)
         self.address = f"127.0.0.1:{bound}"
         return self.server
@@ -431,3 +431,74 @@ def test_auto_agent_is_started_by_local_rank_zero(cluster, tmp_path, monkeypatch
         import shutil
 
         shutil.rmtree(short, ignore_errors=True)
+
+
+def belady_bytes(sequence: list[int], sizes: np.ndarray, capacity: int) -> int:
+    """Bytes an offline-optimal cache of `capacity` bytes downloads for this shard read
+    sequence: on a miss, evict the resident shards used farthest in the future (never used
+    again first) until the shard fits."""
+    nxt = [0] * len(sequence)
+    last: dict[int, int] = {}
+    for i in range(len(sequence) - 1, -1, -1):
+        nxt[i] = last.get(sequence[i], 1 << 62)
+        last[sequence[i]] = i
+    resident: dict[int, int] = {}  # shard -> its next use
+    used = 0
+    downloaded = 0
+    for i, s in enumerate(sequence):
+        if s in resident:
+            resident[s] = nxt[i]
+            continue
+        size = int(sizes[s])
+        while used + size > capacity:
+            victim = max(resident, key=resident.__getitem__)
+            used -= int(sizes[victim])
+            del resident[victim]
+        resident[s] = nxt[i]
+        used += size
+        downloaded += size
+    return downloaded
+
+
+def test_node_cache_under_a_limit_downloads_near_the_offline_optimum(tmp_path) -> None:
+    from croupier.format.mds_index import MDSIndex
+
+    n = 3000
+    remote = write_mds(tmp_path / "big", n, size_limit=1 << 11)
+    index = MDSIndex((remote / "index.json").read_bytes(), where="test")
+    sizes = np.array([e.raw.bytes for e in index.shards], dtype=np.int64)
+    limit = max(int(sizes.sum() * 0.10), int(sizes.max()))
+    c = Cluster(tmp_path, remote)
+    sizes_of_clusters = cluster_sizes(n, 12)
+    try:
+        c.start_server(sizes=sizes_of_clusters)
+        c.start_agent(0, "--cache-limit", str(limit))
+        steps = 60
+        errors: list[BaseException] = []
+
+        def run(rank: int) -> None:
+            try:
+                ds = CroupierIterableDataset("agent", JOB, topology=Topology(rank, 2), steps=steps, start_step=0,
+                                             lookahead=4, agent=str(c.runtime(0)))
+                for _ in ds.iter_steps():
+                    pass
+            except BaseException as exc:  # noqa: BLE001 - reported by the test
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+        assert not errors, errors
+        kill_tree(c.agents[0], signal.SIGTERM)
+        st = agent_stats(c, 0)
+        ref = reference(steps, sizes_of_clusters)
+        seq = [int(s) for step in range(steps) for s in index.table.shard_of(ref[step]).tolist()]
+        optimum = belady_bytes(seq, sizes, limit)
+        assert st["cache_limit"] == limit
+        print(f"node downloaded {st['bytes_downloaded']} bytes, Belady {optimum} (ratio "
+              f"{st['bytes_downloaded'] / optimum:.3f}), limit {limit} of {int(sizes.sum())}")
+        assert st["bytes_downloaded"] <= 1.1 * optimum
+    finally:
+        c.stop()
