@@ -30,7 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "Parquet and folders of .txt files, or --adopt an existing MDS dataset. "
                     "An interrupted build resumes where it stopped when run again with the same arguments.")
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="JSONL/Parquet files or folders")
-    p.add_argument("--out", help="output folder (for --adopt: where the sidecar goes; default: in place)")
+    p.add_argument("--out", help="output folder or object-store URL such as s3://bucket/prefix "
+                                 "(for --adopt: where the sidecar goes; default: in place)")
+    p.add_argument("--work-dir", default=None,
+                   help="local folder for the resumable work when --out is an object store")
     p.add_argument("--adopt", metavar="MDS_DIR_OR_REMOTE",
                    help="write a sidecar for an existing MDS dataset without rewriting it")
     p.add_argument("--text-field", default="text", help="field holding the text (default: text)")
@@ -80,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
         compression=None if args.compression.lower() == "none" else args.compression,
         seed=args.seed, niter=args.niter, max_train=args.train_sample, chunk=args.chunk,
         batch_size=args.batch_size, skip_bad=args.skip_bad, overwrite=args.overwrite,
-        device=args.device, progress=not args.quiet, tokenizer=args.tokenizer, token_field=args.token_field)
+        device=args.device, progress=not args.quiet, tokenizer=args.tokenizer, token_field=args.token_field,
+        work_dir=args.work_dir)
     if args.engine == "ray":
         from croupier.shards.ray_engine import build_ray
 
