@@ -172,3 +172,20 @@ def test_bad_record_is_named_by_file_and_line(tmp_path, ray_cluster, capsys):
     assert "1 bad records skipped" in capsys.readouterr().out
     side = Sidecar.open(out)
     assert side.num_samples == 40 and side.manifest["skipped_records"] == 1
+
+
+def test_ray_density_scores_equal_local_exactly(tmp_path, ray_cluster, corpus, capsys):
+    src = tmp_path / "docs.jsonl"
+    write_jsonl(src, corpus[:1500])
+    out = tmp_path / "ds"
+    build(BuildConfig(out=str(out), inputs=(str(src),), embedder="hashing", clusters=6, progress=False))
+    common = ["--by", "density", "--rows", "96", "--buckets", "512", "--bandwidth", "0.8", "--seed", "5",
+              "--chunk-size", "200", "--no-progress"]
+    assert main(["shards", "score", str(out), *common, "--name", "dl"]) == 0
+    assert main(["shards", "score", str(out), *common, "--name", "dr", "--engine", "ray"]) == 0
+    side = Sidecar.open(out)
+    local, remote = side.scores("dl"), side.scores("dr")
+    assert len(np.unique(local)) > 10  # a real spread of densities, not a constant
+    np.testing.assert_array_equal(local, remote)
+    assert main(["shards", "score", str(out), "--by", "perplexity", "--model", "x", "--engine", "ray"]) == 2
+    assert "density only" in capsys.readouterr().err
