@@ -360,11 +360,11 @@ class Builder:
         files = publish(self.out, self.remote_out)  # type: ignore[arg-type]
         self._timed("publish", t0, side.num_samples)
         self.p.log(f"uploaded {files} files to {self.remote_out}")
-        res = BuildResult(out=self.out, fingerprint=side.fingerprint, num_samples=side.num_samples,
+        res = BuildResult(out=str(self.remote_out), fingerprint=side.fingerprint, num_samples=side.num_samples,
                           num_clusters=side.num_clusters, layout=side.layout_kind,
                           skipped=int(side.manifest.get("skipped_records", 0)), resumed=resumed, timings=self.timings)
+        del side
         shutil.rmtree(self.out)
-        res.out = self.remote_out  # type: ignore[assignment]
         return res
 
     def _timed(self, stage: str, t0: float, docs: int) -> None:

@@ -126,8 +126,8 @@ class _IngestGroup:
 
         lo, hi = self.ranges[g]
         cfg = self.cfg
-        # One file at a time so a folder input keeps its base for .txt paths: expand_inputs on
-        # the original arguments gave the file order; here each file is read as given.
+        # Each file is read on its own, with the base folder expand_inputs gave it (a .txt
+        # document's `path` field is relative to it), so records and messages match local ones.
         reader_files = self.files[lo:hi]
         folder = Path(self.folder) / f"g{g:05d}"
         shutil.rmtree(folder, ignore_errors=True)
@@ -310,6 +310,10 @@ class RayBuilder(Builder):
         return int(ray.cluster_resources().get("GPU", 0))
 
     def run(self) -> RayBuildResult:
+        if not self.cfg.progress:  # --quiet: no per-dataset execution lines from Ray Data either
+            import logging
+
+            logging.getLogger("ray.data").setLevel(logging.WARNING)
         self._ray()
         ctx = __import__("ray").data.DataContext.get_current()
         ctx.enable_progress_bars = False

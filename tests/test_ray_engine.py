@@ -93,7 +93,7 @@ def test_write_runs_cut_whole_blocks_in_order():
     assert write_runs([(0, 4)], 8) == [(0, 1)]
 
 
-def test_ray_build_equals_local_and_shards_come_from_several_workers(tmp_path, ray_cluster, corpus):
+def test_ray_build_equals_local_and_shards_come_from_several_workers(tmp_path, ray_cluster, corpus, capsys):
     inputs = _inputs(tmp_path / "in", corpus)
     common = dict(inputs=inputs, embedder="hashing", clusters=8, shard_size=1 << 15, chunk=500,
                   assign_chunk=700, keep_fields=("topic",), progress=False)
@@ -112,6 +112,14 @@ def test_ray_build_equals_local_and_shards_come_from_several_workers(tmp_path, r
     # the decoded samples are the inputs, each once
     got = _read_back(tmp_path / "ray", tmp_path / "c3")
     assert sorted((s["text"], s["topic"]) for s in got) == sorted((d["text"], d["topic"]) for d in corpus)
+    # the contract: simulate prints the same sequence on both datasets
+    printed = []
+    for name in ("local", "ray"):
+        capsys.readouterr()
+        assert main(["simulate", "--dataset", str(tmp_path / name), "--policy", "clusterclip", "--clip", "2",
+                     "--global-batch", "16", "--seed", "3", "--steps", "20", "--format", "jsonl"]) == 0
+        printed.append(capsys.readouterr().out)
+    assert printed[0] == printed[1] and len(printed[0].splitlines()) == 20
 
 
 def test_ray_original_layout_equals_local(tmp_path, ray_cluster, corpus):
