@@ -44,7 +44,6 @@ from croupier.format.mds_index import INDEX_BASENAME
 from croupier.optional import require
 from croupier.shards.build import BuildConfig, Builder, BuildResult, Hook
 
-ENGINES = ("local", "ray")
 TASK_RETRIES = 3
 """How often Ray reruns an assign or write task whose worker process died (a bad record is not
 retried; Ray Data applies its own retry and actor-restart defaults to ingest and embed)."""
