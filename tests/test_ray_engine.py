@@ -165,6 +165,48 @@ def test_interrupted_ray_build_resumes_per_stage(tmp_path, ray_cluster, corpus):
         build(BuildConfig(out=out, **common))
 
 
+def test_ray_build_killed_with_sigkill_resumes_after_its_last_stage(tmp_path, ray_cluster, corpus):
+    """The driver, a `croupier shards build --engine ray` process on the test's Ray cluster, is
+    killed (SIGKILL to its process group) once ingest is committed; the rerun does not ingest
+    again and ends with the local dataset."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    docs = corpus[:800]
+    inputs = _inputs(tmp_path / "in", docs)
+    common = dict(inputs=inputs, embedder="hashing", clusters=6, shard_size=1 << 14, chunk=200, progress=False)
+    build(BuildConfig(out=str(tmp_path / "local"), **common))
+    out = tmp_path / "ray"
+    state = out / "croupier" / "work" / "state.json"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-m", "croupier", "shards", "build", *inputs, "--out", str(out),
+                             "--embedder", "hashing", "--clusters", "6", "--shard-size", "16KiB", "--chunk", "200",
+                             "--engine", "ray", "--ray-address", ray_cluster.get_runtime_context().gcs_address,
+                             "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if json.loads(state.read_text()).get("ingest_done"):
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        assert proc.poll() is None, "the build ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    assert not (out / "croupier" / "manifest.json").exists()
+    calls: list[tuple[str, int]] = []
+    res = build_ray(BuildConfig(out=str(out), **common), hook=lambda s, c: calls.append((s, c)))
+    assert res.resumed and not [c for s, c in calls if s == "ingest"]
+    _assert_same_dataset(tmp_path / "local", out, tmp_path)
+
+
 def test_bad_record_is_named_by_file_and_line(tmp_path, ray_cluster, capsys):
     good = [json.dumps({"text": f"document number {i} about telescopes and stars"}) for i in range(40)]
     (tmp_path / "a.jsonl").write_text("\n".join(good[:20]) + "\n")
