@@ -285,7 +285,6 @@ class RayBuilder(Builder):
         super().__init__(cfg, hook)
         self.address = address
         self.workers = workers
-        self.shard_writers: dict[str, int] = {}
         self._started_ray = False
 
     def _full_key(self) -> dict[str, Any]:
@@ -313,9 +312,9 @@ class RayBuilder(Builder):
             import logging
 
             logging.getLogger("ray.data").setLevel(logging.WARNING)
-        self._ray()
-        ctx = __import__("ray").data.DataContext.get_current()
-        ctx.enable_progress_bars = False
+        ray = self._ray()
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # the stages draw their own bars, with rates
         ctx.print_on_execution_start = False
         try:
             res = super().run()
@@ -326,7 +325,7 @@ class RayBuilder(Builder):
             raise
         finally:
             if self._started_ray:
-                __import__("ray").shutdown()
+                ray.shutdown()
         return RayBuildResult(**vars(res), shard_writers=dict(self.state.get("shard_writers", {})),
                               workers=int(self.workers or 0))
 
@@ -536,7 +535,6 @@ class RayBuilder(Builder):
         Idempotent: a merge killed after writing the index is not redone.
         """
         if (mds / INDEX_BASENAME).exists():
-            self.shard_writers = dict(self.state.get("shard_writers", {}))
             return
         shards: list[dict[str, Any]] = []
         writers: dict[str, int] = {}
@@ -558,7 +556,6 @@ class RayBuilder(Builder):
                 stored = (entry.get("zip_data") or entry["raw_data"])["basename"]
                 writers[stored] = int(done[str(r)]["pid"])
                 shards.append(entry)
-        self.shard_writers = writers
         self.state["shard_writers"] = writers
         self._save()
         write_bytes_atomic(mds / INDEX_BASENAME, json.dumps({"version": 2, "shards": shards}, sort_keys=True).encode())
