@@ -15,6 +15,7 @@ from croupier.errors import MissingDependency
 
 EXTRAS: dict[str, str] = {
     "faiss": "pip install 'croupier[cpu]' (or 'croupier[gpu]' on a machine with an NVIDIA GPU)",
+    "ray": "pip install 'croupier[ray]'",
 }
 """Module -> install hint, for modules that only an extra of croupier installs."""
 

@@ -52,7 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="run the sampler server for one job",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("dataset")
-    data.add_argument("dataset", nargs="?", help="MDS dataset folder with a croupier cluster sidecar")
+    data.add_argument("dataset", nargs="?", help="MDS dataset folder (or object-store URL such as s3://bucket/prefix, "
+                                                "credentials and S3_ENDPOINT_URL from the environment) with a "
+                                                "croupier cluster sidecar")
     data.add_argument("--selection", default="", help="draw only from this named selection of the sidecar")
     data.add_argument("--cluster-sizes", default="",
                       help="synthetic layout for tests and demos, e.g. 5000,300,20,1 (no dataset)")
@@ -100,8 +102,13 @@ def dataset_from_args(args: argparse.Namespace) -> tuple[ClusterLayout, str, str
             raise ConfigError("--selection needs a DATASET with a sidecar, not --cluster-sizes")
         return synthetic_layout(args), "", args.remote
     refuse_block_size_for_dataset(args)
+    from croupier.format.remote import SIDECAR_CACHE_DIR, fetch_sidecar, is_remote
     from croupier.shards.sidecar import Sidecar
 
+    if is_remote(args.dataset):  # an object store: the sidecar is read from a fresh local copy
+        side = Sidecar.open(fetch_sidecar(args.dataset, Path(args.state_dir) / SIDECAR_CACHE_DIR))
+        layout = side.layout(args.selection or None)
+        return layout, side.fingerprint, args.remote or side.remote or args.dataset
     side = Sidecar.open(args.dataset)
     layout = side.layout(args.selection or None)
     remote = args.remote or side.remote or str(Path(args.dataset).resolve())

@@ -73,12 +73,17 @@ class BuildConfig:
     progress: bool = True
     tokenizer: str | None = None
     token_field: str = "tokens"
+    work_dir: str | None = None
 
     def __post_init__(self) -> None:
         if bool(self.inputs) == bool(self.adopt):
             raise ConfigError("give either INPUT files/folders or --adopt MDS_DIR_OR_REMOTE, not both or neither")
         if self.adopt is None and not self.out:
             raise ConfigError("--out DIR is required when building from inputs")
+        if self.out and "://" in self.out and (self.adopt is not None or not self.work_dir):
+            raise ConfigError(f"--out {self.out} is an object store: build from inputs and give --work-dir DIR, a "
+                              "local folder for the resumable work (got "
+                              + ("--adopt" if self.adopt is not None else "no --work-dir") + ")")
         if self.layout not in LAYOUTS:
             raise ConfigError(f"unknown layout {self.layout!r}; valid layouts: {', '.join(LAYOUTS)}")
         if self.adopt is not None and self.layout != "original":
@@ -107,7 +112,7 @@ class BuildConfig:
         build that stopped on a bad record may resume with --skip-bad.
         """
         d = asdict(self)
-        for k in ("overwrite", "device", "progress", "out", "batch_size", "skip_bad"):
+        for k in ("overwrite", "device", "progress", "out", "batch_size", "skip_bad", "work_dir"):
             d.pop(k)
         d["inputs"] = list(self.inputs)
         d["keep_fields"] = list(self.keep_fields)
@@ -118,7 +123,8 @@ class BuildConfig:
 class BuildResult:
     """What a build produced and how long each stage took (seconds, documents)."""
 
-    out: Path
+    out: Path | str
+    """The dataset folder, or the object-store URL it was published to."""
     fingerprint: str
     num_samples: int
     num_clusters: int
@@ -156,6 +162,7 @@ class Builder:
         self.hook = hook
         self.p = _Progress(cfg.progress)
         self.source = None  # MDSSource when adopting
+        self.remote_out: str | None = None  # an object-store --out: built in --work-dir, then published
         if cfg.adopt is not None:
             from croupier.shards.mds import is_remote
 
@@ -163,6 +170,10 @@ class Builder:
                 raise ConfigError("--out DIR is required to adopt a remote dataset (the sidecar is written there)")
             self.out = Path(cfg.out) if cfg.out else Path(cfg.adopt)
             self.in_place = not is_remote(cfg.adopt) and self.out.resolve() == Path(cfg.adopt).resolve()
+        elif "://" in str(cfg.out):
+            self.remote_out = str(cfg.out)
+            self.out = Path(cfg.work_dir) / "dataset"  # type: ignore[arg-type]
+            self.in_place = False
         else:
             self.out = Path(cfg.out)  # type: ignore[arg-type]
             self.in_place = False
@@ -297,6 +308,15 @@ class Builder:
         from croupier.shards.cluster import check_available
 
         check_available()  # before any work: a build without faiss fails at once, in one line
+        if self.remote_out is not None and (self.side / MANIFEST).exists():
+            return self._publish(resumed=True)  # built before, its upload was cut short
+        if self.remote_out is not None and not self.state_path.exists() and not self.cfg.overwrite:
+            from croupier.format.remote import exists, join
+
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            if exists(join(self.remote_out, INDEX_BASENAME), self.out.parent):
+                raise DatasetError(f"{self.remote_out} already holds an MDS dataset (index.json); "
+                                   "pass --overwrite to replace it")
         resumed = self._prepare()
         if resumed:
             done = [s for s in ("ingest", "embed", "train", "assign", "order", "write") if self.state.get(f"{s}_done")]
@@ -324,9 +344,28 @@ class Builder:
         finally:
             if self.source is not None:
                 self.source.close()
+        if self.remote_out is not None:
+            return self._publish(resumed=resumed)
         return BuildResult(out=self.out, fingerprint=fp, num_samples=n, num_clusters=int(self.state["k_final"]),
                            layout=self.cfg.layout, skipped=int(self.state.get("skipped", 0)), resumed=resumed,
                            timings=self.timings)
+
+    def _publish(self, resumed: bool) -> BuildResult:
+        """Upload the finished staging copy to the object store, then drop the copy."""
+        from croupier.format.remote import publish
+        from croupier.shards.sidecar import Sidecar
+
+        t0 = time.perf_counter()
+        side = Sidecar.open(self.out)
+        files = publish(self.out, self.remote_out)  # type: ignore[arg-type]
+        self._timed("publish", t0, side.num_samples)
+        self.p.log(f"uploaded {files} files to {self.remote_out}")
+        res = BuildResult(out=str(self.remote_out), fingerprint=side.fingerprint, num_samples=side.num_samples,
+                          num_clusters=side.num_clusters, layout=side.layout_kind,
+                          skipped=int(side.manifest.get("skipped_records", 0)), resumed=resumed, timings=self.timings)
+        del side
+        shutil.rmtree(self.out)
+        return res
 
     def _timed(self, stage: str, t0: float, docs: int) -> None:
         dt = time.perf_counter() - t0

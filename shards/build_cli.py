@@ -30,7 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "Parquet and folders of .txt files, or --adopt an existing MDS dataset. "
                     "An interrupted build resumes where it stopped when run again with the same arguments.")
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="JSONL/Parquet files or folders")
-    p.add_argument("--out", help="output folder (for --adopt: where the sidecar goes; default: in place)")
+    p.add_argument("--out", help="output folder or object-store URL such as s3://bucket/prefix "
+                                 "(for --adopt: where the sidecar goes; default: in place)")
+    p.add_argument("--work-dir", default=None,
+                   help="local folder for the resumable work when --out is an object store")
     p.add_argument("--adopt", metavar="MDS_DIR_OR_REMOTE",
                    help="write a sidecar for an existing MDS dataset without rewriting it")
     p.add_argument("--text-field", default="text", help="field holding the text (default: text)")
@@ -57,6 +60,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed records")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    eng = p.add_argument_group("engine")
+    eng.add_argument("--engine", default="local", choices=("local", "ray"),
+                     help="local (default: one process) or ray (Ray Data: parallel ingest, embedding actors, "
+                          "parallel assignment and shard writers; the same dataset)")
+    eng.add_argument("--ray-address", default=None,
+                     help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray instance)")
+    eng.add_argument("--ray-workers", type=int, default=None,
+                     help="embedding actors and parallel tasks (default: the cluster's CPUs)")
     p.set_defaults(func=run)
 
 
@@ -72,8 +83,16 @@ def run(args: argparse.Namespace) -> int:
         compression=None if args.compression.lower() == "none" else args.compression,
         seed=args.seed, niter=args.niter, max_train=args.train_sample, chunk=args.chunk,
         batch_size=args.batch_size, skip_bad=args.skip_bad, overwrite=args.overwrite,
-        device=args.device, progress=not args.quiet, tokenizer=args.tokenizer, token_field=args.token_field)
-    res = build(cfg)
+        device=args.device, progress=not args.quiet, tokenizer=args.tokenizer, token_field=args.token_field,
+        work_dir=args.work_dir)
+    if args.engine == "ray":
+        from croupier.shards.ray_engine import build_ray
+
+        res = build_ray(cfg, address=args.ray_address, workers=args.ray_workers)
+    else:
+        if args.ray_address is not None or args.ray_workers is not None:
+            raise ConfigError("--ray-address and --ray-workers apply to --engine ray only")
+        res = build(cfg)
     print(f"{res.out}: {res.num_samples} documents, {res.num_clusters} clusters, layout {res.layout}, "
           f"fingerprint {res.fingerprint}" + (f", {res.skipped} bad records skipped" if res.skipped else ""))
     sys.stdout.flush()

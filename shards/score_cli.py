@@ -61,8 +61,12 @@ def _embeddings(sidecar: Any) -> np.ndarray:
 
 def score_density(sidecar: Any, name: str, *, rows: int = 1000, buckets: int = 20000,
                   bandwidth: float | str = "auto", hashes_per_row: int = 2, seed: int = 0,
-                  chunk_size: int | None = None, progress: bool = True) -> tuple[np.ndarray, dict]:
-    """Two-pass sketch density of every stored embedding; resumable (see module doc)."""
+                  chunk_size: int | None = None, progress: bool = True, engine: str = "local",
+                  ray_address: str | None = None) -> tuple[np.ndarray, dict]:
+    """Two-pass sketch density of every stored embedding; resumable (see module doc).
+
+    `engine="ray"` runs both passes as Ray tasks (`ray_score.py`): the same scores.
+    """
     emb = _embeddings(sidecar)
     if bandwidth == "auto":
         bw = suggest_bandwidth(emb, seed=seed)
@@ -75,7 +79,14 @@ def score_density(sidecar: Any, name: str, *, rows: int = 1000, buckets: int = 2
         "score": "mean bucket count over rows (self included)"}
     chunk = int(chunk_size or DEFAULT_CHUNK["density"])
     with ChunkedRun(work_dir(sidecar, name), len(emb), chunk, record) as run:
-        values = _density_passes(run, emb, params, progress)
+        if engine == "ray":
+            from croupier.format.sidecar_layout import EMBEDDINGS, array_file
+            from croupier.shards.ray_score import ray_density_passes
+
+            values = ray_density_passes(run, Path(sidecar.dir) / array_file(sidecar.manifest, EMBEDDINGS),
+                                        emb.shape[1], params, address=ray_address, progress=progress)
+        else:
+            values = _density_passes(run, emb, params, progress)
     return values, record
 
 
@@ -173,11 +184,16 @@ def run(args: argparse.Namespace) -> int:
     if args.restart:
         discard_work(sidecar, name)
     t0 = time.monotonic()
+    if args.engine != "local" and by != "density":
+        raise ConfigError(f"--engine {args.engine} scores density only; {by} runs on the local engine")
+    if args.ray_address is not None and args.engine != "ray":
+        raise ConfigError("--ray-address applies to --engine ray only")
     if by == "density":
         bw = args.bandwidth if args.bandwidth == "auto" else _positive_float(args.bandwidth, "bandwidth")
         values, record = score_density(sidecar, name, rows=args.rows, buckets=args.buckets,
                                        bandwidth=bw, hashes_per_row=args.hashes_per_row,
-                                       seed=args.seed, chunk_size=args.chunk_size, progress=progress)
+                                       seed=args.seed, chunk_size=args.chunk_size, progress=progress,
+                                       engine=args.engine, ray_address=args.ray_address)
     else:
         scorer = make_askllm(args) if by == "askllm" else make_perplexity(args)
         record = {"scorer": by, **scorer.params(), "text_field": args.text_field}
@@ -216,6 +232,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--chunk-size", type=int, help="samples per resumable chunk")
     p.add_argument("--restart", action="store_true", help="discard a partial run and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    p.add_argument("--engine", default="local", choices=("local", "ray"),
+                   help="local (default) or ray (density: both sketch passes as Ray tasks, the same scores)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else local)")
     d = p.add_argument_group("density")
     d.add_argument("--rows", type=int, default=1000, help="sketch rows R (default 1000)")
     d.add_argument("--buckets", type=int, default=20000, help="buckets per row B (default 20000)")
