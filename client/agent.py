@@ -41,6 +41,7 @@ from croupier import __version__
 from croupier.client.agent_protocol import (BEAT, BEAT_S, CALL, CONSUMER_TIMEOUT_S, FETCH, FORWARDED_CALLS, HELLO,
                                             INFO_NAME, LOCK_NAME, REPLY, SESSION, STATS_NAME, endpoint, socket_path)
 from croupier.client.channel import auth_metadata, open_channel
+from croupier.client.rank_feed import RankFeed
 from croupier.errors import ConfigError
 from croupier.format.atomic import write_bytes_atomic
 from croupier.proto import SERVICE_NAME, pb2
@@ -49,13 +50,16 @@ log = logging.getLogger("croupier.agent")
 
 REPORT_S = 5.0
 """How often the agent sends its node report on the session."""
+HEARTBEAT_S = 5.0
+"""A rank feed re-sends an unchanged position at most this often (the rank stays live)."""
 
 
 @dataclass
 class _Consumer:
     identity: bytes
     last_seen: float = field(default_factory=time.monotonic)
-    lanes: dict[int, int] = field(default_factory=dict)  # consumer lane id -> session lane id
+    # consumer lane id -> a session lane id (a pass-through lane) or a rank feed's key
+    lanes: dict[int, "int | tuple[int, int]"] = field(default_factory=dict)
 
 
 @dataclass
@@ -90,7 +94,9 @@ class NodeAgent:
         self._endpoint = endpoint(self.runtime_dir)
         self._lock_fd: int | None = None
         self._consumers: dict[bytes, _Consumer] = {}
-        self._lanes: dict[int, _Lane] = {}
+        self._lanes: dict[int, _Lane] = {}  # pass-through lanes (read-only readers), by session lane
+        self._feeds: dict[tuple[int, int], RankFeed] = {}  # (rank, world) -> its feed
+        self._feed_lanes: dict[int, RankFeed] = {}  # session lane -> feed
         self._next_lane = 1
         self._pending = pb2.SessionRequest()
         self._acks: dict[int, int] = {}
@@ -140,7 +146,8 @@ class NodeAgent:
     def stats_now(self) -> dict[str, Any]:
         """The agent's counters: its node report's figures and its own."""
         r = self._report()
-        return {"node": r.node, "agent_id": r.agent_id, "consumers": r.consumers, "lanes": len(self._lanes),
+        return {"node": r.node, "agent_id": r.agent_id, "consumers": r.consumers,
+                "lanes": len(self._lanes) + len(self._feed_lanes),
                 "bytes_downloaded": r.bytes_downloaded, "shards_downloaded": r.shards_downloaded,
                 "cache_hits": r.cache_hits, "cache_misses": r.cache_misses, "cache_bytes": r.cache_bytes,
                 "cache_limit": r.cache_limit, **self.stats}
@@ -158,7 +165,6 @@ class NodeAgent:
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         self._take_runtime_dir()
-        _warm_imports()  # once, before serving: never on the event loop while ranks wait
         from croupier.client.node_cache import NodeCache
 
         self.cache = NodeCache(self.cache_dir, self.cache_limit)
@@ -278,50 +284,116 @@ class NodeAgent:
                                    f"this agent serves job {self._session_job!r}, not {req.job!r}")
                 return
             self._session_job = req.job
+        out = pb2.SessionResponse()
         for op in req.open:
             old = c.lanes.pop(op.lane, None)
             if old is not None:
-                self._close_lane(old)
-            g = self._next_lane
-            self._next_lane += 1
-            c.lanes[op.lane] = g
-            self._lanes[g] = _Lane(c.identity, op.lane, op.rank)
-            opened = self._pending.open.add()
-            opened.CopyFrom(op)
-            opened.lane = g
-        unknown = []
-        for ack in req.acks:
-            g = c.lanes.get(ack.lane)
-            if g is not None:
-                self._acks[g] = max(self._acks.get(g, -1), ack.next_step)
+                self._close_route(c, op.lane, old)
+            if op.read_only:
+                g = self._new_lane()
+                c.lanes[op.lane] = g
+                self._lanes[g] = _Lane(c.identity, op.lane, op.rank)
+                opened = self._pending.open.add()
+                opened.CopyFrom(op)
+                opened.lane = g
             else:
+                key = (int(op.rank), int(op.world_size))
+                c.lanes[op.lane] = key
+                slices = self._join_feed(key, (c.identity, op.lane), op)
+                if slices:
+                    out.lanes.add(lane=op.lane, slices=slices)
+        unknown = []
+        now = time.monotonic()
+        for ack in req.acks:
+            route = c.lanes.get(ack.lane)
+            if route is None:
                 unknown.append(ack.lane)
-        if unknown:
+            elif isinstance(route, int):
+                self._acks[route] = max(self._acks.get(route, -1), ack.next_step)
+            else:
+                feed = self._feeds.get(route)
+                if feed is None:
+                    unknown.append(ack.lane)
+                    continue
+                pos = feed.ack((c.identity, ack.lane), ack.next_step)
+                if pos is None and feed.sent_position >= 0 and now - feed.sent_at > HEARTBEAT_S:
+                    pos = feed.sent_position  # a rank that only re-confirms stays live on the server
+                if pos is not None:
+                    feed.sent_at = now
+                    self._acks[feed.lane] = max(self._acks.get(feed.lane, -1), pos)
+                # The feed holds the acknowledgement from now on (and re-sends it on reconnect).
+                out.events.add(lane=ack.lane, acked_step=ack.next_step)
+        for lane in sorted(set(unknown)):
             # Acknowledgements of lanes this agent never opened: the consumer's previous agent
             # is gone (this one restarted). Tell it at once, so it re-opens instead of waiting.
-            resp = pb2.SessionResponse(events=[pb2.LaneEvent(
-                lane=lane, error_code="UNAVAILABLE",
-                error=f"lane {lane} is unknown to this agent (agent {self.agent_id} restarted?); open it again")
-                for lane in sorted(set(unknown))])
-            asyncio.create_task(self._send(c.identity, [SESSION, self.agent_id.encode(), resp.SerializeToString()]))
+            out.events.add(lane=lane, error_code="UNAVAILABLE",
+                           error=f"lane {lane} is unknown to this agent (agent {self.agent_id} restarted?); "
+                                 "open it again")
         for lane in req.close:
-            g = c.lanes.pop(lane, None)
-            if g is not None:
-                self._close_lane(g)
+            route = c.lanes.pop(lane, None)
+            if route is not None:
+                self._close_route(c, lane, route)
+        if out.lanes or out.events:
+            asyncio.create_task(self._send(c.identity, [SESSION, self.agent_id.encode(), out.SerializeToString()]))
         self._flush.set()
+
+    def _new_lane(self) -> int:
+        g = self._next_lane
+        self._next_lane += 1
+        return g
+
+    def _join_feed(self, key: tuple[int, int], member: tuple[bytes, int], op: pb2.LaneOpen) -> list:
+        """Adds a consumer lane to its rank's feed (opening or re-opening the feed's server lane
+        when needed); returns the buffered slices it is owed now."""
+        stride = max(int(op.step_stride), 1)
+        first = int(op.start_step) + (int(op.step_offset) % stride - int(op.start_step)) % stride
+        feed = self._feeds.get(key)
+        stop = int(op.stop_step)
+        if feed is None:
+            feed = RankFeed(rank=key[0], world=key[1], lane=self._new_lane(), start=first, lookahead=int(op.lookahead),
+                            stop=stop)
+            self._feeds[key] = feed
+            self._feed_lanes[feed.lane] = feed
+            self._open_feed_lane(feed)
+        elif feed.needs_reopen(first, stop):
+            self._close_server_lane(feed.lane)
+            del self._feed_lanes[feed.lane]
+            feed.reopen(self._new_lane(), first, stop)
+            self._feed_lanes[feed.lane] = feed
+            self._open_feed_lane(feed)
+        return feed.add(member, op)
+
+    def _open_feed_lane(self, feed: RankFeed) -> None:
+        self._pending.open.add(lane=feed.lane, rank=feed.rank, world_size=feed.world, start_step=feed.start,
+                               lookahead=feed.lookahead, step_stride=1, step_offset=0, stop_step=feed.stop)
+        if feed.sent_position >= 0:
+            self._acks[feed.lane] = feed.sent_position
+
+    def _close_server_lane(self, g: int) -> None:
+        self._acks.pop(g, None)
+        if self._session is not None:
+            self._pending.close.append(g)
+        if self.cache is not None:
+            self.cache.forget_lane(g)
+
+    def _close_route(self, c: _Consumer, local: int, route: "int | tuple[int, int]") -> None:
+        if isinstance(route, int):
+            if self._lanes.pop(route, None) is not None:
+                self._close_server_lane(route)
+            return
+        feed = self._feeds.get(route)
+        if feed is None:
+            return
+        feed.remove((c.identity, local))
+        if not feed.members:
+            del self._feeds[route]
+            self._feed_lanes.pop(feed.lane, None)
+            self._close_server_lane(feed.lane)
 
     def _refuse_lanes(self, c: _Consumer, req: pb2.SessionRequest, code: str, message: str) -> None:
         resp = pb2.SessionResponse(events=[pb2.LaneEvent(lane=op.lane, error_code=code, error=message)
                                            for op in req.open])
         asyncio.create_task(self._send(c.identity, [SESSION, self.agent_id.encode(), resp.SerializeToString()]))
-
-    def _close_lane(self, g: int) -> None:
-        ln = self._lanes.pop(g, None)
-        self._acks.pop(g, None)
-        if ln is not None and self._session is not None:
-            self._pending.close.append(g)
-            if self.cache is not None:
-                self.cache.forget_lane(g)
 
     # -- the server session ------------------------------------------------------------------------
     def _report(self) -> pb2.NodeReport:
@@ -395,19 +467,40 @@ class NodeAgent:
     def _dispatch(self, resp: pb2.SessionResponse) -> None:
         out: dict[bytes, pb2.SessionResponse] = {}
         for ls in resp.lanes:
+            feed = self._feed_lanes.get(ls.lane)
+            if feed is not None:
+                if self.cache is not None:
+                    self.cache.prefetch_slices(ls.lane, ls.slices)
+                for (identity, local), slices in feed.on_slices(ls.slices).items():
+                    out.setdefault(identity, pb2.SessionResponse()).lanes.add(lane=local, slices=slices)
+                continue
             ln = self._lanes.get(ls.lane)
             if ln is None:
                 continue
-            if self.cache is not None:
-                self.cache.prefetch_slices(ls.lane, ls.slices)
             m = out.setdefault(ln.consumer, pb2.SessionResponse())
             m.lanes.add(lane=ln.local, slices=ls.slices)
         for ev in resp.events:
+            feed = self._feed_lanes.get(ev.lane)
+            if feed is not None:
+                if not ev.error_code:
+                    if self.cache is not None and ev.acked_step:
+                        self.cache.release_lane(ev.lane, ev.acked_step)
+                    continue
+                # The rank's lane failed on the server: every worker of the rank hears it.
+                for identity, local in list(feed.members):
+                    out.setdefault(identity, pb2.SessionResponse()).events.add(
+                        lane=local, error_code=ev.error_code, error=ev.error)
+                    c = self._consumers.get(identity)
+                    if c is not None:
+                        c.lanes.pop(local, None)
+                self._feeds.pop((feed.rank, feed.world), None)
+                self._feed_lanes.pop(ev.lane, None)
+                if self.cache is not None:
+                    self.cache.forget_lane(ev.lane)
+                continue
             ln = self._lanes.get(ev.lane)
             if ln is None:
                 continue
-            if self.cache is not None and ev.acked_step and not ev.error_code:
-                self.cache.release_lane(ev.lane, ev.acked_step)
             m = out.setdefault(ln.consumer, pb2.SessionResponse())
             e = m.events.add()
             e.CopyFrom(ev)
@@ -427,7 +520,8 @@ class NodeAgent:
         if self._session is None:
             return
         self.stats["session_losses"] += 1
-        log.warning("server session lost (%s); %d lanes told to reconnect", why, len(self._lanes),
+        log.warning("server session lost (%s); %d lanes told to reconnect", why,
+                    len(self._lanes) + len(self._feed_lanes),
                     extra={"event": "agent_session_lost", "server": self.server})
         call, self._session = self._session, None
         call.cancel()
@@ -435,12 +529,20 @@ class NodeAgent:
         self._acks.clear()
         agent = self.agent_id.encode()
         by_consumer: dict[bytes, pb2.SessionResponse] = {}
+        message = f"the agent lost its server session: {why}"
         for g, ln in self._lanes.items():
             by_consumer.setdefault(ln.consumer, pb2.SessionResponse()).events.add(
-                lane=ln.local, error_code="UNAVAILABLE", error=f"the agent lost its server session: {why}")
-            if self.cache is not None:
+                lane=ln.local, error_code="UNAVAILABLE", error=message)
+        for feed in self._feeds.values():
+            for identity, local in feed.members:
+                by_consumer.setdefault(identity, pb2.SessionResponse()).events.add(
+                    lane=local, error_code="UNAVAILABLE", error=message)
+        if self.cache is not None:
+            for g in [*self._lanes, *self._feed_lanes]:
                 self.cache.forget_lane(g)
         self._lanes.clear()
+        self._feeds.clear()
+        self._feed_lanes.clear()
         for c in self._consumers.values():
             c.lanes.clear()
         for identity, m in by_consumer.items():
@@ -461,17 +563,12 @@ class NodeAgent:
                 if now - c.last_seen > CONSUMER_TIMEOUT_S:
                     log.info("consumer silent for %.0f s; its lanes are closed", now - c.last_seen,
                              extra={"event": "consumer_gone"})
-                    for g in c.lanes.values():
-                        self._close_lane(g)
+                    for local, route in list(c.lanes.items()):
+                        self._close_route(c, local, route)
                     del self._consumers[identity]
                     self._flush.set()
                 elif c.lanes:
                     await self._send(identity, [BEAT, agent])
-
-
-def _warm_imports() -> None:
-    """Imports the shard reader's heavy modules off the event loop, before a rank needs them."""
-    import streaming.base.stream  # noqa: F401
 
 
 def _aio_channel(address: str, tls_root_cert: str | None) -> grpc.aio.Channel:

@@ -277,6 +277,8 @@ class _AgentLane:
                     yield msg
         finally:
             t._drop_lane(self.lane)
+            if not self._done:  # a lane given up on this side: the agent must not wait on it
+                self.finish()
 
     def ack(self, next_step: int) -> bool:
         if self._done:

@@ -42,7 +42,8 @@ class NodeCache:
         self._remote: str | None = None
         self._fingerprint: str | None = None
         self._store: Any = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # counters and configuration: never held across I/O
+        self._open_lock = threading.Lock()  # opening the store (imports, index fetch: seconds)
         self._lanes: dict[int, deque[tuple[int, np.ndarray]]] = {}
         self.hits = 0
         self.misses = 0
@@ -57,15 +58,23 @@ class NodeCache:
                                   f"a rank joined a job reading {remote} ({fingerprint})")
 
     def store(self) -> Any:
-        """The node's ShardStore, opened (index.json fetched) on first call."""
-        with self._lock:
+        """The node's ShardStore, opened (index.json fetched, reader imported) on first call.
+        Call it off the agent's event loop: the first call takes seconds. The event loop only
+        ever sees a store that is fully open (`_store` is set last)."""
+        if self._store is not None:
+            return self._store
+        with self._open_lock:
             if self._store is None:
-                if self._remote is None:
+                with self._lock:
+                    remote, fingerprint = self._remote, self._fingerprint
+                if remote is None:
                     raise ConfigError("no rank has joined through this agent yet: the dataset is not known")
                 from croupier.client.shard_store import ShardStore  # noqa: PLC0415 - streaming is heavy
 
-                self._store = ShardStore(self._remote, self.cache_dir, fingerprint=self._fingerprint,
-                                         cache_limit=self.cache_limit, prefetch_threads=self.prefetch_threads)
+                store = ShardStore(remote, self.cache_dir, fingerprint=fingerprint,
+                                   cache_limit=self.cache_limit, prefetch_threads=self.prefetch_threads)
+                store._runtime()  # imports the downloader here, not on the agent's loop
+                self._store = store
             return self._store
 
     @property

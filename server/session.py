@@ -23,10 +23,12 @@ from typing import AsyncIterator, Callable
 
 from croupier.errors import ConfigError, CroupierError
 from croupier.proto import pb2
-from croupier.server.job import MAX_IDS_PER_MESSAGE, Job, SliceStream
+from croupier.server.job import MAX_IDS_PER_MESSAGE, MAX_SLICES_PER_MESSAGE, Job, SliceStream
 
 log = logging.getLogger("croupier.server.session")
 
+FULL_POLL_S = 5.0
+"""Every lane of a session is polled at least this often, woken or not (liveness changes with time)."""
 MAX_LANES_PER_SESSION = 4096
 """Most lanes one session may hold open (a node of 8 ranks x 64 workers stays far below)."""
 
@@ -81,6 +83,8 @@ class SessionHandler:
         self._slice_pb = slice_pb
         self._code_of = code_of
         self.client_done = False
+        self._dirty: set[int] = set()  # lanes woken since their last poll
+        self._full_poll = time.monotonic()
 
     # -- reading ---------------------------------------------------------------------------------
     async def read(self, requests: AsyncIterator[pb2.SessionRequest]) -> None:
@@ -127,9 +131,16 @@ class SessionHandler:
         except CroupierError as exc:
             self._fail(op.lane, exc, close=False)
             return
-        stream.waiter.on_wake = self.wake
+        lane = op.lane
+        stream.waiter.on_wake = lambda: self._woken(lane)
         stride = max(int(op.step_stride), 1)
         st.lanes[op.lane] = Lane(op.lane, op.rank, op.world_size, stride, op.step_offset, stream)
+        self._dirty.add(op.lane)
+
+    def _woken(self, lane: int) -> None:
+        """A lane's waiter was woken (flow control moved for it): poll it, and only it."""
+        self._dirty.add(lane)  # set.add is atomic: the job may wake a lane from another thread
+        self.wake()
 
     def _ack(self, ack: pb2.LaneAck) -> None:
         ln = self.state.lanes.get(ack.lane)
@@ -160,10 +171,18 @@ class SessionHandler:
 
     # -- writing ---------------------------------------------------------------------------------
     def collect(self) -> pb2.SessionResponse | None:
-        """Everything deliverable now (slices of every lane, events), or None when nothing is."""
+        """Everything deliverable now (slices of the lanes woken since their last poll, and of
+        every lane at least every FULL_POLL_S; events), or None when nothing is."""
         st = self.state
         resp = pb2.SessionResponse()
-        lanes = list(st.lanes.values())
+        now = time.monotonic()
+        if now - self._full_poll >= FULL_POLL_S:
+            self._full_poll = now
+            lanes = list(st.lanes.values())
+            self._dirty.clear()
+        else:
+            dirty, self._dirty = self._dirty, set()
+            lanes = [st.lanes[k] for k in dirty if k in st.lanes]
         if lanes:
             k = st.rotate % len(lanes)
             lanes = lanes[k:] + lanes[:k]  # no lane starves another when a message fills up
@@ -171,7 +190,8 @@ class SessionHandler:
         n_ids = 0
         for ln in lanes:
             if n_ids >= MAX_IDS_PER_MESSAGE:
-                break
+                self._dirty.add(ln.lane)  # its turn comes in the next message
+                continue
             if ln.finished:
                 continue
             try:
@@ -184,7 +204,10 @@ class SessionHandler:
                 continue
             if chunk:
                 resp.lanes.add(lane=ln.lane, slices=[self._slice_pb(s) for s in chunk])
-                n_ids += sum(len(s.ids) for s in chunk)
+                got = sum(len(s.ids) for s in chunk)
+                n_ids += got
+                if len(chunk) >= MAX_SLICES_PER_MESSAGE or got >= MAX_IDS_PER_MESSAGE:
+                    self._dirty.add(ln.lane)  # a full chunk may leave more deliverable: look again
         if st.events:
             resp.events.extend(st.events)
             st.events.clear()
