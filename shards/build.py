@@ -74,8 +74,13 @@ class BuildConfig:
     tokenizer: str | None = None
     token_field: str = "tokens"
     work_dir: str | None = None
+    group_by: str | None = None
+    clusters_per_group: int | None = None
+    cluster_size: int | None = None
 
     def __post_init__(self) -> None:
+        if self.group_by is not None or self.clusters_per_group is not None or self.cluster_size is not None:
+            self._check_grouping()
         if bool(self.inputs) == bool(self.adopt):
             raise ConfigError("give either INPUT files/folders or --adopt MDS_DIR_OR_REMOTE, not both or neither")
         if self.adopt is None and not self.out:
@@ -104,6 +109,27 @@ class BuildConfig:
             raise ConfigError("--text-field must not be empty")
         if self.tokenizer is not None and self.token_field in (self.text_field, *self.keep_fields):
             raise ConfigError(f"--token-field {self.token_field!r} must differ from the text field and the kept fields")
+
+    def _check_grouping(self) -> None:
+        """--group-by: the field is kept (an MDS column) and read at ingest; see `grouping`."""
+        if self.group_by is None:
+            raise ConfigError("--clusters-per-group and --cluster-size need --group-by FIELD")
+        if self.adopt is not None:
+            raise ConfigError("--group-by applies to building from inputs, not to --adopt")
+        if self.clusters is not None:
+            raise ConfigError(f"--clusters {self.clusters} and --group-by are exclusive: the groups make the clusters "
+                              "(use --clusters-per-group or --cluster-size)")
+        if self.group_by == self.text_field:
+            raise ConfigError(f"--group-by {self.group_by!r} must not be the text field")
+        self.grouping()  # validates the rule
+        if self.group_by not in self.keep_fields:
+            object.__setattr__(self, "keep_fields", (*self.keep_fields, self.group_by))
+
+    def grouping(self) -> Any:
+        from croupier.shards.grouping import GroupingConfig
+
+        return None if self.group_by is None else GroupingConfig(self.group_by, self.clusters_per_group,
+                                                                 self.cluster_size)
 
     def key(self) -> dict[str, Any]:
         """The settings a resumed build must share with the interrupted one.
@@ -328,13 +354,18 @@ class Builder:
             else:
                 n = len(self._source())
                 self.state["n"] = n
-            k = self.cfg.clusters if self.cfg.clusters is not None else auto_clusters(n)
-            if k > n:
-                raise ConfigError(f"--clusters {k} is larger than the number of documents ({n})")
-            self.state["clusters"] = k
-            self._embed()
-            self._train()
-            self._assign()
+            if self.cfg.group_by is None:
+                k = self.cfg.clusters if self.cfg.clusters is not None else auto_clusters(n)
+                if k > n:
+                    raise ConfigError(f"--clusters {k} is larger than the number of documents ({n})")
+                self.state["clusters"] = k
+                self._embed()
+                self._train()
+                self._assign()
+            else:
+                from croupier.shards.grouping import group_stage
+
+                group_stage(self)
             self._order()
             if self.cfg.adopt is None:
                 self._write()
@@ -769,6 +800,11 @@ class Builder:
             "scores": {},
             "selections": {},
         }
+        if self.cfg.group_by is not None:
+            from croupier.shards.grouping import finish
+
+            extra["grouping"] = finish(self.work, self.side, self.cfg.grouping(),
+                                       np.load(self.work / "order.npy", mmap_mode="r") if cluster_major else None)
         write_sidecar(self.out, fingerprint=fp, layout=self.cfg.layout, assignments=assignments,
                       offsets=offsets, members=members, centroids=centroids, extra=extra)
         del assignments, members

@@ -41,6 +41,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--embedder", default="minilm", choices=sorted(EMBEDDERS),
                    help="minilm (all-MiniLM-L6-v2, default) or hashing (fast, model-free)")
     p.add_argument("--clusters", type=int, default=None, help="K (default: about sqrt(N), at most 1024)")
+    p.add_argument("--group-by", default=None, metavar="FIELD",
+                   help="a metadata field of the records (source, domain, language...) as the first level of the "
+                        "clustering: one cluster per group by default, so rare groups stay clusters of their own "
+                        "(the field is kept as a column and recorded per sample in the sidecar)")
+    p.add_argument("--clusters-per-group", type=int, default=None, metavar="N",
+                   help="with --group-by: k-means into N clusters inside each group (at most its documents)")
+    p.add_argument("--cluster-size", type=int, default=None, metavar="M",
+                   help="with --group-by: k-means inside each group into about one cluster per M documents")
     p.add_argument("--layout", default=None, choices=LAYOUTS,
                    help="cluster-major (default; rewrites shards cluster by cluster) or original "
                         "(input order; the only choice with --adopt)")
@@ -84,8 +92,12 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, niter=args.niter, max_train=args.train_sample, chunk=args.chunk,
         batch_size=args.batch_size, skip_bad=args.skip_bad, overwrite=args.overwrite,
         device=args.device, progress=not args.quiet, tokenizer=args.tokenizer, token_field=args.token_field,
-        work_dir=args.work_dir)
+        work_dir=args.work_dir, group_by=args.group_by, clusters_per_group=args.clusters_per_group,
+        cluster_size=args.cluster_size)
     if args.engine == "ray":
+        if args.group_by is not None:
+            raise ConfigError(f"--group-by {args.group_by} is built by the local engine only; "
+                              "drop --engine ray (or --group-by)")
         from croupier.shards.ray_engine import build_ray
 
         res = build_ray(cfg, address=args.ray_address, workers=args.ray_workers)

@@ -26,6 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--examples", type=int, default=0, metavar="N", help="show N texts per cluster")
     p.add_argument("--clusters", type=int, default=5, metavar="M",
                    help="with --examples: how many of the largest and of the smallest clusters (default 5)")
+    p.add_argument("--by", default=None, metavar="FIELD",
+                   help="how the groups of a metadata field (the --group-by field, or a kept column) spread over "
+                        "the clusters: NMI, per-group purity, groups drowned in bigger clusters")
+    p.add_argument("--drown", type=float, default=0.10, metavar="X",
+                   help="with --by: a group below this share of its main cluster is drowned (default 0.10)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run_inspect)
 
@@ -87,6 +92,16 @@ def run_inspect(args: argparse.Namespace) -> int:
         "selections": {k: v.get("count") for k, v in m.get("selections", {}).items()},
         "sizes": size_summary(sizes),
     }
+    from croupier.shards.diagnostics import format_report, size_stats
+    from croupier.shards.grouping import read_grouping
+
+    summary["sizes"].update(size_stats(sizes))
+    grouping = read_grouping(side)
+    if grouping is not None:
+        summary["grouping"] = {"field": grouping.field, "groups": len(grouping.names), "rule": grouping.rule()}
+    report = long_tail(side, args.dataset, args.by, args.drown, grouping) if args.by else None
+    if report is not None:
+        summary["by"] = report.to_dict()
     examples: dict[int, list[str]] = {}
     if args.examples:
         from croupier.shards.mds import MDSSource
@@ -117,12 +132,42 @@ def run_inspect(args: argparse.Namespace) -> int:
     print(f"sizes        largest {s['largest']} ({s['largest_share']:.1%} of samples), smallest {s['smallest']}, "
           f"mean {s['mean']:.1f}, largest/smallest {s['max_over_min']:.1f}")
     print("quantiles    " + "  ".join(f"{k} {v:g}" for k, v in s["quantiles"].items()))
+    print(f"spread       min {s['min']}, median {s['median']:g}, max {s['max']}, Gini {s['gini']:.3f}")
+    if grouping is not None:
+        print(f"grouped by   {grouping.field!r}: {len(grouping.names)} groups, {grouping.rule()}")
+    if report is not None:
+        for line in format_report(report):
+            print(line)
     for c, texts in examples.items():
         print(f"\ncluster {c} ({int(sizes[c])} samples):")
         for t in texts:
             t = " ".join(t.split())
             print(f"  - {t[:160]}{'...' if len(t) > 160 else ''}")
     return 0
+
+
+def long_tail(side: Any, dataset: str, field: str, drown: float, grouping: Any) -> Any:
+    """The diagnostics of `field`: from the sidecar's group codes, else from the kept MDS column."""
+    from croupier.shards.diagnostics import long_tail_report
+    from croupier.shards.grouping import group_name
+
+    clusters = np.asarray(side.assignments())
+    if grouping is not None and grouping.field == field:
+        return long_tail_report(clusters, np.asarray(grouping.codes()), grouping.names, field, drown)
+    columns = side.manifest.get("columns") or {}
+    if field not in columns or field == side.manifest.get("text_field"):
+        kept = ", ".join(c for c in columns if c != side.manifest.get("text_field")) or "none"
+        raise ConfigError(f"--by {field!r}: the dataset keeps no such metadata field (kept columns: {kept}); "
+                          "build with --keep-fields FIELD or --group-by FIELD")
+    from croupier.shards.mds import MDSSource
+
+    seen: dict[str, int] = {}
+    codes = np.empty(side.num_samples, dtype=np.int64)
+    with MDSSource(side.remote or dataset) as src:
+        for lo in range(0, side.num_samples, 65_536):
+            hi = min(side.num_samples, lo + 65_536)
+            codes[lo:hi] = [seen.setdefault(group_name(v), len(seen)) for v in src.get(np.arange(lo, hi), field)]
+    return long_tail_report(clusters, codes, list(seen), field, drown)
 
 
 def run_plot(args: argparse.Namespace) -> int:

@@ -1,0 +1,99 @@
+"""Long-tail diagnostics: NMI and purity against hand computation on a planted example, Gini,
+and `croupier shards inspect --by` warning when a k-means clustering drowns rare groups."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import normalized_mutual_info_score
+
+from croupier.cli import main
+from croupier.errors import ConfigError
+from croupier.shards.diagnostics import gini, long_tail_report, nmi, size_stats
+
+# planted: 10 samples, 3 clusters, 3 groups
+#   cluster 0: a a a a b      cluster 1: b b c      cluster 2: a c
+CLUSTERS = np.array([0, 0, 0, 0, 0, 1, 1, 1, 2, 2])
+GROUPS = np.array([0, 0, 0, 0, 1, 1, 1, 2, 0, 2])
+NAMES = ["a", "b", "c"]
+
+
+def hand_nmi() -> float:
+    n = 10
+    table = {(0, 0): 4, (0, 1): 1, (1, 1): 2, (1, 2): 1, (2, 0): 1, (2, 2): 1}
+    rows = {0: 5, 1: 3, 2: 2}  # cluster sizes
+    cols = {0: 5, 1: 3, 2: 2}  # group sizes
+    mi = sum(v / n * math.log(n * v / (rows[c] * cols[g])) for (c, g), v in table.items())
+    h = -sum(s / n * math.log(s / n) for s in rows.values())
+    return mi / ((h + h) / 2)
+
+
+def test_nmi_equals_hand_computation_and_sklearn():
+    assert nmi(CLUSTERS, GROUPS) == pytest.approx(hand_nmi(), abs=1e-12)
+    assert nmi(CLUSTERS, GROUPS) == pytest.approx(normalized_mutual_info_score(GROUPS, CLUSTERS), abs=1e-12)
+    assert nmi(GROUPS, GROUPS) == pytest.approx(1.0)
+    assert nmi(np.zeros(5, int), np.zeros(5, int)) == 1.0
+    assert nmi(np.zeros(4, int), np.array([0, 1, 0, 1])) == 0.0
+
+
+def test_purity_main_cluster_and_drowned_groups_by_hand():
+    rep = long_tail_report(CLUSTERS, GROUPS, NAMES, "source", drown=0.4)
+    by = {g.name: g for g in rep.groups}
+    # a: 4 of its 5 in cluster 0, which has 5 members -> purity 4/5
+    assert (by["a"].main_cluster, by["a"].purity, by["a"].share_in_main, by["a"].clusters) == (0, 0.8, 0.8, 2)
+    # b: 2 of its 3 in cluster 1 (size 3) -> purity 2/3
+    assert (by["b"].main_cluster, by["b"].purity, by["b"].share_in_main) == (1, pytest.approx(2 / 3),
+                                                                             pytest.approx(2 / 3))
+    # c: one in cluster 1 (size 3) and one in cluster 2 (size 2): tie -> the smaller cluster id, 1/3
+    assert (by["c"].main_cluster, by["c"].purity, by["c"].share_in_main) == (1, pytest.approx(1 / 3), 0.5)
+    assert rep.drowned == ["c"] and "1 of 3 groups of 'source' make up less than 40%" in rep.warning
+    assert rep.rare_quarter_purity == pytest.approx(1 / 3)  # the rarest quarter: group c
+    assert long_tail_report(CLUSTERS, GROUPS, NAMES, "source", drown=0.3).warning is None
+    assert json.loads(json.dumps(rep.to_dict()))["drowned"] == ["c"]
+
+
+def test_gini_and_size_stats():
+    assert gini([4, 4, 4, 4]) == 0.0
+    assert gini([0, 0, 0, 10]) == pytest.approx(0.75)
+    assert gini([1, 2, 3]) == pytest.approx(2 * (1 + 4 + 9) / (3 * 6) - 4 / 3)
+    assert size_stats([5, 1, 3, 9]) == {"min": 1, "median": 4.0, "max": 9, "mean": 4.5,
+                                        "gini": pytest.approx(gini([5, 1, 3, 9]))}
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: long_tail_report(CLUSTERS, GROUPS, NAMES, "s", drown=0.0), "the drown threshold must be in (0, 1], got 0.0"),
+    (lambda: nmi(CLUSTERS, GROUPS[:-1]), "clusters and groups must be 1-D arrays of one length"),
+    (lambda: long_tail_report(CLUSTERS, GROUPS, NAMES[:2], "s"), "group code 2 has no name (2 names given)"),
+])
+def test_bad_input_is_refused(call, message):
+    with pytest.raises(ConfigError) as exc:
+        call()
+    assert message in str(exc.value)
+
+
+def test_inspect_by_warns_when_kmeans_drowns_the_tail(tmp_path, capsys):
+    from test_grouping import SIZES, write_corpus
+
+    inputs = tmp_path / "docs.jsonl"
+    write_corpus(inputs)
+    common = ["--embedder", "hashing", "--quiet", "--shard-size", "16KiB"]
+    km, grouped = tmp_path / "km", tmp_path / "grouped"
+    assert main(["shards", "build", str(inputs), "--out", str(km), "--clusters", "2", "--keep-fields", "source",
+                 *common]) == 0
+    assert main(["shards", "build", str(inputs), "--out", str(grouped), "--group-by", "source", *common]) == 0
+    capsys.readouterr()
+    assert main(["shards", "inspect", str(km), "--by", "source"]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING:" in out and "hides the long tail" in out and "- apl: 2 docs" in out
+    assert main(["shards", "inspect", str(km), "--by", "source", "--json"]) == 0
+    by = json.loads(capsys.readouterr().out)["by"]
+    assert "apl" in by["drowned"] and by["warning"].startswith("WARNING:")
+    assert 0.0 <= by["nmi"] < 1.0 and len(by["groups"]) == len(SIZES)
+    assert main(["shards", "inspect", str(grouped), "--by", "source"]) == 0
+    out = capsys.readouterr().out
+    assert "NMI 1.000" in out and "WARNING" not in out and "drowned      none" in out
+    assert main(["shards", "inspect", str(km), "--by", "topic"]) == 2
+    assert "--by 'topic': the dataset keeps no such metadata field (kept columns: source)" in capsys.readouterr().err
