@@ -236,6 +236,8 @@ class CroupierIterableDataset(IterableDataset):
     def _open_store(self, job: Any, client: RankClient | None = None):
         from croupier.client.shard_store import ShardStore
 
+        if len(job.sources) > 1:
+            return self._open_mix_store(job, client)
         remote = self.remote or job.dataset_remote
         if not remote:
             raise ConfigError(f"job {self.job!r} names no dataset remote; pass remote= to the dataset")
@@ -250,6 +252,24 @@ class CroupierIterableDataset(IterableDataset):
             cache_limit=self.cache_limit,
             prefetch_threads=self.prefetch_threads,
         )
+
+    def _open_mix_store(self, job: Any, client: RankClient | None = None):
+        """A mixture job: each source read from its own remote and cache (`client.mix_store`)."""
+        from croupier.client.mix_store import MixStore
+        from croupier.client.shard_store import ShardStore
+
+        if self.remote:
+            raise ConfigError(f"remote={self.remote!r} names one dataset, but job {self.job!r} is a mixture of "
+                              f"{len(job.sources)} sources, each read from its own remote")
+        if client is not None and client.agent:
+            raise ConfigError(f"job {self.job!r} is a mixture of {len(job.sources)} sources, which a node agent "
+                              "does not serve yet: read it directly (agent='' or unset CROUPIER_AGENT)")
+
+        def open_source(src: Any, limit: int | None) -> ShardStore:
+            return ShardStore(src.remote, self.cache_dir, fingerprint=src.fingerprint or None, cache_limit=limit,
+                              prefetch_threads=self.prefetch_threads)
+
+        return MixStore(list(job.sources), open_source, self.cache_limit)
 
     # -- checkpoint state ---------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
     croupier status --server HOST:PORT [--json] [--top N]     per-cluster table, totals, rank steps
     croupier checkpoint --server HOST:PORT --step S           durable checkpoint; prints its token
     croupier update --server HOST:PORT --step S [--clip N] [--weights W,...]   (admin token)
+    croupier update --server HOST:PORT --step S --source NAME [--weight W] [--clip N]   (mixtures)
 
 Common options (`croupier.client.cli_options`, shared by every client command): --token-file F
 (default: $CROUPIER_TOKEN), --tls-ca PEM (TLS, trusting this CA or self-signed certificate),
@@ -47,6 +48,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("--step", type=int, required=True, help="first step the change applies to")
     up.add_argument("--clip", type=int, default=0, help="new clip threshold (0 = unchanged)")
     up.add_argument("--weights", default=None, help="new per-cluster weights: comma list or @FILE")
+    up.add_argument("--source", default="", help="mixtures: the source that --weight and --clip apply to")
+    up.add_argument("--weight", type=float, default=None, help="mixtures: the source's new weight (0 pauses it)")
+    up.add_argument("--source-weights", default=None,
+                    help="mixtures: every source's weight, in the mixture file's order (comma list or @FILE)")
     up.set_defaults(func=_guard(update))
 
 
@@ -164,11 +169,19 @@ def update(args: argparse.Namespace) -> int:
     from croupier.server.sampling_args import parse_weights
 
     weights = parse_weights(args.weights) or ()
-    if not args.clip and not weights:
-        raise ConfigError("update needs --clip or --weights")
+    source_weights = parse_weights(args.source_weights) or ()
+    if args.weight is not None and not args.source:
+        raise ConfigError(f"--weight {args.weight} needs --source NAME (the mixture source it applies to)")
+    if args.source and args.weight is None and not args.clip:
+        raise ConfigError(f"--source {args.source} needs --weight or --clip")
+    if not args.clip and not weights and args.weight is None and not source_weights:
+        raise ConfigError("update needs --clip, --weights, --source with --weight, or --source-weights")
+    req = pb2.UpdateRequest(step=args.step, clip=args.clip, weights=weights, source=args.source,
+                            source_weights=source_weights)
+    if args.weight is not None:
+        req.source_weight = args.weight
     stub, channel, md = connect(args)
     with channel:
-        resp = stub.Update(pb2.UpdateRequest(step=args.step, clip=args.clip, weights=weights), metadata=md,
-                           timeout=args.timeout)
+        resp = stub.Update(req, metadata=md, timeout=args.timeout)
     print(json.dumps({"effective_step": resp.effective_step}))
     return 0

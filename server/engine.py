@@ -167,6 +167,18 @@ class Sampler:
         self._pending.append(Change(step=int(step), clip=clip, weights=wt))
         self._pending.sort(key=lambda c: c.step)
 
+    def schedule_change(self, change: Change) -> None:
+        """`schedule` for a recorded change; refuses the fields only a mixture has."""
+        if change.source is not None or change.source_weight is not None or change.source_weights is not None:
+            raise ConfigError("this job serves one dataset: source weights apply to mixtures (serve --mix)")
+        self.schedule(change.step, clip=change.clip,
+                      weights=None if change.weights is None else list(change.weights))
+
+    @property
+    def config_dict(self) -> dict:
+        """What JobInfo.policy_json and checkpoints record: the policy config."""
+        return self.config.to_dict()
+
     def state(self) -> SamplerState:
         """A snapshot from which `load_state` continues the sequence exactly."""
         return SamplerState(

@@ -29,18 +29,20 @@ outruns the background writer the mark is written in line (see `_ensure_mark_loc
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
 from croupier.errors import ConfigError, CroupierError, EndOfData, FingerprintMismatch, StateError
 from croupier.server.checkpoint_writer import CheckpointMeta, CheckpointWriteError, CheckpointWriter, WriterHealth
 from croupier.server.engine import Sampler
+from croupier.server.mix_engine import MixSampler, SourceCounters
 from croupier.server.layout import ClusterLayout
 from croupier.server.policy import PolicyConfig
 from croupier.server.ranks import RankProgress, RankTable, RankView
@@ -48,6 +50,9 @@ from croupier.server.state import Change, SamplerState
 from croupier.server.store import CheckpointStore, StoredCheckpoint
 from croupier.server.token import CheckpointToken
 from croupier.server.topology import Topology, per_rank_batch
+
+if TYPE_CHECKING:
+    from croupier.server.mixture import Mixture
 
 log = logging.getLogger("croupier.server.job")
 
@@ -162,6 +167,7 @@ class JobStatus:
     slices_served: int
     ids_served: int
     checkpoint: WriterHealth | None = None
+    sources: SourceCounters | None = None
 
 
 @dataclass
@@ -204,8 +210,8 @@ class Job:
     def __init__(self, layout: ClusterLayout, config: PolicyConfig, global_batch: int, seed: int = 0,
                  spec: JobSpec | None = None, store: CheckpointStore | None = None,
                  clock: Callable[[], float] = time.monotonic, *, fresh: bool = False,
-                 fault_hook: Callable[[Path], None] | None = None) -> None:
-        self.layout = layout
+                 fault_hook: Callable[[Path], None] | None = None, mixture: "Mixture | None" = None) -> None:
+        self.mixture = mixture
         self.config = config
         self.global_batch = int(global_batch)
         self.seed = int(seed)
@@ -213,7 +219,9 @@ class Job:
         self.store = store
         self._clock = clock
         self._lock = threading.Lock()
+        self.layout = layout
         self._gen = self._new_sampler()
+        self.layout = self._gen.layout
         self.fingerprint = self._gen.fingerprint
         self._batches: dict[int, np.ndarray] = {}
         self._snapshots: dict[int, _Saved] = {0: _Saved(self._gen.state(), 0)}
@@ -245,8 +253,20 @@ class Job:
                 raise
 
     # -- construction helpers -------------------------------------------------------------------
-    def _new_sampler(self) -> Sampler:
+    def _new_sampler(self) -> Sampler | MixSampler:
+        if self.mixture is not None:
+            return self.mixture.new_sampler(self.global_batch, self.seed)
         return Sampler(self.layout, self.config, self.global_batch, self.seed)
+
+    @property
+    def policy_name(self) -> str:
+        """The policy (JobInfo.policy): a single source's, or "mixture"."""
+        return "mixture" if isinstance(self._gen, MixSampler) else self._gen.config.policy
+
+    @property
+    def policy_json(self) -> str:
+        """The full sampling config as canonical JSON (JobInfo.policy_json)."""
+        return json.dumps(self._gen.config_dict, sort_keys=True, separators=(",", ":"))
 
     def _check_state(self, ck: StoredCheckpoint) -> None:
         state = SamplerState.from_bytes(ck.state)
@@ -502,20 +522,34 @@ class Job:
         except CheckpointWriteError as exc:
             raise CheckpointUnavailable(f"{exc}; the server keeps serving and retries; try again later") from None
 
-    def update(self, step: int, clip: int = 0, weights: list[float] | None = None) -> int:
+    def update(self, step: int, clip: int = 0, weights: list[float] | None = None, *, source: str = "",
+               source_weight: float | None = None, source_weights: list[float] | None = None) -> int:
         """Schedules an online change from `step` (>= the generated step); returns `step`.
 
-        The change is durable before this returns, and before any batch can use it: the
-        checkpoint is written under the lock, and the change is undone when it cannot be."""
+        `source` (a mixture source's name) makes `clip` and `source_weight` apply to that
+        source; `source_weights` sets every source's weight. The change is durable before
+        this returns, and before any batch can use it: the checkpoint is written under the
+        lock, and the change is undone when it cannot be."""
         with self._lock:
             if step < self._gen.step:
                 raise ConfigError(f"step {step} is already generated (generated step {self._gen.step}); "
                                   f"a change must name a step >= {self._gen.step}")
             w = list(weights) if weights else None
-            before = self._gen.state()
-            self._gen.schedule(step, clip=clip or None, weights=w)
+            src_index: int | None = None
+            if source or source_weight is not None or source_weights:
+                if not isinstance(self._gen, MixSampler):
+                    raise ConfigError(f"this job serves one dataset: a source change (source {source!r}) "
+                                      "applies to mixtures (serve --mix)")
+                if source_weight is not None and not source:
+                    raise ConfigError("a source weight names its source (--source NAME)")
+                if source:
+                    src_index = self._gen.source_index(source)
             change = Change(step=int(step), clip=int(clip) if clip else None,
-                            weights=None if w is None else tuple(float(x) for x in w))
+                            weights=None if w is None else tuple(float(x) for x in w), source=src_index,
+                            source_weight=None if source_weight is None else float(source_weight),
+                            source_weights=tuple(float(x) for x in source_weights) if source_weights else None)
+            before = self._gen.state()
+            self._gen.schedule_change(change)
             self._events.append(change)
             saved = _Saved(self._gen.state(), len(self._events))
             if self._writer is not None:
@@ -528,7 +562,8 @@ class Job:
             self._pinned[saved.state.step] = saved
             self._replayer = None
             log.info("online change scheduled", extra={"event": "update", "step": step, "clip": clip or None,
-                                                       "weights": None if w is None else len(w)})
+                                                       "weights": None if w is None else len(w),
+                                                       "source": source or None, "source_weight": source_weight})
             return int(step)
 
     def status(self) -> JobStatus:
@@ -543,7 +578,15 @@ class Job:
                 sizes=c.sizes, draws=c.draws, passes=c.passes, clipped_at=c.clipped_at,
                 steps_generated=self._steps_generated, steps_replayed=self._steps_replayed,
                 slices_served=self._slices_served, ids_served=self._ids_served,
-                checkpoint=None if self._writer is None else self._writer.health())
+                checkpoint=None if self._writer is None else self._writer.health(),
+                sources=self._gen.source_counters() if isinstance(self._gen, MixSampler) else None)
+
+    def source_counters(self) -> SourceCounters | None:
+        """Per-source weights, clips, draws and exhaustion of a mixture (None for one source)."""
+        if not isinstance(self._gen, MixSampler):
+            return None
+        with self._lock:
+            return self._gen.source_counters()
 
     def checkpoint_health(self) -> WriterHealth | None:
         """The checkpoint writer's state (None without a state directory)."""
@@ -656,7 +699,7 @@ class Job:
         return CheckpointMeta(
             job=self.spec.name, sampler_fingerprint=self.fingerprint,
             dataset_fingerprint=self.spec.dataset_fingerprint, global_batch=self.global_batch, seed=self.seed,
-            policy=self.config.to_dict(), world=t.world, formed_at=t.formed_at,
+            policy=self._gen.config_dict, world=t.world, formed_at=t.formed_at,
             generated_step=max(self._gen.step, self._high_water), formation=self._formation,
             ranks=t.positions(), events=tuple(c.to_dict() for c in self._events), n_events=saved.n_events,
             end_step=self._end_step, created=time.time())
@@ -756,7 +799,7 @@ class Job:
         for ev in self._events[saved.n_events:]:
             if ev.step < s.step:
                 raise StateError(f"online change at step {ev.step} predates the saved state at step {s.step}")
-            s.schedule(ev.step, clip=ev.clip, weights=None if ev.weights is None else list(ev.weights))
+            s.schedule_change(ev)
         return s, len(self._events)
 
     def _replay_locked(self, step: int, upto: int | None = None) -> np.ndarray:

@@ -18,7 +18,7 @@ from croupier.server.policy import ON_EXHAUSTED, POLICIES, PolicyConfig
 
 def add_policy_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """--policy, --clip and the other policy flags, --global-batch and --seed."""
-    p.add_argument("--policy", default="clusterclip", help=f"one of: {', '.join(POLICIES)} (default clusterclip)")
+    p.add_argument("--policy", default=None, help=f"one of: {', '.join(POLICIES)} (default clusterclip)")
     p.add_argument("--clip", help="repeat clip threshold (integer >= 1) or 'auto' (needs --budget-steps)")
     p.add_argument("--budget-steps", type=int, help="planned training steps (for --clip auto and --switch-fraction)")
     p.add_argument("--min-active-share", type=float, default=0.5,
@@ -64,10 +64,31 @@ def policy_from_args(args: argparse.Namespace) -> PolicyConfig:
                 clip = int(args.clip)
             except ValueError:
                 raise ConfigError(f"--clip must be an integer >= 1 or 'auto', got {args.clip!r}") from None
-    return PolicyConfig(policy=args.policy, clip=clip, auto_clip=auto, weights=parse_weights(args.weights),
+    return PolicyConfig(policy=args.policy or "clusterclip", clip=clip, auto_clip=auto, weights=parse_weights(args.weights),
                         switch_step=args.switch_step, switch_fraction=args.switch_fraction,
                         budget_steps=args.budget_steps, on_exhausted=args.on_exhausted,
                         min_active_share=args.min_active_share)
+
+
+def load_mix_args(args: argparse.Namespace, sidecar_cache: Path | None = None):  # -> Mixture
+    """The mixture of --mix FILE; refuses the flags the file fixes itself (policy, clip, ...)."""
+    from croupier.server.mixture import load_mix
+
+    fixed = [flag for flag, v in (("--policy", args.policy), ("--clip", args.clip), ("--weights", args.weights),
+                                  ("--budget-steps", args.budget_steps), ("--switch-step", args.switch_step),
+                                  ("--switch-fraction", args.switch_fraction)) if v is not None]
+    for flag, name in (("--selection", "selection"), ("--cluster-sizes", "cluster_sizes"), ("--dataset", "dataset"),
+                       ("--remote", "remote"), ("--block-size", "block_size")):
+        if getattr(args, name, None):
+            fixed.append(flag)
+    if args.on_exhausted != "stop":
+        fixed.append("--on-exhausted")
+    if args.min_active_share != 0.5:
+        fixed.append("--min-active-share")
+    if fixed:
+        raise ConfigError(f"--mix {args.mix}: the mixture file fixes the sources and their policies; "
+                          f"remove {', '.join(fixed)} (set them per source, or at the file's top level)")
+    return load_mix(args.mix, sidecar_cache)
 
 
 def parse_sizes(text: str) -> list[int]:

@@ -31,7 +31,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from croupier.errors import ConfigError
 from croupier.server import logs
@@ -40,10 +40,14 @@ from croupier.server.job import CheckpointUnavailable, Job, JobSpec
 from croupier.server.layout import ClusterLayout
 from croupier.server.metrics import ServerMetrics
 from croupier.server.policy import PolicyConfig
-from croupier.server.sampling_args import (add_block_size_argument, add_policy_arguments, policy_from_args,
+from croupier.server.sampling_args import (add_block_size_argument, add_policy_arguments, load_mix_args,
+                                           policy_from_args,
                                            refuse_block_size_for_dataset, synthetic_layout)
 from croupier.server.service import create_server, describe
 from croupier.server.store import CheckpointStore, atomic_write_bytes
+
+if TYPE_CHECKING:
+    from croupier.server.mixture import Mixture
 
 log = logging.getLogger("croupier.server.serve")
 
@@ -55,6 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("dataset", nargs="?", help="MDS dataset folder (or object-store URL such as s3://bucket/prefix, "
                                                 "credentials and S3_ENDPOINT_URL from the environment) with a "
                                                 "croupier cluster sidecar")
+    data.add_argument("--mix", default=None, metavar="FILE",
+                      help="a mixture file (TOML): many datasets, each weighted and with its own policy; replaces "
+                           "DATASET and the sampling policy flags (docs/sampling.md)")
     data.add_argument("--selection", default="", help="draw only from this named selection of the sidecar")
     data.add_argument("--cluster-sizes", default="",
                       help="synthetic layout for tests and demos, e.g. 5000,300,20,1 (no dataset)")
@@ -152,21 +159,35 @@ def run(args: argparse.Namespace) -> int:
     token = read_token_file(args.token_file, MIN_SERVER_TOKEN_CHARS) if args.token_file else None
     admin = read_token_file(args.admin_token_file, MIN_SERVER_TOKEN_CHARS) if args.admin_token_file else None
     check_exposure(args.host, token, bool(args.tls_cert), args.insecure)
-    config = policy_from_args(args)
-    layout, dataset_fp, remote = dataset_from_args(args)
-    spec = JobSpec(name=args.job, dataset_remote=remote, dataset_fingerprint=dataset_fp, selection=args.selection,
+    mixture = None
+    if args.mix:
+        from croupier.format.remote import SIDECAR_CACHE_DIR
+
+        if args.dataset:
+            raise ConfigError(f"give DATASET {args.dataset} or --mix {args.mix}, not both")
+        mixture = load_mix_args(args, Path(args.state_dir) / SIDECAR_CACHE_DIR)
+        first = mixture.infos[0]
+        layout = mixture.layouts[0]
+        config = mixture.policy_config(0) if mixture.single else None
+        dataset_fp, remote, selection = (first.fingerprint, first.remote, first.selection) if mixture.single \
+            else ("", "", "")
+    else:
+        config = policy_from_args(args)
+        layout, dataset_fp, remote = dataset_from_args(args)
+        selection = args.selection
+    spec = JobSpec(name=args.job, dataset_remote=remote, dataset_fingerprint=dataset_fp, selection=selection,
                    max_lag=args.max_lag, max_lookahead=args.lookahead, checkpoint_every=args.checkpoint_every,
                    rank_timeout_s=args.rank_timeout)
     store = CheckpointStore(args.state_dir, keep=args.keep_checkpoints)
     lock_fd = _lock_state_dir(store.dir)
     try:
-        return _serve(args, layout, config, spec, store, token, admin)
+        return _serve(args, layout, config, spec, store, token, admin, mixture)
     finally:
         os.close(lock_fd)
 
 
-def _serve(args: argparse.Namespace, layout: ClusterLayout, config: PolicyConfig, spec: JobSpec,
-           store: CheckpointStore, token: str | None, admin: str | None) -> int:
+def _serve(args: argparse.Namespace, layout: ClusterLayout, config: PolicyConfig | None, spec: JobSpec,
+           store: CheckpointStore, token: str | None, admin: str | None, mixture: "Mixture | None" = None) -> int:
     logs.configure(args.log_level)
     stop = threading.Event()  # installed first: a signal during start-up still stops cleanly
     received: list[int] = []
@@ -177,7 +198,8 @@ def _serve(args: argparse.Namespace, layout: ClusterLayout, config: PolicyConfig
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    job = Job(layout, config, args.global_batch, args.seed, spec=spec, store=store, fresh=args.fresh)
+    job = Job(layout, config, args.global_batch, args.seed, spec=spec, store=store, fresh=args.fresh,
+              mixture=mixture)
     metrics = ServerMetrics(job)
     host = args.host
     address = f"[{host}]:{args.port}" if ":" in host else f"{host}:{args.port}"

@@ -81,11 +81,24 @@ def status_code_of(exc: CroupierError) -> grpc.StatusCode:
 
 def job_info(job: Job) -> pb2.JobInfo:
     spec = job.spec
-    return pb2.JobInfo(
+    info = pb2.JobInfo(
         job=spec.name, dataset_remote=spec.dataset_remote, dataset_fingerprint=spec.dataset_fingerprint,
-        sampler_fingerprint=job.fingerprint, global_batch=job.global_batch, policy=job.config.policy,
-        policy_json=job.config.canonical_json(), seed=job.seed, num_samples=job.layout.num_samples,
+        sampler_fingerprint=job.fingerprint, global_batch=job.global_batch, policy=job.policy_name,
+        policy_json=job.policy_json, seed=job.seed, num_samples=job.layout.num_samples,
         num_clusters=job.layout.num_clusters, selection=spec.selection, world_size=job.world or 0)
+    if job.mixture is not None:
+        counters = job.source_counters()
+        for i, src in enumerate(job.mixture.infos):
+            msg = info.sources.add(name=src.name, remote=src.remote, fingerprint=src.fingerprint, offset=src.offset,
+                                   size=src.size, selection=src.selection, num_clusters=src.num_clusters,
+                                   weight=src.weight, policy=src.policy, exhausted_at=-1)
+            if counters is not None:
+                msg.weight = float(counters.weights[i])
+                msg.clip = int(counters.clips[i])
+                msg.draws = int(counters.draws[i])
+                msg.exhausted_at = int(counters.exhausted_at[i])
+                msg.active_clusters = int(counters.active_clusters[i])
+    return info
 
 
 def _slice_pb(s: SliceData, packed: bool = True) -> pb2.Slice:
@@ -305,8 +318,10 @@ class SamplerServicer:
     async def Update(self, request: pb2.UpdateRequest, context) -> pb2.UpdateResponse:
         if request.clip < 0:
             raise ConfigError(f"clip must be >= 1 (0 = unchanged), got {request.clip}")
+        sw = request.source_weight if request.HasField("source_weight") else None
         step = await asyncio.to_thread(self.job.update, step=request.step, clip=int(request.clip),
-                                       weights=list(request.weights))
+                                       weights=list(request.weights), source=request.source, source_weight=sw,
+                                       source_weights=list(request.source_weights))
         return pb2.UpdateResponse(effective_step=step)
 
     # -- wiring -------------------------------------------------------------------------------------
@@ -581,5 +596,5 @@ def describe(server: SamplerServer) -> dict[str, Any]:
     job = server.job
     return {"address": server.address, "port": server.port, "tls": server.tls, "job": job.spec.name,
             "sampler_fingerprint": job.fingerprint, "dataset_fingerprint": job.spec.dataset_fingerprint,
-            "global_batch": job.global_batch, "policy": job.config.policy, "num_clusters": job.layout.num_clusters,
+            "global_batch": job.global_batch, "policy": job.policy_name, "num_clusters": job.layout.num_clusters,
             "resumed_from": job.resumed_from, "version": __version__}

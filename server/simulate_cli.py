@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TextIO
 
 import numpy as np
@@ -19,8 +21,9 @@ import numpy as np
 from croupier.errors import ConfigError, EndOfData
 from croupier.server.engine import Sampler
 from croupier.server.layout import ClusterLayout
-from croupier.server.sampling_args import (add_block_size_argument, add_policy_arguments, policy_from_args,
-                                           refuse_block_size_for_dataset, synthetic_layout)
+from croupier.server.mix_engine import MixSampler
+from croupier.server.sampling_args import (add_block_size_argument, add_policy_arguments, load_mix_args,
+                                           policy_from_args, refuse_block_size_for_dataset, synthetic_layout)
 from croupier.server.topology import Topology
 
 __all__ = ["Schedule", "format_summary", "layout_from_args", "policy_from_args", "register", "run", "simulate"]
@@ -32,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--cluster-sizes", help="synthetic clusters with contiguous ids, e.g. 5000,300,20,1")
     src.add_argument("--dataset", help="dataset folder with a croupier cluster sidecar")
+    src.add_argument("--mix", help="a mixture file (TOML): sources with weights and policies (docs/sampling.md)")
     p.add_argument("--selection", help="sample only inside this named selection of the dataset")
     add_block_size_argument(p)
     add_policy_arguments(p)
@@ -64,7 +68,7 @@ class Schedule:
     end_of_data_step: int | None
 
 
-def simulate(sampler: Sampler, steps: int, out: TextIO | None = None,
+def simulate(sampler: Sampler | MixSampler, steps: int, out: TextIO | None = None,
              topology: Topology | None = None) -> Schedule:
     """Runs `steps` steps; writes jsonl lines to `out` when given; returns the schedule."""
     if steps < 0:
@@ -133,9 +137,50 @@ def format_summary(sampler: Sampler, sched: Schedule) -> str:
     return "\n".join(lines)
 
 
+def format_mix_summary(sampler: MixSampler, sched: Schedule) -> str:
+    """Per source: weight and target share, draws and actual share, clip, when it ran dry."""
+    sc = sampler.source_counters()
+    total = int(sc.draws.sum())
+    w0 = np.array([src.weight for src in sampler.sources])
+    lines = [f"mixture of {len(sc.names)} sources  clusters {sampler.layout.num_clusters}  "
+             f"global batch {sampler.global_batch}  steps {sched.steps_run}  seed {sampler.seed}  "
+             f"on_source_exhausted {sampler.on_source_exhausted}", ""]
+    width = max(8, max(len(n) for n in sc.names))
+    lines.append(f"{'source':>{width}} {'policy':>11} {'weight':>8} {'target':>7} {'draws':>10} {'share':>7} "
+                 f"{'clip':>5} {'active':>11} {'exhausted at':>12}")
+    shown = range(len(sc.names)) if len(sc.names) <= 40 else list(range(20)) + list(range(len(sc.names) - 20,
+                                                                                        len(sc.names)))
+    for n, i in enumerate(shown):
+        if len(sc.names) > 40 and n == 20:
+            lines.append(f"{'...':>{width}} ({len(sc.names) - 40} sources not shown)")
+        ex = "-" if sc.exhausted_at[i] < 0 else str(int(sc.exhausted_at[i]))
+        clip = "-" if sc.clips[i] == 0 else str(int(sc.clips[i]))
+        lines.append(f"{sc.names[i]:>{width}} {sampler.sources[i].policy:>11} {sc.weights[i]:>8.4g} "
+                     f"{w0[i] / w0.sum():>7.1%} {int(sc.draws[i]):>10} "
+                     f"{(sc.draws[i] / total if total else 0.0):>7.1%} {clip:>5} "
+                     f"{int(sc.active_clusters[i]):>5}/{int(sc.num_clusters[i]):<5} {ex:>12}")
+    lines.append(f"{'total':>{width}} {'':>11} {'':>8} {'':>7} {total:>10}")
+    lines.append("")
+    lines.append("schedule (active clusters after each tenth of the run):")
+    lines.append("  " + "  ".join(f"step {s}: {a}" for s, a in sched.active_at_tenth))
+    for i in np.argsort(sc.exhausted_at, kind="stable"):
+        if sc.exhausted_at[i] >= 0:
+            lines.append(f"source {sc.names[i]!r} ran out of room at step {int(sc.exhausted_at[i])}: "
+                         + ("its share went to the other sources" if sampler.on_source_exhausted == "redistribute"
+                            else "the job ends there (on_source_exhausted=stop)"))
+    if sched.end_of_data_step is not None:
+        lines.append(f"END OF DATA at step {sched.end_of_data_step}")
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
-    layout = layout_from_args(args)
-    sampler = Sampler(layout, policy_from_args(args), args.global_batch, args.seed)
+    if args.mix:
+        with tempfile.TemporaryDirectory(prefix="croupier-mix-") as tmp:
+            mixture = load_mix_args(args, Path(tmp))
+        sampler = mixture.new_sampler(args.global_batch, args.seed)
+    else:
+        layout = layout_from_args(args)
+        sampler = Sampler(layout, policy_from_args(args), args.global_batch, args.seed)
     topology = None
     if args.rank is not None:
         topology = Topology(rank=args.rank, world=args.world)
@@ -148,5 +193,5 @@ def run(args: argparse.Namespace) -> int:
             print(f"croupier simulate: end of data at step {sched.end_of_data_step}", file=sys.stderr)
         return 0
     sched = simulate(sampler, args.steps)
-    print(format_summary(sampler, sched))
+    print(format_mix_summary(sampler, sched) if isinstance(sampler, MixSampler) else format_summary(sampler, sched))
     return 0

@@ -25,20 +25,40 @@ VERSION = 1
 
 @dataclass(frozen=True)
 class Change:
-    """An online change that takes effect at the start of `step`."""
+    """An online change that takes effect at the start of `step`.
+
+    Single-source jobs use `clip` and `weights` (per cluster). Mixtures add `source` (a
+    source index: `source_weight` and `clip` then apply to that source) and
+    `source_weights` (every source's weight at once); `weights` is then per cluster of the
+    mixture's combined cluster list. The mixture fields are written only when set, so a
+    single-source change serializes as it always has.
+    """
 
     step: int
     clip: int | None = None
     weights: tuple[float, ...] | None = None
+    source: int | None = None
+    source_weight: float | None = None
+    source_weights: tuple[float, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "clip": self.clip,
-                "weights": None if self.weights is None else list(self.weights)}
+        d: dict[str, Any] = {"step": self.step, "clip": self.clip,
+                             "weights": None if self.weights is None else list(self.weights)}
+        if self.source is not None:
+            d["source"] = self.source
+        if self.source_weight is not None:
+            d["source_weight"] = self.source_weight
+        if self.source_weights is not None:
+            d["source_weights"] = list(self.source_weights)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Change":
         w = d.get("weights")
-        return cls(step=int(d["step"]), clip=d.get("clip"), weights=None if w is None else tuple(w))
+        sw = d.get("source_weights")
+        return cls(step=int(d["step"]), clip=d.get("clip"), weights=None if w is None else tuple(w),
+                   source=d.get("source"), source_weight=d.get("source_weight"),
+                   source_weights=None if sw is None else tuple(sw))
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,6 +71,8 @@ class SamplerState:
     random_cursor: position in the chain of keyed whole-dataset permutations (random phases).
     clip / weights: the values in force (after applied online changes).
     pending: online changes not yet applied, sorted by step.
+    extra: a mixture's per-source part (weights, clips, share deficits, random cursors,
+        exhausted-at steps), kept in the header; None for a single-source sampler.
     """
 
     fingerprint: str
@@ -62,6 +84,7 @@ class SamplerState:
     draws: np.ndarray
     clipped_at: np.ndarray
     pending: tuple[Change, ...] = field(default=())
+    extra: dict[str, Any] | None = None
 
     def to_bytes(self) -> bytes:
         k = len(self.cursor)
@@ -71,6 +94,8 @@ class SamplerState:
             "has_weights": self.weights is not None,
             "pending": [c.to_dict() for c in self.pending],
         }
+        if self.extra is not None:
+            header["mix"] = self.extra
         hb = json.dumps(header, sort_keys=True).encode()
         arrays: list[tuple[np.ndarray, str]] = [(self.cursor, "<i8"), (self.draws, "<i8"), (self.clipped_at, "<i8")]
         if self.weights is not None:
@@ -117,4 +142,4 @@ class SamplerState:
         return cls(fingerprint=header["fingerprint"], step=int(header["step"]),
                    random_cursor=int(header["random_cursor"]), clip=header["clip"], weights=weights,
                    cursor=arrays[0], draws=arrays[1], clipped_at=arrays[2],
-                   pending=tuple(Change.from_dict(c) for c in header["pending"]))
+                   pending=tuple(Change.from_dict(c) for c in header["pending"]), extra=header.get("mix"))

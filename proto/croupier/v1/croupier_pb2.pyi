@@ -29,7 +29,7 @@ class GetVersionResponse(_message.Message):
     def __init__(self, server_version: _Optional[str] = ..., api_version: _Optional[str] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("job", "dataset_remote", "dataset_fingerprint", "sampler_fingerprint", "global_batch", "policy", "policy_json", "seed", "num_samples", "num_clusters", "selection", "world_size")
+    __slots__ = ("job", "dataset_remote", "dataset_fingerprint", "sampler_fingerprint", "global_batch", "policy", "policy_json", "seed", "num_samples", "num_clusters", "selection", "world_size", "sources")
     JOB_FIELD_NUMBER: _ClassVar[int]
     DATASET_REMOTE_FIELD_NUMBER: _ClassVar[int]
     DATASET_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class JobInfo(_message.Message):
     NUM_CLUSTERS_FIELD_NUMBER: _ClassVar[int]
     SELECTION_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
     job: str
     dataset_remote: str
     dataset_fingerprint: str
@@ -54,7 +55,38 @@ class JobInfo(_message.Message):
     num_clusters: int
     selection: str
     world_size: int
-    def __init__(self, job: _Optional[str] = ..., dataset_remote: _Optional[str] = ..., dataset_fingerprint: _Optional[str] = ..., sampler_fingerprint: _Optional[str] = ..., global_batch: _Optional[int] = ..., policy: _Optional[str] = ..., policy_json: _Optional[str] = ..., seed: _Optional[int] = ..., num_samples: _Optional[int] = ..., num_clusters: _Optional[int] = ..., selection: _Optional[str] = ..., world_size: _Optional[int] = ...) -> None: ...
+    sources: _containers.RepeatedCompositeFieldContainer[SourceInfo]
+    def __init__(self, job: _Optional[str] = ..., dataset_remote: _Optional[str] = ..., dataset_fingerprint: _Optional[str] = ..., sampler_fingerprint: _Optional[str] = ..., global_batch: _Optional[int] = ..., policy: _Optional[str] = ..., policy_json: _Optional[str] = ..., seed: _Optional[int] = ..., num_samples: _Optional[int] = ..., num_clusters: _Optional[int] = ..., selection: _Optional[str] = ..., world_size: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[SourceInfo, _Mapping]]] = ...) -> None: ...
+
+class SourceInfo(_message.Message):
+    __slots__ = ("name", "remote", "fingerprint", "offset", "size", "selection", "num_clusters", "weight", "policy", "clip", "draws", "exhausted_at", "active_clusters")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SELECTION_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLUSTERS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    DRAWS_FIELD_NUMBER: _ClassVar[int]
+    EXHAUSTED_AT_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_CLUSTERS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    remote: str
+    fingerprint: str
+    offset: int
+    size: int
+    selection: str
+    num_clusters: int
+    weight: float
+    policy: str
+    clip: int
+    draws: int
+    exhausted_at: int
+    active_clusters: int
+    def __init__(self, name: _Optional[str] = ..., remote: _Optional[str] = ..., fingerprint: _Optional[str] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ..., selection: _Optional[str] = ..., num_clusters: _Optional[int] = ..., weight: _Optional[float] = ..., policy: _Optional[str] = ..., clip: _Optional[int] = ..., draws: _Optional[int] = ..., exhausted_at: _Optional[int] = ..., active_clusters: _Optional[int] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("job", "rank", "world_size", "global_batch", "resume_token", "client_version")
@@ -357,14 +389,20 @@ class SessionStatus(_message.Message):
     def __init__(self, peer: _Optional[str] = ..., node: _Optional[_Union[NodeReport, _Mapping]] = ..., ranks: _Optional[_Iterable[int]] = ..., lanes: _Optional[int] = ..., seconds_open: _Optional[float] = ...) -> None: ...
 
 class UpdateRequest(_message.Message):
-    __slots__ = ("step", "clip", "weights")
+    __slots__ = ("step", "clip", "weights", "source", "source_weight", "source_weights")
     STEP_FIELD_NUMBER: _ClassVar[int]
     CLIP_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     step: int
     clip: int
     weights: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, step: _Optional[int] = ..., clip: _Optional[int] = ..., weights: _Optional[_Iterable[float]] = ...) -> None: ...
+    source: str
+    source_weight: float
+    source_weights: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, step: _Optional[int] = ..., clip: _Optional[int] = ..., weights: _Optional[_Iterable[float]] = ..., source: _Optional[str] = ..., source_weight: _Optional[float] = ..., source_weights: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class UpdateResponse(_message.Message):
     __slots__ = ("effective_step",)
