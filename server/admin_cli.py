@@ -94,7 +94,14 @@ def status_dict(resp: pb2.GetStatusResponse) -> dict[str, Any]:
                       "cache_hits": x.node.cache_hits, "cache_misses": x.node.cache_misses,
                       "cache_bytes": x.node.cache_bytes, "cache_limit": x.node.cache_limit}
                      for x in resp.sessions],
+        "sources": [_source_dict(x) for x in job.sources],
     }
+
+
+def _source_dict(x: pb2.SourceInfo) -> dict[str, Any]:
+    return {"name": x.name, "remote": x.remote, "fingerprint": x.fingerprint, "offset": x.offset, "size": x.size,
+            "selection": x.selection, "num_clusters": x.num_clusters, "weight": x.weight, "policy": x.policy,
+            "clip": x.clip, "draws": x.draws, "exhausted_at": x.exhausted_at, "active_clusters": x.active_clusters}
 
 
 def format_status(resp: pb2.GetStatusResponse, top: int = 40) -> str:
@@ -124,6 +131,17 @@ def format_status(resp: pb2.GetStatusResponse, top: int = 40) -> str:
         lines.append(f"{'...':>8} ({k - len(shown)} smaller clusters not shown; --top 0 shows all)")
     lines.append(f"{'total':>8} {int(sizes.sum()):>10} {int(draws.sum()):>12}   "
                  f"clusters {k}, active {resp.active_clusters}, clipped {int((clipped >= 0).sum())}")
+    if len(job.sources) > 1:
+        total = sum(x.draws for x in job.sources) or 1
+        wsum = sum(x.weight for x in job.sources) or 1.0
+        width = max(8, *(len(x.name) for x in job.sources))
+        lines += ["", f"{'source':>{width}} {'policy':>11} {'weight':>8} {'target':>7} {'draws':>12} {'share':>7} "
+                      f"{'clip':>5} {'active':>11} {'exhausted at':>12}"]
+        for x in job.sources:
+            ex = "-" if x.exhausted_at < 0 else str(x.exhausted_at)
+            lines.append(f"{x.name:>{width}} {x.policy:>11} {x.weight:>8.4g} {x.weight / wsum:>7.1%} "
+                         f"{x.draws:>12} {x.draws / total:>7.1%} {x.clip or '-':>5} "
+                         f"{x.active_clusters:>5}/{x.num_clusters:<5} {ex:>12}")
     lines += ["", f"{'rank':>6} {'next step':>10} {'delivered':>10} {'lag':>5} {'seen (s ago)':>12} {'stream':>7}"]
     for r in resp.ranks:
         lines.append(f"{r.rank:>6} {r.next_step:>10} {r.delivered_step:>10} {resp.fastest_step - r.next_step:>5} "

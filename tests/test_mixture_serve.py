@@ -1,0 +1,135 @@
+"""Mixtures through a real `croupier serve --mix`: two datasets read from their own remotes,
+elastic resume, an online source change, and kill -9 replay."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from croupier.client.dataset import ID_KEY, STEP_KEY, CroupierIterableDataset
+from croupier.client.rank_client import Backoff, RankClient
+from croupier.server.mixture import load_mix
+from croupier.server.state import Change
+from croupier.server.topology import Topology
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+B = 8
+
+
+class Serve:
+    """A `croupier serve --mix` subprocess on loopback."""
+
+    def __init__(self, mix: Path, state: Path, extra: list[str] | None = None) -> None:
+        self.log = open(state.parent / f"{state.name}.log", "ab")
+        cmd = [sys.executable, "-m", "croupier", "serve", "--mix", str(mix), "--job", "mx", "--global-batch",
+               str(B), "--seed", "2", "--state-dir", str(state), "--lookahead", "4", "--max-lag", "32",
+               "--checkpoint-every", "5", "--log-level", "WARNING", *(extra or [])]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log)
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait(10)
+            raise RuntimeError(f"serve exited {self.proc.returncode}: {(state.parent / f'{state.name}.log').read_text()}")
+        self.info = json.loads(line)
+        self.address = self.info["address"]
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        self.proc.send_signal(sig)
+        code = self.proc.wait(30)
+        self.proc.stdout.close()
+        self.log.close()
+        return code
+
+
+def rank(address: str, r: int, world: int, **kw) -> RankClient:
+    return RankClient(address, job="mx", topology=Topology(r, world),
+                      backoff=Backoff(initial_s=0.02, max_s=0.3, give_up_after_s=60), **kw)
+
+
+def test_a_rank_reads_two_sources_from_their_own_remotes(tmp_path: Path, build_dataset) -> None:
+    from streaming import StreamingDataset
+
+    web = build_dataset(tmp_path / "web", num_docs=160, topics=4)
+    books = build_dataset(tmp_path / "books", num_docs=90, topics=3)
+    mix = tmp_path / "mix.toml"
+    mix.write_text(f'[sources.web]\ndataset = "{web}"\nweight = 2\npolicy = "clusterclip"\nclip = 3\n\n'
+                   f'[sources.books]\ndataset = "{books}"\nweight = 1\npolicy = "uniform"\n')
+    server = Serve(mix, tmp_path / "state")
+    try:
+        ds = CroupierIterableDataset(server.address, "mx", cache_dir=tmp_path / "cache", steps=6,
+                                     topology=Topology(0, 1), agent="")
+        samples = list(ds)
+    finally:
+        assert server.stop() == 0
+    mixture = load_mix(mix)
+    ref = mixture.new_sampler(B, 2)
+    want = np.concatenate([ref.next_batch() for _ in range(6)])
+    got = np.array([s[ID_KEY] for s in samples])
+    assert np.array_equal(got, want) and [s[STEP_KEY] for s in samples] == [t for t in range(6) for _ in range(B)]
+    readers = {name: StreamingDataset(local=str(path), shuffle=False, batch_size=1)
+               for name, path in (("web", web), ("books", books))}
+    used = set()
+    for s in samples:
+        src = 0 if s[ID_KEY] < mixture.infos[1].offset else 1
+        info = mixture.infos[src]
+        expect = readers[info.name][int(s[ID_KEY]) - info.offset]
+        for key, value in expect.items():
+            assert s[key] == value, (info.name, s[ID_KEY], key)
+        used.add(info.name)
+    assert used == {"web", "books"}
+    assert len(list((tmp_path / "cache").glob("mds-*"))) == 2  # one cache folder per source
+
+
+def test_elastic_resume_online_change_and_kill9_replay(tmp_path: Path) -> None:
+    mix = tmp_path / "mix.toml"
+    mix.write_text('[sources.a]\ncluster_sizes = [40, 30, 20]\nweight = 3\npolicy = "clusterclip"\nclip = 4\n\n'
+                   '[sources.b]\ncluster_sizes = [100]\nweight = 1\npolicy = "random"\n\n'
+                   '[sources.c]\ncluster_sizes = [8, 8, 8, 8]\nweight = 1\npolicy = "uniform"\n')
+    state = tmp_path / "state"
+    server = Serve(mix, state)
+    ref = load_mix(mix).new_sampler(B, 2)
+    change = subprocess.run([sys.executable, "-m", "croupier", "update", "--server", server.address, "--step", "6",
+                             "--source", "c", "--weight", "0"], capture_output=True, text=True)
+    assert change.returncode == 0, change.stderr
+    ref.schedule_change(Change(step=6, source=2, source_weight=0.0))
+    want = [ref.next_batch() for _ in range(30)]
+    bad = subprocess.run([sys.executable, "-m", "croupier", "update", "--server", server.address, "--step", "40",
+                          "--source", "zz", "--weight", "1"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown source 'zz'" in bad.stderr
+
+    def read(address: str, world: int, start: int, stop: int, token: str = "") -> list[np.ndarray]:
+        parts: list[list[np.ndarray]] = []
+        for r in range(world):
+            c = rank(address, r, world, start_step=start, stop_step=stop, resume_token=token or None)
+            parts.append([ids for _, ids in c])
+            c.close()
+        return [np.concatenate([p[t] for p in parts]) for t in range(stop - start)]
+
+    got = read(server.address, 2, 0, 12)
+    for t in range(12):
+        assert np.array_equal(got[t], want[t]), t
+    c = rank(server.address, 0, 2)
+    c.join()
+    token = c.checkpoint(step=9)
+    c.close()
+    assert server.stop(signal.SIGKILL) == -signal.SIGKILL
+
+    again = Serve(mix, state)
+    try:
+        status = json.loads(subprocess.run([sys.executable, "-m", "croupier", "status", "--server", again.address,
+                                            "--json"], capture_output=True, text=True, check=True).stdout)
+        names = [s["name"] for s in status["sources"]]
+        assert names == ["a", "b", "c"]
+        # Elastic: the trainer restarts from its step-9 token with 4 ranks.
+        got = read(again.address, 4, 9, 20, token)
+        for t, batch in zip(range(9, 20), got):
+            assert np.array_equal(batch, want[t]), t
+        assert not any((batch >= 190).any() for batch in want[6:20])  # source c (ids 190..221) paused
+    finally:
+        assert again.stop() == 0
