@@ -9,7 +9,10 @@ the sequence is deterministic, and the replay's final counters are checked again
 server's before the history is used (the report says so on the page).
 
 `write_report(data, out)` writes sizes_vs_draws.png, passes.png, draws_over_time.png,
-rank_lag.png (when rank progress over time is known) and index.html.
+rank_lag.png (when rank progress over time is known) and index.html. A mixture job adds
+sources_over_time.png (each source's share of the draws per interval against its weight
+share in force) and sources.txt; its replay needs the mixture file (`--mix`, or the one the
+server's server.json names).
 """
 
 from __future__ import annotations
@@ -48,6 +51,12 @@ class ReportData:
     rank_steps: np.ndarray | None = None
     max_lag: int | None = None
     notes: list[str] = field(default_factory=list)
+    source_names: tuple[str, ...] | None = None
+    source_weights: np.ndarray | None = None
+    source_draws: np.ndarray | None = None
+    source_exhausted_at: np.ndarray | None = None
+    source_history: np.ndarray | None = None
+    source_weight_history: np.ndarray | None = None
 
     @property
     def num_clusters(self) -> int:
@@ -60,18 +69,29 @@ def replay_history(layout: Any, config: Any, global_batch: int, seed: int, upto:
     """Cumulative per-cluster draws at about `points` steps in [0, upto], by replaying the sampler.
 
     Returns (steps, history of shape (len(steps), K), final ClusterCounters). Online changes
-    (`events`, as the server records them: {"step", "clip", "weights"}) are scheduled first.
+    (`events`, as the server records them: {"step", "clip", "weights", ...}) are scheduled first.
     """
-    from croupier.errors import EndOfData
     from croupier.server.engine import Sampler
 
-    sampler = Sampler(layout, config, int(global_batch), int(seed))
+    steps, hist, final, _, _ = replay_sampler(Sampler(layout, config, int(global_batch), int(seed)), upto, events,
+                                              points)
+    return steps, hist, final
+
+
+def replay_sampler(sampler: Any, upto: int, events: Sequence[dict] = (), points: int = 200
+                   ) -> tuple[np.ndarray, np.ndarray, Any, np.ndarray | None, np.ndarray | None]:
+    """`replay_history` for any fresh sampler (one dataset or a mixture). The last two values
+    are, for a mixture, cumulative per-source draws and the source weights in force at each
+    mark (None for one dataset)."""
+    from croupier.errors import EndOfData
+    from croupier.server.state import Change
+
     for ev in sorted(events, key=lambda e: int(e["step"])):
-        sampler.schedule(int(ev["step"]), clip=ev.get("clip"), weights=ev.get("weights"))
+        sampler.schedule_change(Change.from_dict(ev))
     upto = max(0, int(upto))
     marks = np.unique(np.linspace(0, upto, num=min(points, upto + 1)).round().astype(np.int64))
-    rows = []
-    steps = []
+    mixture = hasattr(sampler, "source_counters")
+    rows, steps, src_rows, w_rows = [], [], [], []
     for mark in marks:
         try:
             while sampler.step < mark:
@@ -80,7 +100,12 @@ def replay_history(layout: Any, config: Any, global_batch: int, seed: int, upto:
             break
         steps.append(int(sampler.step))
         rows.append(sampler.counters().draws)
-    return np.asarray(steps, dtype=np.int64), np.vstack(rows), sampler.counters()
+        if mixture:
+            sc = sampler.source_counters()
+            src_rows.append(sc.draws)
+            w_rows.append(sc.weights)
+    return (np.asarray(steps, dtype=np.int64), np.vstack(rows), sampler.counters(),
+            np.vstack(src_rows) if mixture else None, np.vstack(w_rows) if mixture else None)
 
 
 def _layout_for(dataset: str, selection: str = "") -> Any:
@@ -89,17 +114,28 @@ def _layout_for(dataset: str, selection: str = "") -> Any:
     return Sidecar.open(dataset).layout(selection or None)
 
 
-def _attach_history(data: ReportData, layout: Any, config: Any, events: Sequence[dict]) -> None:
+def _attach_history(data: ReportData, layout: Any, config: Any, events: Sequence[dict], sampler: Any = None) -> None:
     """Replays the sampler; keeps the history only if it reproduces the source's counters."""
+    from croupier.server.engine import Sampler
+
     t0 = time.perf_counter()
-    steps, hist, final = replay_history(layout, config, data.global_batch, data.seed, data.step, events)
+    if sampler is None:
+        sampler = Sampler(layout, config, data.global_batch, data.seed)
+    steps, hist, final, src_hist, w_hist = replay_sampler(sampler, data.step, events)
     if len(final.draws) != data.num_clusters or not np.array_equal(final.draws, data.draws):
         data.notes.append("draws over time omitted: replaying the sampler did not reproduce the server's "
                           "counters (online changes the source does not record?)")
         return
     data.history_steps, data.history = steps, hist
+    data.source_history, data.source_weight_history = src_hist, w_hist
     data.notes.append(f"draws over time recomputed by replaying the deterministic sampler to step {data.step} "
                       f"({time.perf_counter() - t0:.1f} s); its final counters equal the server's")
+
+
+def _mixture_sampler(mix: str, global_batch: int, seed: int) -> Any:
+    from croupier.server.mixture import load_mix
+
+    return load_mix(mix).new_sampler(global_batch, seed)
 
 
 def read_rank_history(path: str | Path) -> tuple[np.ndarray, np.ndarray] | None:
@@ -146,7 +182,7 @@ def fetch_status(address: str, token: str | None = None, timeout: float = 10.0, 
 
 def from_server(address: str, *, token: str | None = None, watch_s: float = 0.0, interval_s: float = 0.5,
                 dataset: str | None = None, replay: bool = True, tls_ca: str | None = None,
-                tls_server_name: str | None = None) -> ReportData:
+                tls_server_name: str | None = None, mix: str | None = None) -> ReportData:
     """Report data from a live server; `watch_s` > 0 samples rank progress for that long."""
     from croupier.server.policy import PolicyConfig
 
@@ -175,6 +211,18 @@ def from_server(address: str, *, token: str | None = None, watch_s: float = 0.0,
         data.notes.append("rank lag history not shown: the server keeps only current progress "
                           "(pass --watch SECONDS to sample it); now: " +
                           ", ".join(f"rank {r.rank} at step {r.next_step}" for r in status.ranks))
+    if len(job.sources) > 1:
+        data.source_names = tuple(x.name for x in job.sources)
+        data.source_weights = np.array([x.weight for x in job.sources])
+        data.source_draws = np.array([x.draws for x in job.sources], dtype=np.int64)
+        data.source_exhausted_at = np.array([x.exhausted_at for x in job.sources], dtype=np.int64)
+        if replay and mix:
+            _attach_history(data, None, None, (), _mixture_sampler(mix, data.global_batch, data.seed))
+            data.notes.append("online changes are not visible through GetStatus: a mixture with online changes "
+                              "replays from its state directory (--state-dir)")
+        elif replay:
+            data.notes.append("draws over time omitted: a mixture replays from its file; pass --mix FILE")
+        return data
     remote = dataset or job.dataset_remote
     if replay and remote and "://" not in remote:
         try:
@@ -205,7 +253,7 @@ def _find_dataset(state_dir: Path, meta: dict) -> tuple[str | None, str]:
 
 
 def from_state_dir(state_dir: str | Path, *, dataset: str | None = None, selection: str | None = None,
-                   replay: bool = True) -> ReportData:
+                   replay: bool = True, mix: str | None = None) -> ReportData:
     """Report data from the newest valid checkpoint in a server's state directory.
 
     Cluster sizes come from the dataset's sidecar (`dataset`, or the one the state directory
@@ -224,6 +272,8 @@ def from_state_dir(state_dir: str | Path, *, dataset: str | None = None, selecti
         raise StateError(f"state directory {state_dir} holds no valid checkpoint")
     meta = ck.meta
     state = SamplerState.from_bytes(ck.state)
+    if "mixture" in meta.get("policy", {}):
+        return _mixture_from_state_dir(state_dir, ck, meta, state, mix, replay)
     found, found_sel = _find_dataset(state_dir, meta)
     dataset = dataset or found
     if not dataset:
@@ -246,6 +296,51 @@ def from_state_dir(state_dir: str | Path, *, dataset: str | None = None, selecti
     if replay:
         _attach_history(data, layout, config, events)
     return data
+
+
+def _mixture_from_state_dir(state_dir: Path, ck: Any, meta: dict, state: Any, mix: str | None,
+                            replay: bool) -> ReportData:
+    if not mix:
+        try:
+            mix = json.loads((state_dir / "server.json").read_text()).get("mix")
+        except (OSError, ValueError):
+            mix = None
+    if not mix:
+        raise ConfigError(f"state directory {state_dir} holds a mixture job and names no mixture file: pass --mix FILE")
+    b, seed = int(meta["global_batch"]), int(meta["seed"])
+    sampler = _mixture_sampler(mix, b, seed)
+    sampler.load_state(state)  # checks the fingerprint: the file given is the job's
+    c = sampler.counters()
+    sc = sampler.source_counters() if hasattr(sampler, "source_counters") else None
+    data = ReportData(
+        source=f"state directory {state_dir} (checkpoint at step {ck.step})",
+        policy="mixture" if sc is not None else sampler.config.policy, clip=sampler.clip, step=int(state.step),
+        global_batch=b, seed=seed, sizes=np.asarray(c.sizes), draws=c.draws, passes=c.passes,
+        clipped_at=c.clipped_at)
+    if sc is not None:
+        data.source_names, data.source_weights = sc.names, sc.weights
+        data.source_draws, data.source_exhausted_at = sc.draws, sc.exhausted_at
+    lag = read_rank_history(state_dir / RANK_HISTORY_FILE)
+    if lag is not None:
+        data.rank_times, data.rank_steps = lag
+    if replay:
+        _attach_history(data, None, None, list(meta.get("events", [])), _mixture_sampler(mix, b, seed))
+    return data
+
+
+def source_table(data: ReportData) -> str:
+    """Per source: weight, target share, draws, actual share, exhausted at."""
+    assert data.source_names is not None and data.source_weights is not None and data.source_draws is not None
+    total = int(data.source_draws.sum()) or 1
+    wsum = float(data.source_weights.sum()) or 1.0
+    width = max(8, *(len(n) for n in data.source_names))
+    lines = [f"{'source':>{width}} {'weight':>8} {'target':>7} {'draws':>10} {'share':>7} {'exhausted at':>12}"]
+    for i, name in enumerate(data.source_names):
+        ex = "-" if data.source_exhausted_at is None or data.source_exhausted_at[i] < 0 \
+            else str(int(data.source_exhausted_at[i]))
+        lines.append(f"{name:>{width}} {data.source_weights[i]:>8.4g} {data.source_weights[i] / wsum:>7.1%} "
+                     f"{int(data.source_draws[i]):>10} {data.source_draws[i] / total:>7.1%} {ex:>12}")
+    return "\n".join(lines)
 
 
 # -- output ------------------------------------------------------------------------------------
@@ -282,6 +377,13 @@ def write_report(data: ReportData, out: str | Path) -> list[Path]:
                                              out / "draws_over_time.png", clip=data.clip, policy=data.policy,
                                              source="replayed"))
         images.append(("draws_over_time.png", "Cumulative draws of the largest and smallest clusters, and active clusters"))
+    if data.source_history is not None and data.source_weight_history is not None and data.history_steps is not None:
+        assert data.source_names is not None
+        paths.append(rp.plot_source_shares(data.history_steps, data.source_history, data.source_weight_history,
+                                           data.source_names, out / "sources_over_time.png"))
+        images.append(("sources_over_time.png", "Each source's share of the draws per interval against its weight share"))
+    if data.source_names is not None:
+        (out / "sources.txt").write_text(source_table(data) + "\n", encoding="utf-8")
     if data.rank_times is not None and data.rank_steps is not None and len(data.rank_times) >= 2:
         paths.append(rp.plot_rank_lag(data.rank_times, data.rank_steps, out / "rank_lag.png", max_lag=data.max_lag))
         images.append(("rank_lag.png", "Rank progress and the fastest-minus-slowest lag"))

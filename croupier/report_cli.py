@@ -24,6 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", default=None,
                    help="dataset folder with the cluster sidecar (default: the one the server or state names)")
     p.add_argument("--selection", default=None, help="selection the job draws from (state-dir mode)")
+    p.add_argument("--mix", default=None, metavar="FILE",
+                   help="a mixture job's file, to replay its draws per source (default: the one server.json names)")
     add_connection_arguments(p, server_required=False, token_flag=True)
     p.add_argument("--watch", type=float, default=0.0, metavar="SECONDS",
                    help="with --server: sample rank progress for this long to plot the lag")
@@ -43,13 +45,15 @@ def run(args: argparse.Namespace) -> int:
         conn = connection_from_args(args)
         data = report.from_server(conn.server, token=conn.token or "", watch_s=args.watch, dataset=args.dataset,
                                   replay=not args.no_replay, tls_ca=conn.tls_ca,
-                                  tls_server_name=conn.tls_server_name)
+                                  tls_server_name=conn.tls_server_name, mix=args.mix)
     else:
         data = report.from_state_dir(args.state_dir, dataset=args.dataset, selection=args.selection,
-                                     replay=not args.no_replay)
+                                     replay=not args.no_replay, mix=args.mix)
     paths = report.write_report(data, args.out)
     if args.table:
         print(report.cluster_table(data, limit=args.table))
+    if data.source_names is not None:
+        print(report.source_table(data))
     for note in data.notes:
         print(f"note: {note}")
     for path in paths:

@@ -148,6 +148,34 @@ def plot_draws_over_time(steps: Sequence[int], history: np.ndarray, sizes: Seque
     return _save(fig, path)
 
 
+def plot_source_shares(steps: Sequence[int], source_draws: np.ndarray, weights: np.ndarray,
+                       names: Sequence[str], path: str | Path, *, top: int = 10) -> Path:
+    """Each source's share of the draws in every interval between marks (solid) against its
+    weight share in force (dotted), for the `top` sources with the most draws."""
+    steps = np.asarray(steps, dtype=np.int64)
+    source_draws = np.asarray(source_draws, dtype=np.float64)
+    weights = np.asarray(weights, dtype=np.float64)
+    if source_draws.shape != (len(steps), len(names)) or weights.shape != source_draws.shape:
+        raise ConfigError(f"source history must have shape (steps={len(steps)}, sources={len(names)}), "
+                          f"got {source_draws.shape} and {weights.shape}")
+    delta = np.diff(source_draws, axis=0)
+    tot = delta.sum(axis=1, keepdims=True)
+    share = np.divide(delta, tot, out=np.zeros_like(delta), where=tot > 0)
+    wshare = weights[1:] / np.maximum(weights[1:].sum(axis=1, keepdims=True), 1e-300)
+    picks = np.argsort(-source_draws[-1], kind="stable")[:top]
+    fig, ax = plt.subplots(figsize=(7.2, 4.4))
+    for i in picks:
+        line, = ax.plot(steps[1:], share[:, i], lw=1.4, label=str(names[i]))
+        ax.plot(steps[1:], wshare[:, i], lw=0.9, ls=":", color=line.get_color())
+    ax.set_ylim(0, min(1.0, max(0.05, float(share.max(initial=0)) * 1.15)))
+    ax.set_xlabel("step")
+    ax.set_ylabel("share of draws per interval")
+    ax.set_title("Sources: draws (solid) vs weight share in force (dotted)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+    return _save(fig, path)
+
+
 def plot_rank_lag(times: Sequence[float], rank_steps: np.ndarray, path: str | Path, *,
                   max_lag: int | None = None) -> Path:
     """Each rank's acknowledged step over time and the fastest-minus-slowest spread.

@@ -7,7 +7,9 @@ active_clusters, clipped_clusters, cluster_draws{cluster} (per cluster, only up 
 rank_lag_steps{rank} (a rank's acknowledged step behind the fastest rank's),
 max_rank_lag_steps, refused_calls_total{method,code}, silent_ranks and rank_live{rank}
 (ranks past the liveness timeout), checkpoint_failures_total, checkpoint_healthy (0 while
-checkpoint writes fail) and generated_mark (the durable generated-step mark).
+checkpoint writes fail) and generated_mark (the durable generated-step mark). Mixture jobs add
+source_draws{source}, source_weight{source}, source_share{source} (of all draws so far) and
+source_exhausted{source} (1 once the source ran out of room); up to MAX_SOURCE_SERIES sources.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from prometheus_client.registry import Collector
 from croupier.server.job import Job
 
 MAX_CLUSTER_SERIES = 1024
+MAX_SOURCE_SERIES = 4096
 
 
 class JobCollector(Collector):
@@ -55,6 +58,24 @@ class JobCollector(Collector):
             for c, d in enumerate(st.draws.tolist()):
                 draws.add_metric([str(c)], d)
             yield draws
+        if st.sources is not None and len(st.sources.names) <= MAX_SOURCE_SERIES:
+            sc = st.sources
+            total = int(sc.draws.sum()) or 1
+            fam = {"draws": CounterMetricFamily("croupier_source_draws", "Draws per mixture source.",
+                                                labels=["source"]),
+                   "weight": GaugeMetricFamily("croupier_source_weight", "Weight in force per mixture source.",
+                                               labels=["source"]),
+                   "share": GaugeMetricFamily("croupier_source_share", "Share of all draws per mixture source.",
+                                              labels=["source"]),
+                   "dry": GaugeMetricFamily("croupier_source_exhausted",
+                                            "1 once a mixture source ran out of room (clip or epoch cap).",
+                                            labels=["source"])}
+            for i, name in enumerate(sc.names):
+                fam["draws"].add_metric([name], int(sc.draws[i]))
+                fam["weight"].add_metric([name], float(sc.weights[i]))
+                fam["share"].add_metric([name], float(sc.draws[i]) / total)
+                fam["dry"].add_metric([name], 1.0 if sc.exhausted_at[i] >= 0 else 0.0)
+            yield from fam.values()
         lag = GaugeMetricFamily("croupier_rank_lag_steps", "Steps a rank is behind the fastest rank.",
                                 labels=["rank"])
         for r in st.ranks:

@@ -210,6 +210,8 @@ def _serve(args: argparse.Namespace, layout: ClusterLayout, config: PolicyConfig
     metrics_port = metrics.serve(args.metrics_host, args.metrics_port) if args.metrics_port else 0
     info: dict[str, Any] = dict(describe(server), metrics_port=metrics_port, pid=os.getpid(),
                                 state_dir=str(store.dir.resolve()))
+    if mixture is not None:
+        info["mix"] = str(Path(args.mix).resolve())
     if metrics_port:
         info["metrics_host"] = args.metrics_host
     atomic_write_bytes(store.dir / "server.json", (json.dumps(info, indent=2) + "\n").encode())

@@ -267,3 +267,24 @@ def test_simulate_and_update_flags(tmp_path: Path) -> None:
     assert "source 'web' ran out of room at step" in out and "mixture of 4 sources" in out
     bad = subprocess.run(run + ["--steps", "3", "--policy", "uniform"], capture_output=True, text=True)
     assert bad.returncode != 0 and "remove --policy" in bad.stderr
+
+
+def test_status_and_metrics_show_the_sources(tmp_path: Path) -> None:
+    from prometheus_client import generate_latest
+
+    from croupier.server.metrics import ServerMetrics
+    from croupier.server.service import job_info
+
+    job = Job(None, None, 16, 7, mixture=open_mix(parse_mix(THREE)))
+    for t in range(40):
+        job._batch_locked(t)
+    st = job.status()
+    assert st.sources is not None and st.sources.names == ("web", "code", "books", "math")
+    info = job_info(job)
+    assert [s.name for s in info.sources] == ["web", "code", "books", "math"] and info.policy == "mixture"
+    assert [s.offset for s in info.sources] == [0, 105, 192, 222] and info.sources[0].exhausted_at >= 0
+    assert sum(s.draws for s in info.sources) == 40 * 16
+    text = generate_latest(ServerMetrics(job).registry).decode()
+    assert 'croupier_source_draws_total{source="web"} 210.0' in text
+    assert 'croupier_source_exhausted{source="web"} 1.0' in text and 'croupier_source_exhausted{source="code"} 0.0' in text
+    job.close()

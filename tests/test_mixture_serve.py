@@ -133,3 +133,11 @@ def test_elastic_resume_online_change_and_kill9_replay(tmp_path: Path) -> None:
         assert not any((batch >= 190).any() for batch in want[6:20])  # source c (ids 190..221) paused
     finally:
         assert again.stop() == 0
+    # The report replays the mixture (file named by server.json) with its online change.
+    rep = subprocess.run([sys.executable, "-m", "croupier", "report", "--state-dir", str(state), "--out",
+                          str(tmp_path / "rep")], capture_output=True, text=True)
+    assert rep.returncode == 0, rep.stderr
+    assert "its final counters equal the server's" in rep.stdout
+    assert (tmp_path / "rep" / "sources_over_time.png").stat().st_size > 0
+    table = (tmp_path / "rep" / "sources.txt").read_text().splitlines()
+    assert [line.split()[0] for line in table[1:]] == ["a", "b", "c"] and table[3].split()[1] == "0"
