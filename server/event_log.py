@@ -15,9 +15,9 @@ File layout (all little-endian):
                   origin length u8 | origin utf-8 | encoding u8 | weight count u32 | body
 
 Weights (encoding): 0 = none; 1 = the float64 bytes byte-shuffled (all first bytes, then all
-second bytes ...) and zlib-compressed; 2 = the same of the XOR with the previous weights of
-the same kind and length. The writer keeps the smaller; both are lossless, so replay is
-bit-exact. Shuffling puts the exponent bytes and the unused low mantissa bytes side by side,
+second bytes ...) and zlib-compressed (level 1); 2 = the same of the XOR with the previous
+weights of the same kind and length, chosen when fewer than half of the weights changed.
+Both are lossless, so replay is bit-exact. Shuffling puts the exponent bytes and the unused low mantissa bytes side by side,
 which zlib packs well; XOR leaves zeros wherever a weight did not change.
 
 Measured size (bench/bench_feedback.py, 100,000 groups, 1,000 changes, each change moving
@@ -115,7 +115,7 @@ class Scan:
 
 # -- encoding ---------------------------------------------------------------------------------
 def _shuffle(b: np.ndarray) -> bytes:
-    return zlib.compress(np.ascontiguousarray(b.view(np.uint8).reshape(-1, 8).T).tobytes(), 6)
+    return zlib.compress(np.ascontiguousarray(b.view(np.uint8).reshape(-1, 8).T).tobytes(), 1)
 
 
 def _unshuffle(body: bytes, n: int) -> np.ndarray:
@@ -132,13 +132,12 @@ def _encode(event: Event, prev: dict[str, np.ndarray]) -> bytes:
     if event.weights is None:
         return head + struct.pack("<BI", ENC_NONE, 0)
     bits = event.weights.astype("<f8", copy=False).view("<u8")
-    enc, body = ENC_SHUFFLE, _shuffle(bits)
     ref = prev.get(event.kind)
     if ref is not None and ref.size == bits.size:
-        xor = _shuffle(bits ^ ref)
-        if len(xor) < len(body):
-            enc, body = ENC_XOR, xor
-    return head + struct.pack("<BI", enc, bits.size) + body
+        xor = bits ^ ref
+        if np.count_nonzero(xor) * 2 < xor.size:  # a sparse change: the XOR is mostly zeros
+            return head + struct.pack("<BI", ENC_XOR, bits.size) + _shuffle(xor)
+    return head + struct.pack("<BI", ENC_SHUFFLE, bits.size) + _shuffle(bits)
 
 
 def _decode(payload: bytes, prev: dict[str, np.ndarray]) -> Event:

@@ -77,18 +77,23 @@ class LossStats:
         self.total_reports += 1
         if not groups.size:
             return
-        g = self.num_groups
-        counts = np.bincount(groups, minlength=g)
-        sums = np.bincount(groups, weights=losses, minlength=g)
-        seen = np.flatnonzero(counts)
-        means = sums[seen] / counts[seen]
+        if groups.size * 8 < self.num_groups:  # a small report: O(samples), not O(groups)
+            seen, inverse = np.unique(groups, return_inverse=True)
+            counts = np.bincount(inverse, minlength=seen.size)
+            sums = np.bincount(inverse, weights=losses, minlength=seen.size)
+        else:
+            full_counts = np.bincount(groups, minlength=self.num_groups)
+            seen = np.flatnonzero(full_counts)
+            counts = full_counts[seen]
+            sums = np.bincount(groups, weights=losses, minlength=self.num_groups)[seen]
+        means = sums / counts
         old = self.ema[seen]
         first = np.isnan(old)
         d = self.ema_decay
         self.ema[seen] = np.where(first, means, d * np.where(first, 0.0, old) + (1.0 - d) * means)
-        self.loss_sum[seen] += sums[seen]
+        self.loss_sum[seen] += sums
         self.reports[seen] += 1
-        self.samples[seen] += counts[seen]
+        self.samples[seen] += counts
         self.last_step[seen] = np.maximum(self.last_step[seen], int(step))
 
     # -- queries --------------------------------------------------------------------------------

@@ -301,3 +301,15 @@ def test_equal_losses_move_no_weight_more_than_ten_percent(name: str, policy: st
     history, _ = _train(name, hot_scale=1.0, policy=policy)
     worst = max(float(np.abs(w * K - 1).max()) for w in history)
     assert worst <= 0.10, f"{name}: a weight moved {worst:.1%} from uniform with equal losses"
+
+
+def test_stats_small_and_large_reports_fold_alike() -> None:
+    """A report much smaller than the group count takes an O(samples) path; same result."""
+    rng = np.random.default_rng(5)
+    g = rng.integers(0, 50, 40)
+    x = rng.random(40)
+    small, large = LossStats(1000), LossStats(50)
+    small.add(1, g, x)
+    large.add(1, g, x)
+    assert np.array_equal(small.ema[:50], large.ema, equal_nan=True)
+    assert np.array_equal(small.loss_sum[:50], large.loss_sum) and np.array_equal(small.samples[:50], large.samples)
