@@ -21,10 +21,13 @@ Controllers (`CONTROLLERS`, built by `make_controller(name, **params)`):
   per group on its loss history and prefers groups whose loss falls fastest per sample,
   -dL/dn = α (L - ε) / n, weighted by a prior and a credit term h^s (h: moving average of the
   group's past weights). Here the fit is a power law in its local form, kept O(groups): per
-  group, a weighted least-squares line of log(interval mean loss) on log(samples seen) with
-  exponential forgetting (`fit_decay` per observation), i.e. the local exponent
+  group, a weighted least-squares line of log(interval mean loss) on log(n) with exponential
+  forgetting (`fit_decay` per observation), i.e. the local exponent
   d log L / d log n = -α (L - ε) / L of the law; so -dL/dn = -slope × L / n with L the group's
-  loss EMA. Groups without a fit yet (fewer than `min_points` observations) get the mean rate
+  loss EMA. n is the samples reported in all, the run's progress, as ADO's reference
+  implementation counts it (one step size for every domain): a group's own count would make
+  the binomial noise of its draws look like a difference in learning speed. Slopes are pooled across groups (empirical Bayes: each is shrunk towards the mean
+  slope by its standard error), since with many groups each has few, noisy points. Groups without a fit yet (fewer than `min_points` observations) get the mean rate
   of the fitted ones. Preference ∝ prior × h^`credit_power` × max(-dL/dn, 0), h ← `credit` ×
   weights + (1 - `credit`) × h. Defaults: fit_decay 0.9, min_points 4, credit 0.1,
   credit_power 0.5.
@@ -351,7 +354,7 @@ class Ado(Controller):
 
     name = "ado"
     PARAMS = {"fit_decay": 0.9, "min_points": 4, "credit": 0.1, "credit_power": 0.5}
-    _ARRAYS = ("sw", "sx", "sy", "sxx", "sxy", "points", "credit_h", "seen_sum", "seen_samples")
+    _ARRAYS = ("sw", "sx", "sy", "sxx", "sxy", "syy", "points", "credit_h", "seen_sum", "seen_samples")
 
     def _check_params(self) -> None:
         _check_number("fit_decay", self.params["fit_decay"], 0.0, 1.0, open_high=True)
@@ -359,29 +362,56 @@ class Ado(Controller):
         _check_number("credit", self.params["credit"], 0.0, 1.0)
         _check_number("credit_power", self.params["credit_power"], 0.0, math.inf)
 
-    def fitted_slopes(self) -> np.ndarray:
-        """The local exponents d log L / d log n per group (NaN where there is no fit yet)."""
+    def fitted_slopes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per group: the local exponent d log L / d log n and its squared standard error
+        (NaN where there is no fit yet: fewer than `min_points` observations)."""
         assert self.sw is not None
-        den = self.sw * self.sxx - self.sx * self.sx
-        ok = (self.points >= int(self.params["min_points"])) & (den > 1e-12 * np.maximum(self.sw, 1.0) ** 2)
-        slope = np.full(self.sw.shape, np.nan)
-        slope[ok] = (self.sw[ok] * self.sxy[ok] - self.sx[ok] * self.sy[ok]) / den[ok]
-        return slope
+        sw = self.sw
+        cxx = self.sxx - self.sx * self.sx / np.maximum(sw, 1e-300)   # centred sums
+        cxy = self.sxy - self.sx * self.sy / np.maximum(sw, 1e-300)
+        cyy = self.syy - self.sy * self.sy / np.maximum(sw, 1e-300)
+        ok = (self.points >= int(self.params["min_points"])) & (cxx > 1e-12)
+        slope = np.full(sw.shape, np.nan)
+        var = np.full(sw.shape, np.nan)
+        slope[ok] = cxy[ok] / cxx[ok]
+        resid = np.maximum(cyy[ok] - slope[ok] * cxy[ok], 0.0) / np.maximum(sw[ok] - 2.0, 1.0)
+        var[ok] = resid / cxx[ok]
+        return slope, var
+
+    def pooled_slopes(self, active: np.ndarray) -> np.ndarray:
+        """Slopes shrunk towards the mean slope of the fitted groups (empirical Bayes).
+
+        Each group's slope s_g with squared standard error v_g becomes
+        m + (s_g - m) × t / (t + v_g), with m the mean slope and t = max(var(s) - mean(v), 0)
+        the spread the groups really have beyond their noise. Few, noisy points (the usual
+        case with thousands of groups) pull a slope to the mean; a well-measured difference
+        stays."""
+        slope, var = self.fitted_slopes()
+        fit = active & np.isfinite(slope)
+        if fit.sum() < 2:
+            return slope
+        m = float(slope[fit].mean())
+        t = max(float(slope[fit].var()) - float(var[fit].mean()), 0.0)
+        out = slope.copy()
+        shrink = np.where(t + var[fit] > 0, t / np.maximum(t + var[fit], 1e-300), 1.0)
+        out[fit] = m + (slope[fit] - m) * shrink
+        return out
 
     def _target(self, stats: LossStats, shares: np.ndarray, active: np.ndarray, prior: np.ndarray,
                 step: int) -> np.ndarray | None:
         d_sum = stats.loss_sum - self.seen_sum
         d_n = stats.samples - self.seen_samples
-        n_before = self.seen_samples
+        total_before = float(self.seen_samples.sum())
         self.seen_sum = stats.loss_sum.copy()
         self.seen_samples = stats.samples.astype(np.float64)
+        total = float(self.seen_samples.sum())
         obs = np.flatnonzero(active & (d_n > 0))
         if obs.size:
             mean = d_sum[obs] / d_n[obs]
-            x = np.log(n_before[obs] + 0.5 * d_n[obs])
+            x = np.full(obs.size, math.log(0.5 * (total_before + total)))
             y = np.log(np.maximum(mean, 1e-12))
             f = float(self.params["fit_decay"])
-            for name, v in (("sw", 1.0), ("sx", x), ("sy", y), ("sxx", x * x), ("sxy", x * y)):
+            for name, v in (("sw", 1.0), ("sx", x), ("sy", y), ("sxx", x * x), ("sxy", x * y), ("syy", y * y)):
                 arr = getattr(self, name)
                 arr[obs] = f * arr[obs] + v
             self.points[obs] += 1
@@ -390,9 +420,8 @@ class Ado(Controller):
             self.credit_h = shares.copy()
         else:
             self.credit_h = c * shares + (1.0 - c) * self.credit_h
-        slope = self.fitted_slopes()
-        n = np.maximum(stats.samples.astype(np.float64), 1.0)
-        rate = np.maximum(-slope, 0.0) * np.nan_to_num(stats.ema, nan=0.0) / n
+        slope = self.pooled_slopes(active)
+        rate = np.maximum(-slope, 0.0) * np.nan_to_num(stats.ema, nan=0.0) / max(total, 1.0)
         fitted = active & np.isfinite(rate)
         if not fitted.any():
             return None

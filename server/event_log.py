@@ -20,14 +20,15 @@ weights of the same kind and length, chosen when fewer than half of the weights 
 Both are lossless, so replay is bit-exact. Shuffling puts the exponent bytes and the unused low mantissa bytes side by side,
 which zlib packs well; XOR leaves zeros wherever a weight did not change.
 
-Measured size (bench/bench_feedback.py, 100,000 groups, 1,000 changes, each change moving
-every weight; 2-core machine, sizes do not depend on load):
-- full float64 precision, every weight new: about 7.4 MB a change, 740 MB in all
-  (a float64 with 52 random mantissa bits does not compress);
-- weights rounded to 12 mantissa bits (the controllers' default `precision_bits`): about
-  0.16 MB a change, 160 MB in all (about 1.6 bytes a weight);
-- an operator change touching 100 of the 100,000 weights: about 2 KB a record.
-See docs/feedback.md for the table the benchmark prints.
+Measured size (`python -m bench.bench_feedback --scale full`, 100,000 weights a change;
+sizes do not depend on machine load):
+- a controller's change, every weight moved, shares rounded to 12 mantissa bits (the
+  controllers' default `precision_bits`): 160 kB a change (1.6 bytes a weight), 160 MB for
+  1,000 changes (written for real);
+- the same at full float64 precision (`precision_bits=52`): 669 kB a change, 669 MB for
+  1,000 (a float64 with 52 random mantissa bits hardly compresses);
+- an operator's change of 100 of the weights (XOR-coded): 6.9 kB a change, 6.9 MB for 1,000.
+docs/feedback.md has the table.
 
 Durability: `append` writes one record with one `write`, then flushes and fsyncs the file
 (and the directory when the file was created). A crash mid-append leaves a torn last record:

@@ -313,3 +313,20 @@ def test_stats_small_and_large_reports_fold_alike() -> None:
     large.add(1, g, x)
     assert np.array_equal(small.ema[:50], large.ema, equal_nan=True)
     assert np.array_equal(small.loss_sum[:50], large.loss_sum) and np.array_equal(small.samples[:50], large.samples)
+
+
+def test_ado_recovers_a_power_law_exponent() -> None:
+    """Losses that follow L = c_g × N^-0.4 (N: samples reported in all) give slope -0.4 for every group."""
+    ctl = make_controller("ado", min_reports=0)
+    stats = LossStats(3)
+    c = np.array([1.0, 2.0, 4.0])
+    w = np.ones(3)
+    total = 0
+    for call in range(8):
+        g = np.repeat(np.arange(3), 10 * 2 ** call)  # one report per call, at growing intervals
+        stats.add(call, g, c[g] * (total + g.size / 2) ** -0.4)  # the loss at the interval's middle
+        total += g.size
+        out = ctl.propose(stats, w, call)
+    slope, var = ctl.fitted_slopes()
+    assert np.allclose(slope, -0.4, atol=0.02) and (var < 1e-4).all()
+    assert out is not None and out[2] > out[1] > out[0]  # equal exponents: the higher loss falls faster per sample
