@@ -36,6 +36,11 @@ Durability: `append` writes one record with one `write`, then flushes and fsyncs
 from the last whole record. A bad record anywhere before the last is corruption, refused
 with a StateError naming the record and its offset: silently dropping changes would replay a
 different sequence.
+
+Order of operations (write-ahead): the job appends a change and only then schedules it, so
+no delivered step ever depends on a change that is not whole in the log (a torn record was
+never scheduled). A checkpoint stores the sampler state and `len(log)`; restoring loads the
+state (changes before that count are in it) and schedules `iter_events(path, start=count)`.
 """
 
 from __future__ import annotations
@@ -242,26 +247,31 @@ def _checked_decode(payload: bytes, prev: dict[str, np.ndarray], path: str, off:
                          f"decode: {exc}") from None
 
 
-def iter_events(path: str | os.PathLike[str], upto: int | None = None) -> Iterator[Event]:
-    """The log's events in order, the first `upto` of them if given (a torn tail is skipped).
+def iter_events(path: str | os.PathLike[str], start: int = 0, upto: int | None = None) -> Iterator[Event]:
+    """The log's events in order: records [start, upto) (upto None = to the end; a torn tail
+    is skipped).
 
-    Raises StateError on corruption, and when `upto` asks for more records than the log holds
-    (a checkpoint that references changes the log lost)."""
+    Every record is decoded (XOR-coded weights need their predecessors), only those from
+    `start` on are yielded. Raises StateError on corruption, and when `start` or `upto` names
+    more records than the log holds (a checkpoint that references changes the log lost)."""
     data = _read(path)
     prev: dict[str, np.ndarray] = {}
     n = 0
+    need = max(start, upto or 0)
     for off, payload, result in _records(data, os.fspath(path)):
         if upto is not None and n == upto:
             return
         if result is not None:
-            if upto is not None and result.records < upto:
-                raise StateError(f"{os.fspath(path)}: a checkpoint references {upto} event log records but the log "
+            if result.records < need:
+                raise StateError(f"{os.fspath(path)}: a checkpoint references {need} event log records but the log "
                                  f"holds {result.records} whole records" +
                                  (f" (torn tail of {result.torn_bytes} bytes at offset {result.torn_offset})"
                                   if result.torn_offset is not None else ""))
             return
         assert payload is not None
-        yield _checked_decode(payload, prev, os.fspath(path), off)
+        event = _checked_decode(payload, prev, os.fspath(path), off)
+        if n >= start:
+            yield event
         n += 1
 
 

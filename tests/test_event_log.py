@@ -200,3 +200,58 @@ def test_append_is_fsynced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         n = len(synced)
         log.append(_events()[3])
         assert len(synced) == n + 1
+
+
+def test_crash_restore_replays_every_delivered_step(tmp_path: Path) -> None:
+    """A run that adapts weights, checkpoints at step 40 (sampler, statistics, controller, log
+    count) and dies at step 80 mid-append: restoring the checkpoint and scheduling the log's
+    records after the count reproduces every step delivered since, and the controller goes on
+    from its checkpointed statistics."""
+    from croupier.server.controllers import make_controller
+    from croupier.server.loss_report import check_report, layout_group_of
+    from croupier.server.loss_stats import LossStats
+    from croupier.server.state import SamplerState
+
+    layout = ClusterLayout.from_sizes([300, 200, 500, 100, 400, 250])
+    config = PolicyConfig("clusterclip", clip=3)
+    group_of = layout_group_of(layout)
+    path = tmp_path / "events.log"
+    sampler = Sampler(layout, config, 24, seed=2)
+    stats, ctl = LossStats(6), make_controller("odm")
+    hard = np.array([1.0, 3.0, 1.0, 1.0, 2.0, 1.0])
+    delivered: list[np.ndarray] = []
+    weights = np.ones(6)
+    with EventLog(path) as log:
+        for step in range(80):
+            if step == 40:
+                checkpoint = (sampler.state().to_bytes(), stats.to_bytes(), ctl.state_bytes(), len(log))
+            batch = sampler.next_batch()
+            delivered.append(batch)
+            stats.add(step, *check_report(batch, hard[group_of(batch)] * (1 + step) ** -0.2, group_of))
+            if step % 10 == 9:
+                proposal = ctl.propose(stats, weights, step)
+                if proposal is not None:
+                    log.append(Event(step + 3, "weights", ctl.name, weights=proposal))  # write ahead...
+                    sampler.schedule(step + 3, weights=proposal)                        # ...then schedule
+                    weights = proposal
+        assert len(log) > checkpoint[3] >= 1
+    with open(path, "ab") as f:  # the crash: half a record, never scheduled
+        f.write(path.read_bytes()[12:40])
+    state, stats_bytes, ctl_bytes, count = checkpoint
+    restored = Sampler(layout, config, 24, seed=2)
+    restored.load_state(SamplerState.from_bytes(state))
+    with EventLog(path) as log:
+        assert log.torn is not None
+        for e in iter_events(path, start=count):
+            restored.schedule(e.step, clip=e.clip, weights=e.weights)
+    for step in range(40, 80):
+        assert np.array_equal(restored.next_batch(), delivered[step]), f"step {step} differs after the crash"
+    stats2 = LossStats.from_bytes(stats_bytes)
+    ctl2 = make_controller("odm")
+    ctl2.load_state_bytes(ctl_bytes)
+    assert stats2.total_reports == 40 and ctl2.proposals == ctl.proposals - (len(list(iter_events(path))) - count)
+    batch = restored.next_batch()
+    stats2.add(80, *check_report(batch, hard[group_of(batch)], group_of))
+    assert ctl2.propose(stats2, weights, 80) is not None
+    with pytest.raises(StateError, match="references 99 event log records"):
+        list(iter_events(path, start=99))
