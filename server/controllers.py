@@ -41,8 +41,8 @@ Guardrails, common to every controller and applied in this order to a proposal
    normalized); 0 follows the proposal, values near 1 move slowly.
 4. `floor` [0.1] and `ceiling` [10.0]: every active group's share stays within
    [floor, ceiling] × 1/A, A the number of active groups (relative to the uniform share, so
-   the bounds mean the same for 8 groups or 100,000); the mass a bound removes or adds is
-   spread proportionally over the groups within bounds.
+   the bounds mean the same for 8 groups or 100,000): clip(s × proposal, floor/A, ceiling/A)
+   for the one scale s that makes the shares sum to 1.
 5. `precision_bits` [12]: shares are rounded to this many mantissa bits (relative step
    2^-12 ≈ 0.02%), so the event log stores a change in ~1.6 bytes a weight instead of 8
    (bounds hold to that precision). 52 keeps full float64 precision.
@@ -111,34 +111,46 @@ def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None
 def bound_shares(w: np.ndarray, active: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """Shares within [lo, hi] on `active`, summing to 1, proportional to `w` where unbound.
 
-    Water-filling: fix the groups above `hi` at hi, rescale the rest; then those below `lo`
-    at lo; repeat until none is out of bounds. Needs A × lo <= 1 <= A × hi (A active groups).
+    The answer is clip(s × w, lo, hi) for the one scale s that makes it sum to 1 (the sum is
+    non-decreasing in s): bisection finds which groups sit at a bound, then s is solved
+    exactly for the rest. Needs A × lo <= 1 <= A × hi (A active groups); groups with w = 0
+    sit at lo, or share what the others leave when every positive one is at hi.
     """
-    out = np.zeros_like(w, dtype=np.float64)
-    free = active.copy()
-    fixed_mass = 0.0
-    for _ in range(2 * int(active.sum()) + 2):
-        idx = np.flatnonzero(free)
-        if not idx.size:
-            break
-        base = w[idx]
-        total = float(base.sum())
-        room = 1.0 - fixed_mass
-        x = base * (room / total) if total > 0 else np.full(idx.size, room / idx.size)
-        over = x > hi
-        if over.any():
-            out[idx[over]] = hi
-            free[idx[over]] = False
-            fixed_mass += hi * int(over.sum())
-            continue
-        under = x < lo
-        if under.any():
-            out[idx[under]] = lo
-            free[idx[under]] = False
-            fixed_mass += lo * int(under.sum())
-            continue
+    out = np.zeros(w.shape, dtype=np.float64)
+    idx = np.flatnonzero(active)
+    v = np.asarray(w, dtype=np.float64)[idx]
+    hi = min(hi, 1.0)  # a share never exceeds 1
+    if v.size and v.max() > 0:
+        v = v / v.max()
+        v[v < 1e-300] = 0.0  # below 1e-300 of the largest: zero (keeps the scales finite)
+    pos = v > 0
+    if not pos.any():
+        out[idx] = 1.0 / idx.size
+        return out
+    if hi * int(pos.sum()) + lo * int((~pos).sum()) <= 1.0:  # every positive group at hi
+        x = np.where(pos, hi, max((1.0 - hi * int(pos.sum())) / max(int((~pos).sum()), 1), lo))
         out[idx] = x
-        break
+        return out
+    # Geometric bisection on s (the scales span hundreds of orders of magnitude when the
+    # weights do): at `low` every group is at or below lo (sum <= 1), at `high` every
+    # positive one is at hi (sum >= 1).
+    low, high = max(lo, 1e-300), max(hi / float(v[pos].min()), lo)
+    for _ in range(400):
+        mid = math.sqrt(low) * math.sqrt(high)
+        if not low < mid < high:
+            break
+        if np.clip(mid * v, lo, hi).sum() < 1.0:
+            low = mid
+        else:
+            high = mid
+    sv = high * v
+    at_hi, at_lo = sv >= hi, sv <= lo
+    free = ~(at_hi | at_lo)
+    x = np.where(at_hi, hi, lo)
+    if free.any():
+        s = (1.0 - hi * int(at_hi.sum()) - lo * int(at_lo.sum())) / float(v[free].sum())
+        x[free] = np.clip(s * v[free], lo, hi)
+    out[idx] = x
     return out
 
 

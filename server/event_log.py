@@ -45,6 +45,8 @@ state (changes before that count are in it) and schedules `iter_events(path, sta
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
 import struct
 import zlib
@@ -220,22 +222,33 @@ def _records(data: bytes | memoryview, path: str) -> Iterator[tuple[int, bytes |
     yield off, None, Scan(records=n, end=off, torn_offset=None, torn_bytes=0)
 
 
-def _read(path: str | os.PathLike[str]) -> bytes:
+@contextlib.contextmanager
+def _mapped(path: str | os.PathLike[str]) -> Iterator[bytes | mmap.mmap]:
+    """The file's bytes, memory-mapped (a log of many large changes is never read whole)."""
     try:
-        return Path(path).read_bytes()
+        f = open(path, "rb")
     except FileNotFoundError:
         raise StateError(f"event log {os.fspath(path)} does not exist") from None
+    with f:
+        if os.fstat(f.fileno()).st_size == 0:
+            yield b""
+            return
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            yield m
 
 
 def scan(path: str | os.PathLike[str]) -> Scan:
     """Counts the whole records and finds a torn tail; raises StateError on corruption."""
-    data = _read(path)
-    prev: dict[str, np.ndarray] = {}
-    for off, payload, result in _records(data, os.fspath(path)):
+    with _mapped(path) as data:
+        return _scan(data, os.fspath(path), {})
+
+
+def _scan(data: bytes | mmap.mmap, path: str, prev: dict[str, np.ndarray]) -> Scan:
+    for off, payload, result in _records(data, path):
         if result is not None:
             return result
         assert payload is not None
-        _checked_decode(payload, prev, os.fspath(path), off)
+        _checked_decode(payload, prev, path, off)
     raise AssertionError("unreachable")
 
 
@@ -254,22 +267,26 @@ def iter_events(path: str | os.PathLike[str], start: int = 0, upto: int | None =
     Every record is decoded (XOR-coded weights need their predecessors), only those from
     `start` on are yielded. Raises StateError on corruption, and when `start` or `upto` names
     more records than the log holds (a checkpoint that references changes the log lost)."""
-    data = _read(path)
+    with _mapped(path) as data:
+        yield from _events(data, os.fspath(path), start, upto)
+
+
+def _events(data: bytes | mmap.mmap, path: str, start: int, upto: int | None) -> Iterator[Event]:
     prev: dict[str, np.ndarray] = {}
     n = 0
     need = max(start, upto or 0)
-    for off, payload, result in _records(data, os.fspath(path)):
+    for off, payload, result in _records(data, path):
         if upto is not None and n == upto:
             return
         if result is not None:
             if result.records < need:
-                raise StateError(f"{os.fspath(path)}: a checkpoint references {need} event log records but the log "
+                raise StateError(f"{path}: a checkpoint references {need} event log records but the log "
                                  f"holds {result.records} whole records" +
                                  (f" (torn tail of {result.torn_bytes} bytes at offset {result.torn_offset})"
                                   if result.torn_offset is not None else ""))
             return
         assert payload is not None
-        event = _checked_decode(payload, prev, os.fspath(path), off)
+        event = _checked_decode(payload, prev, path, off)
         if n >= start:
             yield event
         n += 1
@@ -302,15 +319,8 @@ class EventLog:
             _fsync_dir(self.path.parent)
             self._count = 0
             return
-        data = self.path.read_bytes()
-        result: Scan | None = None
-        for off, payload, res in _records(data, str(self.path)):
-            if res is not None:
-                result = res
-                break
-            assert payload is not None
-            _checked_decode(payload, self._prev, str(self.path), off)
-        assert result is not None
+        with _mapped(self.path) as data:
+            result = _scan(data, str(self.path), self._prev)
         self._count = result.records
         self._file = open(self.path, "r+b")
         if result.torn_offset is not None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from croupier.errors import ConfigError, CroupierError, StateError
 from croupier.server.controllers import CONTROLLERS, GUARDRAILS, bound_shares, make_controller, round_mantissa
@@ -330,3 +332,19 @@ def test_ado_recovers_a_power_law_exponent() -> None:
     slope, var = ctl.fitted_slopes()
     assert np.allclose(slope, -0.4, atol=0.02) and (var < 1e-4).all()
     assert out is not None and out[2] > out[1] > out[0]  # equal exponents: the higher loss falls faster per sample
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0.0, 1e6, allow_nan=False), min_size=1, max_size=40),
+       st.floats(0.0, 1.0), st.floats(1.0, 50.0), st.integers(0, 2 ** 32 - 1))
+def test_bound_shares_property(raw: list[float], floor: float, ceiling: float, seed: int) -> None:
+    """Any proposal, any feasible bounds: shares sum to 1, stay within bounds, 0 off the active set."""
+    w = np.asarray(raw)
+    active = np.random.default_rng(seed).random(w.size) < 0.8
+    if not active.any():
+        active[0] = True
+    a = int(active.sum())
+    out = bound_shares(w, active, floor / a, ceiling / a)
+    assert out.sum() == pytest.approx(1.0, rel=1e-9)
+    assert (out[~active] == 0).all()
+    assert (out[active] >= floor / a * (1 - 1e-9)).all() and (out[active] <= ceiling / a * (1 + 1e-9)).all()
