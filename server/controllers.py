@@ -28,8 +28,9 @@ Controllers (`CONTROLLERS`, built by `make_controller(name, **params)`):
   implementation counts it (one step size for every domain): a group's own count would make
   the binomial noise of its draws look like a difference in learning speed. Slopes are pooled across groups (empirical Bayes: each is shrunk towards the mean
   slope by its standard error), since with many groups each has few, noisy points. Groups without a fit yet (fewer than `min_points` observations) get the mean rate
-  of the fitted ones. Preference ∝ prior × h^`credit_power` × max(-dL/dn, 0), h ← `credit` ×
-  weights + (1 - `credit`) × h. Defaults: fit_decay 0.9, min_points 4, credit 0.1,
+  of the fitted ones. Preference ∝ prior × (h / prior)^`credit_power` × max(-dL/dn, 0),
+  h ← `credit` × weights + (1 - `credit`) × h (ADO's h^s, taken relative to the prior so that
+  a policy equal to its prior is neutral; the same as ADO's when the prior is uniform). Defaults: fit_decay 0.9, min_points 4, credit 0.1,
   credit_power 0.5.
 
 Guardrails, common to every controller and applied in this order to a proposal
@@ -48,8 +49,9 @@ Guardrails, common to every controller and applied in this order to a proposal
    (bounds hold to that precision). 52 keeps full float64 precision.
 
 The prior is the normalized weights in force at the controller's first proposal (uniform
-for clusterclip, the operator's weights for weighted), so with equal losses every controller
-proposes the prior back and nothing moves. A group active now but 0 in the prior gets the
+for clusterclip, the operator's weights for weighted), or the weights given to `set_prior`
+(the job calls it when the operator changes the base weights); with equal losses every
+controller proposes the prior back and nothing moves. A group active now but 0 in the prior gets the
 uniform share as its prior.
 
 Determinism: no randomness at all; the same statistics, weights and step give the same
@@ -250,6 +252,12 @@ class Controller(ABC):
         self.last_step = int(step)
         return out
 
+    def set_prior(self, weights: np.ndarray) -> None:
+        """Makes `weights` (normalized) the prior: the job calls it when the operator sets new
+        base weights, so the controller re-weights around the operator's choice from then on."""
+        w = check_current(weights, len(weights) if self.num_groups is None else self.num_groups)
+        self.prior = w / w.sum()
+
     def describe(self) -> dict[str, Any]:
         """Name, parameters, guardrails and counters, for status and logs."""
         return {"controller": self.name, "params": dict(self.params), "guardrails": asdict(self.guard),
@@ -440,7 +448,8 @@ class Ado(Controller):
         rate = np.where(fitted, rate, float(rate[fitted].mean()))
         if not (rate[active] > 0).any():
             return None
-        return prior * np.power(self.credit_h, float(self.params["credit_power"])) * rate
+        credit = np.divide(self.credit_h, prior, out=np.ones_like(prior), where=prior > 0)
+        return prior * np.power(credit, float(self.params["credit_power"])) * rate
 
 
 CONTROLLERS: dict[str, type[Controller]] = {c.name: c for c in (LossSoftmax, Odm, Ado)}

@@ -348,3 +348,21 @@ def test_bound_shares_property(raw: list[float], floor: float, ceiling: float, s
     assert out.sum() == pytest.approx(1.0, rel=1e-9)
     assert (out[~active] == 0).all()
     assert (out[active] >= floor / a * (1 - 1e-9)).all() and (out[active] <= ceiling / a * (1 + 1e-9)).all()
+
+
+@pytest.mark.parametrize("name", sorted(CONTROLLERS))
+def test_equal_losses_propose_the_prior_back(name: str) -> None:
+    """Operator weights (or a prior set later) come back unchanged when every group's loss is equal."""
+    stats = LossStats(4)
+    base = np.array([4.0, 2.0, 1.0, 1.0])
+    ctl = make_controller(name, min_reports=0)
+    out = None
+    for step in range(8):
+        g = np.repeat(np.arange(4), (base * 8).astype(int))  # drawn in proportion to the weights
+        stats.add(step, g, np.full(g.size, 2.0 * (1 + step) ** -0.3))
+        out = ctl.propose(stats, base if out is None else out, step)
+        if out is not None:
+            assert np.allclose(out, base / base.sum(), rtol=1e-3), out
+    assert out is not None
+    ctl.set_prior(np.array([1.0, 1.0, 1.0, 1.0]))
+    assert np.array_equal(ctl.prior, np.full(4, 0.25))
