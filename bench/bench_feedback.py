@@ -9,6 +9,9 @@
 - Controllers: one `propose` of each controller over 100,000 groups (after 200 reports of
   4,096 samples), and the checkpoint sizes of the statistics and the controllers' state.
 - Statistics: `LossStats.add` throughput in samples/s (reports of 4,096 samples).
+- Controllers at cluster granularity (10,000 groups, about one sample a group between
+  proposals): how far weights scatter with equal losses, and how much weight 100 groups
+  with 5× the loss get (see `_many_groups`).
 
 Sizes do not depend on the machine; times are noisy on a shared 2-core machine.
 """
@@ -93,6 +96,47 @@ def _controllers() -> list[dict]:
     return rows
 
 
+def _many_groups() -> list[dict]:
+    """Controllers at cluster granularity: 10,000 groups, global batch 1,024 from 8 ranks, a
+    proposal every 10 steps, 300 steps (about one sample a group between proposals). Draws
+    follow the weights (multinomial); a sample's loss is scale × (1 + n/2)^-0.3 × (1 + 5%
+    noise), n its group's samples so far. Reports the spread of the weights with equal losses
+    and the weight of 100 groups whose loss is 5× the others'."""
+    from croupier.server.controllers import CONTROLLERS, make_controller
+    from croupier.server.loss_stats import LossStats
+
+    g_count, batch, ranks = 10_000, 1024, 8
+    rows = []
+    for name in sorted(CONTROLLERS):
+        result = {}
+        for hot in (False, True):
+            rng = np.random.default_rng(0)
+            stats, ctl, w = LossStats(g_count), make_controller(name), np.ones(g_count)
+            scale = np.ones(g_count)
+            if hot:
+                scale[:100] = 5.0
+            trained = np.zeros(g_count)
+            for step in range(300):
+                g = rng.choice(g_count, size=batch, p=w / w.sum())
+                loss = scale[g] * (1 + trained[g] / 2) ** -0.3 * (1 + 0.05 * rng.standard_normal(batch))
+                for r in range(ranks):
+                    stats.add(step, g[r::ranks], loss[r::ranks])
+                np.add.at(trained, g, 1)
+                if step % 10 == 9:
+                    out = ctl.propose(stats, w, step)
+                    if out is not None:
+                        w = out
+            result[hot] = w / w.sum() * g_count
+        eq, hot_w = result[False], result[True]
+        rows.append({"bench": "feedback G=1e+04", "metric": f"{name}: equal losses, weight range x uniform",
+                     "value": float(eq.max()), "unit": "x", "reference": None, "ratio": None,
+                     "target": f"(info; min {eq.min():.2f}, 99th pct {np.quantile(eq, 0.99):.2f})"})
+        rows.append({"bench": "feedback G=1e+04", "metric": f"{name}: 100 groups at 5x loss, their weight",
+                     "value": float(hot_w[:100].mean()), "unit": "x uniform", "reference": None, "ratio": None,
+                     "target": "(info)"})
+    return rows
+
+
 def run(scale: str = "full") -> list[dict]:
     p = SCALES[scale]
     rows = []
@@ -109,7 +153,7 @@ def run(scale: str = "full") -> list[dict]:
         rows.append({"bench": f"event log G={GROUPS:.0e}", "metric": f"{label}: append (write+fsync)",
                      "value": r["append_ms"], "unit": "ms", "reference": None, "ratio": None,
                      "target": f"(info; replay {r['replay_s'] / changes * 1e3:.1f} ms/change)"})
-    return rows + _controllers()
+    return rows + _controllers() + _many_groups()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -393,9 +393,15 @@ class Ado(Controller):
         ok = (self.points >= int(self.params["min_points"])) & (cxx > 1e-12)
         slope = np.full(sw.shape, np.nan)
         var = np.full(sw.shape, np.nan)
+        if not ok.any():
+            return slope, var
         slope[ok] = cxy[ok] / cxx[ok]
-        resid = np.maximum(cyy[ok] - slope[ok] * cxy[ok], 0.0) / np.maximum(sw[ok] - 2.0, 1.0)
-        var[ok] = resid / cxx[ok]
+        # Residual variance pooled over the fitted groups: a group's own, from a handful of
+        # points, is often near zero by chance and would exempt a noisy slope from shrinkage.
+        resid = np.maximum(cyy[ok] - slope[ok] * cxy[ok], 0.0)
+        dof = np.maximum(sw[ok] - 2.0, 0.0)
+        pooled = float(resid.sum() / dof.sum()) if dof.sum() > 0 else float(resid.mean())
+        var[ok] = pooled / cxx[ok]
         return slope, var
 
     def pooled_slopes(self, active: np.ndarray) -> np.ndarray:
