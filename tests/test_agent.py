@@ -528,3 +528,122 @@ def test_node_cache_under_a_limit_downloads_near_the_offline_optimum(tmp_path) -
         assert st["bytes_downloaded"] <= 1.3 * optimum
     finally:
         c.stop()
+
+
+# -- stopping ----------------------------------------------------------------------------------------
+STOP_BOUND_S = 30.0
+"""How long a SIGTERMed agent may take to exit in these tests (correctness, not speed)."""
+
+
+def test_a_stop_in_the_same_loop_turn_as_a_consumer_request_still_stops(tmp_path) -> None:
+    """A consumer's request wakes the agent's writer in the very loop turn its stop cancels it.
+    Python 3.11's `asyncio.wait_for` then swallows the cancellation and the writer ran on, so
+    the agent never finished stopping (its socket stayed, SIGTERM and the idle exit did
+    nothing). Injected here deterministically: the request's wake-up and the stop in one turn,
+    the server address dead."""
+    import asyncio
+
+    from croupier.client.agent import NodeAgent
+
+    agent = NodeAgent(f"127.0.0.1:{free_port()}", tmp_path / "run", tmp_path / "cache")
+    loop = asyncio.new_event_loop()
+    ready = asyncio.Event()
+    done = threading.Event()
+
+    def serve() -> None:
+        try:
+            loop.run_until_complete(agent.run(ready))
+        finally:
+            done.set()
+
+    threading.Thread(target=serve, daemon=True).start()
+    wait_for(lambda: ready.is_set(), 30, "the agent to serve")
+    time.sleep(0.2)  # the writer is waiting for work
+
+    def request_and_stop() -> None:
+        agent._flush.set()  # what every consumer request does
+        agent.stop()
+
+    loop.call_soon_threadsafe(request_and_stop)
+    assert done.wait(STOP_BOUND_S), "the agent did not stop"
+    assert not socket_path(tmp_path / "run").exists()
+    loop.close()
+
+
+def serve_process(tmp_path: Path, mds: Path) -> tuple[subprocess.Popen, str]:
+    """A real `croupier serve` process for the agent tests' job, reading `mds`."""
+    from workers.harness import python
+
+    port = free_port()
+    cmd = [python(), "-m", "croupier", "serve", "--cluster-sizes", ",".join(map(str, SIZES)), "--remote", str(mds),
+           "--global-batch", str(B), "--policy", "clusterclip", "--clip", "3", "--seed", str(SEED), "--state-dir",
+           str(tmp_path / "state"), "--port", str(port), "--job", JOB, "--log-level", "WARNING"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(tmp_path / "server.log", "ab"),
+                         env=env_for_subprocess(), start_new_session=True)
+    assert p.stdout.readline(), (tmp_path / "server.log").read_text()
+    return p, f"127.0.0.1:{port}"
+
+
+def test_agent_stops_on_sigterm_after_its_server_died(tmp_path, mds) -> None:
+    """Real processes: a server, an agent, a rank (DataLoader, 2 workers) reading through it.
+    The server is killed -9 while the rank reads; the rank keeps re-joining through the agent,
+    which finds no server; then the agent gets SIGTERM and must exit within the bound, its
+    socket removed."""
+    server, address = serve_process(tmp_path, mds)
+    c = Cluster(tmp_path, mds)
+    c.address = address
+    ranks: list[subprocess.Popen] = []
+    try:
+        agent = c.start_agent(0)
+        out = tmp_path / "out"
+        ranks = launch_ranks(c, [0], 1, 100_000, out, workers=2)
+        wait_for(lambda: len(read_records(out)) >= 20, 120, "the rank to read")
+        kill_tree(server, signal.SIGKILL)
+        time.sleep(3.0)  # the rank re-joins through its agent, which finds no server
+        assert agent.poll() is None and ranks[0].poll() is None
+
+        os.kill(agent.pid, signal.SIGTERM)
+        try:
+            assert agent.wait(STOP_BOUND_S) == 0
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the agent is still running {STOP_BOUND_S:.0f} s after SIGTERM: "
+                                 + (tmp_path / "agent0.log").read_text()[-3000:]) from None
+        assert not socket_path(c.runtime(0)).exists()
+        log_text = (tmp_path / "agent0.log").read_text()
+        assert "agent_session_lost" in log_text and "agent_stop" in log_text
+    finally:
+        for p in ranks:
+            kill_tree(p)
+        c.stop()
+        kill_tree(server)
+
+
+def test_agent_exits_when_idle_after_its_server_died(tmp_path, mds) -> None:
+    """A rank reads through an agent started with --exit-when-idle; the server is killed -9 and
+    the rank gives up. With its server still dead, the agent drops the silent consumer and
+    exits on its own, socket removed."""
+    from croupier.client.agent_protocol import CONSUMER_TIMEOUT_S
+
+    server, address = serve_process(tmp_path, mds)
+    c = Cluster(tmp_path, mds)
+    c.address = address
+    idle = 5.0
+    try:
+        agent = c.start_agent(0, "--exit-when-idle", str(idle))
+        rank = Trainer(c, 0, 0, 1, 100_000, backoff=Backoff(initial_s=0.05, max_s=0.5, give_up_after_s=3))
+        rank.start()
+        wait_progress([rank], 10)
+        kill_tree(server, signal.SIGKILL)
+        rank.join(60)
+        assert not rank.is_alive() and rank.error is not None  # it gave up on the dead server
+        bound = CONSUMER_TIMEOUT_S + idle + STOP_BOUND_S
+        try:
+            assert agent.wait(bound) == 0
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the agent (--exit-when-idle {idle:.0f}) is still running {bound:.0f} s after "
+                                 "its last consumer left: " + (tmp_path / "agent0.log").read_text()[-3000:]) from None
+        assert not socket_path(c.runtime(0)).exists()
+        assert "agent_idle_exit" in (tmp_path / "agent0.log").read_text()
+    finally:
+        c.stop()
+        kill_tree(server)
