@@ -66,9 +66,15 @@ def _read_back(dataset: Path, cache: Path) -> list[dict]:
     for info in index["shards"]:
         reader = reader_from_json(str(cache), None, info)
         stream.prepare_shard(reader)
-        out.extend({k: (v.item() if hasattr(v, "item") else v) for k, v in reader.get_item(i).items()}
-                   for i in range(reader.samples))
+        out.extend({k: _plain(v) for k, v in reader.get_item(i).items()} for i in range(reader.samples))
     return out
+
+
+def _plain(value):
+    """A decoded column value as a plain Python value (token arrays as lists), for comparing."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value.item() if hasattr(value, "item") else value
 
 
 def _assert_same_dataset(a: Path, b: Path, tmp: Path) -> None:
@@ -81,6 +87,10 @@ def _assert_same_dataset(a: Path, b: Path, tmp: Path) -> None:
     np.testing.assert_array_equal(sa.centroids(), sb.centroids())
     if sa.layout_kind == "original":
         np.testing.assert_array_equal(np.asarray(sa.members()), np.asarray(sb.members()))
+    ca, cb = sa.token_counts(), sb.token_counts()
+    assert (ca is None) == (cb is None)
+    if ca is not None:
+        np.testing.assert_array_equal(ca, cb)
     assert _read_back(a, tmp / "ca") == _read_back(b, tmp / "cb")
 
 
@@ -93,10 +103,11 @@ def test_write_runs_cut_whole_blocks_in_order():
     assert write_runs([(0, 4)], 8) == [(0, 1)]
 
 
-def test_ray_build_equals_local_and_shards_come_from_several_workers(tmp_path, ray_cluster, corpus, capsys):
+def test_ray_build_equals_local_and_shards_come_from_several_workers(tmp_path, ray_cluster, corpus, capsys,
+                                                                    tiny_tokenizer):
     inputs = _inputs(tmp_path / "in", corpus)
     common = dict(inputs=inputs, embedder="hashing", clusters=8, shard_size=1 << 15, chunk=500,
-                  assign_chunk=700, keep_fields=("topic",), progress=False)
+                  assign_chunk=700, keep_fields=("topic",), tokenizer=str(tiny_tokenizer), progress=False)
     build(BuildConfig(out=str(tmp_path / "local"), **common))
     res = build_ray(BuildConfig(out=str(tmp_path / "ray"), **common))
     assert res.num_samples == len(corpus) and res.workers == 2
@@ -112,6 +123,8 @@ def test_ray_build_equals_local_and_shards_come_from_several_workers(tmp_path, r
     # the decoded samples are the inputs, each once
     got = _read_back(tmp_path / "ray", tmp_path / "c3")
     assert sorted((s["text"], s["topic"]) for s in got) == sorted((d["text"], d["topic"]) for d in corpus)
+    # the token counts the writer tasks recorded are those of the samples at their ids
+    np.testing.assert_array_equal(Sidecar.open(tmp_path / "ray").token_counts(), [len(s["tokens"]) for s in got])
     # the contract: simulate prints the same sequence on both datasets
     printed = []
     for name in ("local", "ray"):
