@@ -647,3 +647,34 @@ def test_agent_exits_when_idle_after_its_server_died(tmp_path, mds) -> None:
     finally:
         c.stop()
         kill_tree(server)
+
+
+def test_an_agent_whose_stop_hangs_still_exits_and_says_why(tmp_path) -> None:
+    """The last resort: a stop that cannot finish (injected: the final stats write blocks for
+    ever) ends the process anyway once `run_agent`'s deadline passes: status 1, the stuck
+    stop logged with the threads' stacks, the socket removed."""
+    from workers.harness import python
+
+    runtime = tmp_path / "run"
+    script = (
+        "import time\n"
+        "from croupier.server import logs\n"
+        "from croupier.client.agent import NodeAgent, run_agent\n"
+        "logs.configure('INFO')\n"
+        f"agent = NodeAgent('127.0.0.1:{free_port()}', {str(runtime)!r}, {str(tmp_path / 'cache')!r})\n"
+        "agent.write_stats = lambda: time.sleep(3600)\n"
+        "run_agent(agent, deadline_s=3.0)\n"
+    )
+    log_path = tmp_path / "agent.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([python(), "-c", script], stdout=log, stderr=subprocess.STDOUT,
+                                env=env_for_subprocess(), start_new_session=True)
+    try:
+        wait_for(lambda: socket_path(runtime).exists(), 30, "the agent to serve")
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(STOP_BOUND_S) == 1
+        text = log_path.read_text()
+        assert "agent_stop_timeout" in text and "agent.py\", line" in text  # the stacks show where it hung
+        assert not socket_path(runtime).exists()
+    finally:
+        kill_tree(proc)
