@@ -44,6 +44,8 @@ CONFIG = PolicyConfig(policy="clusterclip", clip=3)
 JOB = "agentjob"
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
+STOP_BOUND_S = 30.0
+"""How long a SIGTERMed agent may take to exit in these tests (correctness, not speed)."""
 
 
 def reference(steps: int, sizes=SIZES) -> list[np.ndarray]:
@@ -448,7 +450,7 @@ def test_auto_agent_is_started_by_local_rank_zero(cluster, tmp_path, monkeypatch
         assert len(st.sessions) == 1  # the rank reached the server through the agent it started
         pid = json.loads((runtime / INFO_NAME).read_text())["pid"]
         os.kill(pid, signal.SIGTERM)
-        wait_for(lambda: not (runtime / "agent.sock").exists(), 120, "the agent to stop")
+        wait_for(lambda: not (runtime / "agent.sock").exists(), STOP_BOUND_S, "the agent to stop")
     finally:
         import shutil
 
@@ -531,8 +533,6 @@ def test_node_cache_under_a_limit_downloads_near_the_offline_optimum(tmp_path) -
 
 
 # -- stopping ----------------------------------------------------------------------------------------
-STOP_BOUND_S = 30.0
-"""How long a SIGTERMed agent may take to exit in these tests (correctness, not speed)."""
 
 
 def test_a_stop_in_the_same_loop_turn_as_a_consumer_request_still_stops(tmp_path) -> None:
