@@ -26,11 +26,12 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import grpc
 import numpy as np
@@ -52,6 +53,11 @@ REPORT_S = 5.0
 """How often the agent sends its node report on the session."""
 HEARTBEAT_S = 5.0
 """A rank feed re-sends an unchanged position at most this often (the rank stays live)."""
+STOP_GRACE_S = 5.0
+"""At stop, the most the agent waits for its own tasks and for its server channel to close."""
+STOP_DEADLINE_S = 30.0
+"""`run_agent`: a process asked to stop that has not stopped after this long logs its threads'
+stacks and exits (status 1), so SIGTERM always ends an agent."""
 
 
 @dataclass
@@ -104,6 +110,7 @@ class NodeAgent:
         self._session: Any = None
         self._session_job = ""
         self._stopping = asyncio.Event()
+        self.on_stop: Callable[[], None] | None = None  # run_agent arms its stop deadline here
         self.cache: Any = None
         self.stats = {"calls": 0, "sessions_opened": 0, "session_losses": 0, "messages_from_server": 0}
 
@@ -160,7 +167,9 @@ class NodeAgent:
             log.warning("cannot write agent stats: %s", exc, extra={"event": "agent_stats_failed"})
 
     def stop(self) -> None:
-        """Asks a running `run()` to return (from the agent's loop)."""
+        """Asks a running `run()` to return (from the agent's loop); calls `on_stop` once."""
+        if not self._stopping.is_set() and self.on_stop is not None:
+            self.on_stop()
         self._stopping.set()
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
@@ -188,10 +197,17 @@ class NodeAgent:
         finally:
             for t in tasks:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            _, stuck = await asyncio.wait(tasks, timeout=STOP_GRACE_S)
+            if stuck:
+                log.error("agent tasks did not stop within %.0f s: %s; stopping without them", STOP_GRACE_S,
+                          sorted(t.get_coro().__qualname__ for t in stuck), extra={"event": "agent_stop_stuck"})
             if self._session is not None:
                 self._session.cancel()
-            await self._channel.close()
+            try:
+                await asyncio.wait_for(self._channel.close(), timeout=STOP_GRACE_S)
+            except asyncio.TimeoutError:
+                log.error("closing the server channel took over %.0f s; stopping without it", STOP_GRACE_S,
+                          extra={"event": "agent_stop_stuck"})
             sock.close(0)
             ctx.term()
             self.write_stats()
@@ -212,7 +228,7 @@ class NodeAgent:
             log.debug("consumer queue full; message dropped")
 
     async def _serve_consumers(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             frames = await self._sock.recv_multipart()
             try:
                 await self._on_message(frames[0], frames[1:])
@@ -411,11 +427,10 @@ class NodeAgent:
     async def _writer(self) -> None:
         """Sends what consumers asked for (opens, aggregated acks, closes) on the session."""
         last_report = 0.0
-        while True:
-            try:
-                await asyncio.wait_for(self._flush.wait(), timeout=REPORT_S)
-            except asyncio.TimeoutError:
-                pass
+        while not self._stopping.is_set():
+            await _wait_event(self._flush, REPORT_S)
+            if self._stopping.is_set():
+                return
             self._flush.clear()
             req = self._pending
             self._pending = pb2.SessionRequest()
@@ -551,7 +566,7 @@ class NodeAgent:
     async def _beats(self) -> None:
         agent = self.agent_id.encode()
         idle_since = time.monotonic()
-        while True:
+        while not self._stopping.is_set():
             await asyncio.sleep(BEAT_S)
             now = time.monotonic()
             if self._consumers:
@@ -571,6 +586,17 @@ class NodeAgent:
                     await self._send(identity, [BEAT, agent])
 
 
+async def _wait_event(event: asyncio.Event, timeout: float) -> None:
+    """Waits until `event` is set or `timeout` passes. Unlike `asyncio.wait_for` in Python 3.11,
+    a cancellation that arrives as the event fires is never swallowed (wait_for then returns the
+    event's result and the cancelled task runs on), so a stopping agent's tasks do end."""
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({waiter}, timeout=timeout)
+    finally:
+        waiter.cancel()
+
+
 def _aio_channel(address: str, tls_root_cert: str | None) -> grpc.aio.Channel:
     from croupier.client.channel import channel_options
 
@@ -584,9 +610,20 @@ def _aio_channel(address: str, tls_root_cert: str | None) -> grpc.aio.Channel:
                                    options=channel_options())
 
 
-def run_agent(agent: NodeAgent) -> None:
-    """Runs `agent` in this thread until SIGTERM / SIGINT."""
+def run_agent(agent: NodeAgent, deadline_s: float = STOP_DEADLINE_S) -> None:
+    """Runs `agent` in this thread until SIGTERM / SIGINT (or its idle exit). A stop that has
+    not finished `deadline_s` after it was asked for is a fault: the agent logs it with every
+    thread's stack, removes its socket and exits with status 1 (the directory lock goes with the
+    process), so a supervisor's SIGTERM always ends it."""
     import signal
+
+    watchdog: list[threading.Timer] = []
+
+    def arm() -> None:
+        t = threading.Timer(deadline_s, _stop_timed_out, args=(agent, deadline_s))
+        t.daemon = True
+        t.start()
+        watchdog.append(t)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -594,7 +631,26 @@ def run_agent(agent: NodeAgent) -> None:
             loop.add_signal_handler(sig, agent.stop)
         await agent.run()
 
-    asyncio.run(main())
+    agent.on_stop = arm
+    try:
+        asyncio.run(main())
+    finally:
+        for t in watchdog:
+            t.cancel()
+
+
+def _stop_timed_out(agent: NodeAgent, deadline_s: float) -> None:
+    import faulthandler
+    import sys
+
+    log.error("the agent did not stop within %.0f s of being asked to; exiting (thread stacks on stderr)",
+              deadline_s, extra={"event": "agent_stop_timeout", "agent_id": agent.agent_id})
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    try:
+        socket_path(agent.runtime_dir).unlink()
+    except OSError:
+        pass
+    os._exit(1)
 
 
 __all__ = ["NodeAgent", "AgentLocked", "run_agent", "open_channel"]

@@ -41,6 +41,8 @@ from croupier.shards.cluster import KMeansConfig, assign_all, num_gpus, train_ce
 from croupier.shards.sidecar import write_sidecar
 
 ARRAYS = names.ARRAY_FILES
+TOKEN_COUNTS_WORK = "token_counts.npy"
+"""With --tokenizer: the write stage's token count of every sample id, in the work folder."""
 
 STATE_VERSION = 1
 Hook = Callable[[str, int], None]
@@ -665,6 +667,8 @@ class Builder:
         c = self.cfg.chunk
         writer = MDSWriter(out=str(mds_dir), columns=columns, compression=self.cfg.compression,
                            hashes=["sha1", "xxh64"], size_limit=self.cfg.shard_size, max_workers=1)
+        # token counts by sample id (= write position), written beside the shards
+        counts = None if self.cfg.tokenizer is None else np.zeros(n, dtype=np.int32)
         try:
             if cluster_major:
                 cbytes = self._cluster_bytes(store, offsets)
@@ -684,10 +688,14 @@ class Builder:
                         b1 = min(hi, b0 + block)
                         for a in range(b0, b1, c):
                             ids = np.asarray(order[a:min(b1, a + c)])
-                            self._write_docs(writer, store, ids, bar)
+                            got = self._write_docs(writer, store, ids, bar)
+                            if counts is not None:
+                                counts[a:a + len(ids)] = got
             else:
                 for a in range(0, n, c):
-                    self._write_docs(writer, store, np.arange(a, min(n, a + c)), bar)
+                    got = self._write_docs(writer, store, np.arange(a, min(n, a + c)), bar)
+                    if counts is not None:
+                        counts[a:a + len(got)] = got
             writer.finish()
         except BaseException:
             writer.cancel_future_jobs()
@@ -696,6 +704,8 @@ class Builder:
             writer.executor.shutdown(wait=True)
             bar.close()
         self._timed("write", t0, n)
+        if counts is not None:
+            write_npy_atomic(self.work / TOKEN_COUNTS_WORK, counts)
         if cluster_major:
             self._write_arrays_cluster_major(order, offsets)
         else:
@@ -703,18 +713,23 @@ class Builder:
         st["write_done"] = True
         self._commit("write", 0)
 
-    def _write_docs(self, writer: Any, store: Any, ids: np.ndarray, bar: Any) -> None:
+    def _write_docs(self, writer: Any, store: Any, ids: np.ndarray, bar: Any) -> np.ndarray | None:
+        """Writes these documents (in this order) as the next samples; returns their token
+        counts with --tokenizer, else None."""
         tf = self.cfg.text_field
         texts = store.texts(ids)
         extras = store.extras(ids) if self.cfg.keep_fields else [{}] * len(texts)
+        counts = None
         if self.cfg.tokenizer is not None:
             from croupier.tokenizer import encode
 
             tokens = encode(self._tokenizer(), texts)
+            counts = np.fromiter((len(t) for t in tokens), dtype=np.int32, count=len(tokens))
             extras = [{**extra, self.cfg.token_field: t} for extra, t in zip(extras, tokens)]
         for text, extra in zip(texts, extras):
             writer.write({tf: text, **extra})
         bar.update(len(ids))
+        return counts
 
     def _cluster_bytes(self, store: Any, offsets: np.ndarray) -> np.ndarray:
         assign = np.load(self.work / "assign.npy", mmap_mode="r")
@@ -800,6 +815,8 @@ class Builder:
             "scores": {},
             "selections": {},
         }
+        if self.cfg.tokenizer is not None:
+            extra[names.TOKEN_COUNTS] = self._token_counts()
         if self.cfg.group_by is not None:
             from croupier.shards.grouping import finish
 
@@ -812,6 +829,34 @@ class Builder:
         self._timed("final", t0, int(st["n"]))
         self.p.log(f"wrote {st['n']} documents in {len(offsets) - 1} clusters ({self.cfg.layout}) to {self.out} [{fp}]")
         return fp
+
+
+    def _token_counts(self) -> dict[str, Any]:
+        """With --tokenizer: moves the counts into the sidecar and returns their manifest entry.
+        The write stage counted the tokens it wrote; an adopted dataset is counted here, from
+        its token column when it has one, else by tokenizing its text."""
+        from croupier.shards.sidecar import token_counts_array, token_counts_entry
+
+        target = self.side / names.TOKEN_COUNTS_FILE
+        work = self.work / TOKEN_COUNTS_WORK
+        if self.cfg.adopt is not None and not work.exists():
+            from croupier.shards.token_counts import check_token_column, count_source
+
+            source = self._source()
+            field = self.cfg.token_field if self.cfg.token_field in source.columns else None
+            if field is not None:
+                encodings = source.index.shards[0].info.get("column_encodings", [])
+                check_token_column(dict(zip(source.columns, encodings)), field, f"dataset {self.cfg.adopt!r}")
+            counts = count_source(source, tokenizer=None if field else self._tokenizer(),
+                                  text_field=None if field else self.cfg.text_field, token_field=field)
+            write_npy_atomic(work, counts)
+            source_field, how = (field, "token column") if field else (self.cfg.text_field, "text")
+        else:
+            source_field, how = self.cfg.token_field, "token column"
+        if work.exists():
+            replace_durably(work, target)
+        counts = token_counts_array(np.load(target, mmap_mode="r"), int(self.state["n"]))
+        return token_counts_entry(counts, {"tokenizer": self.cfg.tokenizer, "field": source_field, "from": how})
 
 
 def _has_progress(state: dict[str, Any]) -> bool:

@@ -14,6 +14,7 @@ SHARDS_COMMAND_MODULES: tuple[str, ...] = (
     "croupier.shards.inspect_cli",
     "croupier.shards.score_cli",
     "croupier.shards.select_cli",
+    "croupier.shards.tokens_cli",
 )
 
 

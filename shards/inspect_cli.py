@@ -99,6 +99,9 @@ def run_inspect(args: argparse.Namespace) -> int:
     grouping = read_grouping(side)
     if grouping is not None:
         summary["grouping"] = {"field": grouping.field, "groups": len(grouping.names), "rule": grouping.rule()}
+    tokens = token_summary(side)
+    if tokens is not None:
+        summary["tokens"] = tokens
     report = long_tail(side, args.dataset, args.by, args.drown, grouping) if args.by else None
     if report is not None:
         summary["by"] = report.to_dict()
@@ -133,6 +136,13 @@ def run_inspect(args: argparse.Namespace) -> int:
           f"mean {s['mean']:.1f}, largest/smallest {s['max_over_min']:.1f}")
     print("quantiles    " + "  ".join(f"{k} {v:g}" for k, v in s["quantiles"].items()))
     print(f"spread       min {s['min']}, median {s['median']:g}, max {s['max']}, Gini {s['gini']:.3f}")
+    if tokens is not None:
+        t = tokens["per_cluster"]
+        print(f"tokens       {tokens['total']} ({tokens['per_sample_mean']:.1f} per sample; tokenizer "
+              f"{tokens['tokenizer']}, from the {tokens['from']} {tokens['field']!r})")
+        print(f"per cluster  mean {t['mean']:.1f}, min {t['min']}, max {t['max']} tokens")
+    else:
+        print("tokens       not counted (`croupier shards tokens` adds them)")
     if grouping is not None:
         print(f"grouped by   {grouping.field!r}: {len(grouping.names)} groups, {grouping.rule()}")
     if report is not None:
@@ -144,6 +154,21 @@ def run_inspect(args: argparse.Namespace) -> int:
             t = " ".join(t.split())
             print(f"  - {t[:160]}{'...' if len(t) > 160 else ''}")
     return 0
+
+
+def token_summary(side: Any) -> dict[str, Any] | None:
+    """Total tokens and tokens per cluster (mean/min/max), when the sidecar has token counts."""
+    counts = side.token_counts()
+    if counts is None:
+        return None
+    per_cluster = np.bincount(np.asarray(side.assignments(), dtype=np.int64), weights=np.asarray(counts, np.float64),
+                              minlength=side.num_clusters).astype(np.int64)
+    params = side.token_counts_params() or {}
+    total = int(np.asarray(counts, dtype=np.int64).sum())
+    return {"total": total, "per_sample_mean": total / max(1, len(counts)), "tokenizer": params.get("tokenizer"),
+            "field": params.get("field"), "from": params.get("from"),
+            "per_cluster": {"mean": float(per_cluster.mean()), "min": int(per_cluster.min()),
+                            "max": int(per_cluster.max())}}
 
 
 def long_tail(side: Any, dataset: str, field: str, drown: float, grouping: Any) -> Any:

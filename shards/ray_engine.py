@@ -39,10 +39,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from croupier.errors import ConfigError, CroupierError, DatasetError
-from croupier.format.atomic import write_bytes_atomic
+from croupier.format.atomic import write_bytes_atomic, write_npy_atomic
 from croupier.format.mds_index import INDEX_BASENAME
 from croupier.optional import require
-from croupier.shards.build import BuildConfig, Builder, BuildResult, Hook
+from croupier.shards.build import TOKEN_COUNTS_WORK, BuildConfig, Builder, BuildResult, Hook
 
 TASK_RETRIES = 3
 """How often Ray reruns an assign or write task whose worker process died (a bad record is not
@@ -253,6 +253,7 @@ def _write_run(cfg: BuildConfig, work: str, parts: list[dict[str, Any]], columns
     t0 = time.perf_counter()
     writer = MDSWriter(out=folder, columns=columns, compression=cfg.compression,
                        hashes=["sha1", "xxh64"], size_limit=cfg.shard_size, max_workers=1)
+    counts: list[np.ndarray] = []
     try:
         for b0, b1 in blocks:
             if writer.new_samples:
@@ -260,8 +261,13 @@ def _write_run(cfg: BuildConfig, work: str, parts: list[dict[str, Any]], columns
                 writer._reset_cache()
             for a in range(b0, b1, c):
                 ids = np.asarray(order[a:min(b1, a + c)]) if order is not None else np.arange(a, min(b1, a + c))
-                local._write_docs(writer, store, ids, bar)
+                got = local._write_docs(writer, store, ids, bar)
+                if got is not None:
+                    counts.append(got)
         writer.finish()
+        if cfg.tokenizer is not None:  # token counts of the run's samples, in write order
+            write_npy_atomic(Path(folder) / TOKEN_COUNTS_WORK, np.concatenate(counts) if counts
+                             else np.zeros(0, np.int32))
     except BaseException:
         writer.cancel_future_jobs()
         raise
@@ -520,7 +526,7 @@ class RayBuilder(Builder):
             for ref in pending:
                 ray.cancel(ref)
             bar.close()
-        self._merge_runs(mds, len(runs), done)
+        self._merge_runs(mds, len(runs), done, [blocks[a][0] for a, _ in runs])
         self._timed("write", t0, n)
         if cluster_major:
             self._write_arrays_cluster_major(np.load(self.work / "order.npy", mmap_mode="r"), offsets)
@@ -529,13 +535,20 @@ class RayBuilder(Builder):
         st["write_done"] = True
         self._commit("write", len(runs))
 
-    def _merge_runs(self, mds: Path, runs: int, done: dict[str, Any]) -> None:
-        """Rename every run's shards into one sequence and write the index MDSWriter would have.
+    def _merge_runs(self, mds: Path, runs: int, done: dict[str, Any], starts: list[int]) -> None:
+        """Rename every run's shards into one sequence and write the index MDSWriter would have
+        (with --tokenizer, the runs' token counts first, each at its run's first write position).
 
         Idempotent: a merge killed after writing the index is not redone.
         """
         if (mds / INDEX_BASENAME).exists():
             return
+        if self.cfg.tokenizer is not None:
+            counts = np.zeros(int(self.state["n"]), dtype=np.int32)
+            for r in range(runs):
+                part = np.load(mds / f"run{r:05d}" / TOKEN_COUNTS_WORK)
+                counts[starts[r]:starts[r] + len(part)] = part
+            write_npy_atomic(self.work / TOKEN_COUNTS_WORK, counts)
         shards: list[dict[str, Any]] = []
         writers: dict[str, int] = {}
         for r in range(runs):

@@ -11,6 +11,8 @@ keeps a verbatim copy of its `index.json` here and names the remote in `manifest
 Layout fingerprints (what sampler states bind to) are `"{dataset}+clu:{h}"` for the whole
 dataset and `"{dataset}+sel:{name}:{h}"` for a selection, where `h` hashes the clustering
 (and the selected ids): the dataset fingerprint is always the part before the first "+".
+Optional per-sample token counts (`token_counts`) are bound to neither: adding them, or
+building with them, leaves every fingerprint and the sampler's sequence unchanged.
 
 Every write (arrays and manifest) goes to a temporary file, is fsync'ed and then renamed
 over the target, under an exclusive lock on `croupier/.lock`, so concurrent score writers
@@ -38,7 +40,8 @@ from croupier.format.mds_index import INDEX_BASENAME
 from croupier.format.sidecar_layout import FORMAT, LAYOUTS, MANIFEST, SIDECAR_DIR, VERSION, validate_name
 from croupier.server.layout import ClusterLayout
 
-__all__ = ["LAYOUTS", "MANIFEST", "SIDECAR_DIR", "Sidecar", "short_hash", "validate_name", "write_sidecar"]
+__all__ = ["LAYOUTS", "MANIFEST", "SIDECAR_DIR", "Sidecar", "short_hash", "token_counts_array", "token_counts_entry",
+           "validate_name", "write_sidecar"]
 
 
 @contextlib.contextmanager
@@ -271,6 +274,40 @@ class Sidecar:
             "params": _jsonable(params), "dtype": "float32", "length": int(len(values)),
         })
 
+    # -- token counts ------------------------------------------------------------------------
+    def token_counts(self) -> np.ndarray | None:
+        """int32 (N,) number of tokens of every sample id (memmap), or None when the sidecar has
+        no counts (built without --tokenizer and never given `croupier shards tokens`)."""
+        entry = self.manifest.get(names.TOKEN_COUNTS)
+        if entry is None:
+            self.reload()  # another process may have added them
+            entry = self.manifest.get(names.TOKEN_COUNTS)
+        if entry is None:
+            return None
+        counts = self._load(entry["file"])
+        if counts.ndim != 1 or len(counts) != self.num_samples or counts.dtype.kind not in "iu":
+            raise DatasetError(f"sidecar file {str(self.dir / entry['file'])!r} holds {counts.dtype} {counts.shape}, "
+                               f"not one integer token count per sample ({self.num_samples})")
+        return counts
+
+    def token_counts_params(self) -> dict[str, Any] | None:
+        """How the token counts were made (tokenizer, field, total), or None without counts."""
+        entry = self.manifest.get(names.TOKEN_COUNTS)
+        return None if entry is None else copy.deepcopy({k: v for k, v in entry.items() if k not in ("file", "sha256")})
+
+    def write_token_counts(self, counts: np.ndarray, params: dict[str, Any]) -> None:
+        """Store (or replace) the per-sample token counts; `params` records how they were made.
+        Counts bind to nothing the sampler reads: the fingerprints and the sequence stay as they are."""
+        counts = token_counts_array(counts, self.num_samples)
+        with _locked(self.dir):
+            manifest = self._read_manifest(self.dir / MANIFEST)
+            if manifest["fingerprint"] != self.fingerprint:
+                raise FingerprintMismatch("sidecar", expected=self.fingerprint, got=manifest["fingerprint"])
+            write_npy_atomic(self.dir / names.TOKEN_COUNTS_FILE, counts)
+            manifest[names.TOKEN_COUNTS] = token_counts_entry(counts, params)
+            write_json_atomic(self.dir / MANIFEST, manifest)
+            self.manifest = manifest
+
     # -- selections --------------------------------------------------------------------------
     def selection_names(self) -> list[str]:
         return sorted(self.manifest.get("selections", {}))
@@ -324,6 +361,25 @@ class Sidecar:
             manifest.setdefault(section, {})[name] = entry
             write_json_atomic(self.dir / MANIFEST, manifest)
             self.manifest = manifest
+
+
+def token_counts_array(counts: np.ndarray, num_samples: int) -> np.ndarray:
+    """Validated int32 token counts, one per sample id."""
+    counts = np.asarray(counts)
+    if counts.ndim != 1 or len(counts) != num_samples:
+        raise ConfigError(f"token counts must have one value per sample ({num_samples}), got shape {counts.shape}")
+    if counts.dtype.kind not in "iu":
+        raise ConfigError(f"token counts must be integers, got dtype {counts.dtype}")
+    if len(counts) and (int(counts.min()) < 0 or int(counts.max()) >= 2**31):
+        raise ConfigError(f"token counts must lie in [0, 2**31), got range [{int(counts.min())}, {int(counts.max())}]")
+    return counts.astype(np.int32, copy=False)
+
+
+def token_counts_entry(counts: np.ndarray, params: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's `token_counts` entry for counts stored in `token_counts.npy`."""
+    return {**_jsonable(params), "file": names.TOKEN_COUNTS_FILE, "dtype": "int32", "length": int(len(counts)),
+            "total": int(np.asarray(counts, dtype=np.int64).sum()),
+            "sha256": short_hash(np.ascontiguousarray(counts, dtype="<i4").tobytes())}
 
 
 def _jsonable(params: dict[str, Any]) -> dict[str, Any]:

@@ -44,6 +44,8 @@ CONFIG = PolicyConfig(policy="clusterclip", clip=3)
 JOB = "agentjob"
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
+STOP_BOUND_S = 30.0
+"""How long a SIGTERMed agent may take to exit in these tests (correctness, not speed)."""
 
 
 def reference(steps: int, sizes=SIZES) -> list[np.ndarray]:
@@ -448,7 +450,7 @@ def test_auto_agent_is_started_by_local_rank_zero(cluster, tmp_path, monkeypatch
         assert len(st.sessions) == 1  # the rank reached the server through the agent it started
         pid = json.loads((runtime / INFO_NAME).read_text())["pid"]
         os.kill(pid, signal.SIGTERM)
-        wait_for(lambda: not (runtime / "agent.sock").exists(), 120, "the agent to stop")
+        wait_for(lambda: not (runtime / "agent.sock").exists(), STOP_BOUND_S, "the agent to stop")
     finally:
         import shutil
 
@@ -528,3 +530,151 @@ def test_node_cache_under_a_limit_downloads_near_the_offline_optimum(tmp_path) -
         assert st["bytes_downloaded"] <= 1.3 * optimum
     finally:
         c.stop()
+
+
+# -- stopping ----------------------------------------------------------------------------------------
+
+
+def test_a_stop_in_the_same_loop_turn_as_a_consumer_request_still_stops(tmp_path) -> None:
+    """A consumer's request wakes the agent's writer in the very loop turn its stop cancels it.
+    Python 3.11's `asyncio.wait_for` then swallows the cancellation and the writer ran on, so
+    the agent never finished stopping (its socket stayed, SIGTERM and the idle exit did
+    nothing). Injected here deterministically: the request's wake-up and the stop in one turn,
+    the server address dead."""
+    import asyncio
+
+    from croupier.client.agent import NodeAgent
+
+    agent = NodeAgent(f"127.0.0.1:{free_port()}", tmp_path / "run", tmp_path / "cache")
+    loop = asyncio.new_event_loop()
+    ready = asyncio.Event()
+    done = threading.Event()
+
+    def serve() -> None:
+        try:
+            loop.run_until_complete(agent.run(ready))
+        finally:
+            done.set()
+
+    threading.Thread(target=serve, daemon=True).start()
+    wait_for(lambda: ready.is_set(), 30, "the agent to serve")
+    time.sleep(0.2)  # the writer is waiting for work
+
+    def request_and_stop() -> None:
+        agent._flush.set()  # what every consumer request does
+        agent.stop()
+
+    loop.call_soon_threadsafe(request_and_stop)
+    assert done.wait(STOP_BOUND_S), "the agent did not stop"
+    assert not socket_path(tmp_path / "run").exists()
+    loop.close()
+
+
+def serve_process(tmp_path: Path, mds: Path) -> tuple[subprocess.Popen, str]:
+    """A real `croupier serve` process for the agent tests' job, reading `mds`."""
+    from workers.harness import python
+
+    port = free_port()
+    cmd = [python(), "-m", "croupier", "serve", "--cluster-sizes", ",".join(map(str, SIZES)), "--remote", str(mds),
+           "--global-batch", str(B), "--policy", "clusterclip", "--clip", "3", "--seed", str(SEED), "--state-dir",
+           str(tmp_path / "state"), "--port", str(port), "--job", JOB, "--log-level", "WARNING"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(tmp_path / "server.log", "ab"),
+                         env=env_for_subprocess(), start_new_session=True)
+    assert p.stdout.readline(), (tmp_path / "server.log").read_text()
+    return p, f"127.0.0.1:{port}"
+
+
+def test_agent_stops_on_sigterm_after_its_server_died(tmp_path, mds) -> None:
+    """Real processes: a server, an agent, a rank (DataLoader, 2 workers) reading through it.
+    The server is killed -9 while the rank reads; the rank keeps re-joining through the agent,
+    which finds no server; then the agent gets SIGTERM and must exit within the bound, its
+    socket removed."""
+    server, address = serve_process(tmp_path, mds)
+    c = Cluster(tmp_path, mds)
+    c.address = address
+    ranks: list[subprocess.Popen] = []
+    try:
+        agent = c.start_agent(0)
+        out = tmp_path / "out"
+        ranks = launch_ranks(c, [0], 1, 100_000, out, workers=2)
+        wait_for(lambda: len(read_records(out)) >= 20, 120, "the rank to read")
+        kill_tree(server, signal.SIGKILL)
+        time.sleep(3.0)  # the rank re-joins through its agent, which finds no server
+        assert agent.poll() is None and ranks[0].poll() is None
+
+        os.kill(agent.pid, signal.SIGTERM)
+        try:
+            assert agent.wait(STOP_BOUND_S) == 0
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the agent is still running {STOP_BOUND_S:.0f} s after SIGTERM: "
+                                 + (tmp_path / "agent0.log").read_text()[-3000:]) from None
+        assert not socket_path(c.runtime(0)).exists()
+        log_text = (tmp_path / "agent0.log").read_text()
+        assert "agent_session_lost" in log_text and "agent_stop" in log_text
+    finally:
+        for p in ranks:
+            kill_tree(p)
+        c.stop()
+        kill_tree(server)
+
+
+def test_agent_exits_when_idle_after_its_server_died(tmp_path, mds) -> None:
+    """A rank reads through an agent started with --exit-when-idle; the server is killed -9 and
+    the rank gives up. With its server still dead, the agent drops the silent consumer and
+    exits on its own, socket removed."""
+    from croupier.client.agent_protocol import CONSUMER_TIMEOUT_S
+
+    server, address = serve_process(tmp_path, mds)
+    c = Cluster(tmp_path, mds)
+    c.address = address
+    idle = 5.0
+    try:
+        agent = c.start_agent(0, "--exit-when-idle", str(idle))
+        rank = Trainer(c, 0, 0, 1, 100_000, backoff=Backoff(initial_s=0.05, max_s=0.5, give_up_after_s=3))
+        rank.start()
+        wait_progress([rank], 10)
+        kill_tree(server, signal.SIGKILL)
+        rank.join(60)
+        assert not rank.is_alive() and rank.error is not None  # it gave up on the dead server
+        bound = CONSUMER_TIMEOUT_S + idle + STOP_BOUND_S
+        try:
+            assert agent.wait(bound) == 0
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the agent (--exit-when-idle {idle:.0f}) is still running {bound:.0f} s after "
+                                 "its last consumer left: " + (tmp_path / "agent0.log").read_text()[-3000:]) from None
+        assert not socket_path(c.runtime(0)).exists()
+        assert "agent_idle_exit" in (tmp_path / "agent0.log").read_text()
+    finally:
+        c.stop()
+        kill_tree(server)
+
+
+def test_an_agent_whose_stop_hangs_still_exits_and_says_why(tmp_path) -> None:
+    """The last resort: a stop that cannot finish (injected: the final stats write blocks for
+    ever) ends the process anyway once `run_agent`'s deadline passes: status 1, the stuck
+    stop logged with the threads' stacks, the socket removed."""
+    from workers.harness import python
+
+    runtime = tmp_path / "run"
+    script = (
+        "import time\n"
+        "from croupier.server import logs\n"
+        "from croupier.client.agent import NodeAgent, run_agent\n"
+        "logs.configure('INFO')\n"
+        f"agent = NodeAgent('127.0.0.1:{free_port()}', {str(runtime)!r}, {str(tmp_path / 'cache')!r})\n"
+        "agent.write_stats = lambda: time.sleep(3600)\n"
+        "run_agent(agent, deadline_s=3.0)\n"
+    )
+    log_path = tmp_path / "agent.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([python(), "-c", script], stdout=log, stderr=subprocess.STDOUT,
+                                env=env_for_subprocess(), start_new_session=True)
+    try:
+        wait_for(lambda: socket_path(runtime).exists(), 30, "the agent to serve")
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(STOP_BOUND_S) == 1
+        text = log_path.read_text()
+        assert "agent_stop_timeout" in text and "agent.py\", line" in text  # the stacks show where it hung
+        assert not socket_path(runtime).exists()
+    finally:
+        kill_tree(proc)

@@ -6,6 +6,7 @@ is named by file and line."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from croupier.shards.build import BuildConfig, build
 from croupier.shards.ray_engine import build_ray, write_runs
 from croupier.shards.sidecar import Sidecar
 from croupier.shards.synthetic import generate_corpus, write_jsonl
+from test_s3 import s3  # noqa: F401 - the loopback S3 server fixture
 
 pytestmark = pytest.mark.slow
 
@@ -66,9 +68,15 @@ def _read_back(dataset: Path, cache: Path) -> list[dict]:
     for info in index["shards"]:
         reader = reader_from_json(str(cache), None, info)
         stream.prepare_shard(reader)
-        out.extend({k: (v.item() if hasattr(v, "item") else v) for k, v in reader.get_item(i).items()}
-                   for i in range(reader.samples))
+        out.extend({k: _plain(v) for k, v in reader.get_item(i).items()} for i in range(reader.samples))
     return out
+
+
+def _plain(value):
+    """A decoded column value as a plain Python value (token arrays as lists), for comparing."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value.item() if hasattr(value, "item") else value
 
 
 def _assert_same_dataset(a: Path, b: Path, tmp: Path) -> None:
@@ -81,6 +89,10 @@ def _assert_same_dataset(a: Path, b: Path, tmp: Path) -> None:
     np.testing.assert_array_equal(sa.centroids(), sb.centroids())
     if sa.layout_kind == "original":
         np.testing.assert_array_equal(np.asarray(sa.members()), np.asarray(sb.members()))
+    ca, cb = sa.token_counts(), sb.token_counts()
+    assert (ca is None) == (cb is None)
+    if ca is not None:
+        np.testing.assert_array_equal(ca, cb)
     assert _read_back(a, tmp / "ca") == _read_back(b, tmp / "cb")
 
 
@@ -93,10 +105,11 @@ def test_write_runs_cut_whole_blocks_in_order():
     assert write_runs([(0, 4)], 8) == [(0, 1)]
 
 
-def test_ray_build_equals_local_and_shards_come_from_several_workers(tmp_path, ray_cluster, corpus, capsys):
+def test_ray_build_equals_local_and_shards_come_from_several_workers(tmp_path, ray_cluster, corpus, capsys,
+                                                                    tiny_tokenizer):
     inputs = _inputs(tmp_path / "in", corpus)
     common = dict(inputs=inputs, embedder="hashing", clusters=8, shard_size=1 << 15, chunk=500,
-                  assign_chunk=700, keep_fields=("topic",), progress=False)
+                  assign_chunk=700, keep_fields=("topic",), tokenizer=str(tiny_tokenizer), progress=False)
     build(BuildConfig(out=str(tmp_path / "local"), **common))
     res = build_ray(BuildConfig(out=str(tmp_path / "ray"), **common))
     assert res.num_samples == len(corpus) and res.workers == 2
@@ -112,6 +125,8 @@ def test_ray_build_equals_local_and_shards_come_from_several_workers(tmp_path, r
     # the decoded samples are the inputs, each once
     got = _read_back(tmp_path / "ray", tmp_path / "c3")
     assert sorted((s["text"], s["topic"]) for s in got) == sorted((d["text"], d["topic"]) for d in corpus)
+    # the token counts the writer tasks recorded are those of the samples at their ids
+    np.testing.assert_array_equal(Sidecar.open(tmp_path / "ray").token_counts(), [len(s["tokens"]) for s in got])
     # the contract: simulate prints the same sequence on both datasets
     printed = []
     for name in ("local", "ray"):
@@ -239,3 +254,95 @@ def test_ray_density_scores_equal_local_exactly(tmp_path, ray_cluster, corpus, c
     np.testing.assert_array_equal(local, remote)
     assert main(["shards", "score", str(out), "--by", "perplexity", "--model", "x", "--engine", "ray"]) == 2
     assert "density only" in capsys.readouterr().err
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below `pid` (from /proc): this test's own Ray cluster, no other."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def _writer_worker() -> int | None:
+    """A Ray worker of this test's cluster running a shard-writing task now, if any."""
+    for p in sorted(_descendants(os.getpid())):
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                title = f.read().split(b"\0")[0]
+        except OSError:
+            continue
+        if title.startswith(b"ray::_write_run"):
+            return p
+    return None
+
+
+def test_a_ray_worker_killed_mid_write_is_retried_and_the_dataset_is_the_same(tmp_path, ray_cluster, corpus):
+    """A Ray worker process is SIGKILLed while it writes shards (after the first write task has
+    committed, while others run). Ray retries the lost task (max_retries) in a new worker; the
+    build finishes in the same call with the same index.json bytes and sidecar as the local
+    engine."""
+    import signal
+    import time
+
+    docs = corpus[:1600]
+    inputs = _inputs(tmp_path / "in", docs)
+    common = dict(inputs=inputs, embedder="hashing", clusters=6, shard_size=1 << 13, chunk=100, progress=False)
+    build(BuildConfig(out=str(tmp_path / "local"), **common))
+    killed: list[int] = []
+
+    def hook(stage: str, chunk: int) -> None:
+        if stage != "write" or killed:
+            return
+        deadline = time.monotonic() + 30
+        while not killed and time.monotonic() < deadline:
+            pid = _writer_worker()
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            else:
+                time.sleep(0.005)
+
+    res = build_ray(BuildConfig(out=str(tmp_path / "ray"), **common), hook=hook)
+    assert killed, "no Ray worker was writing shards after the first write task committed"
+    assert not res.resumed
+    _assert_same_dataset(tmp_path / "local", tmp_path / "ray", tmp_path)
+
+
+def test_ray_build_straight_to_s3(tmp_path, ray_cluster, s3, corpus):
+    """`--engine ray --out s3://...` on the loopback S3 server: the bucket holds the same
+    index.json bytes and sidecar as a local-engine build of the same inputs."""
+    from test_s3 import BUCKET, _keys
+
+    docs = corpus[:600]
+    src = tmp_path / "docs.jsonl"
+    write_jsonl(src, docs)
+    args = ["shards", "build", str(src), "--embedder", "hashing", "--clusters", "5", "--shard-size", "16KiB",
+            "--quiet"]
+    url = f"s3://{BUCKET}/ray/ds"
+    assert main([*args, "--out", url, "--work-dir", str(tmp_path / "work"), "--engine", "ray"]) == 0
+    assert main([*args, "--out", str(tmp_path / "local")]) == 0
+    client = s3["client"]
+    keys = _keys(client, "ray/ds/")
+    assert client.get_object(Bucket=BUCKET, Key="ray/ds/index.json")["Body"].read() == \
+        (tmp_path / "local" / "index.json").read_bytes()
+    local_files = {str(p.relative_to(tmp_path / "local")) for p in (tmp_path / "local").rglob("*") if p.is_file()
+                   and p.name != ".lock"}
+    assert local_files <= keys | {"croupier/.lock"}, local_files - keys
+    for name in ("croupier/offsets.npy", "croupier/assignments.npy"):
+        assert client.get_object(Bucket=BUCKET, Key=f"ray/ds/{name}")["Body"].read() == \
+            (tmp_path / "local" / name).read_bytes()
+    assert not (tmp_path / "work" / "dataset").exists()  # the staging copy is gone once published

@@ -10,6 +10,8 @@ A sidecar lives in a `croupier/` folder beside the dataset's `index.json`:
     DATASET/croupier/embeddings.npy     float16 (N, d): one embedding per sample id
     DATASET/croupier/scores/NAME.npy    float32 (N,): a per-sample score column
     DATASET/croupier/selections/NAME.npy int64 (n,): sorted ids of a selected subset
+    DATASET/croupier/token_counts.npy   int32 (N,): tokens of every sample id (optional;
+                                        manifest entry `token_counts`)
 
 The manifest's `files` map names the array files by role; readers look arrays up through it
 (`array_file`), so the writer alone decides the names.
@@ -37,6 +39,10 @@ ARRAY_FILES: Mapping[str, str] = {
     CENTROIDS: "centroids.npy", EMBEDDINGS: "embeddings.npy",
 }
 """Role -> file name the writer uses for each sidecar array."""
+TOKEN_COUNTS = "token_counts"
+TOKEN_COUNTS_FILE = "token_counts.npy"
+"""The optional per-sample token counts: manifest entry `token_counts` (not a `files` role, so
+sidecars without counts, and readers that predate them, are unchanged)."""
 
 _NAME_RE = re.compile(r"^[a-z0-9_.-]+$")
 _MAX_NAME = 64
