@@ -39,6 +39,7 @@ import zmq
 import zmq.asyncio
 
 from croupier import __version__
+from croupier.client.node_cache import MixNodeCache
 from croupier.client.agent_protocol import (BEAT, BEAT_S, CALL, CONSUMER_TIMEOUT_S, FETCH, FORWARDED_CALLS, HELLO,
                                             INFO_NAME, LOCK_NAME, REPLY, SESSION, STATS_NAME, endpoint, socket_path)
 from croupier.client.channel import auth_metadata, open_channel
@@ -250,7 +251,8 @@ class NodeAgent:
         elif kind == SESSION:
             self._on_session_request(c, pb2.SessionRequest.FromString(frames[1]))
         elif kind == FETCH:
-            asyncio.create_task(self._fetch(identity, frames[1], frames[2]))
+            source = int(frames[3]) if len(frames) > 3 else None
+            asyncio.create_task(self._fetch(identity, frames[1], frames[2], source))
         else:
             log.warning("unknown message kind %r from a consumer", kind[:20])
 
@@ -271,6 +273,14 @@ class NodeAgent:
         await self._send(identity, [REPLY, req_id, b"", resp])
 
     def _note_join(self, resp: pb2.JoinResponse) -> None:
+        if self.cache is not None and len(resp.job.sources) > 1:
+            if isinstance(self.cache, MixNodeCache):
+                if not self.cache.matches(list(resp.job.sources)):
+                    log.error("a rank joined a job with other sources than this agent's cache serves",
+                              extra={"event": "cache_sources_changed"})
+            elif self.cache._store is None:  # sources open on the consumers' first fetches
+                self.cache = MixNodeCache(self.cache_dir, self.cache_limit, list(resp.job.sources))
+            return
         if self.cache is not None and resp.job.dataset_remote and self.cache._store is None:
             self.cache.configure(resp.job.dataset_remote, resp.job.dataset_fingerprint or None)
             asyncio.create_task(self._open_cache())
@@ -282,11 +292,16 @@ class NodeAgent:
         except Exception as exc:  # noqa: BLE001 - consumers' fetches report it again
             log.error("cannot open the node cache: %s", exc, extra={"event": "cache_open_failed"})
 
-    async def _fetch(self, identity: bytes, req_id: bytes, payload: bytes) -> None:
+    async def _fetch(self, identity: bytes, req_id: bytes, payload: bytes, source: int | None = None) -> None:
         shards = np.frombuffer(payload, dtype="<i8")
         try:
-            await asyncio.to_thread(self.cache.ensure, shards)
-            local = await asyncio.to_thread(lambda: str(self.cache.local_dir))
+            if source is not None and not isinstance(self.cache, MixNodeCache):
+                raise ConfigError(f"a fetch names source {source}, but this agent's job is not a mixture")
+            if source is None and isinstance(self.cache, MixNodeCache):
+                raise ConfigError("this agent serves a mixture job: a fetch must name its source")
+            cache = self.cache if source is None else self.cache.source(source)
+            await asyncio.to_thread(cache.ensure, shards)
+            local = await asyncio.to_thread(lambda: str(cache.local_dir))
         except Exception as exc:  # noqa: BLE001 - reported to the consumer, which raises it
             code = b"FAILED_PRECONDITION" if isinstance(exc, ConfigError) else b"DATA_LOSS"
             await self._send(identity, [REPLY, req_id, code, str(exc).encode()])

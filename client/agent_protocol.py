@@ -10,7 +10,8 @@ names its kind:
       CALL    [b"call", req_id, method, request]        a unary croupier.v1 call to forward
       SESSION [b"session", SessionRequest]              lane opens / acks / closes (consumer
                                                         lane ids; the agent maps them)
-      FETCH   [b"fetch", req_id, shard ids (<i8 bytes)] make these shards present in the node
+      FETCH   [b"fetch", req_id, shard ids (<i8 bytes)(, source index)] make these shards (of that
+              mixture source, in a mixture job) present in the node
                                                         cache (reply when they are)
     agent -> consumer
       HELLO   [b"hello", req_id, agent_id, info JSON]
@@ -55,7 +56,7 @@ SILENCE_S = 15.0
 """A consumer that hears nothing from the agent this long treats its lanes as lost."""
 CONSUMER_TIMEOUT_S = 60.0
 """The agent closes the lanes of a consumer silent this long (its process is gone)."""
-FORWARDED_CALLS = ("GetVersion", "Join", "GetSlice", "Checkpoint", "GetStatus")
+FORWARDED_CALLS = ("GetVersion", "Join", "GetSlice", "Checkpoint", "GetStatus", "ReportLoss")
 """Unary croupier.v1 calls a consumer may make through the agent."""
 MAX_IPC_PATH = 100
 """Unix socket paths are limited (108 bytes on Linux, with the terminating NUL)."""

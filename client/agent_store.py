@@ -21,18 +21,24 @@ from croupier.format.mds_index import INDEX_BASENAME
 class AgentStore:
     """get / prefetch / release / stats / close, as `ShardStore`, through the node agent."""
 
-    def __init__(self, transport: Any, remote: str, fingerprint: str | None) -> None:
+    def __init__(self, transport: Any, remote: str, fingerprint: str | None, source: int | None = None) -> None:
         from croupier.client.shard_store import ShardStore
 
         self._transport = transport
-        local = Path(transport.fetch(np.zeros(0, dtype=np.int64)))
+        self._source = source
+        local = Path(self._fetch(np.zeros(0, dtype=np.int64)))
         self._store = ShardStore(remote, local.parent, fingerprint=fingerprint, cache_limit=None, prefetch_threads=0,
                                  index_bytes=(local / INDEX_BASENAME).read_bytes())
 
     def get(self, ids: np.ndarray | Sequence[int]) -> list[dict[str, Any]]:
         ids = np.asarray(ids, dtype=np.int64)
-        self._transport.fetch(np.unique(self._store.index.shard_of(ids)))
+        self._fetch(np.unique(self._store.index.shard_of(ids)))
         return self._store.get(ids)
+
+    def _fetch(self, shards: np.ndarray) -> str:
+        if self._source is None:
+            return self._transport.fetch(shards)
+        return self._transport.fetch(shards, source=self._source)
 
     def prefetch(self, ids: np.ndarray | Sequence[int]) -> None:
         """The agent prefetches for the whole node as it forwards slices; nothing to do here."""

@@ -196,10 +196,14 @@ class AgentTransport:
             raise from_status(code.decode(), payload.decode(), name)
         return getattr(pb2, f"{name}Response").FromString(payload)
 
-    def fetch(self, shards: np.ndarray, timeout: float = 600.0) -> str:
+    def fetch(self, shards: np.ndarray, timeout: float = 600.0, source: int | None = None) -> str:
         """Asks the agent to make these shards present in the node cache; returns, once they
-        are, the cache directory that holds them (and the dataset's index.json)."""
-        frames = self._request([FETCH, np.ascontiguousarray(shards, dtype="<i8").tobytes()], timeout)
+        are, the cache directory that holds them (and the dataset's index.json). `source`:
+        the mixture source the shards belong to (a mixture job only)."""
+        msg = [FETCH, np.ascontiguousarray(shards, dtype="<i8").tobytes()]
+        if source is not None:
+            msg.append(str(int(source)).encode())
+        frames = self._request(msg, timeout)
         if frames[0]:
             raise from_status(frames[0].decode(), frames[1].decode(), "Fetch")
         return frames[1].decode()

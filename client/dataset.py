@@ -262,10 +262,16 @@ class CroupierIterableDataset(IterableDataset):
             raise ConfigError(f"remote={self.remote!r} names one dataset, but job {self.job!r} is a mixture of "
                               f"{len(job.sources)} sources, each read from its own remote")
         if client is not None and client.agent:
-            raise ConfigError(f"job {self.job!r} is a mixture of {len(job.sources)} sources, which a node agent "
-                              "does not serve yet: read it directly (agent='' or unset CROUPIER_AGENT)")
+            from croupier.client.agent_store import AgentStore
 
-        def open_source(src: Any, limit: int | None) -> ShardStore:
+            transport = client._ensure_channel()
+
+            def open_agent_source(i: int, src: Any, limit: int | None) -> Any:  # the node cache
+                return AgentStore(transport, src.remote, src.fingerprint or None, source=i)
+
+            return MixStore(list(job.sources), open_agent_source, None)
+
+        def open_source(i: int, src: Any, limit: int | None) -> Any:
             return ShardStore(src.remote, self.cache_dir, fingerprint=src.fingerprint or None, cache_limit=limit,
                               prefetch_threads=self.prefetch_threads)
 
@@ -337,6 +343,14 @@ class CroupierIterableDataset(IterableDataset):
             self._start_step = position
             with self._shared_base.get_lock():
                 self._shared_base.value = position
+
+    def report_losses(self, step: int, losses: Any, present: Any = None) -> None:
+        """Reports the per-sample training losses of `step` (one per sample of this rank's
+        slice of the step, in the order the dataset yielded them); asynchronous, see
+        `RankClient.report_losses`. Call it from the training process: DataLoader workers
+        may hold the streams, the report names the step and the server knows its ids. For
+        packed rows, fold per-token losses first (`croupier.client.loss_fold`)."""
+        self._control_client().report_losses(step, losses, present)
 
     def close(self) -> None:
         """Closes the control channel used by state_dict() (iteration clients close themselves)."""

@@ -23,7 +23,7 @@ from croupier.errors import ConfigError
 class MixStore:
     """get / prefetch / release / stats / close, as `ShardStore`, over a mixture's sources."""
 
-    def __init__(self, sources: Sequence[Any], open_source: Callable[[Any, int | None], Any],
+    def __init__(self, sources: Sequence[Any], open_source: Callable[[int, Any, int | None], Any],
                  cache_limit: int | None = None) -> None:
         if not sources:
             raise ConfigError("a mixture job lists no sources")
@@ -49,7 +49,7 @@ class MixStore:
     def _store(self, i: int) -> Any:
         st = self._stores.get(i)
         if st is None:
-            st = self._stores[i] = self._open_source(self.sources[i], self._limit)
+            st = self._stores[i] = self._open_source(i, self.sources[i], self._limit)
         return st
 
     def _split(self, ids: np.ndarray | Sequence[int]):

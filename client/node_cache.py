@@ -91,12 +91,16 @@ class NodeCache:
         store = self._store
         if store is None:
             return  # not open yet (it opens off the agent's loop): consumers' fetches still work
-        q = self._lanes.setdefault(lane, deque())
         for sl in slices:
-            ids = slice_ids(sl)
-            if ids.size:
-                q.append((int(sl.step), ids))
-                store.prefetch(ids)
+            self.prefetch_ids(lane, int(sl.step), slice_ids(sl))
+
+    def prefetch_ids(self, lane: int, step: int, ids: np.ndarray) -> None:
+        """Records one step's ids of a lane as needs (no-op until the store is open)."""
+        store = self._store
+        if store is None or not ids.size:
+            return
+        self._lanes.setdefault(lane, deque()).append((step, ids))
+        store.prefetch(ids)
 
     def release_lane(self, lane: int, acked_step: int) -> None:
         """The lane consumed every step before `acked_step`: its needs there are released."""
@@ -142,3 +146,59 @@ class NodeCache:
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
+
+
+class MixNodeCache:
+    """The node cache of a mixture job: one `NodeCache` per source, opened on first use.
+
+    Global ids are split by source (`JobInfo.sources` offsets) into local ids; each source's
+    cache keeps its own folder under the node's cache directory and an even share of the
+    node's `cache_limit`. Consumers name the source in their fetches."""
+
+    def __init__(self, cache_dir: str | Path, cache_limit: int | None, sources: list[Any],
+                 prefetch_threads: int = 4) -> None:
+        self.sources = list(sources)
+        self._starts = np.array([s.offset for s in self.sources], dtype=np.int64)
+        limit = None if cache_limit is None else max(1, int(cache_limit) // len(self.sources))
+        self._caches = [NodeCache(cache_dir, limit, prefetch_threads) for _ in self.sources]
+        for cache, src in zip(self._caches, self.sources):
+            cache.configure(src.remote, src.fingerprint or None)
+        self._store = None  # the agent's "not opened yet" check: sources open on first fetch
+
+    def matches(self, sources: list[Any]) -> bool:
+        return [(s.name, s.remote, s.fingerprint, s.offset) for s in sources] == \
+            [(s.name, s.remote, s.fingerprint, s.offset) for s in self.sources]
+
+    def prefetch_slices(self, lane: int, slices: Iterable[Any]) -> None:
+        for sl in slices:
+            ids = slice_ids(sl)
+            if not ids.size:
+                continue
+            src = np.searchsorted(self._starts, ids, side="right") - 1
+            for i in np.unique(src).tolist():
+                self._caches[i].prefetch_ids(lane, int(sl.step), ids[src == i] - self._starts[i])
+
+    def release_lane(self, lane: int, acked_step: int) -> None:
+        for cache in self._caches:
+            if cache._store is not None:
+                cache.release_lane(lane, acked_step)
+
+    def forget_lane(self, lane: int) -> None:
+        for cache in self._caches:
+            cache.forget_lane(lane)
+
+    def source(self, index: int) -> NodeCache:
+        if not 0 <= index < len(self._caches):
+            raise ConfigError(f"source {index} is outside the mixture's {len(self._caches)} sources")
+        return self._caches[index]
+
+    def stats(self) -> dict[str, float]:
+        total: dict[str, float] = {}
+        for cache in self._caches:
+            for k, v in cache.stats().items():
+                total[k] = total.get(k, 0) + v
+        return total
+
+    def close(self) -> None:
+        for cache in self._caches:
+            cache.close()

@@ -167,6 +167,8 @@ class RankClient:
         self._ack_lock = threading.Lock()
         self._ack_due = threading.Event()
         self._ack_thread: threading.Thread | None = None
+        self._reporter: Any = None  # LossReporter of this process (report_losses)
+        self._reporter_pid: int | None = None
         self._finished = False
 
     # -- connection ---------------------------------------------------------------------------
@@ -544,6 +546,41 @@ class RankClient:
         self._token, self._token_step = response.token, int(response.step)
         return self._token
 
+    # -- loss feedback ------------------------------------------------------------------------
+
+    def report_losses(self, step: int, losses: Any, present: Any = None) -> None:
+        """Reports the per-sample training losses of `step`: one float per id of this rank's
+        slice of that step, in slice order (a tensor, array or list); `present` optionally
+        marks which entries carry a loss. Returns at once: reports are batched and sent in the
+        background (`client.loss_reporter`), and a lost one only reduces what the server's
+        controller (serve --adapt) learns. Works from any process of the rank (the report
+        names the step; the server knows its ids), through a node agent too."""
+        from croupier.client.loss_reporter import LossReporter
+
+        if self._closed.is_set():
+            raise ConfigError("the client is closed")
+        if self._reporter is None or self._reporter_pid != os.getpid():
+            self._reporter = LossReporter(self._send_losses)
+            self._reporter_pid = os.getpid()
+        self._reporter.add(step, losses, present)
+
+    def loss_report_stats(self) -> dict[str, int]:
+        """Steps queued, sent, accepted, refused and dropped by this process's reports."""
+        return {} if self._reporter is None else dict(self._reporter.counters)
+
+    def flush_losses(self, timeout: float = 5.0) -> bool:
+        """Waits until the reports made so far were sent; False on timeout."""
+        return True if self._reporter is None else self._reporter.flush(timeout)
+
+    def _send_losses(self, batch: list) -> Any:
+        pb = self._pb()
+        req = pb.ReportLossRequest(job=self.job, rank=self.topology.rank, world_size=self.topology.world)
+        for step, losses, present in batch:
+            st = req.steps.add(step=step, losses=losses.tolist())
+            if present is not None:
+                st.present.extend(present.tolist())
+        return self._unary("ReportLoss", req, retry=False)
+
     # -- state --------------------------------------------------------------------------------
 
     def state_dict(self, checkpoint: bool = True) -> dict[str, Any]:
@@ -586,6 +623,8 @@ class RankClient:
         """Acknowledges what was consumed, stops the stream thread and closes the channel."""
         if self._closed.is_set():
             return
+        if self._reporter is not None and self._reporter_pid == os.getpid():
+            self._reporter.close(timeout=5.0)
         mine = self._transport is not None and self._pid == os.getpid()
         call = self._call
         if mine and call is not None:

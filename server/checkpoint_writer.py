@@ -68,6 +68,8 @@ class CheckpointMeta:
     end_step: int | None
     server_version: str = __version__
     created: float = field(default_factory=time.time)
+    events_in_log: bool = False
+    adapt_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -97,7 +99,8 @@ class CheckpointMeta:
                 ranks={int(r): int(s) for r, s in (d.get("ranks") or {}).items()}, events=events,
                 n_events=int(d.get("n_events", len(events))),
                 end_step=None if d.get("end_step") is None else int(d["end_step"]),
-                server_version=str(d.get("server_version", "")), created=float(d.get("created", 0.0)))
+                server_version=str(d.get("server_version", "")), created=float(d.get("created", 0.0)),
+                events_in_log=bool(d.get("events_in_log", False)), adapt_bytes=int(d.get("adapt_bytes", 0)))
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"checkpoint {where} has malformed metadata: {exc!r}") from None
 

@@ -29,6 +29,8 @@ outruns the background writer the mark is written in line (see `_ensure_mark_loc
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
 import logging
 import threading
@@ -42,6 +44,10 @@ import numpy as np
 from croupier.errors import ConfigError, CroupierError, EndOfData, FingerprintMismatch, StateError
 from croupier.server.checkpoint_writer import CheckpointMeta, CheckpointWriteError, CheckpointWriter, WriterHealth
 from croupier.server.engine import Sampler
+from croupier.server.adapt import Adapter, AdaptSpec
+from croupier.server.change_log import LOG_NAME, change_to_event, event_to_change
+from croupier.server.event_log import EventLog, iter_events
+from croupier.server.loss_report import ReportRefused, layout_group_of
 from croupier.server.mix_engine import MixSampler, SourceCounters
 from croupier.server.layout import ClusterLayout
 from croupier.server.policy import PolicyConfig
@@ -168,6 +174,23 @@ class JobStatus:
     ids_served: int
     checkpoint: WriterHealth | None = None
     sources: SourceCounters | None = None
+    adapt: "AdaptView | None" = None
+    changes: tuple[tuple[int, str, str, float], ...] = ()
+    log_failures: int = 0
+    adapt_failures: int = 0
+
+
+@dataclass(frozen=True, eq=False)
+class AdaptView:
+    """What status shows of an adaptive job: the spec, report counters and per-group figures."""
+
+    spec: AdaptSpec
+    accepted: int
+    refused: int
+    samples: int
+    group_loss: np.ndarray
+    group_samples: np.ndarray
+    group_weight: np.ndarray
 
 
 @dataclass
@@ -210,7 +233,8 @@ class Job:
     def __init__(self, layout: ClusterLayout, config: PolicyConfig, global_batch: int, seed: int = 0,
                  spec: JobSpec | None = None, store: CheckpointStore | None = None,
                  clock: Callable[[], float] = time.monotonic, *, fresh: bool = False,
-                 fault_hook: Callable[[Path], None] | None = None, mixture: "Mixture | None" = None) -> None:
+                 fault_hook: Callable[[Path], None] | None = None, mixture: "Mixture | None" = None,
+                 adapt: AdaptSpec | None = None) -> None:
         self.mixture = mixture
         self.config = config
         self.global_batch = int(global_batch)
@@ -243,11 +267,19 @@ class Job:
         self._slices_served = 0
         self._ids_served = 0
         self.resumed_from: int | None = None
+        self.adapter: Adapter | None = None if adapt is None else self._new_adapter(adapt)
+        self._adapt_failures = 0
+        self._log_failures = 0
+        self._change_view: collections.deque[tuple[int, str, str, float]] = collections.deque(maxlen=64)
+        self._last_w: dict[str, np.ndarray] = {}
+        self._log: EventLog | None = None
         self._writer: CheckpointWriter | None = None
         if store is not None:
             self._writer = CheckpointWriter(store, self._on_written, fault_hook)
             try:
                 self._resume_from_store(fresh)
+                self._log = EventLog(store.dir / LOG_NAME)
+                self._migrate_events_locked()
             except BaseException:
                 self._writer.close()
                 raise
@@ -257,6 +289,21 @@ class Job:
         if self.mixture is not None:
             return self.mixture.new_sampler(self.global_batch, self.seed)
         return Sampler(self.layout, self.config, self.global_batch, self.seed)
+
+    def _new_adapter(self, spec: AdaptSpec) -> Adapter:
+        """The job's adapter: groups are clusters (any policy with clusters) or a mixture's sources."""
+        gen = self._gen
+        if spec.groups == "sources":
+            if not isinstance(gen, MixSampler):
+                raise ConfigError("--adapt-groups sources needs a mixture (serve --mix); this job serves one dataset")
+            return Adapter(spec, gen.source_of_ids, gen.source_counters().weights)
+        if isinstance(gen, MixSampler):
+            return Adapter(spec, gen.cluster_of_ids, gen.cluster_weights())
+        if gen.config.policy not in ("clusterclip", "weighted"):
+            raise ConfigError(f"--adapt works with policy clusterclip or weighted (or a mixture), not "
+                              f"{gen.config.policy!r}: the controller re-weights clusters")
+        weights = np.ones(self.layout.num_clusters) if gen.config.weights is None else np.array(gen.config.weights)
+        return Adapter(spec, layout_group_of(self.layout), weights)
 
     @property
     def policy_name(self) -> str:
@@ -268,8 +315,30 @@ class Job:
         """The full sampling config as canonical JSON (JobInfo.policy_json)."""
         return json.dumps(self._gen.config_dict, sort_keys=True, separators=(",", ":"))
 
+    @staticmethod
+    def _state_part(ck: StoredCheckpoint) -> bytes:
+        """The sampler state of a checkpoint (an adaptive job appends its statistics after it)."""
+        n = int(ck.meta.get("adapt_bytes", 0) or 0)
+        return ck.state[:len(ck.state) - n] if n else ck.state
+
+    def _migrate_events_locked(self) -> None:
+        """Puts changes a pre-log checkpoint listed into the new event log (once)."""
+        assert self._log is not None
+        if self._events and len(self._log) == 0:
+            for ch in self._events:
+                self._log.append(change_to_event(ch))
+        elif self.resumed_from is None and not self._events and len(self._log):
+            # Changes made before the first checkpoint: durable in the log, scheduled from step 0.
+            self._events = [event_to_change(ev) for ev in iter_events(self._log.path)]
+            for ev in self._events:
+                self._gen.schedule_change(ev)
+                self._view_change(ev)
+        elif len(self._log) != len(self._events):
+            raise StateDirInvalid(f"{self._log.path} holds {len(self._log)} changes but the job restored "
+                                  f"{len(self._events)}")
+
     def _check_state(self, ck: StoredCheckpoint) -> None:
-        state = SamplerState.from_bytes(ck.state)
+        state = SamplerState.from_bytes(self._state_part(ck))
         meta = CheckpointMeta.from_dict(ck.meta, str(ck.path))
         if meta.sampler_fingerprint != self.fingerprint or state.fingerprint != self.fingerprint:
             raise FingerprintMismatch(f"state directory {ck.path.parent}", expected=self.fingerprint,
@@ -298,13 +367,30 @@ class Job:
                 log.info("no checkpoint; generated-step mark found",
                          extra={"event": "resumed_mark", "mark": mark, "path": str(self._writer.mark_path)})
             return
-        self._restore(ck, SamplerState.from_bytes(ck.state), mark)
+        self._restore(ck, SamplerState.from_bytes(self._state_part(ck)), mark)
 
     def _restore(self, ck: StoredCheckpoint, state: SamplerState, mark: int) -> None:
         meta = CheckpointMeta.from_dict(ck.meta, str(ck.path))
         self._gen.load_state(state)
-        self._events = [Change.from_dict(e) for e in meta.events]
-        saved = _Saved(state, len(self._events))
+        assert self.store is not None
+        logged = [event_to_change(ev) for ev in iter_events(self.store.dir / LOG_NAME)] \
+            if (self.store.dir / LOG_NAME).exists() else []
+        if meta.events_in_log:
+            self._events = logged
+            n = meta.n_events
+            if len(logged) < n:
+                raise StateDirInvalid(f"checkpoint {ck.path.name} holds {n} online changes but {LOG_NAME} has only "
+                                      f"{len(logged)}: the event log is damaged or from another job")
+        else:  # a state directory from before the event log: its checkpoint lists the changes
+            self._events = [Change.from_dict(e) for e in meta.events]
+            n = len(self._events)
+        for ev in self._events[n:]:  # changes made after the checkpoint, durable in the log
+            self._gen.schedule_change(ev)
+        for ev in self._events:
+            self._view_change(ev)
+        if self.adapter is not None and meta.adapt_bytes:
+            self.adapter.load_bytes(ck.state[len(ck.state) - meta.adapt_bytes:])
+        saved = _Saved(SamplerState.from_bytes(self._state_part(ck)), n)
         self._snapshots = {0: self._snapshots[0], ck.step: saved}
         self._pinned[ck.step] = saved
         self._durable_step = ck.step
@@ -498,7 +584,7 @@ class Job:
                 raise StepOutOfRange(f"checkpoint step {step} is past the end of data at step {self._end_step}")
             saved = self._state_at_locked(step)
             self._pinned[step] = saved
-            meta, data = self._meta_locked(saved), saved.state.to_bytes()
+            meta, data = self._payload_locked(saved)
         path = self._write(step, meta, data, kind)
         token = CheckpointToken(self.fingerprint, step).encode()
         log.info("checkpoint", extra={"event": "checkpoint", "step": step, "path": path, "kind": kind})
@@ -510,7 +596,7 @@ class Job:
         with self._lock:
             saved = _Saved(self._gen.state(), len(self._events))
             self._pinned[saved.state.step] = saved
-            meta, data = self._meta_locked(saved), saved.state.to_bytes()
+            meta, data = self._payload_locked(saved)
         self._write(saved.state.step, meta, data, kind)
         return saved.state.step
 
@@ -548,23 +634,132 @@ class Job:
                             weights=None if w is None else tuple(float(x) for x in w), source=src_index,
                             source_weight=None if source_weight is None else float(source_weight),
                             source_weights=tuple(float(x) for x in source_weights) if source_weights else None)
-            before = self._gen.state()
-            self._gen.schedule_change(change)
-            self._events.append(change)
-            saved = _Saved(self._gen.state(), len(self._events))
-            if self._writer is not None:
-                try:
-                    self._writer.write_now(saved.state.step, self._meta_locked(saved), saved.state.to_bytes(), "auto")
-                except CheckpointWriteError as exc:
-                    self._gen.load_state(before)
-                    self._events.pop()
-                    raise CheckpointUnavailable(f"online change not applied: {exc}") from None
-            self._pinned[saved.state.step] = saved
-            self._replayer = None
+            self._record_change_locked(change)
             log.info("online change scheduled", extra={"event": "update", "step": step, "clip": clip or None,
                                                        "weights": None if w is None else len(w),
                                                        "source": source or None, "source_weight": source_weight})
             return int(step)
+
+    def _record_change_locked(self, change: Change) -> None:
+        """Validates, logs (durably, before use) and schedules an online change."""
+        probe = self._new_sampler()  # validates against the job's sampler without touching the generator
+        probe.load_state(self._gen.state())
+        probe.schedule_change(change)
+        if self._log is not None:
+            try:
+                self._log.append(change_to_event(change))
+            except OSError as exc:
+                self._on_fault_locked()
+                raise CheckpointUnavailable(f"online change not applied: the event log {self._log.path} refuses "
+                                            f"writes ({exc.strerror or exc}); the server keeps serving") from None
+        self._gen.schedule_change(change)
+        self._events.append(change)
+        self._view_change(change)
+        self._pinned[self._gen.step] = _Saved(self._gen.state(), len(self._events))
+        self._replayer = None
+        if self.adapter is not None:
+            self._note_adapted_locked(change)
+
+    def _view_change(self, change: Change) -> None:
+        """Remembers a change for status: kind, origin, largest weight ratio against the last."""
+        if change.source is not None:
+            name = self.mixture.infos[change.source].name if self.mixture is not None else str(change.source)
+            kind, w = f"source:{name}", None
+        elif change.source_weights is not None:
+            kind, w = "sources", np.array(change.source_weights)
+        elif change.weights is not None:
+            kind, w = "weights", np.array(change.weights)
+        else:
+            kind, w = "clip", None
+        ratio = 0.0
+        if w is not None:
+            prev = self._last_w.get(kind)
+            if prev is not None and prev.shape == w.shape:
+                a, b = w / max(w.sum(), 1e-300), prev / max(prev.sum(), 1e-300)
+                both = (a > 0) & (b > 0)
+                if both.any():
+                    r = a[both] / b[both]
+                    ratio = float(max(r.max(), 1.0 / r.min()))
+            self._last_w[kind] = w
+        self._change_view.append((change.step, change.origin or "operator", kind, ratio))
+
+    def _on_fault_locked(self) -> None:
+        self._log_failures += 1
+
+    def _note_adapted_locked(self, change: Change) -> None:
+        """Keeps the adapter's view of the weights in force (and the operator's prior) current."""
+        a = self.adapter
+        assert a is not None
+        operator = not change.origin
+        if a.spec.groups == "clusters" and change.weights is not None:
+            a.note(np.array(change.weights), operator)
+        elif a.spec.groups == "sources":
+            if change.source_weights is not None:
+                a.note(np.array(change.source_weights), operator)
+            elif change.source is not None and change.source_weight is not None:
+                w = a.weights.copy()
+                w[change.source] = change.source_weight
+                a.note(w, operator)
+
+    def _adapt_locked(self, step: int) -> None:
+        """Every `adapt_every` steps, before generating `step`: the controller's proposal, if
+        any, becomes an ordinary recorded change at `step` (not generated yet, so beyond every
+        rank's lookahead). A failing controller is logged and skipped; generation goes on."""
+        a = self.adapter
+        if a is None or step == 0 or step % a.spec.every:
+            return
+        if step < self._high_water:
+            # Generated before a restart (up to the durable mark), perhaps delivered: the log
+            # already holds whatever the controller decided then; deciding again would move it.
+            return
+        try:
+            proposal = a.propose(step)
+            if proposal is None:
+                return
+            w = tuple(float(x) for x in proposal)
+            change = Change(step=step, origin=a.spec.controller,
+                            **({"source_weights": w} if a.spec.groups == "sources" else {"weights": w}))
+            self._record_change_locked(change)
+        except Exception as exc:  # noqa: BLE001 - adaptation must never stall the sequence
+            self._adapt_failures += 1
+            log.error("adaptive weights not changed at step %d: %s", step, exc,
+                      extra={"event": "adapt_failed", "step": step})
+            return
+        log.info("controller changed weights", extra={"event": "adapt", "step": step, "controller": a.spec.controller,
+                                                      "reports": a.accepted})
+
+    # -- public API: loss feedback ----------------------------------------------------------------
+    def report_losses(self, rank: int, world: int, steps: list[tuple[int, np.ndarray, np.ndarray | None]],
+                      job: str = "") -> tuple[int, list[tuple[int, str, str]]]:
+        """Folds a rank's per-sample losses of trained steps into the loss statistics.
+
+        Returns (steps accepted, [(step, rule, message)] refused). A step is refused, changing
+        nothing, when the rank was never dealt it, or its report breaks a rule (length,
+        finite, non-negative, mask-length, id, duplicate); the other steps still count."""
+        self._check_job(job)
+        if self.adapter is None:
+            raise ConfigError("this job does not adapt its weights (serve --adapt NAME): loss reports are not used")
+        accepted, refused = 0, []
+        with self._lock:
+            prog = self._rank_locked(rank, world)
+            dealt = max(prog.delivered_step, prog.next_step)
+            for step, losses, present in steps:
+                try:
+                    if step < 0 or step >= dealt:
+                        raise ReportRefused("dealt", f"rank {rank} was never dealt step {step} (it has received "
+                                                     f"steps before {dealt})")
+                    sl = self._slice_locked(step, rank, world)
+                    if sl.end:
+                        raise ReportRefused("dealt", f"step {step} is past the end of data")
+                    self.adapter.report(rank, step, sl.ids, losses, present)
+                    accepted += 1
+                except ReportRefused as exc:
+                    self.adapter.refused += 1
+                    refused.append((int(step), exc.rule, str(exc)))
+        if refused:
+            log.warning("loss reports refused", extra={"event": "loss_refused", "rank": rank, "count": len(refused),
+                                                       "first": refused[0][2]})
+        return accepted, refused
 
     def status(self) -> JobStatus:
         with self._lock:
@@ -579,7 +774,17 @@ class Job:
                 steps_generated=self._steps_generated, steps_replayed=self._steps_replayed,
                 slices_served=self._slices_served, ids_served=self._ids_served,
                 checkpoint=None if self._writer is None else self._writer.health(),
-                sources=self._gen.source_counters() if isinstance(self._gen, MixSampler) else None)
+                sources=self._gen.source_counters() if isinstance(self._gen, MixSampler) else None,
+                adapt=self._adapt_view_locked(), changes=tuple(self._change_view),
+                log_failures=self._log_failures, adapt_failures=self._adapt_failures)
+
+    def _adapt_view_locked(self) -> AdaptView | None:
+        a = self.adapter
+        if a is None:
+            return None
+        return AdaptView(spec=a.spec, accepted=a.accepted, refused=a.refused, samples=a.samples,
+                         group_loss=a.stats.ema.copy(), group_samples=a.stats.samples.copy(),
+                         group_weight=a.weights.copy())
 
     def source_counters(self) -> SourceCounters | None:
         """Per-source weights, clips, draws and exhaustion of a mixture (None for one source)."""
@@ -694,6 +899,14 @@ class Job:
         with self._durable_lock:
             self._durable_step = max(self._durable_step, step)
 
+    def _payload_locked(self, saved: _Saved) -> tuple[CheckpointMeta, bytes]:
+        """(meta, bytes) of a checkpoint: the sampler state, then the adapter's statistics."""
+        data = saved.state.to_bytes()
+        if self.adapter is None:
+            return self._meta_locked(saved), data
+        extra = self.adapter.to_bytes()
+        return dataclasses.replace(self._meta_locked(saved), adapt_bytes=len(extra)), data + extra
+
     def _meta_locked(self, saved: _Saved) -> CheckpointMeta:
         t = self._table
         return CheckpointMeta(
@@ -701,8 +914,9 @@ class Job:
             dataset_fingerprint=self.spec.dataset_fingerprint, global_batch=self.global_batch, seed=self.seed,
             policy=self._gen.config_dict, world=t.world, formed_at=t.formed_at,
             generated_step=max(self._gen.step, self._high_water), formation=self._formation,
-            ranks=t.positions(), events=tuple(c.to_dict() for c in self._events), n_events=saved.n_events,
-            end_step=self._end_step, created=time.time())
+            ranks=t.positions(), events=() if self._log is not None else tuple(c.to_dict() for c in self._events),
+            n_events=saved.n_events, end_step=self._end_step, created=time.time(),
+            events_in_log=self._log is not None)
 
     def _ensure_mark_locked(self, upto: int) -> None:
         """Keeps the durable generated-step mark >= `upto` (a step about to become deliverable).
@@ -737,13 +951,15 @@ class Job:
     def _generate_one_locked(self) -> None:
         gen = self._gen
         step = gen.step
+        if self.adapter is not None:
+            self._adapt_locked(step)
         if step % self.spec.snapshot_every == 0 and step not in self._snapshots:
             self._snapshots[step] = _Saved(gen.state(), len(self._events))
         every = self.spec.checkpoint_every
         if self._writer is not None and every and step % every == 0 and step > self._auto_submitted:
             saved = _Saved(gen.state(), len(self._events))
             self._pinned[step] = saved
-            self._writer.submit(step, self._meta_locked(saved), saved.state.to_bytes())
+            self._writer.submit(step, *self._payload_locked(saved))
             self._auto_submitted = step
         self._ensure_mark_locked(step + 1)
         try:
@@ -786,7 +1002,8 @@ class Job:
             ck = self.store.newest_valid(at_or_before=step, check=self._check_state)
             if ck is not None and ck.step > best[0]:
                 meta = CheckpointMeta.from_dict(ck.meta, str(ck.path))
-                return self._sampler_from(_Saved(SamplerState.from_bytes(ck.state), meta.n_events))
+                n = meta.n_events if meta.events_in_log else len(meta.events)
+                return self._sampler_from(_Saved(SamplerState.from_bytes(self._state_part(ck)), n))
         if best[1] == "replayer":
             assert self._replayer is not None
             return self._replayer

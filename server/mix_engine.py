@@ -219,6 +219,43 @@ class MixSampler:
         raise ConfigError(f"unknown source {name!r}; the mixture's sources: "
                           f"{', '.join(src.name for src in self.sources)}")
 
+    def source_of_ids(self, ids: np.ndarray) -> np.ndarray:
+        """Source index of each global id; ReportRefused (rule `id`) for an id in no source."""
+        from croupier.server.loss_report import ReportRefused
+
+        ids = np.asarray(ids, dtype=np.int64)
+        src = np.searchsorted(self._id_off, ids, side="right") - 1
+        ends = self._id_off + np.array([s.layout.num_samples for s in self.sources], dtype=np.int64)
+        bad = (src < 0) | (ids >= ends[np.maximum(src, 0)])
+        if bad.any():
+            raise ReportRefused("id", f"sample id {int(ids[bad][0])} lies in no source of the mixture")
+        return src
+
+    def cluster_of_ids(self, ids: np.ndarray) -> np.ndarray:
+        """Index in the combined cluster list of each global id (ReportRefused for an id in
+        no cluster, e.g. outside a source's selection)."""
+        from croupier.server.loss_report import ReportRefused, layout_group_of
+
+        ids = np.asarray(ids, dtype=np.int64)
+        src = self.source_of_ids(ids)
+        if not hasattr(self, "_group_of"):
+            self._group_of: dict[int, Any] = {}
+        out = np.empty(ids.size, dtype=np.int64)
+        for i in np.unique(src).tolist():
+            sel = src == i
+            fn = self._group_of.get(i)
+            if fn is None:
+                fn = self._group_of[i] = layout_group_of(self.sources[i].layout)
+            try:
+                out[sel] = fn(ids[sel] - self._id_off[i]) + self._first[i]
+            except ReportRefused as exc:
+                raise ReportRefused("id", f"source {self.sources[i].name!r}: {exc}") from None
+        return out
+
+    def cluster_weights(self) -> np.ndarray:
+        """Per-cluster weights inside the sources, over the combined cluster list."""
+        return self._cw.copy()
+
     def next_batch(self) -> np.ndarray:
         """The global batch of `self.step` (int64 global ids), then advance one step.
 

@@ -68,6 +68,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--remote", default="", help="where ranks fetch shards (default: the dataset folder)")
     add_block_size_argument(data)
     add_policy_arguments(p.add_argument_group("sampling (the same flags as `croupier simulate`)"))
+    ad = p.add_argument_group("adaptive weights (docs/feedback.md)")
+    ad.add_argument("--adapt", default=None, metavar="NAME",
+                    help="re-weight from the ranks' loss reports with this controller: loss-softmax, odm or ado")
+    ad.add_argument("--adapt-every", type=int, default=100, help="steps between the controller's proposals (default 100)")
+    ad.add_argument("--adapt-groups", default="clusters", choices=("clusters", "sources"),
+                    help="what the controller weights: clusters, or a mixture's sources (default clusters)")
+    ad.add_argument("--adapt-param", action="append", default=None, metavar="KEY=VALUE",
+                    help="a controller or guardrail parameter (repeatable), e.g. temperature=0.5, floor=0.2")
     job = p.add_argument_group("job")
     job.add_argument("--job", default="default", help="job name ranks must give (empty accepts any)")
     job.add_argument("--state-dir", required=True, help="durable checkpoints live here")
@@ -198,8 +206,16 @@ def _serve(args: argparse.Namespace, layout: ClusterLayout, config: PolicyConfig
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    adapt = None
+    if args.adapt:
+        from croupier.server.adapt import AdaptSpec, parse_params
+
+        adapt = AdaptSpec(controller=args.adapt, every=args.adapt_every, groups=args.adapt_groups,
+                          params=parse_params(args.adapt_param))
+    elif args.adapt_param:
+        raise ConfigError("--adapt-param needs --adapt NAME")
     job = Job(layout, config, args.global_batch, args.seed, spec=spec, store=store, fresh=args.fresh,
-              mixture=mixture)
+              mixture=mixture, adapt=adapt)
     metrics = ServerMetrics(job)
     host = args.host
     address = f"[{host}]:{args.port}" if ":" in host else f"{host}:{args.port}"

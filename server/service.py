@@ -23,6 +23,7 @@ Status codes (the client maps them back to croupier errors):
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 from concurrent import futures
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import grpc
+import numpy as np
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -122,6 +124,21 @@ def status_response(job: Job, st: JobStatus, include_clusters: bool) -> pb2.GetS
         resp.checkpoint_error = st.checkpoint.error
         resp.checkpoint_failures = st.checkpoint.failures
         resp.generated_mark = max(st.checkpoint.mark, 0)
+    for step, origin, kind, ratio in st.changes:
+        resp.adapt.changes.add(step=step, origin=origin, kind=kind, max_ratio=ratio)
+    if st.adapt is not None:
+        a = st.adapt
+        resp.adapt.controller = a.spec.controller
+        resp.adapt.adapt_every = a.spec.every
+        resp.adapt.groups = a.spec.groups
+        resp.adapt.params_json = json.dumps(a.spec.describe(), sort_keys=True)
+        resp.adapt.reports_accepted = a.accepted
+        resp.adapt.reports_refused = a.refused
+        resp.adapt.samples_reported = a.samples
+        if include_clusters:
+            resp.adapt.group_loss.extend(a.group_loss.tolist())
+            resp.adapt.group_samples.extend(a.group_samples.tolist())
+            resp.adapt.group_weight.extend(a.group_weight.tolist())
     if include_clusters:
         resp.cluster_sizes.extend(st.sizes.tolist())
         resp.cluster_draws.extend(st.draws.tolist())
@@ -323,6 +340,15 @@ class SamplerServicer:
                                        weights=list(request.weights), source=request.source, source_weight=sw,
                                        source_weights=list(request.source_weights))
         return pb2.UpdateResponse(effective_step=step)
+
+    async def ReportLoss(self, request: pb2.ReportLossRequest, context) -> pb2.ReportLossResponse:
+        steps = []
+        for st in request.steps:
+            present = np.asarray(st.present, dtype=bool) if len(st.present) else None
+            steps.append((int(st.step), np.asarray(st.losses, dtype=np.float64), present))
+        accepted, refused = self.job.report_losses(request.rank, request.world_size, steps, job=request.job)
+        return pb2.ReportLossResponse(accepted=accepted, refused=[pb2.LossRefusal(step=s, rule=r, message=m)
+                                                                  for s, r, m in refused])
 
     # -- wiring -------------------------------------------------------------------------------------
     async def _refuse(self, context, method: str, code: grpc.StatusCode, reason: str) -> None:

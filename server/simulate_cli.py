@@ -39,7 +39,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--selection", help="sample only inside this named selection of the dataset")
     add_block_size_argument(p)
     add_policy_arguments(p)
-    p.add_argument("--steps", type=int, required=True, help="steps to simulate")
+    p.add_argument("--state-dir", default=None,
+                   help="replay a job's sequence from its state directory: batch, seed and policy from its "
+                        "newest checkpoint, online changes from its event log (give the layout: --cluster-sizes, "
+                        "--dataset or --mix)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="steps to simulate (required; with --state-dir the default is the job's generated step)")
     p.add_argument("--world", type=int, default=1, help="ranks in the world (jsonl: print one rank's slice)")
     p.add_argument("--rank", type=int, help="the rank whose slice jsonl prints")
     p.add_argument("--format", choices=("jsonl", "summary"), default="summary")
@@ -173,8 +178,52 @@ def format_mix_summary(sampler: MixSampler, sched: Schedule) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
+def _from_state_dir(args: argparse.Namespace) -> tuple[Sampler | MixSampler, int]:
+    """The job's sampler with its recorded online changes, and its generated step."""
+    from croupier.errors import FingerprintMismatch, StateError
+    from croupier.server.change_log import read_changes
+    from croupier.server.checkpoint_writer import CheckpointMeta
+    from croupier.server.policy import PolicyConfig
+    from croupier.server.state import Change
+    from croupier.server.store import CheckpointStore
+
+    flags = [f for f, v in (("--policy", args.policy), ("--clip", args.clip), ("--weights", args.weights),
+                            ("--budget-steps", args.budget_steps), ("--switch-step", args.switch_step),
+                            ("--switch-fraction", args.switch_fraction)) if v is not None]
+    if flags:
+        raise ConfigError(f"--state-dir takes the sampling config from the job's checkpoint; remove {', '.join(flags)}")
+    state_dir = Path(args.state_dir)
+    if not state_dir.is_dir():
+        raise StateError(f"state directory {state_dir} does not exist")
+    ck = CheckpointStore(state_dir).newest_valid()
+    if ck is None:
+        raise StateError(f"state directory {state_dir} holds no valid checkpoint")
+    meta = CheckpointMeta.from_dict(ck.meta, str(ck.path))
+    if meta.global_batch != args.global_batch or meta.seed != args.seed:
+        raise ConfigError(f"the job in {state_dir} ran global batch {meta.global_batch} and seed {meta.seed}; pass "
+                          f"--global-batch {meta.global_batch} --seed {meta.seed}")
     if args.mix:
+        with tempfile.TemporaryDirectory(prefix="croupier-mix-") as tmp:
+            sampler: Sampler | MixSampler = load_mix_args(args, Path(tmp)).new_sampler(meta.global_batch, meta.seed)
+    else:
+        sampler = Sampler(layout_from_args(args), PolicyConfig.from_dict(meta.policy), meta.global_batch, meta.seed)
+    if sampler.fingerprint != meta.sampler_fingerprint:
+        raise FingerprintMismatch(f"the job in {state_dir} (give the layout it was served with)",
+                                  expected=meta.sampler_fingerprint, got=sampler.fingerprint)
+    changes = read_changes(state_dir) if meta.events_in_log else [Change.from_dict(e) for e in meta.events]
+    for ch in changes:
+        sampler.schedule_change(ch)
+    return sampler, meta.generated_step
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.state_dir:
+        sampler, generated = _from_state_dir(args)
+        if args.steps is None:
+            args.steps = generated
+    elif args.steps is None:
+        raise ConfigError("--steps is required (steps to simulate)")
+    elif args.mix:
         with tempfile.TemporaryDirectory(prefix="croupier-mix-") as tmp:
             mixture = load_mix_args(args, Path(tmp))
         sampler = mixture.new_sampler(args.global_batch, args.seed)

@@ -40,6 +40,7 @@ class Change:
     source: int | None = None
     source_weight: float | None = None
     source_weights: tuple[float, ...] | None = None
+    origin: str = ""  # who made it ("operator" or a controller); does not affect the sequence
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"step": self.step, "clip": self.clip,
@@ -50,6 +51,8 @@ class Change:
             d["source_weight"] = self.source_weight
         if self.source_weights is not None:
             d["source_weights"] = list(self.source_weights)
+        if self.origin:
+            d["origin"] = self.origin
         return d
 
     @classmethod
@@ -58,7 +61,7 @@ class Change:
         sw = d.get("source_weights")
         return cls(step=int(d["step"]), clip=d.get("clip"), weights=None if w is None else tuple(w),
                    source=d.get("source"), source_weight=d.get("source_weight"),
-                   source_weights=None if sw is None else tuple(sw))
+                   source_weights=None if sw is None else tuple(sw), origin=str(d.get("origin", "")))
 
 
 @dataclass(frozen=True, eq=False)

@@ -62,10 +62,29 @@ def test_a_rank_reads_two_sources_from_their_own_remotes(tmp_path: Path, build_d
                    f'[sources.books]\ndataset = "{books}"\nweight = 1\npolicy = "uniform"\n')
     server = Serve(mix, tmp_path / "state")
     try:
-        ds = CroupierIterableDataset(server.address, "mx", cache_dir=tmp_path / "cache", steps=6,
-                                     topology=Topology(0, 1), agent="")
-        samples = list(ds)
+        samples = list(CroupierIterableDataset(server.address, "mx", cache_dir=tmp_path / "cache", steps=6,
+                                               topology=Topology(0, 1), agent=""))
     finally:
+        assert server.stop() == 0
+    # The same job served afresh and read through a node agent: the same samples, one node cache per source.
+    server = Serve(mix, tmp_path / "state2")
+    runtime = tmp_path / "run"
+    with open(tmp_path / "agent.log", "wb") as log:
+        agent = subprocess.Popen([sys.executable, "-m", "croupier", "agent", "--server", server.address,
+                                  "--runtime-dir", str(runtime), "--cache-dir", str(tmp_path / "node-cache")],
+                                 stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        deadline = time.monotonic() + 60
+        while not (runtime / "agent.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        via_agent = list(CroupierIterableDataset(server.address, "mx", steps=6, topology=Topology(0, 1),
+                                                 agent=str(runtime)))
+        assert [s[ID_KEY] for s in via_agent] == [s[ID_KEY] for s in samples]
+        assert all(a["text"] == b["text"] for a, b in zip(via_agent, samples))
+        assert len(list((tmp_path / "node-cache").glob("mds-*"))) == 2
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(60)
         assert server.stop() == 0
     mixture = load_mix(mix)
     ref = mixture.new_sampler(B, 2)

@@ -243,7 +243,7 @@ class RankStatus(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., next_step: _Optional[int] = ..., delivered_step: _Optional[int] = ..., seconds_since_seen: _Optional[float] = ..., connected: _Optional[bool] = ..., live: _Optional[bool] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("job", "generated_step", "durable_step", "slowest_step", "fastest_step", "ranks", "active_clusters", "clip", "cluster_sizes", "cluster_draws", "cluster_passes", "cluster_clipped_at", "checkpoint_error", "checkpoint_failures", "generated_mark", "sessions", "open_streams")
+    __slots__ = ("job", "generated_step", "durable_step", "slowest_step", "fastest_step", "ranks", "active_clusters", "clip", "cluster_sizes", "cluster_draws", "cluster_passes", "cluster_clipped_at", "checkpoint_error", "checkpoint_failures", "generated_mark", "sessions", "open_streams", "adapt")
     JOB_FIELD_NUMBER: _ClassVar[int]
     GENERATED_STEP_FIELD_NUMBER: _ClassVar[int]
     DURABLE_STEP_FIELD_NUMBER: _ClassVar[int]
@@ -261,6 +261,7 @@ class GetStatusResponse(_message.Message):
     GENERATED_MARK_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     OPEN_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    ADAPT_FIELD_NUMBER: _ClassVar[int]
     job: JobInfo
     generated_step: int
     durable_step: int
@@ -278,7 +279,86 @@ class GetStatusResponse(_message.Message):
     generated_mark: int
     sessions: _containers.RepeatedCompositeFieldContainer[SessionStatus]
     open_streams: int
-    def __init__(self, job: _Optional[_Union[JobInfo, _Mapping]] = ..., generated_step: _Optional[int] = ..., durable_step: _Optional[int] = ..., slowest_step: _Optional[int] = ..., fastest_step: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., active_clusters: _Optional[int] = ..., clip: _Optional[int] = ..., cluster_sizes: _Optional[_Iterable[int]] = ..., cluster_draws: _Optional[_Iterable[int]] = ..., cluster_passes: _Optional[_Iterable[int]] = ..., cluster_clipped_at: _Optional[_Iterable[int]] = ..., checkpoint_error: _Optional[str] = ..., checkpoint_failures: _Optional[int] = ..., generated_mark: _Optional[int] = ..., sessions: _Optional[_Iterable[_Union[SessionStatus, _Mapping]]] = ..., open_streams: _Optional[int] = ...) -> None: ...
+    adapt: AdaptStatus
+    def __init__(self, job: _Optional[_Union[JobInfo, _Mapping]] = ..., generated_step: _Optional[int] = ..., durable_step: _Optional[int] = ..., slowest_step: _Optional[int] = ..., fastest_step: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., active_clusters: _Optional[int] = ..., clip: _Optional[int] = ..., cluster_sizes: _Optional[_Iterable[int]] = ..., cluster_draws: _Optional[_Iterable[int]] = ..., cluster_passes: _Optional[_Iterable[int]] = ..., cluster_clipped_at: _Optional[_Iterable[int]] = ..., checkpoint_error: _Optional[str] = ..., checkpoint_failures: _Optional[int] = ..., generated_mark: _Optional[int] = ..., sessions: _Optional[_Iterable[_Union[SessionStatus, _Mapping]]] = ..., open_streams: _Optional[int] = ..., adapt: _Optional[_Union[AdaptStatus, _Mapping]] = ...) -> None: ...
+
+class StepLosses(_message.Message):
+    __slots__ = ("step", "losses", "present")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LOSSES_FIELD_NUMBER: _ClassVar[int]
+    PRESENT_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    losses: _containers.RepeatedScalarFieldContainer[float]
+    present: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, step: _Optional[int] = ..., losses: _Optional[_Iterable[float]] = ..., present: _Optional[_Iterable[bool]] = ...) -> None: ...
+
+class ReportLossRequest(_message.Message):
+    __slots__ = ("job", "rank", "world_size", "steps")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    rank: int
+    world_size: int
+    steps: _containers.RepeatedCompositeFieldContainer[StepLosses]
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., steps: _Optional[_Iterable[_Union[StepLosses, _Mapping]]] = ...) -> None: ...
+
+class LossRefusal(_message.Message):
+    __slots__ = ("step", "rule", "message")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    rule: str
+    message: str
+    def __init__(self, step: _Optional[int] = ..., rule: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class ReportLossResponse(_message.Message):
+    __slots__ = ("accepted", "refused")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    accepted: int
+    refused: _containers.RepeatedCompositeFieldContainer[LossRefusal]
+    def __init__(self, accepted: _Optional[int] = ..., refused: _Optional[_Iterable[_Union[LossRefusal, _Mapping]]] = ...) -> None: ...
+
+class WeightChange(_message.Message):
+    __slots__ = ("step", "origin", "kind", "max_ratio")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MAX_RATIO_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    origin: str
+    kind: str
+    max_ratio: float
+    def __init__(self, step: _Optional[int] = ..., origin: _Optional[str] = ..., kind: _Optional[str] = ..., max_ratio: _Optional[float] = ...) -> None: ...
+
+class AdaptStatus(_message.Message):
+    __slots__ = ("controller", "adapt_every", "groups", "params_json", "reports_accepted", "reports_refused", "samples_reported", "changes", "group_loss", "group_samples", "group_weight")
+    CONTROLLER_FIELD_NUMBER: _ClassVar[int]
+    ADAPT_EVERY_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
+    REPORTS_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REPORTS_REFUSED_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_REPORTED_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    GROUP_LOSS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    GROUP_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    controller: str
+    adapt_every: int
+    groups: str
+    params_json: str
+    reports_accepted: int
+    reports_refused: int
+    samples_reported: int
+    changes: _containers.RepeatedCompositeFieldContainer[WeightChange]
+    group_loss: _containers.RepeatedScalarFieldContainer[float]
+    group_samples: _containers.RepeatedScalarFieldContainer[int]
+    group_weight: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, controller: _Optional[str] = ..., adapt_every: _Optional[int] = ..., groups: _Optional[str] = ..., params_json: _Optional[str] = ..., reports_accepted: _Optional[int] = ..., reports_refused: _Optional[int] = ..., samples_reported: _Optional[int] = ..., changes: _Optional[_Iterable[_Union[WeightChange, _Mapping]]] = ..., group_loss: _Optional[_Iterable[float]] = ..., group_samples: _Optional[_Iterable[int]] = ..., group_weight: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class LaneOpen(_message.Message):
     __slots__ = ("lane", "rank", "world_size", "start_step", "lookahead", "step_stride", "step_offset", "stop_step", "read_only")

@@ -80,6 +80,11 @@ class SamplerStub:
                 request_serializer=croupier_dot_v1_dot_croupier__pb2.SessionRequest.SerializeToString,
                 response_deserializer=croupier_dot_v1_dot_croupier__pb2.SessionResponse.FromString,
                 _registered_method=True)
+        self.ReportLoss = channel.unary_unary(
+                '/croupier.v1.Sampler/ReportLoss',
+                request_serializer=croupier_dot_v1_dot_croupier__pb2.ReportLossRequest.SerializeToString,
+                response_deserializer=croupier_dot_v1_dot_croupier__pb2.ReportLossResponse.FromString,
+                _registered_method=True)
 
 
 class SamplerServicer:
@@ -153,6 +158,15 @@ class SamplerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportLoss(self, request, context):
+        """Per-sample training losses of steps a rank trained, batched; the server's loss statistics
+        and adaptive controllers (serve --adapt) learn from them. A refused step changes nothing
+        and is named in the response; the other steps of the request still count.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SamplerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -200,6 +214,11 @@ def add_SamplerServicer_to_server(servicer, server):
                     servicer.Session,
                     request_deserializer=croupier_dot_v1_dot_croupier__pb2.SessionRequest.FromString,
                     response_serializer=croupier_dot_v1_dot_croupier__pb2.SessionResponse.SerializeToString,
+            ),
+            'ReportLoss': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportLoss,
+                    request_deserializer=croupier_dot_v1_dot_croupier__pb2.ReportLossRequest.FromString,
+                    response_serializer=croupier_dot_v1_dot_croupier__pb2.ReportLossResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -446,6 +465,33 @@ class Sampler:
             '/croupier.v1.Sampler/Session',
             croupier_dot_v1_dot_croupier__pb2.SessionRequest.SerializeToString,
             croupier_dot_v1_dot_croupier__pb2.SessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportLoss(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/croupier.v1.Sampler/ReportLoss',
+            croupier_dot_v1_dot_croupier__pb2.ReportLossRequest.SerializeToString,
+            croupier_dot_v1_dot_croupier__pb2.ReportLossResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,165 @@
+"""Adaptive weights through the server: loss reports, controllers, recorded changes, refusals,
+kill -9 replay from the event log, and `simulate --state-dir`."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from croupier.client.rank_client import Backoff, RankClient
+from croupier.errors import ConfigError
+from croupier.server.adapt import AdaptSpec
+from croupier.server.job import Job, JobSpec
+from croupier.server.layout import ClusterLayout
+from croupier.server.policy import PolicyConfig
+from croupier.server.service import create_server
+from croupier.server.store import CheckpointStore
+from croupier.server.topology import Topology
+
+SIZES = [200] * 8
+B = 32
+HOT = 0  # the cluster whose loss is 5x the others'
+
+
+def losses_of(ids: np.ndarray) -> np.ndarray:
+    cluster = np.asarray(ids) // 200
+    return np.where(cluster == HOT, 5.0, 1.0) * (1.0 + 0.05 * np.cos(np.asarray(ids, dtype=np.float64)))
+
+
+def hot_share(batches: list[np.ndarray]) -> float:
+    ids = np.concatenate(batches)
+    return float((ids // 200 == HOT).mean())
+
+
+@pytest.mark.parametrize("controller", ["loss-softmax", "odm", "ado"])
+def test_a_cluster_with_5x_loss_at_least_doubles_its_share_within_100_steps(tmp_path: Path, controller: str) -> None:
+    job = Job(ClusterLayout.from_sizes(SIZES), PolicyConfig("clusterclip", clip=50), B, 0,
+              spec=JobSpec(name="a", max_lookahead=2), store=CheckpointStore(tmp_path / "s"),
+              adapt=AdaptSpec(controller, every=10))
+    server, port = create_server(job, "127.0.0.1:0")
+    try:
+        with RankClient(f"127.0.0.1:{port}", job="a", topology=Topology(0, 1), lookahead=2, stop_step=100,
+                        backoff=Backoff(initial_s=0.02, max_s=0.2, give_up_after_s=30)) as c:
+            batches = []
+            for step, ids in c:
+                batches.append(ids)
+                c.report_losses(step, losses_of(ids))
+                assert c.flush_losses(10)
+            stats = c.loss_report_stats()
+        assert stats["accepted"] == 100 and stats["refused"] == 0 and stats["dropped"] == 0
+        st = job.status()
+        assert st.adapt is not None and st.adapt.accepted == 100
+        assert hot_share(batches[-30:]) >= 2 * (1 / 8), hot_share(batches[-30:])
+        assert any(origin == controller for _, origin, _, _ in st.changes)
+        assert st.adapt.group_weight[HOT] > 2 * np.median(st.adapt.group_weight)
+    finally:
+        server.stop(0)
+        job.close()
+
+
+def test_equal_losses_move_no_weight_by_more_than_ten_percent() -> None:
+    job = Job(ClusterLayout.from_sizes(SIZES), PolicyConfig("clusterclip", clip=50), B, 0,
+              spec=JobSpec(name="a", max_lookahead=2), adapt=AdaptSpec("loss-softmax", every=10))
+    job.join(0, 1, "a")
+    for t in range(100):
+        ids = job._batch_locked(t)
+        with job._lock:
+            job._table.ranks[0].delivered_step = t + 1
+        acc, refused = job.report_losses(0, 1, [(t, np.ones(B), None)], "a")
+        assert acc == 1 and not refused
+    w = job.status().adapt.group_weight
+    assert np.abs(w / w.mean() - 1).max() <= 0.10
+    job.close()
+
+
+def test_reports_that_break_a_rule_are_refused_by_name_and_change_nothing() -> None:
+    job = Job(ClusterLayout.from_sizes(SIZES), PolicyConfig("weighted", weights=(1.0,) * 8), B, 0,
+              spec=JobSpec(name="a", max_lookahead=4), adapt=AdaptSpec("odm", every=10))
+    job.join(0, 2, "a")
+    job.join(1, 2, "a")
+    for t in range(3):
+        job._batch_locked(t)
+    with job._lock:
+        job._table.ranks[0].delivered_step = 3
+    good = np.ones(B // 2)
+    bad = {"dealt": (5, good, None), "length": (0, np.ones(3), None), "finite": (1, np.r_[good[:-1], np.nan], None),
+           "non-negative": (2, np.r_[good[:-1], -1.0], None)}
+    for rule, report in bad.items():
+        acc, refused = job.report_losses(0, 2, [report], "a")
+        assert acc == 0 and refused[0][1] == rule, (rule, refused)
+    inf = job.report_losses(0, 2, [(1, np.r_[good[:-1], np.inf], None)], "a")[1]
+    assert inf[0][1] == "finite" and "inf" in inf[0][2]
+    assert job.status().adapt.accepted == 0 and job.status().adapt.samples == 0
+    # A rank that never received step 1 (rank 1 has none delivered), an unknown rank, a duplicate.
+    assert job.report_losses(1, 2, [(1, good, None)], "a")[1][0][1] == "dealt"
+    with pytest.raises(ConfigError, match="rank 7"):
+        job.report_losses(7, 2, [(0, good, None)], "a")
+    acc, refused = job.report_losses(0, 2, [(0, good, None), (0, good, None)], "a")
+    assert acc == 1 and [r[1] for r in refused] == ["duplicate"]
+    # A job that does not adapt refuses reports with the reason.
+    plain = Job(ClusterLayout.from_sizes(SIZES), PolicyConfig("clusterclip", clip=3), B, 0)
+    with pytest.raises(ConfigError, match="does not adapt"):
+        plain.report_losses(0, 1, [(0, good, None)])
+    with pytest.raises(ConfigError, match="unknown controller 'pid'; valid controllers: ado, loss-softmax, odm"):
+        AdaptSpec("pid", every=10)
+    with pytest.raises(ConfigError, match="policy clusterclip or weighted"):
+        Job(ClusterLayout.from_sizes(SIZES), PolicyConfig("random"), B, 0, adapt=AdaptSpec("odm", every=10))
+    job.close()
+
+
+ARGS = ["--cluster-sizes", ",".join(map(str, SIZES)), "--policy", "clusterclip", "--clip", "50", "--global-batch",
+        str(B), "--seed", "0"]
+
+
+def _serve(state: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "croupier", "serve", *ARGS, "--state-dir", str(state),
+                             "--adapt", "loss-softmax", "--adapt-every", "5", "--checkpoint-every", "10",
+                             "--lookahead", "2", "--job", "a", "--log-level", "WARNING"],
+                            stdout=subprocess.PIPE, stderr=open(log, "ab"))
+    line = proc.stdout.readline()
+    assert line, log.read_text()
+    return proc, json.loads(line)["address"]
+
+
+@pytest.mark.slow
+def test_kill9_replays_every_delivered_step_and_the_controller_resumes(tmp_path: Path) -> None:
+    state, log = tmp_path / "state", tmp_path / "server.log"
+    proc, address = _serve(state, log)
+    delivered: list[np.ndarray] = []
+    with RankClient(address, job="a", topology=Topology(0, 1), lookahead=2, stop_step=43,
+                    backoff=Backoff(initial_s=0.02, max_s=0.2, give_up_after_s=30)) as c:
+        for step, ids in c:
+            delivered.append(ids)
+            c.report_losses(step, losses_of(ids))
+            assert c.flush_losses(10)
+        status = c.status()
+    accepted_before = status.adapt.reports_accepted
+    assert accepted_before == 43 and any(ch.origin == "loss-softmax" for ch in status.adapt.changes)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(20)
+    # simulate replays the job's sequence from its state directory (no losses needed).
+    out = subprocess.run([sys.executable, "-m", "croupier", "simulate", "--state-dir", str(state), "--cluster-sizes",
+                          ",".join(map(str, SIZES)), "--global-batch", str(B), "--seed", "0", "--format", "jsonl",
+                          "--steps", "43"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    replay = [np.array(json.loads(x)["indices"]) for x in out.stdout.splitlines()]
+    assert all(np.array_equal(a, b) for a, b in zip(replay, delivered)) and len(replay) == 43
+    proc, address = _serve(state, log)
+    try:
+        with RankClient(address, job="a", topology=Topology(0, 1), lookahead=2,
+                        backoff=Backoff(initial_s=0.02, max_s=0.2, give_up_after_s=30)) as c:
+            for t in range(0, 43, 7):  # every delivered step comes back identical
+                assert np.array_equal(c.get_slice(t), delivered[t]), t
+            restored = c.status().adapt.reports_accepted
+        # Reports since the last checkpoint (at most one checkpoint interval of them) may be lost.
+        assert 43 - 10 - 2 <= restored <= 43
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
