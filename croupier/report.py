@@ -57,6 +57,11 @@ class ReportData:
     source_exhausted_at: np.ndarray | None = None
     source_history: np.ndarray | None = None
     source_weight_history: np.ndarray | None = None
+    changes: list[tuple[int, str, str]] = field(default_factory=list)
+    weight_steps: np.ndarray | None = None
+    weight_history: np.ndarray | None = None
+    weight_origins: list[str] = field(default_factory=list)
+    group_loss: np.ndarray | None = None
 
     @property
     def num_clusters(self) -> int:
@@ -271,7 +276,8 @@ def from_state_dir(state_dir: str | Path, *, dataset: str | None = None, selecti
     if ck is None:
         raise StateError(f"state directory {state_dir} holds no valid checkpoint")
     meta = ck.meta
-    state = SamplerState.from_bytes(ck.state)
+    n_adapt = int(meta.get("adapt_bytes", 0) or 0)
+    state = SamplerState.from_bytes(ck.state[:len(ck.state) - n_adapt] if n_adapt else ck.state)
     if "mixture" in meta.get("policy", {}):
         return _mixture_from_state_dir(state_dir, ck, meta, state, mix, replay)
     found, found_sel = _find_dataset(state_dir, meta)
@@ -281,7 +287,7 @@ def from_state_dir(state_dir: str | Path, *, dataset: str | None = None, selecti
     layout = _layout_for(dataset, selection if selection is not None else found_sel)
     config = PolicyConfig.from_dict(meta["policy"])
     sampler = Sampler(layout, config, int(meta["global_batch"]), int(meta["seed"]))
-    events = list(meta.get("events", []))
+    events = _events_of(state_dir, meta)
     sampler.load_state(state)  # checks the fingerprint: the dataset given is the job's
     c = sampler.counters()
     data = ReportData(
@@ -293,9 +299,27 @@ def from_state_dir(state_dir: str | Path, *, dataset: str | None = None, selecti
         data.rank_times, data.rank_steps = lag
     else:
         data.notes.append("rank lag history not shown: the state directory records none")
+    attach_changes(data, events, _group_loss_of(ck))
     if replay:
         _attach_history(data, layout, config, events)
     return data
+
+
+def _group_loss_of(ck: Any) -> np.ndarray | None:
+    """Per-group loss EMA from an adaptive job's checkpoint (None for other jobs)."""
+    from croupier.server.loss_stats import LossStats
+
+    n = int(ck.meta.get("adapt_bytes", 0) or 0)
+    if not n:
+        return None
+    blob = ck.state[len(ck.state) - n:]
+    off, parts = 8, []
+    import struct
+    while off < len(blob):
+        (k,) = struct.unpack_from("<Q", blob, off)
+        parts.append(blob[off + 8:off + 8 + k])
+        off += 8 + k
+    return LossStats.from_bytes(parts[1]).ema if len(parts) > 1 else None
 
 
 def _mixture_from_state_dir(state_dir: Path, ck: Any, meta: dict, state: Any, mix: str | None,
@@ -324,8 +348,31 @@ def _mixture_from_state_dir(state_dir: Path, ck: Any, meta: dict, state: Any, mi
     if lag is not None:
         data.rank_times, data.rank_steps = lag
     if replay:
-        _attach_history(data, None, None, list(meta.get("events", [])), _mixture_sampler(mix, b, seed))
+        _attach_history(data, None, None, _events_of(state_dir, meta), _mixture_sampler(mix, b, seed))
     return data
+
+
+def _events_of(state_dir: Path, meta: dict) -> list[dict]:
+    """The job's online changes as dicts: its event log, or (older state directories) the
+    checkpoint's list."""
+    from croupier.server.change_log import read_changes
+
+    if meta.get("events_in_log"):
+        return [c.to_dict() for c in read_changes(state_dir)]
+    return list(meta.get("events", []))
+
+
+def attach_changes(data: ReportData, events: Sequence[dict], group_loss: np.ndarray | None = None) -> None:
+    """Weights over time from the recorded changes (the adapted kind: cluster or source weights)."""
+    rows = [(int(e["step"]), e.get("origin") or "operator", e.get("source_weights") or e.get("weights"))
+            for e in events]
+    data.changes = [(s, o, "weights" if w is not None else "clip") for s, o, w in rows]
+    weighted = [(s, o, np.asarray(w, dtype=np.float64)) for s, o, w in rows if w is not None]
+    if weighted and len({len(w) for _, _, w in weighted}) == 1:
+        data.weight_steps = np.array([s for s, _, _ in weighted], dtype=np.int64)
+        data.weight_history = np.vstack([w for _, _, w in weighted])
+        data.weight_origins = [o for _, o, _ in weighted]
+    data.group_loss = group_loss
 
 
 def source_table(data: ReportData) -> str:
@@ -384,6 +431,14 @@ def write_report(data: ReportData, out: str | Path) -> list[Path]:
         images.append(("sources_over_time.png", "Each source's share of the draws per interval against its weight share"))
     if data.source_names is not None:
         (out / "sources.txt").write_text(source_table(data) + "\n", encoding="utf-8")
+    if data.weight_history is not None and data.weight_steps is not None:
+        paths.append(rp.plot_weights_over_time(data.weight_steps, data.weight_history, data.weight_origins,
+                                               out / "weights_over_time.png", group_loss=data.group_loss))
+        images.append(("weights_over_time.png", "Weight share of the most re-weighted groups at every recorded "
+                                                "change (and per-group loss), by who changed them"))
+    if data.changes:
+        (out / "changes.txt").write_text("step origin kind\n" + "\n".join(f"{s} {o} {k}" for s, o, k in data.changes)
+                                         + "\n", encoding="utf-8")
     if data.rank_times is not None and data.rank_steps is not None and len(data.rank_times) >= 2:
         paths.append(rp.plot_rank_lag(data.rank_times, data.rank_steps, out / "rank_lag.png", max_lag=data.max_lag))
         images.append(("rank_lag.png", "Rank progress and the fastest-minus-slowest lag"))

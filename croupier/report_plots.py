@@ -176,6 +176,41 @@ def plot_source_shares(steps: Sequence[int], source_draws: np.ndarray, weights: 
     return _save(fig, path)
 
 
+def plot_weights_over_time(steps: Sequence[int], weights: np.ndarray, origins: Sequence[str], path: str | Path, *,
+                           group_loss: np.ndarray | None = None, top: int = 8) -> Path:
+    """Weight share of the `top` groups that moved most, at each recorded change (markers by
+    origin); with `group_loss`, a second panel of the per-group loss EMA."""
+    steps = np.asarray(steps, dtype=np.int64)
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 2 or w.shape[0] != len(steps) or len(origins) != len(steps):
+        raise ConfigError(f"weights history must have shape (changes={len(steps)}, groups), got {w.shape}")
+    share = w / np.maximum(w.sum(axis=1, keepdims=True), 1e-300)
+    moved = np.abs(share[-1] - share[0]) + share[-1]
+    picks = np.argsort(-moved, kind="stable")[:top]
+    panels = 2 if group_loss is not None else 1
+    fig, axes = plt.subplots(panels, 1, figsize=(7.2, 4.2 * panels), squeeze=False)
+    ax = axes[0][0]
+    for g in picks:
+        ax.step(steps, share[:, g], where="post", lw=1.3, label=f"group {int(g)}")
+    for o in sorted(set(origins)):
+        at = [s for s, x in zip(steps, origins) if x == o]
+        ax.plot(at, np.zeros(len(at)), "|", ms=10, label=f"changes by {o}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("weight share")
+    ax.set_title("Weights over time (recorded changes)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    if group_loss is not None:
+        ax2 = axes[1][0]
+        loss = np.asarray(group_loss, dtype=np.float64)
+        ax2.bar(np.arange(len(loss)), np.nan_to_num(loss), color="C1")
+        ax2.set_xlabel("group")
+        ax2.set_ylabel("loss EMA")
+        ax2.set_title("Per-group training loss (EMA) at the checkpoint")
+        ax2.grid(True, alpha=0.3)
+    return _save(fig, path)
+
+
 def plot_rank_lag(times: Sequence[float], rank_steps: np.ndarray, path: str | Path, *,
                   max_lag: int | None = None) -> Path:
     """Each rank's acknowledged step over time and the fastest-minus-slowest spread.

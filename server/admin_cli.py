@@ -95,6 +95,13 @@ def status_dict(resp: pb2.GetStatusResponse) -> dict[str, Any]:
                       "cache_bytes": x.node.cache_bytes, "cache_limit": x.node.cache_limit}
                      for x in resp.sessions],
         "sources": [_source_dict(x) for x in job.sources],
+        "adapt": {"controller": resp.adapt.controller, "adapt_every": resp.adapt.adapt_every,
+                  "groups": resp.adapt.groups, "reports_accepted": resp.adapt.reports_accepted,
+                  "reports_refused": resp.adapt.reports_refused, "samples_reported": resp.adapt.samples_reported,
+                  "group_loss": [None if g != g else g for g in resp.adapt.group_loss],
+                  "group_weight": list(resp.adapt.group_weight),
+                  "changes": [{"step": c.step, "origin": c.origin, "kind": c.kind, "max_ratio": c.max_ratio}
+                              for c in resp.adapt.changes]},
     }
 
 
@@ -142,6 +149,22 @@ def format_status(resp: pb2.GetStatusResponse, top: int = 40) -> str:
             lines.append(f"{x.name:>{width}} {x.policy:>11} {x.weight:>8.4g} {x.weight / wsum:>7.1%} "
                          f"{x.draws:>12} {x.draws / total:>7.1%} {x.clip or '-':>5} "
                          f"{x.active_clusters:>5}/{x.num_clusters:<5} {ex:>12}")
+    a = resp.adapt
+    if a.controller:
+        lines += ["", f"adaptive weights: {a.controller} over {a.groups} every {a.adapt_every} steps; reports "
+                      f"{a.reports_accepted} accepted, {a.reports_refused} refused ({a.samples_reported} samples)"]
+        if len(a.group_loss):
+            loss = np.asarray(a.group_loss)
+            weight = np.asarray(a.group_weight)
+            share = weight / weight.sum() if weight.sum() > 0 else weight
+            order = np.argsort(-np.nan_to_num(loss, nan=-np.inf), kind="stable")[:10]
+            lines.append(f"{'group':>8} {'loss EMA':>10} {'weight share':>12}  (highest loss first)")
+            for g in order:
+                lines.append(f"{int(g):>8} {loss[g]:>10.4f} {share[g]:>12.2%}")
+    if a.changes:
+        lines += ["", f"{'change at':>10} {'by':>14} {'kind':>18} {'max ratio':>9}  (last {len(a.changes)})"]
+        for c in list(a.changes)[-10:]:
+            lines.append(f"{c.step:>10} {c.origin:>14} {c.kind[-18:]:>18} {c.max_ratio:>9.2f}")
     lines += ["", f"{'rank':>6} {'next step':>10} {'delivered':>10} {'lag':>5} {'seen (s ago)':>12} {'stream':>7}"]
     for r in resp.ranks:
         lines.append(f"{r.rank:>6} {r.next_step:>10} {r.delivered_step:>10} {resp.fastest_step - r.next_step:>5} "

@@ -10,6 +10,8 @@ max_rank_lag_steps, refused_calls_total{method,code}, silent_ranks and rank_live
 checkpoint writes fail) and generated_mark (the durable generated-step mark). Mixture jobs add
 source_draws{source}, source_weight{source}, source_share{source} (of all draws so far) and
 source_exhausted{source} (1 once the source ran out of room); up to MAX_SOURCE_SERIES sources.
+Adaptive jobs add loss_reports_total{result="accepted"|"refused"}, loss_samples_total,
+weight_changes_total{origin}, adapt_failures_total and event_log_failures_total.
 """
 
 from __future__ import annotations
@@ -76,6 +78,26 @@ class JobCollector(Collector):
                 fam["share"].add_metric([name], float(sc.draws[i]) / total)
                 fam["dry"].add_metric([name], 1.0 if sc.exhausted_at[i] >= 0 else 0.0)
             yield from fam.values()
+        if st.adapt is not None:
+            reports = CounterMetricFamily("croupier_loss_reports", "Step loss reports, by result.", labels=["result"])
+            reports.add_metric(["accepted"], st.adapt.accepted)
+            reports.add_metric(["refused"], st.adapt.refused)
+            yield reports
+            yield CounterMetricFamily("croupier_loss_samples", "Per-sample losses folded into the statistics.",
+                                      value=st.adapt.samples)
+            yield CounterMetricFamily("croupier_adapt_failures", "Controller proposals that failed (logged).",
+                                      value=st.adapt_failures)
+        if st.changes:
+            by: dict[str, int] = {}
+            for _, origin, _, _ in st.changes:
+                by[origin] = by.get(origin, 0) + 1
+            fam = CounterMetricFamily("croupier_weight_changes", "Online changes (of the last 64), by origin.",
+                                      labels=["origin"])
+            for origin, n in sorted(by.items()):
+                fam.add_metric([origin], n)
+            yield fam
+        yield CounterMetricFamily("croupier_event_log_failures", "Appends to the event log that failed.",
+                                  value=st.log_failures)
         lag = GaugeMetricFamily("croupier_rank_lag_steps", "Steps a rank is behind the fastest rank.",
                                 labels=["rank"])
         for r in st.ranks:
