@@ -288,3 +288,29 @@ def test_status_and_metrics_show_the_sources(tmp_path: Path) -> None:
     assert 'croupier_source_draws_total{source="web"} 210.0' in text
     assert 'croupier_source_exhausted{source="web"} 1.0' in text and 'croupier_source_exhausted{source="code"} 0.0' in text
     job.close()
+
+
+def test_token_weighted_shares_follow_the_mean_tokens_per_sample(tmp_path: Path, build_dataset,
+                                                                 tiny_tokenizer) -> None:
+    from croupier.cli import main
+    from croupier.shards.sidecar import Sidecar
+
+    short = build_dataset(tmp_path / "short", num_docs=120, topics=3)
+    long = build_dataset(tmp_path / "long", num_docs=80, topics=2)
+    text = (f'unit = "tokens"\n[sources.short]\ndataset = "{short}"\nweight = 1\npolicy = "uniform"\n'
+            f'[sources.long]\ndataset = "{long}"\nweight = 1\npolicy = "uniform"\n')
+    with pytest.raises(ConfigError, match="source 'short'.*needs per-sample token counts"):
+        open_mix(parse_mix(text))
+    for ds in (short, long):
+        assert main(["shards", "tokens", str(ds), "--tokenizer", str(tiny_tokenizer), "--quiet"]) == 0
+    mix = open_mix(parse_mix(text))
+    means = [float(np.asarray(Sidecar.open(d).token_counts()).mean()) for d in (short, long)]
+    assert mix.sample_weights == pytest.approx((1 / means[0], 1 / means[1]))
+    # Equal token weights: the sources' expected token shares are equal.
+    sampler = mix.new_sampler(64, 0)
+    counts = np.concatenate([np.asarray(Sidecar.open(short).token_counts()),
+                             np.asarray(Sidecar.open(long).token_counts())]).astype(np.int64)
+    ids = np.concatenate([sampler.next_batch() for _ in range(300)])
+    src = source_of(ids, sampler)
+    tok = np.bincount(src, weights=counts[ids], minlength=2)
+    assert abs(tok[0] / tok.sum() - 0.5) < 0.03, tok
