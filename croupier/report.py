@@ -62,6 +62,8 @@ class ReportData:
     weight_history: np.ndarray | None = None
     weight_origins: list[str] = field(default_factory=list)
     group_loss: np.ndarray | None = None
+    tokens: np.ndarray | None = None
+    tokens_since: int = 0
 
     @property
     def num_clusters(self) -> int:
@@ -209,6 +211,9 @@ def from_server(address: str, *, token: str | None = None, watch_s: float = 0.0,
         clipped_at=np.asarray(status.cluster_clipped_at, dtype=np.int64))
     if data.num_clusters == 0:
         raise StateError(f"server {address} returned no per-cluster counters")
+    if status.tokens_counted and len(status.cluster_tokens) == data.num_clusters:
+        data.tokens = np.asarray(status.cluster_tokens, dtype=np.int64)
+        data.tokens_since = int(status.tokens_since_step)
     if len(rows) >= 2 and len({len(r) for r in rows}) == 1 and rows[0]:
         t = np.asarray(times)
         data.rank_times, data.rank_steps = t - t[0], np.asarray(rows, dtype=np.int64)
@@ -277,7 +282,10 @@ def from_state_dir(state_dir: str | Path, *, dataset: str | None = None, selecti
         raise StateError(f"state directory {state_dir} holds no valid checkpoint")
     meta = ck.meta
     n_adapt = int(meta.get("adapt_bytes", 0) or 0)
-    state = SamplerState.from_bytes(ck.state[:len(ck.state) - n_adapt] if n_adapt else ck.state)
+    n_tok = int(meta.get("tokens_bytes", 0) or 0)
+    body = ck.state[:len(ck.state) - n_adapt] if n_adapt else ck.state
+    state = SamplerState.from_bytes(body[:len(body) - n_tok] if n_tok else body)
+    tally = body[len(body) - n_tok:] if n_tok else None
     if "mixture" in meta.get("policy", {}):
         return _mixture_from_state_dir(state_dir, ck, meta, state, mix, replay)
     found, found_sel = _find_dataset(state_dir, meta)
@@ -300,6 +308,12 @@ def from_state_dir(state_dir: str | Path, *, dataset: str | None = None, selecti
     else:
         data.notes.append("rank lag history not shown: the state directory records none")
     attach_changes(data, events, _group_loss_of(ck))
+    if tally is not None:
+        from croupier.server.token_tally import TokenTally
+
+        t = TokenTally(data.num_clusters, lambda ids: ids, lambda ids: ids)
+        t.load(tally, int(state.step))
+        data.tokens, data.tokens_since = t.tokens, t.since
     if replay:
         _attach_history(data, layout, config, events)
     return data
@@ -394,7 +408,9 @@ def source_table(data: ReportData) -> str:
 def cluster_table(data: ReportData, limit: int | None = None) -> str:
     """A text table: cluster, size, draws, passes (draws/size), cursor passes, clipped at."""
     order = np.argsort(-data.sizes, kind="stable")
-    lines = [f"{'cluster':>7} {'size':>7} {'draws':>8} {'draws/size':>10} {'passes':>6} {'clipped':>8}"]
+    tok = data.tokens
+    lines = [f"{'cluster':>7} {'size':>7} {'draws':>8} {'draws/size':>10} {'passes':>6} {'clipped':>8}"
+             + (f" {'tokens':>12}" if tok is not None else "")]
     shown = order if limit is None or len(order) <= limit else np.concatenate([order[: limit // 2],
                                                                               order[-(limit - limit // 2):]])
     for i, c in enumerate(shown):
@@ -402,7 +418,7 @@ def cluster_table(data: ReportData, limit: int | None = None) -> str:
             lines.append(f"{'...':>7}")
         clipped = f"step {data.clipped_at[c]}" if data.clipped_at[c] >= 0 else "-"
         lines.append(f"{c:>7} {data.sizes[c]:>7} {data.draws[c]:>8} {data.draws[c] / data.sizes[c]:>10.2f} "
-                     f"{data.passes[c]:>6} {clipped:>8}")
+                     f"{data.passes[c]:>6} {clipped:>8}" + (f" {int(tok[c]):>12}" if tok is not None else ""))
     return "\n".join(lines)
 
 
@@ -449,6 +465,9 @@ def write_report(data: ReportData, out: str | Path) -> list[Path]:
         ("clusters", f"{data.num_clusters} ({clipped} clipped)"), ("draws", f"{int(data.draws.sum()):,}"),
         ("max passes (draws/size)", f"{float((data.draws / data.sizes).max()):.2f}"),
     ]
+    if data.tokens is not None:
+        since = f" (since step {data.tokens_since})" if data.tokens_since else ""
+        summary.append(("tokens dealt" + since, f"{int(data.tokens.sum()):,}"))
     rp.write_index_html(out, images, title=f"croupier report — {data.policy}", summary=summary, notes=data.notes)
     (out / "clusters.txt").write_text(cluster_table(data) + "\n", encoding="utf-8")
     return paths

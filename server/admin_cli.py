@@ -95,6 +95,8 @@ def status_dict(resp: pb2.GetStatusResponse) -> dict[str, Any]:
                       "cache_bytes": x.node.cache_bytes, "cache_limit": x.node.cache_limit}
                      for x in resp.sessions],
         "sources": [_source_dict(x) for x in job.sources],
+        "tokens": ({"drawn": resp.tokens_drawn, "since_step": resp.tokens_since_step,
+                    "per_cluster": list(resp.cluster_tokens)} if resp.tokens_counted else None),
         "adapt": {"controller": resp.adapt.controller, "adapt_every": resp.adapt.adapt_every,
                   "groups": resp.adapt.groups, "reports_accepted": resp.adapt.reports_accepted,
                   "reports_refused": resp.adapt.reports_refused, "samples_reported": resp.adapt.samples_reported,
@@ -138,6 +140,13 @@ def format_status(resp: pb2.GetStatusResponse, top: int = 40) -> str:
         lines.append(f"{'...':>8} ({k - len(shown)} smaller clusters not shown; --top 0 shows all)")
     lines.append(f"{'total':>8} {int(sizes.sum()):>10} {int(draws.sum()):>12}   "
                  f"clusters {k}, active {resp.active_clusters}, clipped {int((clipped >= 0).sum())}")
+    if resp.tokens_counted:
+        since = f" since step {resp.tokens_since_step}" if resp.tokens_since_step else ""
+        lines.append(f"tokens dealt{since}: {resp.tokens_drawn:,}")
+        if len(resp.cluster_tokens) == k:
+            tok = np.asarray(resp.cluster_tokens, dtype=np.int64)
+            lines.append("tokens per cluster (largest clusters first): " + ", ".join(
+                f"{int(c)}: {int(tok[c]):,}" for c in shown[:10]))
     if len(job.sources) > 1:
         total = sum(x.draws for x in job.sources) or 1
         wsum = sum(x.weight for x in job.sources) or 1.0

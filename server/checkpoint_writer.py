@@ -70,6 +70,7 @@ class CheckpointMeta:
     created: float = field(default_factory=time.time)
     events_in_log: bool = False
     adapt_bytes: int = 0
+    tokens_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -100,7 +101,8 @@ class CheckpointMeta:
                 n_events=int(d.get("n_events", len(events))),
                 end_step=None if d.get("end_step") is None else int(d["end_step"]),
                 server_version=str(d.get("server_version", "")), created=float(d.get("created", 0.0)),
-                events_in_log=bool(d.get("events_in_log", False)), adapt_bytes=int(d.get("adapt_bytes", 0)))
+                events_in_log=bool(d.get("events_in_log", False)), adapt_bytes=int(d.get("adapt_bytes", 0)),
+                tokens_bytes=int(d.get("tokens_bytes", 0)))
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"checkpoint {where} has malformed metadata: {exc!r}") from None
 

@@ -49,6 +49,7 @@ from croupier.server.change_log import LOG_NAME, change_to_event, event_to_chang
 from croupier.server.event_log import EventLog, iter_events
 from croupier.server.loss_report import ReportRefused, layout_group_of
 from croupier.server.mix_engine import MixSampler, SourceCounters
+from croupier.server.token_tally import TokenTally, tokens_lookup
 from croupier.server.layout import ClusterLayout
 from croupier.server.policy import PolicyConfig
 from croupier.server.ranks import RankProgress, RankTable, RankView
@@ -178,6 +179,8 @@ class JobStatus:
     changes: tuple[tuple[int, str, str, float], ...] = ()
     log_failures: int = 0
     adapt_failures: int = 0
+    tokens: np.ndarray | None = None
+    tokens_since: int = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -234,7 +237,7 @@ class Job:
                  spec: JobSpec | None = None, store: CheckpointStore | None = None,
                  clock: Callable[[], float] = time.monotonic, *, fresh: bool = False,
                  fault_hook: Callable[[Path], None] | None = None, mixture: "Mixture | None" = None,
-                 adapt: AdaptSpec | None = None) -> None:
+                 adapt: AdaptSpec | None = None, token_counts: list[tuple[int, np.ndarray]] | None = None) -> None:
         self.mixture = mixture
         self.config = config
         self.global_batch = int(global_batch)
@@ -268,6 +271,10 @@ class Job:
         self._ids_served = 0
         self.resumed_from: int | None = None
         self.adapter: Adapter | None = None if adapt is None else self._new_adapter(adapt)
+        self._tally: TokenTally | None = None
+        if token_counts:
+            cluster_of = self._gen.cluster_of_ids if isinstance(self._gen, MixSampler) else layout_group_of(self.layout)
+            self._tally = TokenTally(self.layout.num_clusters, tokens_lookup(token_counts), cluster_of)
         self._adapt_failures = 0
         self._log_failures = 0
         self._change_view: collections.deque[tuple[int, str, str, float]] = collections.deque(maxlen=64)
@@ -318,7 +325,7 @@ class Job:
     @staticmethod
     def _state_part(ck: StoredCheckpoint) -> bytes:
         """The sampler state of a checkpoint (an adaptive job appends its statistics after it)."""
-        n = int(ck.meta.get("adapt_bytes", 0) or 0)
+        n = int(ck.meta.get("adapt_bytes", 0) or 0) + int(ck.meta.get("tokens_bytes", 0) or 0)
         return ck.state[:len(ck.state) - n] if n else ck.state
 
     def _migrate_events_locked(self) -> None:
@@ -390,6 +397,12 @@ class Job:
             self._view_change(ev)
         if self.adapter is not None and meta.adapt_bytes:
             self.adapter.load_bytes(ck.state[len(ck.state) - meta.adapt_bytes:])
+        if self._tally is not None:
+            if meta.tokens_bytes:
+                end = len(ck.state) - meta.adapt_bytes
+                self._tally.load(ck.state[end - meta.tokens_bytes:end], state.step)
+            else:
+                self._tally.restart(state.step)
         saved = _Saved(SamplerState.from_bytes(self._state_part(ck)), n)
         self._snapshots = {0: self._snapshots[0], ck.step: saved}
         self._pinned[ck.step] = saved
@@ -776,7 +789,9 @@ class Job:
                 checkpoint=None if self._writer is None else self._writer.health(),
                 sources=self._gen.source_counters() if isinstance(self._gen, MixSampler) else None,
                 adapt=self._adapt_view_locked(), changes=tuple(self._change_view),
-                log_failures=self._log_failures, adapt_failures=self._adapt_failures)
+                log_failures=self._log_failures, adapt_failures=self._adapt_failures,
+                tokens=None if self._tally is None else self._tally.tokens.copy(),
+                tokens_since=0 if self._tally is None else self._tally.since)
 
     def _adapt_view_locked(self) -> AdaptView | None:
         a = self.adapter
@@ -902,10 +917,16 @@ class Job:
     def _payload_locked(self, saved: _Saved) -> tuple[CheckpointMeta, bytes]:
         """(meta, bytes) of a checkpoint: the sampler state, then the adapter's statistics."""
         data = saved.state.to_bytes()
-        if self.adapter is None:
-            return self._meta_locked(saved), data
-        extra = self.adapter.to_bytes()
-        return dataclasses.replace(self._meta_locked(saved), adapt_bytes=len(extra)), data + extra
+        meta = self._meta_locked(saved)
+        if self._tally is not None and saved.state.step == self._gen.step:
+            tokens = self._tally.to_bytes(saved.state.step)
+            meta = dataclasses.replace(meta, tokens_bytes=len(tokens))
+            data += tokens
+        if self.adapter is not None:
+            extra = self.adapter.to_bytes()
+            meta = dataclasses.replace(meta, adapt_bytes=len(extra))
+            data += extra
+        return meta, data
 
     def _meta_locked(self, saved: _Saved) -> CheckpointMeta:
         t = self._table
@@ -964,6 +985,8 @@ class Job:
         self._ensure_mark_locked(step + 1)
         try:
             self._batches[step] = gen.next_batch()
+            if self._tally is not None:
+                self._tally.add(self._batches[step])
         except EndOfData:
             self._end_step = step
             log.info("end of data", extra={"event": "end_of_data", "step": step})

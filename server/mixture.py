@@ -99,6 +99,13 @@ class Mixture:
     layouts: tuple[ClusterLayout, ...]
     infos: tuple[SourceInfo, ...]
     sample_weights: tuple[float, ...]
+    token_counts: tuple[Any, ...] = ()
+
+    def token_counts_by_offset(self) -> list[tuple[int, Any]] | None:
+        """(id offset, per-sample token counts) per source, when every source has counts."""
+        if len(self.token_counts) != len(self.infos) or any(c is None for c in self.token_counts):
+            return None
+        return [(info.offset, c) for info, c in zip(self.infos, self.token_counts)]
 
     @property
     def single(self) -> bool:
@@ -278,11 +285,12 @@ def load_mix(path: str | Path, sidecar_cache: Path | None = None) -> Mixture:
 
 def open_mix(spec: MixSpec, sidecar_cache: Path | None = None) -> Mixture:
     """Opens each source: its sidecar (fingerprint checked against its shards), selection, layout."""
-    layouts, infos, weights = [], [], []
+    layouts, infos, weights, counts = [], [], [], []
     offset = 0
     for d in spec.sources:
         where = f"mixture source {d.name!r}"
         tokens_per_sample = None
+        source_counts = None
         if d.cluster_sizes is not None:
             layout = ClusterLayout.from_sizes(d.cluster_sizes, block_size=d.block_size or 1)
             size, fp, remote = layout.num_samples, "", d.remote or ""
@@ -296,6 +304,7 @@ def open_mix(spec: MixSpec, sidecar_cache: Path | None = None) -> Mixture:
                 raise
             size, fp = side.num_samples, side.fingerprint
             remote = d.remote or side.remote or d.dataset
+            source_counts = side.token_counts()
             if spec.unit == "tokens":
                 tokens_per_sample = _mean_tokens(side, layout, where)
         if d.cluster_weights is not None and len(d.cluster_weights) != layout.num_clusters:
@@ -306,11 +315,13 @@ def open_mix(spec: MixSpec, sidecar_cache: Path | None = None) -> Mixture:
                               "has none")
         weights.append(d.weight if tokens_per_sample is None else d.weight / tokens_per_sample)
         layouts.append(layout)
+        counts.append(source_counts)
         infos.append(SourceInfo(name=d.name, remote=str(remote), fingerprint=fp, offset=offset, size=int(size),
                                 selection=d.selection or "", num_clusters=layout.num_clusters, weight=d.weight,
                                 policy=d.policy))
         offset += int(size)
-    return Mixture(spec=spec, layouts=tuple(layouts), infos=tuple(infos), sample_weights=tuple(weights))
+    return Mixture(spec=spec, layouts=tuple(layouts), infos=tuple(infos), sample_weights=tuple(weights),
+                   token_counts=tuple(counts))
 
 
 def _open_sidecar(dataset: str, cache: Path | None, name: str, where: str):  # -> Sidecar

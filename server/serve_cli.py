@@ -108,14 +108,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def dataset_from_args(args: argparse.Namespace) -> tuple[ClusterLayout, str, str]:
-    """(layout, dataset fingerprint, remote) from DATASET or --cluster-sizes."""
+def dataset_from_args(args: argparse.Namespace) -> tuple[ClusterLayout, str, str, Any]:
+    """(layout, dataset fingerprint, remote, per-sample token counts or None) from DATASET or
+    --cluster-sizes."""
     if bool(args.dataset) == bool(args.cluster_sizes):
         raise ConfigError("give exactly one of DATASET (a folder with a cluster sidecar) or --cluster-sizes")
     if args.cluster_sizes:
         if args.selection:
             raise ConfigError("--selection needs a DATASET with a sidecar, not --cluster-sizes")
-        return synthetic_layout(args), "", args.remote
+        return synthetic_layout(args), "", args.remote, None
     refuse_block_size_for_dataset(args)
     from croupier.format.remote import SIDECAR_CACHE_DIR, fetch_sidecar, is_remote
     from croupier.shards.sidecar import Sidecar
@@ -123,11 +124,11 @@ def dataset_from_args(args: argparse.Namespace) -> tuple[ClusterLayout, str, str
     if is_remote(args.dataset):  # an object store: the sidecar is read from a fresh local copy
         side = Sidecar.open(fetch_sidecar(args.dataset, Path(args.state_dir) / SIDECAR_CACHE_DIR))
         layout = side.layout(args.selection or None)
-        return layout, side.fingerprint, args.remote or side.remote or args.dataset
+        return layout, side.fingerprint, args.remote or side.remote or args.dataset, side.token_counts()
     side = Sidecar.open(args.dataset)
     layout = side.layout(args.selection or None)
     remote = args.remote or side.remote or str(Path(args.dataset).resolve())
-    return layout, side.fingerprint, remote
+    return layout, side.fingerprint, remote, side.token_counts()
 
 
 def _lock_state_dir(state_dir: Path) -> int:
@@ -179,9 +180,11 @@ def run(args: argparse.Namespace) -> int:
         config = mixture.policy_config(0) if mixture.single else None
         dataset_fp, remote, selection = (first.fingerprint, first.remote, first.selection) if mixture.single \
             else ("", "", "")
+        token_counts = mixture.token_counts_by_offset()
     else:
         config = policy_from_args(args)
-        layout, dataset_fp, remote = dataset_from_args(args)
+        layout, dataset_fp, remote, counts = dataset_from_args(args)
+        token_counts = None if counts is None else [(0, counts)]
         selection = args.selection
     spec = JobSpec(name=args.job, dataset_remote=remote, dataset_fingerprint=dataset_fp, selection=selection,
                    max_lag=args.max_lag, max_lookahead=args.lookahead, checkpoint_every=args.checkpoint_every,
@@ -189,13 +192,14 @@ def run(args: argparse.Namespace) -> int:
     store = CheckpointStore(args.state_dir, keep=args.keep_checkpoints)
     lock_fd = _lock_state_dir(store.dir)
     try:
-        return _serve(args, layout, config, spec, store, token, admin, mixture)
+        return _serve(args, layout, config, spec, store, token, admin, mixture, token_counts)
     finally:
         os.close(lock_fd)
 
 
 def _serve(args: argparse.Namespace, layout: ClusterLayout, config: PolicyConfig | None, spec: JobSpec,
-           store: CheckpointStore, token: str | None, admin: str | None, mixture: "Mixture | None" = None) -> int:
+           store: CheckpointStore, token: str | None, admin: str | None, mixture: "Mixture | None" = None,
+           token_counts: Any = None) -> int:
     logs.configure(args.log_level)
     stop = threading.Event()  # installed first: a signal during start-up still stops cleanly
     received: list[int] = []
@@ -215,7 +219,7 @@ def _serve(args: argparse.Namespace, layout: ClusterLayout, config: PolicyConfig
     elif args.adapt_param:
         raise ConfigError("--adapt-param needs --adapt NAME")
     job = Job(layout, config, args.global_batch, args.seed, spec=spec, store=store, fresh=args.fresh,
-              mixture=mixture, adapt=adapt)
+              mixture=mixture, adapt=adapt, token_counts=token_counts)
     metrics = ServerMetrics(job)
     host = args.host
     address = f"[{host}]:{args.port}" if ":" in host else f"{host}:{args.port}"

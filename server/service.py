@@ -139,6 +139,12 @@ def status_response(job: Job, st: JobStatus, include_clusters: bool) -> pb2.GetS
             resp.adapt.group_loss.extend(a.group_loss.tolist())
             resp.adapt.group_samples.extend(a.group_samples.tolist())
             resp.adapt.group_weight.extend(a.group_weight.tolist())
+    if st.tokens is not None:
+        resp.tokens_counted = True
+        resp.tokens_drawn = int(st.tokens.sum())
+        resp.tokens_since_step = st.tokens_since
+        if include_clusters:
+            resp.cluster_tokens.extend(st.tokens.tolist())
     if include_clusters:
         resp.cluster_sizes.extend(st.sizes.tolist())
         resp.cluster_draws.extend(st.draws.tolist())

@@ -243,7 +243,7 @@ class RankStatus(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., next_step: _Optional[int] = ..., delivered_step: _Optional[int] = ..., seconds_since_seen: _Optional[float] = ..., connected: _Optional[bool] = ..., live: _Optional[bool] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("job", "generated_step", "durable_step", "slowest_step", "fastest_step", "ranks", "active_clusters", "clip", "cluster_sizes", "cluster_draws", "cluster_passes", "cluster_clipped_at", "checkpoint_error", "checkpoint_failures", "generated_mark", "sessions", "open_streams", "adapt")
+    __slots__ = ("job", "generated_step", "durable_step", "slowest_step", "fastest_step", "ranks", "active_clusters", "clip", "cluster_sizes", "cluster_draws", "cluster_passes", "cluster_clipped_at", "checkpoint_error", "checkpoint_failures", "generated_mark", "sessions", "open_streams", "adapt", "tokens_counted", "tokens_drawn", "tokens_since_step", "cluster_tokens")
     JOB_FIELD_NUMBER: _ClassVar[int]
     GENERATED_STEP_FIELD_NUMBER: _ClassVar[int]
     DURABLE_STEP_FIELD_NUMBER: _ClassVar[int]
@@ -262,6 +262,10 @@ class GetStatusResponse(_message.Message):
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     OPEN_STREAMS_FIELD_NUMBER: _ClassVar[int]
     ADAPT_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_COUNTED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_DRAWN_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_SINCE_STEP_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_TOKENS_FIELD_NUMBER: _ClassVar[int]
     job: JobInfo
     generated_step: int
     durable_step: int
@@ -280,7 +284,11 @@ class GetStatusResponse(_message.Message):
     sessions: _containers.RepeatedCompositeFieldContainer[SessionStatus]
     open_streams: int
     adapt: AdaptStatus
-    def __init__(self, job: _Optional[_Union[JobInfo, _Mapping]] = ..., generated_step: _Optional[int] = ..., durable_step: _Optional[int] = ..., slowest_step: _Optional[int] = ..., fastest_step: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., active_clusters: _Optional[int] = ..., clip: _Optional[int] = ..., cluster_sizes: _Optional[_Iterable[int]] = ..., cluster_draws: _Optional[_Iterable[int]] = ..., cluster_passes: _Optional[_Iterable[int]] = ..., cluster_clipped_at: _Optional[_Iterable[int]] = ..., checkpoint_error: _Optional[str] = ..., checkpoint_failures: _Optional[int] = ..., generated_mark: _Optional[int] = ..., sessions: _Optional[_Iterable[_Union[SessionStatus, _Mapping]]] = ..., open_streams: _Optional[int] = ..., adapt: _Optional[_Union[AdaptStatus, _Mapping]] = ...) -> None: ...
+    tokens_counted: bool
+    tokens_drawn: int
+    tokens_since_step: int
+    cluster_tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, job: _Optional[_Union[JobInfo, _Mapping]] = ..., generated_step: _Optional[int] = ..., durable_step: _Optional[int] = ..., slowest_step: _Optional[int] = ..., fastest_step: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., active_clusters: _Optional[int] = ..., clip: _Optional[int] = ..., cluster_sizes: _Optional[_Iterable[int]] = ..., cluster_draws: _Optional[_Iterable[int]] = ..., cluster_passes: _Optional[_Iterable[int]] = ..., cluster_clipped_at: _Optional[_Iterable[int]] = ..., checkpoint_error: _Optional[str] = ..., checkpoint_failures: _Optional[int] = ..., generated_mark: _Optional[int] = ..., sessions: _Optional[_Iterable[_Union[SessionStatus, _Mapping]]] = ..., open_streams: _Optional[int] = ..., adapt: _Optional[_Union[AdaptStatus, _Mapping]] = ..., tokens_counted: _Optional[bool] = ..., tokens_drawn: _Optional[int] = ..., tokens_since_step: _Optional[int] = ..., cluster_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepLosses(_message.Message):
     __slots__ = ("step", "losses", "present")
