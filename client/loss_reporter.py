@@ -49,6 +49,7 @@ class LossReporter:
         self._max_pending = int(max_pending)
         self._cond = threading.Condition()
         self._closed = False
+        self._flushing = False
         self._inflight = 0
         self.counters = {"queued": 0, "sent": 0, "accepted": 0, "refused": 0, "dropped": 0, "failed_calls": 0}
         self._refusal_rules: set[str] = set()
@@ -75,8 +76,11 @@ class LossReporter:
     def flush(self, timeout: float = 5.0) -> bool:
         """Waits until everything queued so far was sent (or dropped); False on timeout."""
         with self._cond:
+            self._flushing = True
             self._cond.notify_all()
-            return self._cond.wait_for(lambda: not self._queue and not self._inflight, timeout)
+            done = self._cond.wait_for(lambda: not self._queue and not self._inflight, timeout)
+            self._flushing = False
+            return done
 
     def close(self, timeout: float = 5.0) -> None:
         """Sends what is queued (within `timeout`) and stops the thread."""
@@ -89,7 +93,8 @@ class LossReporter:
     def _run(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._closed or len(self._queue) >= self.max_batch, self.interval_s)
+                self._cond.wait_for(lambda: self._closed or self._flushing or len(self._queue) >= self.max_batch,
+                                    self.interval_s)
                 if not self._queue:
                     if self._closed:
                         return
