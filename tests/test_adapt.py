@@ -234,3 +234,57 @@ def test_report_shows_weights_over_time_and_who_changed_them(tmp_path: Path) -> 
     assert "odm" in (tmp_path / "rep" / "changes.txt").read_text()
     with pytest.raises(ConfigError):
         from_state_dir(tmp_path / "s")  # names no dataset
+
+
+def test_faults_a_refusing_event_log_a_failing_controller_and_an_unreachable_server(tmp_path: Path,
+                                                                                    monkeypatch) -> None:
+    """No fault in the feedback path stalls the sequence: each is refused or dropped, counted and logged."""
+    from prometheus_client import generate_latest
+
+    from croupier.client.loss_reporter import LossReporter
+    from croupier.errors import CroupierError
+    from croupier.server.event_log import EventLog
+    from croupier.server.metrics import ServerMetrics
+
+    j = Job(ClusterLayout.from_sizes(SIZES), PolicyConfig("clusterclip", clip=50), B, 0,
+            spec=JobSpec(name="a", max_lookahead=2), store=CheckpointStore(tmp_path / "s"),
+            adapt=AdaptSpec("loss-softmax", every=5))
+    j.join(0, 1, "a")
+
+    def full_disk(self, event):  # the state directory's disk refuses the append
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(EventLog, "append", full_disk)
+        with pytest.raises(CroupierError, match="online change not applied.*No space left"):
+            j.update(3, clip=60)
+        for t in range(12):  # controller proposals fail the same way: logged, counted, generation goes on
+            ids = j._batch_locked(t)
+            with j._lock:
+                j._table.ranks[0].delivered_step = t + 1
+            j.report_losses(0, 1, [(t, losses_of(ids), None)], "a")
+    st = j.status()
+    assert st.log_failures >= 2 and st.adapt_failures >= 1 and st.generated_step >= 12 and not st.changes
+    text = generate_latest(ServerMetrics(j).registry).decode()
+    assert "croupier_adapt_failures_total" in text and "croupier_event_log_failures_total" in text
+
+    def broken(self, stats, weights, step):
+        raise RuntimeError("controller bug")
+
+    with monkeypatch.context() as m:
+        m.setattr(type(j.adapter.controller), "propose", broken)
+        assert j._batch_locked(16) is not None
+    assert j.status().adapt_failures > st.adapt_failures
+    # Healthy again: the next proposal is recorded.
+    j._batch_locked(25)
+    assert any(origin == "loss-softmax" for _, origin, _, _ in j.status().changes)
+    j.close()
+
+    def unreachable(batch):
+        raise ConnectionError("server gone")
+
+    rep = LossReporter(unreachable, interval_s=0.01, max_batch=2, max_pending=4)
+    for step in range(10):
+        rep.add(step, np.ones(4))  # returns at once: the sender thread meets the fault
+    rep.close(timeout=5)
+    assert rep.counters["queued"] == 10 and rep.counters["dropped"] == 10 and rep.counters["sent"] == 0
