@@ -7,7 +7,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +68,7 @@ def test_equal_losses_move_no_weight_by_more_than_ten_percent() -> None:
               spec=JobSpec(name="a", max_lookahead=2), adapt=AdaptSpec("loss-softmax", every=10))
     job.join(0, 1, "a")
     for t in range(100):
-        ids = job._batch_locked(t)
+        job._batch_locked(t)
         with job._lock:
             job._table.ranks[0].delivered_step = t + 1
         acc, refused = job.report_losses(0, 1, [(t, np.ones(B), None)], "a")

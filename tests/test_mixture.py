@@ -17,7 +17,7 @@ from croupier.server.engine import Sampler
 from croupier.server.job import Job
 from croupier.server.layout import ClusterLayout
 from croupier.server.mix_engine import MixSampler, allocate
-from croupier.server.mixture import load_mix, open_mix, parse_mix
+from croupier.server.mixture import open_mix, parse_mix
 from croupier.server.policy import PolicyConfig
 from croupier.server.state import SamplerState
 from croupier.server.store import CheckpointStore
