@@ -391,19 +391,21 @@ class Job:
         else:  # a state directory from before the event log: its checkpoint lists the changes
             self._events = [Change.from_dict(e) for e in meta.events]
             n = len(self._events)
-        for ev in self._events[n:]:  # changes made after the checkpoint, durable in the log
-            self._gen.schedule_change(ev)
-        for ev in self._events:
-            self._view_change(ev)
         if self.adapter is not None and meta.adapt_bytes:
             self.adapter.load_bytes(ck.state[len(ck.state) - meta.adapt_bytes:])
+        for ev in self._events[n:]:  # changes made after the checkpoint, durable in the log
+            self._gen.schedule_change(ev)
+            if self.adapter is not None:
+                self._note_adapted_locked(ev)
+        for ev in self._events:
+            self._view_change(ev)
         if self._tally is not None:
             if meta.tokens_bytes:
                 end = len(ck.state) - meta.adapt_bytes
                 self._tally.load(ck.state[end - meta.tokens_bytes:end], state.step)
             else:
                 self._tally.restart(state.step)
-        saved = _Saved(SamplerState.from_bytes(self._state_part(ck)), n)
+        saved = _Saved(state, n)
         self._snapshots = {0: self._snapshots[0], ck.step: saved}
         self._pinned[ck.step] = saved
         self._durable_step = ck.step
