@@ -56,6 +56,14 @@ class Variant:
 
     name: str
     policy: dict
+    adapt: str | None = None  # a controller (serve --adapt): the trainer reports per-example losses
+
+
+def adaptive_variants(budget_steps: int) -> list[Variant]:
+    """random, static clusterclip (auto clip) and the same with each controller re-weighting it."""
+    auto = {"policy": "clusterclip", "auto_clip": True, "budget_steps": budget_steps, "on_exhausted": "random"}
+    return [Variant("random", {"policy": "random"}), Variant("clusterclip auto", auto)] + [
+        Variant(f"adapt {name}", auto, adapt=name) for name in ("odm", "ado", "loss-softmax")]
 
 
 def variants(budget_steps: int, clips: Sequence[int]) -> list[Variant]:
@@ -172,11 +180,13 @@ def train_one(prep: Prepared, variant: Variant, *, steps: int, batch: int, cache
     from croupier.server.policy import PolicyConfig
     from croupier.server.service import create_server
     from croupier.server.topology import Topology
+    from croupier.server.adapt import AdaptSpec
     from croupier.tinylm import TinyLMConfig, build_model, encode, example_losses, make_optimizer, \
-        per_cluster_mean, train_step
+        per_cluster_mean, train_step, train_step_losses
 
     config = PolicyConfig.from_dict(variant.policy)
-    job = Job(prep.layout, config, batch, seed,
+    adapt = None if variant.adapt is None else AdaptSpec(variant.adapt, every=max(5, steps // 30))
+    job = Job(prep.layout, config, batch, seed, adapt=adapt,
               spec=JobSpec(name="compare", dataset_remote=str(prep.dataset), dataset_fingerprint=prep.fingerprint))
     server, port = create_server(job, "127.0.0.1:0")
     cfg = TinyLMConfig(context=context)
@@ -190,17 +200,24 @@ def train_one(prep: Prepared, variant: Variant, *, steps: int, batch: int, cache
         texts: list[str] = []
         current = None
         seen = 0
+        def step_on(texts: list[str], step: int) -> float:
+            if adapt is None:
+                return train_step(model, opt, encode(texts, context))
+            value, per = train_step_losses(model, opt, encode(texts, context))
+            ds.report_losses(step, per)  # asynchronous: the server's controller learns from it
+            return value
+
         for sample in ds:
             step = sample[STEP_KEY]
             if current is not None and step != current:
-                losses.append(train_step(model, opt, encode(texts, context)))
+                losses.append(step_on(texts, current))
                 texts = []
             current = step
             texts.append(sample["text"])
             seen += 1
             _ = sample[ID_KEY]
         if texts:
-            losses.append(train_step(model, opt, encode(texts, context)))
+            losses.append(step_on(texts, current))
         ds.close()
         status = job.status()
     finally:
@@ -224,8 +241,10 @@ def summarize(result: RunResult, sizes: np.ndarray) -> dict[str, float]:
     order = ok[np.argsort(sizes[ok], kind="stable")]  # rarest first
     q = max(1, len(order) // 4)
     rare, common = order[:q], order[-q:]
+    worst = np.sort(held[ok])[-q:]
     return {
         "mean": float(np.mean(held[ok])),
+        "worst25": float(np.mean(worst)),
         "rare25": float(np.mean(held[rare])),
         "common25": float(np.mean(held[common])),
         "rare_gap": float(np.mean(held[rare] - trn[rare])),
@@ -296,7 +315,8 @@ def plot(results: Sequence[RunResult], sizes: np.ndarray, path: Path) -> Path:
 
 
 def compare(scale: str = "full", out: str | Path | None = None, *, only: Sequence[str] | None = None,
-            seed: int = 0, clusters: str = "topics", log=sys.stderr, **overrides: Any) -> tuple[list[RunResult], dict[str, Any]]:
+            seed: int = 0, clusters: str = "topics", log=sys.stderr, adaptive: bool = False,
+            **overrides: Any) -> tuple[list[RunResult], dict[str, Any]]:
     """Runs the whole comparison; writes results.json and compare.png under `out` when given."""
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)}")
@@ -309,7 +329,7 @@ def compare(scale: str = "full", out: str | Path | None = None, *, only: Sequenc
         prep = prepare(work, params["docs"], params["topics"], params["alpha"], seed, clusters)
         n = len(prep.train_texts)
         steps = max(1, int(round(params["passes"] * n / params["batch"])))
-        all_variants = variants(steps, params["clips"])
+        all_variants = adaptive_variants(steps) if adaptive else variants(steps, params["clips"])
         if only:
             valid = [v.name for v in all_variants]
             unknown = [o for o in only if o not in valid]
@@ -344,6 +364,44 @@ def compare(scale: str = "full", out: str | Path | None = None, *, only: Sequenc
     return results, info
 
 
+def compare_adaptive(scale: str, out: str | Path | None, seeds: Sequence[int], clusters: str = "topics",
+                     log=sys.stderr, **overrides: Any) -> tuple[dict[str, dict[str, list[float]]], str]:
+    """Static clusterclip vs the three controllers vs random, over several seeds (corpus, model
+    and sampler seed move together); returns per-sampler metric lists and the table."""
+    per: dict[str, dict[str, list[float]]] = {}
+    group: dict[str, list[list[float]]] = {}
+    for seed in seeds:
+        results, info = compare(scale, None, seed=seed, clusters=clusters, log=log, adaptive=True, **overrides)
+        for r in results:
+            m = per.setdefault(r.name, {})
+            for key in ("mean", "worst25", "rare25", "common25"):
+                m.setdefault(key, []).append(r.metrics[key])
+            group.setdefault(r.name, []).append([None if np.isnan(x) else float(x) for x in r.heldout_per_cluster])
+    head = (f"{'sampler':<20} {'mean':>15} {'worst25':>15} {'rare25':>15} {'common25':>15}   "
+            f"(mean ± sd over seeds {', '.join(map(str, seeds))})")
+    lines = [head, "-" * len(head)]
+    for name, m in per.items():
+        cells = " ".join(f"{np.mean(v):>7.4f}±{np.std(v):<6.4f}" for v in (m["mean"], m["worst25"], m["rare25"],
+                                                                           m["common25"]))
+        lines.append(f"{name:<20} {cells}")
+    base = per.get("clusterclip auto")
+    if base:
+        lines.append("")
+        for name, m in per.items():
+            if name.startswith("adapt"):
+                wins = sum(a < b for a, b in zip(m["worst25"], base["worst25"]))
+                lines.append(f"{name}: worst25 below static clusterclip in {wins} of {len(seeds)} seeds; "
+                             f"mean {'at or below' if np.mean(m['mean']) <= np.mean(base['mean']) else 'above'} it")
+    table = "\n".join(lines)
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "adaptive.json").write_text(json.dumps({"seeds": list(seeds), "scale": scale, "metrics": per,
+                                                       "heldout_per_cluster": group}, indent=1))
+        (out / "adaptive.txt").write_text(table + "\n")
+    return per, table
+
+
 def run(scale: str = "full") -> list[dict]:
     """Benchmark-runner entry point: one row per sampler (held-out mean, ratio vs random)."""
     results, _ = compare(scale)
@@ -367,9 +425,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--docs", type=int, default=None)
     p.add_argument("--topics", type=int, default=None)
     p.add_argument("--passes", type=float, default=None)
+    p.add_argument("--adaptive", action="store_true",
+                   help="random vs static clusterclip vs clusterclip re-weighted by odm, ado and loss-softmax "
+                        "(the trainer reports per-example losses), over --seeds")
+    p.add_argument("--seeds", default="0,1,2", help="--adaptive: seeds to run in one go (default 0,1,2)")
     args = p.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()] or None
     t0 = time.perf_counter()
+    if args.adaptive:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+        _, table = compare_adaptive(args.scale, args.out, seeds, clusters=args.clusters, docs=args.docs,
+                                    topics=args.topics, passes=args.passes)
+        print(table)
+        print(f"\nloss: held-out nats/byte per cluster (lower is better); worst25 = mean of the worst quartile of "
+              f"clusters; wrote {args.out}/adaptive.txt, adaptive.json in {time.perf_counter() - t0:.0f}s")
+        return 0
     results, info = compare(args.scale, args.out, only=only, seed=args.seed, clusters=args.clusters, docs=args.docs, topics=args.topics,
                             passes=args.passes)
     print(f"\n{info['train_docs']} training docs, {info['clusters']} clusters ({info['clusters_from']}), {info['steps']} steps x "

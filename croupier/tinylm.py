@@ -143,6 +143,13 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, examples: tor
 
     `model` may be a DistributedDataParallel wrapper (gradients are averaged over ranks).
     """
+    return train_step_losses(model, optimizer, examples, clip_norm)[0]
+
+
+def train_step_losses(model: nn.Module, optimizer: torch.optim.Optimizer, examples: torch.Tensor,
+                      clip_norm: float = 1.0) -> tuple[float, np.ndarray]:
+    """`train_step`, also returning each example's mean training loss (nats per byte) from the
+    same forward pass: what a trainer reports to the server (`report_losses`)."""
     inner = model.module if hasattr(model, "module") else model
     model.train()
     optimizer.zero_grad(set_to_none=True)
@@ -154,7 +161,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, examples: tor
     value.backward()
     torch.nn.utils.clip_grad_norm_(inner.parameters(), clip_norm)
     optimizer.step()
-    return float(value.detach())
+    with torch.no_grad():
+        per = (losses * mask).reshape(len(examples), -1).sum(1) / mask.reshape(len(examples), -1).sum(1).clamp(min=1.0)
+    return float(value.detach()), per.double().numpy()
 
 
 @torch.no_grad()
