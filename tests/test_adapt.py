@@ -287,3 +287,59 @@ def test_faults_a_refusing_event_log_a_failing_controller_and_an_unreachable_ser
         rep.add(step, np.ones(4))  # returns at once: the sender thread meets the fault
     rep.close(timeout=5)
     assert rep.counters["queued"] == 10 and rep.counters["dropped"] == 10 and rep.counters["sent"] == 0
+
+
+def test_a_mixture_adapts_its_source_weights() -> None:
+    from croupier.server.mixture import open_mix, parse_mix
+
+    mix = open_mix(parse_mix('[sources.hot]\ncluster_sizes = [400, 400]\nweight = 1\npolicy = "uniform"\n'
+                             '[sources.cold]\ncluster_sizes = [400, 400]\nweight = 1\npolicy = "uniform"\n'))
+    job = Job(None, None, B, 0, spec=JobSpec(name="m", max_lookahead=2), mixture=mix,
+              adapt=AdaptSpec("loss-softmax", every=10, groups="sources"))
+    job.join(0, 1, "m")
+    batches = []
+    for t in range(100):
+        ids = job._batch_locked(t)
+        batches.append(ids)
+        with job._lock:
+            job._table.ranks[0].delivered_step = t + 1
+        assert job.report_losses(0, 1, [(t, np.where(ids < 800, 5.0, 1.0), None)], "m")[0] == 1
+    hot = float((np.concatenate(batches[-30:]) < 800).mean())
+    assert hot >= 0.75, hot  # from half of every batch to at least three quarters
+    assert job.source_counters().weights[0] > 2 * job.source_counters().weights[1]
+    with pytest.raises(ConfigError, match="needs a mixture"):
+        Job(ClusterLayout.from_sizes(SIZES), PolicyConfig("clusterclip", clip=5), B, 0,
+            adapt=AdaptSpec("odm", every=10, groups="sources"))
+    job.close()
+
+
+@pytest.mark.slow
+def test_loss_reports_travel_through_the_node_agent(tmp_path: Path) -> None:
+    from croupier.client.agent_protocol import INFO_NAME, socket_path
+    from workers.harness import CROUPIER, env_for_subprocess, kill_tree, wait_for
+
+    job = Job(ClusterLayout.from_sizes(SIZES), PolicyConfig("clusterclip", clip=50), B, 0,
+              spec=JobSpec(name="a", max_lookahead=4), adapt=AdaptSpec("odm", every=10))
+    server, port = create_server(job, "127.0.0.1:0")
+    runtime = tmp_path / "run"
+    with open(tmp_path / "agent.log", "wb") as log:
+        agent = subprocess.Popen([CROUPIER, "agent", "--server", f"127.0.0.1:{port}", "--runtime-dir", str(runtime),
+                                  "--cache-dir", str(tmp_path / "cache")], stdout=log, stderr=subprocess.STDOUT,
+                                 env=env_for_subprocess(), start_new_session=True)
+    try:
+        wait_for(lambda: socket_path(runtime).exists() and (runtime / INFO_NAME).exists(), 60, "the agent")
+        with RankClient("agent", job="a", topology=Topology(0, 1), agent=str(runtime), lookahead=4,
+                        stop_step=20) as c:
+            for step, ids in c:
+                c.report_losses(step, losses_of(ids))
+            assert c.flush_losses(30)
+            assert c.loss_report_stats()["accepted"] == 20
+        assert job.status().adapt.accepted == 20
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        try:
+            agent.wait(60)
+        finally:
+            kill_tree(agent)
+        server.stop(0)
+        job.close()
