@@ -42,7 +42,7 @@ from croupier import __version__
 from croupier.client.node_cache import MixNodeCache
 from croupier.client.agent_protocol import (BEAT, BEAT_S, CALL, CONSUMER_TIMEOUT_S, FETCH, FORWARDED_CALLS, HELLO,
                                             INFO_NAME, LOCK_NAME, REPLY, SESSION, STATS_NAME, endpoint, socket_path)
-from croupier.client.channel import auth_metadata, open_channel
+from croupier.client.channel import auth_metadata
 from croupier.client.rank_feed import RankFeed
 from croupier.errors import ConfigError
 from croupier.format.atomic import write_bytes_atomic
@@ -668,4 +668,4 @@ def _stop_timed_out(agent: NodeAgent, deadline_s: float) -> None:
     os._exit(1)
 
 
-__all__ = ["NodeAgent", "AgentLocked", "run_agent", "open_channel"]
+__all__ = ["NodeAgent", "AgentLocked", "run_agent"]

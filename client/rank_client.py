@@ -353,7 +353,6 @@ class RankClient:
                 if self._closed.is_set():
                     call.cancel()
                     return
-                ended = False
                 for response in call:
                     attempt, failing_since = 0, None
                     for ev in response.events:

@@ -18,7 +18,7 @@ from typing import Any, Iterator, Protocol
 import grpc
 
 from croupier.client.channel import open_channel
-from croupier.client.errors import ClientError, from_rpc_error
+from croupier.client.errors import from_rpc_error
 from croupier.proto import pb2
 
 LANE = 1
@@ -124,4 +124,4 @@ class GrpcTransport:
             self._channel.close()
 
 
-__all__ = ["LANE", "LaneCall", "Transport", "GrpcTransport", "ClientError"]
+__all__ = ["LANE", "LaneCall", "Transport", "GrpcTransport"]
