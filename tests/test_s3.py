@@ -150,3 +150,26 @@ def test_a_corrupted_object_is_refused_naming_the_shard(s3, tmp_path, corpus):
 
     with pytest.raises(DatasetError, match=rf"sidecar manifest {url}/croupier/manifest.json does not exist"):
         fetch_sidecar(url, tmp_path / "sidecars")
+
+
+def test_a_mixture_source_on_the_object_store_reads_its_sidecar_from_the_bucket(s3, tmp_path, corpus):
+    from croupier.server.mixture import load_mix
+
+    src = tmp_path / "docs.jsonl"
+    write_jsonl(src, corpus[:200])
+    url = f"s3://{BUCKET}/mix/web"
+    assert main(_build_args(src, url, "--work-dir", str(tmp_path / "work"))) == 0
+    assert main(_build_args(src, str(tmp_path / "books"))) == 0
+    mix = tmp_path / "mix.toml"
+    mix.write_text(f'[sources.web]\ndataset = "{url}"\nweight = 2\npolicy = "clusterclip"\nclip = 2\n'
+                   f'[sources.books]\ndataset = "{tmp_path / "books"}"\nweight = 1\npolicy = "uniform"\n')
+    m = load_mix(mix, tmp_path / "sidecars")
+    local = Sidecar.open(tmp_path / "books")
+    assert [i.remote for i in m.infos] == [url, str(tmp_path / "books")]
+    assert m.infos[0].fingerprint == local.fingerprint  # same inputs, same dataset, read from the bucket
+    assert m.infos[1].offset == m.infos[0].size == 200
+    out = subprocess.run([sys.executable, "-m", "croupier", "simulate", "--mix", str(mix), "--global-batch", "12",
+                          "--steps", "4", "--format", "jsonl"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    ref = m.new_sampler(12, 0)
+    assert [json.loads(x)["indices"] for x in out.stdout.splitlines()] == [ref.next_batch().tolist() for _ in range(4)]
