@@ -445,7 +445,7 @@ class MixSampler:
 
     def _index_active(self) -> None:
         self._active = np.flatnonzero(self._is_active)
-        self._cum = np.cumsum(self._cw[self._active])
+        self._cum = np.cumsum(self._cw[self._active]) if self._has_cw else None
         src = self._src_of[self._active]
         s_range = np.arange(len(self.sources))
         self._lo = np.searchsorted(src, s_range, side="left")
@@ -474,7 +474,13 @@ class MixSampler:
         self._clipped_at[capped & (self._clipped_at < 0)] = step
 
     def _draw_clusters(self, rng: np.random.Generator, src: np.ndarray) -> np.ndarray:
+        """Each slot's cluster among its source's active clusters: uniformly, or (when any
+        cluster weights are set) in proportion to them."""
         lo, hi = self._lo[src], self._hi[src]
+        if self._cum is None:
+            idx = lo + (rng.random(src.size) * (hi - lo)).astype(np.int64)
+            np.minimum(idx, hi - 1, out=idx)
+            return self._active[idx]
         base = np.where(lo > 0, self._cum[np.maximum(lo - 1, 0)], 0.0)
         top = self._cum[hi - 1]
         u = base + rng.random(src.size) * (top - base)
