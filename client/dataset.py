@@ -256,7 +256,7 @@ class CroupierIterableDataset(IterableDataset):
     def _open_mix_store(self, job: Any, client: RankClient | None = None):
         """A mixture job: each source read from its own remote and cache (`client.mix_store`)."""
         from croupier.client.mix_store import MixStore
-        from croupier.client.shard_store import ShardStore
+        from croupier.client.shard_store import PrefetchPool, ShardStore
 
         if self.remote:
             raise ConfigError(f"remote={self.remote!r} names one dataset, but job {self.job!r} is a mixture of "
@@ -271,11 +271,14 @@ class CroupierIterableDataset(IterableDataset):
 
             return MixStore(list(job.sources), open_agent_source, None)
 
+        pool = PrefetchPool(self.prefetch_threads) if self.prefetch_threads else None
+
         def open_source(i: int, src: Any, limit: int | None) -> Any:
             return ShardStore(src.remote, self.cache_dir, fingerprint=src.fingerprint or None, cache_limit=limit,
-                              prefetch_threads=self.prefetch_threads)
+                              prefetch_threads=self.prefetch_threads, prefetch_pool=pool)
 
-        return MixStore(list(job.sources), open_source, self.cache_limit)
+        return MixStore(list(job.sources), open_source, self.cache_limit,
+                        on_close=None if pool is None else pool.close)
 
     # -- checkpoint state ---------------------------------------------------------------------
 

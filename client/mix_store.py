@@ -8,7 +8,8 @@ threads) is opened the first time one of its ids is read, so a rank that never d
 source holds nothing for it. Each source is checked against its own fingerprint.
 
 cache_limit: the byte limit is split evenly over the sources (each store must still hold
-its largest shard); None = no limit.
+its largest shard); None = no limit. The sources' stores share one pool of prefetch threads
+(`shard_store.PrefetchPool`), so threads do not grow with the number of sources.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class MixStore:
     """get / prefetch / release / stats / close, as `ShardStore`, over a mixture's sources."""
 
     def __init__(self, sources: Sequence[Any], open_source: Callable[[int, Any, int | None], Any],
-                 cache_limit: int | None = None) -> None:
+                 cache_limit: int | None = None, on_close: Callable[[], None] | None = None) -> None:
         if not sources:
             raise ConfigError("a mixture job lists no sources")
         self.sources = list(sources)
@@ -37,6 +38,7 @@ class MixStore:
         self._open_source = open_source
         self._limit = None if cache_limit is None else max(1, int(cache_limit) // len(self.sources))
         self._stores: dict[int, Any] = {}
+        self._on_close = on_close
 
     def source_of(self, ids: np.ndarray) -> np.ndarray:
         """Source index of each global id; refuses an id outside every source."""
@@ -88,3 +90,5 @@ class MixStore:
         for st in self._stores.values():
             st.close()
         self._stores.clear()
+        if self._on_close is not None:
+            self._on_close()

@@ -80,6 +80,8 @@ class ShardStore:
     allow_unsafe_types: accept shards with pickle columns (arbitrary code on decode).
     index_bytes: the dataset's index.json when the caller has it (a node agent's cache): then
         the remote's is not fetched. Its fingerprint is checked all the same.
+    prefetch_pool: download threads shared with other stores (a mixture's sources): the store
+        then starts no threads of its own and `prefetch_threads` is ignored.
 
     The index.json is fetched and checked at construction, so a wrong remote or a rewritten
     dataset fails at once. Counters from `stats()` are per process.
@@ -88,7 +90,8 @@ class ShardStore:
     def __init__(self, remote: str | Path, cache_root: str | Path, fingerprint: str | None = None,
                  cache_limit: int | None = None, prefetch_threads: int = 4, *,
                  download_attempts: int = 2, download_timeout: float = 60.0,
-                 allow_unsafe_types: bool = False, index_bytes: bytes | None = None) -> None:
+                 allow_unsafe_types: bool = False, index_bytes: bytes | None = None,
+                 prefetch_pool: "PrefetchPool | None" = None) -> None:
         if cache_limit is not None and (isinstance(cache_limit, bool) or int(cache_limit) <= 0):
             raise ConfigError(f"cache_limit must be a positive number of bytes or None, got {cache_limit!r}")
         if isinstance(prefetch_threads, bool) or not isinstance(prefetch_threads, int) or prefetch_threads < 0:
@@ -101,6 +104,7 @@ class ShardStore:
         self.cache_root = Path(cache_root)
         self.cache_limit = None if cache_limit is None else int(cache_limit)
         self.prefetch_threads = prefetch_threads
+        self.prefetch_pool = prefetch_pool
         self.download_attempts = int(download_attempts)
         self.download_timeout = float(download_timeout)
 
@@ -257,6 +261,7 @@ class _Runtime:
         self.peak = 0
         self.counters = self.zero_counters()
         self.threads: list[threading.Thread] = []
+        self.pool_loads = 0  # loads a shared PrefetchPool thread is running for this runtime
         self.closed = False
         self._adopt_leftovers()
 
@@ -390,6 +395,9 @@ class _Runtime:
 
     # -- prefetch threads ------------------------------------------------------------------------
     def _start_threads(self) -> None:
+        if self.store.prefetch_pool is not None:
+            self.store.prefetch_pool.attach(self)
+            return
         while len(self.threads) < self.store.prefetch_threads:
             t = threading.Thread(target=self._worker, name=f"croupier-prefetch-{len(self.threads)}",
                                  daemon=True)
@@ -625,6 +633,10 @@ class _Runtime:
         with self.cond:
             self.closed = True
             self.cond.notify_all()
+        if self.store.prefetch_pool is not None:
+            self.store.prefetch_pool.detach(self)
+            with self.cond:
+                self.cond.wait_for(lambda: self.pool_loads == 0)
         for t in self.threads:
             t.join()
         with self.cond:
@@ -639,6 +651,87 @@ class _Runtime:
             except OSError:
                 pass
         self.pins = {}
+
+
+class PrefetchPool:
+    """Download threads shared by several stores of one process (a mixture's sources), so a
+    rank holds `threads` prefetch threads however many sources it reads. Each thread takes the
+    next shard any attached store wants (stores in turn), under that store's own rules
+    (need order, cache limit), and loads it; with nothing to do it sleeps until a store asks
+    again (or a short timeout, for room freed by reads)."""
+
+    def __init__(self, threads: int = 4) -> None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ConfigError(f"prefetch pool threads must be an integer >= 1, got {threads!r}")
+        self.size = threads
+        self._cond = threading.Condition()
+        self._runtimes: list[_Runtime] = []
+        self._threads: list[threading.Thread] = []
+        self._turn = 0
+        self._wanted = False
+        self._closed = False
+
+    def attach(self, rt: "_Runtime") -> None:
+        """A store has shards to prefetch (idempotent); starts the threads on first use."""
+        with self._cond:
+            if rt not in self._runtimes:
+                self._runtimes.append(rt)
+            while len(self._threads) < self.size and not self._closed:
+                t = threading.Thread(target=self._worker, name=f"croupier-prefetch-pool-{len(self._threads)}",
+                                     daemon=True)
+                self._threads.append(t)
+                t.start()
+            self._wanted = True
+            self._cond.notify_all()
+
+    def detach(self, rt: "_Runtime") -> None:
+        with self._cond:
+            if rt in self._runtimes:
+                self._runtimes.remove(rt)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join()
+
+    def _take(self) -> tuple["_Runtime", int] | None:
+        with self._cond:
+            rts = list(self._runtimes)
+            self._turn += 1
+        for i in range(len(rts)):
+            rt = rts[(self._turn + i) % len(rts)]
+            with rt.cond:
+                if rt.closed:
+                    continue
+                s = rt._next_prefetch()
+                if s is not None:
+                    rt.pool_loads += 1
+                    return rt, s
+        return None
+
+    def _worker(self) -> None:
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+            job = self._take()
+            if job is None:
+                with self._cond:
+                    if not self._wanted and not self._closed:
+                        self._cond.wait(0.05)
+                    self._wanted = False
+                continue
+            rt, s = job
+            try:
+                rt._load(s)
+            except Exception as e:  # surfaces again, from the reading thread, at get()
+                log.warning("prefetch of shard %s failed: %s", _shard_name(rt.readers[s]), e)
+            finally:
+                with rt.cond:
+                    rt.pool_loads -= 1
+                    rt.cond.notify_all()
 
 
 # -- helpers ----------------------------------------------------------------------------------------

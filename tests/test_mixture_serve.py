@@ -160,3 +160,34 @@ def test_elastic_resume_online_change_and_kill9_replay(tmp_path: Path) -> None:
     assert (tmp_path / "rep" / "sources_over_time.png").stat().st_size > 0
     table = (tmp_path / "rep" / "sources.txt").read_text().splitlines()
     assert [line.split()[0] for line in table[1:]] == ["a", "b", "c"] and table[3].split()[1] == "0"
+
+
+def test_sources_share_one_pool_of_prefetch_threads(tmp_path: Path, build_dataset) -> None:
+    """Threads do not grow with the sources a rank reads: the stores share the pool's."""
+    import threading
+
+    from croupier.client.mix_store import MixStore
+    from croupier.client.shard_store import PrefetchPool, ShardStore
+    from croupier.server.mixture import open_mix, parse_mix
+
+    paths = [build_dataset(tmp_path / f"d{i}", num_docs=60, topics=2) for i in range(5)]
+    mix = open_mix(parse_mix("".join(f'[sources.d{i}]\ndataset = "{p}"\nweight = 1\npolicy = "uniform"\n'
+                                     for i, p in enumerate(paths))))
+    pool = PrefetchPool(2)
+    store = MixStore(list(mix.infos), lambda i, src, limit: ShardStore(src.remote, tmp_path / "cache",
+                                                                       fingerprint=src.fingerprint,
+                                                                       prefetch_pool=pool), on_close=pool.close)
+    sampler = mix.new_sampler(20, 0)
+    before = threading.active_count()
+    batches = [sampler.next_batch() for _ in range(6)]
+    for b in batches:
+        store.prefetch(b)
+    for b in batches:
+        samples = store.get(b)
+        assert len(samples) == len(b)
+        store.release(b)
+    assert store.stats()["sources_open"] == 5
+    assert threading.active_count() - before <= 2
+    assert sum(th.name.startswith("croupier-prefetch-pool") for th in threading.enumerate()) == 2
+    store.close()
+    assert not any(th.name.startswith("croupier-prefetch-pool") for th in threading.enumerate())
