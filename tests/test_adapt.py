@@ -343,3 +343,38 @@ def test_loss_reports_travel_through_the_node_agent(tmp_path: Path) -> None:
             kill_tree(agent)
         server.stop(0)
         job.close()
+
+
+@pytest.mark.slow
+def test_the_training_process_reports_while_dataloader_workers_hold_the_streams(tmp_path: Path) -> None:
+    """DataLoader workers read the slices; the main process reports each trained step's losses
+    (the report names the step, the server knows its ids)."""
+    from torch.utils.data import DataLoader
+
+    from croupier.client.dataset import ID_KEY, STEP_KEY, CroupierIterableDataset
+    from croupier.format.fingerprint import index_fingerprint
+    from workers.harness import write_mds
+
+    n = sum(SIZES)
+    remote = write_mds(tmp_path / "ds", n)
+    job = Job(ClusterLayout.from_sizes(SIZES), PolicyConfig("clusterclip", clip=50), B, 0,
+              spec=JobSpec(name="w", max_lookahead=4, dataset_remote=str(remote),
+                           dataset_fingerprint=index_fingerprint((remote / "index.json").read_bytes())),
+              adapt=AdaptSpec("loss-softmax", every=5))
+    server, port = create_server(job, "127.0.0.1:0")
+    try:
+        ds = CroupierIterableDataset(f"127.0.0.1:{port}", "w", cache_dir=tmp_path / "cache", steps=12,
+                                     topology=Topology(0, 1), lookahead=4, agent="")
+        steps = []
+        for batch in DataLoader(ds, batch_size=B, num_workers=2):
+            step = int(batch[STEP_KEY][0])
+            steps.append(step)
+            ds.report_losses(step, losses_of(batch[ID_KEY].numpy()))
+        assert ds._control_client().flush_losses(30)
+        ds.close()
+        assert sorted(steps) == list(range(12))
+        st = job.status()
+        assert st.adapt.accepted == 12 and st.adapt.refused == 0 and st.adapt.samples == 12 * B
+    finally:
+        server.stop(0)
+        job.close()
