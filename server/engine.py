@@ -65,6 +65,48 @@ def _group(clusters: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, np.ndar
     return keys >> 32, keys & 0xFFFFFFFF
 
 
+def in_pass_order(k: np.ndarray, n: np.ndarray, keys: np.ndarray, s: int | np.ndarray) -> np.ndarray:
+    """Position inside its cluster of the k-th draw of a pass (vectorized over draws; the read
+    block size `s` is one number, or one per draw).
+
+    Block size 1: a keyed permutation of [0, n). Block size S: blocks of S positions (the last
+    one, of `last` positions, shorter) visited in a keyed order; the k-th draw falls in the
+    block at slot k // S of that order, counting the short block's slot `p_last` as `last`
+    positions long; inside a block, a keyed permutation.
+    """
+    if np.isscalar(s):
+        if s == 1:
+            return permute(k, n, keys)
+        return _block_walk(k, n, keys, np.full(np.shape(k), s, dtype=np.int64))
+    s = np.asarray(s, dtype=np.int64)
+    out = np.empty(np.shape(k), dtype=np.int64)
+    one = s == 1
+    if one.any():
+        out[one] = permute(k[one], n[one], keys[one])
+    if not one.all():
+        many = ~one
+        out[many] = _block_walk(k[many], n[many], keys[many], s[many])
+    return out
+
+
+def _block_walk(k: np.ndarray, n: np.ndarray, keys: np.ndarray, s: np.ndarray) -> np.ndarray:
+    nb = (n + s - 1) // s
+    last = n - (nb - 1) * s
+    block_keys = mix64(keys ^ _BLOCK_TAG)
+    p_last = unpermute(nb - 1, nb, block_keys)
+    lo = p_last * s
+    before = k < lo
+    inside = ~before & (k < lo + last)
+    after = ~before & ~inside
+    slot = np.where(before, k // s, p_last)
+    off = np.where(before, k % s, k - lo)
+    slot[after] = p_last[after] + 1 + (k[after] - lo[after] - last[after]) // s[after]
+    off[after] = (k[after] - lo[after] - last[after]) % s[after]
+    block = permute(slot, nb, block_keys)
+    size = np.where(block == nb - 1, last, s)
+    return block * s + permute(off, size, derive_keys(np.uint64(0), keys, block))
+
+
 class Sampler:
     """Generates the one global sequence of batches for a dataset, policy, batch and seed."""
 
@@ -297,31 +339,7 @@ class Sampler:
         return out
 
     def _in_pass_order(self, k: np.ndarray, n: np.ndarray, keys: np.ndarray) -> np.ndarray:
-        """Position inside its cluster of the k-th draw of a pass (vectorized over draws).
-
-        Block size 1: a keyed permutation of [0, n). Block size S: blocks of S positions
-        (the last one, of `last` positions, shorter) visited in a keyed order; the k-th draw
-        falls in the block at slot k // S of that order, counting the short block's slot
-        `p_last` as `last` positions long; inside a block, a keyed permutation.
-        """
-        s = self.layout.block_size
-        if s == 1:
-            return permute(k, n, keys)
-        nb = (n + s - 1) // s
-        last = n - (nb - 1) * s
-        block_keys = mix64(keys ^ _BLOCK_TAG)
-        p_last = unpermute(nb - 1, nb, block_keys)
-        lo = p_last * s
-        before = k < lo
-        inside = ~before & (k < lo + last)
-        after = ~before & ~inside
-        slot = np.where(before, k // s, p_last)
-        off = np.where(before, k % s, k - lo)
-        slot[after] = p_last[after] + 1 + (k[after] - lo[after] - last[after]) // s
-        off[after] = (k[after] - lo[after] - last[after]) % s
-        block = permute(slot, nb, block_keys)
-        size = np.where(block == nb - 1, last, s)
-        return block * s + permute(off, size, derive_keys(np.uint64(0), keys, block))
+        return in_pass_order(k, n, keys, self.layout.block_size)
 
     def _random_positions(self, m: int) -> np.ndarray:
         """The next m positions of the chain of keyed whole-layout permutations."""

@@ -41,9 +41,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from croupier.errors import ConfigError, EndOfData, FingerprintMismatch, StateError
-from croupier.server.engine import ClusterCounters
+from croupier.server.engine import ClusterCounters, in_pass_order
 from croupier.server.layout import ClusterLayout
-from croupier.server.permutation import derive_keys, mix64, permute, seed_key, unpermute
+from croupier.server.permutation import derive_keys, permute, seed_key
 from croupier.server.policy import check_clip, check_weights
 from croupier.server.state import Change, SamplerState
 
@@ -51,7 +51,6 @@ MIX_ENGINE_VERSION = 1
 _CLUSTER_TAG = 0x4D_43_4C_55  # distinct from the single-source engine's tags
 _RANDOM_TAG = 0x4D_52_4E_44
 _STEP_TAG = 0x4D_53_54_50
-_BLOCK_TAG = np.uint64(0x4D42_4C4F_434B_0001)
 _NO_CAP = np.int64(1) << np.int64(62)
 SOURCE_POLICIES: tuple[str, ...] = ("uniform", "clusterclip", "weighted", "random")
 ON_SOURCE_EXHAUSTED: tuple[str, ...] = ("redistribute", "stop")
@@ -530,7 +529,7 @@ class MixSampler:
         n_c = sizes[sc]
         passes = k // n_c
         keys_c = derive_keys(self._cluster_key, sc, passes)
-        local = self._local_off[sc] + self._in_pass_order(k - passes * n_c, n_c, keys_c, self._block[sc])
+        local = self._local_off[sc] + in_pass_order(k - passes * n_c, n_c, keys_c, self._block[sc])
         out = np.empty(m, dtype=np.int64)
         out[slot_of] = self._to_ids(self._src_of[sc], local)
         return out
@@ -544,34 +543,6 @@ class MixSampler:
                 sel = src == i
                 ids[sel] = self._id_off[i] + self.sources[i].layout.ids_at(local_positions[sel])
         return ids
-
-    @staticmethod
-    def _in_pass_order(k: np.ndarray, n: np.ndarray, keys: np.ndarray, s: np.ndarray) -> np.ndarray:
-        """Position inside its cluster of the k-th draw of a pass, with per-draw block sizes
-        (the single-source engine's block walk, vectorized over s as well)."""
-        out = np.empty(k.size, dtype=np.int64)
-        one = s == 1
-        if one.any():
-            out[one] = permute(k[one], n[one], keys[one])
-        many = ~one
-        if many.any():
-            k, n, keys, s = k[many], n[many], keys[many], s[many]
-            nb = (n + s - 1) // s
-            last = n - (nb - 1) * s
-            block_keys = mix64(keys ^ _BLOCK_TAG)
-            p_last = unpermute(nb - 1, nb, block_keys)
-            lo = p_last * s
-            before = k < lo
-            inside = ~before & (k < lo + last)
-            after = ~before & ~inside
-            slot = np.where(before, k // s, p_last)
-            off = np.where(before, k % s, k - lo)
-            slot[after] = p_last[after] + 1 + (k[after] - lo[after] - last[after]) // s[after]
-            off[after] = (k[after] - lo[after] - last[after]) % s[after]
-            block = permute(slot, nb, block_keys)
-            size = np.where(block == nb - 1, last, s)
-            out[many] = block * s + permute(off, size, derive_keys(np.uint64(0), keys, block))
-        return out
 
     def _random_ids(self, i: int, m: int) -> np.ndarray:
         """The next m positions of source i's chain of keyed permutations, as global ids."""
