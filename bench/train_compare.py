@@ -619,6 +619,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     only = [s.strip() for s in args.only.split(",") if s.strip()] or None
     t0 = time.perf_counter()
     if args.corpus == "natural":
+        if (args.scale or "quick") not in NATURAL_SCALES:
+            p.error(f"unknown natural scale {args.scale!r}; valid: {', '.join(NATURAL_SCALES)}")
         seeds = tuple(int(x) for x in args.seeds.split(",") if x.strip()) or None
         results, info = compare_natural(args.scale or "quick", args.out, site_packages=args.site_packages,
                                         builds=[b.strip() for b in args.builds.split(",") if b.strip()] or None,
