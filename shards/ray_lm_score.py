@@ -6,7 +6,9 @@ builds the local scorer once (`make_askllm` / `make_perplexity`: the same prompt
 the same model calls, the model loaded once per actor, on the actor's GPU when the cluster
 has GPUs) and reads its chunks' texts with the local `ShardTextReader`. Each chunk's scores
 come back to the driver, which stores them in the local engine's `ChunkedRun` work folder:
-an interrupted run resumes on either engine, losing only the chunks in flight.
+an interrupted run resumes on either engine, losing only the chunks in flight. Chunks are
+handed out once every actor has loaded its model (`POOL_START_S` at most), so a short run is
+not left to the first actor ready.
 
 Before the pool starts, one Ray task with an actor's resources builds the scorer to read its
 parameters (resolved dtype, "yes" token ids...) for the run's record, and to refuse a bad
@@ -31,6 +33,10 @@ import numpy as np
 from croupier.errors import ConfigError, CroupierError
 from croupier.optional import require
 from croupier.shards.ray_engine import _error_row, _raise_error_row, _unwrap
+
+
+POOL_START_S = 3600
+"""Seconds the actor pool may take to load its models before the run fails."""
 
 
 @dataclass
@@ -119,6 +125,7 @@ def ray_text_scores(sidecar: Any, name: str, by: str, options: argparse.Namespac
         raise DatasetError(f"the MDS index lists {n} samples but the sidecar {sidecar.num_samples}")
     ray = require("ray", "the Ray scoring engine")
     started = False
+    wait_before = None
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         started = True
@@ -126,6 +133,11 @@ def ray_text_scores(sidecar: Any, name: str, by: str, options: argparse.Namespac
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
+        # Chunks go out once every actor has its model: an actor still loading would otherwise
+        # leave the whole (short) run to the first one ready. A cluster that cannot place the
+        # pool fails after POOL_START_S instead of waiting forever.
+        wait_before = ctx.wait_for_min_actors_s
+        ctx.wait_for_min_actors_s = POOL_START_S
         gpus = int(ray.cluster_resources().get("GPU", 0)) if getattr(options, "device", "auto") != "cpu" else 0
         pool = workers or (gpus or max(1, int(ray.cluster_resources().get("CPU", 1))))
         probe = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1)(_probe)
@@ -166,6 +178,8 @@ def ray_text_scores(sidecar: Any, name: str, by: str, options: argparse.Namespac
             values = run.result()
         return RayLMScores(values=values, record=record, actors=actors)
     finally:
+        if wait_before is not None and ray.is_initialized():
+            ray.data.DataContext.get_current().wait_for_min_actors_s = wait_before
         if started:
             ray.shutdown()
 
