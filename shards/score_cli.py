@@ -11,6 +11,10 @@ command resumes it; two runs on the same NAME at once are refused.
 - askllm: `--model PATH` (local Hugging Face model, GPU when present) or `--endpoint URL`
   (OpenAI-compatible server) reads each document's text column inside the paper's prompt.
 - perplexity: `--model PATH`, a small causal LM; mean token NLL.
+
+`--engine ray` runs density as Ray tasks (`ray_score.py`, the same scores bit for bit) and
+askllm/perplexity with `--model` on a Ray Data actor pool (`ray_lm_score.py`, the same
+scores up to float rounding); both keep their progress in the same work folder as locally.
 """
 
 from __future__ import annotations
