@@ -11,6 +11,10 @@ command resumes it; two runs on the same NAME at once are refused.
 - askllm: `--model PATH` (local Hugging Face model, GPU when present) or `--endpoint URL`
   (OpenAI-compatible server) reads each document's text column inside the paper's prompt.
 - perplexity: `--model PATH`, a small causal LM; mean token NLL.
+
+`--engine ray` runs density as Ray tasks (`ray_score.py`, the same scores bit for bit) and
+askllm/perplexity with `--model` on a Ray Data actor pool (`ray_lm_score.py`, the same
+scores up to float rounding); both keep their progress in the same work folder as locally.
 """
 
 from __future__ import annotations
@@ -150,9 +154,12 @@ def discard_work(sidecar: Any, name: str) -> None:
     work.with_name(work.name + ".lock").unlink(missing_ok=True)
 
 
-def make_askllm(args: argparse.Namespace) -> Any:
+def make_askllm(args: argparse.Namespace, *, check_only: bool = False) -> Any:
+    """The Ask-LLM scorer from the command's flags (check_only: refuse bad flags, load nothing)."""
     if bool(args.model) == bool(args.endpoint):
         raise ConfigError("askllm needs exactly one of --model PATH_OR_NAME (local) or --endpoint URL")
+    if check_only:
+        return None
     if args.endpoint:
         from croupier.shards.askllm_http import HTTPAskLLM
         key = os.environ.get(args.api_key_env) if args.api_key_env else None
@@ -164,10 +171,13 @@ def make_askllm(args: argparse.Namespace) -> Any:
                         device=args.device, dtype=args.dtype)
 
 
-def make_perplexity(args: argparse.Namespace) -> Any:
+def make_perplexity(args: argparse.Namespace, *, check_only: bool = False) -> Any:
+    """The local perplexity scorer from the command's flags (check_only: refuse bad flags, load nothing)."""
     if not args.model or args.endpoint:
         raise ConfigError("perplexity needs --model PATH_OR_NAME (a local causal LM); --endpoint "
                           "is for askllm only")
+    if check_only:
+        return None
     from croupier.shards.perplexity import PerplexityScorer
     return PerplexityScorer(args.model, batch_size=args.batch_size or 8, max_length=args.max_length,
                             device=args.device, dtype=args.dtype)
@@ -184,27 +194,39 @@ def run(args: argparse.Namespace) -> int:
     if args.restart:
         discard_work(sidecar, name)
     t0 = time.monotonic()
-    if args.engine != "local" and by != "density":
-        raise ConfigError(f"--engine {args.engine} scores density only; {by} runs on the local engine")
-    if args.ray_address is not None and args.engine != "ray":
-        raise ConfigError("--ray-address applies to --engine ray only")
+    if args.engine != "ray" and (args.ray_address is not None or args.ray_workers is not None):
+        raise ConfigError("--ray-address and --ray-workers apply to --engine ray only")
+    if by == "density" and args.ray_workers is not None:
+        raise ConfigError(f"--ray-workers sizes the askllm/perplexity actor pool; density uses every Ray CPU, "
+                          f"got --ray-workers {args.ray_workers}")
+    actors: dict[int, int] = {}
     if by == "density":
         bw = args.bandwidth if args.bandwidth == "auto" else _positive_float(args.bandwidth, "bandwidth")
         values, record = score_density(sidecar, name, rows=args.rows, buckets=args.buckets,
                                        bandwidth=bw, hashes_per_row=args.hashes_per_row,
                                        seed=args.seed, chunk_size=args.chunk_size, progress=progress,
                                        engine=args.engine, ray_address=args.ray_address)
+    elif args.engine == "ray":
+        from croupier.shards.ray_lm_score import ray_text_scores
+
+        (make_askllm if by == "askllm" else make_perplexity)(args, check_only=True)
+        res = ray_text_scores(sidecar, name, by, args, text_field=args.text_field, chunk_size=args.chunk_size,
+                              progress=progress, address=args.ray_address, workers=args.ray_workers)
+        values, record, actors = res.values, res.record, res.actors
     else:
         scorer = make_askllm(args) if by == "askllm" else make_perplexity(args)
         record = {"scorer": by, **scorer.params(), "text_field": args.text_field}
         values = score_texts(sidecar, name, scorer, record, text_field=args.text_field,
                              chunk_size=args.chunk_size, progress=progress, label=by)
-        if by == "perplexity":
-            bad = ~np.isfinite(values)
-            values = np.where(bad, np.float32(UNSCORABLE), values).astype(np.float32)
-            record = {**record, "unscorable": int(bad.sum()), "unscorable_value": UNSCORABLE}
+    if by == "perplexity":
+        bad = ~np.isfinite(values)
+        values = np.where(bad, np.float32(UNSCORABLE), values).astype(np.float32)
+        record = {**record, "unscorable": int(bad.sum()), "unscorable_value": UNSCORABLE}
     elapsed = time.monotonic() - t0
-    sidecar.write_scores(name, values, {**record, "elapsed_s": round(elapsed, 3)})
+    stored = {**record, "elapsed_s": round(elapsed, 3)}
+    if args.engine == "ray" and by != "density":
+        stored.update(engine="ray", ray_actors=len(actors), ray_chunks_scored=sum(actors.values()))
+    sidecar.write_scores(name, values, stored)
     discard_work(sidecar, name)
     print(f"score {name!r} ({by}): {len(values):,} samples in {elapsed:,.1f} s "
           f"({len(values) / max(elapsed, 1e-9):,.0f} samples/s); min {values.min():.4g}, "
@@ -233,8 +255,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--restart", action="store_true", help="discard a partial run and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     p.add_argument("--engine", default="local", choices=("local", "ray"),
-                   help="local (default) or ray (density: both sketch passes as Ray tasks, the same scores)")
+                   help="local (default) or ray (density: both sketch passes as Ray tasks; askllm and "
+                        "perplexity: a Ray Data actor pool, one model per actor; the same scores)")
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else local)")
+    p.add_argument("--ray-workers", type=int, default=None,
+                   help="askllm/perplexity actors on Ray (default: one per GPU, else one per CPU)")
     d = p.add_argument_group("density")
     d.add_argument("--rows", type=int, default=1000, help="sketch rows R (default 1000)")
     d.add_argument("--buckets", type=int, default=20000, help="buckets per row B (default 20000)")

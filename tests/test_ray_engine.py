@@ -252,8 +252,10 @@ def test_ray_density_scores_equal_local_exactly(tmp_path, ray_cluster, corpus, c
     local, remote = side.scores("dl"), side.scores("dr")
     assert len(np.unique(local)) > 10  # a real spread of densities, not a constant
     np.testing.assert_array_equal(local, remote)
-    assert main(["shards", "score", str(out), "--by", "perplexity", "--model", "x", "--engine", "ray"]) == 2
-    assert "density only" in capsys.readouterr().err
+    assert main(["shards", "score", str(out), *common, "--name", "dw", "--engine", "ray", "--ray-workers", "2"]) == 2
+    assert "--ray-workers sizes the askllm/perplexity actor pool" in capsys.readouterr().err
+    assert main(["shards", "score", str(out), *common, "--name", "dw", "--ray-address", "ray://x:1"]) == 2
+    assert "--ray-address and --ray-workers apply to --engine ray only" in capsys.readouterr().err
 
 
 def _descendants(pid: int) -> set[int]:
