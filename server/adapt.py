@@ -82,13 +82,18 @@ class Adapter:
 
     group_of: maps sample ids to groups (raises ReportRefused for an id in no group).
     weights: the weights of the adapted kind in force at the start (ones when the policy has none).
+    source_of / num_sources: a mixture adapting its clusters also keeps per-source statistics
+        (for status; the controller sees the clusters').
     """
 
-    def __init__(self, spec: AdaptSpec, group_of: Callable[[np.ndarray], np.ndarray], weights: np.ndarray) -> None:
+    def __init__(self, spec: AdaptSpec, group_of: Callable[[np.ndarray], np.ndarray], weights: np.ndarray,
+                 source_of: Callable[[np.ndarray], np.ndarray] | None = None, num_sources: int = 0) -> None:
         self.spec = spec
         self.group_of = group_of
         self.weights = np.asarray(weights, dtype=np.float64).copy()
         self.stats = LossStats(len(self.weights), spec.ema_decay)
+        self.source_of = source_of
+        self.source_stats = LossStats(num_sources, spec.ema_decay) if source_of is not None else None
         self.controller = make_controller(spec.controller, **spec.params)
         self.accepted = 0
         self.refused = 0
@@ -107,6 +112,9 @@ class Adapter:
             raise ReportRefused("duplicate", f"rank {rank} already reported step {step}")
         groups, values = check_report(ids, losses, self.group_of, present)
         self.stats.add(step, groups, values)
+        if self.source_stats is not None and self.source_of is not None:
+            kept = ids if present is None else np.asarray(ids)[np.asarray(present, dtype=bool).reshape(-1)]
+            self.source_stats.add(step, self.source_of(np.asarray(kept, dtype=np.int64)), values)
         order = self._reported.setdefault(rank, deque())
         order.append(step)
         seen.add(step)
@@ -131,6 +139,8 @@ class Adapter:
                            "spec": self.spec.describe()}, sort_keys=True).encode()
         parts = [head, self.stats.to_bytes(), self.controller.state_bytes(),
                  self.weights.astype("<f8").tobytes()]
+        if self.source_stats is not None:
+            parts.append(self.source_stats.to_bytes())
         return _MAGIC + b"".join(struct.pack("<Q", len(p)) + p for p in parts)
 
     def load_bytes(self, data: bytes) -> None:
@@ -142,7 +152,7 @@ class Adapter:
             (n,) = struct.unpack_from("<Q", data, off)
             parts.append(data[off + 8:off + 8 + n])
             off += 8 + n
-        if len(parts) != 4 or off != len(data):
+        if len(parts) not in (4, 5) or off != len(data):
             raise StateError("the checkpoint's adaptive-weights part is truncated")
         head = json.loads(parts[0])
         if head["spec"]["controller"] != self.spec.controller or head["spec"]["groups"] != self.spec.groups:
@@ -157,3 +167,5 @@ class Adapter:
         self.controller.load_state_bytes(parts[2])
         self.weights = np.frombuffer(parts[3], dtype="<f8").astype(np.float64)
         self.accepted, self.refused, self.samples = int(head["accepted"]), int(head["refused"]), int(head["samples"])
+        if self.source_stats is not None and len(parts) == 5:
+            self.source_stats = LossStats.from_bytes(parts[4])

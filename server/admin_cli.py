@@ -102,6 +102,8 @@ def status_dict(resp: pb2.GetStatusResponse) -> dict[str, Any]:
                   "reports_refused": resp.adapt.reports_refused, "samples_reported": resp.adapt.samples_reported,
                   "group_loss": [None if g != g else g for g in resp.adapt.group_loss],
                   "group_weight": list(resp.adapt.group_weight),
+                  "source_loss": [None if g != g else g for g in resp.adapt.source_loss],
+                  "source_samples": list(resp.adapt.source_samples),
                   "changes": [{"step": c.step, "origin": c.origin, "kind": c.kind, "max_ratio": c.max_ratio}
                               for c in resp.adapt.changes]},
     }
@@ -170,6 +172,9 @@ def format_status(resp: pb2.GetStatusResponse, top: int = 40) -> str:
             lines.append(f"{'group':>8} {'loss EMA':>10} {'weight share':>12}  (highest loss first)")
             for g in order:
                 lines.append(f"{int(g):>8} {loss[g]:>10.4f} {share[g]:>12.2%}")
+    if len(a.source_loss) and len(a.source_loss) == len(job.sources):
+        lines.append("per-source loss EMA: " + ", ".join(
+            f"{x.name} {v:.4f} ({n} samples)" for x, v, n in zip(job.sources, a.source_loss, a.source_samples)))
     if a.changes:
         lines += ["", f"{'change at':>10} {'by':>14} {'kind':>18} {'max ratio':>9}  (last {len(a.changes)})"]
         for c in list(a.changes)[-10:]:

@@ -194,6 +194,8 @@ class AdaptView:
     group_loss: np.ndarray
     group_samples: np.ndarray
     group_weight: np.ndarray
+    source_loss: np.ndarray | None = None
+    source_samples: np.ndarray | None = None
 
 
 @dataclass
@@ -305,7 +307,8 @@ class Job:
                 raise ConfigError("--adapt-groups sources needs a mixture (serve --mix); this job serves one dataset")
             return Adapter(spec, gen.source_of_ids, gen.source_counters().weights)
         if isinstance(gen, MixSampler):
-            return Adapter(spec, gen.cluster_of_ids, gen.cluster_weights())
+            return Adapter(spec, gen.cluster_of_ids, gen.cluster_weights(), source_of=gen.source_of_ids,
+                           num_sources=len(gen.sources))
         if gen.config.policy not in ("clusterclip", "weighted"):
             raise ConfigError(f"--adapt works with policy clusterclip or weighted (or a mixture), not "
                               f"{gen.config.policy!r}: the controller re-weights clusters")
@@ -799,9 +802,12 @@ class Job:
         a = self.adapter
         if a is None:
             return None
+        src = a.stats if a.spec.groups == "sources" else a.source_stats
         return AdaptView(spec=a.spec, accepted=a.accepted, refused=a.refused, samples=a.samples,
                          group_loss=a.stats.ema.copy(), group_samples=a.stats.samples.copy(),
-                         group_weight=a.weights.copy())
+                         group_weight=a.weights.copy(),
+                         source_loss=None if src is None else src.ema.copy(),
+                         source_samples=None if src is None else src.samples.copy())
 
     def source_counters(self) -> SourceCounters | None:
         """Per-source weights, clips, draws and exhaustion of a mixture (None for one source)."""

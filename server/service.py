@@ -135,6 +135,9 @@ def status_response(job: Job, st: JobStatus, include_clusters: bool) -> pb2.GetS
         resp.adapt.reports_accepted = a.accepted
         resp.adapt.reports_refused = a.refused
         resp.adapt.samples_reported = a.samples
+        if a.source_loss is not None and a.source_samples is not None:
+            resp.adapt.source_loss.extend(a.source_loss.tolist())
+            resp.adapt.source_samples.extend(a.source_samples.tolist())
         if include_clusters:
             resp.adapt.group_loss.extend(a.group_loss.tolist())
             resp.adapt.group_samples.extend(a.group_samples.tolist())

@@ -378,3 +378,32 @@ def test_the_training_process_reports_while_dataloader_workers_hold_the_streams(
     finally:
         server.stop(0)
         job.close()
+
+
+def test_a_mixture_adapting_its_clusters_keeps_per_source_statistics_too(tmp_path: Path) -> None:
+    from croupier.server.admin_cli import format_status
+    from croupier.server.mixture import open_mix, parse_mix
+    from croupier.server.service import status_response
+
+    mix = open_mix(parse_mix('[sources.hot]\ncluster_sizes = [400, 400]\nweight = 1\npolicy = "clusterclip"\n'
+                             'clip = 20\n[sources.cold]\ncluster_sizes = [400, 400]\nweight = 1\n'
+                             'policy = "uniform"\n'))
+    job = Job(None, None, B, 0, spec=JobSpec(name="m", max_lookahead=2), mixture=mix,
+              store=CheckpointStore(tmp_path / "s"), adapt=AdaptSpec("odm", every=10))
+    job.join(0, 1, "m")
+    for t in range(30):
+        ids = job._batch_locked(t)
+        with job._lock:
+            job._table.ranks[0].delivered_step = t + 1
+        job.report_losses(0, 1, [(t, np.where(ids < 800, 4.0, 1.0), None)], "m")
+    view = job.status().adapt
+    assert view.group_loss.shape == (4,) and view.source_loss is not None
+    assert view.source_loss[0] == pytest.approx(4.0) and view.source_loss[1] == pytest.approx(1.0)
+    assert int(view.source_samples.sum()) == 30 * B
+    assert "per-source loss EMA: hot 4.0000" in format_status(status_response(job, job.status(), True))
+    job.checkpoint_now()
+    job.close()
+    again = Job(None, None, B, 0, spec=JobSpec(name="m", max_lookahead=2), mixture=mix,
+                store=CheckpointStore(tmp_path / "s"), adapt=AdaptSpec("odm", every=10))
+    assert np.array_equal(again.status().adapt.source_samples, view.source_samples)
+    again.close()

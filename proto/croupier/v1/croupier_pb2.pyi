@@ -343,7 +343,7 @@ class WeightChange(_message.Message):
     def __init__(self, step: _Optional[int] = ..., origin: _Optional[str] = ..., kind: _Optional[str] = ..., max_ratio: _Optional[float] = ...) -> None: ...
 
 class AdaptStatus(_message.Message):
-    __slots__ = ("controller", "adapt_every", "groups", "params_json", "reports_accepted", "reports_refused", "samples_reported", "changes", "group_loss", "group_samples", "group_weight")
+    __slots__ = ("controller", "adapt_every", "groups", "params_json", "reports_accepted", "reports_refused", "samples_reported", "changes", "group_loss", "group_samples", "group_weight", "source_loss", "source_samples")
     CONTROLLER_FIELD_NUMBER: _ClassVar[int]
     ADAPT_EVERY_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
@@ -355,6 +355,8 @@ class AdaptStatus(_message.Message):
     GROUP_LOSS_FIELD_NUMBER: _ClassVar[int]
     GROUP_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     GROUP_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_LOSS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     controller: str
     adapt_every: int
     groups: str
@@ -366,7 +368,9 @@ class AdaptStatus(_message.Message):
     group_loss: _containers.RepeatedScalarFieldContainer[float]
     group_samples: _containers.RepeatedScalarFieldContainer[int]
     group_weight: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, controller: _Optional[str] = ..., adapt_every: _Optional[int] = ..., groups: _Optional[str] = ..., params_json: _Optional[str] = ..., reports_accepted: _Optional[int] = ..., reports_refused: _Optional[int] = ..., samples_reported: _Optional[int] = ..., changes: _Optional[_Iterable[_Union[WeightChange, _Mapping]]] = ..., group_loss: _Optional[_Iterable[float]] = ..., group_samples: _Optional[_Iterable[int]] = ..., group_weight: _Optional[_Iterable[float]] = ...) -> None: ...
+    source_loss: _containers.RepeatedScalarFieldContainer[float]
+    source_samples: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, controller: _Optional[str] = ..., adapt_every: _Optional[int] = ..., groups: _Optional[str] = ..., params_json: _Optional[str] = ..., reports_accepted: _Optional[int] = ..., reports_refused: _Optional[int] = ..., samples_reported: _Optional[int] = ..., changes: _Optional[_Iterable[_Union[WeightChange, _Mapping]]] = ..., group_loss: _Optional[_Iterable[float]] = ..., group_samples: _Optional[_Iterable[int]] = ..., group_weight: _Optional[_Iterable[float]] = ..., source_loss: _Optional[_Iterable[float]] = ..., source_samples: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LaneOpen(_message.Message):
     __slots__ = ("lane", "rank", "world_size", "start_step", "lookahead", "step_stride", "step_offset", "stop_step", "read_only")
