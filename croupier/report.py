@@ -321,19 +321,14 @@ def from_state_dir(state_dir: str | Path, *, dataset: str | None = None, selecti
 
 def _group_loss_of(ck: Any) -> np.ndarray | None:
     """Per-group loss EMA from an adaptive job's checkpoint (None for other jobs)."""
+    from croupier.server.adapt import split_parts
     from croupier.server.loss_stats import LossStats
 
     n = int(ck.meta.get("adapt_bytes", 0) or 0)
     if not n:
         return None
-    blob = ck.state[len(ck.state) - n:]
-    off, parts = 8, []
-    import struct
-    while off < len(blob):
-        (k,) = struct.unpack_from("<Q", blob, off)
-        parts.append(blob[off + 8:off + 8 + k])
-        off += 8 + k
-    return LossStats.from_bytes(parts[1]).ema if len(parts) > 1 else None
+    parts = split_parts(ck.state[len(ck.state) - n:])
+    return LossStats.from_bytes(parts[1]).ema
 
 
 def _mixture_from_state_dir(state_dir: Path, ck: Any, meta: dict, state: Any, mix: str | None,

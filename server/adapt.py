@@ -77,6 +77,21 @@ def parse_params(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def split_parts(data: bytes) -> list[bytes]:
+    """The length-framed parts of an `Adapter.to_bytes` blob: header JSON, loss statistics,
+    controller state, weights and (a mixture adapting clusters) per-source statistics."""
+    if not data.startswith(_MAGIC):
+        raise StateError("the checkpoint's adaptive-weights part is not one (bad magic)")
+    parts, off = [], len(_MAGIC)
+    while off + 8 <= len(data):
+        (n,) = struct.unpack_from("<Q", data, off)
+        parts.append(data[off + 8:off + 8 + n])
+        off += 8 + n
+    if len(parts) not in (4, 5) or off != len(data):
+        raise StateError("the checkpoint's adaptive-weights part is truncated")
+    return parts
+
+
 class Adapter:
     """Statistics, controller and group mapping of one adaptive job (see the module docstring).
 
@@ -145,15 +160,7 @@ class Adapter:
 
     def load_bytes(self, data: bytes) -> None:
         """Restores what `to_bytes` saved; refuses another controller's or a damaged blob."""
-        if not data.startswith(_MAGIC):
-            raise StateError("the checkpoint's adaptive-weights part is not one (bad magic)")
-        parts, off = [], len(_MAGIC)
-        while off < len(data):
-            (n,) = struct.unpack_from("<Q", data, off)
-            parts.append(data[off + 8:off + 8 + n])
-            off += 8 + n
-        if len(parts) not in (4, 5) or off != len(data):
-            raise StateError("the checkpoint's adaptive-weights part is truncated")
+        parts = split_parts(data)
         head = json.loads(parts[0])
         if head["spec"]["controller"] != self.spec.controller or head["spec"]["groups"] != self.spec.groups:
             raise StateError(f"the state directory's adaptive weights come from controller "

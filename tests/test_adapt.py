@@ -113,6 +113,20 @@ def test_reports_that_break_a_rule_are_refused_by_name_and_change_nothing() -> N
     job.close()
 
 
+_STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_process_outlives_its_test():
+    """Servers and agents a test starts are killed when it ends, whether it passed or not."""
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+
+
 ARGS = ["--cluster-sizes", ",".join(map(str, SIZES)), "--policy", "clusterclip", "--clip", "50", "--global-batch",
         str(B), "--seed", "0"]
 
@@ -122,6 +136,7 @@ def _serve(state: Path, log: Path) -> tuple[subprocess.Popen, str]:
                              "--adapt", "loss-softmax", "--adapt-every", "5", "--checkpoint-every", "10",
                              "--lookahead", "2", "--job", "a", "--log-level", "WARNING"],
                             stdout=subprocess.PIPE, stderr=open(log, "ab"))
+    _STARTED.append(proc)
     line = proc.stdout.readline()
     assert line, log.read_text()
     return proc, json.loads(line)["address"]
@@ -210,8 +225,8 @@ def test_report_shows_weights_over_time_and_who_changed_them(tmp_path: Path) -> 
     (tmp_path / "s" / "server.json").write_text(json.dumps({"dataset": ""}))
     from croupier.report import attach_changes, from_state_dir, write_report
 
-    # The layout of a --cluster-sizes job is not in the state directory: give it through a sidecar-less
-    # replay by building the report data by hand from the state directory's pieces.
+    # A --cluster-sizes job's layout is not in its state directory, so the report data is assembled
+    # from the state directory's pieces: its event log and its checkpoint's loss statistics.
     from croupier.report import _events_of
     from croupier.server.store import CheckpointStore as Store
 
@@ -326,6 +341,7 @@ def test_loss_reports_travel_through_the_node_agent(tmp_path: Path) -> None:
         agent = subprocess.Popen([CROUPIER, "agent", "--server", f"127.0.0.1:{port}", "--runtime-dir", str(runtime),
                                   "--cache-dir", str(tmp_path / "cache")], stdout=log, stderr=subprocess.STDOUT,
                                  env=env_for_subprocess(), start_new_session=True)
+    _STARTED.append(agent)
     try:
         wait_for(lambda: socket_path(runtime).exists() and (runtime / INFO_NAME).exists(), 60, "the agent")
         with RankClient("agent", job="a", topology=Topology(0, 1), agent=str(runtime), lookahead=4,

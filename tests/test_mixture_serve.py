@@ -21,6 +21,18 @@ from croupier.server.topology import Topology
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 B = 8
+_STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_process_outlives_its_test():
+    """Servers and agents a test starts are killed when it ends, whether it passed or not."""
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
 
 
 class Serve:
@@ -32,6 +44,7 @@ class Serve:
                str(B), "--seed", "2", "--state-dir", str(state), "--lookahead", "4", "--max-lag", "32",
                "--checkpoint-every", "5", "--log-level", "WARNING", *(extra or [])]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log)
+        _STARTED.append(self.proc)
         line = self.proc.stdout.readline()
         if not line:
             self.proc.wait(10)
@@ -73,6 +86,7 @@ def test_a_rank_reads_two_sources_from_their_own_remotes(tmp_path: Path, build_d
         agent = subprocess.Popen([sys.executable, "-m", "croupier", "agent", "--server", server.address,
                                   "--runtime-dir", str(runtime), "--cache-dir", str(tmp_path / "node-cache")],
                                  stdout=subprocess.DEVNULL, stderr=log)
+    _STARTED.append(agent)
     try:
         deadline = time.monotonic() + 60
         while not (runtime / "agent.json").exists() and time.monotonic() < deadline:
