@@ -495,6 +495,63 @@ class Job:
                 self._notify(rank)
             return self._table.slowest, self._table.top
 
+    def ack_lanes(self, job: str, acks: "list[tuple[int, int, int, int, int]]") -> "list[CroupierError | None]":
+        """Many acknowledgements at once, each (rank, world, next_step, step_stride, step_offset),
+        as `ack` applies them one by one but under one lock acquisition, with the slowest step's
+        consequences (trim, waking lagged waiters) applied once at the end. A session carrying a
+        node's lanes acknowledges them together this way. Returns, per acknowledgement, None or
+        the error that refused it (the others still apply)."""
+        self._check_job(job)
+        out: list[CroupierError | None] = []
+        notify: set[int] = set()
+        lag_moved = recompute = False
+        with self._lock:
+            far = self._far_bound()
+            for rank, world, next_step, step_stride, step_offset in acks:
+                try:
+                    stride = max(int(step_stride), 1)
+                    if not 0 <= step_offset < stride:
+                        raise ConfigError(f"step offset {step_offset} is outside [0, step stride {stride})")
+                    prog = self._rank_locked(rank, world)
+                    if next_step < 0:
+                        raise StepOutOfRange(f"acknowledged step {next_step} is negative")
+                    if next_step > far:
+                        raise StepOutOfRange(f"acknowledged step {next_step} is ahead of anything the rank could "
+                                             f"have received ({self._far_reason()})")
+                except CroupierError as exc:
+                    out.append(exc)
+                    continue
+                readmitted = self._table.seen(rank)
+                old = prog.next_step
+                moved = prog.acknowledge(next_step, stride, step_offset)
+                if readmitted:
+                    recompute = True
+                elif moved and self._table.moved(rank, old, prog.next_step):
+                    lag_moved = True
+                if moved or readmitted:
+                    notify.add(rank)
+                out.append(None)
+            if recompute:
+                self._recompute_locked()
+            if lag_moved:
+                self._trim_locked()
+                self._notify_lagged()
+            for rank in notify:
+                self._notify(rank)
+        return out
+
+    def poll_streams(self, streams: "list[SliceStream]") -> "list[list[SliceData] | None | CroupierError]":
+        """`SliceStream.poll` of many streams under one lock acquisition (a session's woken
+        lanes); per stream its slices, None when finished, or the error that ended it."""
+        out: list[list[SliceData] | None | CroupierError] = []
+        with self._lock:
+            for st in streams:
+                try:
+                    out.append(st._poll_locked())
+                except CroupierError as exc:
+                    out.append(exc)
+        return out
+
     def get_slice(self, rank: int, world: int, step: int, job: str = "",
                   is_active: Callable[[], bool] = lambda: True, timeout: float | None = None) -> SliceData:
         """Rank's slice of `step`, waiting while the step is beyond the lag bound. Read-only:
@@ -1147,15 +1204,18 @@ class SliceStream:
 
     def poll(self) -> list[SliceData] | None:
         """Slices deliverable now ([] when none), or None when the stream is finished."""
+        with self._job._lock:
+            return self._poll_locked()
+
+    def _poll_locked(self) -> list[SliceData] | None:
         if self._waiter.cancelled or self.finished:
             return None
         self._waiter.event.clear()
         job = self._job
-        with job._lock:
-            if self._epoch != job._epoch:
-                raise JobReformed(f"the job was re-formed at step {job._table.formed_at} with world size "
-                                  f"{job._table.world}; join again")
-            chunk = self._collect_locked()
+        if self._epoch != job._epoch:
+            raise JobReformed(f"the job was re-formed at step {job._table.formed_at} with world size "
+                              f"{job._table.world}; join again")
+        chunk = self._collect_locked()
         if not chunk and self.finished:
             return None
         return chunk

@@ -293,8 +293,11 @@ class SamplerServicer:
                     if exc is not None:
                         raise exc
                     if not handler.streaming():
+                        last = handler.collect(flush=True)
+                        if last is not None:
+                            yield last
                         return
-                await woken.wait(WAKE_POLL_S)
+                await woken.wait(handler.wait_s(WAKE_POLL_S))
         finally:
             reader.cancel()
             self.sessions.pop(id(state), None)

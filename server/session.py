@@ -15,7 +15,6 @@ whole session.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -29,6 +28,10 @@ log = logging.getLogger("croupier.server.session")
 
 FULL_POLL_S = 5.0
 """Every lane of a session is polled at least this often, woken or not (liveness changes with time)."""
+EVENT_HOLD_S = 0.05
+"""Acknowledgement confirmations alone wait up to this long for slices to ride along with: one
+message instead of two per acknowledgement, on a stream whose slices follow the acks within a
+step. Refusals are never held, and a client re-sends an unconfirmed ack only after a second."""
 MAX_LANES_PER_SESSION = 4096
 """Most lanes one session may hold open (a node of 8 ranks x 64 workers stays far below)."""
 
@@ -85,6 +88,7 @@ class SessionHandler:
         self.client_done = False
         self._dirty: set[int] = set()  # lanes woken since their last poll
         self._full_poll = time.monotonic()
+        self._held_since: float | None = None  # confirmations waiting for slices to ride with
 
     # -- reading ---------------------------------------------------------------------------------
     async def read(self, requests: AsyncIterator[pb2.SessionRequest]) -> None:
@@ -109,8 +113,8 @@ class SessionHandler:
             st.node = request.node
         for op in request.open:
             self._open(op)
-        for ack in request.acks:
-            self._ack(ack)
+        if request.acks:
+            self._ack_all(request.acks)
         for lane in request.close:
             self._close(lane)
 
@@ -142,17 +146,21 @@ class SessionHandler:
         self._dirty.add(lane)  # set.add is atomic: the job may wake a lane from another thread
         self.wake()
 
-    def _ack(self, ack: pb2.LaneAck) -> None:
-        ln = self.state.lanes.get(ack.lane)
-        if ln is None:
-            return  # a lane closed meanwhile; an acknowledgement is idempotent and may be dropped
-        try:
-            self.job.ack(rank=ln.rank, world=ln.world, next_step=ack.next_step, job=self.state.job,
-                         step_stride=ln.stride, step_offset=ln.offset)
-        except CroupierError as exc:
-            self._fail(ack.lane, exc)
+    def _ack_all(self, acks) -> None:
+        """Applies a message's acknowledgements together (one job call for all its lanes)."""
+        lanes = self.state.lanes
+        known = [(a.lane, a.next_step, lanes[a.lane]) for a in acks if a.lane in lanes]
+        # a lane closed meanwhile is skipped: an acknowledgement is idempotent and may be dropped
+        if not known:
             return
-        self.state.events.append(pb2.LaneEvent(lane=ack.lane, acked_step=ack.next_step))
+        errors = self.job.ack_lanes(self.state.job, [(ln.rank, ln.world, step, ln.stride, ln.offset)
+                                                     for _, step, ln in known])
+        events = self.state.events
+        for (lane, step, _), exc in zip(known, errors):
+            if exc is None:
+                events.append(pb2.LaneEvent(lane=lane, acked_step=step))
+            else:
+                self._fail(lane, exc)
 
     def _close(self, lane: int) -> None:
         ln = self.state.lanes.pop(lane, None)
@@ -170,9 +178,17 @@ class SessionHandler:
             self._close(lane)
 
     # -- writing ---------------------------------------------------------------------------------
-    def collect(self) -> pb2.SessionResponse | None:
+    def wait_s(self, longest: float) -> float:
+        """How long the writer may sleep before `collect` has something due (held confirmations)."""
+        if self._held_since is None:
+            return longest
+        return max(0.0, min(longest, self._held_since + EVENT_HOLD_S - time.monotonic()))
+
+    def collect(self, flush: bool = False) -> pb2.SessionResponse | None:
         """Everything deliverable now (slices of the lanes woken since their last poll, and of
-        every lane at least every FULL_POLL_S; events), or None when nothing is."""
+        every lane at least every FULL_POLL_S; events), or None when nothing is. Confirmations
+        of acknowledgements with no slice to ride along are held up to EVENT_HOLD_S (`flush`
+        sends them at once)."""
         st = self.state
         resp = pb2.SessionResponse()
         now = time.monotonic()
@@ -188,29 +204,38 @@ class SessionHandler:
             lanes = lanes[k:] + lanes[:k]  # no lane starves another when a message fills up
             st.rotate += 1
         n_ids = 0
-        for ln in lanes:
+        lanes = [ln for ln in lanes if not ln.finished]
+        # polled in rounds under one job lock each, until the message holds MAX_IDS_PER_MESSAGE
+        # ids; lanes not reached are polled in the next message
+        per_lane = max(self.job.global_batch // max(lanes[0].world, 1), 1) if lanes else 1
+        while lanes:
             if n_ids >= MAX_IDS_PER_MESSAGE:
-                self._dirty.add(ln.lane)  # its turn comes in the next message
-                continue
-            if ln.finished:
-                continue
-            try:
-                chunk = ln.stream.poll()
-            except CroupierError as exc:
-                self._fail(ln.lane, exc)
-                continue
-            if chunk is None:
-                ln.finished = True
-                continue
-            if chunk:
-                resp.lanes.add(lane=ln.lane, slices=[self._slice_pb(s) for s in chunk])
-                got = sum(len(s.ids) for s in chunk)
-                n_ids += got
-                if len(chunk) >= MAX_SLICES_PER_MESSAGE or got >= MAX_IDS_PER_MESSAGE:
-                    self._dirty.add(ln.lane)  # a full chunk may leave more deliverable: look again
+                self._dirty.update(ln.lane for ln in lanes)  # their turn comes in the next message
+                break
+            take = max(1, (MAX_IDS_PER_MESSAGE - n_ids) // (per_lane * MAX_SLICES_PER_MESSAGE))
+            batch, lanes = lanes[:take], lanes[take:]
+            for ln, chunk in zip(batch, self.job.poll_streams([ln.stream for ln in batch])):
+                if isinstance(chunk, CroupierError):
+                    self._fail(ln.lane, chunk)
+                    continue
+                if chunk is None:
+                    ln.finished = True
+                    continue
+                if chunk:
+                    resp.lanes.add(lane=ln.lane, slices=[self._slice_pb(s) for s in chunk])
+                    got = sum(len(s.ids) for s in chunk)
+                    n_ids += got
+                    if len(chunk) >= MAX_SLICES_PER_MESSAGE or got >= MAX_IDS_PER_MESSAGE:
+                        self._dirty.add(ln.lane)  # a full chunk may leave more deliverable: look again
+        if st.events and not resp.lanes and not flush and all(not ev.error_code for ev in st.events):
+            if self._held_since is None:
+                self._held_since = now
+            if now - self._held_since < EVENT_HOLD_S:
+                return None
         if st.events:
             resp.events.extend(st.events)
             st.events.clear()
+        self._held_since = None
         if not resp.lanes and not resp.events:
             return None
         return resp
