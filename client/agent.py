@@ -52,6 +52,10 @@ log = logging.getLogger("croupier.agent")
 
 REPORT_S = 5.0
 """How often the agent sends its node report on the session."""
+DRAIN_MAX = 256
+"""Consumer messages the agent handles in one go (those already queued on its socket) before
+its writer sends what they asked for: the acknowledgements of a node's ranks that arrive
+together leave in one session message, without any added delay."""
 HEARTBEAT_S = 5.0
 """A rank feed re-sends an unchanged position at most this often (the rank stays live)."""
 STOP_GRACE_S = 5.0
@@ -107,13 +111,15 @@ class NodeAgent:
         self._next_lane = 1
         self._pending = pb2.SessionRequest()
         self._acks: dict[int, int] = {}
+        self._joins: dict[bytes, asyncio.Future] = {}  # identical Joins in flight share one server call
         self._flush = asyncio.Event()
         self._session: Any = None
         self._session_job = ""
         self._stopping = asyncio.Event()
         self.on_stop: Callable[[], None] | None = None  # run_agent arms its stop deadline here
         self.cache: Any = None
-        self.stats = {"calls": 0, "sessions_opened": 0, "session_losses": 0, "messages_from_server": 0}
+        self.stats = {"calls": 0, "sessions_opened": 0, "session_losses": 0, "messages_from_server": 0,
+                      "messages_to_server": 0, "joins_shared": 0}
 
     # -- lifetime ----------------------------------------------------------------------------------
     def _take_runtime_dir(self) -> None:
@@ -231,10 +237,17 @@ class NodeAgent:
     async def _serve_consumers(self) -> None:
         while not self._stopping.is_set():
             frames = await self._sock.recv_multipart()
-            try:
-                await self._on_message(frames[0], frames[1:])
-            except Exception:  # noqa: BLE001 - one bad message must not stop the node
-                log.exception("bad message from a consumer", extra={"event": "bad_consumer_message"})
+            for n in range(1, DRAIN_MAX + 1):
+                try:
+                    await self._on_message(frames[0], frames[1:])
+                except Exception:  # noqa: BLE001 - one bad message must not stop the node
+                    log.exception("bad message from a consumer", extra={"event": "bad_consumer_message"})
+                if n == DRAIN_MAX:
+                    break
+                try:
+                    frames = await self._sock.recv_multipart(flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    break
 
     async def _on_message(self, identity: bytes, frames: list[bytes]) -> None:
         c = self._consumers.get(identity)
@@ -262,15 +275,42 @@ class NodeAgent:
             await self._send(identity, [REPLY, req_id, b"INVALID_ARGUMENT",
                                         f"the agent forwards {list(FORWARDED_CALLS)}, not {method!r}".encode()])
             return
-        call = self._channel.unary_unary(f"/{SERVICE_NAME}/{method}")
         try:
-            resp = await call(payload, metadata=self._metadata, timeout=30.0)
+            if method == "Join":
+                resp = await self._join(payload)
+            else:
+                resp = await self._call(method, payload)
         except grpc.aio.AioRpcError as exc:
             await self._send(identity, [REPLY, req_id, exc.code().name.encode(), (exc.details() or "").encode()])
             return
-        if method == "Join":
-            self._note_join(pb2.JoinResponse.FromString(resp))
         await self._send(identity, [REPLY, req_id, b"", resp])
+
+    async def _call(self, method: str, payload: bytes) -> bytes:
+        call = self._channel.unary_unary(f"/{SERVICE_NAME}/{method}")
+        return await call(payload, metadata=self._metadata, timeout=30.0)
+
+    async def _join(self, payload: bytes) -> bytes:
+        """Forwards a Join; the DataLoader workers of a rank join together with the same request,
+        and a Join is idempotent, so requests identical to one in flight wait for its answer
+        instead of each costing the server a call. Nothing is cached past the call: a later Join
+        (after a server restart, an elastic change) reaches the server."""
+        pending = self._joins.get(payload)
+        if pending is not None:
+            self.stats["joins_shared"] += 1
+            return await asyncio.shield(pending)
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._joins[payload] = fut
+        try:
+            resp = await self._call("Join", payload)
+            self._note_join(pb2.JoinResponse.FromString(resp))
+            fut.set_result(resp)
+            return resp
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: a Join nobody shared must not log "never retrieved"
+            raise
+        finally:
+            self._joins.pop(payload, None)
 
     def _note_join(self, resp: pb2.JoinResponse) -> None:
         if self.cache is not None and len(resp.job.sources) > 1:
@@ -352,6 +392,12 @@ class NodeAgent:
                 if pos is not None:
                     feed.sent_at = now
                     self._acks[feed.lane] = max(self._acks.get(feed.lane, -1), pos)
+                    if self.cache is not None:
+                        # A consumer acknowledges a step when it takes it, before it reads its
+                        # samples; every step before pos - 1 is read by now (each worker is at
+                        # pos - 1 or later), so those needs end here, without waiting for the
+                        # server's confirmation. The confirmation releases the rest.
+                        self.cache.release_lane(feed.lane, pos - 1)
                 # The feed holds the acknowledgement from now on (and re-sends it on reconnect).
                 out.events.add(lane=ack.lane, acked_step=ack.next_step)
         for lane in sorted(set(unknown)):
@@ -467,6 +513,7 @@ class NodeAgent:
                 req.node.CopyFrom(self._report())
             try:
                 await self._session.write(req)
+                self.stats["messages_to_server"] += 1
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
                 self._lose_session(f"writing to the server failed: {exc}")
 
