@@ -3,12 +3,10 @@
 This is the server's domain logic, free of gRPC so it is testable directly. It composes
 three parts, each with one job:
 
-- **The sequence window** (here). A live `Sampler` (the generator) produces global batches in
-  step order; recent batches stay in memory, so every request (and re-request) of a step in
-  the window returns identical ids. A step older than the window is recomputed by replaying
-  a sampler restored from the nearest saved state at or before it (an in-memory snapshot, a
-  checkpoint, or the fresh state of step 0) and re-applying the online changes (the typed
-  change log) that state does not hold yet. The sequence is deterministic, so replay is exact.
+- **The sequence window** (`sequence_window.SequenceWindow`): the generator, the batches of
+  recent steps, saved states and exact replay of any older step, online changes included.
+  The job generates each step through it, doing its per-step duties first (adaptation, the
+  automatic checkpoint, the generated-step mark).
 - **The rank table** (`ranks.RankTable`): positions moved only by idempotent
   acknowledgements, per-worker lanes, liveness, the slowest step. A rank may receive step t
   on its training stream only when t < its position + lookahead and t < the slowest live
@@ -44,6 +42,7 @@ import numpy as np
 from croupier.errors import ConfigError, CroupierError, EndOfData, FingerprintMismatch, StateError
 from croupier.server.checkpoint_writer import CheckpointMeta, CheckpointWriteError, CheckpointWriter, WriterHealth
 from croupier.server.engine import Sampler
+from croupier.server.sequence_window import Saved, SequenceWindow
 from croupier.server.adapt import Adapter, AdaptSpec
 from croupier.server.change_log import LOG_NAME, change_to_event, event_to_change
 from croupier.server.event_log import EventLog, iter_events
@@ -198,14 +197,6 @@ class AdaptView:
     source_samples: np.ndarray | None = None
 
 
-@dataclass
-class _Saved:
-    """An in-memory sampler state and how many online changes it already holds."""
-
-    state: SamplerState
-    n_events: int
-
-
 class _Waiter:
     """A blocked stream or GetSlice. `lagged`: held by the lag bound (woken when the slowest
     rank moves) rather than by its own lookahead (woken only by its own rank's acks).
@@ -249,15 +240,10 @@ class Job:
         self._clock = clock
         self._lock = threading.Lock()
         self.layout = layout
-        self._gen = self._new_sampler()
-        self.layout = self._gen.layout
-        self.fingerprint = self._gen.fingerprint
-        self._batches: dict[int, np.ndarray] = {}
-        self._snapshots: dict[int, _Saved] = {0: _Saved(self._gen.state(), 0)}
-        self._pinned: dict[int, _Saved] = {}  # states of checkpoints this server wrote or loaded
-        self._replayer: tuple[Sampler, int] | None = None
-        self._events: list[Change] = []
-        self._end_step: int | None = None
+        self._seq = SequenceWindow(self._new_sampler, self.spec.snapshot_every, self.spec.max_lookahead,
+                                   self._load_saved if store is not None else None)
+        self.layout = self._seq.gen.layout
+        self.fingerprint = self._seq.gen.fingerprint
         self._table = RankTable(self.spec.rank_timeout_s, clock)
         self._formation: tuple[int, int] | None = None  # (token step, world) of the last re-form
         self._epoch = 0  # bumps on every re-form; open streams of an older epoch end
@@ -267,15 +253,13 @@ class Job:
         self._high_water = 0  # highest step this job's generator is known to have reached
         self._auto_submitted = 0
         self._mark_promised = -1
-        self._steps_generated = 0
-        self._steps_replayed = 0
         self._slices_served = 0
         self._ids_served = 0
         self.resumed_from: int | None = None
         self.adapter: Adapter | None = None if adapt is None else self._new_adapter(adapt)
         self._tally: TokenTally | None = None
         if token_counts:
-            cluster_of = self._gen.cluster_of_ids if isinstance(self._gen, MixSampler) else layout_group_of(self.layout)
+            cluster_of = self._seq.gen.cluster_of_ids if isinstance(self._seq.gen, MixSampler) else layout_group_of(self.layout)
             self._tally = TokenTally(self.layout.num_clusters, tokens_lookup(token_counts), cluster_of)
         self._adapt_failures = 0
         self._log_failures = 0
@@ -301,7 +285,7 @@ class Job:
 
     def _new_adapter(self, spec: AdaptSpec) -> Adapter:
         """The job's adapter: groups are clusters (any policy with clusters) or a mixture's sources."""
-        gen = self._gen
+        gen = self._seq.gen
         if spec.groups == "sources":
             if not isinstance(gen, MixSampler):
                 raise ConfigError("--adapt-groups sources needs a mixture (serve --mix); this job serves one dataset")
@@ -318,12 +302,12 @@ class Job:
     @property
     def policy_name(self) -> str:
         """The policy (JobInfo.policy): a single source's, or "mixture"."""
-        return "mixture" if isinstance(self._gen, MixSampler) else self._gen.config.policy
+        return "mixture" if isinstance(self._seq.gen, MixSampler) else self._seq.gen.config.policy
 
     @property
     def policy_json(self) -> str:
         """The full sampling config as canonical JSON (JobInfo.policy_json)."""
-        return json.dumps(self._gen.config_dict, sort_keys=True, separators=(",", ":"))
+        return json.dumps(self._seq.gen.config_dict, sort_keys=True, separators=(",", ":"))
 
     @staticmethod
     def _state_part(ck: StoredCheckpoint) -> bytes:
@@ -334,18 +318,18 @@ class Job:
     def _migrate_events_locked(self) -> None:
         """Puts changes a pre-log checkpoint listed into the new event log (once)."""
         assert self._log is not None
-        if self._events and len(self._log) == 0:
-            for ch in self._events:
+        if self._seq.events and len(self._log) == 0:
+            for ch in self._seq.events:
                 self._log.append(change_to_event(ch))
-        elif self.resumed_from is None and not self._events and len(self._log):
+        elif self.resumed_from is None and not self._seq.events and len(self._log):
             # Changes made before the first checkpoint: durable in the log, scheduled from step 0.
-            self._events = [event_to_change(ev) for ev in iter_events(self._log.path)]
-            for ev in self._events:
-                self._gen.schedule_change(ev)
+            self._seq.events = [event_to_change(ev) for ev in iter_events(self._log.path)]
+            for ev in self._seq.events:
+                self._seq.gen.schedule_change(ev)
                 self._view_change(ev)
-        elif len(self._log) != len(self._events):
+        elif len(self._log) != len(self._seq.events):
             raise StateDirInvalid(f"{self._log.path} holds {len(self._log)} changes but the job restored "
-                                  f"{len(self._events)}")
+                                  f"{len(self._seq.events)}")
 
     def _check_state(self, ck: StoredCheckpoint) -> None:
         state = SamplerState.from_bytes(self._state_part(ck))
@@ -381,26 +365,26 @@ class Job:
 
     def _restore(self, ck: StoredCheckpoint, state: SamplerState, mark: int) -> None:
         meta = CheckpointMeta.from_dict(ck.meta, str(ck.path))
-        self._gen.load_state(state)
+        self._seq.gen.load_state(state)
         assert self.store is not None
         logged = [event_to_change(ev) for ev in iter_events(self.store.dir / LOG_NAME)] \
             if (self.store.dir / LOG_NAME).exists() else []
         if meta.events_in_log:
-            self._events = logged
+            self._seq.events = logged
             n = meta.n_events
             if len(logged) < n:
                 raise StateDirInvalid(f"checkpoint {ck.path.name} holds {n} online changes but {LOG_NAME} has only "
                                       f"{len(logged)}: the event log is damaged or from another job")
         else:  # a state directory from before the event log: its checkpoint lists the changes
-            self._events = [Change.from_dict(e) for e in meta.events]
-            n = len(self._events)
+            self._seq.events = [Change.from_dict(e) for e in meta.events]
+            n = len(self._seq.events)
         if self.adapter is not None and meta.adapt_bytes:
             self.adapter.load_bytes(ck.state[len(ck.state) - meta.adapt_bytes:])
-        for ev in self._events[n:]:  # changes made after the checkpoint, durable in the log
-            self._gen.schedule_change(ev)
+        for ev in self._seq.events[n:]:  # changes made after the checkpoint, durable in the log
+            self._seq.gen.schedule_change(ev)
             if self.adapter is not None:
                 self._note_adapted_locked(ev)
-        for ev in self._events:
+        for ev in self._seq.events:
             self._view_change(ev)
         if self._tally is not None:
             if meta.tokens_bytes:
@@ -408,9 +392,7 @@ class Job:
                 self._tally.load(ck.state[end - meta.tokens_bytes:end], state.step)
             else:
                 self._tally.restart(state.step)
-        saved = _Saved(state, n)
-        self._snapshots = {0: self._snapshots[0], ck.step: saved}
-        self._pinned[ck.step] = saved
+        self._seq.restored(ck.step, Saved(state, n))
         self._durable_step = ck.step
         self._auto_submitted = ck.step
         if mark >= 0:
@@ -418,7 +400,7 @@ class Job:
         else:  # a state directory from before the mark: the old server may have run one interval past
             self._high_water = meta.generated_step + self.spec.checkpoint_every
         self._mark_promised = max(mark, -1)
-        self._end_step = meta.end_step
+        self._seq.end_step = meta.end_step
         self._formation = meta.formation
         self._table.reset(meta.world, meta.formed_at)
         self._table.restore(meta.ranks)
@@ -438,9 +420,9 @@ class Job:
                 token = CheckpointToken.decode(resume_token)
                 if token.fingerprint != self.fingerprint:
                     raise FingerprintMismatch("checkpoint token", expected=self.fingerprint, got=token.fingerprint)
-                if self._end_step is not None and token.step > self._end_step:
+                if self._seq.end_step is not None and token.step > self._seq.end_step:
                     raise StepOutOfRange(f"resume token step {token.step} is past the end of data "
-                                         f"at step {self._end_step}")
+                                         f"at step {self._seq.end_step}")
             Topology(rank=rank, world=world)
             if global_batch and global_batch != self.global_batch:
                 raise ConfigError(f"global batch {global_batch} does not match the job's global batch "
@@ -655,10 +637,10 @@ class Job:
                 raise StepOutOfRange(f"checkpoint step {step} is negative")
             if step > self._far_bound():
                 raise StepOutOfRange(f"checkpoint step {step} is too far ahead ({self._far_reason()})")
-            if self._end_step is not None and step > self._end_step:
-                raise StepOutOfRange(f"checkpoint step {step} is past the end of data at step {self._end_step}")
+            if self._seq.end_step is not None and step > self._seq.end_step:
+                raise StepOutOfRange(f"checkpoint step {step} is past the end of data at step {self._seq.end_step}")
             saved = self._state_at_locked(step)
-            self._pinned[step] = saved
+            self._seq.pin(step, saved)
             meta, data = self._payload_locked(saved)
         path = self._write(step, meta, data, kind)
         token = CheckpointToken(self.fingerprint, step).encode()
@@ -669,8 +651,8 @@ class Job:
         """Durably saves the generator's current state (shutdown); its step. Raises
         CheckpointUnavailable when the state directory refuses the write."""
         with self._lock:
-            saved = _Saved(self._gen.state(), len(self._events))
-            self._pinned[saved.state.step] = saved
+            saved = Saved(self._seq.gen.state(), len(self._seq.events))
+            self._seq.pin(saved.state.step, saved)
             meta, data = self._payload_locked(saved)
         self._write(saved.state.step, meta, data, kind)
         return saved.state.step
@@ -692,19 +674,19 @@ class Job:
         this returns, and before any batch can use it: the checkpoint is written under the
         lock, and the change is undone when it cannot be."""
         with self._lock:
-            if step < self._gen.step:
-                raise ConfigError(f"step {step} is already generated (generated step {self._gen.step}); "
-                                  f"a change must name a step >= {self._gen.step}")
+            if step < self._seq.gen.step:
+                raise ConfigError(f"step {step} is already generated (generated step {self._seq.gen.step}); "
+                                  f"a change must name a step >= {self._seq.gen.step}")
             w = list(weights) if weights else None
             src_index: int | None = None
             if source or source_weight is not None or source_weights:
-                if not isinstance(self._gen, MixSampler):
+                if not isinstance(self._seq.gen, MixSampler):
                     raise ConfigError(f"this job serves one dataset: a source change (source {source!r}) "
                                       "applies to mixtures (serve --mix)")
                 if source_weight is not None and not source:
                     raise ConfigError("a source weight names its source (--source NAME)")
                 if source:
-                    src_index = self._gen.source_index(source)
+                    src_index = self._seq.gen.source_index(source)
             change = Change(step=int(step), clip=int(clip) if clip else None,
                             weights=None if w is None else tuple(float(x) for x in w), source=src_index,
                             source_weight=None if source_weight is None else float(source_weight),
@@ -718,7 +700,7 @@ class Job:
     def _record_change_locked(self, change: Change) -> None:
         """Validates, logs (durably, before use) and schedules an online change."""
         probe = self._new_sampler()  # validates against the job's sampler without touching the generator
-        probe.load_state(self._gen.state())
+        probe.load_state(self._seq.gen.state())
         probe.schedule_change(change)
         if self._log is not None:
             try:
@@ -727,11 +709,8 @@ class Job:
                 self._on_fault_locked()
                 raise CheckpointUnavailable(f"online change not applied: the event log {self._log.path} refuses "
                                             f"writes ({exc.strerror or exc}); the server keeps serving") from None
-        self._gen.schedule_change(change)
-        self._events.append(change)
+        self._seq.add_change(change)
         self._view_change(change)
-        self._pinned[self._gen.step] = _Saved(self._gen.state(), len(self._events))
-        self._replayer = None
         if self.adapter is not None:
             self._note_adapted_locked(change)
 
@@ -839,17 +818,17 @@ class Job:
     def status(self) -> JobStatus:
         with self._lock:
             self._recompute_locked()
-            c = self._gen.counters()
+            c = self._seq.gen.counters()
             t = self._table
             return JobStatus(
-                generated_step=self._gen.step, durable_step=self._durable_step, slowest_step=t.slowest,
+                generated_step=self._seq.gen.step, durable_step=self._durable_step, slowest_step=t.slowest,
                 fastest_step=t.fastest(), world=t.world or 0, ranks=t.views(),
-                active_clusters=int(c.active.sum()), clip=int(self._gen.clip or 0), end_step=self._end_step,
+                active_clusters=int(c.active.sum()), clip=int(self._seq.gen.clip or 0), end_step=self._seq.end_step,
                 sizes=c.sizes, draws=c.draws, passes=c.passes, clipped_at=c.clipped_at,
-                steps_generated=self._steps_generated, steps_replayed=self._steps_replayed,
+                steps_generated=self._seq.steps_generated, steps_replayed=self._seq.steps_replayed,
                 slices_served=self._slices_served, ids_served=self._ids_served,
                 checkpoint=None if self._writer is None else self._writer.health(),
-                sources=self._gen.source_counters() if isinstance(self._gen, MixSampler) else None,
+                sources=self._seq.gen.source_counters() if isinstance(self._seq.gen, MixSampler) else None,
                 adapt=self._adapt_view_locked(), changes=tuple(self._change_view),
                 log_failures=self._log_failures, adapt_failures=self._adapt_failures,
                 tokens=None if self._tally is None else self._tally.tokens.copy(),
@@ -868,10 +847,10 @@ class Job:
 
     def source_counters(self) -> SourceCounters | None:
         """Per-source weights, clips, draws and exhaustion of a mixture (None for one source)."""
-        if not isinstance(self._gen, MixSampler):
+        if not isinstance(self._seq.gen, MixSampler):
             return None
         with self._lock:
-            return self._gen.source_counters()
+            return self._seq.gen.source_counters()
 
     def checkpoint_health(self) -> WriterHealth | None:
         """The checkpoint writer's state (None without a state directory)."""
@@ -919,12 +898,12 @@ class Job:
         return prog
 
     def _far_bound(self) -> int:
-        base = max(self._table.slowest, self._high_water, self._gen.step)
+        base = max(self._table.slowest, self._high_water, self._seq.gen.step)
         return base + self.spec.max_lag + self.spec.max_lookahead
 
     def _far_reason(self) -> str:
         return (f"the bound is step {self._far_bound()}: the furthest of slowest rank step {self._table.slowest} "
-                f"and generated step {max(self._gen.step, self._high_water)}, + max lag {self.spec.max_lag} "
+                f"and generated step {max(self._seq.gen.step, self._high_water)}, + max lag {self.spec.max_lag} "
                 f"+ lookahead {self.spec.max_lookahead}")
 
     def _check_step(self, step: int, what: str) -> None:
@@ -935,7 +914,7 @@ class Job:
             raise StepOutOfRange(f"{what} {step} is too far ahead ({self._far_reason()})")
 
     def _is_end(self, step: int) -> bool:
-        return self._end_step is not None and step >= self._end_step
+        return self._seq.is_end(step)
 
     # -- internals: ranks ---------------------------------------------------------------------
     def _reform(self, step: int, world: int) -> None:
@@ -979,11 +958,11 @@ class Job:
         with self._durable_lock:
             self._durable_step = max(self._durable_step, step)
 
-    def _payload_locked(self, saved: _Saved) -> tuple[CheckpointMeta, bytes]:
+    def _payload_locked(self, saved: Saved) -> tuple[CheckpointMeta, bytes]:
         """(meta, bytes) of a checkpoint: the sampler state, then the adapter's statistics."""
         data = saved.state.to_bytes()
         meta = self._meta_locked(saved)
-        if self._tally is not None and saved.state.step == self._gen.step:
+        if self._tally is not None and saved.state.step == self._seq.gen.step:
             tokens = self._tally.to_bytes(saved.state.step)
             meta = dataclasses.replace(meta, tokens_bytes=len(tokens))
             data += tokens
@@ -993,15 +972,15 @@ class Job:
             data += extra
         return meta, data
 
-    def _meta_locked(self, saved: _Saved) -> CheckpointMeta:
+    def _meta_locked(self, saved: Saved) -> CheckpointMeta:
         t = self._table
         return CheckpointMeta(
             job=self.spec.name, sampler_fingerprint=self.fingerprint,
             dataset_fingerprint=self.spec.dataset_fingerprint, global_batch=self.global_batch, seed=self.seed,
-            policy=self._gen.config_dict, world=t.world, formed_at=t.formed_at,
-            generated_step=max(self._gen.step, self._high_water), formation=self._formation,
-            ranks=t.positions(), events=() if self._log is not None else tuple(c.to_dict() for c in self._events),
-            n_events=saved.n_events, end_step=self._end_step, created=time.time(),
+            policy=self._seq.gen.config_dict, world=t.world, formed_at=t.formed_at,
+            generated_step=max(self._seq.gen.step, self._high_water), formation=self._formation,
+            ranks=t.positions(), events=() if self._log is not None else tuple(c.to_dict() for c in self._seq.events),
+            n_events=saved.n_events, end_step=self._seq.end_step, created=time.time(),
             events_in_log=self._log is not None)
 
     def _ensure_mark_locked(self, upto: int) -> None:
@@ -1024,121 +1003,49 @@ class Job:
     # -- internals: the sequence --------------------------------------------------------------
     def _trim_locked(self) -> None:
         """Drops batches and snapshots no rank can need without a replay."""
-        lo = self._table.slowest - self.spec.max_lookahead
-        for s in [s for s in self._batches if s < lo]:
-            del self._batches[s]
-        keep_from = max((s for s in self._snapshots if s <= lo), default=0)
-        for s in [s for s in self._snapshots if 0 < s < keep_from]:
-            del self._snapshots[s]
-        if len(self._pinned) > 16:
-            for s in sorted(self._pinned)[:-16]:
-                del self._pinned[s]
+        self._seq.trim(self._table.slowest - self.spec.max_lookahead)
 
     def _generate_one_locked(self) -> None:
-        gen = self._gen
+        gen = self._seq.gen
         step = gen.step
         if self.adapter is not None:
             self._adapt_locked(step)
-        if step % self.spec.snapshot_every == 0 and step not in self._snapshots:
-            self._snapshots[step] = _Saved(gen.state(), len(self._events))
+        self._seq.snapshot_due()
         every = self.spec.checkpoint_every
         if self._writer is not None and every and step % every == 0 and step > self._auto_submitted:
-            saved = _Saved(gen.state(), len(self._events))
-            self._pinned[step] = saved
+            saved = self._seq.current()
+            self._seq.pin(step, saved)
             self._writer.submit(step, *self._payload_locked(saved))
             self._auto_submitted = step
         self._ensure_mark_locked(step + 1)
         try:
-            self._batches[step] = gen.next_batch()
-            if self._tally is not None:
-                self._tally.add(self._batches[step])
+            batch = gen.next_batch()
         except EndOfData:
-            self._end_step = step
+            self._seq.end_step = step
             log.info("end of data", extra={"event": "end_of_data", "step": step})
             self._notify_all()
             return
-        self._steps_generated += 1
+        self._seq.generated(step, batch)
+        if self._tally is not None:
+            self._tally.add(batch)
 
     def _batch_locked(self, step: int) -> np.ndarray | None:
         """The global batch of `step`, or None at or past the end of data."""
-        b = self._batches.get(step)
-        if b is not None:
-            return b
-        while self._gen.step <= step and self._end_step is None:
-            self._generate_one_locked()
-        if self._is_end(step):
-            return None
-        b = self._batches.get(step)
-        if b is None:
-            b = self._replay_locked(step)
-        return b
+        return self._seq.batch(step, self._generate_one_locked)
 
-    def _base_for(self, step: int) -> tuple[Sampler, int]:
-        """A sampler positioned at or before `step`, with every online change applied.
-
-        In-memory states first (the replayer, snapshots, checkpoints this server wrote or
-        loaded); the state directory only when it holds a nearer one."""
-        cands: list[tuple[int, str]] = [(0, "snapshot")]
-        if self._replayer is not None and self._replayer[0].step <= step:
-            cands.append((self._replayer[0].step, "replayer"))
-        cands.append((max((s for s in self._snapshots if s <= step), default=0), "snapshot"))
-        pinned = max((s for s in self._pinned if s <= step), default=-1)
-        if pinned >= 0:
-            cands.append((pinned, "pinned"))
-        best = max(cands)
-        if self.store is not None and best[0] < step - self.spec.snapshot_every:
-            ck = self.store.newest_valid(at_or_before=step, check=self._check_state)
-            if ck is not None and ck.step > best[0]:
-                meta = CheckpointMeta.from_dict(ck.meta, str(ck.path))
-                n = meta.n_events if meta.events_in_log else len(meta.events)
-                return self._sampler_from(_Saved(SamplerState.from_bytes(self._state_part(ck)), n))
-        if best[1] == "replayer":
-            assert self._replayer is not None
-            return self._replayer
-        saved = self._snapshots[best[0]] if best[1] == "snapshot" else self._pinned[best[0]]
-        return self._sampler_from(saved)
-
-    def _sampler_from(self, saved: _Saved) -> tuple[Sampler, int]:
-        s = self._new_sampler()
-        s.load_state(saved.state)
-        for ev in self._events[saved.n_events:]:
-            if ev.step < s.step:
-                raise StateError(f"online change at step {ev.step} predates the saved state at step {s.step}")
-            s.schedule_change(ev)
-        return s, len(self._events)
-
-    def _replay_locked(self, step: int, upto: int | None = None) -> np.ndarray:
-        """Recomputes the batches of [step, upto) from the nearest saved state; returns step's."""
-        sampler, n = self._base_for(step)
-        stop = min(step + self.spec.max_lookahead, self._gen.step) if upto is None else upto
-        out = None
-        while sampler.step < stop:
-            t = sampler.step
-            b = sampler.next_batch()  # EndOfData cannot happen before the generator's step
-            self._steps_replayed += 1
-            if t >= step:
-                self._batches[t] = b
-                if out is None:
-                    out = b
-        self._replayer = (sampler, n)
-        assert out is not None or upto is not None
-        return out  # type: ignore[return-value]
-
-    def _state_at_locked(self, step: int) -> _Saved:
+    def _state_at_locked(self, step: int) -> Saved:
         """The sampler state before `step` (generating or replaying as needed)."""
-        if step >= self._gen.step:
-            while self._gen.step < step and self._end_step is None:
-                self._generate_one_locked()
-            return _Saved(self._gen.state(), len(self._events))
-        if step in self._snapshots and self._snapshots[step].n_events == len(self._events):
-            return self._snapshots[step]
-        sampler, n = self._base_for(step)
-        while sampler.step < step:
-            t = sampler.step
-            self._batches.setdefault(t, sampler.next_batch())
-            self._steps_replayed += 1
-        self._replayer = (sampler, n)
-        return _Saved(sampler.state(), n)
+        return self._seq.state_at(step, self._generate_one_locked)
+
+    def _load_saved(self, step: int) -> tuple[int, Saved] | None:
+        """The newest valid checkpoint in the state directory at or before `step` (for replays)."""
+        assert self.store is not None
+        ck = self.store.newest_valid(at_or_before=step, check=self._check_state)
+        if ck is None:
+            return None
+        meta = CheckpointMeta.from_dict(ck.meta, str(ck.path))
+        n = meta.n_events if meta.events_in_log else len(meta.events)
+        return ck.step, Saved(SamplerState.from_bytes(self._state_part(ck)), n)
 
     def _slice_locked(self, step: int, rank: int, world: int) -> SliceData:
         batch = self._batch_locked(step)
