@@ -219,7 +219,8 @@ def one_load(mode: str, nodes: int, per_node: int, workers: int, steps: int, rat
                 for k in range(nodes):
                     agents.append(subprocess.Popen(
                         [sys.executable, "-m", "croupier", "agent", "--server", info["address"], "--runtime-dir",
-                         runtimes[k], "--cache-dir", f"{tmp}/c{k}", "--node", f"node{k}", "--log-level", "WARNING"],
+                         runtimes[k], "--cache-dir", f"{tmp}/c{k}", "--node", f"node{k}", "--local-ranks",
+                         str(per_node), "--log-level", "WARNING"],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
                 deadline = time.time() + 300
                 while not all(Path(r, "agent.sock").exists() for r in runtimes):

@@ -46,12 +46,17 @@ from croupier.client.channel import auth_metadata
 from croupier.client.rank_feed import RankFeed
 from croupier.errors import ConfigError
 from croupier.format.atomic import write_bytes_atomic
-from croupier.proto import SERVICE_NAME, pb2
+from croupier.proto import SERVICE_NAME, pack_ids, pb2, slice_ids
 
 log = logging.getLogger("croupier.agent")
 
 REPORT_S = 5.0
 """How often the agent sends its node report on the session."""
+OPEN_SETTLE_S = 0.2
+"""New rank feeds wait this long after the latest one for more to open in the same node lane
+(when the node's rank count is not known)."""
+OPEN_WAIT_S = 10.0
+"""The most a new rank feed waits for the node's other ranks before its lane opens anyway."""
 DRAIN_MAX = 256
 """Consumer messages the agent handles in one go (those already queued on its socket) before
 its writer sends what they asked for: the acknowledgements of a node's ranks that arrive
@@ -89,7 +94,8 @@ class NodeAgent:
 
     def __init__(self, server: str, runtime_dir: str | os.PathLike, cache_dir: str | os.PathLike,
                  cache_limit: int | None = None, job: str = "", token: str | None = None,
-                 tls_root_cert: str | None = None, node: str | None = None, idle_exit_s: float = 0.0) -> None:
+                 tls_root_cert: str | None = None, node: str | None = None, idle_exit_s: float = 0.0,
+                 local_ranks: int = 0) -> None:
         if not server or ":" not in server:
             raise ConfigError(f"agent --server must be host:port, got {server!r}")
         self.server = server
@@ -100,6 +106,9 @@ class NodeAgent:
         self.node = node or socket.gethostname()
         self.agent_id = uuid.uuid4().hex[:12]
         self.idle_exit_s = float(idle_exit_s)
+        if local_ranks < 0:
+            raise ConfigError(f"local ranks must be >= 0 (0: unknown), got {local_ranks}")
+        self.local_ranks = int(local_ranks)
         self._metadata = auth_metadata(token)
         self._tls_root_cert = tls_root_cert
         self._endpoint = endpoint(self.runtime_dir)
@@ -107,7 +116,10 @@ class NodeAgent:
         self._consumers: dict[bytes, _Consumer] = {}
         self._lanes: dict[int, _Lane] = {}  # pass-through lanes (read-only readers), by session lane
         self._feeds: dict[tuple[int, int], RankFeed] = {}  # (rank, world) -> its feed
-        self._feed_lanes: dict[int, RankFeed] = {}  # session lane -> feed
+        self._feed_lanes: dict[int, list[RankFeed]] = {}  # session lane -> its feeds, in rank order
+        self._feed_opens: list[RankFeed] = []  # feeds whose server lane is to open (grouped by the writer)
+        self._opens_first = 0.0  # when the oldest new feed of _feed_opens was queued
+        self._opens_last = 0.0  # when the latest was
         self._next_lane = 1
         self._pending = pb2.SessionRequest()
         self._acks: dict[int, int] = {}
@@ -162,6 +174,7 @@ class NodeAgent:
         r = self._report()
         return {"node": r.node, "agent_id": r.agent_id, "consumers": r.consumers,
                 "lanes": len(self._lanes) + len(self._feed_lanes),
+                "ranks": len(self._feeds),
                 "bytes_downloaded": r.bytes_downloaded, "shards_downloaded": r.shards_downloaded,
                 "cache_hits": r.cache_hits, "cache_misses": r.cache_misses, "cache_bytes": r.cache_bytes,
                 "cache_limit": r.cache_limit, **self.stats}
@@ -389,7 +402,7 @@ class NodeAgent:
                 pos = feed.ack((c.identity, ack.lane), ack.next_step)
                 if pos is None and feed.sent_position >= 0 and now - feed.sent_at > HEARTBEAT_S:
                     pos = feed.sent_position  # a rank that only re-confirms stays live on the server
-                if pos is not None:
+                if pos is not None and feed.lane:
                     feed.sent_at = now
                     self._acks[feed.lane] = max(self._acks.get(feed.lane, -1), pos)
                     if self.cache is not None:
@@ -397,7 +410,8 @@ class NodeAgent:
                         # samples; every step before pos - 1 is read by now (each worker is at
                         # pos - 1 or later), so those needs end here, without waiting for the
                         # server's confirmation. The confirmation releases the rest.
-                        self.cache.release_lane(feed.lane, pos - 1)
+                        low = min(max(f.sent_position, 0) for f in self._feed_lanes.get(feed.lane, [feed]))
+                        self.cache.release_lane(feed.lane, low - 1)
                 # The feed holds the acknowledgement from now on (and re-sends it on reconnect).
                 out.events.add(lane=ack.lane, acked_step=ack.next_step)
         for lane in sorted(set(unknown)):
@@ -427,24 +441,85 @@ class NodeAgent:
         feed = self._feeds.get(key)
         stop = int(op.stop_step)
         if feed is None:
-            feed = RankFeed(rank=key[0], world=key[1], lane=self._new_lane(), start=first, lookahead=int(op.lookahead),
-                            stop=stop)
+            feed = RankFeed(rank=key[0], world=key[1], lane=0, start=first, lookahead=int(op.lookahead), stop=stop)
             self._feeds[key] = feed
-            self._feed_lanes[feed.lane] = feed
-            self._open_feed_lane(feed)
+            self._queue_open(feed)
         elif feed.needs_reopen(first, stop):
-            self._close_server_lane(feed.lane)
-            del self._feed_lanes[feed.lane]
-            feed.reopen(self._new_lane(), first, stop)
-            self._feed_lanes[feed.lane] = feed
-            self._open_feed_lane(feed)
+            if feed.lane:
+                self._dissolve(feed.lane, reopen={id(feed): (first, stop)})
+            else:  # its lane has not opened yet: it opens from the earlier step
+                feed.reopen(0, first, stop)
         return feed.add(member, op)
 
-    def _open_feed_lane(self, feed: RankFeed) -> None:
-        self._pending.open.add(lane=feed.lane, rank=feed.rank, world_size=feed.world, start_step=feed.start,
-                               lookahead=feed.lookahead, step_stride=1, step_offset=0, stop_step=feed.stop)
-        if feed.sent_position >= 0:
-            self._acks[feed.lane] = feed.sent_position
+    def _queue_open(self, feed: RankFeed) -> None:
+        """The feed's server lane opens with the writer's next message, grouped with the other
+        ranks of the node whose lanes open then (one lane of several ranks)."""
+        feed.lane = 0
+        now = time.monotonic()
+        if not feed.opened:
+            if not any(not f.opened for f in self._feed_opens):
+                self._opens_first = now
+            self._opens_last = now
+        self._feed_opens.append(feed)
+        self._flush.set()
+
+    def _dissolve(self, g: int, reopen: "dict[int, tuple[int, int]] | None" = None,
+                  drop: RankFeed | None = None) -> None:
+        """Closes server lane g; its feeds (but `drop`) open again from what their members are
+        still owed (`reopen`: a feed's own (start, stop) instead)."""
+        feeds = self._feed_lanes.pop(g, [])
+        self._close_server_lane(g)
+        for f in feeds:
+            if f is drop:
+                continue
+            start, stop = (reopen or {}).get(id(f), (f.resume_point(), f.stop))
+            f.reopen(0, start, stop)
+            self._queue_open(f)
+
+    def _take_opens(self) -> float | None:
+        """Moves the queued feeds' lane opens into the pending message, grouping consecutive
+        ranks of one world and stop into one lane each; returns how long to wait first instead
+        (new feeds wait for the node's other ranks), or None when they were taken."""
+        pending = self._feed_opens
+        if not pending:
+            return None
+        now = time.monotonic()
+        if any(not f.opened for f in pending) and now < self._opens_first + OPEN_WAIT_S:
+            if self.local_ranks:
+                if len(self._feeds) < self.local_ranks:
+                    return self._opens_first + OPEN_WAIT_S - now
+            elif now < self._opens_last + OPEN_SETTLE_S:
+                return self._opens_last + OPEN_SETTLE_S - now
+        self._feed_opens = []
+        pending.sort(key=lambda f: (f.world, f.stop, f.rank))
+        groups: list[list[RankFeed]] = []
+        for f in pending:
+            last = groups[-1][-1] if groups else None
+            if last is not None and (last.world, last.stop, last.rank + 1) == (f.world, f.stop, f.rank):
+                groups[-1].append(f)
+            else:
+                groups.append([f])
+        for feeds in groups:
+            g = self._new_lane()
+            for f in feeds:
+                f.lane, f.opened = g, True
+            self._feed_lanes[g] = feeds
+            head = feeds[0]
+            self._pending.open.add(lane=g, rank=head.rank, world_size=head.world,
+                                   start_step=min(f.start for f in feeds), lookahead=max(f.lookahead for f in feeds),
+                                   step_stride=1, step_offset=0, stop_step=head.stop,
+                                   rank_count=len(feeds) if len(feeds) > 1 else 0)
+            if any(f.sent_position >= 0 for f in feeds):
+                self._acks[g] = max(f.sent_position for f in feeds)
+        return None
+
+    def _lane_ack(self, g: int, step: int) -> pb2.LaneAck:
+        """The acknowledgement of server lane g: per rank for a lane of several ranks."""
+        feeds = self._feed_lanes.get(g)
+        if feeds is None or len(feeds) == 1:
+            return pb2.LaneAck(lane=g, next_step=step)
+        steps = [max(f.sent_position, 0) for f in feeds]
+        return pb2.LaneAck(lane=g, next_step=min(steps), rank_steps=steps)
 
     def _close_server_lane(self, g: int) -> None:
         self._acks.pop(g, None)
@@ -464,8 +539,13 @@ class NodeAgent:
         feed.remove((c.identity, local))
         if not feed.members:
             del self._feeds[route]
-            self._feed_lanes.pop(feed.lane, None)
-            self._close_server_lane(feed.lane)
+            if not feed.lane:
+                self._feed_opens = [f for f in self._feed_opens if f is not feed]
+            elif len(self._feed_lanes.get(feed.lane, ())) > 1:
+                self._dissolve(feed.lane, drop=feed)  # the node's other ranks go on in a lane of their own
+            else:
+                self._feed_lanes.pop(feed.lane, None)
+                self._close_server_lane(feed.lane)
 
     def _refuse_lanes(self, c: _Consumer, req: pb2.SessionRequest, code: str, message: str) -> None:
         resp = pb2.SessionResponse(events=[pb2.LaneEvent(lane=op.lane, error_code=code, error=message)
@@ -493,10 +573,13 @@ class NodeAgent:
             if self._stopping.is_set():
                 return
             self._flush.clear()
+            wait = self._take_opens()
+            if wait is not None:
+                asyncio.get_running_loop().call_later(wait, self._flush.set)
             req = self._pending
             self._pending = pb2.SessionRequest()
             for g, step in self._acks.items():
-                req.acks.add(lane=g, next_step=step)
+                req.acks.append(self._lane_ack(g, step))
             self._acks.clear()
             now = time.monotonic()
             if now - last_report >= REPORT_S:
@@ -544,12 +627,13 @@ class NodeAgent:
     def _dispatch(self, resp: pb2.SessionResponse) -> None:
         out: dict[bytes, pb2.SessionResponse] = {}
         for ls in resp.lanes:
-            feed = self._feed_lanes.get(ls.lane)
-            if feed is not None:
+            feeds = self._feed_lanes.get(ls.lane)
+            if feeds is not None:
                 if self.cache is not None:
                     self.cache.prefetch_slices(ls.lane, ls.slices)
-                for (identity, local), slices in feed.on_slices(ls.slices).items():
-                    out.setdefault(identity, pb2.SessionResponse()).lanes.add(lane=local, slices=slices)
+                for feed, slices in zip(feeds, _per_rank(ls.slices, len(feeds))):
+                    for (identity, local), got in feed.on_slices(slices).items():
+                        out.setdefault(identity, pb2.SessionResponse()).lanes.add(lane=local, slices=got)
                 continue
             ln = self._lanes.get(ls.lane)
             if ln is None:
@@ -557,20 +641,21 @@ class NodeAgent:
             m = out.setdefault(ln.consumer, pb2.SessionResponse())
             m.lanes.add(lane=ln.local, slices=ls.slices)
         for ev in resp.events:
-            feed = self._feed_lanes.get(ev.lane)
-            if feed is not None:
+            feeds = self._feed_lanes.get(ev.lane)
+            if feeds is not None:
                 if not ev.error_code:
                     if self.cache is not None and ev.acked_step:
                         self.cache.release_lane(ev.lane, ev.acked_step)
                     continue
-                # The rank's lane failed on the server: every worker of the rank hears it.
-                for identity, local in list(feed.members):
-                    out.setdefault(identity, pb2.SessionResponse()).events.add(
-                        lane=local, error_code=ev.error_code, error=ev.error)
-                    c = self._consumers.get(identity)
-                    if c is not None:
-                        c.lanes.pop(local, None)
-                self._feeds.pop((feed.rank, feed.world), None)
+                # The lane failed on the server: every worker of its ranks hears it.
+                for feed in feeds:
+                    for identity, local in list(feed.members):
+                        out.setdefault(identity, pb2.SessionResponse()).events.add(
+                            lane=local, error_code=ev.error_code, error=ev.error)
+                        c = self._consumers.get(identity)
+                        if c is not None:
+                            c.lanes.pop(local, None)
+                    self._feeds.pop((feed.rank, feed.world), None)
                 self._feed_lanes.pop(ev.lane, None)
                 if self.cache is not None:
                     self.cache.forget_lane(ev.lane)
@@ -610,6 +695,7 @@ class NodeAgent:
         for g, ln in self._lanes.items():
             by_consumer.setdefault(ln.consumer, pb2.SessionResponse()).events.add(
                 lane=ln.local, error_code="UNAVAILABLE", error=message)
+        self._feed_opens = []
         for feed in self._feeds.values():
             for identity, local in feed.members:
                 by_consumer.setdefault(identity, pb2.SessionResponse()).events.add(
@@ -646,6 +732,23 @@ class NodeAgent:
                     self._flush.set()
                 elif c.lanes:
                     await self._send(identity, [BEAT, agent])
+
+
+def _per_rank(slices, n: int) -> list[list[pb2.Slice]]:
+    """A lane of n ranks' slices, split into each rank's (its ids are the ranks' one after another)."""
+    if n == 1:
+        return [list(slices)]
+    out: list[list[pb2.Slice]] = [[] for _ in range(n)]
+    for sl in slices:
+        if sl.kind == pb2.SLICE_KIND_END_OF_DATA:
+            for part in out:
+                part.append(sl)
+            continue
+        ids = slice_ids(sl)
+        p = len(ids) // n
+        for i, part in enumerate(out):
+            part.append(pb2.Slice(step=sl.step, kind=sl.kind, packed_ids=pack_ids(ids[i * p:(i + 1) * p])))
+    return out
 
 
 async def _wait_event(event: asyncio.Event, timeout: float) -> None:

@@ -1,7 +1,7 @@
 """`croupier agent`: run this node's agent in the foreground until SIGTERM.
 
     croupier agent --server HOST:PORT --runtime-dir DIR --cache-dir DIR [--cache-limit SIZE]
-                   [--job NAME] [--node NAME] [--token-file F] [--tls-root-cert F]
+                   [--job NAME] [--node NAME] [--local-ranks N] [--token-file F] [--tls-root-cert F]
 
 Ranks and DataLoader workers whose environment has CROUPIER_AGENT=DIR (the runtime directory)
 then talk only to this agent. See docs/agent.md.
@@ -10,8 +10,10 @@ then talk only to this agent. See docs/agent.md.
 from __future__ import annotations
 
 import argparse
+import os
 
 from croupier.client.cli_options import resolve_token
+from croupier.errors import ConfigError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,8 +31,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="use TLS, trusting this CA (or self-signed) certificate")
     p.add_argument("--exit-when-idle", type=float, default=0.0, metavar="SECONDS",
                    help="exit after this long without consumers (0, the default: run until SIGTERM)")
+    p.add_argument("--local-ranks", type=int, default=None, metavar="N",
+                   help="ranks on this node (default: $LOCAL_WORLD_SIZE as torchrun sets it, else unknown). The "
+                        "agent opens one server lane for the node's ranks once all N have asked for slices "
+                        "(at most 10 s), so the server's work per step follows nodes, not ranks")
     p.add_argument("--log-level", default="INFO", help="log level (default INFO)")
     p.set_defaults(func=run_agent_cli)
+
+
+def local_ranks(flag: int | None) -> int:
+    """--local-ranks, else $LOCAL_WORLD_SIZE, else 0 (unknown); refuses a negative count."""
+    if flag is None:
+        env = os.environ.get("LOCAL_WORLD_SIZE", "")
+        if not env:
+            return 0
+        try:
+            flag = int(env)
+        except ValueError:
+            raise ConfigError(f"LOCAL_WORLD_SIZE must be an integer, got {env!r}") from None
+    if flag < 0:
+        raise ConfigError(f"--local-ranks must be >= 0 (0: unknown), got {flag}")
+    return flag
 
 
 def run_agent_cli(args: argparse.Namespace) -> int:
@@ -42,6 +63,6 @@ def run_agent_cli(args: argparse.Namespace) -> int:
     limit = None if args.cache_limit is None else parse_size(args.cache_limit)
     agent = NodeAgent(args.server, args.runtime_dir, args.cache_dir, cache_limit=limit, job=args.job,
                       token=resolve_token(None, args.token_file), tls_root_cert=args.tls_ca, node=args.node,
-                      idle_exit_s=args.exit_when_idle)
+                      idle_exit_s=args.exit_when_idle, local_ranks=local_ranks(args.local_ranks))
     run_agent(agent)
     return 0

@@ -60,6 +60,12 @@ class RankFeed:
     end: int | None = None
     sent_position: int = -1
     sent_at: float = 0.0
+    opened: bool = False  # its server lane was opened at least once (a re-open never waits to group)
+
+    def resume_point(self) -> int:
+        """The lowest step a member is still owed (where a re-opened server lane starts)."""
+        owed = [m.next for m in self.members.values() if not m.done]
+        return min(owed) if owed else max(self.start, self.sent_position)
 
     # -- members ------------------------------------------------------------------------------------
     def needs_reopen(self, start: int, stop: int) -> bool:

@@ -593,9 +593,14 @@ class Job:
             self._waiters.get(rank, set()).discard(waiter)
 
     def open_stream(self, rank: int, world: int, start_step: int, lookahead: int = 0, step_stride: int = 1,
-                    step_offset: int = 0, stop_step: int = 0, job: str = "", read_only: bool = False) -> "SliceStream":
+                    step_offset: int = 0, stop_step: int = 0, job: str = "", read_only: bool = False,
+                    rank_count: int = 1) -> "SliceStream":
         """A cursor that yields the rank's slices from `start_step` under flow control. Opening
-        it never moves the rank's position (only acknowledgements do)."""
+        it never moves the rank's position (only acknowledgements do).
+
+        rank_count > 1: the stream carries ranks rank .. rank + rank_count - 1 (a node agent's
+        ranks); each of its slices is those ranks' slices one after another, and a step is
+        delivered only when every one of them may receive it."""
         self._check_job(job)
         stride = max(int(step_stride), 1)
         if step_stride < 0:
@@ -606,24 +611,37 @@ class Job:
             raise ConfigError(f"lookahead must be >= 0, got {lookahead}")
         if stop_step < 0:
             raise ConfigError(f"stop step must be >= 0 (0 = no stop), got {stop_step}")
+        if rank_count < 0:
+            raise ConfigError(f"rank count must be >= 0 (0 or 1: one rank), got {rank_count}")
+        count = max(int(rank_count), 1)
+        if count > 1 and rank + count > world:
+            raise ConfigError(f"a lane's ranks must lie in the world: ranks {rank}..{rank + count - 1} "
+                              f"(rank {rank}, rank count {count}) exceed world size {world}")
+        ranks = range(rank, rank + count)
         la = self.spec.max_lookahead if lookahead == 0 else min(int(lookahead), self.spec.max_lookahead)
         with self._lock:
             if read_only:
-                Topology(rank=rank, world=world)
+                for r in ranks:
+                    Topology(rank=r, world=world)
                 self._check_world(world)
             else:
-                prog = self._rank_locked(rank, world)
-                prog.streams += 1
-                if self._table.seen(rank):
+                seen = False
+                for r in ranks:
+                    prog = self._rank_locked(r, world)
+                    prog.streams += 1
+                    seen = self._table.seen(r) or seen
+                if seen:
                     self._recompute_locked()
             self._check_step(start_step, "start step")
             first = start_step + ((step_offset - start_step) % stride)
             waiter = _Waiter()
-            self._waiters.setdefault(rank, set()).add(waiter)
+            for r in ranks:
+                self._waiters.setdefault(r, set()).add(waiter)
             epoch = self._epoch
-        log.info("stream opened", extra={"event": "stream_open", "rank": rank, "start_step": start_step,
-                                         "stride": stride, "offset": step_offset, "read_only": read_only})
-        return SliceStream(self, rank, world, first, la, stride, stop_step, waiter, epoch, read_only)
+        log.info("stream opened", extra={"event": "stream_open", "rank": rank, "rank_count": count,
+                                         "start_step": start_step, "stride": stride, "offset": step_offset,
+                                         "read_only": read_only})
+        return SliceStream(self, rank, world, first, la, stride, stop_step, waiter, epoch, read_only, count)
 
     # -- public API: checkpoints, changes, status ----------------------------------------------------
     def checkpoint(self, step: int, job: str = "", kind: str = "token") -> CheckpointResult:
@@ -1047,12 +1065,13 @@ class Job:
         n = meta.n_events if meta.events_in_log else len(meta.events)
         return ck.step, Saved(SamplerState.from_bytes(self._state_part(ck)), n)
 
-    def _slice_locked(self, step: int, rank: int, world: int) -> SliceData:
+    def _slice_locked(self, step: int, rank: int, world: int, count: int = 1) -> SliceData:
+        """The slice of ranks rank .. rank + count - 1 of `step` (one after another)."""
         batch = self._batch_locked(step)
         if batch is None:
             return SliceData(step=step, ids=np.empty(0, dtype=np.int64), end=True)
         p = self.global_batch // world  # divisibility was checked when the rank joined
-        ids = batch[rank * p:(rank + 1) * p]
+        ids = batch[rank * p:(rank + count) * p]
         self._slices_served += 1
         self._ids_served += len(ids)
         return SliceData(step=step, ids=ids)
@@ -1068,9 +1087,11 @@ class SliceStream:
     """
 
     def __init__(self, job: Job, rank: int, world: int, first: int, lookahead: int, stride: int,
-                 stop_step: int, waiter: _Waiter, epoch: int, read_only: bool = False) -> None:
+                 stop_step: int, waiter: _Waiter, epoch: int, read_only: bool = False, count: int = 1) -> None:
         self._job = job
         self.rank = rank
+        self.count = count
+        self.ranks = range(rank, rank + count)
         self.world = world
         self.next = first
         self.lookahead = lookahead
@@ -1096,10 +1117,11 @@ class SliceStream:
         self._closed = True
         job = self._job
         with job._lock:
-            job._waiters.get(self.rank, set()).discard(self._waiter)
-            prog = job._table.ranks.get(self.rank)
-            if prog is not None and self._epoch == job._epoch and not self.read_only:
-                prog.streams = max(prog.streams - 1, 0)
+            for r in self.ranks:
+                job._waiters.get(r, set()).discard(self._waiter)
+                prog = job._table.ranks.get(r)
+                if prog is not None and self._epoch == job._epoch and not self.read_only:
+                    prog.streams = max(prog.streams - 1, 0)
         log.info("stream closed", extra={"event": "stream_close", "rank": self.rank, "next": self.next})
 
     def __iter__(self) -> Iterator[list[SliceData]]:
@@ -1138,14 +1160,17 @@ class SliceStream:
         job = self._job
         table = job._table
         lag_bound = table.slowest + job.spec.max_lag
-        prog = table.ranks.get(self.rank)
+        progs: list[RankProgress] = []
         if self.read_only:
             bound = lag_bound
             self._waiter.lagged = True
         else:
-            if prog is None:
-                raise JobReformed("the rank is no longer part of the job; join again")
-            own_bound = prog.next_step + self.lookahead
+            for r in self.ranks:
+                prog = table.ranks.get(r)
+                if prog is None:
+                    raise JobReformed(f"rank {r} is no longer part of the job; join again")
+                progs.append(prog)
+            own_bound = min(p.next_step for p in progs) + self.lookahead
             bound = min(own_bound, lag_bound)
             self._waiter.lagged = lag_bound <= own_bound
         if self.stop:
@@ -1155,10 +1180,10 @@ class SliceStream:
         while self.next < bound or job._is_end(self.next):
             if self.stop and self.next >= self.stop:
                 break
-            sl = job._slice_locked(self.next, self.rank, self.world)
+            sl = job._slice_locked(self.next, self.rank, self.world, self.count)
             out.append(sl)
             n_ids += len(sl.ids)
-            if prog is not None and not self.read_only:
+            for prog in progs:
                 prog.delivered_step = max(prog.delivered_step, self.next + 1)
             self.next += self.stride
             if sl.end:

@@ -46,6 +46,7 @@ class Lane:
     stride: int
     offset: int
     stream: SliceStream
+    count: int = 1  # ranks rank .. rank + count - 1
     finished: bool = False  # delivered everything; kept open for acknowledgements until closed
 
 
@@ -62,7 +63,8 @@ class SessionState:
     rotate: int = 0
 
     def status(self) -> pb2.SessionStatus:
-        st = pb2.SessionStatus(peer=self.peer, ranks=sorted({ln.rank for ln in self.lanes.values()}),
+        st = pb2.SessionStatus(peer=self.peer, ranks=sorted({r for ln in self.lanes.values()
+                                                             for r in range(ln.rank, ln.rank + ln.count)}),
                                lanes=len(self.lanes), seconds_open=time.monotonic() - self.opened)
         if self.node is not None:
             st.node.CopyFrom(self.node)
@@ -131,14 +133,15 @@ class SessionHandler:
             stream = self.job.open_stream(
                 rank=op.rank, world=op.world_size, start_step=op.start_step, lookahead=op.lookahead,
                 step_stride=op.step_stride, step_offset=op.step_offset, stop_step=op.stop_step,
-                job=st.job, read_only=op.read_only)
+                job=st.job, read_only=op.read_only, rank_count=op.rank_count)
         except CroupierError as exc:
             self._fail(op.lane, exc, close=False)
             return
         lane = op.lane
         stream.waiter.on_wake = lambda: self._woken(lane)
         stride = max(int(op.step_stride), 1)
-        st.lanes[op.lane] = Lane(op.lane, op.rank, op.world_size, stride, op.step_offset, stream)
+        st.lanes[op.lane] = Lane(op.lane, op.rank, op.world_size, stride, op.step_offset, stream,
+                                 count=max(int(op.rank_count), 1))
         self._dirty.add(op.lane)
 
     def _woken(self, lane: int) -> None:
@@ -147,16 +150,31 @@ class SessionHandler:
         self.wake()
 
     def _ack_all(self, acks) -> None:
-        """Applies a message's acknowledgements together (one job call for all its lanes)."""
+        """Applies a message's acknowledgements together (one job call for all its lanes). A lane
+        of several ranks is acknowledged per rank (`LaneAck.rank_steps`), or every rank at
+        next_step when rank_steps is empty."""
         lanes = self.state.lanes
-        known = [(a.lane, a.next_step, lanes[a.lane]) for a in acks if a.lane in lanes]
-        # a lane closed meanwhile is skipped: an acknowledgement is idempotent and may be dropped
-        if not known:
+        entries: list[tuple[int, int, int, int, int]] = []
+        spans: list[tuple[int, int, int, int]] = []  # (lane, step, first entry, entries)
+        for a in acks:
+            ln = lanes.get(a.lane)
+            if ln is None:
+                continue  # a lane closed meanwhile: an acknowledgement is idempotent and may be dropped
+            steps = list(a.rank_steps)
+            if steps and len(steps) != ln.count:
+                self._fail(a.lane, ConfigError(f"an acknowledgement of a lane of {ln.count} ranks carries one step "
+                                               f"per rank: lane {a.lane} got {len(steps)} rank steps"))
+                continue
+            if not steps:
+                steps = [a.next_step] * ln.count
+            spans.append((a.lane, a.next_step, len(entries), ln.count))
+            entries.extend((ln.rank + i, ln.world, step, ln.stride, ln.offset) for i, step in enumerate(steps))
+        if not entries:
             return
-        errors = self.job.ack_lanes(self.state.job, [(ln.rank, ln.world, step, ln.stride, ln.offset)
-                                                     for _, step, ln in known])
+        errors = self.job.ack_lanes(self.state.job, entries)
         events = self.state.events
-        for (lane, step, _), exc in zip(known, errors):
+        for lane, step, first, n in spans:
+            exc = next((e for e in errors[first:first + n] if e is not None), None)
             if exc is None:
                 events.append(pb2.LaneEvent(lane=lane, acked_step=step))
             else:
@@ -207,7 +225,8 @@ class SessionHandler:
         lanes = [ln for ln in lanes if not ln.finished]
         # polled in rounds under one job lock each, until the message holds MAX_IDS_PER_MESSAGE
         # ids; lanes not reached are polled in the next message
-        per_lane = max(self.job.global_batch // max(lanes[0].world, 1), 1) if lanes else 1
+        per_lane = (max(self.job.global_batch // max(lanes[0].world, 1), 1) * max(ln.count for ln in lanes)
+                    if lanes else 1)
         while lanes:
             if n_ids >= MAX_IDS_PER_MESSAGE:
                 self._dirty.update(ln.lane for ln in lanes)  # their turn comes in the next message

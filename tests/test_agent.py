@@ -18,10 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from torch.utils.data import DataLoader
 
 from croupier.client.agent_protocol import INFO_NAME, socket_path
-from croupier.client.dataset import ID_KEY, STEP_KEY, CroupierIterableDataset
+from croupier.client.dataset import CroupierIterableDataset
 from croupier.client.rank_client import Backoff, RankClient
 from croupier.errors import ConfigError
 from croupier.format.fingerprint import index_fingerprint
@@ -243,12 +242,13 @@ def agent_stats(cluster: Cluster, node: int) -> dict:
 def test_four_nodes_of_two_ranks_with_two_workers_each(cluster, mds, tmp_path) -> None:
     """Real processes: 4 agents, 8 ranks, 16 DataLoader workers. The union of delivered steps is
     the global sequence, the decoded columns match the shards, the server holds one stream per
-    node, and no node downloads a shard twice."""
+    node, each node's two ranks travel on one lane of that stream, and no node downloads a
+    shard twice."""
     cluster.start_server()
     for node in range(4):
-        cluster.start_agent(node)
+        cluster.start_agent(node, "--local-ranks", "2")
     steps = 24
-    seen = {"sessions": 0, "streams": 0, "nodes": set()}
+    seen = {"sessions": 0, "streams": 0, "nodes": set(), "lanes": 0, "ranks": set()}
     stop = threading.Event()
 
     def watch() -> None:
@@ -257,6 +257,8 @@ def test_four_nodes_of_two_ranks_with_two_workers_each(cluster, mds, tmp_path) -
             seen["sessions"] = max(seen["sessions"], len(st.sessions))
             seen["streams"] = max(seen["streams"], cluster.server.servicer.limits.open_streams())
             seen["nodes"] |= {s.node.node for s in st.sessions if s.node.node}
+            seen["lanes"] = max([seen["lanes"], *(s.lanes for s in st.sessions)])
+            seen["ranks"] |= {tuple(s.ranks) for s in st.sessions if s.lanes}
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -281,6 +283,11 @@ def test_four_nodes_of_two_ranks_with_two_workers_each(cluster, mds, tmp_path) -
     # One stream per node on the server, not one per rank or worker (8 ranks x 2 workers here).
     assert seen["streams"] <= 4 and seen["sessions"] == 4, seen
     assert seen["nodes"] == {f"node{n}" for n in range(4)}
+    # One lane per node carries both of its ranks (the agents were told the node has 2 ranks);
+    # when one rank finishes first, the other goes on alone.
+    pairs = {(2 * n, 2 * n + 1) for n in range(4)}
+    assert seen["lanes"] == 1 and pairs <= seen["ranks"], seen
+    assert all(any(set(r) <= set(p) for p in pairs) for r in seen["ranks"]), seen
     # Each node downloaded each shard it read once, and only those.
     from croupier.format.mds_index import MDSIndex
 

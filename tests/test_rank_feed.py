@@ -61,3 +61,56 @@ def test_end_of_data_reaches_every_worker_at_its_next_step() -> None:
     got = feed.on_slices([sl(0), sl(1), sl(2), pb2.Slice(step=3, kind=pb2.SLICE_KIND_END_OF_DATA)])
     assert [(s.step, s.kind) for s in got[(b"a", 1)]] == [(0, 1), (2, 1), (4, 2)]
     assert [(s.step, s.kind) for s in got[(b"b", 1)]] == [(1, 1), (3, 2)]
+
+
+# -- the node lane: an agent opens one server lane for the ranks whose lanes open together ----------
+def rank_op(rank: int, world: int = 8, start: int = 0) -> pb2.LaneOpen:
+    return pb2.LaneOpen(lane=1, rank=rank, world_size=world, start_step=start, lookahead=4, step_stride=1)
+
+
+def test_consecutive_ranks_open_one_lane_and_a_leaving_rank_regroups_the_others(tmp_path) -> None:
+    import numpy as np
+
+    from croupier.client.agent import NodeAgent, _Consumer, _per_rank
+    from croupier.proto import slice_ids
+
+    agent = NodeAgent("127.0.0.1:1", tmp_path / "run", tmp_path / "cache", local_ranks=4)
+    consumers = {r: _Consumer(f"c{r}".encode()) for r in (0, 1, 2, 5)}
+    for r, c in consumers.items():
+        c.lanes[1] = (r, 8)
+        agent._join_feed((r, 8), (c.identity, 1), rank_op(r))
+    assert agent._take_opens() is None  # all 4 local ranks are there: no wait
+    opens = [(o.rank, o.rank_count, o.start_step) for o in agent._pending.open]
+    assert opens == [(0, 3, 0), (5, 0, 0)]
+    group = agent._pending.open[0].lane
+    assert [f.rank for f in agent._feed_lanes[group]] == [0, 1, 2]
+    # the lane's slices split into each rank's, in rank order
+    ids = np.arange(30, dtype=np.int64)
+    parts = _per_rank([pb2.Slice(step=0, packed_ids=pack_ids(ids))], 3)
+    assert [slice_ids(p[0]).tolist() for p in parts] == [ids[:10].tolist(), ids[10:20].tolist(), ids[20:].tolist()]
+    end = _per_rank([pb2.Slice(step=7, kind=pb2.SLICE_KIND_END_OF_DATA)], 3)
+    assert [p[0].kind for p in end] == [pb2.SLICE_KIND_END_OF_DATA] * 3
+    # per-rank acknowledgements of the group
+    agent._feeds[(0, 8)].sent_position, agent._feeds[(2, 8)].sent_position = 3, 2
+    ack = agent._lane_ack(group, 3)
+    assert (ack.next_step, list(ack.rank_steps)) == (0, [3, 0, 2])
+    # rank 1 leaves: the lane closes and ranks 0 and 2 (no longer consecutive) re-open on their own
+    agent._pending = pb2.SessionRequest()
+    agent._session = object()  # a session is open: the close goes to the server
+    agent._close_route(consumers[1], 1, (1, 8))
+    assert list(agent._pending.close) == [group] and group not in agent._feed_lanes
+    assert agent._take_opens() is None  # re-opens never wait
+    assert [(o.rank, o.rank_count, o.start_step) for o in agent._pending.open] == [(0, 0, 0), (2, 0, 0)]
+
+
+def test_new_ranks_wait_for_the_node_but_not_forever(tmp_path) -> None:
+    from croupier.client import agent as agent_mod
+    from croupier.client.agent import NodeAgent
+
+    agent = NodeAgent("127.0.0.1:1", tmp_path / "run", tmp_path / "cache", local_ranks=2)
+    agent._join_feed((0, 2), (b"c0", 1), rank_op(0, world=2))
+    wait = agent._take_opens()
+    assert wait is not None and 0 < wait <= agent_mod.OPEN_WAIT_S and not agent._pending.open
+    agent._opens_first -= agent_mod.OPEN_WAIT_S  # the other rank never came
+    assert agent._take_opens() is None
+    assert [(o.rank, o.rank_count) for o in agent._pending.open] == [(0, 0)]

@@ -373,7 +373,7 @@ class AdaptStatus(_message.Message):
     def __init__(self, controller: _Optional[str] = ..., adapt_every: _Optional[int] = ..., groups: _Optional[str] = ..., params_json: _Optional[str] = ..., reports_accepted: _Optional[int] = ..., reports_refused: _Optional[int] = ..., samples_reported: _Optional[int] = ..., changes: _Optional[_Iterable[_Union[WeightChange, _Mapping]]] = ..., group_loss: _Optional[_Iterable[float]] = ..., group_samples: _Optional[_Iterable[int]] = ..., group_weight: _Optional[_Iterable[float]] = ..., source_loss: _Optional[_Iterable[float]] = ..., source_samples: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LaneOpen(_message.Message):
-    __slots__ = ("lane", "rank", "world_size", "start_step", "lookahead", "step_stride", "step_offset", "stop_step", "read_only")
+    __slots__ = ("lane", "rank", "world_size", "start_step", "lookahead", "step_stride", "step_offset", "stop_step", "read_only", "rank_count")
     LANE_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -383,6 +383,7 @@ class LaneOpen(_message.Message):
     STEP_OFFSET_FIELD_NUMBER: _ClassVar[int]
     STOP_STEP_FIELD_NUMBER: _ClassVar[int]
     READ_ONLY_FIELD_NUMBER: _ClassVar[int]
+    RANK_COUNT_FIELD_NUMBER: _ClassVar[int]
     lane: int
     rank: int
     world_size: int
@@ -392,15 +393,18 @@ class LaneOpen(_message.Message):
     step_offset: int
     stop_step: int
     read_only: bool
-    def __init__(self, lane: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., start_step: _Optional[int] = ..., lookahead: _Optional[int] = ..., step_stride: _Optional[int] = ..., step_offset: _Optional[int] = ..., stop_step: _Optional[int] = ..., read_only: _Optional[bool] = ...) -> None: ...
+    rank_count: int
+    def __init__(self, lane: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., start_step: _Optional[int] = ..., lookahead: _Optional[int] = ..., step_stride: _Optional[int] = ..., step_offset: _Optional[int] = ..., stop_step: _Optional[int] = ..., read_only: _Optional[bool] = ..., rank_count: _Optional[int] = ...) -> None: ...
 
 class LaneAck(_message.Message):
-    __slots__ = ("lane", "next_step")
+    __slots__ = ("lane", "next_step", "rank_steps")
     LANE_FIELD_NUMBER: _ClassVar[int]
     NEXT_STEP_FIELD_NUMBER: _ClassVar[int]
+    RANK_STEPS_FIELD_NUMBER: _ClassVar[int]
     lane: int
     next_step: int
-    def __init__(self, lane: _Optional[int] = ..., next_step: _Optional[int] = ...) -> None: ...
+    rank_steps: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, lane: _Optional[int] = ..., next_step: _Optional[int] = ..., rank_steps: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class NodeReport(_message.Message):
     __slots__ = ("node", "agent_id", "consumers", "bytes_downloaded", "cache_hits", "cache_misses", "cache_bytes", "cache_limit", "shards_downloaded")
