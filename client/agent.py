@@ -57,6 +57,11 @@ OPEN_SETTLE_S = 0.2
 (when the node's rank count is not known)."""
 OPEN_WAIT_S = 10.0
 """The most a new rank feed waits for the node's other ranks before its lane opens anyway."""
+ACK_SHARE = 4
+"""A node lane's acknowledgement goes to the server when its slowest rank moved a quarter of
+the lookahead (at least one step): the server still holds three quarters of the window to
+send meanwhile, and the node's acks cost the server a message every few steps, not several
+per step."""
 DRAIN_MAX = 256
 """Consumer messages the agent handles in one go (those already queued on its socket) before
 its writer sends what they asked for: the acknowledgements of a node's ranks that arrive
@@ -123,6 +128,7 @@ class NodeAgent:
         self._next_lane = 1
         self._pending = pb2.SessionRequest()
         self._acks: dict[int, int] = {}
+        self._lane_sent: dict[int, int] = {}  # server lane -> its slowest rank's position last sent
         self._joins: dict[bytes, asyncio.Future] = {}  # identical Joins in flight share one server call
         self._flush = asyncio.Event()
         self._session: Any = None
@@ -400,18 +406,24 @@ class NodeAgent:
                     unknown.append(ack.lane)
                     continue
                 pos = feed.ack((c.identity, ack.lane), ack.next_step)
-                if pos is None and feed.sent_position >= 0 and now - feed.sent_at > HEARTBEAT_S:
+                beat = pos is None and feed.sent_position >= 0 and now - feed.sent_at > HEARTBEAT_S
+                if beat:
                     pos = feed.sent_position  # a rank that only re-confirms stays live on the server
                 if pos is not None and feed.lane:
-                    feed.sent_at = now
-                    self._acks[feed.lane] = max(self._acks.get(feed.lane, -1), pos)
+                    g = feed.lane
+                    group = self._feed_lanes.get(g, [feed])
+                    low = min(max(f.sent_position, 0) for f in group)
+                    if beat or self._ack_due(g, group, low):
+                        for f in group:
+                            f.sent_at = now
+                        self._acks[g] = max(self._acks.get(g, -1), pos)
+                        self._lane_sent[g] = low
                     if self.cache is not None:
                         # A consumer acknowledges a step when it takes it, before it reads its
-                        # samples; every step before pos - 1 is read by now (each worker is at
-                        # pos - 1 or later), so those needs end here, without waiting for the
-                        # server's confirmation. The confirmation releases the rest.
-                        low = min(max(f.sent_position, 0) for f in self._feed_lanes.get(feed.lane, [feed]))
-                        self.cache.release_lane(feed.lane, low - 1)
+                        # samples; every step before low - 1 is read by now (each worker is at
+                        # its rank's position - 1 or later), so those needs end here, without
+                        # waiting for the server's confirmation. The confirmation releases the rest.
+                        self.cache.release_lane(g, low - 1)
                 # The feed holds the acknowledgement from now on (and re-sends it on reconnect).
                 out.events.add(lane=ack.lane, acked_step=ack.next_step)
         for lane in sorted(set(unknown)):
@@ -511,7 +523,19 @@ class NodeAgent:
                                    rank_count=len(feeds) if len(feeds) > 1 else 0)
             if any(f.sent_position >= 0 for f in feeds):
                 self._acks[g] = max(f.sent_position for f in feeds)
+                self._lane_sent[g] = min(max(f.sent_position, 0) for f in feeds)
         return None
+
+    def _ack_due(self, g: int, group: list[RankFeed], low: int) -> bool:
+        """Whether lane g's acknowledgement goes to the server now: once its slowest rank moved
+        ACK_SHARE-th of the lookahead since the last one sent (the server keeps the rest of the
+        window flowing meanwhile), at the lane's stop, and for the first one."""
+        last = self._lane_sent.get(g, -1)
+        if last < 0:
+            return True
+        gap = max(1, max(f.lookahead for f in group) // ACK_SHARE)
+        stop = group[0].stop
+        return low - last >= gap or bool(stop and low >= stop)
 
     def _lane_ack(self, g: int, step: int) -> pb2.LaneAck:
         """The acknowledgement of server lane g: per rank for a lane of several ranks."""
@@ -523,6 +547,7 @@ class NodeAgent:
 
     def _close_server_lane(self, g: int) -> None:
         self._acks.pop(g, None)
+        self._lane_sent.pop(g, None)
         if self._session is not None:
             self._pending.close.append(g)
         if self.cache is not None:
@@ -689,6 +714,7 @@ class NodeAgent:
         call.cancel()
         self._pending = pb2.SessionRequest()
         self._acks.clear()
+        self._lane_sent.clear()
         agent = self.agent_id.encode()
         by_consumer: dict[bytes, pb2.SessionResponse] = {}
         message = f"the agent lost its server session: {why}"
