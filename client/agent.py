@@ -420,10 +420,10 @@ class NodeAgent:
                         self._lane_sent[g] = low
                     if self.cache is not None:
                         # A consumer acknowledges a step when it takes it, before it reads its
-                        # samples; every step before low - 1 is read by now (each worker is at
-                        # its rank's position - 1 or later), so those needs end here, without
-                        # waiting for the server's confirmation. The confirmation releases the rest.
-                        self.cache.release_lane(g, low - 1)
+                        # samples; every step of this rank before its position - 1 is read by
+                        # now (each of its workers is there or later), so those needs end here,
+                        # without waiting for the server's confirmation.
+                        self.cache.release_lane(g, feed.sent_position - 1, feed.rank)
                 # The feed holds the acknowledgement from now on (and re-sends it on reconnect).
                 out.events.add(lane=ack.lane, acked_step=ack.next_step)
         for lane in sorted(set(unknown)):
@@ -654,9 +654,9 @@ class NodeAgent:
         for ls in resp.lanes:
             feeds = self._feed_lanes.get(ls.lane)
             if feeds is not None:
-                if self.cache is not None:
-                    self.cache.prefetch_slices(ls.lane, ls.slices)
                 for feed, slices in zip(feeds, _per_rank(ls.slices, len(feeds))):
+                    if self.cache is not None:
+                        self.cache.prefetch_slices(ls.lane, slices, feed.rank)
                     for (identity, local), got in feed.on_slices(slices).items():
                         out.setdefault(identity, pb2.SessionResponse()).lanes.add(lane=local, slices=got)
                 continue
@@ -670,7 +670,8 @@ class NodeAgent:
             if feeds is not None:
                 if not ev.error_code:
                     if self.cache is not None and ev.acked_step:
-                        self.cache.release_lane(ev.lane, ev.acked_step)
+                        for f in feeds:  # each rank got at least the lane's acknowledged step
+                            self.cache.release_lane(ev.lane, min(ev.acked_step, max(f.sent_position, 0)), f.rank)
                     continue
                 # The lane failed on the server: every worker of its ranks hears it.
                 for feed in feeds:

@@ -44,7 +44,7 @@ class NodeCache:
         self._store: Any = None
         self._lock = threading.Lock()  # counters and configuration: never held across I/O
         self._open_lock = threading.Lock()  # opening the store (imports, index fetch: seconds)
-        self._lanes: dict[int, deque[tuple[int, np.ndarray]]] = {}
+        self._lanes: dict[tuple[int, int], deque[tuple[int, np.ndarray]]] = {}  # (lane, rank) -> needs
         self.hits = 0
         self.misses = 0
 
@@ -86,25 +86,27 @@ class NodeCache:
         return self.local_dir / INDEX_BASENAME
 
     # -- needs -------------------------------------------------------------------------------------
-    def prefetch_slices(self, lane: int, slices: Iterable[Any]) -> None:
-        """Records the ids of slices about to reach a local consumer as needs, in order."""
+    def prefetch_slices(self, lane: int, slices: Iterable[Any], rank: int = 0) -> None:
+        """Records the ids of slices about to reach a local consumer as needs, in order. A lane
+        carrying several ranks records each rank's needs apart (`rank`), so each is released
+        when that rank has read them, not when the lane's slowest rank has."""
         store = self._store
         if store is None:
             return  # not open yet (it opens off the agent's loop): consumers' fetches still work
         for sl in slices:
-            self.prefetch_ids(lane, int(sl.step), slice_ids(sl))
+            self.prefetch_ids(lane, int(sl.step), slice_ids(sl), rank)
 
-    def prefetch_ids(self, lane: int, step: int, ids: np.ndarray) -> None:
-        """Records one step's ids of a lane as needs (no-op until the store is open)."""
+    def prefetch_ids(self, lane: int, step: int, ids: np.ndarray, rank: int = 0) -> None:
+        """Records one step's ids of a lane's rank as needs (no-op until the store is open)."""
         store = self._store
         if store is None or not ids.size:
             return
-        self._lanes.setdefault(lane, deque()).append((step, ids))
+        self._lanes.setdefault((lane, rank), deque()).append((step, ids))
         store.prefetch(ids)
 
-    def release_lane(self, lane: int, acked_step: int) -> None:
-        """The lane consumed every step before `acked_step`: its needs there are released."""
-        q = self._lanes.get(lane)
+    def release_lane(self, lane: int, acked_step: int, rank: int = 0) -> None:
+        """The lane's rank consumed every step before `acked_step`: its needs there are released."""
+        q = self._lanes.get((lane, rank))
         if not q:
             return
         store = self.store()
@@ -112,11 +114,12 @@ class NodeCache:
             store.release(q.popleft()[1])
 
     def forget_lane(self, lane: int) -> None:
-        """A lane closed: whatever it had not consumed is no longer needed."""
-        q = self._lanes.pop(lane, None)
-        if q and self._store is not None:
-            for _, ids in q:
-                self._store.release(ids)
+        """A lane closed: whatever its ranks had not consumed is no longer needed."""
+        for key in [k for k in self._lanes if k[0] == lane]:
+            q = self._lanes.pop(key)
+            if self._store is not None:
+                for _, ids in q:
+                    self._store.release(ids)
 
     def ensure(self, shards: np.ndarray) -> None:
         """Makes these shards present in the cache (downloading those that are not)."""
@@ -169,19 +172,19 @@ class MixNodeCache:
         return [(s.name, s.remote, s.fingerprint, s.offset) for s in sources] == \
             [(s.name, s.remote, s.fingerprint, s.offset) for s in self.sources]
 
-    def prefetch_slices(self, lane: int, slices: Iterable[Any]) -> None:
+    def prefetch_slices(self, lane: int, slices: Iterable[Any], rank: int = 0) -> None:
         for sl in slices:
             ids = slice_ids(sl)
             if not ids.size:
                 continue
             src = np.searchsorted(self._starts, ids, side="right") - 1
             for i in np.unique(src).tolist():
-                self._caches[i].prefetch_ids(lane, int(sl.step), ids[src == i] - self._starts[i])
+                self._caches[i].prefetch_ids(lane, int(sl.step), ids[src == i] - self._starts[i], rank)
 
-    def release_lane(self, lane: int, acked_step: int) -> None:
+    def release_lane(self, lane: int, acked_step: int, rank: int = 0) -> None:
         for cache in self._caches:
             if cache._store is not None:
-                cache.release_lane(lane, acked_step)
+                cache.release_lane(lane, acked_step, rank)
 
     def forget_lane(self, lane: int) -> None:
         for cache in self._caches:
