@@ -16,7 +16,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench import natural_corpus as nc  # noqa: E402
-from bench import train_compare  # noqa: E402
+from bench import train_natural  # noqa: E402
 
 WORDS = ("parse", "render", "merge", "split", "encode", "decode", "fetch", "store", "index", "count")
 
@@ -117,7 +117,7 @@ def test_assemble_writes_the_split(site, tmp_path):
 
 @pytest.mark.slow
 def test_natural_mode_runs_end_to_end(site, tmp_path):
-    results, info = train_compare.compare_natural("tiny", tmp_path / "out", site_packages=site,
+    results, info = train_natural.compare_natural("tiny", tmp_path / "out", site_packages=site,
                                                   builds=["kmeans", "source"], max_docs=20, min_docs=4)
     assert [(v["build"], v["sampler"]) for v in info["variants"]] == [
         ("kmeans", "random"), ("kmeans", "uniform"), ("kmeans", "clusterclip auto"),
