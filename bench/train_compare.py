@@ -458,6 +458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     nat.add_argument("--seeds", default="", help="comma-separated seeds (default: the natural scale's; --adaptive: 0,1,2)")
     nat.add_argument("--embedder", default=None, help="the builds' embedder (default: the scale's)")
     nat.add_argument("--fraction", type=float, default=None, help="share of each package's docstrings kept")
+    nat.add_argument("--clips", default="", help="comma-separated fixed clips: clusterclip at each of them on every "
+                                                 "build, besides the auto clip (default: none)")
     nat.add_argument("--embed-cache", default=None, metavar="DIR",
                      help="the builds' embeddings cache, kept across runs (default: one per run, in its temporary "
                           "folder: every build after the first reuses the first's embeddings)")
@@ -479,7 +481,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         results, info = tn.compare_natural(args.scale or "quick", args.out, site_packages=args.site_packages,
                                            builds=[b.strip() for b in args.builds.split(",") if b.strip()] or None,
                                            only=only, seeds=seeds, embedder=args.embedder, fraction=args.fraction,
-                                           passes=args.passes, embed_cache=args.embed_cache)
+                                           passes=args.passes, embed_cache=args.embed_cache,
+                                           clips=[int(c) for c in args.clips.split(",") if c.strip()])
         print(f"\n{info['train_docs']} training docstrings from {len(info['sources'])} packages "
               f"({max(info['source_sizes'])} down to {min(info['source_sizes'])}), {info['heldout_docs']} held out; "
               f"{info['steps']} steps x {info['params']['batch']} ({info['params']['passes']} passes), "

@@ -81,18 +81,21 @@ NATURAL_BUILDS: tuple[BuildSetting, ...] = (
 )
 
 
-def natural_policies(budget_steps: int) -> list[Variant]:
-    """The cluster-balanced samplers run on every build (extend this list to add samplers)."""
+def natural_policies(budget_steps: int, clips: Sequence[int] = ()) -> list[Variant]:
+    """The cluster-balanced samplers run on every build: uniform, clusterclip at the auto clip
+    and at each fixed clip of `clips` (extend this list to add samplers)."""
     return [Variant("uniform", {"policy": "uniform"}),
             Variant("clusterclip auto", {"policy": "clusterclip", "auto_clip": True, "budget_steps": budget_steps,
-                                         "on_exhausted": "random"})]
+                                         "on_exhausted": "random"})] + [
+        Variant(f"clusterclip {c}", {"policy": "clusterclip", "clip": int(c), "on_exhausted": "random"})
+        for c in clips]
 
 
-def natural_variants(builds: Sequence[BuildSetting], budget_steps: int) -> list[Variant]:
+def natural_variants(builds: Sequence[BuildSetting], budget_steps: int, clips: Sequence[int] = ()) -> list[Variant]:
     """random once (on the first build: it ignores the clusters), then every policy on every build."""
     out = [Variant("random", {"policy": "random"}, build=builds[0].name)]
     for b in builds:
-        out += [Variant(v.name, v.policy, build=b.name) for v in natural_policies(budget_steps)]
+        out += [Variant(v.name, v.policy, build=b.name) for v in natural_policies(budget_steps, clips)]
     return out
 
 
@@ -169,7 +172,7 @@ def _select(builds: Sequence[str] | None) -> list[BuildSetting]:
 
 def compare_natural(scale: str = "quick", out: str | Path | None = None, *, site_packages: str | Path | None = None,
                     builds: Sequence[str] | None = None, only: Sequence[str] | None = None,
-                    embed_cache: str | Path | None = None, log=sys.stderr,
+                    embed_cache: str | Path | None = None, clips: Sequence[int] = (), log=sys.stderr,
                     **overrides: Any) -> tuple[list[RunResult], dict[str, Any]]:
     """Natural corpus, croupier's own clusters, per-source held-out loss over several seeds.
 
@@ -177,8 +180,8 @@ def compare_natural(scale: str = "quick", out: str | Path | None = None, *, site
     split are fixed (seed 0); each build runs once (`croupier shards build`, seed 0), all of
     them through one embeddings cache (`embed_cache`, default: a folder of the run's temporary
     work, so the corpus is embedded once per run; give a folder to keep it across runs);
-    every sampler trains once per seed (model init and sampler seed). Writes results.json
-    and table.txt under `out` when given.
+    every sampler trains once per seed (model init and sampler seed); `clips` adds clusterclip
+    at those fixed clips to every build. Writes results.json and table.txt under `out` when given.
     """
     from bench import natural_corpus as nc
 
@@ -199,7 +202,7 @@ def compare_natural(scale: str = "quick", out: str | Path | None = None, *, site
           f"{min(sizes.values())}), {len(heldout)} held out from {len({d['source'] for d in heldout})}; "
           f"collected in {time.perf_counter() - t0:.0f}s", file=log, flush=True)
     steps = max(1, int(round(params["passes"] * len(train) / params["batch"])))
-    all_variants = natural_variants(settings, steps)
+    all_variants = natural_variants(settings, steps, clips)
     if only:
         valid = sorted({v.name for v in all_variants})
         unknown = [o for o in only if o not in valid]
@@ -229,7 +232,7 @@ def compare_natural(scale: str = "quick", out: str | Path | None = None, *, site
                 results.append(r)
                 print(f"[natural] seed {seed} {v.build} {v.name}: mean {r.metrics['mean']:.4f} rare25 "
                       f"{r.metrics['rare25']:.4f} ({r.train_s:.0f}s)", file=log, flush=True)
-    info = {"mode": "natural", "scale": scale, "params": {**params, "seeds": list(params["seeds"])},
+    info = {"mode": "natural", "scale": scale, "params": {**params, "seeds": list(params["seeds"]), "clips": list(clips)},
             "train_docs": len(train), "heldout_docs": len(heldout), "sources": names,
             "source_sizes": [sizes[n] for n in names], "steps": steps, "builds": build_info,
             "variants": [{"build": v.build, "sampler": v.name, "policy": v.policy} for v in all_variants]}
