@@ -46,7 +46,7 @@ NATURAL_SCALES: dict[str, dict[str, Any]] = {
     # fraction / max_docs / max_files / min_docs: the corpus (bench.natural_corpus); passes and
     # batch: the training budget (passes over the training documents, examples per step);
     # seeds: one training run per seed and sampler; embedder: the builds' (model-free hashing
-    # by default; --embedder minilm embeds once per run, about 6 minutes for the quick corpus
+    # by default; --embedder minilm embeds once per run, 4 to 6 minutes for the quick corpus
     # on 2 shared cores, then the other builds reuse it through the embeddings cache).
     "tiny": {"fraction": 1.0, "max_docs": 30, "max_files": 3, "min_docs": 5, "passes": 1.0, "batch": 16,
              "seeds": (0,), "embedder": "hashing"},
