@@ -25,16 +25,12 @@ so every sampler trains on the same number of examples.
 
     python -m bench.train_compare --scale full --out out/train_compare
 
-`--corpus natural` measures the product path end to end instead: the corpus is the docstrings
-of the installed packages (`bench.natural_corpus`, grouped by package, a held-out split per
-package), each build of `NATURAL_BUILDS` is made by `croupier shards build` in its own process
-(the default flat k-means, and `--group-by source` with one cluster per package or k-means
-inside packages), every sampler is served over croupier's own clusters, and held-out loss is
-evaluated per *true* package, over several training seeds (model init and sampler seed; the
-corpus, split and builds are fixed). `rare_share` is the share of the trained examples that
-came from the rarest quarter of the evaluated packages.
+`--corpus natural` measures the product path end to end instead (`bench.train_natural`): the
+docstrings of the installed packages grouped by package, built by `croupier shards build`,
+each sampler served over croupier's own clusters, held-out loss per *true* package, paired
+over several training seeds.
 
-    python -m bench.train_compare --corpus natural --scale quick --out out/train_natural
+    python -m bench.train_compare --corpus natural --scale long --out out/train_natural
 """
 
 from __future__ import annotations
@@ -422,222 +418,6 @@ def compare_adaptive(scale: str, out: str | Path | None, seeds: Sequence[int], c
     return per, table
 
 
-# --- The natural mode: croupier's own clusters on a natural long-tailed corpus --------------
-
-NATURAL_SCALES: dict[str, dict[str, Any]] = {
-    # fraction / max_docs / max_files / min_docs: the corpus (bench.natural_corpus); passes and
-    # batch: the training budget; seeds: one training run per seed and sampler; embedder: the
-    # builds' (model-free hashing: MiniLM, the build default, embeds the corpus again for every
-    # build, about 6 minutes per build of the quick corpus on 2 shared cores; --embedder minilm).
-    "tiny": {"fraction": 1.0, "max_docs": 30, "max_files": 3, "min_docs": 5, "passes": 1.0, "batch": 16,
-             "seeds": (0,), "embedder": "hashing"},
-    "quick": {"fraction": 0.1, "max_docs": 2000, "max_files": 400, "min_docs": 4, "passes": 2.0, "batch": 32,
-              "seeds": (0, 1, 2), "embedder": "hashing"},
-}
-
-
-@dataclass(frozen=True)
-class BuildSetting:
-    """One `croupier shards build` of the natural comparison: a name and its extra arguments."""
-
-    name: str
-    args: tuple[str, ...] = ()
-
-
-NATURAL_BUILDS: tuple[BuildSetting, ...] = (
-    BuildSetting("kmeans", ()),  # the build default: flat k-means, K about sqrt(N)
-    BuildSetting("source", ("--group-by", "source")),  # grouping default: one cluster per source
-    BuildSetting("source/50", ("--group-by", "source", "--cluster-size", "50")),
-    BuildSetting("source/150", ("--group-by", "source", "--cluster-size", "150")),
-)
-
-
-def natural_policies(budget_steps: int) -> list[Variant]:
-    """The cluster-balanced samplers run on every build (extend this list to add samplers)."""
-    return [Variant("uniform", {"policy": "uniform"}),
-            Variant("clusterclip auto", {"policy": "clusterclip", "auto_clip": True, "budget_steps": budget_steps,
-                                         "on_exhausted": "random"})]
-
-
-def natural_variants(builds: Sequence[BuildSetting], budget_steps: int) -> list[Variant]:
-    """random once (on the first build: it ignores the clusters), then every policy on every build."""
-    out = [Variant("random", {"policy": "random"}, build=builds[0].name)]
-    for b in builds:
-        out += [Variant(v.name, v.policy, build=b.name) for v in natural_policies(budget_steps)]
-    return out
-
-
-def run_build(jsonl: Path, out: Path, setting: BuildSetting, embedder: str, seed: int = 0) -> float:
-    """`croupier shards build` in its own process, as a user runs it; returns seconds."""
-    import subprocess
-
-    cmd = [sys.executable, "-m", "croupier", "shards", "build", str(jsonl), "--out", str(out), "--embedder",
-           embedder, "--keep-fields", "source", "--seed", str(seed), "--overwrite", "--quiet", *setting.args]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"build {setting.name!r} failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}")
-    return time.perf_counter() - t0
-
-
-def prepare_natural(dataset: Path, heldout: Sequence[dict], names: Sequence[str]) -> tuple[Prepared, dict[str, Any]]:
-    """The sampler draws from the sidecar's clusters; evaluation groups are the true sources.
-
-    Returns the Prepared corpus (its clusters fields hold source codes into `names`, its
-    layout croupier's clusters) and the build's diagnostics against the sources.
-    """
-    from croupier.shards.diagnostics import long_tail_report
-    from croupier.shards.mds import MDSSource
-    from croupier.shards.sidecar import Sidecar
-
-    side = Sidecar.open(dataset)
-    layout = side.layout()
-    n = side.num_samples
-    with MDSSource(dataset) as src:
-        texts = src.texts(0, n, "text")
-        sources = src.get(np.arange(n), "source")
-    code = {s: i for i, s in enumerate(names)}
-    train_codes = np.array([code[s] for s in sources], dtype=np.int64)
-    held_codes = np.array([code.get(d["source"], -1) for d in heldout], dtype=np.int64)
-    if (held_codes < 0).any():
-        raise ValueError("held-out documents from a source with no training documents")
-    labels = np.full(n, -1, dtype=np.int64)
-    pos = np.arange(layout.num_positions)
-    labels[layout.ids_at(pos)] = layout.clusters_of(pos)
-    rep = long_tail_report(labels, train_codes, list(names), "source")
-    diag = {"clusters": int(layout.num_clusters), "nmi": rep.nmi, "drowned": len(rep.drowned),
-            "sources": len(names), "rare_quarter_purity": rep.rare_quarter_purity}
-    prep = Prepared(dataset=dataset, layout=layout, fingerprint=side.fingerprint, num_clusters=len(names),
-                    train_sizes=np.bincount(train_codes, minlength=len(names)), train_texts=texts,
-                    train_clusters=train_codes, heldout_texts=[d["text"] for d in heldout],
-                    heldout_clusters=held_codes)
-    return prep, diag
-
-
-def rare_share(result: RunResult, prep: Prepared) -> float:
-    """Share of the trained examples that came from the rarest quarter of the evaluated sources."""
-    ok = np.flatnonzero(np.bincount(prep.heldout_clusters, minlength=prep.num_clusters) > 0)
-    order = ok[np.argsort(prep.train_sizes[ok], kind="stable")]
-    rare = order[: max(1, len(order) // 4)]
-    per = np.bincount(prep.train_clusters[result.ids], minlength=prep.num_clusters)
-    return float(per[rare].sum() / max(1, len(result.ids)))
-
-
-def compare_natural(scale: str = "quick", out: str | Path | None = None, *, site_packages: str | Path | None = None,
-                    builds: Sequence[str] | None = None, only: Sequence[str] | None = None,
-                    log=sys.stderr, **overrides: Any) -> tuple[list[RunResult], dict[str, Any]]:
-    """Natural corpus, croupier's own clusters, per-source held-out loss over several seeds.
-
-    The corpus (docstrings of installed packages, `bench.natural_corpus`) and its held-out
-    split are fixed (seed 0); each build runs once (`croupier shards build`, seed 0); every
-    sampler trains once per seed (model init and sampler seed). Writes results.json and
-    table.txt under `out` when given.
-    """
-    from bench import natural_corpus as nc
-
-    if scale not in NATURAL_SCALES:
-        raise ValueError(f"unknown natural scale {scale!r}; valid scales: {', '.join(NATURAL_SCALES)}")
-    params = dict(NATURAL_SCALES[scale], **{k: v for k, v in overrides.items() if v is not None})
-    settings = list(NATURAL_BUILDS)
-    if builds:
-        known = [b.name for b in settings]
-        unknown = [b for b in builds if b not in known]
-        if unknown:
-            raise ValueError(f"unknown build(s) {unknown}; valid: {known}")
-        settings = [b for b in settings if b.name in builds]
-    import torch
-
-    torch.set_num_threads(1)
-    cfg = nc.CorpusConfig(site_packages=str(site_packages or nc.default_site_packages()), fraction=params["fraction"],
-                          max_docs=params["max_docs"], min_docs=params["min_docs"], max_files=params["max_files"])
-    t0 = time.perf_counter()
-    train, heldout = nc.split(nc.collect(cfg))
-    names = sorted({d["source"] for d in train})
-    sizes = nc.source_sizes(train)
-    print(f"[natural] {len(train)} training docstrings from {len(names)} packages ({max(sizes.values())} down to "
-          f"{min(sizes.values())}), {len(heldout)} held out from {len({d['source'] for d in heldout})}; "
-          f"collected in {time.perf_counter() - t0:.0f}s", file=log, flush=True)
-    steps = max(1, int(round(params["passes"] * len(train) / params["batch"])))
-    all_variants = natural_variants(settings, steps)
-    if only:
-        valid = sorted({v.name for v in all_variants})
-        unknown = [o for o in only if o not in valid]
-        if unknown:
-            raise ValueError(f"unknown sampler(s) {unknown}; valid: {valid}")
-        all_variants = [v for v in all_variants if v.name in only]
-    results: list[RunResult] = []
-    build_info: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory(prefix="croupier-natural-") as tmp:
-        work = Path(tmp)
-        jsonl = nc.write_jsonl(work / "train.jsonl", train)
-        preps: dict[str, Prepared] = {}
-        for i, b in enumerate(settings):
-            secs = run_build(jsonl, work / f"ds-{i}", b, params["embedder"])
-            preps[b.name], diag = prepare_natural(work / f"ds-{i}", heldout, names)
-            build_info[b.name] = {"args": list(b.args), "build_s": secs, **diag}
-            print(f"[natural] build {b.name} ({' '.join(b.args) or 'defaults'}): {diag['clusters']} clusters, NMI "
-                  f"{diag['nmi']:.2f}, {diag['drowned']} of {diag['sources']} sources drowned; {secs:.0f}s",
-                  file=log, flush=True)
-        for seed in params["seeds"]:
-            for v in all_variants:
-                prep = preps[v.build]
-                r = train_one(prep, v, steps=steps, batch=params["batch"], cache=work / f"cache-{v.build}", seed=seed)
-                r.metrics = summarize(r, prep.train_sizes, np.asarray(prep.layout.sizes))
-                r.metrics["rare_share"] = rare_share(r, prep)
-                results.append(r)
-                print(f"[natural] seed {seed} {v.build} {v.name}: mean {r.metrics['mean']:.4f} rare25 "
-                      f"{r.metrics['rare25']:.4f} ({r.train_s:.0f}s)", file=log, flush=True)
-    info = {"mode": "natural", "scale": scale, "params": {**params, "seeds": list(params["seeds"])},
-            "train_docs": len(train), "heldout_docs": len(heldout), "sources": names,
-            "source_sizes": [sizes[n] for n in names], "steps": steps, "builds": build_info,
-            "variants": [{"build": v.build, "sampler": v.name, "policy": v.policy} for v in all_variants]}
-    if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps({**info, "results": [
-            {"build": b, "sampler": r.name, "seed": r.seed, "clip": r.clip, **r.metrics, "train_s": r.train_s,
-             "heldout_per_source": [None if np.isnan(x) else x for x in r.heldout_per_cluster]}
-            for b, r in zip(_builds_of(results, all_variants), results)]}, indent=1))
-        (out / "table.txt").write_text(format_natural(results, info) + "\n")
-    return results, info
-
-
-def _builds_of(results: Sequence[RunResult], variants_run: Sequence[Variant]) -> list[str]:
-    """The build of each result (results run seed-major over `variants_run`)."""
-    return [variants_run[i % len(variants_run)].build for i in range(len(results))]
-
-
-def format_natural(results: Sequence[RunResult], info: dict[str, Any]) -> str:
-    """Per build and sampler: mean over seeds of mean / rare25 / common25 / rare_share, and in how
-    many seeds it beat random (same seed) on mean and on rare25."""
-    builds = _builds_of(results, [Variant(v["sampler"], v["policy"], v["build"]) for v in info["variants"]])
-    base = {r.seed: r.metrics for b, r in zip(builds, results) if r.name == "random"}
-    rows: dict[tuple[str, str], list[RunResult]] = {}
-    for b, r in zip(builds, results):
-        rows.setdefault((b, r.name), []).append(r)
-    seeds = len(info["params"]["seeds"])
-    head = (f"{'build':<11} {'clusters':>8} {'NMI':>5} {'drowned':>7} {'sampler':<17} {'clip':>5} {'mean':>7} "
-            f"{'rare25':>7} {'common25':>8} {'rare_share':>10} {'beats random (mean, rare25)':>28}")
-    lines = [head, "-" * len(head)]
-    for (b, name), rs in rows.items():
-        d = info["builds"][b]
-        m = {k: float(np.mean([r.metrics[k] for r in rs])) for k in ("mean", "rare25", "common25", "rare_share")}
-        clips = sorted({r.clip for r in rs if r.clip})
-        wins = "-"
-        if name != "random" and base:
-            wm = sum(r.metrics["mean"] < base[r.seed]["mean"] for r in rs if r.seed in base)
-            wr = sum(r.metrics["rare25"] < base[r.seed]["rare25"] for r in rs if r.seed in base)
-            wins = f"{wm}/{len(rs)}, {wr}/{len(rs)}"
-        shown = "any" if name == "random" else b
-        lines.append(f"{shown:<11} {d['clusters'] if name != 'random' else '-':>8} "
-                     f"{(format(d['nmi'], '.2f') if name != 'random' else '-'):>5} "
-                     f"{(d['drowned'] if name != 'random' else '-'):>7} {name:<17} "
-                     f"{('/'.join(map(str, clips)) or '-'):>5} {m['mean']:>7.4f} {m['rare25']:>7.4f} "
-                     f"{m['common25']:>8.4f} {m['rare_share']:>10.3f} {wins:>28}")
-    lines.append(f"(means over {seeds} seed(s); loss: held-out nats/byte per true source, lower is better)")
-    return "\n".join(lines)
-
-
 def run(scale: str = "full") -> list[dict]:
     """Benchmark-runner entry point: one row per sampler (held-out mean, ratio vs random)."""
     results, _ = compare(scale)
@@ -651,11 +431,13 @@ def run(scale: str = "full") -> list[dict]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from bench import train_natural as tn
+
     p = argparse.ArgumentParser(prog="python -m bench.train_compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--corpus", choices=("synthetic", "natural"), default="synthetic",
                    help="synthetic planted topics (default) or natural: docstrings of the installed packages, "
                         "grouped by package, sampled through croupier's own clusters (`shards build`)")
-    p.add_argument("--scale", choices=tuple(dict.fromkeys([*SCALES, *NATURAL_SCALES])), default=None,
+    p.add_argument("--scale", choices=tuple(dict.fromkeys([*SCALES, *tn.NATURAL_SCALES])), default=None,
                    help="default: full (synthetic), quick (natural)")
     p.add_argument("--out", default="out/train_compare", help="folder for compare.png, results.json, table.txt")
     p.add_argument("--only", default="", help="comma-separated sampler names (default: all)")
@@ -672,10 +454,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     nat.add_argument("--site-packages", default=None, help="folder whose packages' docstrings make the corpus "
                                                            "(default: this interpreter's site-packages)")
     nat.add_argument("--builds", default="", help=f"comma-separated builds (default: all of "
-                                                  f"{', '.join(b.name for b in NATURAL_BUILDS)})")
+                                                  f"{', '.join(b.name for b in tn.NATURAL_BUILDS)})")
     nat.add_argument("--seeds", default="", help="comma-separated seeds (default: the natural scale's; --adaptive: 0,1,2)")
     nat.add_argument("--embedder", default=None, help="the builds' embedder (default: the scale's)")
     nat.add_argument("--fraction", type=float, default=None, help="share of each package's docstrings kept")
+    nat.add_argument("--clips", default="", help="comma-separated fixed clips: clusterclip at each of them on every "
+                                                 "build, besides the auto clip (default: none)")
+    nat.add_argument("--embed-cache", default=None, metavar="DIR",
+                     help="the builds' embeddings cache, kept across runs (default: one per run, in its temporary "
+                          "folder: every build after the first reuses the first's embeddings)")
     args = p.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()] or None
     t0 = time.perf_counter()
@@ -688,18 +475,21 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"clusters; wrote {args.out}/adaptive.txt, adaptive.json in {time.perf_counter() - t0:.0f}s")
         return 0
     if args.corpus == "natural":
-        if (args.scale or "quick") not in NATURAL_SCALES:
-            p.error(f"unknown natural scale {args.scale!r}; valid: {', '.join(NATURAL_SCALES)}")
+        if (args.scale or "quick") not in tn.NATURAL_SCALES:
+            p.error(f"unknown natural scale {args.scale!r}; valid: {', '.join(tn.NATURAL_SCALES)}")
         seeds = tuple(int(x) for x in args.seeds.split(",") if x.strip()) or None
-        results, info = compare_natural(args.scale or "quick", args.out, site_packages=args.site_packages,
-                                        builds=[b.strip() for b in args.builds.split(",") if b.strip()] or None,
-                                        only=only, seeds=seeds, embedder=args.embedder, fraction=args.fraction,
-                                        passes=args.passes)
+        results, info = tn.compare_natural(args.scale or "quick", args.out, site_packages=args.site_packages,
+                                           builds=[b.strip() for b in args.builds.split(",") if b.strip()] or None,
+                                           only=only, seeds=seeds, embedder=args.embedder, fraction=args.fraction,
+                                           passes=args.passes, embed_cache=args.embed_cache,
+                                           clips=[int(c) for c in args.clips.split(",") if c.strip()])
         print(f"\n{info['train_docs']} training docstrings from {len(info['sources'])} packages "
               f"({max(info['source_sizes'])} down to {min(info['source_sizes'])}), {info['heldout_docs']} held out; "
               f"{info['steps']} steps x {info['params']['batch']} ({info['params']['passes']} passes), "
               f"seeds {info['params']['seeds']}, embedder {info['params']['embedder']}")
-        print(format_natural(results, info))
+        print(tn.format_natural(results, info))
+        print()
+        print(tn.format_per_seed(results, info))
         print(f"wrote {args.out}/results.json, table.txt in {time.perf_counter() - t0:.0f}s")
         return 0
     args.scale = args.scale or "full"

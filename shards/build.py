@@ -79,6 +79,8 @@ class BuildConfig:
     group_by: str | None = None
     clusters_per_group: int | None = None
     cluster_size: int | None = None
+    embed_cache: str | None = None
+    """A folder of embeddings kept across builds of the same texts (`croupier.shards.embed_cache`)."""
 
     def __post_init__(self) -> None:
         if self.group_by is not None or self.clusters_per_group is not None or self.cluster_size is not None:
@@ -137,10 +139,11 @@ class BuildConfig:
         """The settings a resumed build must share with the interrupted one.
 
         `skip_bad` is not among them: everything ingested before a stop was good, so a
-        build that stopped on a bad record may resume with --skip-bad.
+        build that stopped on a bad record may resume with --skip-bad; nor is `embed_cache`
+        (it only decides where the same embeddings come from).
         """
         d = asdict(self)
-        for k in ("overwrite", "device", "progress", "out", "batch_size", "skip_bad", "work_dir"):
+        for k in ("overwrite", "device", "progress", "out", "batch_size", "skip_bad", "work_dir", "embed_cache"):
             d.pop(k)
         d["inputs"] = list(self.inputs)
         d["keep_fields"] = list(self.keep_fields)
@@ -499,12 +502,32 @@ class Builder:
         st["embedder"] = emb.describe()
         path = self.work / "embeddings.npy"
         done = int(st.get("embed_chunks", 0))
+        store = self._store() if self.cfg.adopt is None else None
+        cache, key = None, None
+        if self.cfg.embed_cache is not None:
+            from croupier.shards.embed_cache import EmbeddingCache, cache_key
+
+            t0 = time.perf_counter()
+            cache = EmbeddingCache(self.cfg.embed_cache)
+            key = cache_key(st["embedder"], (self._texts(lo, min(n, lo + c), store) for lo in range(0, n, c)))
+            found = cache.fetch(key, n, emb.dim, path) if done == 0 else None
+            fault = None if found is None else found.fault
+            if fault is not None:  # logged whatever --quiet says, and kept in the manifest
+                print(f"croupier shards: warning: embeddings cache {self.cfg.embed_cache}: {fault}; "
+                      "embedding again and replacing it", file=sys.stderr, flush=True)
+            st["embed_cache"] = {"key": key, "hit": bool(found is not None and found.hit), "fault": fault}
+            if found is not None and found.hit:
+                self.p.log(f"embeddings of {n} documents reused from {cache.path(key)}")
+                self._timed("embed", t0, 0)
+                self.timings["embed"].update(encode_seconds=0.0, cached_docs=float(n))
+                st["embed_done"] = True
+                self._save()
+                return
         if done == 0 or not path.exists():
             done = 0
             arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, emb.dim))
         else:
             arr = np.load(path, mmap_mode="r+")
-        store = self._store() if self.cfg.adopt is None else None
         nchunks = (n + c - 1) // c
         bar = self.p.bar("embed", total=n, initial=min(n, done * c))
         t0 = time.perf_counter()
@@ -526,6 +549,8 @@ class Builder:
         del arr
         self._timed("embed", t0, n - min(n, done * c))
         self.timings["embed"]["encode_seconds"] = encode_s
+        if cache is not None and key is not None:
+            self.p.log(f"embeddings stored in {cache.store(key, path)}")
         st["embed_done"] = True
         self._save()
 
@@ -815,6 +840,8 @@ class Builder:
             "scores": {},
             "selections": {},
         }
+        if "embed_cache" in st:
+            extra["embed_cache"] = st["embed_cache"]
         if self.cfg.tokenizer is not None:
             extra[names.TOKEN_COUNTS] = self._token_counts()
         if self.cfg.group_by is not None:

@@ -49,6 +49,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --group-by: k-means into N clusters inside each group (at most its documents)")
     p.add_argument("--cluster-size", type=int, default=None, metavar="M",
                    help="with --group-by: k-means inside each group into about one cluster per M documents")
+    p.add_argument("--embed-cache", default=None, metavar="DIR",
+                   help="folder of embeddings kept across builds: a build whose texts (in order) and embedder "
+                        "match a stored matrix copies it instead of embedding again (a sweep over clustering "
+                        "settings embeds once); local engine only")
     p.add_argument("--layout", default=None, choices=LAYOUTS,
                    help="cluster-major (default; rewrites shards cluster by cluster) or original "
                         "(input order; the only choice with --adopt)")
@@ -93,11 +97,14 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, skip_bad=args.skip_bad, overwrite=args.overwrite,
         device=args.device, progress=not args.quiet, tokenizer=args.tokenizer, token_field=args.token_field,
         work_dir=args.work_dir, group_by=args.group_by, clusters_per_group=args.clusters_per_group,
-        cluster_size=args.cluster_size)
+        cluster_size=args.cluster_size, embed_cache=args.embed_cache)
     if args.engine == "ray":
         if args.group_by is not None:
             raise ConfigError(f"--group-by {args.group_by} is built by the local engine only; "
                               "drop --engine ray (or --group-by)")
+        if args.embed_cache is not None:
+            raise ConfigError(f"--embed-cache {args.embed_cache} is used by the local engine only; "
+                              "drop --engine ray (or --embed-cache)")
         from croupier.shards.ray_engine import build_ray
 
         res = build_ray(cfg, address=args.ray_address, workers=args.ray_workers)

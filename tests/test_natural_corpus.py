@@ -16,7 +16,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench import natural_corpus as nc  # noqa: E402
-from bench import train_compare  # noqa: E402
+from bench import train_natural  # noqa: E402
 
 WORDS = ("parse", "render", "merge", "split", "encode", "decode", "fetch", "store", "index", "count")
 
@@ -117,7 +117,7 @@ def test_assemble_writes_the_split(site, tmp_path):
 
 @pytest.mark.slow
 def test_natural_mode_runs_end_to_end(site, tmp_path):
-    results, info = train_compare.compare_natural("tiny", tmp_path / "out", site_packages=site,
+    results, info = train_natural.compare_natural("tiny", tmp_path / "out", site_packages=site,
                                                   builds=["kmeans", "source"], max_docs=20, min_docs=4)
     assert [(v["build"], v["sampler"]) for v in info["variants"]] == [
         ("kmeans", "random"), ("kmeans", "uniform"), ("kmeans", "clusterclip auto"),
@@ -126,6 +126,8 @@ def test_natural_mode_runs_end_to_end(site, tmp_path):
     # one cluster per source with --group-by: the clusters are the sources exactly
     assert info["builds"]["source"]["clusters"] == 5 and info["builds"]["source"]["nmi"] == pytest.approx(1.0)
     assert info["builds"]["kmeans"]["clusters"] == round(math.sqrt(info["train_docs"]))
+    # one embeddings cache per run: the first build embeds, the second reuses its embeddings
+    assert not info["builds"]["kmeans"]["embeddings_reused"] and info["builds"]["source"]["embeddings_reused"]
     by = {(b["build"], b["sampler"]): r for b, r in zip(info["variants"], results)}
     for r in results:
         assert r.examples == info["steps"] * info["params"]["batch"] == len(r.ids)
@@ -139,3 +141,40 @@ def test_natural_mode_runs_end_to_end(site, tmp_path):
     assert len(saved["results"]) == len(results) and saved["builds"]["source"]["drowned"] == 0
     held = np.asarray(saved["results"][0]["heldout_per_source"], dtype=float)
     assert np.isfinite(held[[0, 1, 2, 4]]).all() and np.isnan(held[3])  # eps is not split: not evaluated
+
+
+def test_build_settings_and_paired_tables():
+    from bench.train_compare import RunResult
+
+    assert train_natural.BuildSetting("k", k_factor=4.0).cli_args(100) == ["--clusters", "40"]
+    assert train_natural.BuildSetting("k", k_factor=4.0).cli_args(9) == ["--clusters", "9"]  # at most N
+    assert train_natural.BuildSetting("s", ("--group-by", "source")).cli_args(100) == ["--group-by", "source"]
+    names = [(v.build, v.name, v.policy.get("clip")) for v in train_natural.natural_variants(
+        [train_natural.BuildSetting("a"), train_natural.BuildSetting("b")], 100, clips=(4,))]
+    assert names == [("a", "random", None), ("a", "uniform", None), ("a", "clusterclip auto", None),
+                     ("a", "clusterclip 4", 4), ("b", "uniform", None), ("b", "clusterclip auto", None),
+                     ("b", "clusterclip 4", 4)]
+    with pytest.raises(ValueError, match=r"unknown build\(s\) \['nope'\]; valid: \['kmeans', 'kmeans-4x'"):
+        train_natural.compare_natural("tiny", builds=["nope"])
+
+    def run(name: str, seed: int, mean: float, rare: float) -> RunResult:
+        r = RunResult(name=name, policy={}, steps=1, examples=1, train_s=0.0, heldout_per_cluster=np.zeros(1),
+                      train_per_cluster=np.zeros(1), draws=np.zeros(1), clip=3 if name != "random" else None,
+                      final_train_loss=0.0, seed=seed)
+        r.metrics = {"mean": mean, "rare25": rare, "common25": mean, "rare_share": 0.1}
+        return r
+
+    # seed-major, as compare_natural runs them: random beats the row in seed 1 only
+    results = [run("random", 0, 2.0, 2.0), run("clusterclip auto", 0, 1.9, 1.8),
+               run("random", 1, 1.5, 1.5), run("clusterclip auto", 1, 1.6, 1.4)]
+    info = {"params": {"seeds": [0, 1]},
+            "variants": [{"build": "kmeans", "sampler": "random", "policy": {}},
+                         {"build": "kmeans", "sampler": "clusterclip auto", "policy": {}}],
+            "builds": {"kmeans": {"clusters": 7, "nmi": 0.5, "drowned": 2}}}
+    rows, base = train_natural._rows(results, info)
+    assert train_natural.paired(rows[("kmeans", "clusterclip auto")], base, "mean") == (pytest.approx(0.0), 1, 2)
+    assert train_natural.paired(rows[("kmeans", "clusterclip auto")], base, "rare25") == (pytest.approx(-0.15), 2, 2)
+    table = train_natural.format_natural(results, info).splitlines()
+    assert "+0.0000" in table[3] and "-0.1500" in table[3] and "1/2, 2/2" in table[3]
+    per_seed = train_natural.format_per_seed(results, info)
+    assert "2.0000 / 1.5000" in per_seed and "1.8000 / 1.4000" in per_seed
