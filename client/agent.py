@@ -125,6 +125,7 @@ class NodeAgent:
         self._feed_opens: list[RankFeed] = []  # feeds whose server lane is to open (grouped by the writer)
         self._opens_first = 0.0  # when the oldest new feed of _feed_opens was queued
         self._opens_last = 0.0  # when the latest was
+        self._open_timer: asyncio.TimerHandle | None = None  # wakes the writer when waiting opens are due
         self._next_lane = 1
         self._pending = pb2.SessionRequest()
         self._acks: dict[int, int] = {}
@@ -599,8 +600,11 @@ class NodeAgent:
                 return
             self._flush.clear()
             wait = self._take_opens()
-            if wait is not None:
-                asyncio.get_running_loop().call_later(wait, self._flush.set)
+            if wait is not None and self._open_timer is None:
+                def due() -> None:
+                    self._open_timer = None
+                    self._flush.set()
+                self._open_timer = asyncio.get_running_loop().call_later(wait, due)
             req = self._pending
             self._pending = pb2.SessionRequest()
             for g, step in self._acks.items():

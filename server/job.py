@@ -453,33 +453,16 @@ class Job:
             step_offset: int = 0) -> tuple[int, int]:
         """The stream (step_stride, step_offset) of a rank has consumed every one of its steps
         before `next_step`; idempotent. Returns (slowest, fastest)."""
-        self._check_job(job)
-        stride = max(int(step_stride), 1)
-        if not 0 <= step_offset < stride:
-            raise ConfigError(f"step offset {step_offset} is outside [0, step stride {stride})")
+        exc = self.ack_lanes(job, [(rank, world, next_step, step_stride, step_offset)])[0]
+        if exc is not None:
+            raise exc
         with self._lock:
-            prog = self._rank_locked(rank, world)
-            if next_step < 0:
-                raise StepOutOfRange(f"acknowledged step {next_step} is negative")
-            far = self._far_bound()
-            if next_step > far:
-                raise StepOutOfRange(f"acknowledged step {next_step} is ahead of anything the rank could have "
-                                     f"received ({self._far_reason()})")
-            readmitted = self._table.seen(rank)
-            old = prog.next_step
-            moved = prog.acknowledge(next_step, stride, step_offset)
-            if readmitted:
-                self._recompute_locked()
-            elif moved and self._table.moved(rank, old, prog.next_step):
-                self._trim_locked()
-                self._notify_lagged()
-            if moved or readmitted:
-                self._notify(rank)
             return self._table.slowest, self._table.top
 
     def ack_lanes(self, job: str, acks: "list[tuple[int, int, int, int, int]]") -> "list[CroupierError | None]":
-        """Many acknowledgements at once, each (rank, world, next_step, step_stride, step_offset),
-        as `ack` applies them one by one but under one lock acquisition, with the slowest step's
+        """Acknowledgements, each (rank, world, next_step, step_stride, step_offset): the stream
+        (stride, offset) of the rank consumed every one of its steps before next_step. Applied
+        in order under one lock acquisition, with the slowest step's
         consequences (trim, waking lagged waiters) applied once at the end. A session carrying a
         node's lanes acknowledges them together this way. Returns, per acknowledgement, None or
         the error that refused it (the others still apply)."""
