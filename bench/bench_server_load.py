@@ -4,10 +4,11 @@ For N = 64, 256 and 1024 ranks (full scale; 16 and 64 quick), spread as asyncio 
 few client processes (so the client side does not dominate the cores), every rank joins,
 opens its Session stream (one lane; a server without Session: StreamSlices plus unary Ack)
 and consumes one step every 1/RATE seconds on a shared clock, acknowledging every ACK_EVERY
-steps in-band, as `RankClient` does. We report
+steps in-band, as `RankClient` does. Like `RankClient`'s stream thread, a reader task per rank
+drains its stream as messages arrive (bench/_step_inbox.py). We report
 
-- client wait per step (p50, p99): how long a rank was blocked on its stream between
-  wanting step t (its clock's time for t, or later if it runs behind) and having its slice.
+- client wait per step (p50, p99): how long after wanting step t (its clock's time for t, or
+  later if it runs behind) a rank's slice of t arrived; zero when it was already there.
   Reference: the step interval; the ratio is the fraction of a step spent waiting (the
   target is far below 1: the trainer never waits).
 - server CPU per million indices: user+system CPU seconds of the server process (from
@@ -62,10 +63,13 @@ def cluster_sizes() -> np.ndarray:
 
 async def _rank_loop(stub, pb2, rank: int, world: int, steps: int, rate: float, t0: float, out: list,
                      retries: list) -> None:
-    """One simulated trainer rank; a broken stream or a failed ack is retried, as a client would."""
+    """One simulated trainer rank on StreamSlices plus unary Ack (a server without Session); a
+    broken stream or a failed ack is retried, as a client would."""
     import asyncio
 
     import grpc
+
+    from bench._step_inbox import StepInbox
 
     await stub.Join(pb2.JoinRequest(rank=rank, world_size=world), timeout=300)
 
@@ -81,34 +85,44 @@ async def _rank_loop(stub, pb2, rank: int, world: int, steps: int, rate: float, 
             except grpc.aio.AioRpcError as exc:
                 retries.append(f"ack {exc.code().name}")
 
-    stream = open_stream(0)
-    have: set[int] = set()
-    waits = []
-    acks = []
-    for t in range(steps):
-        delay = t0 + t / rate - time.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        want = time.time()  # a rank running behind its clock (slow start-up) is not charged for that
-        while t not in have:
+    inbox = StepInbox()
+    pos = {"next": 0, "stream": open_stream(0)}
+
+    async def read() -> None:
+        while True:
+            stream = pos["stream"]
             try:
                 resp = await stream.read()
             except grpc.aio.AioRpcError as exc:
                 retries.append(f"stream {exc.code().name}")
                 stream.cancel()
-                stream = open_stream(t)
+                pos["stream"] = open_stream(pos["next"])
                 continue
             if resp is grpc.aio.EOF:
+                if pos["next"] >= steps:
+                    return
                 retries.append("stream EOF")
-                stream = open_stream(t)
+                pos["stream"] = open_stream(pos["next"])
                 continue
-            have.update(s.step for s in resp.slices)
-        have.discard(t)
-        waits.append(time.time() - want)
-        if (t + 1) % ACK_EVERY == 0 or t == steps - 1:
-            acks.append(asyncio.ensure_future(ack(t + 1)))
-    await asyncio.gather(*acks)
-    stream.cancel()
+            inbox.add(s.step for s in resp.slices)
+
+    reader = asyncio.get_running_loop().create_task(read())
+    waits = []
+    acks = []
+    try:
+        for t in range(steps):
+            delay = t0 + t / rate - time.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            want = time.time()  # a rank running behind its clock (slow start-up) is not charged for that
+            waits.append(await inbox.wait(t, want))
+            pos["next"] = t + 1
+            if (t + 1) % ACK_EVERY == 0 or t == steps - 1:
+                acks.append(asyncio.ensure_future(ack(t + 1)))
+        await asyncio.gather(*acks)
+    finally:
+        reader.cancel()
+        pos["stream"].cancel()
     out.append(waits[WARMUP_STEPS:])
 
 
@@ -119,6 +133,8 @@ async def _session_rank_loop(stub, pb2, rank: int, world: int, steps: int, rate:
     import asyncio
 
     import grpc
+
+    from bench._step_inbox import StepInbox
 
     await stub.Join(pb2.JoinRequest(rank=rank, world_size=world), timeout=300)
 
@@ -131,41 +147,47 @@ async def _session_rank_loop(stub, pb2, rank: int, world: int, steps: int, rate:
         await call.write(req)
         return call
 
-    call = await open_session(0, 0)
-    have: set[int] = set()
-    waits = []
-    acked = 0
-    for t in range(steps):
-        delay = t0 + t / rate - time.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        want = time.time()
-        while t not in have:
+    inbox = StepInbox()
+    pos = {"next": 0, "acked": 0, "call": await open_session(0, 0)}
+
+    async def read() -> None:
+        while True:
+            call = pos["call"]
             try:
                 resp = await call.read()
             except grpc.aio.AioRpcError as exc:
                 retries.append(f"stream {exc.code().name}")
                 call.cancel()
-                call = await open_session(t, acked)
+                pos["call"] = await open_session(pos["next"], pos["acked"])
                 continue
             if resp is grpc.aio.EOF:
                 retries.append("stream EOF")
-                call = await open_session(t, acked)
+                pos["call"] = await open_session(pos["next"], pos["acked"])
                 continue
             for ev in resp.events:
                 if ev.error_code:
                     retries.append(f"lane {ev.error_code}")
-            for ls in resp.lanes:
-                have.update(s.step for s in ls.slices)
-        have.discard(t)
-        waits.append(time.time() - want)
-        if (t + 1) % ACK_EVERY == 0 or t == steps - 1:
-            acked = t + 1
-            try:
-                await call.write(pb2.SessionRequest(acks=[pb2.LaneAck(lane=1, next_step=acked)]))
-            except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
-                retries.append(f"ack {type(exc).__name__}")
-    call.cancel()
+            inbox.add(s.step for ls in resp.lanes for s in ls.slices)
+
+    reader = asyncio.get_running_loop().create_task(read())
+    waits = []
+    try:
+        for t in range(steps):
+            delay = t0 + t / rate - time.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            want = time.time()
+            waits.append(await inbox.wait(t, want))
+            pos["next"] = t + 1
+            if (t + 1) % ACK_EVERY == 0 or t == steps - 1:
+                pos["acked"] = t + 1
+                try:
+                    await pos["call"].write(pb2.SessionRequest(acks=[pb2.LaneAck(lane=1, next_step=t + 1)]))
+                except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+                    retries.append(f"ack {type(exc).__name__}")
+    finally:
+        reader.cancel()
+        pos["call"].cancel()
     out.append(waits[WARMUP_STEPS:])
 
 

@@ -10,6 +10,12 @@ The client library imports `channel_options()` and `AUTH_METADATA_KEY`; the serv
   noticed so its stream's waiter is released. Clients ping every 30 s, also without calls in
   flight; the server accepts pings as often as every 10 s (a client pinging more often than the
   server permits gets GOAWAY "too_many_pings"), and itself pings idle clients every 60 s.
+- Pending calls: gRPC core holds calls that arrived before the asyncio server took them up,
+  and past `grpc.server.max_pending_requests` (default 1,000) it cancels some. A job of 1,024
+  ranks that joins and opens its streams at once (start, or every rank reconnecting to a
+  restarted server) is such a burst: measured, 1 or 2 ranks in every such start saw their
+  new stream CANCELLED. The server keeps MAX_PENDING_CALLS (a burst of 8,192 ranks' Join and
+  Session) and refuses only past twice that.
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ KEEPALIVE_TIMEOUT_MS = 10_000
 
 SERVER_MIN_PING_INTERVAL_MS = 10_000
 """The most frequent client ping the server tolerates; must stay <= CLIENT_KEEPALIVE_MS."""
+
+MAX_PENDING_CALLS = 16_384
+"""Calls gRPC core may hold before the server takes them up (a start-up or reconnect burst)."""
 
 AUTH_METADATA_KEY = "authorization"
 """Metadata key carrying `Bearer <token>` when the server requires a token."""
@@ -49,6 +58,8 @@ def server_options() -> list[tuple[str, int]]:
         ("grpc.http2.min_ping_interval_without_data_ms", SERVER_MIN_PING_INTERVAL_MS),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.so_reuseport", 0),
+        ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * MAX_PENDING_CALLS),
     ]
 
 
