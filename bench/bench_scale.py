@@ -3,7 +3,10 @@
 Simulated nodes on loopback. Every consumer is one DataLoader worker of one rank (worker w of
 W reads the rank's steps t = w mod W), simulated as an asyncio task in a few client
 processes (2 cores cannot run thousands of real processes). Each rank consumes one step every
-1/RATE s on a shared clock, acknowledging every ACK_EVERY of a worker's steps. Two modes run
+1/RATE s on a shared clock, acknowledging every ACK_EVERY of a worker's steps; like
+`RankClient`'s stream thread, a reader task per consumer drains its stream as messages arrive
+(bench/_step_inbox.py), and a consumer's wait is how long after wanting a step its slice
+arrived. Two modes run
 in the same invocation on the same load:
 
 - direct: every consumer opens its own Session stream to the server (what `RankClient`
@@ -53,6 +56,7 @@ ACK_EVERY = 2
 LOOKAHEAD = 8
 WARMUP = 2
 STALL_S = 180.0
+STATUS_EVERY_S = 3.0
 JOB = "bench"
 
 
@@ -73,41 +77,65 @@ def _my_steps(worker: int, workers: int, steps: int) -> list[int]:
     return list(range(worker, steps, workers))
 
 
-async def _direct_consumer(stub, pb2, rank, world, worker, workers, steps, rate, t0, out) -> None:
+async def _consume(inbox, read, ack, worker, workers, steps, rate, t0, out) -> None:
+    """A consumer's training loop: wants its steps on the shared clock, waits for those not yet
+    in `inbox` (filled by `read`, a background reader task, as RankClient's stream thread does),
+    and acknowledges every ACK_EVERY of them with `ack(next_step)`."""
     import asyncio
+
+    reader = asyncio.get_running_loop().create_task(read())
+    reader.add_done_callback(lambda task: task.cancelled() or task.exception() is None
+                             or inbox.fail(task.exception()))
+    try:
+        mine = _my_steps(worker, workers, steps)
+        for k, t in enumerate(mine):
+            delay = t0 + t / rate - time.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            want = time.time()
+            waited = await inbox.wait(t, want)
+            if k >= WARMUP:
+                out.append(waited)
+            if (k + 1) % ACK_EVERY == 0 or k == len(mine) - 1:
+                await ack(t + 1)
+    finally:
+        reader.cancel()
+
+
+def _steps_of(pb2, resp) -> list[int]:
+    for ev in resp.events:
+        if ev.error_code:
+            raise RuntimeError(f"lane refused: {ev.error_code} {ev.error}")
+    return [s.step for ls in resp.lanes for s in ls.slices]
+
+
+async def _direct_consumer(stub, pb2, rank, world, worker, workers, steps, rate, t0, out) -> None:
+    from bench._step_inbox import StepInbox
 
     await stub.Join(pb2.JoinRequest(job=JOB, rank=rank, world_size=world), timeout=300)
     call = stub.Session()
     await call.write(pb2.SessionRequest(job=JOB, open=[pb2.LaneOpen(
         lane=1, rank=rank, world_size=world, start_step=worker, lookahead=LOOKAHEAD, step_stride=workers,
         step_offset=worker, stop_step=steps)]))
-    have: set[int] = set()
-    mine = _my_steps(worker, workers, steps)
-    for k, t in enumerate(mine):
-        delay = t0 + t / rate - time.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        want = time.time()
-        while t not in have:
-            resp = await call.read()
-            for ev in resp.events:
-                if ev.error_code:
-                    raise RuntimeError(f"lane refused: {ev.error_code} {ev.error}")
-            for ls in resp.lanes:
-                have.update(s.step for s in ls.slices)
-        have.discard(t)
-        if k >= WARMUP:
-            out.append(time.time() - want)
-        if (k + 1) % ACK_EVERY == 0 or k == len(mine) - 1:
-            await call.write(pb2.SessionRequest(acks=[pb2.LaneAck(lane=1, next_step=t + 1)]))
-    call.cancel()
+    inbox = StepInbox()
+
+    async def read() -> None:
+        while True:
+            inbox.add(_steps_of(pb2, await call.read()))
+
+    async def ack(next_step: int) -> None:
+        await call.write(pb2.SessionRequest(acks=[pb2.LaneAck(lane=1, next_step=next_step)]))
+
+    try:
+        await _consume(inbox, read, ack, worker, workers, steps, rate, t0, out)
+    finally:
+        call.cancel()
 
 
 async def _agent_consumer(ctx, runtime, pb2, rank, world, worker, workers, steps, rate, t0, out) -> None:
-    import asyncio
-
     import zmq
 
+    from bench._step_inbox import StepInbox
     from croupier.client.agent_protocol import CALL, SESSION, endpoint
 
     sock = ctx.socket(zmq.DEALER)
@@ -125,31 +153,23 @@ async def _agent_consumer(ctx, runtime, pb2, rank, world, worker, workers, steps
         lane=1, rank=rank, world_size=world, start_step=worker, lookahead=LOOKAHEAD, step_stride=workers,
         step_offset=worker, stop_step=steps)])
     await sock.send_multipart([SESSION, req.SerializeToString()])
-    have: set[int] = set()
-    mine = _my_steps(worker, workers, steps)
-    for k, t in enumerate(mine):
-        delay = t0 + t / rate - time.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        want = time.time()
-        while t not in have:
+    inbox = StepInbox()
+
+    async def read() -> None:
+        while True:
             frames = await sock.recv_multipart()
-            if frames[0] != SESSION:
-                continue
-            resp = pb2.SessionResponse.FromString(frames[2])
-            for ev in resp.events:
-                if ev.error_code:
-                    raise RuntimeError(f"lane refused: {ev.error_code} {ev.error}")
-            for ls in resp.lanes:
-                have.update(s.step for s in ls.slices)
-        have.discard(t)
-        if k >= WARMUP:
-            out.append(time.time() - want)
-        if (k + 1) % ACK_EVERY == 0 or k == len(mine) - 1:
-            ack = pb2.SessionRequest(acks=[pb2.LaneAck(lane=1, next_step=t + 1)])
-            await sock.send_multipart([SESSION, ack.SerializeToString()])
-    await sock.send_multipart([SESSION, pb2.SessionRequest(close=[1]).SerializeToString()])
-    sock.close(0)
+            if frames[0] == SESSION:
+                inbox.add(_steps_of(pb2, pb2.SessionResponse.FromString(frames[2])))
+
+    async def ack(next_step: int) -> None:
+        await sock.send_multipart([SESSION, pb2.SessionRequest(acks=[pb2.LaneAck(lane=1, next_step=next_step)])
+                                   .SerializeToString()])
+
+    try:
+        await _consume(inbox, read, ack, worker, workers, steps, rate, t0, out)
+        await sock.send_multipart([SESSION, pb2.SessionRequest(close=[1]).SerializeToString()])
+    finally:
+        sock.close(0)
 
 
 def consumer_process(mode: str, address: str, runtimes: list[str], consumers: list[tuple[int, int, int]],
@@ -235,13 +255,18 @@ def one_load(mode: str, nodes: int, per_node: int, workers: int, steps: int, rat
 
                 from croupier.proto import pb2, pb2_grpc
 
+                # threads from /proc twice a second; the server's status (a call the server pays
+                # for, listing every rank and session) every STATUS_EVERY_S only
                 with grpc.insecure_channel(info["address"]) as ch:
                     stub = pb2_grpc.SamplerStub(ch)
+                    asked = 0.0
                     while not sampling.wait(0.5):
                         try:
                             peak["threads"] = max(peak["threads"], _threads(server.pid))
-                            st = stub.GetStatus(pb2.GetStatusRequest(), timeout=10)
-                            peak["streams"] = max(peak["streams"], st.open_streams)
+                            if time.monotonic() - asked >= STATUS_EVERY_S:
+                                asked = time.monotonic()
+                                st = stub.GetStatus(pb2.GetStatusRequest(), timeout=10)
+                                peak["streams"] = max(peak["streams"], st.open_streams)
                         except Exception:  # noqa: BLE001 - a missed sample is no result
                             pass
 

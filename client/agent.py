@@ -57,11 +57,11 @@ OPEN_SETTLE_S = 0.2
 (when the node's rank count is not known)."""
 OPEN_WAIT_S = 10.0
 """The most a new rank feed waits for the node's other ranks before its lane opens anyway."""
-ACK_SHARE = 4
-"""A node lane's acknowledgement goes to the server when its slowest rank moved a quarter of
-the lookahead (at least one step): the server still holds three quarters of the window to
-send meanwhile, and the node's acks cost the server a message every few steps, not several
-per step."""
+ACK_SHARE = 2
+"""A node lane's acknowledgement goes to the server when its slowest rank moved half the
+lookahead (at least one step): the server still holds the other half of the window to send
+meanwhile (the rule HTTP/2 receivers use for WINDOW_UPDATE), and the node's acks cost the
+server one message per half window, not several per step."""
 DRAIN_MAX = 256
 """Consumer messages the agent handles in one go (those already queued on its socket) before
 its writer sends what they asked for: the acknowledgements of a node's ranks that arrive
