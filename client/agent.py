@@ -57,11 +57,11 @@ OPEN_SETTLE_S = 0.2
 (when the node's rank count is not known)."""
 OPEN_WAIT_S = 10.0
 """The most a new rank feed waits for the node's other ranks before its lane opens anyway."""
-ACK_SHARE = 2
-"""A node lane's acknowledgement goes to the server when its slowest rank moved half the
-lookahead (at least one step): the server still holds the other half of the window to send
-meanwhile (the rule HTTP/2 receivers use for WINDOW_UPDATE), and the node's acks cost the
-server one message per half window, not several per step."""
+ACK_SHARE = 4
+"""A node lane's acknowledgement goes to the server when its slowest rank moved a quarter of
+the lookahead (at least one step): the server still holds three quarters of the window to
+send meanwhile, and the node's acks cost the server a message every few steps, not several
+per step."""
 DRAIN_MAX = 256
 """Consumer messages the agent handles in one go (those already queued on its socket) before
 its writer sends what they asked for: the acknowledgements of a node's ranks that arrive
@@ -655,12 +655,13 @@ class NodeAgent:
 
     def _dispatch(self, resp: pb2.SessionResponse) -> None:
         out: dict[bytes, pb2.SessionResponse] = {}
+        needs: list[tuple[int, int, int, object]] = []  # (step, rank, lane, slice)
         for ls in resp.lanes:
             feeds = self._feed_lanes.get(ls.lane)
             if feeds is not None:
                 for feed, slices in zip(feeds, _per_rank(ls.slices, len(feeds))):
                     if self.cache is not None:
-                        self.cache.prefetch_slices(ls.lane, slices, feed.rank)
+                        needs.extend((int(sl.step), feed.rank, ls.lane, sl) for sl in slices)
                     for (identity, local), got in feed.on_slices(slices).items():
                         out.setdefault(identity, pb2.SessionResponse()).lanes.add(lane=local, slices=got)
                 continue
@@ -669,6 +670,13 @@ class NodeAgent:
                 continue
             m = out.setdefault(ln.consumer, pb2.SessionResponse())
             m.lanes.add(lane=ln.local, slices=ls.slices)
+        if needs:
+            # The node's needs in the order its ranks will read them: step by step across ranks,
+            # not each rank's steps in turn (a message carries several steps of several ranks;
+            # the cache ranks shards by when they are first needed).
+            needs.sort(key=lambda n: (n[0], n[1]))
+            for _step, rank, lane, sl in needs:
+                self.cache.prefetch_slices(lane, (sl,), rank)
         for ev in resp.events:
             feeds = self._feed_lanes.get(ev.lane)
             if feeds is not None:

@@ -114,3 +114,50 @@ def test_new_ranks_wait_for_the_node_but_not_forever(tmp_path) -> None:
     agent._opens_first -= agent_mod.OPEN_WAIT_S  # the other rank never came
     assert agent._take_opens() is None
     assert [(o.rank, o.rank_count) for o in agent._pending.open] == [(0, 0)]
+
+
+def test_a_node_lanes_needs_reach_the_cache_step_by_step_across_ranks(tmp_path) -> None:
+    """A message carries several steps of several ranks; the node cache ranks shards by when they
+    are first needed, so the needs go in the order the node reads them: step 0 of every rank,
+    then step 1, not all of rank 0's steps first."""
+    import asyncio
+
+    import numpy as np
+
+    from croupier.client.agent import NodeAgent, _Consumer
+
+    agent = NodeAgent("127.0.0.1:1", tmp_path / "run", tmp_path / "cache", local_ranks=2)
+    for r in (0, 1):
+        c = _Consumer(f"c{r}".encode())
+        c.lanes[1] = (r, 2)
+        agent._consumers[c.identity] = c
+        agent._join_feed((r, 2), (c.identity, 1), rank_op(r, world=2))
+    assert agent._take_opens() is None
+    group = agent._pending.open[0].lane
+
+    class Needs:
+        def __init__(self) -> None:
+            self.order: list[tuple[int, int]] = []
+
+        def prefetch_slices(self, lane: int, slices, rank: int = 0) -> None:
+            assert lane == group
+            self.order.extend((int(s.step), rank) for s in slices)
+
+    agent.cache = needs = Needs()
+    sent: list = []
+
+    async def send(identity, frames) -> None:
+        sent.append(identity)
+
+    agent._send = send
+    resp = pb2.SessionResponse()
+    resp.lanes.add(lane=group, slices=[pb2.Slice(step=t, packed_ids=pack_ids(np.arange(4) + 10 * t))
+                                       for t in range(3)])
+
+    async def dispatch() -> None:
+        agent._dispatch(resp)
+        await asyncio.sleep(0)
+
+    asyncio.run(dispatch())
+    assert needs.order == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+    assert sorted(sent) == [b"c0", b"c1"]  # and each rank's worker got its slices
