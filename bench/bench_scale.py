@@ -208,6 +208,7 @@ def consumer_process(mode: str, address: str, runtimes: list[str], consumers: li
             import zmq.asyncio
 
             ctx = zmq.asyncio.Context()
+            ctx.set(zmq.MAX_SOCKETS, len(consumers) + 64)  # one DEALER per consumer; the default is 1,023
             await asyncio.gather(*(guard(_agent_consumer(ctx, runtimes[node], pb2, rank, world, w, workers, steps,
                                                          rate, t0, waits))
                                    for node, rank, w in consumers))
