@@ -99,8 +99,8 @@ async def _rank_loop(stub, pb2, rank: int, world: int, steps: int, rate: float, 
                 pos["stream"] = open_stream(pos["next"])
                 continue
             if resp is grpc.aio.EOF:
-                if pos["next"] >= steps:
-                    return
+                if all(t in inbox.arrived for t in range(pos["next"], steps)):
+                    return  # the stream ended at stop_step with every step delivered
                 retries.append("stream EOF")
                 pos["stream"] = open_stream(pos["next"])
                 continue
