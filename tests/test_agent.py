@@ -532,7 +532,7 @@ def test_node_cache_under_a_limit_downloads_near_the_offline_optimum(tmp_path) -
         print(f"node downloaded {st['bytes_downloaded']} bytes, Belady {optimum} (ratio "
               f"{st['bytes_downloaded'] / optimum:.3f}), limit {limit} of {int(sizes.sum())}")
         # The target (<= 1.1x) is the benchmark's (bench_scale); how prefetch threads and the two
-        # ranks interleave moves this run's figure (0.92-1.16 measured), so the test bounds it
+        # ranks interleave moves this run's figure (0.92-1.16 measured, 1.09-1.16 lately), so the test bounds it
         # loosely: a cache that evicted what the node still needs would download several times more.
         assert st["bytes_downloaded"] <= 1.3 * optimum
     finally:
