@@ -13,7 +13,8 @@ own:
 Reported: seconds and peak RSS (MiB) of each, and the ratio flat / grouped. The machine is
 shared (2 cores), so times are noisy.
 
-Scales: full = 200k documents, K = 4096, 512 groups; quick = 50k, K = 1024, 256 groups.
+Scales: full = 200k documents, K = 4096, 512 groups; quick = 50k, K = 1024, 256 groups;
+1m = 1M documents, K = 4096, 1024 groups (the paper's setting; about 20 minutes on 2 cores).
 
     python -m bench.bench_grouping --scale quick
 """
@@ -32,6 +33,7 @@ from pathlib import Path
 SCALES = {
     "full": {"docs": 200_000, "k": 4096, "groups": 512, "dim": 384, "niter": 20},
     "quick": {"docs": 50_000, "k": 1024, "groups": 256, "dim": 384, "niter": 20},
+    "1m": {"docs": 1_000_000, "k": 4096, "groups": 1024, "dim": 384, "niter": 20},
 }
 
 
