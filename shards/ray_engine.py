@@ -42,6 +42,7 @@ from croupier.errors import ConfigError, CroupierError, DatasetError
 from croupier.format.atomic import write_bytes_atomic, write_npy_atomic
 from croupier.format.mds_index import INDEX_BASENAME
 from croupier.optional import require
+from croupier.shards.ray_cancel import cancel_tasks
 from croupier.shards.build import TOKEN_COUNTS_WORK, BuildConfig, Builder, BuildResult, Hook
 
 TASK_RETRIES = 3
@@ -455,8 +456,7 @@ class RayBuilder(Builder):
                 bar.update(min(n, (i + 1) * c) - i * c)
                 self._commit("assign", i)
         finally:
-            for ref in pending:
-                ray.cancel(ref)
+            cancel_tasks(pending)
             bar.close()
         self._timed("assign", t0, n)
         st["assign_done"] = True
@@ -523,8 +523,7 @@ class RayBuilder(Builder):
                 bar.update(int(info["docs"]))
                 self._commit("write", refs[ready[0]])
         finally:
-            for ref in pending:
-                ray.cancel(ref)
+            cancel_tasks(pending)
             bar.close()
         self._merge_runs(mds, len(runs), done, [blocks[a][0] for a, _ in runs])
         self._timed("write", t0, n)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from croupier.optional import require
+from croupier.shards.ray_cancel import cancel_tasks
 from croupier.shards.density import DensityParams, DensitySketch
 
 TASK_RETRIES = 3
@@ -81,8 +82,7 @@ def ray_density_passes(run: Any, emb_path: Path, dim: int, params: DensityParams
                     sketch.num_added += span
                     bar.update(span)
             finally:
-                for ref in pending:
-                    ray.cancel(ref)
+                cancel_tasks(pending)
                 bar.close()
             _save_sketch(sketch_file, sketch, run.num_chunks)
         todo = [(int(c), *run.bounds(int(c))) for c in run.pending()]
@@ -100,8 +100,7 @@ def ray_density_passes(run: Any, emb_path: Path, dim: int, params: DensityParams
                         a, b = run.bounds(c)
                         bar.update(b - a)
             finally:
-                for ref in pending:
-                    ray.cancel(ref)
+                cancel_tasks(pending)
                 bar.close()
         return run.result()
     finally:
