@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import gc
 import ipaddress
 import json
 import logging
@@ -197,6 +198,27 @@ def run(args: argparse.Namespace) -> int:
         os.close(lock_fd)
 
 
+GC_YOUNG_THRESHOLD = 10_000
+"""Allocations between two collections of the youngest generation while serving (Python's
+default is 700)."""
+
+
+def tune_gc() -> None:
+    """Keeps the cycle collector out of the serving path.
+
+    Serving allocates short-lived, acyclic objects per message (protobufs, futures, loop
+    handles) that reference counting frees; at Python's default threshold the collector ran
+    every few messages and each older-generation pass walked every object the job and the
+    gRPC server built at start-up. Measured with bench_server_load at 1,024 ranks, it took
+    about a sixth of the server's CPU. `gc.freeze()` moves the start-up objects out of the
+    collector's reach, and the youngest generation may grow to GC_YOUNG_THRESHOLD objects
+    before a pass; cycles are still collected."""
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+
+
 def _serve(args: argparse.Namespace, layout: ClusterLayout, config: PolicyConfig | None, spec: JobSpec,
            store: CheckpointStore, token: str | None, admin: str | None, mixture: "Mixture | None" = None,
            token_counts: Any = None) -> int:
@@ -240,6 +262,7 @@ def _serve(args: argparse.Namespace, layout: ClusterLayout, config: PolicyConfig
                     "(online changes) included; pass --token-file (and --admin-token-file) to require one",
                     address, extra={"event": "no_token"})
     log.info("serving", extra=dict(info, event="serving"))
+    tune_gc()
     print(json.dumps(dict(info, event="serving")), flush=True)
 
     while not stop.wait(1.0):

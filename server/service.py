@@ -42,6 +42,7 @@ from croupier.proto import API_VERSION, SERVICE_NAME, pack_ids, pb2
 from croupier.server.auth import AsyncTokenAuthInterceptor
 from croupier.server.grpc_options import server_options
 from croupier.server.session import SessionHandler, SessionState
+from croupier.server.wakeup import CoarseTimers, Wakeup
 from croupier.server.job import (CheckpointUnavailable, Job, JobReformed, JobStatus, NotJoined, SliceData,
                                  StepOutOfRange, UnknownJob)
 
@@ -156,45 +157,6 @@ def status_response(job: Job, st: JobStatus, include_clusters: bool) -> pb2.GetS
     return resp
 
 
-class _Wakeup:
-    """Wakes one waiting coroutine from any thread (directly on the loop's own thread, through
-    call_soon_threadsafe from others). A wake-up between `arm()` and `wait()` is not lost."""
-
-    __slots__ = ("loop", "thread", "fut", "flag")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.thread = threading.get_ident()
-        self.fut: asyncio.Future | None = None
-        self.flag = False
-
-    def __call__(self) -> None:
-        if threading.get_ident() == self.thread:
-            self._set()
-        else:
-            self.loop.call_soon_threadsafe(self._set)
-
-    def _set(self) -> None:
-        self.flag = True
-        f = self.fut
-        if f is not None and not f.done():
-            f.set_result(None)
-
-    def arm(self) -> None:
-        self.flag = False
-
-    async def wait(self, timeout: float) -> None:
-        if self.flag:
-            return
-        self.fut = f = self.loop.create_future()
-        timer = self.loop.call_later(timeout, self._set)
-        try:
-            await f
-        finally:
-            timer.cancel()
-            self.fut = None
-
-
 class PeerLimits:
     """Per-peer (per-connection) limits on open streams and in-flight unary calls."""
 
@@ -241,6 +203,7 @@ class SamplerServicer:
         self._on_refused = on_refused
         self.limits = limits or PeerLimits(DEFAULT_STREAMS_PER_PEER, DEFAULT_CALLS_PER_PEER)
         self.sessions: dict[int, SessionState] = {}
+        self.timers = CoarseTimers()  # long waits of the streams, swept by the server's ticker
 
     async def GetVersion(self, request: pb2.GetVersionRequest, context) -> pb2.GetVersionResponse:
         return pb2.GetVersionResponse(server_version=__version__, api_version=API_VERSION)
@@ -257,7 +220,7 @@ class SamplerServicer:
             rank=request.rank, world=request.world_size, start_step=request.start_step,
             lookahead=request.lookahead, step_stride=request.step_stride, step_offset=request.step_offset,
             stop_step=request.stop_step, job=request.job, read_only=request.read_only)
-        woken = _Wakeup(asyncio.get_running_loop())
+        woken = Wakeup(asyncio.get_running_loop(), self.timers)
         stream.waiter.on_wake = woken
         try:
             while True:
@@ -276,7 +239,7 @@ class SamplerServicer:
     async def Session(self, requests, context):
         """Many lanes on one stream (see croupier.server.session)."""
         state = SessionState(peer=context.peer())
-        woken = _Wakeup(asyncio.get_running_loop())
+        woken = Wakeup(asyncio.get_running_loop(), self.timers)
         handler = SessionHandler(self.job, state, woken, _slice_pb, status_code_of)
         reader = asyncio.get_running_loop().create_task(handler.read(requests))
         self.sessions[id(state)] = state
@@ -310,7 +273,7 @@ class SamplerServicer:
         waiter = job.begin_get_slice(rank=request.rank, world=request.world_size, step=request.step,
                                      job=request.job)
         loop = asyncio.get_running_loop()
-        woken = _Wakeup(loop)
+        woken = Wakeup(loop, self.timers)
         waiter.on_wake = woken
         remaining = context.time_remaining()
         deadline = None if remaining is None else loop.time() + remaining
@@ -496,11 +459,13 @@ class SamplerServer:
         return self
 
     async def _tick(self) -> None:
-        """Liveness of ranks and health of checkpoint writes, once a second."""
+        """Liveness of ranks, health of checkpoint writes and the streams' long waits, once a second."""
         serving = True
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(TICK_S)
             try:
+                self.servicer.timers.fire(loop.time())
                 self.job.tick()
                 h = self.job.checkpoint_health()
                 ok = h is None or h.ok

@@ -208,8 +208,10 @@ class SessionHandler:
         of acknowledgements with no slice to ride along are held up to EVENT_HOLD_S (`flush`
         sends them at once)."""
         st = self.state
-        resp = pb2.SessionResponse()
         now = time.monotonic()
+        if not self._dirty and not st.events and now - self._full_poll < FULL_POLL_S:
+            return None  # the common case after a send: nothing woken, nothing to confirm
+        resp = pb2.SessionResponse()
         if now - self._full_poll >= FULL_POLL_S:
             self._full_poll = now
             lanes = list(st.lanes.values())
