@@ -22,6 +22,12 @@ With `--baseline REV` the same loads (parameters frozen in SCALES) run, in the s
 invocation, against the server of git revision REV too (checked out into a temporary
 `git worktree` under /tmp, removed afterwards), and each metric's ratio new/old is printed.
 
+Every load also runs against the transport floor (bench/_floor_server.py): a Session server
+that sends the ranks exactly the messages croupier's server sends and does nothing else. Its
+CPU per million ids is what Python grpc.aio alone costs for this message pattern; new/floor
+is what croupier's job adds on top, floor/old the least any server could reach against the
+baseline with these messages.
+
 Run: python bench/bench_server_load.py [--scale quick|full] [--baseline main]
 """
 
@@ -251,7 +257,9 @@ def generation_cpu_per_million(global_batch: int, steps: int) -> float:
 
 
 def one_load(n: int, steps: int, rate: float, procs: int, env: dict[str, str] | None = None,
-             cwd: Path | None = None, protocol: str = "session") -> dict:
+             cwd: Path | None = None, protocol: str = "session", floor: bool = False) -> dict:
+    """One load of n ranks against a fresh `croupier serve` (or, with `floor`, against the
+    transport floor server of bench/_floor_server.py)."""
     world = n
     batch = PER_RANK * n
     with tempfile.TemporaryDirectory() as tmp:
@@ -261,6 +269,8 @@ def one_load(n: int, steps: int, rate: float, procs: int, env: dict[str, str] | 
         cmd = [sys.executable, "-m", "croupier", "serve", "--cluster-sizes", sizes, "--policy", "clusterclip",
                "--clip", "5", "--global-batch", str(batch), "--state-dir", tmp, "--lookahead", str(LOOKAHEAD),
                "--max-lag", str(2 * LOOKAHEAD), "--max-workers", str(2 * n + 64), "--log-level", level]
+        if floor:
+            cmd, cwd = [sys.executable, "-m", "bench._floor_server"], Path(__file__).resolve().parents[1]
         log = open(log_path, "w") if log_path else subprocess.DEVNULL
         server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
                                   cwd=cwd)
@@ -391,6 +401,14 @@ def run(scale: str = "full", baseline: str | None = None) -> list[dict]:
             ref_cpu = generation_cpu_per_million(r["batch"], max(10, 4000 // n))
             rows += _rows(n, r, p, ref_cpu, "")
             _progress(rows[-6:])
+            fl = one_load(n, p["steps"], p["rate"], p["procs"], floor=True)
+            rows.append({"bench": f"server load N={n} ranks [transport floor]", "metric": "server CPU per 1M indices",
+                         "value": fl["cpu_per_m"], "unit": "s", "reference": None, "ratio": None,
+                         "target": "(info: a Session server that only moves the same messages)"})
+            rows.append({"bench": f"server load N={n} ranks: new / transport floor", "metric": "server CPU per 1M indices",
+                         "value": r["cpu_per_m"], "unit": "", "reference": fl["cpu_per_m"],
+                         "ratio": r["cpu_per_m"] / fl["cpu_per_m"] if fl["cpu_per_m"] else None, "target": "(info)"})
+            _progress(rows[-2:])
             if base_env is None:
                 continue
             try:
@@ -402,7 +420,11 @@ def run(scale: str = "full", baseline: str | None = None) -> list[dict]:
                 _progress(rows[-1:])
                 continue
             rows += _rows(n, old, p, ref_cpu, f" [{baseline}]")
-            _progress(rows[-6:])
+            rows.append({"bench": f"server load N={n} ranks: transport floor / {baseline}",
+                         "metric": "server CPU per 1M indices", "value": fl["cpu_per_m"], "unit": "",
+                         "reference": old["cpu_per_m"], "ratio": fl["cpu_per_m"] / old["cpu_per_m"] if old["cpu_per_m"]
+                         else None, "target": "(info: the least any server could reach with these messages)"})
+            _progress(rows[-7:])
             for key, what, target in _COMPARED:
                 rows.append({"bench": f"server load N={n} ranks: new / {baseline}", "metric": what,
                              "value": r[key], "unit": "", "reference": old[key],
