@@ -1,0 +1,188 @@
+"""Which clustering keeps a long tail's rare groups apart: flat k-means at several K, against
+hierarchical (bisecting) and balanced variants, on the natural corpus.
+
+ClusterClip can only up-sample a rare group when the group owns a cluster. This benchmark
+embeds the natural corpus (bench/natural_corpus.py: docstrings of the installed packages, the
+package as the true group) with the build's embedder and clusters the same matrix with:
+
+- flat spherical k-means (what `croupier shards build` does) at K = f x sqrt(N), f = 1, 2, 4, 8;
+- bisecting k-means from sqrt(N) clusters up to K, splitting next either the cluster of the
+  widest spread (mean cosine distance to its centroid: a mixed cluster, whatever its size;
+  "density-aware") or of the largest summed distance (classic bisecting);
+- balanced k-means: flat centroids, then every document to its nearest centroid that still
+  has room (capacity N/K).
+
+For each: NMI against the packages, the packages *drowned* (under 10% of the cluster holding
+most of them: balancing clusters cannot reach them; shards/diagnostics.py) and the rarest
+quarter's mean purity. The reference is flat k-means at the build's default K (about sqrt N)
+in the same run; the ratio is drowned / the reference's drowned.
+
+Run: python -m bench.bench_tail_clustering [--embedder minilm|hashing] [--cache DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import heapq
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from croupier.shards.cluster import normalize
+
+
+def _kmeans(points: np.ndarray, k: int, seed: int = 0, niter: int = 20) -> np.ndarray:
+    import faiss
+
+    d = points.shape[1]
+    km = faiss.Kmeans(d, k, niter=niter, seed=seed, spherical=True,
+                      max_points_per_centroid=max(1, len(points) // k + 1), min_points_per_centroid=1)
+    km.train(np.ascontiguousarray(points, dtype=np.float32))
+    return normalize(km.centroids.reshape(k, d))
+
+
+def _nearest(x: np.ndarray, centroids: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    import faiss
+
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    return index.search(x, k)
+
+
+def flat(x: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """What the build does: spherical k-means, every document to its nearest centroid."""
+    return _nearest(x, _kmeans(x, k, seed))[1][:, 0]
+
+
+def bisecting(x: np.ndarray, k: int, k0: int, by: str, seed: int = 0, min_size: int = 2) -> np.ndarray:
+    """From flat k0 clusters, split one cluster in two (2-means) until k: the cluster of the
+    widest mean spread (`by="spread"`) or of the largest summed spread (`by="sse"`)."""
+    labels = flat(x, k0, seed)
+    clusters = {c: np.flatnonzero(labels == c) for c in range(k0)}
+
+    def score(ids: np.ndarray) -> float:
+        if len(ids) < 2 * min_size:
+            return -1.0
+        c = normalize(x[ids].mean(0, keepdims=True))[0]
+        spread = float(np.mean(1.0 - x[ids] @ c))
+        return spread if by == "spread" else spread * len(ids)
+
+    heap = [(-score(ids), c) for c, ids in clusters.items()]
+    heapq.heapify(heap)
+    nxt = k0
+    while len(clusters) < k and heap:
+        s, c = heapq.heappop(heap)
+        if -s < 0:
+            break
+        ids = clusters.pop(c)
+        side = np.argmax(x[ids] @ _kmeans(x[ids], 2, seed + nxt).T, axis=1)
+        if side.min() == side.max():
+            clusters[c] = ids
+            continue
+        for j in (0, 1):
+            clusters[nxt] = ids[side == j]
+            heapq.heappush(heap, (-score(clusters[nxt]), nxt))
+            nxt += 1
+    centroids = normalize(np.stack([x[ids].mean(0) for ids in clusters.values()]))
+    return _nearest(x, centroids)[1][:, 0]
+
+
+def balanced(x: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """Flat centroids; documents, most confident first, to the nearest centroid with room (N/K)."""
+    sims, cand = _nearest(x, _kmeans(x, k, seed), k)
+    cap = math.ceil(len(x) / k)
+    load = np.zeros(k, dtype=np.int64)
+    labels = np.full(len(x), -1, dtype=np.int64)
+    for i in np.argsort(-sims[:, 0], kind="stable"):
+        for j in cand[i]:
+            if load[j] < cap:
+                labels[i] = j
+                load[j] += 1
+                break
+    return labels
+
+
+def embed(texts: list[str], embedder: str, cache: Path | None) -> np.ndarray:
+    """Unit-norm float32 embeddings of `texts`, from `cache` when it holds this corpus's."""
+    from croupier.shards.embed import get_embedder
+
+    key = hashlib.sha256(json.dumps([embedder, texts]).encode()).hexdigest()[:24]
+    path = cache / f"tail-{key}.npy" if cache is not None else None
+    if path is not None and path.exists():
+        return np.load(path)
+    x = normalize(np.asarray(get_embedder(embedder).encode(texts), dtype=np.float32))
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, x)
+    return x
+
+
+def run(embedder: str = "minilm", cache: Path | None = None, log=sys.stderr) -> list[dict]:
+    from bench import natural_corpus as nc
+    from bench.train_natural import NATURAL_SCALES
+    from croupier.shards.build import auto_clusters
+    from croupier.shards.diagnostics import long_tail_report
+
+    p = NATURAL_SCALES["long"]
+    cfg = nc.CorpusConfig(site_packages=str(nc.default_site_packages()), fraction=p["fraction"],
+                          max_docs=p["max_docs"], min_docs=p["min_docs"], max_files=p["max_files"])
+    train, _ = nc.split(nc.collect(cfg))
+    names = sorted({d["source"] for d in train})
+    code = {n: i for i, n in enumerate(names)}
+    groups = np.asarray([code[d["source"]] for d in train])
+    t0 = time.perf_counter()
+    x = embed([d["text"] for d in train], embedder, cache)
+    print(f"[tail] {len(train)} documents, {len(names)} packages, {embedder} embeddings in "
+          f"{time.perf_counter() - t0:.0f}s", file=log, flush=True)
+    k1 = auto_clusters(len(train))
+    variants: list[tuple[str, int, Callable[[], np.ndarray]]] = []
+    for f in (1, 2, 4, 8):
+        k = min(len(train), f * k1)
+        variants.append(("flat k-means", k, lambda k=k: flat(x, k)))
+    for f in (1, 4):
+        k = min(len(train), f * k1)
+        k0 = max(2, round(math.sqrt(k1)))
+        variants += [("bisecting, widest spread first", k, lambda k=k, k0=k0: bisecting(x, k, k0, "spread")),
+                     ("bisecting, largest sum first", k, lambda k=k, k0=k0: bisecting(x, k, k0, "sse")),
+                     ("balanced (capacity N/K)", k, lambda k=k: balanced(x, k))]
+    rows: list[dict] = []
+    ref = None
+    for name, k, make in variants:
+        labels = make()
+        rep = long_tail_report(labels, groups, names, "source")
+        row = {"method": name, "k": k, "clusters": int(len(np.unique(labels))), "nmi": rep.nmi,
+               "drowned": len(rep.drowned), "groups": len(names), "rare_purity": rep.rare_quarter_purity}
+        if ref is None:
+            ref = row
+        row["ratio"] = row["drowned"] / ref["drowned"] if ref["drowned"] else float("nan")
+        rows.append(row)
+        print(f"[tail] {name:<32} K {k:>4}: NMI {rep.nmi:.3f}, drowned {len(rep.drowned):>3} of {len(names)}, "
+              f"rare-quarter purity {rep.rare_quarter_purity:.2f}", file=log, flush=True)
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    out = [f"{'method':<32} {'K':>5} {'NMI':>6} {'drowned':>8} {'rare25 purity':>14} {'drowned / flat at sqrt N':>25}"]
+    for r in rows:
+        out.append(f"{r['method']:<32} {r['k']:>5} {r['nmi']:>6.3f} {r['drowned']:>4} / {r['groups']:<3}"
+                   f"{r['rare_purity']:>14.2f} {r['ratio']:>25.2f}")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--embedder", default="minilm", help="the build's embedder (default: minilm, the build default)")
+    ap.add_argument("--cache", default="out/bench-tail-cache", help="folder keeping the corpus's embeddings")
+    args = ap.parse_args(argv)
+    print(format_rows(run(args.embedder, Path(args.cache) if args.cache else None)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
