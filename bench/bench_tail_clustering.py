@@ -6,7 +6,7 @@ embeds the natural corpus (bench/natural_corpus.py: docstrings of the installed 
 package as the true group) with the build's embedder and clusters the same matrix with:
 
 - flat spherical k-means (what `croupier shards build` does) at K = f x sqrt(N), f = 1, 2, 4, 8;
-- bisecting k-means from sqrt(N) clusters up to K, splitting next either the cluster of the
+- bisecting k-means from sqrt(default K) clusters up to K, splitting next either the cluster of the
   widest spread (mean cosine distance to its centroid: a mixed cluster, whatever its size;
   "density-aware") or of the largest summed distance (classic bisecting);
 - balanced k-means: flat centroids, then every document to its nearest centroid that still
