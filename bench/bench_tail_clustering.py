@@ -17,7 +17,10 @@ most of them: balancing clusters cannot reach them; shards/diagnostics.py) and t
 quarter's mean purity. The reference is flat k-means at the build's default K (about sqrt N)
 in the same run; the ratio is drowned / the reference's drowned.
 
-Run: python -m bench.bench_tail_clustering [--embedder minilm|hashing] [--cache DIR]
+Scales: quick uses the hashing embedder (model-free, seconds), full MiniLM (the build
+default; a few minutes on 2 cores, kept in --cache).
+
+Run: python -m bench.bench_tail_clustering [--scale quick|full] [--embedder NAME] [--cache DIR]
 """
 
 from __future__ import annotations
@@ -123,7 +126,24 @@ def embed(texts: list[str], embedder: str, cache: Path | None) -> np.ndarray:
     return x
 
 
-def run(embedder: str = "minilm", cache: Path | None = None, log=sys.stderr) -> list[dict]:
+SCALES = {"quick": {"embedder": "hashing"}, "full": {"embedder": "minilm"}}
+
+
+def run(scale: str = "quick", cache: Path | None = None) -> list[dict]:
+    """Benchmark rows (python -m bench): drowned packages and NMI per variant, the ratio
+    against flat k-means at the default K."""
+    rows = []
+    for r in measure(SCALES[scale]["embedder"], cache):
+        name = f"tail clustering: {r['method']}, K={r['k']}"
+        rows.append({"bench": name, "metric": f"drowned packages (of {r['groups']})", "value": r["drowned"],
+                     "unit": "", "reference": r["reference"], "ratio": r["ratio"],
+                     "target": "(info: lower keeps more of the tail apart)"})
+        rows.append({"bench": name, "metric": "NMI vs packages", "value": r["nmi"], "unit": "", "reference": None,
+                     "ratio": None, "target": "(info)"})
+    return rows
+
+
+def measure(embedder: str = "minilm", cache: Path | None = None, log=sys.stderr) -> list[dict]:
     from bench import natural_corpus as nc
     from bench.train_natural import NATURAL_SCALES
     from croupier.shards.build import auto_clusters
@@ -160,6 +180,7 @@ def run(embedder: str = "minilm", cache: Path | None = None, log=sys.stderr) -> 
                "drowned": len(rep.drowned), "groups": len(names), "rare_purity": rep.rare_quarter_purity}
         if ref is None:
             ref = row
+        row["reference"] = ref["drowned"]
         row["ratio"] = row["drowned"] / ref["drowned"] if ref["drowned"] else float("nan")
         rows.append(row)
         print(f"[tail] {name:<32} K {k:>4}: NMI {rep.nmi:.3f}, drowned {len(rep.drowned):>3} of {len(names)}, "
@@ -177,10 +198,12 @@ def format_rows(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--embedder", default="minilm", help="the build's embedder (default: minilm, the build default)")
+    ap.add_argument("--scale", choices=sorted(SCALES), default="full")
+    ap.add_argument("--embedder", default=None, help="the embedder (default: the scale's; full: minilm, the build's)")
     ap.add_argument("--cache", default="out/bench-tail-cache", help="folder keeping the corpus's embeddings")
     args = ap.parse_args(argv)
-    print(format_rows(run(args.embedder, Path(args.cache) if args.cache else None)))
+    embedder = args.embedder or SCALES[args.scale]["embedder"]
+    print(format_rows(measure(embedder, Path(args.cache) if args.cache else None)))
     return 0
 
 
