@@ -323,7 +323,11 @@ def one_load(n: int, steps: int, rate: float, procs: int, env: dict[str, str] | 
         finally:
             sampling.set()
             server.terminate()
-            server.communicate(timeout=60)
+            try:
+                server.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.communicate()
             if log is not subprocess.DEVNULL:
                 log.close()
     errors = [e for r in results for e in r["errors"]]
