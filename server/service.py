@@ -273,10 +273,11 @@ class SamplerServicer:
         waiter = job.begin_get_slice(rank=request.rank, world=request.world_size, step=request.step,
                                      job=request.job)
         loop = asyncio.get_running_loop()
-        woken = Wakeup(loop, self.timers)
-        waiter.on_wake = woken
         remaining = context.time_remaining()
         deadline = None if remaining is None else loop.time() + remaining
+        # a call with a deadline answers at it, not up to a sweep later: its waits keep precise timers
+        woken = Wakeup(loop, self.timers if deadline is None else None)
+        waiter.on_wake = woken
         try:
             while True:
                 woken.arm()
