@@ -10,7 +10,12 @@ module measures how the field's groups spread over the clusters:
 - per group: its main cluster (the one holding most of its documents), its *purity* (the
   share of that main cluster the group makes up) and the share of the group living there;
 - the groups *drowned* below a purity threshold (default 10%): balancing clusters gives them
-  about their natural share, so the clustering hides them, and a WARNING says so.
+  about their natural share, so the clustering hides them, and a WARNING says so;
+- the rarest quarter of groups' share of the samples, and the share that balancing clusters
+  would deal them (uniform over clusters, then uniform inside one). A clustering can drown
+  few groups and still deal the tail its natural share, when it splits the large groups as
+  finely as it keeps the rare ones apart; below MIN_TAIL_GAIN times the natural share a
+  WARNING says so.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ import numpy as np
 from croupier.errors import ConfigError
 
 DEFAULT_DROWN = 0.10
+MIN_TAIL_GAIN = 1.5
+"""Balancing clusters should deal the rarest quarter of groups at least this many times its
+natural share; below it the clustering does not up-sample the tail (a WARNING says so)."""
 
 
 def gini(sizes: Sequence[int] | np.ndarray) -> float:
@@ -99,6 +107,23 @@ class LongTailReport:
     sizes: dict[str, float]
     rare_quarter_purity: float
     drowned: list[str] = field(default_factory=list)
+    rare_quarter_share: float = 0.0  # the rarest quarter's share of the samples
+    rare_quarter_balanced_share: float = 0.0  # its share under uniform-over-clusters sampling
+
+    @property
+    def tail_gain(self) -> float:
+        """How many times its natural share balancing clusters deals the rarest quarter."""
+        return self.rare_quarter_balanced_share / self.rare_quarter_share if self.rare_quarter_share else 1.0
+
+    @property
+    def tail_warning(self) -> str | None:
+        if self.tail_gain >= MIN_TAIL_GAIN:
+            return None
+        return (f"WARNING: balancing these clusters deals the rarest quarter of {self.field!r} groups "
+                f"{self.rare_quarter_balanced_share:.1%} of the samples against its natural "
+                f"{self.rare_quarter_share:.1%} ({self.tail_gain:.2f}x, below {MIN_TAIL_GAIN}x): the large groups are "
+                f"split as finely as the rare ones are kept apart, so cluster-balanced sampling will not up-sample "
+                f"the tail (rebuild with --group-by {self.field})")
 
     @property
     def warning(self) -> str | None:
@@ -111,7 +136,9 @@ class LongTailReport:
     def to_dict(self) -> dict[str, Any]:
         return {"field": self.field, "nmi": self.nmi, "drown": self.drown, "sizes": self.sizes,
                 "rare_quarter_purity": self.rare_quarter_purity, "drowned": self.drowned,
-                "warning": self.warning, "groups": [vars(g) for g in self.groups]}
+                "warning": self.warning, "rare_quarter_share": self.rare_quarter_share,
+                "rare_quarter_balanced_share": self.rare_quarter_balanced_share, "tail_gain": self.tail_gain,
+                "tail_warning": self.tail_warning, "groups": [vars(g) for g in self.groups]}
 
 
 def long_tail_report(clusters: np.ndarray, groups: np.ndarray, names: Sequence[str], field_name: str,
@@ -136,9 +163,16 @@ def long_tail_report(clusters: np.ndarray, groups: np.ndarray, names: Sequence[s
     by_size = sorted(out, key=lambda s: (s.docs, s.name))
     rare = by_size[:max(1, len(by_size) // 4)]
     drowned = [s.name for s in by_size if s.purity < drown]
+    code = {str(n): i for i, n in enumerate(names)}
+    in_rare = np.zeros(len(names), dtype=bool)
+    in_rare[[code[s.name] for s in rare]] = True
+    pick = in_rare[gi]
+    balanced = float(np.sum(nij[pick] / csize[ci[pick]])) / len(np.unique(ci))  # 1/K per cluster, then its share
     return LongTailReport(field=field_name, nmi=nmi(clusters, groups), drown=drown, groups=out,
                           sizes=size_stats(np.bincount(np.asarray(clusters, dtype=np.int64))[np.unique(ci)]),
-                          rare_quarter_purity=float(np.mean([s.purity for s in rare])), drowned=drowned)
+                          rare_quarter_purity=float(np.mean([s.purity for s in rare])), drowned=drowned,
+                          rare_quarter_share=float(nij[pick].sum()) / float(nij.sum()),
+                          rare_quarter_balanced_share=balanced)
 
 
 def format_report(rep: LongTailReport, limit: int = 20) -> list[str]:
@@ -158,4 +192,8 @@ def format_report(rep: LongTailReport, limit: int = 20) -> list[str]:
         lines.append(rep.warning or "")
     else:
         lines.append(f"drowned      none: every group makes up at least {rep.drown:.0%} of its main cluster")
+    lines.append(f"tail         rarest quarter: {rep.rare_quarter_share:.1%} of the samples, "
+                 f"{rep.rare_quarter_balanced_share:.1%} under cluster-balanced sampling ({rep.tail_gain:.2f}x)")
+    if rep.tail_warning:
+        lines.append(rep.tail_warning)
     return lines

@@ -12,7 +12,7 @@ from sklearn.metrics import normalized_mutual_info_score
 
 from croupier.cli import main
 from croupier.errors import ConfigError
-from croupier.shards.diagnostics import gini, long_tail_report, nmi, size_stats
+from croupier.shards.diagnostics import format_report, gini, long_tail_report, nmi, size_stats
 
 # planted: 10 samples, 3 clusters, 3 groups
 #   cluster 0: a a a a b      cluster 1: b b c      cluster 2: a c
@@ -97,3 +97,22 @@ def test_inspect_by_warns_when_kmeans_drowns_the_tail(tmp_path, capsys):
     assert "NMI 1.000" in out and "WARNING" not in out and "drowned      none" in out
     assert main(["shards", "inspect", str(km), "--by", "topic"]) == 2
     assert "--by 'topic': the dataset keeps no such metadata field (kept columns: source)" in capsys.readouterr().err
+
+
+def test_tail_share_under_balancing_matches_a_hand_count() -> None:
+    # groups: a x6, b x2, c x1, d x1 (rarest quarter: c); clusters: {a x6} and {b x2, c, d}
+    names = ["a", "b", "c", "d"]
+    groups = np.array([0] * 6 + [1, 1, 2, 3])
+    mixed = np.array([0] * 6 + [1, 1, 1, 1])
+    rep = long_tail_report(mixed, groups, names, "source")
+    assert rep.rare_quarter_share == pytest.approx(0.1)  # 1 of 10 samples
+    assert rep.rare_quarter_balanced_share == pytest.approx(0.5 * 0.25)  # cluster 1 half the time, c a quarter of it
+    assert rep.tail_gain == pytest.approx(1.25)
+    assert rep.tail_warning is not None and "12.5%" in rep.tail_warning and "10.0%" in rep.tail_warning
+    assert any("1.25x" in line for line in format_report(rep))
+    # c in a cluster of its own: a third of the draws
+    apart = np.array([0] * 6 + [1, 1, 2, 1])
+    rep = long_tail_report(apart, groups, names, "source")
+    assert rep.rare_quarter_balanced_share == pytest.approx(1 / 3)
+    assert rep.tail_warning is None
+    assert rep.to_dict()["tail_gain"] == pytest.approx(10 / 3)
