@@ -6,7 +6,7 @@ import argparse
 import re
 import sys
 
-from croupier.errors import ConfigError
+from croupier.errors import ConfigError, CroupierError
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2,
           "mib": 1 << 20, "g": 1000**3, "gb": 1000**3, "gib": 1 << 30}
@@ -38,6 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="write a sidecar for an existing MDS dataset without rewriting it")
     p.add_argument("--text-field", default="text", help="field holding the text (default: text)")
     p.add_argument("--keep-fields", default="", help="comma-separated fields kept as MDS columns")
+    p.add_argument("--no-tail-check", action="store_true",
+                   help="skip the check, after the build, of how balancing its clusters would deal the rare groups "
+                        "of each kept field (it reads the kept columns once)")
     p.add_argument("--embedder", default="minilm", choices=sorted(EMBEDDERS),
                    help="minilm (all-MiniLM-L6-v2, default) or hashing (fast, model-free)")
     p.add_argument("--clusters", type=int, default=None, help="K (default: about sqrt(N), at most 1024)")
@@ -114,5 +117,20 @@ def run(args: argparse.Namespace) -> int:
         res = build(cfg)
     print(f"{res.out}: {res.num_samples} documents, {res.num_clusters} clusters, layout {res.layout}, "
           f"fingerprint {res.fingerprint}" + (f", {res.skipped} bad records skipped" if res.skipped else ""))
+    if cfg.keep_fields and not args.no_tail_check:
+        from croupier.shards.tail_check import tail_checks
+
+        if "://" in str(res.out):
+            print(f"tail check: skipped (the dataset was published to {res.out}; "
+                  "`croupier shards inspect DIR --by FIELD` on a local copy gives the same figures)")
+        else:
+            try:
+                checks = tail_checks(str(res.out), cfg.keep_fields)
+            except CroupierError as exc:  # the build is done and published: a diagnostic does not undo it
+                print(f"tail check: skipped ({exc})")
+                checks = []
+            for check in checks:
+                for line in check.lines():
+                    print(line)
     sys.stdout.flush()
     return 0

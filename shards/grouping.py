@@ -67,7 +67,10 @@ class GroupingConfig:
 
 
 def group_name(value: Any) -> str:
-    """A group's name: a string value as it is, anything else as compact JSON."""
+    """A group's name: a string value as it is, anything else as compact JSON (a numpy value, as
+    an MDS column returns it, as the Python value it holds)."""
+    if isinstance(value, (np.generic, np.ndarray)):
+        value = value.tolist()
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 

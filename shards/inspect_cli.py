@@ -174,7 +174,6 @@ def token_summary(side: Any) -> dict[str, Any] | None:
 def long_tail(side: Any, dataset: str, field: str, drown: float, grouping: Any) -> Any:
     """The diagnostics of `field`: from the sidecar's group codes, else from the kept MDS column."""
     from croupier.shards.diagnostics import long_tail_report
-    from croupier.shards.grouping import group_name
 
     clusters = np.asarray(side.assignments())
     if grouping is not None and grouping.field == field:
@@ -184,15 +183,11 @@ def long_tail(side: Any, dataset: str, field: str, drown: float, grouping: Any) 
         kept = ", ".join(c for c in columns if c != side.manifest.get("text_field")) or "none"
         raise ConfigError(f"--by {field!r}: the dataset keeps no such metadata field (kept columns: {kept}); "
                           "build with --keep-fields FIELD or --group-by FIELD")
-    from croupier.shards.mds import MDSSource
+    from croupier.shards.tail_check import field_codes
 
-    seen: dict[str, int] = {}
-    codes = np.empty(side.num_samples, dtype=np.int64)
-    with MDSSource(side.remote or dataset) as src:
-        for lo in range(0, side.num_samples, 65_536):
-            hi = min(side.num_samples, lo + 65_536)
-            codes[lo:hi] = [seen.setdefault(group_name(v), len(seen)) for v in src.get(np.arange(lo, hi), field)]
-    return long_tail_report(clusters, codes, list(seen), field, drown)
+    got = field_codes(side, dataset, field)
+    assert got is not None  # no group limit given
+    return long_tail_report(clusters, got[0], got[1], field, drown)
 
 
 def run_plot(args: argparse.Namespace) -> int:

@@ -116,3 +116,45 @@ def test_tail_share_under_balancing_matches_a_hand_count() -> None:
     assert rep.rare_quarter_balanced_share == pytest.approx(1 / 3)
     assert rep.tail_warning is None
     assert rep.to_dict()["tail_gain"] == pytest.approx(10 / 3)
+
+
+def test_build_prints_the_tail_check_of_each_kept_field(tmp_path, capsys):
+    from test_grouping import SIZES, sources_by_id, write_corpus
+
+    from croupier.shards.sidecar import Sidecar
+
+    inputs = tmp_path / "docs.jsonl"
+    docs = write_corpus(inputs)
+    inputs.write_text("".join(json.dumps({**d, "doc_id": f"d{i}", "lang": "en"}) + "\n" for i, d in enumerate(docs)))
+    n = len(docs)
+    ds = tmp_path / "km"
+    common = ["--embedder", "hashing", "--quiet", "--shard-size", "16KiB", "--clusters", "3"]
+    assert main(["shards", "build", str(inputs), "--out", str(ds), "--keep-fields", "source,doc_id,lang",
+                 *common]) == 0
+    out = capsys.readouterr().out
+    # by hand: the rarest quarter of 5 groups is apl (2 documents); balancing deals each of the
+    # K clusters 1/K of the draws and each of its members 1/size of that
+    side = Sidecar.open(ds)
+    clusters = np.asarray(side.assignments())
+    sizes = np.bincount(clusters)
+    apl = [i for i, s in enumerate(sources_by_id(ds, n)) if s == "apl"]
+    balanced = sum(1 / sizes[clusters[i]] for i in apl) / len(sizes)
+    natural = SIZES["apl"] / n
+    grouped = (1 / len(SIZES)) / natural  # one cluster per group: apl gets a fifth of the draws
+    line = next(x for x in out.splitlines() if x.startswith("tail check by 'source'"))
+    assert (f"5 groups; its rarest quarter holds {natural:.1%} of the samples, balancing these clusters deals it "
+            f"{balanced:.1%} ({balanced / natural:.2f}x), one cluster per group would deal it {grouped:.2f}x") in line
+    assert ("WARNING: balancing these clusters deals the rarest quarter" in out) == (balanced / natural < 1.5)
+    assert f"tail check by 'doc_id': skipped (more than {n // 2} values for {n} documents: not a grouping)" in out
+    assert f"tail check by 'lang': skipped (a single value in all {n} documents)" in out
+    assert main(["shards", "build", str(inputs), "--out", str(ds), "--keep-fields", "source", "--overwrite",
+                 "--no-tail-check", *common]) == 0
+    assert "tail check" not in capsys.readouterr().out
+
+
+def test_group_names_of_numpy_values_are_those_of_the_python_values():
+    from croupier.shards.grouping import group_name
+
+    assert group_name(np.int64(3)) == group_name(3) == "3"
+    assert group_name(np.array([1, 2])) == group_name([1, 2]) == "[1,2]"
+    assert group_name(np.str_("web")) == "web"

@@ -72,8 +72,9 @@ def test_build_to_s3_serve_from_s3_and_a_rank_reads_the_inputs(s3, tmp_path, cor
     src = tmp_path / "docs.jsonl"
     write_jsonl(src, corpus)
     url = f"s3://{BUCKET}/runs/ds"
-    assert main(_build_args(src, url, "--work-dir", str(tmp_path / "work"))) == 0
-    assert url in capsys.readouterr().out
+    assert main(_build_args(src, url, "--work-dir", str(tmp_path / "work"), "--keep-fields", "topic")) == 0
+    out = capsys.readouterr().out
+    assert url in out and f"tail check: skipped (the dataset was published to {url};" in out
     keys = _keys(s3["client"], "runs/ds/")
     index = json.loads(s3["client"].get_object(Bucket=BUCKET, Key="runs/ds/index.json")["Body"].read())
     shards = [s["zip_data"]["basename"] for s in index["shards"]]
@@ -82,7 +83,8 @@ def test_build_to_s3_serve_from_s3_and_a_rank_reads_the_inputs(s3, tmp_path, cor
             "croupier/embeddings.npy"} <= keys
     assert not (tmp_path / "work" / "dataset").exists()  # the staging copy is gone once published
     # the same build into a local folder is the same dataset (same index bytes)
-    assert main(_build_args(src, str(tmp_path / "local"))) == 0
+    assert main(_build_args(src, str(tmp_path / "local"), "--keep-fields", "topic")) == 0
+    assert "tail check by 'topic': 5 groups" in capsys.readouterr().out
     local = Sidecar.open(tmp_path / "local")
     assert (tmp_path / "local" / "index.json").read_bytes() == \
         s3["client"].get_object(Bucket=BUCKET, Key="runs/ds/index.json")["Body"].read()
