@@ -79,11 +79,13 @@ class BuildConfig:
     group_by: str | None = None
     clusters_per_group: int | None = None
     cluster_size: int | None = None
+    min_cluster_size: int | None = None
     embed_cache: str | None = None
     """A folder of embeddings kept across builds of the same texts (`croupier.shards.embed_cache`)."""
 
     def __post_init__(self) -> None:
-        if self.group_by is not None or self.clusters_per_group is not None or self.cluster_size is not None:
+        if (self.group_by is not None or self.clusters_per_group is not None or self.cluster_size is not None
+                or self.min_cluster_size is not None):
             self._check_grouping()
         if bool(self.inputs) == bool(self.adopt):
             raise ConfigError("give either INPUT files/folders or --adopt MDS_DIR_OR_REMOTE, not both or neither")
@@ -117,7 +119,7 @@ class BuildConfig:
     def _check_grouping(self) -> None:
         """--group-by: the field is kept (an MDS column) and read at ingest; see `grouping`."""
         if self.group_by is None:
-            raise ConfigError("--clusters-per-group and --cluster-size need --group-by FIELD")
+            raise ConfigError("--clusters-per-group, --cluster-size and --min-cluster-size need --group-by FIELD")
         if self.adopt is not None:
             raise ConfigError("--group-by applies to building from inputs, not to --adopt")
         if self.clusters is not None:
@@ -133,7 +135,7 @@ class BuildConfig:
         from croupier.shards.grouping import GroupingConfig
 
         return None if self.group_by is None else GroupingConfig(self.group_by, self.clusters_per_group,
-                                                                 self.cluster_size)
+                                                                 self.cluster_size, self.min_cluster_size)
 
     def key(self) -> dict[str, Any]:
         """The settings a resumed build must share with the interrupted one.

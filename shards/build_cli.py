@@ -52,6 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --group-by: k-means into N clusters inside each group (at most its documents)")
     p.add_argument("--cluster-size", type=int, default=None, metavar="M",
                    help="with --group-by: k-means inside each group into about one cluster per M documents")
+    p.add_argument("--min-cluster-size", type=int, default=None, metavar="S",
+                   help="with --clusters-per-group or --cluster-size: fold a group's clusters under S documents into "
+                        "the nearest cluster of the same group (never across groups)")
     p.add_argument("--embed-cache", default=None, metavar="DIR",
                    help="folder of embeddings kept across builds: a build whose texts (in order) and embedder "
                         "match a stored matrix copies it instead of embedding again (a sweep over clustering "
@@ -100,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, skip_bad=args.skip_bad, overwrite=args.overwrite,
         device=args.device, progress=not args.quiet, tokenizer=args.tokenizer, token_field=args.token_field,
         work_dir=args.work_dir, group_by=args.group_by, clusters_per_group=args.clusters_per_group,
-        cluster_size=args.cluster_size, embed_cache=args.embed_cache)
+        cluster_size=args.cluster_size, min_cluster_size=args.min_cluster_size, embed_cache=args.embed_cache)
     if args.engine == "ray":
         if args.group_by is not None:
             raise ConfigError(f"--group-by {args.group_by} is built by the local engine only; "

@@ -5,7 +5,12 @@ does nothing for a rare source. With `--group-by FIELD` a field of the input rec
 domain, language, URL host...) is the first level of the clustering: every group gets its
 own clusters, either one per group (the default) or spherical k-means inside the group
 (`--clusters-per-group N`, or the size rule `--cluster-size M`: about one cluster per M
-documents of the group). A rare group therefore stays a cluster of its own.
+documents of the group). A rare group therefore stays a cluster of its own. With
+`--min-cluster-size S`, a group's k-means clusters under S documents are folded, smallest
+first, into the sibling of the same group with the nearest centroid: a fixed count per group
+otherwise cuts a 9-document group into 8 clusters of one or two, which cluster-balanced
+sampling would repeat up to the clip; merging never crosses groups, so the rare groups stay
+apart.
 
 Cluster ids are group-major: groups in sorted order of their names, a group's clusters
 consecutive; each group's k-means is seeded from (seed, group index), so a build is
@@ -40,6 +45,7 @@ class GroupingConfig:
     field: str
     clusters_per_group: int | None = None
     cluster_size: int | None = None
+    min_cluster_size: int | None = None
 
     def __post_init__(self) -> None:
         if not self.field:
@@ -51,6 +57,12 @@ class GroupingConfig:
             raise ConfigError(f"--clusters-per-group must be >= 1, got {self.clusters_per_group}")
         if self.cluster_size is not None and self.cluster_size < 1:
             raise ConfigError(f"--cluster-size must be >= 1, got {self.cluster_size}")
+        if self.min_cluster_size is not None:
+            if self.min_cluster_size < 1:
+                raise ConfigError(f"--min-cluster-size must be >= 1, got {self.min_cluster_size}")
+            if self.clusters_per_group is None and self.cluster_size is None:
+                raise ConfigError(f"--min-cluster-size {self.min_cluster_size} folds small clusters of the k-means "
+                                  "inside a group: give --clusters-per-group or --cluster-size with it")
 
     def clusters_for(self, docs: int) -> int:
         """Clusters for a group of `docs` documents (never more than its documents)."""
@@ -62,8 +74,41 @@ class GroupingConfig:
 
     def rule(self) -> str:
         if self.cluster_size is not None:
-            return f"one cluster per {self.cluster_size} documents of a group"
-        return f"{self.clusters_per_group or 1} cluster(s) per group"
+            text = f"one cluster per {self.cluster_size} documents of a group"
+        else:
+            text = f"{self.clusters_per_group or 1} cluster(s) per group"
+        if self.min_cluster_size is not None:
+            text += f", clusters under {self.min_cluster_size} documents folded into their group's nearest"
+        return text
+
+
+def merge_small(labels: np.ndarray, centroids: np.ndarray, min_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fold the clusters of one group under `min_size` documents into their nearest sibling.
+
+    `labels` are the group's documents' cluster indices into `centroids` (unit rows). The
+    smallest cluster under `min_size` (the lower index on a tie) goes into the other non-empty
+    cluster whose centroid is most similar (the lower index on a tie), whose centroid becomes
+    the normalized size-weighted mean of the two; this repeats until no cluster is under
+    `min_size` or one is left. Returns the new labels (folded clusters left empty, to be
+    dropped like any empty cluster) and centroids.
+    """
+    sizes = np.bincount(labels, minlength=len(centroids)).astype(np.int64)
+    cent = np.asarray(centroids, dtype=np.float64).copy()
+    target = np.arange(len(centroids))
+    while True:
+        alive = np.flatnonzero(sizes > 0)
+        small = alive[sizes[alive] < min_size]
+        if len(alive) < 2 or not len(small):
+            break
+        c = int(small[np.argmin(sizes[small])])  # argmin: the first (lowest index) of the smallest
+        others = alive[alive != c]
+        j = int(others[np.argmax(cent[others] @ cent[c])])
+        merged = cent[j] * sizes[j] + cent[c] * sizes[c]
+        cent[j] = merged / max(float(np.linalg.norm(merged)), 1e-12)
+        sizes[j] += sizes[c]
+        sizes[c] = 0
+        target[target == c] = j
+    return target[labels], cent.astype(np.float32)
 
 
 def group_name(value: Any) -> str:
@@ -145,10 +190,13 @@ def cluster_by_group(embeddings: np.ndarray, codes: np.ndarray, num_groups: int,
             kcfg = KMeansConfig(clusters=k, seed=group_seed(seed, g), niter=niter, max_train=max(max_train, k))
             cent, _ = train_centroids(_Rows(embeddings, ids), kcfg)
             assigner = Assigner(cent)
+            labels = np.empty(len(ids), dtype=np.int64)
             for lo in range(0, len(ids), chunk):
-                part = ids[lo:lo + chunk]
-                labels, _ = assigner.assign(embeddings[part])
-                out[part] = labels + next_id
+                labels[lo:lo + chunk], _ = assigner.assign(embeddings[ids[lo:lo + chunk]])
+            if cfg.min_cluster_size is not None:
+                labels, cent = merge_small(labels, cent, cfg.min_cluster_size)
+            for lo in range(0, len(ids), chunk):
+                out[ids[lo:lo + chunk]] = labels[lo:lo + chunk] + next_id
         centroids.append(cent)
         cluster_group.append(np.full(k, g, dtype=np.int32))
         next_id += k
@@ -181,6 +229,7 @@ def finish(work: Path, side_dir: Path, cfg: GroupingConfig, order: np.ndarray | 
         "field": cfg.field,
         "clusters_per_group": cfg.clusters_per_group,
         "cluster_size": cfg.cluster_size,
+        "min_cluster_size": cfg.min_cluster_size,
         "file": GROUPS_FILE,
         "names": names,
         "group_sizes": np.bincount(codes, minlength=len(names)).tolist(),
@@ -198,6 +247,7 @@ class SidecarGrouping:
     codes_path: Path
     clusters_per_group: int | None = None
     cluster_size: int | None = None
+    min_cluster_size: int | None = None
 
     def codes(self) -> np.ndarray:
         """int32 (N,) group code of every sample id (memmap)."""
@@ -207,7 +257,7 @@ class SidecarGrouping:
             raise DatasetError(f"sidecar file {str(self.codes_path)!r} is missing or unreadable: {exc}") from exc
 
     def rule(self) -> str:
-        return GroupingConfig(self.field, self.clusters_per_group, self.cluster_size).rule()
+        return GroupingConfig(self.field, self.clusters_per_group, self.cluster_size, self.min_cluster_size).rule()
 
 
 def read_grouping(side: Any) -> SidecarGrouping | None:
@@ -228,7 +278,8 @@ def read_grouping(side: Any) -> SidecarGrouping | None:
     from croupier.format.sidecar_layout import checked_relative
 
     return SidecarGrouping(field=field, names=names, cluster_groups=cg, codes_path=side.dir / checked_relative(rel),
-                           clusters_per_group=entry.get("clusters_per_group"), cluster_size=entry.get("cluster_size"))
+                           clusters_per_group=entry.get("clusters_per_group"), cluster_size=entry.get("cluster_size"),
+                           min_cluster_size=entry.get("min_cluster_size"))
 
 
 def group_stage(builder: Any) -> None:

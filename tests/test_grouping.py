@@ -182,7 +182,12 @@ def test_as_many_groups_as_documents_is_refused(tmp_path):
     ({"group_by": "source", "clusters_per_group": 0}, "--clusters-per-group must be >= 1, got 0"),
     ({"group_by": "source", "cluster_size": -3}, "--cluster-size must be >= 1, got -3"),
     ({"group_by": "source", "clusters_per_group": 2, "cluster_size": 5}, "not both (got 2 and 5)"),
-    ({"clusters_per_group": 2}, "--clusters-per-group and --cluster-size need --group-by FIELD"),
+    ({"clusters_per_group": 2}, "--clusters-per-group, --cluster-size and --min-cluster-size need --group-by FIELD"),
+    ({"min_cluster_size": 3}, "--clusters-per-group, --cluster-size and --min-cluster-size need --group-by FIELD"),
+    ({"group_by": "source", "min_cluster_size": 3},
+     "--min-cluster-size 3 folds small clusters of the k-means inside a group: give --clusters-per-group or "
+     "--cluster-size with it"),
+    ({"group_by": "source", "cluster_size": 10, "min_cluster_size": 0}, "--min-cluster-size must be >= 1, got 0"),
     ({"group_by": "source", "clusters": 8}, "--clusters 8 and --group-by are exclusive"),
     ({"group_by": "text"}, "--group-by 'text' must not be the text field"),
 ])
@@ -195,3 +200,51 @@ def test_cli_refusal_exits_nonzero_with_the_rule(tmp_path, corpus, capsys):
     inputs, _ = corpus
     assert build_cli(inputs, tmp_path / "ds", "--group-by", "source", "--clusters-per-group", "0") != 0
     assert "--clusters-per-group must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_merge_small_by_hand():
+    from croupier.shards.grouping import merge_small
+
+    # four clusters of sizes 6, 1, 2, 0 on the unit circle: 0 at 0 degrees, 1 at 80, 2 at 60, 3 at 90
+    ang = np.radians([0.0, 80.0, 60.0, 90.0])
+    cent = np.stack([np.cos(ang), np.sin(ang)], axis=1).astype(np.float32)
+    labels = np.array([0] * 6 + [1] + [2, 2])
+    new, c2 = merge_small(labels, cent, 3)
+    # 1 (size 1, the smallest) folds into 2 (its nearest non-empty: 20 degrees against 80);
+    # then 2 has 3 documents and nothing is under 3
+    assert new.tolist() == [0] * 6 + [2, 2, 2]
+    expect = 2 * cent[2] + cent[1]
+    assert np.allclose(c2[2], expect / np.linalg.norm(expect), atol=1e-6) and np.allclose(c2[0], cent[0])
+    # with 4: the merged cluster of 3 goes into 0, the only one left
+    new, _ = merge_small(labels, cent, 4)
+    assert new.tolist() == [0] * 9
+    # a group whose every cluster is small ends as one cluster, never empty
+    new, _ = merge_small(np.array([0, 1, 2]), cent[:3], 10)
+    assert len(np.unique(new)) == 1
+
+
+def test_min_cluster_size_folds_small_clusters_inside_their_group_only(tmp_path, corpus):
+    inputs, docs = corpus
+    ds = tmp_path / "ds"
+    assert build_cli(inputs, ds, "--group-by", "source", "--clusters-per-group", "6", "--min-cluster-size", "10") == 0
+    side = Sidecar.open(ds)
+    grouping = read_grouping(side)
+    assert grouping is not None and grouping.min_cluster_size == 10
+    assert "clusters under 10 documents folded into their group's nearest" in grouping.rule()
+    sizes, srcs = side.sizes, sources_by_id(ds, len(docs))
+    a = np.asarray(side.assignments())
+    by_cluster: dict[int, set] = {}
+    for c, s in zip(a.tolist(), srcs):
+        by_cluster.setdefault(c, set()).add(s)
+    assert all(len(v) == 1 for v in by_cluster.values())  # never across groups
+    per_group = Counter(next(iter(v)) for v in by_cluster.values())
+    for c, v in by_cluster.items():
+        g = next(iter(v))
+        # under 10 only where the whole group is (forth 4, apl 2)
+        assert sizes[c] >= 10 or (SIZES[g] < 10 and per_group[g] == 1), (g, int(sizes[c]))
+    assert per_group["apl"] == per_group["forth"] == 1 and per_group["ocaml"] == 1  # 12 docs: one cluster of 12
+    assert sum(sizes) == len(docs) and 1 < per_group["python"] <= 6
+    # without the fold, the fixed count cuts the small groups up
+    plain = tmp_path / "plain"
+    assert build_cli(inputs, plain, "--group-by", "source", "--clusters-per-group", "6") == 0
+    assert Sidecar.open(plain).sizes.min() < 10 and Sidecar.open(plain).num_clusters > side.num_clusters
