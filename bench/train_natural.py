@@ -4,7 +4,8 @@ The corpus is the docstrings of the installed packages (`bench.natural_corpus`, 
 package, a held-out split per package). Each build of `NATURAL_BUILDS` is made by
 `croupier shards build` in its own process, as a user runs it: the default flat k-means
 (K about sqrt N), flat k-means with more clusters (`kmeans-4x`: K = 4 sqrt N), and
-`--group-by source` with one cluster per package or k-means inside packages. All builds of
+`--group-by source` with one cluster per package or k-means inside packages (by size, or 8
+per package with and without `--min-cluster-size`). All builds of
 one run share an embeddings cache (`--embed-cache`), so the corpus is embedded once, not
 once per build. Every sampler is served over that build's clusters from a real server, and
 held-out loss is evaluated per *true* package, over several training seeds.
@@ -23,6 +24,7 @@ reports, per build and sampler, the mean over seeds of
 and in how many seeds the row is below random on mean and on rare25.
 
     python -m bench.train_compare --corpus natural --scale long --out out/train_natural
+    python -m bench.train_compare --corpus natural --scale wide --out out/train_natural_wide  # 2 passes, 4x corpus
 """
 
 from __future__ import annotations
@@ -54,6 +56,10 @@ NATURAL_SCALES: dict[str, dict[str, Any]] = {
     # the quick corpus with 4x the training budget: the model gets past the first-line
     # statistics every init learns alike, so the samplers' differences outgrow the init's
     "long": {**_CORPUS, "passes": 8.0, "batch": 32, "seeds": (0, 1, 2), "embedder": "hashing"},
+    # the same number of steps as long over 4x the corpus (40% of each package): 2 passes, the
+    # regime of a pretraining run, with the build's default embedder (MiniLM: about 20 minutes
+    # on 2 cores the first time, then from --embed-cache)
+    "wide": {**_CORPUS, "fraction": 0.4, "passes": 2.0, "batch": 32, "seeds": (0, 1, 2), "embedder": "minilm"},
 }
 
 
@@ -79,6 +85,8 @@ NATURAL_BUILDS: tuple[BuildSetting, ...] = (
     BuildSetting("source", ("--group-by", "source")),  # grouping default: one cluster per source
     BuildSetting("source/50", ("--group-by", "source", "--cluster-size", "50")),
     BuildSetting("source/150", ("--group-by", "source", "--cluster-size", "150")),
+    BuildSetting("source/8", ("--group-by", "source", "--clusters-per-group", "8")),
+    BuildSetting("source/8/min50", ("--group-by", "source", "--clusters-per-group", "8", "--min-cluster-size", "50")),
 )
 
 
