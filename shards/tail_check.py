@@ -79,9 +79,15 @@ def field_codes(side: Any, dataset: str, field: str,
 
 def check_field(side: Any, dataset: str, field: str) -> TailCheck:
     """The tail check of one kept column of a built dataset."""
+    from croupier.shards.grouping import read_grouping
+
     n = side.num_samples
     limit = int(n * MAX_GROUPS_PER_DOC)
-    got = field_codes(side, dataset, field, max_groups=limit)
+    grouping = read_grouping(side)
+    if grouping is not None and grouping.field == field:  # the sidecar has the codes: no column to read
+        got: tuple[np.ndarray, list[str]] | None = (np.asarray(grouping.codes(), dtype=np.int64), grouping.names)
+    else:
+        got = field_codes(side, dataset, field, max_groups=limit)
     if got is None:
         return TailCheck(field, limit + 1, skipped=f"more than {limit} values for {n} documents: not a grouping")
     codes, names = got

@@ -158,3 +158,22 @@ def test_group_names_of_numpy_values_are_those_of_the_python_values():
     assert group_name(np.int64(3)) == group_name(3) == "3"
     assert group_name(np.array([1, 2])) == group_name([1, 2]) == "[1,2]"
     assert group_name(np.str_("web")) == "web"
+
+
+def test_the_tail_check_of_a_grouped_build_reads_its_groups_from_the_sidecar(tmp_path, capsys, monkeypatch):
+    from test_grouping import SIZES, write_corpus
+
+    from croupier.shards import tail_check
+
+    inputs = tmp_path / "docs.jsonl"
+    write_corpus(inputs)
+    read: list[str] = []
+    real = tail_check.field_codes
+    monkeypatch.setattr(tail_check, "field_codes", lambda side, ds, field, **kw: read.append(field) or real(side, ds, field, **kw))
+    assert main(["shards", "build", str(inputs), "--out", str(tmp_path / "g"), "--group-by", "source",
+                 "--embedder", "hashing", "--quiet", "--shard-size", "16KiB"]) == 0
+    out = capsys.readouterr().out
+    grouped = (1 / len(SIZES)) / (SIZES["apl"] / sum(SIZES.values()))
+    assert "tail check by 'source': 5 groups" in out and f"({grouped:.2f}x), one cluster per group would deal it " \
+        f"{grouped:.2f}x" in out and "WARNING" not in out
+    assert read == []  # the codes came from the sidecar's groups.npy, not from the MDS column
