@@ -10,7 +10,8 @@ documents of the group). A rare group therefore stays a cluster of its own. With
 first, into the sibling of the same group with the nearest centroid: a fixed count per group
 otherwise cuts a 9-document group into 8 clusters of one or two, which cluster-balanced
 sampling would repeat up to the clip; merging never crosses groups, so the rare groups stay
-apart.
+apart. It is not a default: it also takes back the weight those small clusters gave the
+small groups (measured in docs/shards.md).
 
 Cluster ids are group-major: groups in sorted order of their names, a group's clusters
 consecutive; each group's k-means is seeded from (seed, group index), so a build is
