@@ -105,9 +105,6 @@ def run(args: argparse.Namespace) -> int:
         work_dir=args.work_dir, group_by=args.group_by, clusters_per_group=args.clusters_per_group,
         cluster_size=args.cluster_size, min_cluster_size=args.min_cluster_size, embed_cache=args.embed_cache)
     if args.engine == "ray":
-        if args.group_by is not None:
-            raise ConfigError(f"--group-by {args.group_by} is built by the local engine only; "
-                              "drop --engine ray (or --group-by)")
         if args.embed_cache is not None:
             raise ConfigError(f"--embed-cache {args.embed_cache} is used by the local engine only; "
                               "drop --engine ray (or --embed-cache)")

@@ -11,6 +11,10 @@ engine runs the heavy stages on Ray and keeps the driver's work O(chunk + K):
             of the float16 embedding matrix in place.
     train   faiss k-means on the driver, on the local engine's seeded uniform sample.
     assign  one Ray task per assignment chunk, the local per-chunk search.
+    group   with --group-by, in place of train and assign: the local grouping stage on the
+            driver (`croupier.shards.grouping.group_stage`: the field's codes from the ingested
+            parts, then one cluster per group or k-means inside each group over the embedding
+            matrix the actors wrote, one group's sample in memory at a time).
     order   the local counting sort (driver, chunked, memory-mapped).
     write   cluster-major: the local engine's shard-aligned blocks are cut into runs of whole
             blocks; each Ray task writes one run with its own MDSWriter (every block starts a

@@ -348,3 +348,26 @@ def test_ray_build_straight_to_s3(tmp_path, ray_cluster, s3, corpus):
         assert client.get_object(Bucket=BUCKET, Key=f"ray/ds/{name}")["Body"].read() == \
             (tmp_path / "local" / name).read_bytes()
     assert not (tmp_path / "work" / "dataset").exists()  # the staging copy is gone once published
+
+
+@pytest.mark.parametrize("rule", [{}, {"cluster_size": 200, "min_cluster_size": 50}], ids=["one-per-group", "kmeans"])
+def test_ray_grouped_build_equals_local(tmp_path, ray_cluster, corpus, rule, capsys):
+    """`--group-by` on Ray: ingest, embed and write on the cluster, the grouping on the driver;
+    the same dataset, sidecar and groups as the local engine."""
+    inputs = _inputs(tmp_path / "in", corpus)
+    common = dict(inputs=inputs, embedder="hashing", shard_size=1 << 15, chunk=500, assign_chunk=700,
+                  group_by="topic", progress=False, **rule)
+    build(BuildConfig(out=str(tmp_path / "local"), **common))
+    if rule:
+        res = build_ray(BuildConfig(out=str(tmp_path / "ray"), **common))
+        assert res.num_clusters == Sidecar.open(tmp_path / "ray").num_clusters
+    else:  # as a user runs it: the command line, with the tail check of the group field
+        assert main(["shards", "build", *inputs, "--out", str(tmp_path / "ray"), "--embedder", "hashing",
+                     "--shard-size", "32KiB", "--chunk", "500", "--group-by", "topic", "--engine", "ray",
+                     "--quiet"]) == 0
+        assert "tail check by 'topic': 8 groups" in capsys.readouterr().out
+    _assert_same_dataset(tmp_path / "local", tmp_path / "ray", tmp_path)
+    side = tmp_path / "local" / "croupier", tmp_path / "ray" / "croupier"
+    assert (side[0] / "groups.npy").read_bytes() == (side[1] / "groups.npy").read_bytes()
+    grouping = [json.loads((s / "manifest.json").read_text())["grouping"] for s in side]
+    assert grouping[0] == grouping[1] and grouping[0]["field"] == "topic"
