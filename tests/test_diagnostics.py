@@ -177,3 +177,25 @@ def test_the_tail_check_of_a_grouped_build_reads_its_groups_from_the_sidecar(tmp
     assert "tail check by 'source': 5 groups" in out and f"({grouped:.2f}x), one cluster per group would deal it " \
         f"{grouped:.2f}x" in out and "WARNING" not in out
     assert read == []  # the codes came from the sidecar's groups.npy, not from the MDS column
+
+
+def test_a_tail_check_that_cannot_read_its_column_leaves_the_finished_build_alone(tmp_path, capsys, monkeypatch):
+    from test_grouping import write_corpus
+
+    from croupier.errors import DatasetError
+    from croupier.shards import tail_check
+    from croupier.shards.sidecar import Sidecar
+
+    inputs = tmp_path / "docs.jsonl"
+    write_corpus(inputs)
+
+    def unreadable(*args, **kwargs):
+        raise DatasetError("shard.00001.mds: unreadable (injected)")
+
+    monkeypatch.setattr(tail_check, "field_codes", unreadable)
+    ds = tmp_path / "km"
+    assert main(["shards", "build", str(inputs), "--out", str(ds), "--keep-fields", "source", "--clusters", "3",
+                 "--embedder", "hashing", "--quiet", "--shard-size", "16KiB"]) == 0
+    out = capsys.readouterr().out
+    assert "tail check: skipped (shard.00001.mds: unreadable (injected))" in out
+    assert Sidecar.open(ds).num_samples == 398  # the dataset is published and whole
