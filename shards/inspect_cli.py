@@ -172,14 +172,13 @@ def token_summary(side: Any) -> dict[str, Any] | None:
 
 
 def long_tail(side: Any, dataset: str, field: str, drown: float, grouping: Any) -> Any:
-    """The diagnostics of `field`: from the sidecar's group codes, else from the kept MDS column."""
+    """The diagnostics of `field`: the `--group-by` field or a kept MDS column (`tail_check.field_codes`)."""
     from croupier.shards.diagnostics import long_tail_report
 
     clusters = np.asarray(side.assignments())
-    if grouping is not None and grouping.field == field:
-        return long_tail_report(clusters, np.asarray(grouping.codes()), grouping.names, field, drown)
     columns = side.manifest.get("columns") or {}
-    if field not in columns or field == side.manifest.get("text_field"):
+    grouped = grouping is not None and grouping.field == field
+    if not grouped and (field not in columns or field == side.manifest.get("text_field")):
         kept = ", ".join(c for c in columns if c != side.manifest.get("text_field")) or "none"
         raise ConfigError(f"--by {field!r}: the dataset keeps no such metadata field (kept columns: {kept}); "
                           "build with --keep-fields FIELD or --group-by FIELD")

@@ -57,14 +57,18 @@ class TailCheck:
 
 def field_codes(side: Any, dataset: str, field: str,
                 max_groups: int | None = None) -> tuple[np.ndarray, list[str]] | None:
-    """Group code of every document (in id order) and the group names, from a kept MDS column.
+    """Group code of every document (in id order) and the group names: from the sidecar's
+    `groups.npy` when `field` is its `--group-by` field, else from the kept MDS column.
 
-    Returns None as soon as the field shows more than `max_groups` distinct values (a field of
+    Returns None as soon as the column shows more than `max_groups` distinct values (a field of
     ids or URLs is not read to the end).
     """
-    from croupier.shards.grouping import group_name
+    from croupier.shards.grouping import group_name, read_grouping
     from croupier.shards.mds import MDSSource
 
+    grouping = read_grouping(side)
+    if grouping is not None and grouping.field == field:  # the sidecar has the codes: no column to read
+        return np.asarray(grouping.codes(), dtype=np.int64), list(grouping.names)
     n = side.num_samples
     seen: dict[str, int] = {}
     codes = np.empty(n, dtype=np.int64)
@@ -79,15 +83,9 @@ def field_codes(side: Any, dataset: str, field: str,
 
 def check_field(side: Any, dataset: str, field: str) -> TailCheck:
     """The tail check of one kept column of a built dataset."""
-    from croupier.shards.grouping import read_grouping
-
     n = side.num_samples
     limit = int(n * MAX_GROUPS_PER_DOC)
-    grouping = read_grouping(side)
-    if grouping is not None and grouping.field == field:  # the sidecar has the codes: no column to read
-        got: tuple[np.ndarray, list[str]] | None = (np.asarray(grouping.codes(), dtype=np.int64), grouping.names)
-    else:
-        got = field_codes(side, dataset, field, max_groups=limit)
+    got = field_codes(side, dataset, field, max_groups=limit)
     if got is None:
         return TailCheck(field, limit + 1, skipped=f"more than {limit} values for {n} documents: not a grouping")
     codes, names = got

@@ -160,23 +160,33 @@ def test_group_names_of_numpy_values_are_those_of_the_python_values():
     assert group_name(np.str_("web")) == "web"
 
 
-def test_the_tail_check_of_a_grouped_build_reads_its_groups_from_the_sidecar(tmp_path, capsys, monkeypatch):
+def test_a_grouped_builds_own_field_comes_from_the_sidecar_not_the_shards(tmp_path, capsys, monkeypatch):
     from test_grouping import SIZES, write_corpus
 
-    from croupier.shards import tail_check
+    from croupier.shards import mds
 
     inputs = tmp_path / "docs.jsonl"
     write_corpus(inputs)
-    read: list[str] = []
-    real = tail_check.field_codes
-    monkeypatch.setattr(tail_check, "field_codes", lambda side, ds, field, **kw: read.append(field) or real(side, ds, field, **kw))
     assert main(["shards", "build", str(inputs), "--out", str(tmp_path / "g"), "--group-by", "source",
-                 "--embedder", "hashing", "--quiet", "--shard-size", "16KiB"]) == 0
-    out = capsys.readouterr().out
+                 "--embedder", "hashing", "--quiet", "--shard-size", "16KiB", "--no-tail-check"]) == 0
+    capsys.readouterr()
+    read: list[str] = []
+
+    class Recording(mds.MDSSource):  # the real reader, noting that the shards were opened
+        def __init__(self, *args, **kwargs):
+            read.append(str(args[0]))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(mds, "MDSSource", Recording)
+    assert main(["shards", "inspect", str(tmp_path / "g"), "--by", "source"]) == 0
+    assert "NMI 1.000" in capsys.readouterr().out
+    from croupier.shards.tail_check import tail_checks
+
+    out = "\n".join(line for c in tail_checks(str(tmp_path / "g"), ["source"]) for line in c.lines())
     grouped = (1 / len(SIZES)) / (SIZES["apl"] / sum(SIZES.values()))
     assert "tail check by 'source': 5 groups" in out and f"({grouped:.2f}x), one cluster per group would deal it " \
         f"{grouped:.2f}x" in out and "WARNING" not in out
-    assert read == []  # the codes came from the sidecar's groups.npy, not from the MDS column
+    assert read == []  # inspect and the check took the codes from the sidecar's groups.npy, not the MDS column
 
 
 def test_a_tail_check_that_cannot_read_its_column_leaves_the_finished_build_alone(tmp_path, capsys, monkeypatch):
