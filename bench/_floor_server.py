@@ -24,7 +24,7 @@ import grpc
 import numpy as np
 
 from croupier.proto import SERVICE_NAME, pack_ids, pb2
-from croupier.server.grpc_options import server_options
+from croupier.grpc_options import server_options
 
 
 class FloorSampler:

@@ -60,7 +60,7 @@ def oracle_fetch_bytes(steps_shards: list[np.ndarray], fetch: np.ndarray, size: 
 
 def read_through_store(remote: Path, cache: Path, batches: np.ndarray, limit: int, lookahead: int) -> dict:
     from bench._shard_data import read_in_steps
-    from croupier.client.shard_store import ShardStore
+    from croupier.client.readers.shard_cache import ShardStore
 
     store = ShardStore(remote, cache, cache_limit=limit, prefetch_threads=4)
     t0 = time.perf_counter()
@@ -74,8 +74,8 @@ def read_through_store(remote: Path, cache: Path, batches: np.ndarray, limit: in
 def run(scale: str = "full") -> list[dict]:
     from bench._shard_data import clusterclip_batches, long_tailed_sizes, write_cluster_major
     from croupier.format.id_table import ShardTable
-    from croupier.client.shard_store import ShardStore
-    from croupier.server.layout import ClusterLayout
+    from croupier.client.readers.shard_cache import ShardStore
+    from croupier.layout import ClusterLayout
 
     p = SCALES[scale]
     work = Path(tempfile.mkdtemp(prefix="croupier-bench-amp-"))

@@ -30,8 +30,8 @@ SCALES = {"full": {"changes": 1000, "dense_changes": 100}, "quick": {"changes": 
 
 
 def _log_sizes(changes: int, mode: str) -> dict:
-    from croupier.server.controllers import round_mantissa
-    from croupier.server.event_log import Event, EventLog, iter_events
+    from croupier.server.feedback.controllers import round_mantissa
+    from croupier.server.durability.event_log import Event, EventLog, iter_events
 
     rng = np.random.default_rng(0)
     w = np.full(GROUPS, 1.0 / GROUPS)
@@ -61,8 +61,8 @@ def _log_sizes(changes: int, mode: str) -> dict:
 
 
 def _controllers() -> list[dict]:
-    from croupier.server.controllers import CONTROLLERS, make_controller
-    from croupier.server.loss_stats import LossStats
+    from croupier.server.feedback.controllers import CONTROLLERS, make_controller
+    from croupier.server.feedback.loss_stats import LossStats
 
     rng = np.random.default_rng(1)
     stats = LossStats(GROUPS)
@@ -102,8 +102,8 @@ def _many_groups() -> list[dict]:
     follow the weights (multinomial); a sample's loss is scale × (1 + n/2)^-0.3 × (1 + 5%
     noise), n its group's samples so far. Reports the spread of the weights with equal losses
     and the weight of 100 groups whose loss is 5× the others'."""
-    from croupier.server.controllers import CONTROLLERS, make_controller
-    from croupier.server.loss_stats import LossStats
+    from croupier.server.feedback.controllers import CONTROLLERS, make_controller
+    from croupier.server.feedback.loss_stats import LossStats
 
     g_count, batch, ranks = 10_000, 1024, 8
     rows = []

@@ -61,8 +61,8 @@ def one(variant: str, folder: Path, k: int, niter: int) -> dict:
     """Run one variant in this process; returns seconds, clusters and peak RSS."""
     import numpy as np
 
-    from croupier.shards.cluster import KMeansConfig, assign_all, train_centroids
-    from croupier.shards.grouping import GroupingConfig, cluster_by_group
+    from croupier.shards.build.cluster import KMeansConfig, assign_all, train_centroids
+    from croupier.shards.build.grouping import GroupingConfig, cluster_by_group
 
     emb = np.load(folder / "emb.npy", mmap_mode="r")
     codes = np.load(folder / "codes.npy")

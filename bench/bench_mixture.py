@@ -65,10 +65,11 @@ def _paired_rates(a, b, steps: int, batch: int, chunk: int = 25) -> tuple[float,
 
 
 def generation(scale: dict) -> list[dict]:
-    from croupier.server.engine import Sampler
-    from croupier.server.layout import ClusterLayout
-    from croupier.server.mixture import open_mix, parse_mix
-    from croupier.server.policy import PolicyConfig
+    from croupier.server.sampling.sampler import Sampler
+    from croupier.layout import ClusterLayout
+    from croupier.mixture import open_mix, parse_mix
+    from croupier.server.sampling.mixture import mixture_sampler
+    from croupier.server.sampling.policy import PolicyConfig
 
     sizes = _sizes(scale["clusters"])
     b, steps = scale["batch"], scale["steps"]
@@ -80,7 +81,7 @@ def generation(scale: dict) -> list[dict]:
     rows = [{"bench": "mixture", "metric": "state, 1 source", "value": ref_state, "unit": "bytes",
              "reference": None, "ratio": None, "target": None}]
     for n in (10, 100, 1000):
-        s = open_mix(parse_mix(_mix_text(sizes, n))).new_sampler(b, 0)
+        s = mixture_sampler(open_mix(parse_mix(_mix_text(sizes, n))), b, 0)
         ref, r = _paired_rates(one(), s, steps, b)
         state = len(s.state().to_bytes())
         rows.append({"bench": "mixture", "metric": f"generation, {n} sources vs 1 source, {len(sizes)} clusters",
@@ -92,8 +93,8 @@ def generation(scale: dict) -> list[dict]:
 
 
 def _datasets(root: Path, n: int, docs: int) -> list[Path]:
-    from croupier.shards.build import BuildConfig, Builder
-    from croupier.shards.synthetic import generate_corpus, write_jsonl
+    from croupier.shards.build.builder import BuildConfig, Builder
+    from croupier.shards.build.synthetic import generate_corpus, write_jsonl
 
     out = []
     for i in range(n):
@@ -110,10 +111,10 @@ def first_batch(scale: dict) -> list[dict]:
     import torch.utils.data as tud
 
     from croupier.client.dataset import CroupierIterableDataset
-    from croupier.server.job import Job, JobSpec
-    from croupier.server.mixture import load_mix
-    from croupier.server.service import create_server
-    from croupier.server.topology import Topology
+    from croupier.server.job.job import Job, JobSpec
+    from croupier.mixture import load_mix
+    from croupier.server.serving.service import create_server
+    from croupier.topology import Topology
 
     root = Path(tempfile.mkdtemp(prefix="bench-mix-"))
     try:

@@ -30,9 +30,9 @@ def run(scale: str = "quick") -> list[dict]:
 
     from croupier.client.dataset import CroupierIterableDataset
     from croupier.client.packing import PackedSequences
-    from croupier.server.topology import Topology
-    from croupier.shards.embed import minilm_model_path
-    from croupier.shards.synthetic import generate_corpus
+    from croupier.topology import Topology
+    from croupier.shards.build.embed import minilm_model_path
+    from croupier.shards.build.synthetic import generate_corpus
     from croupier.tokenizer import load_tokenizer
 
     torch.set_num_threads(1)

@@ -41,9 +41,9 @@ def run(scale: str = "full") -> list[dict]:
         raise ValueError(f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)}")
     import ray
 
-    from croupier.shards.build import BuildConfig, build
-    from croupier.shards.ray_engine import build_ray
-    from croupier.shards.synthetic import generate_corpus, write_jsonl
+    from croupier.shards.build.builder import BuildConfig, build
+    from croupier.shards.build.ray_builder import build_ray
+    from croupier.shards.build.synthetic import generate_corpus, write_jsonl
 
     s = SCALES[scale]
     docs = generate_corpus(s["docs"], s["topics"], seed=0)
@@ -105,8 +105,8 @@ def sample():
                 peak[key] = max(peak[key], int(line.split()[1]) * 1024)
         time.sleep(0.02)
 threading.Thread(target=sample, daemon=True).start()
-from croupier.shards.build import BuildConfig
-from croupier.shards.ray_engine import build_ray
+from croupier.shards.build.builder import BuildConfig
+from croupier.shards.build.ray_builder import build_ray
 inputs, out, k = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
 try:
@@ -124,7 +124,7 @@ def driver_memory(sizes: tuple[int, ...] = (10_000, 100_000)) -> list[dict]:
     import json
     import subprocess
 
-    from croupier.shards.synthetic import generate_corpus, write_jsonl
+    from croupier.shards.build.synthetic import generate_corpus, write_jsonl
 
     peaks = []
     with tempfile.TemporaryDirectory(prefix="croupier-bench-ray-mem-") as tmp:

@@ -33,7 +33,7 @@ LOOKAHEAD = 16
 
 def store_samples_per_s(remote: str, cache: Path, batches: np.ndarray) -> tuple[float, dict]:
     from bench._shard_data import read_in_steps
-    from croupier.client.shard_store import ShardStore
+    from croupier.client.readers.shard_cache import ShardStore
 
     t0 = time.perf_counter()
     store = ShardStore(remote, cache, prefetch_threads=4)
@@ -63,7 +63,7 @@ def run(scale: str = "full") -> list[dict]:
     from streaming.base.util import clean_stale_shared_memory
 
     from bench._shard_data import clusterclip_batches, long_tailed_sizes, slow_remote, write_cluster_major
-    from croupier.server.layout import ClusterLayout
+    from croupier.layout import ClusterLayout
 
     p = SCALES[scale]
     work = Path(tempfile.mkdtemp(prefix="croupier-bench-read-"))

@@ -49,10 +49,10 @@ def _peak_rss_mb() -> float:
 
 
 def child_croupier(n: int, k: int, indices: int) -> dict:
-    from croupier.server.engine import Sampler
-    from croupier.server.layout import ClusterLayout
-    from croupier.server.policy import PolicyConfig
-    from croupier.server.state import SamplerState
+    from croupier.server.sampling.sampler import Sampler
+    from croupier.layout import ClusterLayout
+    from croupier.server.sampling.policy import PolicyConfig
+    from croupier.server.sampling.state import SamplerState
 
     layout = ClusterLayout.from_sizes(_long_tailed_sizes(n, k))
     t0 = time.perf_counter()

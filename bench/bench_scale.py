@@ -136,7 +136,7 @@ async def _agent_consumer(ctx, runtime, pb2, rank, world, worker, workers, steps
     import zmq
 
     from bench._step_inbox import StepInbox
-    from croupier.client.agent_protocol import CALL, SESSION, endpoint
+    from croupier.client.agent.protocol import CALL, SESSION, endpoint
 
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -193,7 +193,7 @@ def consumer_process(mode: str, address: str, runtimes: list[str], consumers: li
             import grpc
 
             from croupier.proto import pb2_grpc
-            from croupier.server.grpc_options import channel_options
+            from croupier.grpc_options import channel_options
 
             # one channel per 64 consumers: a node's workers would not share one connection
             channels = [grpc.aio.insecure_channel(address, options=channel_options())
@@ -340,12 +340,12 @@ def cache_part() -> dict:
     from croupier.client.dataset import CroupierIterableDataset
     from croupier.format.fingerprint import index_fingerprint
     from croupier.format.mds_index import MDSIndex
-    from croupier.server.engine import Sampler
-    from croupier.server.job import Job, JobSpec
-    from croupier.server.layout import ClusterLayout
-    from croupier.server.policy import PolicyConfig
-    from croupier.server.service import create_server
-    from croupier.server.topology import Topology
+    from croupier.server.sampling.sampler import Sampler
+    from croupier.server.job.job import Job, JobSpec
+    from croupier.layout import ClusterLayout
+    from croupier.server.sampling.policy import PolicyConfig
+    from croupier.server.serving.service import create_server
+    from croupier.topology import Topology
     from workers.harness import cluster_sizes, write_mds
 
     n, steps, batch = 6000, 100, 8

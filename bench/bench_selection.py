@@ -60,7 +60,7 @@ def bench_density(n: int) -> list[dict]:
     import faiss
     from scipy.stats import spearmanr
 
-    from croupier.shards.density import DensityParams, density_scores, suggest_bandwidth
+    from croupier.shards.scoring.density import DensityParams, density_scores, suggest_bandwidth
 
     emb = _embeddings(n)
     t0 = time.perf_counter()
@@ -107,7 +107,7 @@ def _tiny_models(root: str) -> dict[str, str]:
     import torch
     import transformers
 
-    from croupier.shards.embed import minilm_model_path
+    from croupier.shards.build.embed import minilm_model_path
 
     tok = transformers.AutoTokenizer.from_pretrained(minilm_model_path(), local_files_only=True)
     torch.manual_seed(0)
@@ -130,7 +130,7 @@ def _tiny_models(root: str) -> dict[str, str]:
 
 
 def _texts(n: int) -> list[str]:
-    from croupier.shards.synthetic import generate_corpus
+    from croupier.shards.build.synthetic import generate_corpus
 
     return [d["text"] for d in generate_corpus(n, 8, seed=1)]
 
@@ -138,7 +138,7 @@ def _texts(n: int) -> list[str]:
 def bench_askllm(n_texts: int, max_length: int) -> list[dict]:
     import torch
 
-    from croupier.shards.askllm import AskLLMScorer, build_prompt
+    from croupier.shards.scoring.askllm import AskLLMScorer, build_prompt
 
     texts = _texts(n_texts)
     rows = []

@@ -52,8 +52,8 @@ def bench_kmeans(docs: list[dict], k: int) -> list[dict]:
     import numpy as np
     from sklearn.cluster import MiniBatchKMeans
 
-    from croupier.shards.cluster import KMeansConfig, assign_all, normalize, train_centroids
-    from croupier.shards.embed import HashingEmbedder
+    from croupier.shards.build.cluster import KMeansConfig, assign_all, normalize, train_centroids
+    from croupier.shards.build.embed import HashingEmbedder
 
     x = normalize(HashingEmbedder().encode([d["text"] for d in docs]))
     cfg = KMeansConfig(clusters=k, seed=0, niter=20, max_train=len(x))
@@ -76,9 +76,9 @@ def bench_kmeans(docs: list[dict], k: int) -> list[dict]:
 
 
 def bench_embed(docs: list[dict], work: Path) -> list[dict]:
-    from croupier.shards.build import BuildConfig, build
-    from croupier.shards.embed import get_embedder
-    from croupier.shards.synthetic import write_jsonl
+    from croupier.shards.build.builder import BuildConfig, build
+    from croupier.shards.build.embed import get_embedder
+    from croupier.shards.build.synthetic import write_jsonl
 
     texts = [d["text"] for d in docs]
     write_jsonl(work / "minilm.jsonl", docs)
@@ -107,8 +107,8 @@ def bench_embed(docs: list[dict], work: Path) -> list[dict]:
 
 
 def bench_end_to_end(docs: list[dict], k: int, work: Path) -> list[dict]:
-    from croupier.shards.build import BuildConfig, build
-    from croupier.shards.synthetic import write_jsonl
+    from croupier.shards.build.builder import BuildConfig, build
+    from croupier.shards.build.synthetic import write_jsonl
 
     write_jsonl(work / "corpus.jsonl", docs)
     t = time.perf_counter()
@@ -129,7 +129,7 @@ def run(scale: str = "full") -> list[dict]:
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from croupier.shards.synthetic import generate_corpus
+    from croupier.shards.build.synthetic import generate_corpus
 
     s = SCALES[scale]
     docs = generate_corpus(s["docs"], s["topics"], seed=0)

@@ -47,7 +47,7 @@ from typing import Callable
 
 import numpy as np
 
-from croupier.shards.cluster import normalize
+from croupier.shards.build.cluster import normalize
 from croupier.shards.diagnostics import MIN_TAIL_GAIN
 
 
@@ -170,7 +170,7 @@ def lsa(texts: list[str], name: str, dim: int = 256) -> np.ndarray:
 
 def embed(texts: list[str], embedder: str, cache: Path | None) -> np.ndarray:
     """Unit-norm float32 embeddings of `texts`, from `cache` when it holds this corpus's."""
-    from croupier.shards.embed import get_embedder
+    from croupier.shards.build.embed import get_embedder
 
     key = hashlib.sha256(json.dumps([embedder, texts]).encode()).hexdigest()[:24]
     path = cache / f"tail-{key}.npy" if cache is not None else None
@@ -218,7 +218,7 @@ def measure(embedder: str = "minilm", cache: Path | None = None, log=sys.stderr,
     the `long` natural scale's 10%) against the packages."""
     from bench import natural_corpus as nc
     from bench.train_natural import NATURAL_SCALES
-    from croupier.shards.build import auto_clusters
+    from croupier.shards.build.builder import auto_clusters
     from croupier.shards.diagnostics import long_tail_report
 
     p = NATURAL_SCALES["long"]

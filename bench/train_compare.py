@@ -1,13 +1,13 @@
 """Training comparison: which sampler gives the best held-out loss on a long-tailed corpus?
 
-The same tiny byte-level decoder-only LM (croupier.tinylm, fixed seed) is trained for the
+The same tiny byte-level decoder-only LM (croupier.apps.tinylm, fixed seed) is trained for the
 same number of examples (steps x global batch, a few passes over the data) on the same
 corpus, once per sampler: random, uniform, clusterclip at `--clip auto` and at two fixed
 thresholds, g2s and s2g. Every run goes through the real path: a sampler server (gRPC, in
 this process, bound to a local port) and the client's `CroupierIterableDataset`, which
 streams the MDS shards `croupier shards build` wrote.
 
-Corpus: `croupier.shards.synthetic` (planted topics, Zipf-like sizes). Each topic is split
+Corpus: `croupier.shards.build.synthetic` (planted topics, Zipf-like sizes). Each topic is split
 into training documents (sharded by `croupier shards build`) and held-out documents. The
 sampler's clusters are the planted topics by default (k-means on this corpus splits the big
 topics and evens out cluster sizes, which would hide the long tail the samplers differ on);
@@ -122,12 +122,12 @@ def prepare(work: Path, docs: int, topics: int, alpha: float, seed: int = 0, clu
     so the comparison measures the samplers on a known long-tailed mix; "kmeans": the
     sidecar's k-means clusters, held-out documents assigned to the nearest centroid.
     """
-    from croupier.server.layout import ClusterLayout
-    from croupier.shards.build import BuildConfig, build
-    from croupier.shards.embed import get_embedder
-    from croupier.shards.mds import MDSSource
-    from croupier.shards.sidecar import Sidecar
-    from croupier.shards.synthetic import generate_corpus, write_jsonl
+    from croupier.layout import ClusterLayout
+    from croupier.shards.build.builder import BuildConfig, build
+    from croupier.shards.build.embed import get_embedder
+    from croupier.shards.build.mds import MDSSource
+    from croupier.format.sidecar import Sidecar
+    from croupier.shards.build.synthetic import generate_corpus, write_jsonl
 
     t0 = time.perf_counter()
     corpus = generate_corpus(docs, topics, alpha=alpha, seed=seed)
@@ -186,12 +186,12 @@ def train_one(prep: Prepared, variant: Variant, *, steps: int, batch: int, cache
               lr: float = 3e-3, context: int = 64) -> RunResult:
     """Serve the variant's sampler over gRPC, stream its batches through the client, train, evaluate."""
     from croupier.client.dataset import ID_KEY, STEP_KEY, CroupierIterableDataset
-    from croupier.server.job import Job, JobSpec
-    from croupier.server.policy import PolicyConfig
-    from croupier.server.service import create_server
-    from croupier.server.topology import Topology
-    from croupier.server.adapt import AdaptSpec
-    from croupier.tinylm import TinyLMConfig, build_model, encode, example_losses, make_optimizer, \
+    from croupier.server.job.job import Job, JobSpec
+    from croupier.server.sampling.policy import PolicyConfig
+    from croupier.server.serving.service import create_server
+    from croupier.topology import Topology
+    from croupier.server.feedback.adapt import AdaptSpec
+    from croupier.apps.tinylm import TinyLMConfig, build_model, encode, example_losses, make_optimizer, \
         per_cluster_mean, train_step, train_step_losses
 
     config = PolicyConfig.from_dict(variant.policy)

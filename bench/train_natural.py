@@ -130,8 +130,8 @@ def prepare_natural(dataset: Path, heldout: Sequence[dict], names: Sequence[str]
     layout croupier's clusters) and the build's diagnostics against the sources.
     """
     from croupier.shards.diagnostics import long_tail_report
-    from croupier.shards.mds import MDSSource
-    from croupier.shards.sidecar import Sidecar
+    from croupier.shards.build.mds import MDSSource
+    from croupier.format.sidecar import Sidecar
 
     side = Sidecar.open(dataset)
     layout = side.layout()

@@ -35,7 +35,7 @@ def __getattr__(name: str) -> Any:
 
         return CroupierIterableDataset
     if name == "ShardStore":
-        from croupier.client.shard_store import ShardStore
+        from croupier.client.readers.shard_cache import ShardStore
 
         return ShardStore
     raise AttributeError(f"module 'croupier.client' has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """Opening a channel to the sampler server: options, TLS, and the bearer-token metadata.
 
-Channel options (message size limits, keepalive) come from `croupier.server.grpc_options`,
+Channel options (message size limits, keepalive) come from `croupier.grpc_options`,
 the one place both ends read them, so they always agree. Channels are opened lazily by the
 client objects, inside the process that uses them: a gRPC channel does not survive fork().
 """
@@ -28,7 +28,7 @@ RECONNECT_OPTIONS: tuple[tuple[str, int], ...] = (
 
 def channel_options() -> list[tuple[str, int | str]]:
     """The client-side channel options agreed with the server, plus a short reconnect backoff."""
-    from croupier.server import grpc_options
+    from croupier import grpc_options
 
     return [*grpc_options.channel_options(), *RECONNECT_OPTIONS]
 
@@ -64,6 +64,6 @@ def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     token = os.environ.get(TOKEN_ENV) if token is None else token
     if not token:
         return ()
-    from croupier.server.grpc_options import bearer
+    from croupier.grpc_options import bearer
 
     return bearer(token)

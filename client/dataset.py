@@ -41,10 +41,10 @@ from typing import Any, Iterator, Mapping
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from croupier.client.agent_protocol import AGENT_ENV
+from croupier.client.agent.protocol import AGENT_ENV
 from croupier.client.rank_client import STATE_VERSION, RankClient, validate_state
 from croupier.errors import ConfigError, EndOfData, FingerprintMismatch, StateError
-from croupier.server.topology import Topology
+from croupier.topology import Topology
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ class CroupierIterableDataset(IterableDataset):
         return None if value < 0 else value
 
     def _open_store(self, job: Any, client: RankClient | None = None):
-        from croupier.client.shard_store import ShardStore
+        from croupier.client.readers.shard_cache import ShardStore
 
         if len(job.sources) > 1:
             return self._open_mix_store(job, client)
@@ -242,7 +242,7 @@ class CroupierIterableDataset(IterableDataset):
         if not remote:
             raise ConfigError(f"job {self.job!r} names no dataset remote; pass remote= to the dataset")
         if client is not None and client.agent:
-            from croupier.client.agent_store import AgentStore
+            from croupier.client.agent.consumer_store import AgentStore
 
             return AgentStore(client._ensure_channel(), remote, job.dataset_fingerprint or None)
         return ShardStore(
@@ -255,14 +255,14 @@ class CroupierIterableDataset(IterableDataset):
 
     def _open_mix_store(self, job: Any, client: RankClient | None = None):
         """A mixture job: each source read from its own remote and cache (`client.mix_store`)."""
-        from croupier.client.mix_store import MixStore
-        from croupier.client.shard_store import PrefetchPool, ShardStore
+        from croupier.client.readers.mix_cache import MixStore
+        from croupier.client.readers.shard_cache import PrefetchPool, ShardStore
 
         if self.remote:
             raise ConfigError(f"remote={self.remote!r} names one dataset, but job {self.job!r} is a mixture of "
                               f"{len(job.sources)} sources, each read from its own remote")
         if client is not None and client.agent:
-            from croupier.client.agent_store import AgentStore
+            from croupier.client.agent.consumer_store import AgentStore
 
             transport = client._ensure_channel()
 

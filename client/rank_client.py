@@ -35,7 +35,7 @@ from croupier.client.errors import ClientError, Unavailable, from_status, is_tra
 from croupier.client.transport import LANE, GrpcTransport, LaneCall, Transport
 from croupier.errors import ConfigError, EndOfData, FingerprintMismatch, StateError
 from croupier.proto import slice_ids
-from croupier.server.topology import Topology
+from croupier.topology import Topology
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class RankClient:
         stream is marked read-only and nothing is acknowledged, so no rank's position moves.
     agent: the runtime directory of this node's `croupier agent` (None: $CROUPIER_AGENT; "" or
         unset: connect to the server directly; "auto": local rank 0 starts the node's agent for
-        `address` when none runs, see croupier.client.agent_auto). Through an agent the rank
+        `address` when none runs, see croupier.client.agent.auto). Through an agent the rank
         opens no connection of its own to the server; with an explicit directory `address` is
         only a label.
     """
@@ -186,12 +186,12 @@ class RankClient:
             self._call = None
             self._queue = queue.Queue(maxsize=self.lookahead + 2)
         if self.agent == "auto":
-            from croupier.client.agent_auto import ensure_agent
+            from croupier.client.agent.auto import ensure_agent
 
             self.agent = ensure_agent(self.address, self.job,
                                       None if isinstance(self._tls_root_cert, bytes) else self._tls_root_cert)
         if self.agent:
-            from croupier.client.agent_transport import AgentTransport
+            from croupier.client.agent.transport import AgentTransport
 
             self._transport = AgentTransport(self.agent)
         else:

@@ -3,7 +3,7 @@
 `RankClient` talks to a `Transport`: unary calls (Join, Checkpoint, GetStatus, GetSlice) and
 lanes (one consumer's slices, acknowledged in-band). `GrpcTransport` opens a gRPC channel to
 the server and carries a lane on a `Session` stream of its own; the agent transport
-(`croupier.client.agent_transport`) carries both over ZeroMQ to the node agent, which holds
+(`croupier.client.agent.transport`) carries both over ZeroMQ to the node agent, which holds
 the node's one session with the server. Either way every failure surfaces as a `ClientError`
 whose `code` is a gRPC status, so the caller retries transient ones the same way.
 """

@@ -17,12 +17,12 @@ from croupier import __version__
 from croupier.errors import CroupierError
 
 COMMAND_MODULES: tuple[str, ...] = (
-    "croupier.server.simulate_cli",
-    "croupier.server.serve_cli",
-    "croupier.server.admin_cli",
-    "croupier.client.dump_cli", "croupier.client.agent_cli",
-    "croupier.shards.cli",
-    "croupier.demo_cli", "croupier.report_cli",
+    "croupier.server.cli.simulate_cli",
+    "croupier.server.cli.serve_cli",
+    "croupier.client.cli.admin_cli",
+    "croupier.client.cli.dump_cli", "croupier.client.cli.agent_cli",
+    "croupier.shards.cli.dispatch",
+    "croupier.apps.demo_cli", "croupier.apps.report_cli",
 )
 
 

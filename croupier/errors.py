@@ -53,3 +53,14 @@ class MissingDependency(CroupierError):
         self.module = module
         self.purpose = purpose
         self.hint = hint
+
+
+class ReportRefused(ConfigError):
+    """A loss report breaks a rule; it is refused whole and changes nothing.
+
+    A ConfigError (so a CroupierError and a ValueError): the servicer maps it to
+    INVALID_ARGUMENT (a malformed report) or FAILED_PRECONDITION (rule `dealt`)."""
+
+    def __init__(self, rule: str, message: str) -> None:
+        super().__init__(f"loss report refused ({rule}): {message}")
+        self.rule = rule

@@ -63,8 +63,8 @@ def field_codes(side: Any, dataset: str, field: str,
     Returns None as soon as the column shows more than `max_groups` distinct values (a field of
     ids or URLs is not read to the end).
     """
-    from croupier.shards.grouping import group_name, read_grouping
-    from croupier.shards.mds import MDSSource
+    from croupier.shards.build.grouping import group_name, read_grouping
+    from croupier.shards.build.mds import MDSSource
 
     grouping = read_grouping(side)
     if grouping is not None and grouping.field == field:  # the sidecar has the codes: no column to read
@@ -99,7 +99,7 @@ def check_field(side: Any, dataset: str, field: str) -> TailCheck:
 
 def tail_checks(dataset: str, fields: Sequence[str]) -> list[TailCheck]:
     """`check_field` for each of `fields` that the dataset keeps as a column (the text excepted)."""
-    from croupier.shards.sidecar import Sidecar
+    from croupier.format.sidecar import Sidecar
 
     side = Sidecar.open(dataset)
     columns = side.manifest.get("columns") or {}

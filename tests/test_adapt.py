@@ -14,13 +14,13 @@ import pytest
 
 from croupier.client.rank_client import Backoff, RankClient
 from croupier.errors import ConfigError
-from croupier.server.adapt import AdaptSpec
-from croupier.server.job import Job, JobSpec
-from croupier.server.layout import ClusterLayout
-from croupier.server.policy import PolicyConfig
-from croupier.server.service import create_server
-from croupier.server.store import CheckpointStore
-from croupier.server.topology import Topology
+from croupier.server.feedback.adapt import AdaptSpec
+from croupier.server.job.job import Job, JobSpec
+from croupier.layout import ClusterLayout
+from croupier.server.sampling.policy import PolicyConfig
+from croupier.server.serving.service import create_server
+from croupier.server.durability.checkpoint_store import CheckpointStore
+from croupier.topology import Topology
 
 SIZES = [200] * 8
 B = 32
@@ -182,9 +182,9 @@ def test_kill9_replays_every_delivered_step_and_the_controller_resumes(tmp_path:
 def test_status_table_json_and_metrics_show_the_controller(tmp_path: Path) -> None:
     from prometheus_client import generate_latest
 
-    from croupier.server.admin_cli import format_status, status_dict
-    from croupier.server.metrics import ServerMetrics
-    from croupier.server.service import status_response
+    from croupier.client.cli.admin_cli import format_status, status_dict
+    from croupier.server.serving.metrics import ServerMetrics
+    from croupier.server.serving.service import status_response
 
     job = Job(ClusterLayout.from_sizes(SIZES), PolicyConfig("clusterclip", clip=50), B, 0,
               spec=JobSpec(name="a", max_lookahead=2), store=CheckpointStore(tmp_path / "s"),
@@ -223,23 +223,23 @@ def test_report_shows_weights_over_time_and_who_changed_them(tmp_path: Path) -> 
     job.checkpoint_now()
     job.close()
     (tmp_path / "s" / "server.json").write_text(json.dumps({"dataset": ""}))
-    from croupier.report import attach_changes, from_state_dir, write_report
+    from croupier.apps.report import attach_changes, from_state_dir, write_report
 
     # A --cluster-sizes job's layout is not in its state directory, so the report data is assembled
     # from the state directory's pieces: its event log and its checkpoint's loss statistics.
-    from croupier.report import _events_of
-    from croupier.server.store import CheckpointStore as Store
+    from croupier.apps.report import _events_of
+    from croupier.server.durability.checkpoint_store import CheckpointStore as Store
 
     ck = Store(tmp_path / "s").newest_valid()
     events = _events_of(tmp_path / "s", ck.meta)
     assert [e.get("origin", "operator") for e in events][-1] == "operator"
     assert {e.get("origin") for e in events[:-1]} == {"odm"}
-    from croupier.report import ReportData
+    from croupier.apps.report import ReportData
 
     data = ReportData(source="t", policy="clusterclip", clip=50, step=40, global_batch=B, seed=0,
                       sizes=np.array(SIZES), draws=np.ones(8, dtype=np.int64), passes=np.zeros(8, dtype=np.int64),
                       clipped_at=np.full(8, -1))
-    from croupier.report import _group_loss_of
+    from croupier.apps.report import _group_loss_of
 
     attach_changes(data, events, _group_loss_of(ck))
     assert data.group_loss is not None and np.argmax(data.group_loss) == HOT
@@ -257,8 +257,8 @@ def test_faults_a_refusing_event_log_a_failing_controller_and_an_unreachable_ser
 
     from croupier.client.loss_reporter import LossReporter
     from croupier.errors import CroupierError
-    from croupier.server.event_log import EventLog
-    from croupier.server.metrics import ServerMetrics
+    from croupier.server.durability.event_log import EventLog
+    from croupier.server.serving.metrics import ServerMetrics
 
     j = Job(ClusterLayout.from_sizes(SIZES), PolicyConfig("clusterclip", clip=50), B, 0,
             spec=JobSpec(name="a", max_lookahead=2), store=CheckpointStore(tmp_path / "s"),
@@ -305,7 +305,7 @@ def test_faults_a_refusing_event_log_a_failing_controller_and_an_unreachable_ser
 
 
 def test_a_mixture_adapts_its_source_weights() -> None:
-    from croupier.server.mixture import open_mix, parse_mix
+    from croupier.mixture import open_mix, parse_mix
 
     mix = open_mix(parse_mix('[sources.hot]\ncluster_sizes = [400, 400]\nweight = 1\npolicy = "uniform"\n'
                              '[sources.cold]\ncluster_sizes = [400, 400]\nweight = 1\npolicy = "uniform"\n'))
@@ -330,7 +330,7 @@ def test_a_mixture_adapts_its_source_weights() -> None:
 
 @pytest.mark.slow
 def test_loss_reports_travel_through_the_node_agent(tmp_path: Path) -> None:
-    from croupier.client.agent_protocol import INFO_NAME, socket_path
+    from croupier.client.agent.protocol import INFO_NAME, socket_path
     from workers.harness import CROUPIER, env_for_subprocess, kill_tree, wait_for
 
     job = Job(ClusterLayout.from_sizes(SIZES), PolicyConfig("clusterclip", clip=50), B, 0,
@@ -397,9 +397,9 @@ def test_the_training_process_reports_while_dataloader_workers_hold_the_streams(
 
 
 def test_a_mixture_adapting_its_clusters_keeps_per_source_statistics_too(tmp_path: Path) -> None:
-    from croupier.server.admin_cli import format_status
-    from croupier.server.mixture import open_mix, parse_mix
-    from croupier.server.service import status_response
+    from croupier.client.cli.admin_cli import format_status
+    from croupier.mixture import open_mix, parse_mix
+    from croupier.server.serving.service import status_response
 
     mix = open_mix(parse_mix('[sources.hot]\ncluster_sizes = [400, 400]\nweight = 1\npolicy = "clusterclip"\n'
                              'clip = 20\n[sources.cold]\ncluster_sizes = [400, 400]\nweight = 1\n'

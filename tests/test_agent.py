@@ -19,19 +19,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from croupier.client.agent_protocol import INFO_NAME, socket_path
+from croupier.client.agent.protocol import INFO_NAME, socket_path
 from croupier.client.dataset import CroupierIterableDataset
 from croupier.client.rank_client import Backoff, RankClient
 from croupier.errors import ConfigError
 from croupier.format.fingerprint import index_fingerprint
 from croupier.proto import pb2
-from croupier.server.engine import Sampler
-from croupier.server.job import Job, JobSpec
-from croupier.server.layout import ClusterLayout
-from croupier.server.policy import PolicyConfig
-from croupier.server.service import create_server
-from croupier.server.store import CheckpointStore
-from croupier.server.topology import Topology
+from croupier.server.sampling.sampler import Sampler
+from croupier.server.job.job import Job, JobSpec
+from croupier.layout import ClusterLayout
+from croupier.server.sampling.policy import PolicyConfig
+from croupier.server.serving.service import create_server
+from croupier.server.durability.checkpoint_store import CheckpointStore
+from croupier.topology import Topology
 from workers.harness import (CROUPIER, cluster_sizes, env_for_subprocess, free_port, kill_tree, sample_text,
                              wait_for, write_mds)
 
@@ -105,7 +105,7 @@ class Cluster:
         raise AssertionError(f"no session of node{node} in status")
 
     def status(self) -> pb2.GetStatusResponse:
-        from croupier.server.service import status_response
+        from croupier.server.serving.service import status_response
 
         srv = self.server
         resp = status_response(srv.job, srv.job.status(), include_clusters=False)
@@ -171,7 +171,7 @@ def test_ranks_through_agents_get_the_sequence_on_one_stream_per_node(cluster, c
     check_union(got, 30)
     # `croupier status` shows the nodes (their agents' sessions stay open between jobs' runs).
     from croupier.cli import main as cli_main
-    from croupier.server.metrics import ServerMetrics
+    from croupier.server.serving.metrics import ServerMetrics
     from prometheus_client import generate_latest
 
     assert cli_main(["status", "--server", cluster.address, "--json"]) == 0
@@ -550,7 +550,7 @@ def test_a_stop_in_the_same_loop_turn_as_a_consumer_request_still_stops(tmp_path
     the server address dead."""
     import asyncio
 
-    from croupier.client.agent import NodeAgent
+    from croupier.client.agent.daemon import NodeAgent
 
     agent = NodeAgent(f"127.0.0.1:{free_port()}", tmp_path / "run", tmp_path / "cache")
     loop = asyncio.new_event_loop()
@@ -629,7 +629,7 @@ def test_agent_exits_when_idle_after_its_server_died(tmp_path, mds) -> None:
     """A rank reads through an agent started with --exit-when-idle; the server is killed -9 and
     the rank gives up. With its server still dead, the agent drops the silent consumer and
     exits on its own, socket removed."""
-    from croupier.client.agent_protocol import CONSUMER_TIMEOUT_S
+    from croupier.client.agent.protocol import CONSUMER_TIMEOUT_S
 
     server, address = serve_process(tmp_path, mds)
     c = Cluster(tmp_path, mds)
@@ -665,8 +665,8 @@ def test_an_agent_whose_stop_hangs_still_exits_and_says_why(tmp_path) -> None:
     runtime = tmp_path / "run"
     script = (
         "import time\n"
-        "from croupier.server import logs\n"
-        "from croupier.client.agent import NodeAgent, run_agent\n"
+        "from croupier import logs\n"
+        "from croupier.client.agent.daemon import NodeAgent, run_agent\n"
         "logs.configure('INFO')\n"
         f"agent = NodeAgent('127.0.0.1:{free_port()}', {str(runtime)!r}, {str(tmp_path / 'cache')!r})\n"
         "agent.write_stats = lambda: time.sleep(3600)\n"

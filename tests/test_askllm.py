@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from croupier.cli import main
-from croupier.shards.askllm import (PROMPT_TEMPLATE, AskLLMScorer, ModelLoadError, build_prompt,
+from croupier.shards.scoring.askllm import (PROMPT_TEMPLATE, AskLLMScorer, ModelLoadError, build_prompt,
                                     load_model)
-from croupier.shards.askllm_http import EndpointError, HTTPAskLLM, completions_url, yes_probability
-from croupier.shards.scoring import ShardTextReader
-from croupier.shards.sidecar import Sidecar
+from croupier.shards.scoring.askllm_http import EndpointError, HTTPAskLLM, completions_url, yes_probability
+from croupier.shards.scoring.lm_scores import ShardTextReader
+from croupier.format.sidecar import Sidecar
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -329,6 +329,6 @@ def test_a_cached_model_with_missing_files_is_named(tmp_path, tiny_lms, monkeypa
     snap.mkdir(parents=True)
     (snap / "config.json").write_text((tiny_lms["gpt2"] / "config.json").read_text())
     (snap / "tokenizer.json").write_text((tiny_lms["gpt2"] / "tokenizer.json").read_text())
-    from croupier.shards.askllm import diagnose_model_path
+    from croupier.shards.scoring.askllm import diagnose_model_path
     msg = diagnose_model_path("acme/tiny")
     assert "cache holds 'acme/tiny'" in msg and "model weights" in msg and "missing" in msg

@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from bench.bench_tail_clustering import balanced, bisecting, flat, hierarchical, neighbour_recall, quarter_means
-from croupier.shards.cluster import normalize
+from croupier.shards.build.cluster import normalize
 from croupier.shards.diagnostics import nmi
 
 

@@ -27,14 +27,14 @@ from croupier.client.errors import (
 )
 from croupier.client.rank_client import Backoff, RankClient
 from croupier.errors import ConfigError, DatasetError, EndOfData, FingerprintMismatch, StateError
-from croupier.server.engine import Sampler
-from croupier.server.job import Job, JobSpec
-from croupier.server.layout import ClusterLayout
-from croupier.server.policy import PolicyConfig
-from croupier.server.service import create_server
-from croupier.server.store import CheckpointStore
-from croupier.server.token import CheckpointToken
-from croupier.server.topology import Topology
+from croupier.server.sampling.sampler import Sampler
+from croupier.server.job.job import Job, JobSpec
+from croupier.layout import ClusterLayout
+from croupier.server.sampling.policy import PolicyConfig
+from croupier.server.serving.service import create_server
+from croupier.server.durability.checkpoint_store import CheckpointStore
+from croupier.server.durability.resume_token import CheckpointToken
+from croupier.topology import Topology
 from croupier.format.fingerprint import index_fingerprint
 from roundtrip import assert_resume_exact
 from workers.harness import cluster_sizes, free_port, sample_text, self_signed, write_mds

@@ -25,7 +25,7 @@ from croupier.client.errors import (
 )
 from croupier.client.rank_client import Backoff, RankClient, validate_state
 from croupier.errors import ConfigError, CroupierError, StateError
-from croupier.server.topology import Topology
+from croupier.topology import Topology
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from croupier.cli import main as cli_main
-from croupier.demo import MARKER, DemoConfig, DemoError, run_demo
+from croupier.apps.demo import MARKER, DemoConfig, DemoError, run_demo
 from croupier.errors import ConfigError
 
 SHM = Path("/dev/shm")
@@ -109,7 +109,7 @@ def test_demo_failure_still_cleans_up(tmp_path):
     # far more steps than fit in the timeout: the workers are surely up and training when it hits
     cfg = _small(tmp_path / "demo", corpus=corpus, text_field="body", steps=20_000, timeout_s=25.0)
     demo_pids: list[int] = []
-    from croupier.demo import Demo
+    from croupier.apps.demo import Demo
 
     demo = Demo(cfg, echo=lambda s: None)
     with pytest.raises(DemoError, match="timed out"):
@@ -121,7 +121,7 @@ def test_demo_failure_still_cleans_up(tmp_path):
     assert len(demo_pids) >= 2 + 2  # the server, torchrun and its two workers (from pids.txt)
     assert [p for p in demo_pids if _alive(p)] == []
     assert _naming(tmp_path) == []
-    from croupier.shards.sidecar import Sidecar
+    from croupier.format.sidecar import Sidecar
 
     assert Sidecar.open(tmp_path / "demo" / "dataset").num_samples == 60  # it built the user's corpus
 

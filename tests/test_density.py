@@ -7,8 +7,8 @@ import pytest
 from scipy.stats import spearmanr
 
 from croupier.errors import ConfigError
-from croupier.shards.density import DensityParams, DensitySketch, density_scores, suggest_bandwidth
-from croupier.shards.select import select
+from croupier.shards.scoring.density import DensityParams, DensitySketch, density_scores, suggest_bandwidth
+from croupier.shards.scoring.select import select
 
 SPEARMAN_BOUND = 0.9      # measured 0.97-0.99 on both sets below
 TAIL_FACTOR = 3.0         # IPS keeps >= 3x the tail samples random keeps in expectation (measured ~4.7x)

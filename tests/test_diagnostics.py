@@ -121,7 +121,7 @@ def test_tail_share_under_balancing_matches_a_hand_count() -> None:
 def test_build_prints_the_tail_check_of_each_kept_field(tmp_path, capsys):
     from test_grouping import SIZES, sources_by_id, write_corpus
 
-    from croupier.shards.sidecar import Sidecar
+    from croupier.format.sidecar import Sidecar
 
     inputs = tmp_path / "docs.jsonl"
     docs = write_corpus(inputs)
@@ -153,7 +153,7 @@ def test_build_prints_the_tail_check_of_each_kept_field(tmp_path, capsys):
 
 
 def test_group_names_of_numpy_values_are_those_of_the_python_values():
-    from croupier.shards.grouping import group_name
+    from croupier.shards.build.grouping import group_name
 
     assert group_name(np.int64(3)) == group_name(3) == "3"
     assert group_name(np.array([1, 2])) == group_name([1, 2]) == "[1,2]"
@@ -163,7 +163,7 @@ def test_group_names_of_numpy_values_are_those_of_the_python_values():
 def test_a_grouped_builds_own_field_comes_from_the_sidecar_not_the_shards(tmp_path, capsys, monkeypatch):
     from test_grouping import SIZES, write_corpus
 
-    from croupier.shards import mds
+    from croupier.shards.build import mds
 
     inputs = tmp_path / "docs.jsonl"
     write_corpus(inputs)
@@ -194,7 +194,7 @@ def test_a_tail_check_that_cannot_read_its_column_leaves_the_finished_build_alon
 
     from croupier.errors import DatasetError
     from croupier.shards import tail_check
-    from croupier.shards.sidecar import Sidecar
+    from croupier.format.sidecar import Sidecar
 
     inputs = tmp_path / "docs.jsonl"
     write_corpus(inputs)

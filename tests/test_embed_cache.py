@@ -9,11 +9,11 @@ import pytest
 
 from croupier.cli import main
 from croupier.errors import ConfigError
-from croupier.shards.build import BuildConfig, build
-from croupier.shards.embed import HashingEmbedder
-from croupier.shards.embed_cache import SUFFIX, EmbeddingCache, cache_key
-from croupier.shards.sidecar import Sidecar
-from croupier.shards.synthetic import generate_corpus, write_jsonl
+from croupier.shards.build.builder import BuildConfig, build
+from croupier.shards.build.embed import HashingEmbedder
+from croupier.shards.build.embed_cache import SUFFIX, EmbeddingCache, cache_key
+from croupier.format.sidecar import Sidecar
+from croupier.shards.build.synthetic import generate_corpus, write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,11 @@ from roundtrip import assert_resume_exact
 from scipy import stats
 
 from croupier.errors import ConfigError, EndOfData, FingerprintMismatch, StateError
-from croupier.server.engine import Sampler
-from croupier.server.layout import ClusterLayout
-from croupier.server.policy import POLICIES, PolicyConfig
-from croupier.server.state import SamplerState
-from croupier.server.topology import Topology
+from croupier.server.sampling.sampler import Sampler
+from croupier.layout import ClusterLayout
+from croupier.server.sampling.policy import POLICIES, PolicyConfig
+from croupier.server.sampling.state import SamplerState
+from croupier.topology import Topology
 
 SIZES = [5000, 300, 20, 1]
 

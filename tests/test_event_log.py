@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from croupier.errors import ConfigError, StateError
-from croupier.server.controllers import round_mantissa
-from croupier.server.engine import Sampler
-from croupier.server.event_log import Event, EventLog, iter_events, records_upto, scan
-from croupier.server.layout import ClusterLayout
-from croupier.server.policy import PolicyConfig
+from croupier.server.feedback.controllers import round_mantissa
+from croupier.server.sampling.sampler import Sampler
+from croupier.server.durability.event_log import Event, EventLog, iter_events, records_upto, scan
+from croupier.layout import ClusterLayout
+from croupier.server.sampling.policy import PolicyConfig
 
 
 def _events(k: int = 500) -> list[Event]:
@@ -207,10 +207,10 @@ def test_crash_restore_replays_every_delivered_step(tmp_path: Path) -> None:
     count) and dies at step 80 mid-append: restoring the checkpoint and scheduling the log's
     records after the count reproduces every step delivered since, and the controller goes on
     from its checkpointed statistics."""
-    from croupier.server.controllers import make_controller
-    from croupier.server.loss_report import check_report, layout_group_of
-    from croupier.server.loss_stats import LossStats
-    from croupier.server.state import SamplerState
+    from croupier.server.feedback.controllers import make_controller
+    from croupier.server.feedback.loss_report import check_report, layout_group_of
+    from croupier.server.feedback.loss_stats import LossStats
+    from croupier.server.sampling.state import SamplerState
 
     layout = ClusterLayout.from_sizes([300, 200, 500, 100, 400, 250])
     config = PolicyConfig("clusterclip", clip=3)

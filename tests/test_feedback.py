@@ -9,12 +9,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from croupier.errors import ConfigError, CroupierError, StateError
-from croupier.server.controllers import CONTROLLERS, GUARDRAILS, bound_shares, make_controller, round_mantissa
-from croupier.server.engine import Sampler
-from croupier.server.layout import ClusterLayout
-from croupier.server.loss_report import ReportRefused, check_report, layout_group_of
-from croupier.server.loss_stats import LossStats
-from croupier.server.policy import PolicyConfig
+from croupier.server.feedback.controllers import CONTROLLERS, GUARDRAILS, bound_shares, make_controller, round_mantissa
+from croupier.server.sampling.sampler import Sampler
+from croupier.layout import ClusterLayout
+from croupier.server.feedback.loss_report import ReportRefused, check_report, layout_group_of
+from croupier.server.feedback.loss_stats import LossStats
+from croupier.server.sampling.policy import PolicyConfig
 
 # -- statistics -------------------------------------------------------------------------------
 

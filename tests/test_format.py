@@ -28,8 +28,8 @@ def _write(root: Path, n: int = 50, compression: str | None = "zstd", hashes=("s
 
 
 def test_client_imports_nothing_of_the_writer_side():
-    code = ("import sys, croupier.client, croupier.client.shard_store, croupier.client.dataset, "
-            "croupier.client.dump_cli; "
+    code = ("import sys, croupier.client, croupier.client.readers.shard_cache, croupier.client.dataset, "
+            "croupier.client.cli.dump_cli; "
             "print('\\n'.join(m for m in sys.modules if m.startswith('croupier.shards')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == []
@@ -95,7 +95,7 @@ def test_shard_bytes_are_checked_against_the_index_and_their_header(tmp_path):
 
 
 def test_sidecar_arrays_are_found_through_the_manifest_files_map(tmp_path, build_dataset):
-    from croupier.shards.sidecar import Sidecar
+    from croupier.format.sidecar import Sidecar
 
     ds = build_dataset(tmp_path, num_docs=120, topics=3)
     side = Sidecar.open(ds)

@@ -13,10 +13,10 @@ import pytest
 
 from croupier.cli import main
 from croupier.errors import ConfigError, DatasetError
-from croupier.shards.build import BuildConfig, build
-from croupier.shards.grouping import GROUPS_FILE, read_grouping
-from croupier.shards.mds import MDSSource
-from croupier.shards.sidecar import Sidecar
+from croupier.shards.build.builder import BuildConfig, build
+from croupier.shards.build.grouping import GROUPS_FILE, read_grouping
+from croupier.shards.build.mds import MDSSource
+from croupier.format.sidecar import Sidecar
 
 # a long tail: one big source, a middle one, rare ones down to two documents
 SIZES = {"python": 300, "rust": 80, "ocaml": 12, "forth": 4, "apl": 2}
@@ -203,7 +203,7 @@ def test_cli_refusal_exits_nonzero_with_the_rule(tmp_path, corpus, capsys):
 
 
 def test_merge_small_by_hand():
-    from croupier.shards.grouping import merge_small
+    from croupier.shards.build.grouping import merge_small
 
     # four clusters of sizes 6, 1, 2, 0 on the unit circle: 0 at 0 degrees, 1 at 80, 2 at 60, 3 at 90
     ang = np.radians([0.0, 80.0, 60.0, 90.0])

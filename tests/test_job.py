@@ -11,12 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from croupier.errors import ConfigError, FingerprintMismatch
-from croupier.server.engine import Sampler
-from croupier.server.job import Job, JobReformed, JobSpec, NotJoined, StepOutOfRange, UnknownJob
-from croupier.server.layout import ClusterLayout
-from croupier.server.policy import PolicyConfig
-from croupier.server.store import CheckpointStore
-from croupier.server.token import CheckpointToken
+from croupier.server.sampling.sampler import Sampler
+from croupier.server.job.job import Job, JobReformed, JobSpec, NotJoined, StepOutOfRange, UnknownJob
+from croupier.layout import ClusterLayout
+from croupier.server.sampling.policy import PolicyConfig
+from croupier.server.durability.checkpoint_store import CheckpointStore
+from croupier.server.durability.resume_token import CheckpointToken
 
 SIZES = [5000, 300, 20, 1]
 B = 64

@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 
 from croupier.errors import ConfigError, DatasetError, EndOfData, FingerprintMismatch
-from croupier.server.engine import Sampler
-from croupier.server.job import Job
-from croupier.server.layout import ClusterLayout
-from croupier.server.mix_engine import MixSampler, allocate
-from croupier.server.mixture import open_mix, parse_mix
-from croupier.server.policy import PolicyConfig
-from croupier.server.state import SamplerState
-from croupier.server.store import CheckpointStore
+from croupier.server.sampling.sampler import Sampler
+from croupier.server.job.job import Job
+from croupier.layout import ClusterLayout
+from croupier.server.sampling.mix_sampler import MixSampler, allocate
+from croupier.mixture import open_mix, parse_mix
+from croupier.server.sampling.mixture import mixture_sampler
+from croupier.server.sampling.policy import PolicyConfig
+from croupier.server.sampling.state import SamplerState
+from croupier.server.durability.checkpoint_store import CheckpointStore
 from tests.roundtrip import assert_resume_exact
 
 THREE = """
@@ -57,7 +58,7 @@ GOLDEN_FIRST = [95, 78, 67, 205, 171, 225, 63, 195, 121, 18, 82, 212, 100, 104, 
 
 
 def mix_of(text: str, b: int = 16, seed: int = 7):
-    return open_mix(parse_mix(text)).new_sampler(b, seed)
+    return mixture_sampler(open_mix(parse_mix(text)), b, seed)
 
 
 def source_of(ids: np.ndarray, sampler: MixSampler) -> np.ndarray:
@@ -175,7 +176,7 @@ def test_resume_is_exact_at_every_point() -> None:
 def test_a_mixture_of_one_is_the_single_dataset_job() -> None:
     text = '[sources.only]\ncluster_sizes = [500, 30, 2]\nweight = 2.5\npolicy = "clusterclip"\nclip = 3\n'
     mix = open_mix(parse_mix(text))
-    got = mix.new_sampler(32, 5)
+    got = mixture_sampler(mix, 32, 5)
     want = Sampler(ClusterLayout.from_sizes([500, 30, 2]), PolicyConfig("clusterclip", clip=3), 32, 5)
     assert isinstance(got, Sampler) and got.fingerprint == want.fingerprint
     for _ in range(40):
@@ -185,12 +186,12 @@ def test_a_mixture_of_one_is_the_single_dataset_job() -> None:
 def test_online_source_changes_apply_at_their_step_and_replay_from_the_event_log(tmp_path: Path) -> None:
     mix = open_mix(parse_mix(THREE))
     job = Job(None, None, 16, 7, store=CheckpointStore(tmp_path / "state"), mixture=mix)
-    ref = mix.new_sampler(16, 7)
-    ref.schedule_change(__import__("croupier.server.state", fromlist=["Change"]).Change(
+    ref = mixture_sampler(mix, 16, 7)
+    ref.schedule_change(__import__("croupier.server.sampling.state", fromlist=["Change"]).Change(
         step=4, source=1, source_weight=0.0))
     job.update(4, source="code", source_weight=0.0)
     job.update(6, clip=3, source="web")
-    from croupier.server.state import Change
+    from croupier.server.sampling.state import Change
     ref.schedule_change(Change(step=6, source=0, clip=3))
     batches = [job._batch_locked(t) for t in range(12)]  # generation under the job's own rules
     expect = [ref.next_batch() for _ in range(12)]
@@ -272,8 +273,8 @@ def test_simulate_and_update_flags(tmp_path: Path) -> None:
 def test_status_and_metrics_show_the_sources(tmp_path: Path) -> None:
     from prometheus_client import generate_latest
 
-    from croupier.server.metrics import ServerMetrics
-    from croupier.server.service import job_info
+    from croupier.server.serving.metrics import ServerMetrics
+    from croupier.server.serving.service import job_info
 
     job = Job(None, None, 16, 7, mixture=open_mix(parse_mix(THREE)))
     for t in range(40):
@@ -293,7 +294,7 @@ def test_status_and_metrics_show_the_sources(tmp_path: Path) -> None:
 def test_token_weighted_shares_follow_the_mean_tokens_per_sample(tmp_path: Path, build_dataset,
                                                                  tiny_tokenizer) -> None:
     from croupier.cli import main
-    from croupier.shards.sidecar import Sidecar
+    from croupier.format.sidecar import Sidecar
 
     short = build_dataset(tmp_path / "short", num_docs=120, topics=3)
     long = build_dataset(tmp_path / "long", num_docs=80, topics=2)
@@ -307,7 +308,7 @@ def test_token_weighted_shares_follow_the_mean_tokens_per_sample(tmp_path: Path,
     means = [float(np.asarray(Sidecar.open(d).token_counts()).mean()) for d in (short, long)]
     assert mix.sample_weights == pytest.approx((1 / means[0], 1 / means[1]))
     # Equal token weights: the sources' expected token shares are equal.
-    sampler = mix.new_sampler(64, 0)
+    sampler = mixture_sampler(mix, 64, 0)
     counts = np.concatenate([np.asarray(Sidecar.open(short).token_counts()),
                              np.asarray(Sidecar.open(long).token_counts())]).astype(np.int64)
     ids = np.concatenate([sampler.next_batch() for _ in range(300)])

@@ -15,9 +15,10 @@ import pytest
 
 from croupier.client.dataset import ID_KEY, STEP_KEY, CroupierIterableDataset
 from croupier.client.rank_client import Backoff, RankClient
-from croupier.server.mixture import load_mix
-from croupier.server.state import Change
-from croupier.server.topology import Topology
+from croupier.mixture import load_mix
+from croupier.server.sampling.mixture import mixture_sampler
+from croupier.server.sampling.state import Change
+from croupier.topology import Topology
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 B = 8
@@ -101,7 +102,7 @@ def test_a_rank_reads_two_sources_from_their_own_remotes(tmp_path: Path, build_d
         agent.wait(60)
         assert server.stop() == 0
     mixture = load_mix(mix)
-    ref = mixture.new_sampler(B, 2)
+    ref = mixture_sampler(mixture, B, 2)
     want = np.concatenate([ref.next_batch() for _ in range(6)])
     got = np.array([s[ID_KEY] for s in samples])
     assert np.array_equal(got, want) and [s[STEP_KEY] for s in samples] == [t for t in range(6) for _ in range(B)]
@@ -126,7 +127,7 @@ def test_elastic_resume_online_change_and_kill9_replay(tmp_path: Path) -> None:
                    '[sources.c]\ncluster_sizes = [8, 8, 8, 8]\nweight = 1\npolicy = "uniform"\n')
     state = tmp_path / "state"
     server = Serve(mix, state)
-    ref = load_mix(mix).new_sampler(B, 2)
+    ref = mixture_sampler(load_mix(mix), B, 2)
     change = subprocess.run([sys.executable, "-m", "croupier", "update", "--server", server.address, "--step", "6",
                              "--source", "c", "--weight", "0"], capture_output=True, text=True)
     assert change.returncode == 0, change.stderr
@@ -180,9 +181,9 @@ def test_sources_share_one_pool_of_prefetch_threads(tmp_path: Path, build_datase
     """Threads do not grow with the sources a rank reads: the stores share the pool's."""
     import threading
 
-    from croupier.client.mix_store import MixStore
-    from croupier.client.shard_store import PrefetchPool, ShardStore
-    from croupier.server.mixture import open_mix, parse_mix
+    from croupier.client.readers.mix_cache import MixStore
+    from croupier.client.readers.shard_cache import PrefetchPool, ShardStore
+    from croupier.mixture import open_mix, parse_mix
 
     paths = [build_dataset(tmp_path / f"d{i}", num_docs=60, topics=2) for i in range(5)]
     mix = open_mix(parse_mix("".join(f'[sources.d{i}]\ndataset = "{p}"\nweight = 1\npolicy = "uniform"\n'
@@ -191,7 +192,7 @@ def test_sources_share_one_pool_of_prefetch_threads(tmp_path: Path, build_datase
     store = MixStore(list(mix.infos), lambda i, src, limit: ShardStore(src.remote, tmp_path / "cache",
                                                                        fingerprint=src.fingerprint,
                                                                        prefetch_pool=pool), on_close=pool.close)
-    sampler = mix.new_sampler(20, 0)
+    sampler = mixture_sampler(mix, 20, 0)
     before = threading.active_count()
     batches = [sampler.next_batch() for _ in range(6)]
     for b in batches:

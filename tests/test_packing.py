@@ -11,7 +11,7 @@ from croupier.client.dataset import CroupierIterableDataset
 from croupier.client.packing import IGNORE_INDEX, PackedSequences
 from croupier.tokenizer import load_tokenizer
 from croupier.errors import ConfigError, DatasetError, StateError
-from croupier.server.topology import Topology
+from croupier.topology import Topology
 
 EOS = 9
 

@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from croupier.server.permutation import derive_keys, permute, seed_key, unpermute
+from croupier.server.sampling.permutation import derive_keys, permute, seed_key, unpermute
 
 
 @given(n=st.integers(1, 3000), seed=st.integers(0, 2**32))

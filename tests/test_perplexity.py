@@ -11,11 +11,11 @@ import pytest
 
 from croupier.cli import main
 from croupier.errors import ConfigError
-from croupier.shards.askllm import ModelLoadError
-from croupier.shards.perplexity import PerplexityScorer
-from croupier.shards.score_cli import UNSCORABLE
-from croupier.shards.scoring import ShardTextReader
-from croupier.shards.sidecar import Sidecar
+from croupier.shards.scoring.askllm import ModelLoadError
+from croupier.shards.scoring.perplexity import PerplexityScorer
+from croupier.shards.scoring.scorers import UNSCORABLE
+from croupier.shards.scoring.lm_scores import ShardTextReader
+from croupier.format.sidecar import Sidecar
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

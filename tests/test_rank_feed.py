@@ -71,7 +71,7 @@ def rank_op(rank: int, world: int = 8, start: int = 0) -> pb2.LaneOpen:
 def test_consecutive_ranks_open_one_lane_and_a_leaving_rank_regroups_the_others(tmp_path) -> None:
     import numpy as np
 
-    from croupier.client.agent import NodeAgent, _Consumer, _per_rank
+    from croupier.client.agent.daemon import NodeAgent, _Consumer, _per_rank
     from croupier.proto import slice_ids
 
     agent = NodeAgent("127.0.0.1:1", tmp_path / "run", tmp_path / "cache", local_ranks=4)
@@ -104,8 +104,8 @@ def test_consecutive_ranks_open_one_lane_and_a_leaving_rank_regroups_the_others(
 
 
 def test_new_ranks_wait_for_the_node_but_not_forever(tmp_path) -> None:
-    from croupier.client import agent as agent_mod
-    from croupier.client.agent import NodeAgent
+    from croupier.client.agent import daemon as agent_mod
+    from croupier.client.agent.daemon import NodeAgent
 
     agent = NodeAgent("127.0.0.1:1", tmp_path / "run", tmp_path / "cache", local_ranks=2)
     agent._join_feed((0, 2), (b"c0", 1), rank_op(0, world=2))
@@ -124,7 +124,7 @@ def test_a_node_lanes_needs_reach_the_cache_step_by_step_across_ranks(tmp_path) 
 
     import numpy as np
 
-    from croupier.client.agent import NodeAgent, _Consumer
+    from croupier.client.agent.daemon import NodeAgent, _Consumer
 
     agent = NodeAgent("127.0.0.1:1", tmp_path / "run", tmp_path / "cache", local_ranks=2)
     for r in (0, 1):

@@ -16,10 +16,10 @@ import pytest
 
 from croupier.cli import main
 from croupier.errors import DatasetError
-from croupier.shards.build import BuildConfig, build
-from croupier.shards.ray_engine import build_ray, write_runs
-from croupier.shards.sidecar import Sidecar
-from croupier.shards.synthetic import generate_corpus, write_jsonl
+from croupier.shards.build.builder import BuildConfig, build
+from croupier.shards.build.ray_builder import build_ray, write_runs
+from croupier.format.sidecar import Sidecar
+from croupier.shards.build.synthetic import generate_corpus, write_jsonl
 from test_s3 import s3  # noqa: F401 - the loopback S3 server fixture
 
 pytestmark = pytest.mark.slow

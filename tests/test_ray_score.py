@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from croupier.cli import main
-from croupier.shards.sidecar import Sidecar
+from croupier.format.sidecar import Sidecar
 
 pytestmark = pytest.mark.slow
 
@@ -61,8 +61,8 @@ class Interrupt(Exception):
 
 def test_a_local_run_interrupted_resumes_on_ray(ds, tiny_lms, ray_cluster):
     """The local engine stops after 3 chunks; `--engine ray` scores only the 9 missing ones."""
-    from croupier.shards.perplexity import PerplexityScorer
-    from croupier.shards.score_cli import score_texts
+    from croupier.shards.scoring.perplexity import PerplexityScorer
+    from croupier.shards.scoring.scorers import score_texts
 
     scorer = PerplexityScorer(str(tiny_lms["gpt2"]), batch_size=3, max_length=40)
     record = {"scorer": "perplexity", **scorer.params(), "text_field": "text"}
@@ -85,7 +85,7 @@ def test_a_local_run_interrupted_resumes_on_ray(ds, tiny_lms, ray_cluster):
     side = Sidecar.open(ds)
     p = side.score_params("ppl-resumed")
     assert p["ray_chunks_scored"] == 9
-    from croupier.shards.scoring import ShardTextReader
+    from croupier.shards.scoring.lm_scores import ShardTextReader
 
     with ShardTextReader(ds) as r:
         want = scorer.score(r.texts(0, side.num_samples))

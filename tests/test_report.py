@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from croupier import report
-from croupier import report_plots as rp
+from croupier.apps import report
+from croupier.apps import report_plots as rp
 from croupier.cli import main as cli_main
 from croupier.client.rank_client import RankClient
 from croupier.errors import ConfigError, FingerprintMismatch
-from croupier.server.topology import Topology
+from croupier.topology import Topology
 
 STEPS = 30
 BATCH = 8
@@ -27,8 +27,8 @@ BATCH = 8
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     """A small real dataset: MDS shards + hashing-embedding k-means sidecar."""
-    from croupier.shards.build import BuildConfig, build
-    from croupier.shards.synthetic import generate_corpus, write_jsonl
+    from croupier.shards.build.builder import BuildConfig, build
+    from croupier.shards.build.synthetic import generate_corpus, write_jsonl
 
     root = tmp_path_factory.mktemp("report")
     write_jsonl(root / "corpus.jsonl", generate_corpus(200, 6, alpha=1.3, seed=1))
@@ -111,8 +111,8 @@ def test_report_from_live_server_and_state_dir(dataset, tmp_path, capsys):
     _pngs_ok(tmp_path / "cli", ["sizes_vs_draws.png", "passes.png", "draws_over_time.png"])
 
     # The state of one dataset is refused against another; a state dir must name its dataset.
-    from croupier.shards.build import BuildConfig, build
-    from croupier.shards.synthetic import generate_corpus, write_jsonl
+    from croupier.shards.build.builder import BuildConfig, build
+    from croupier.shards.build.synthetic import generate_corpus, write_jsonl
 
     write_jsonl(tmp_path / "other.jsonl", generate_corpus(60, 3, seed=2))
     build(BuildConfig(out=str(tmp_path / "other"), inputs=(str(tmp_path / "other.jsonl"),), embedder="hashing",

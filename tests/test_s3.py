@@ -18,9 +18,9 @@ import pytest
 
 from croupier.cli import main
 from croupier.errors import ConfigError, DatasetError
-from croupier.shards.build import BuildConfig
-from croupier.shards.sidecar import Sidecar
-from croupier.shards.synthetic import generate_corpus, write_jsonl
+from croupier.shards.build.builder import BuildConfig
+from croupier.format.sidecar import Sidecar
+from croupier.shards.build.synthetic import generate_corpus, write_jsonl
 
 BUCKET = "croupier-data"
 
@@ -102,7 +102,7 @@ def test_build_to_s3_serve_from_s3_and_a_rank_reads_the_inputs(s3, tmp_path, cor
             pytest.fail(f"croupier serve exited {proc.returncode}: {proc.stderr.read()}")
         info = json.loads(line)
         from croupier.client.dataset import ID_KEY, CroupierIterableDataset
-        from croupier.server.topology import Topology
+        from croupier.topology import Topology
 
         ds = CroupierIterableDataset(f"127.0.0.1:{info['port']}", job="default", cache_dir=tmp_path / "cache",
                                      steps=10, topology=Topology(rank=0, world=1))
@@ -122,14 +122,14 @@ def test_build_to_s3_serve_from_s3_and_a_rank_reads_the_inputs(s3, tmp_path, cor
 
 
 def _texts_by_id(dataset: Path) -> list[str]:
-    from croupier.client.shard_store import ShardStore
+    from croupier.client.readers.shard_cache import ShardStore
 
     with ShardStore(dataset, dataset.parent / "verify-cache") as store:
         return [s["text"] for s in store.get(np.arange(store.num_samples))]
 
 
 def test_a_corrupted_object_is_refused_naming_the_shard(s3, tmp_path, corpus):
-    from croupier.client.shard_store import ShardStore
+    from croupier.client.readers.shard_cache import ShardStore
 
     src = tmp_path / "docs.jsonl"
     write_jsonl(src, corpus)
@@ -155,7 +155,8 @@ def test_a_corrupted_object_is_refused_naming_the_shard(s3, tmp_path, corpus):
 
 
 def test_a_mixture_source_on_the_object_store_reads_its_sidecar_from_the_bucket(s3, tmp_path, corpus):
-    from croupier.server.mixture import load_mix
+    from croupier.mixture import load_mix
+    from croupier.server.sampling.mixture import mixture_sampler
 
     src = tmp_path / "docs.jsonl"
     write_jsonl(src, corpus[:200])
@@ -173,5 +174,5 @@ def test_a_mixture_source_on_the_object_store_reads_its_sidecar_from_the_bucket(
     out = subprocess.run([sys.executable, "-m", "croupier", "simulate", "--mix", str(mix), "--global-batch", "12",
                           "--steps", "4", "--format", "jsonl"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    ref = m.new_sampler(12, 0)
+    ref = mixture_sampler(m, 12, 0)
     assert [json.loads(x)["indices"] for x in out.stdout.splitlines()] == [ref.next_batch().tolist() for _ in range(4)]

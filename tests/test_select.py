@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 from croupier.cli import main
 from croupier.errors import ConfigError, DatasetError
 from croupier.proto import slice_ids
-from croupier.server.engine import Sampler
-from croupier.server.policy import POLICIES, PolicyConfig
-from croupier.shards.select import allocate, keep_count, priorities, select, top_k, top_k_per_group
-from croupier.shards.sidecar import Sidecar
+from croupier.server.sampling.sampler import Sampler
+from croupier.server.sampling.policy import POLICIES, PolicyConfig
+from croupier.shards.scoring.select import allocate, keep_count, priorities, select, top_k, top_k_per_group
+from croupier.format.sidecar import Sidecar
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +172,7 @@ def test_cli_bad_input(ds: Path, capsys):
 
 
 def test_density_scoring_resumes_after_an_interruption(ds: Path, monkeypatch):
-    from croupier.shards import score_cli
+    from croupier.shards.scoring import scorers as score_cli
 
     side = Sidecar.open(ds)
     full, _ = score_cli.score_density(side, "full", rows=32, buckets=256, bandwidth=0.5, chunk_size=64,
@@ -208,7 +208,7 @@ def test_density_scoring_resumes_after_an_interruption(ds: Path, monkeypatch):
 
 
 def test_two_runs_on_one_work_folder_are_refused(tmp_path: Path):
-    from croupier.shards.scoring import ChunkedRun
+    from croupier.shards.scoring.lm_scores import ChunkedRun
 
     with ChunkedRun(tmp_path / "w", 10, 4, {"a": 1}):
         with pytest.raises(ConfigError, match="another scoring run"):
@@ -244,14 +244,14 @@ def test_selection_drives_every_policy_and_survives_reopen_and_state_roundtrip(d
         state = s.state().to_bytes()
         tail = [s.next_batch() for _ in range(6)]
         # Re-open the sidecar from disk (a new process would), rebuild, restore, replay.
-        from croupier.server.state import SamplerState
+        from croupier.server.sampling.state import SamplerState
         again = _selection_sampler(ds, "sub", pol)
         again.load_state(SamplerState.from_bytes(state))
         for a, b in zip(tail, [again.next_batch() for _ in range(6)]):
             assert np.array_equal(a, b), name
     # A state made on the selection is refused on the full dataset and on a rewritten selection.
     from croupier.errors import FingerprintMismatch
-    from croupier.server.state import SamplerState
+    from croupier.server.sampling.state import SamplerState
     st_bytes = _selection_sampler(ds, "sub", PolicyConfig("uniform")).state().to_bytes()
     with pytest.raises(FingerprintMismatch):
         Sampler(side.layout(), PolicyConfig("uniform"), 16, seed=0).load_state(SamplerState.from_bytes(st_bytes))
@@ -284,7 +284,7 @@ def test_simulate_samples_only_inside_the_selection_with_every_policy(ds: Path, 
 @pytest.mark.slow
 def test_selection_survives_serve_restart_and_resume(ds: Path, tmp_path: Path):
     from croupier.proto import pb2, pb2_grpc
-    from croupier.server.grpc_options import channel_options
+    from croupier.grpc_options import channel_options
 
     assert main(["shards", "select", str(ds), "--by", "random", "--keep", "0.5", "--name", "half"]) == 0
     chosen = set(np.asarray(Sidecar.open(ds).selection("half")).tolist())

@@ -15,10 +15,10 @@ import pytest
 
 from croupier.cli import main
 from croupier.proto import pb2, pb2_grpc, slice_ids
-from croupier.server.grpc_options import bearer, channel_options
-from croupier.shards.build import BuildConfig, build
-from croupier.shards.sidecar import Sidecar
-from croupier.shards.synthetic import generate_corpus, write_jsonl
+from croupier.grpc_options import bearer, channel_options
+from croupier.shards.build.builder import BuildConfig, build
+from croupier.format.sidecar import Sidecar
+from croupier.shards.build.synthetic import generate_corpus, write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -30,8 +30,8 @@ import pytest
 
 from croupier.client.rank_client import Backoff, RankClient
 from croupier.proto import pb2, pb2_grpc
-from croupier.server.grpc_options import channel_options
-from croupier.server.topology import Topology
+from croupier.grpc_options import channel_options
+from croupier.topology import Topology
 from workers.harness import env_for_subprocess, free_port, kill_tree, python
 
 pytestmark = pytest.mark.slow

@@ -16,12 +16,12 @@ import pytest
 
 from croupier.errors import StateError
 from croupier.proto import pb2, pb2_grpc, slice_ids
-from croupier.server.engine import Sampler
-from croupier.server.grpc_options import channel_options
-from croupier.server.job import Job, JobSpec
-from croupier.server.layout import ClusterLayout
-from croupier.server.policy import PolicyConfig
-from croupier.server.store import CheckpointStore, decode_checkpoint, encode_checkpoint
+from croupier.server.sampling.sampler import Sampler
+from croupier.grpc_options import channel_options
+from croupier.server.job.job import Job, JobSpec
+from croupier.layout import ClusterLayout
+from croupier.server.sampling.policy import PolicyConfig
+from croupier.server.durability.checkpoint_store import CheckpointStore, decode_checkpoint, encode_checkpoint
 
 SIZES = [5000, 300, 20, 1]
 B = 64

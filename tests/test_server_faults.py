@@ -28,15 +28,15 @@ from croupier.client.errors import Unavailable
 from croupier.client.rank_client import Backoff, RankClient
 from croupier.errors import ConfigError, FingerprintMismatch
 from croupier.proto import pb2, pb2_grpc
-from croupier.server.engine import Sampler
-from croupier.server.grpc_options import channel_options
-from croupier.server.job import Job, JobSpec, StateDirInvalid
-from croupier.server.layout import ClusterLayout
-from croupier.server.metrics import ServerMetrics
-from croupier.server.policy import PolicyConfig
-from croupier.server.service import CHECKPOINT_HEALTH, create_server
-from croupier.server.store import CheckpointStore
-from croupier.server.topology import Topology
+from croupier.server.sampling.sampler import Sampler
+from croupier.grpc_options import channel_options
+from croupier.server.job.job import Job, JobSpec, StateDirInvalid
+from croupier.layout import ClusterLayout
+from croupier.server.serving.metrics import ServerMetrics
+from croupier.server.sampling.policy import PolicyConfig
+from croupier.server.serving.service import CHECKPOINT_HEALTH, create_server
+from croupier.server.durability.checkpoint_store import CheckpointStore
+from croupier.topology import Topology
 from workers.harness import env_for_subprocess, free_port, python, wait_for
 
 SIZES = [500, 60, 20, 3]

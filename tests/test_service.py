@@ -16,14 +16,14 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from croupier.cli import main
 from croupier.proto import pb2, pb2_grpc, slice_ids
-from croupier.server.engine import Sampler
-from croupier.server.grpc_options import MAX_MESSAGE_BYTES, bearer, channel_options
-from croupier.server.job import Job, JobSpec
-from croupier.server.layout import ClusterLayout
-from croupier.server.metrics import ServerMetrics
-from croupier.server.policy import PolicyConfig
-from croupier.server.service import create_server
-from croupier.server.token import CheckpointToken
+from croupier.server.sampling.sampler import Sampler
+from croupier.grpc_options import MAX_MESSAGE_BYTES, bearer, channel_options
+from croupier.server.job.job import Job, JobSpec
+from croupier.layout import ClusterLayout
+from croupier.server.serving.metrics import ServerMetrics
+from croupier.server.sampling.policy import PolicyConfig
+from croupier.server.serving.service import create_server
+from croupier.server.durability.resume_token import CheckpointToken
 from workers.harness import self_signed
 
 SIZES = [5000, 300, 20, 1]

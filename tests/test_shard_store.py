@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from streaming import MDSWriter
 
-from croupier.client.shard_store import ShardStore
+from croupier.client.readers.shard_cache import ShardStore
 from croupier.errors import ConfigError, DatasetError, FingerprintMismatch
 from croupier.format.fingerprint import index_fingerprint
 from croupier.format.id_table import SampleIdError, ShardTable
@@ -288,7 +288,7 @@ def test_same_size_corruption_of_a_cached_shard_is_detected_and_repaired(tmp_pat
     assert raw.stat().st_size == size
 
     with ShardStore(remote, tmp_path / "cache") as second:
-        with caplog.at_level("WARNING", logger="croupier.client.shard_store"):
+        with caplog.at_level("WARNING", logger="croupier.client.readers.shard_cache"):
             assert mismatches(second.get(np.arange(300)), np.arange(300)) == []
         stats = second.stats()
     assert stats["cache_repairs"] == 1

@@ -15,9 +15,9 @@ from sklearn.metrics import normalized_mutual_info_score
 
 from croupier.cli import main
 from croupier.errors import ConfigError, DatasetError
-from croupier.shards.build import BuildConfig, build
-from croupier.shards.sidecar import Sidecar
-from croupier.shards.synthetic import generate_corpus, write_jsonl
+from croupier.shards.build.builder import BuildConfig, build
+from croupier.format.sidecar import Sidecar
+from croupier.shards.build.synthetic import generate_corpus, write_jsonl
 
 NMI_BOUND_HASHING = 0.65  # measured ~0.72-0.83 on these corpora with K = number of topics
 
@@ -78,7 +78,7 @@ def test_hashing_build_cluster_major_reads_back_every_sample_once(tmp_path, corp
     layout = side.layout()
     assert layout.members is None and layout.num_positions == len(corpus)
     # embeddings follow the new ids: row i is the embedding of sample i's text
-    from croupier.shards.embed import HashingEmbedder
+    from croupier.shards.build.embed import HashingEmbedder
 
     emb = side.embeddings()
     probe = [0, len(corpus) // 2, len(corpus) - 1]
@@ -331,7 +331,7 @@ def test_build_killed_with_sigkill_resumes_from_its_last_chunk(tmp_path, corpus)
     out = tmp_path / "killed"
     child = (
         "import os, signal\n"
-        "from croupier.shards.build import BuildConfig, build\n"
+        "from croupier.shards.build.builder import BuildConfig, build\n"
         "def hook(stage, chunk):\n"
         "    if (stage, chunk) == ('embed', 3):\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"

@@ -8,9 +8,9 @@ import pytest
 from sklearn.metrics import normalized_mutual_info_score
 
 from croupier.errors import ConfigError
-from croupier.shards.cluster import KMeansConfig, assign_all, train_centroids
-from croupier.shards.embed import HashingEmbedder, get_embedder
-from croupier.shards.synthetic import MAX_TOPICS, generate_corpus, iter_corpus, topic_weights
+from croupier.shards.build.cluster import KMeansConfig, assign_all, train_centroids
+from croupier.shards.build.embed import HashingEmbedder, get_embedder
+from croupier.shards.build.synthetic import MAX_TOPICS, generate_corpus, iter_corpus, topic_weights
 
 NMI_BOUND_MINILM = 0.6  # measured 0.78-1.0 on this corpus
 
@@ -65,8 +65,8 @@ def test_faiss_kmeans_recovers_topics_deterministically():
 @pytest.mark.slow
 def test_minilm_build_end_to_end(tmp_path):
     from croupier.cli import main
-    from croupier.shards.sidecar import Sidecar
-    from croupier.shards.synthetic import write_jsonl
+    from croupier.format.sidecar import Sidecar
+    from croupier.shards.build.synthetic import write_jsonl
 
     docs = generate_corpus(150, 4, seed=2, alpha=0.6)
     write_jsonl(tmp_path / "in.jsonl.gz", docs)

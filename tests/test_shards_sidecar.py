@@ -13,11 +13,11 @@ import pytest
 
 from croupier.cli import main
 from croupier.errors import ConfigError, DatasetError, FingerprintMismatch
-from croupier.server.engine import Sampler
-from croupier.server.policy import PolicyConfig
-from croupier.shards.build import BuildConfig, build
-from croupier.shards.sidecar import Sidecar
-from croupier.shards.synthetic import generate_corpus, write_jsonl
+from croupier.server.sampling.sampler import Sampler
+from croupier.server.sampling.policy import PolicyConfig
+from croupier.shards.build.builder import BuildConfig, build
+from croupier.format.sidecar import Sidecar
+from croupier.shards.build.synthetic import generate_corpus, write_jsonl
 
 
 @pytest.fixture(scope="module")

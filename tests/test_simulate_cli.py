@@ -8,9 +8,9 @@ import sys
 
 
 from croupier.cli import main
-from croupier.server.engine import Sampler
-from croupier.server.layout import ClusterLayout
-from croupier.server.policy import PolicyConfig
+from croupier.server.sampling.sampler import Sampler
+from croupier.layout import ClusterLayout
+from croupier.server.sampling.policy import PolicyConfig
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

@@ -12,10 +12,10 @@ import pytest
 
 from croupier.cli import main
 from croupier.errors import DatasetError
-from croupier.server.engine import Sampler
-from croupier.server.policy import PolicyConfig
-from croupier.shards.sidecar import Sidecar
-from croupier.shards.synthetic import generate_corpus, write_jsonl
+from croupier.server.sampling.sampler import Sampler
+from croupier.server.sampling.policy import PolicyConfig
+from croupier.format.sidecar import Sidecar
+from croupier.shards.build.synthetic import generate_corpus, write_jsonl
 from test_shards_build import _token_mds, read_back
 
 

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from croupier.server.admin_cli import format_status, status_dict
-from croupier.server.job import Job, JobSpec
-from croupier.server.layout import ClusterLayout
-from croupier.server.policy import PolicyConfig
-from croupier.server.service import status_response
-from croupier.server.store import CheckpointStore
+from croupier.client.cli.admin_cli import format_status, status_dict
+from croupier.server.job.job import Job, JobSpec
+from croupier.layout import ClusterLayout
+from croupier.server.sampling.policy import PolicyConfig
+from croupier.server.serving.service import status_response
+from croupier.server.durability.checkpoint_store import CheckpointStore
 
 SIZES = [300, 120, 40, 7]
 B = 16
@@ -61,7 +61,7 @@ def test_a_job_without_counts_shows_none(tmp_path: Path) -> None:
 
 
 def test_the_report_shows_tokens_per_cluster(tmp_path: Path) -> None:
-    from croupier.report import ReportData, cluster_table
+    from croupier.apps.report import ReportData, cluster_table
 
     j = job(tmp_path / "s")
     batches = [j._batch_locked(t) for t in range(10)]

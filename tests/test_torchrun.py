@@ -25,10 +25,10 @@ import pytest
 
 from croupier.client.errors import Unauthenticated
 from croupier.client.rank_client import RankClient
-from croupier.server.engine import Sampler
-from croupier.server.layout import ClusterLayout
-from croupier.server.policy import PolicyConfig
-from croupier.server.topology import Topology
+from croupier.server.sampling.sampler import Sampler
+from croupier.layout import ClusterLayout
+from croupier.server.sampling.policy import PolicyConfig
+from croupier.topology import Topology
 from workers.harness import (
     CROUPIER,
     REPO,

@@ -19,7 +19,7 @@ if str(REPO) not in sys.path:
 from bench import __main__ as bench_runner  # noqa: E402
 from bench import train_compare  # noqa: E402
 from croupier.errors import ConfigError  # noqa: E402
-from croupier.tinylm import PAD, TinyLMConfig, build_model, encode, example_losses, loss, make_optimizer, \
+from croupier.apps.tinylm import PAD, TinyLMConfig, build_model, encode, example_losses, loss, make_optimizer, \
     per_cluster_mean, train_step  # noqa: E402
 
 
@@ -48,7 +48,7 @@ def test_comparison_runs_at_tiny_size(tmp_path):
 
 
 def test_split_keeps_every_topic_in_training():
-    from croupier.shards.synthetic import generate_corpus
+    from croupier.shards.build.synthetic import generate_corpus
 
     docs = generate_corpus(200, 6, alpha=1.3, seed=0)
     train, held = train_compare.split_corpus(docs)

@@ -1,5 +1,5 @@
 """The trainer example as a user runs it: `croupier serve` on a built dataset, then
-`torchrun -m croupier.train_example` on 2 ranks with 2 DataLoader workers each, packed
+`torchrun -m croupier.apps.train_example` on 2 ranks with 2 DataLoader workers each, packed
 sequences through StatefulDataLoader; a run that crashes mid-way and resumes from its
 checkpoint trains on exactly the uninterrupted run's tokens, with the same losses."""
 
@@ -15,17 +15,17 @@ from pathlib import Path
 
 import pytest
 
-from croupier.demo import RUN_TAG_ENV, kill_tagged
-from croupier.shards.build import BuildConfig, build
+from croupier.apps.demo import RUN_TAG_ENV, kill_tagged
+from croupier.shards.build.builder import BuildConfig, build
 from workers.harness import free_port
-from croupier.shards.synthetic import generate_corpus, write_jsonl
+from croupier.shards.build.synthetic import generate_corpus, write_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def _torchrun(tmp_path: Path, address: str, tokenizer: Path, run: str, *extra: str) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "croupier.train_example", "--server", address, "--job", "example", "--tokenizer", str(tokenizer),
+           "-m", "croupier.apps.train_example", "--server", address, "--job", "example", "--tokenizer", str(tokenizer),
            "--cache", str(tmp_path / "cache"), "--run-dir", str(tmp_path / run), "--steps", "6",
            "--seq-len", "32", "--rows", "2", "--ckpt-every", "2", *extra]
     with open(tmp_path / f"{run}.log", "a") as log:

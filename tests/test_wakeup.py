@@ -7,7 +7,7 @@ import subprocess
 import sys
 import threading
 
-from croupier.server.wakeup import COARSE_MIN_S, CoarseTimers, Wakeup
+from croupier.server.serving.wakeup import COARSE_MIN_S, CoarseTimers, Wakeup
 
 
 def test_a_long_wait_ends_at_the_first_sweep_past_its_deadline() -> None:
@@ -72,7 +72,7 @@ def test_a_short_wait_keeps_a_timer_of_its_own() -> None:
 
 
 def test_serving_freezes_start_up_objects_and_raises_the_young_threshold() -> None:
-    code = ("import gc; from croupier.server.serve_cli import tune_gc, GC_YOUNG_THRESHOLD; "
+    code = ("import gc; from croupier.server.cli.serve_cli import tune_gc, GC_YOUNG_THRESHOLD; "
             "before = gc.get_threshold(); tune_gc(); after = gc.get_threshold(); "
             "assert after == (GC_YOUNG_THRESHOLD, before[1], before[2]), (before, after); "
             "assert gc.get_freeze_count() > 1000, gc.get_freeze_count(); print('ok')")

@@ -15,7 +15,7 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 
 from croupier.client.dataset import ID_KEY, STEP_KEY, CroupierIterableDataset
-from croupier.server.topology import Topology
+from croupier.topology import Topology
 
 
 def main() -> int:

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from croupier.client.dataset import ID_KEY, STEP_KEY, CroupierIterableDataset
-from croupier.server.topology import Topology
+from croupier.topology import Topology
 
 
 def parse_args() -> argparse.Namespace:

@@ -1,0 +1,99 @@
+"""The command-line flags that fix a sampling sequence, shared by `serve` and `simulate`.
+
+Both commands must read the same flags the same way: a dry run with `simulate` shows exactly
+the sequence `serve` will deal for the same flags. Policy flags (`--policy`, `--clip`,
+`--weights`, ...), `--global-batch`, `--seed`, and the synthetic layout (`--cluster-sizes`
+with `--block-size`) are declared and parsed here only.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from croupier.errors import ConfigError
+from croupier.values import parse_weights
+from croupier.layout import ClusterLayout
+from croupier.server.sampling.policy import ON_EXHAUSTED, POLICIES, PolicyConfig
+
+
+def add_policy_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--policy, --clip and the other policy flags, --global-batch and --seed."""
+    p.add_argument("--policy", default=None, help=f"one of: {', '.join(POLICIES)} (default clusterclip)")
+    p.add_argument("--clip", help="repeat clip threshold (integer >= 1) or 'auto' (needs --budget-steps)")
+    p.add_argument("--budget-steps", type=int, help="planned training steps (for --clip auto and --switch-fraction)")
+    p.add_argument("--min-active-share", type=float, default=0.5,
+                   help="--clip auto keeps at least this share of clusters active to the end (default 0.5)")
+    p.add_argument("--weights", help="per-cluster weights (policy weighted): comma list or @FILE (one per line)")
+    p.add_argument("--switch-step", type=int, help="g2s/s2g: first step of the second phase")
+    p.add_argument("--switch-fraction", type=float, help="g2s/s2g: switch at this fraction of --budget-steps")
+    p.add_argument("--on-exhausted", choices=ON_EXHAUSTED, default="stop",
+                   help="when the clip exhausts every cluster: stop (end of data) or continue as random")
+    p.add_argument("--global-batch", type=int, required=True, help="samples per step over all ranks")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+
+
+def add_block_size_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument("--block-size", type=int, default=None,
+                   help="--cluster-sizes: in-cluster read block in samples (default 1 = fully random order; "
+                        "a dataset's block size comes from its sidecar)")
+
+
+def policy_from_args(args: argparse.Namespace) -> PolicyConfig:
+    """A validated PolicyConfig from the policy flags."""
+    clip, auto = None, False
+    if args.clip is not None:
+        if args.clip == "auto":
+            auto = True
+        else:
+            try:
+                clip = int(args.clip)
+            except ValueError:
+                raise ConfigError(f"--clip must be an integer >= 1 or 'auto', got {args.clip!r}") from None
+    return PolicyConfig(policy=args.policy or "clusterclip", clip=clip, auto_clip=auto, weights=parse_weights(args.weights),
+                        switch_step=args.switch_step, switch_fraction=args.switch_fraction,
+                        budget_steps=args.budget_steps, on_exhausted=args.on_exhausted,
+                        min_active_share=args.min_active_share)
+
+
+def load_mix_args(args: argparse.Namespace, sidecar_cache: Path | None = None):  # -> Mixture
+    """The mixture of --mix FILE; refuses the flags the file fixes itself (policy, clip, ...)."""
+    from croupier.mixture import load_mix
+
+    fixed = [flag for flag, v in (("--policy", args.policy), ("--clip", args.clip), ("--weights", args.weights),
+                                  ("--budget-steps", args.budget_steps), ("--switch-step", args.switch_step),
+                                  ("--switch-fraction", args.switch_fraction)) if v is not None]
+    for flag, name in (("--selection", "selection"), ("--cluster-sizes", "cluster_sizes"), ("--dataset", "dataset"),
+                       ("--remote", "remote"), ("--block-size", "block_size")):
+        if getattr(args, name, None):
+            fixed.append(flag)
+    if args.on_exhausted != "stop":
+        fixed.append("--on-exhausted")
+    if args.min_active_share != 0.5:
+        fixed.append("--min-active-share")
+    if fixed:
+        raise ConfigError(f"--mix {args.mix}: the mixture file fixes the sources and their policies; "
+                          f"remove {', '.join(fixed)} (set them per source, or at the file's top level)")
+    return load_mix(args.mix, sidecar_cache)
+
+
+def parse_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--cluster-sizes must be a comma-separated list of integers, got {text!r}") from None
+    if not sizes:
+        raise ConfigError("--cluster-sizes is empty: give at least one cluster size")
+    return sizes
+
+
+def synthetic_layout(args: argparse.Namespace) -> ClusterLayout:
+    """Contiguous clusters from --cluster-sizes, read in blocks of --block-size."""
+    block = 1 if args.block_size is None else args.block_size
+    return ClusterLayout.from_sizes(parse_sizes(args.cluster_sizes), block_size=block)
+
+
+def refuse_block_size_for_dataset(args: argparse.Namespace) -> None:
+    if args.block_size is not None:
+        raise ConfigError(f"--block-size {args.block_size} applies to --cluster-sizes only: a dataset's read "
+                          "blocks are fixed by its sidecar (shard-aligned when it was built)")

@@ -1,0 +1,247 @@
+"""`croupier simulate`: the dry run. What will my training see?
+
+Runs the sampling core offline over synthetic clusters (`--cluster-sizes`) or a dataset's
+cluster sidecar (`--dataset`), and prints either every step's ids (jsonl; one rank's slice
+with --world/--rank) or a per-cluster summary with the schedule of active clusters over the
+run and a warning when the end of training collapses onto a few clusters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+
+from croupier.errors import ConfigError, EndOfData
+from croupier.server.sampling.sampler import Sampler
+from croupier.server.sampling.mixture import mixture_sampler
+from croupier.layout import ClusterLayout
+from croupier.server.sampling.mix_sampler import MixSampler
+from croupier.server.cli.policy_args import (add_block_size_argument, add_policy_arguments, load_mix_args,
+                                           policy_from_args, refuse_block_size_for_dataset, synthetic_layout)
+from croupier.topology import Topology
+
+__all__ = ["Schedule", "format_summary", "layout_from_args", "policy_from_args", "register", "run", "simulate"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("simulate", help="dry-run the sampler: per-step ids or a per-cluster summary",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--cluster-sizes", help="synthetic clusters with contiguous ids, e.g. 5000,300,20,1")
+    src.add_argument("--dataset", help="dataset folder with a croupier cluster sidecar")
+    src.add_argument("--mix", help="a mixture file (TOML): sources with weights and policies (docs/sampling.md)")
+    p.add_argument("--selection", help="sample only inside this named selection of the dataset")
+    add_block_size_argument(p)
+    add_policy_arguments(p)
+    p.add_argument("--state-dir", default=None,
+                   help="replay a job's sequence from its state directory: batch, seed and policy from its "
+                        "newest checkpoint, online changes from its event log (give the layout: --cluster-sizes, "
+                        "--dataset or --mix)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="steps to simulate (required; with --state-dir the default is the job's generated step)")
+    p.add_argument("--world", type=int, default=1, help="ranks in the world (jsonl: print one rank's slice)")
+    p.add_argument("--rank", type=int, help="the rank whose slice jsonl prints")
+    p.add_argument("--format", choices=("jsonl", "summary"), default="summary")
+    p.set_defaults(func=run)
+
+
+def layout_from_args(args: argparse.Namespace) -> ClusterLayout:
+    if args.cluster_sizes is not None:
+        if getattr(args, "selection", None):
+            raise ConfigError("--selection needs --dataset: synthetic clusters have no selections")
+        return synthetic_layout(args)
+    refuse_block_size_for_dataset(args)
+    from croupier.format.sidecar import Sidecar
+
+    return Sidecar.open(args.dataset).layout(getattr(args, "selection", None))
+
+
+@dataclass
+class Schedule:
+    """What a dry run saw: per-tenth active counts and the last tenth's spread."""
+
+    steps_run: int
+    active_at_tenth: list[tuple[int, int]]
+    last_tenth_clusters: int
+    last_tenth_top_share: float
+    end_of_data_step: int | None
+
+
+def simulate(sampler: Sampler | MixSampler, steps: int, out: TextIO | None = None,
+             topology: Topology | None = None) -> Schedule:
+    """Runs `steps` steps; writes jsonl lines to `out` when given; returns the schedule."""
+    if steps < 0:
+        raise ConfigError(f"steps must be >= 0, got {steps}")
+    marks = {min(steps - 1, (steps * i) // 10) for i in range(1, 11)} if steps else set()
+    tenth_start = steps - max(1, steps // 10)
+    k = sampler.layout.num_clusters
+    draws_before = np.zeros(k, dtype=np.int64)
+    active: list[tuple[int, int]] = []
+    end = None
+    for t in range(steps):
+        if t == tenth_start:
+            draws_before = sampler.counters().draws
+        try:
+            batch = sampler.next_batch()
+        except EndOfData as exc:
+            end = exc.step
+            break
+        if out is not None:
+            ids = batch if topology is None else topology.slice(batch)
+            out.write(json.dumps({"step": t, "indices": ids.tolist()}) + "\n")
+        if t in marks:
+            active.append((t + 1, sampler.active_count))
+    last = sampler.counters().draws - draws_before
+    total = int(last.sum())
+    return Schedule(steps_run=sampler.step, active_at_tenth=active,
+                    last_tenth_clusters=int((last > 0).sum()),
+                    last_tenth_top_share=float(last.max() / total) if total else 0.0,
+                    end_of_data_step=end)
+
+
+def format_summary(sampler: Sampler, sched: Schedule) -> str:
+    c = sampler.counters()
+    k = len(c.sizes)
+    lines = [f"policy {sampler.config.policy}  clusters {k}  samples {sampler.layout.num_positions}  "
+             f"global batch {sampler.global_batch}  steps {sched.steps_run}  seed {sampler.seed}"]
+    if sampler.auto_clip is not None:
+        lines.append(sampler.auto_clip.reason())
+    elif sampler.clip is not None:
+        lines.append(f"clip {sampler.clip}")
+    lines.append("")
+    lines.append(f"{'cluster':>8} {'size':>10} {'draws':>10} {'passes':>7} {'clipped at':>10}")
+    order = np.argsort(-c.sizes, kind="stable")
+    shown = order if k <= 40 else np.concatenate([order[:20], order[-20:]])
+    for i, ci in enumerate(shown):
+        if k > 40 and i == 20:
+            lines.append(f"{'...':>8} ({k - 40} clusters not shown)")
+        clipped = "-" if c.clipped_at[ci] < 0 else str(int(c.clipped_at[ci]))
+        lines.append(f"{int(ci):>8} {int(c.sizes[ci]):>10} {int(c.draws[ci]):>10} {int(c.passes[ci]):>7} {clipped:>10}")
+    lines.append(f"{'total':>8} {int(c.sizes.sum()):>10} {int(c.draws.sum()):>10}")
+    lines.append("")
+    lines.append("schedule (active clusters after each tenth of the run):")
+    lines.append("  " + "  ".join(f"step {s}: {a}" for s, a in sched.active_at_tenth))
+    lines.append(f"last tenth drew from {sched.last_tenth_clusters} of {k} clusters "
+                 f"(largest share {sched.last_tenth_top_share:.0%})")
+    if sched.end_of_data_step is not None:
+        lines.append(f"END OF DATA at step {sched.end_of_data_step}: every cluster reached the clip "
+                     f"(on_exhausted=stop)")
+    share = sampler.config.min_active_share
+    if sampler.clip is not None and sampler.active_count < share * k:
+        lines.append(
+            f"WARNING: training ends with {sampler.active_count} of {k} clusters active "
+            f"({sampler.active_count / k:.0%} < {share:.0%}); the last tenth drew from only "
+            f"{sched.last_tenth_clusters} clusters. The end of training collapses onto the largest "
+            f"clusters: raise the clip, or use --clip auto --budget-steps {sched.steps_run}.")
+    return "\n".join(lines)
+
+
+def format_mix_summary(sampler: MixSampler, sched: Schedule) -> str:
+    """Per source: weight and target share, draws and actual share, clip, when it ran dry."""
+    sc = sampler.source_counters()
+    total = int(sc.draws.sum())
+    w0 = np.array([src.weight for src in sampler.sources])
+    lines = [f"mixture of {len(sc.names)} sources  clusters {sampler.layout.num_clusters}  "
+             f"global batch {sampler.global_batch}  steps {sched.steps_run}  seed {sampler.seed}  "
+             f"on_source_exhausted {sampler.on_source_exhausted}", ""]
+    width = max(8, max(len(n) for n in sc.names))
+    lines.append(f"{'source':>{width}} {'policy':>11} {'weight':>8} {'target':>7} {'draws':>10} {'share':>7} "
+                 f"{'clip':>5} {'active':>11} {'exhausted at':>12}")
+    shown = range(len(sc.names)) if len(sc.names) <= 40 else list(range(20)) + list(range(len(sc.names) - 20,
+                                                                                        len(sc.names)))
+    for n, i in enumerate(shown):
+        if len(sc.names) > 40 and n == 20:
+            lines.append(f"{'...':>{width}} ({len(sc.names) - 40} sources not shown)")
+        ex = "-" if sc.exhausted_at[i] < 0 else str(int(sc.exhausted_at[i]))
+        clip = "-" if sc.clips[i] == 0 else str(int(sc.clips[i]))
+        lines.append(f"{sc.names[i]:>{width}} {sampler.sources[i].policy:>11} {sc.weights[i]:>8.4g} "
+                     f"{w0[i] / w0.sum():>7.1%} {int(sc.draws[i]):>10} "
+                     f"{(sc.draws[i] / total if total else 0.0):>7.1%} {clip:>5} "
+                     f"{int(sc.active_clusters[i]):>5}/{int(sc.num_clusters[i]):<5} {ex:>12}")
+    lines.append(f"{'total':>{width}} {'':>11} {'':>8} {'':>7} {total:>10}")
+    lines.append("")
+    lines.append("schedule (active clusters after each tenth of the run):")
+    lines.append("  " + "  ".join(f"step {s}: {a}" for s, a in sched.active_at_tenth))
+    for i in np.argsort(sc.exhausted_at, kind="stable"):
+        if sc.exhausted_at[i] >= 0:
+            lines.append(f"source {sc.names[i]!r} ran out of room at step {int(sc.exhausted_at[i])}: "
+                         + ("its share went to the other sources" if sampler.on_source_exhausted == "redistribute"
+                            else "the job ends there (on_source_exhausted=stop)"))
+    if sched.end_of_data_step is not None:
+        lines.append(f"END OF DATA at step {sched.end_of_data_step}")
+    return "\n".join(lines)
+
+
+def _from_state_dir(args: argparse.Namespace) -> tuple[Sampler | MixSampler, int]:
+    """The job's sampler with its recorded online changes, and its generated step."""
+    from croupier.errors import FingerprintMismatch, StateError
+    from croupier.server.durability.change_log import read_changes
+    from croupier.server.durability.checkpoint_writer import CheckpointMeta
+    from croupier.server.sampling.policy import PolicyConfig
+    from croupier.server.sampling.state import Change
+    from croupier.server.durability.checkpoint_store import CheckpointStore
+
+    flags = [f for f, v in (("--policy", args.policy), ("--clip", args.clip), ("--weights", args.weights),
+                            ("--budget-steps", args.budget_steps), ("--switch-step", args.switch_step),
+                            ("--switch-fraction", args.switch_fraction)) if v is not None]
+    if flags:
+        raise ConfigError(f"--state-dir takes the sampling config from the job's checkpoint; remove {', '.join(flags)}")
+    state_dir = Path(args.state_dir)
+    if not state_dir.is_dir():
+        raise StateError(f"state directory {state_dir} does not exist")
+    ck = CheckpointStore(state_dir).newest_valid()
+    if ck is None:
+        raise StateError(f"state directory {state_dir} holds no valid checkpoint")
+    meta = CheckpointMeta.from_dict(ck.meta, str(ck.path))
+    if meta.global_batch != args.global_batch or meta.seed != args.seed:
+        raise ConfigError(f"the job in {state_dir} ran global batch {meta.global_batch} and seed {meta.seed}; pass "
+                          f"--global-batch {meta.global_batch} --seed {meta.seed}")
+    if args.mix:
+        with tempfile.TemporaryDirectory(prefix="croupier-mix-") as tmp:
+            sampler: Sampler | MixSampler = mixture_sampler(load_mix_args(args, Path(tmp)), meta.global_batch, meta.seed)
+    else:
+        sampler = Sampler(layout_from_args(args), PolicyConfig.from_dict(meta.policy), meta.global_batch, meta.seed)
+    if sampler.fingerprint != meta.sampler_fingerprint:
+        raise FingerprintMismatch(f"the job in {state_dir} (give the layout it was served with)",
+                                  expected=meta.sampler_fingerprint, got=sampler.fingerprint)
+    changes = read_changes(state_dir) if meta.events_in_log else [Change.from_dict(e) for e in meta.events]
+    for ch in changes:
+        sampler.schedule_change(ch)
+    return sampler, meta.generated_step
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.state_dir:
+        sampler, generated = _from_state_dir(args)
+        if args.steps is None:
+            args.steps = generated
+    elif args.steps is None:
+        raise ConfigError("--steps is required (steps to simulate)")
+    elif args.mix:
+        with tempfile.TemporaryDirectory(prefix="croupier-mix-") as tmp:
+            mixture = load_mix_args(args, Path(tmp))
+        sampler = mixture_sampler(mixture, args.global_batch, args.seed)
+    else:
+        layout = layout_from_args(args)
+        sampler = Sampler(layout, policy_from_args(args), args.global_batch, args.seed)
+    topology = None
+    if args.rank is not None:
+        topology = Topology(rank=args.rank, world=args.world)
+        topology.slice_bounds(args.global_batch)  # refuses a batch that does not split evenly
+    elif args.world != 1:
+        Topology(rank=0, world=args.world).slice_bounds(args.global_batch)
+    if args.format == "jsonl":
+        sched = simulate(sampler, args.steps, sys.stdout, topology)
+        if sched.end_of_data_step is not None:
+            print(f"croupier simulate: end of data at step {sched.end_of_data_step}", file=sys.stderr)
+        return 0
+    sched = simulate(sampler, args.steps)
+    print(format_mix_summary(sampler, sched) if isinstance(sampler, MixSampler) else format_summary(sampler, sched))
+    return 0

@@ -1,0 +1,360 @@
+"""The sampling core: (cluster layout, policy config, global batch, seed) -> global batches.
+
+Pure and vectorized: no network, no per-sample Python loops. The batch of step t is a
+function of the state at step t, and the per-step randomness comes from a generator keyed
+by (seed, step), so replaying from any saved state reproduces the sequence byte for byte.
+
+Cluster-balanced steps draw each slot's cluster from the active clusters (probability
+proportional to weight, equal by default), then take the cluster's next samples in a keyed
+pseudo-random order for its current pass (`permutation.permute`, keyed by hashing
+(seed, cluster, pass)). Under a clip a cluster holds `clip * size` draws; slots that overflow
+a cluster's room are re-drawn from the clusters still active, so no sample is ever drawn
+more than `clip` times and a knocked-out cluster's mass spreads over the rest. Random steps
+walk a chain of keyed permutations of the whole layout: plain shuffling, one pass an epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from croupier.errors import ConfigError, EndOfData, FingerprintMismatch, StateError
+from croupier.server.sampling.autoclip import AutoClip, derive_clip
+from croupier.layout import ClusterLayout
+from croupier.server.sampling.permutation import derive_keys, mix64, permute, seed_key, unpermute
+from croupier.server.sampling.policy import PolicyConfig, check_clip, check_weights
+from croupier.server.sampling.state import Change, SamplerState
+
+ENGINE_VERSION = 1
+_CLUSTER_TAG = 0x43_4C_55_53  # purpose tags for seed_key: distinct streams per use
+_RANDOM_TAG = 0x52_41_4E_44
+_STEP_TAG = 0x53_54_45_50
+_BLOCK_TAG = np.uint64(0x424C_4F43_4B53_0001)
+
+
+@dataclass(frozen=True, eq=False)
+class ClusterCounters:
+    """Per-cluster counters for status tables and plots (arrays of length K)."""
+
+    sizes: np.ndarray
+    draws: np.ndarray
+    passes: np.ndarray
+    clipped_at: np.ndarray
+
+    @property
+    def active(self) -> np.ndarray:
+        return self.clipped_at < 0
+
+
+def _runs(sorted_values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(values, first index, length) of each run of equal values in a sorted array."""
+    n = sorted_values.size
+    starts = np.flatnonzero(np.concatenate(([True], sorted_values[1:] != sorted_values[:-1])))
+    return sorted_values[starts], starts, np.diff(np.append(starts, n))
+
+
+def _group(clusters: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorts (cluster, slot) pairs by cluster, then slot: a stable grouping in one plain sort.
+
+    Slots are < 2**32 and clusters < 2**31, so cluster * 2**32 + slot is a unique int64 key.
+    """
+    keys = np.sort((clusters.astype(np.int64) << 32) | slots.astype(np.int64))
+    return keys >> 32, keys & 0xFFFFFFFF
+
+
+def in_pass_order(k: np.ndarray, n: np.ndarray, keys: np.ndarray, s: int | np.ndarray) -> np.ndarray:
+    """Position inside its cluster of the k-th draw of a pass (vectorized over draws; the read
+    block size `s` is one number, or one per draw).
+
+    Block size 1: a keyed permutation of [0, n). Block size S: blocks of S positions (the last
+    one, of `last` positions, shorter) visited in a keyed order; the k-th draw falls in the
+    block at slot k // S of that order, counting the short block's slot `p_last` as `last`
+    positions long; inside a block, a keyed permutation.
+    """
+    if np.isscalar(s):
+        if s == 1:
+            return permute(k, n, keys)
+        return _block_walk(k, n, keys, np.full(np.shape(k), s, dtype=np.int64))
+    s = np.asarray(s, dtype=np.int64)
+    out = np.empty(np.shape(k), dtype=np.int64)
+    one = s == 1
+    if one.any():
+        out[one] = permute(k[one], n[one], keys[one])
+    if not one.all():
+        many = ~one
+        out[many] = _block_walk(k[many], n[many], keys[many], s[many])
+    return out
+
+
+def _block_walk(k: np.ndarray, n: np.ndarray, keys: np.ndarray, s: np.ndarray) -> np.ndarray:
+    nb = (n + s - 1) // s
+    last = n - (nb - 1) * s
+    block_keys = mix64(keys ^ _BLOCK_TAG)
+    p_last = unpermute(nb - 1, nb, block_keys)
+    lo = p_last * s
+    before = k < lo
+    inside = ~before & (k < lo + last)
+    after = ~before & ~inside
+    slot = np.where(before, k // s, p_last)
+    off = np.where(before, k % s, k - lo)
+    slot[after] = p_last[after] + 1 + (k[after] - lo[after] - last[after]) // s[after]
+    off[after] = (k[after] - lo[after] - last[after]) % s[after]
+    block = permute(slot, nb, block_keys)
+    size = np.where(block == nb - 1, last, s)
+    return block * s + permute(off, size, derive_keys(np.uint64(0), keys, block))
+
+
+class Sampler:
+    """Generates the one global sequence of batches for a dataset, policy, batch and seed."""
+
+    def __init__(self, layout: ClusterLayout, config: PolicyConfig, global_batch: int, seed: int = 0) -> None:
+        if isinstance(global_batch, bool) or not isinstance(global_batch, (int, np.integer)) or global_batch < 1:
+            raise ConfigError(f"global batch must be an integer >= 1, got {global_batch!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
+        k = layout.num_clusters
+        if config.weights is not None and len(config.weights) != k:
+            raise ConfigError(f"weights has {len(config.weights)} entries but the layout has {k} clusters")
+        self.layout = layout
+        self.config = config
+        self.global_batch = int(global_batch)
+        self.seed = int(seed)
+        self.auto_clip: AutoClip | None = None
+        base_clip = config.clip
+        if config.auto_clip:
+            assert config.budget_steps is not None  # validated by PolicyConfig
+            self.auto_clip = derive_clip(layout.sizes, self.global_batch, config.budget_steps,
+                                         config.min_active_share)
+            base_clip = self.auto_clip.clip
+        if base_clip is not None:
+            check_clip(int(base_clip), int(layout.sizes.sum()))
+        self._base_clip = base_clip
+        ident = {"engine": ENGINE_VERSION, "layout": layout.fingerprint, "policy": config.to_dict(),
+                 "block_size": int(layout.block_size),
+                 "global_batch": self.global_batch, "seed": self.seed}
+        digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+        self.fingerprint = f"smp:{digest}"
+        self._cluster_key = seed_key(self.seed, _CLUSTER_TAG)
+        self._random_key = seed_key(self.seed, _RANDOM_TAG)
+        self._sizes = layout.sizes
+        self._offsets = layout.offsets
+        self.step = 0
+        self._random_cursor = 0
+        self._clip = base_clip
+        self._weights = None if config.weights is None else np.asarray(config.weights, dtype=np.float64)
+        self._cursor = np.zeros(k, dtype=np.int64)
+        self._draws = np.zeros(k, dtype=np.int64)
+        self._clipped_at = np.full(k, -1, dtype=np.int64)
+        self._pending: list[Change] = []
+        self._rebuild_active()
+
+    # -- public API ---------------------------------------------------------------------------
+    @property
+    def clip(self) -> int | None:
+        """Clip threshold in force now (after applied online changes); None = no clip."""
+        return self._clip
+
+    @property
+    def active_count(self) -> int:
+        """Clusters that cluster-balanced steps can still draw from."""
+        return int(self._active.size)
+
+    def next_batch(self) -> np.ndarray:
+        """The global batch of `self.step` (int64 sample ids), then advance one step.
+
+        Raises EndOfData, leaving the state unchanged, when the clip has exhausted the
+        clusters and the policy says stop.
+        """
+        step = self.step
+        self._apply_changes(step)
+        b = self.global_batch
+        if self.config.is_random_phase(step):
+            positions = self._random_positions(b)
+        else:
+            if self._room is not None and self._room < b and self.config.on_exhausted == "stop":
+                raise EndOfData(step, f"end of data at step {step}: the clip has left {self._room} draws "
+                                      f"in {self._active.size} active clusters, fewer than the global batch {b}")
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, _STEP_TAG, step])))
+            positions = self._cluster_positions(rng, b, step)
+            unfilled = np.flatnonzero(positions < 0)
+            if unfilled.size:
+                positions[unfilled] = self._random_positions(unfilled.size)
+        self.step = step + 1
+        return self.layout.ids_at(positions)
+
+    def schedule(self, step: int, clip: int | None = None, weights: list[float] | np.ndarray | None = None) -> None:
+        """Record an online change that takes effect at the start of `step` (>= current step)."""
+        if step < self.step:
+            raise ConfigError(f"a change must name a future step; step {step} is before the sampler's step {self.step}")
+        if clip is None and weights is None:
+            raise ConfigError("a change needs a new clip or new weights")
+        if clip is not None:
+            if isinstance(clip, bool) or not isinstance(clip, (int, np.integer)) or clip < 1:
+                raise ConfigError(f"clip must be an integer >= 1, got {clip!r}")
+            if self.config.policy not in ("clusterclip", "weighted"):
+                raise ConfigError(f"policy {self.config.policy!r} takes no clip; the clip applies to clusterclip and weighted")
+            clip = int(clip)
+            check_clip(clip, int(self._sizes.sum()))
+        wt: tuple[float, ...] | None = None
+        if weights is not None:
+            wt = tuple(float(w) for w in weights)
+            if len(wt) != self.layout.num_clusters:
+                raise ConfigError(f"weights has {len(wt)} entries but the layout has {self.layout.num_clusters} clusters")
+            check_weights(wt)
+            if self.config.policy == "random":
+                raise ConfigError("policy 'random' draws no clusters; weights do not apply")
+        self._pending.append(Change(step=int(step), clip=clip, weights=wt))
+        self._pending.sort(key=lambda c: c.step)
+
+    def schedule_change(self, change: Change) -> None:
+        """`schedule` for a recorded change; refuses the fields only a mixture has."""
+        if change.source is not None or change.source_weight is not None or change.source_weights is not None:
+            raise ConfigError("this job serves one dataset: source weights apply to mixtures (serve --mix)")
+        self.schedule(change.step, clip=change.clip,
+                      weights=None if change.weights is None else list(change.weights))
+
+    @property
+    def config_dict(self) -> dict:
+        """What JobInfo.policy_json and checkpoints record: the policy config."""
+        return self.config.to_dict()
+
+    def state(self) -> SamplerState:
+        """A snapshot from which `load_state` continues the sequence exactly."""
+        return SamplerState(
+            fingerprint=self.fingerprint, step=self.step, random_cursor=self._random_cursor, clip=self._clip,
+            weights=None if self._weights is None else self._weights.copy(), cursor=self._cursor.copy(),
+            draws=self._draws.copy(), clipped_at=self._clipped_at.copy(), pending=tuple(self._pending))
+
+    def load_state(self, state: SamplerState) -> None:
+        """Continue from `state`; refuses a state of another dataset, policy, batch or seed."""
+        if state.fingerprint != self.fingerprint:
+            raise FingerprintMismatch("sampler state", expected=self.fingerprint, got=state.fingerprint)
+        k = self.layout.num_clusters
+        if len(state.cursor) != k or len(state.draws) != k or len(state.clipped_at) != k:
+            raise StateError(f"sampler state has {len(state.cursor)} clusters, the layout has {k}")
+        self.step = int(state.step)
+        self._random_cursor = int(state.random_cursor)
+        self._clip = state.clip
+        self._weights = None if state.weights is None else np.array(state.weights, dtype=np.float64)
+        self._cursor = np.array(state.cursor, dtype=np.int64)
+        self._draws = np.array(state.draws, dtype=np.int64)
+        self._clipped_at = np.array(state.clipped_at, dtype=np.int64)
+        self._pending = list(state.pending)
+        self._rebuild_active()
+
+    def counters(self) -> ClusterCounters:
+        """Per-cluster draws, completed cluster-balanced passes and clipped-at steps."""
+        return ClusterCounters(sizes=self._sizes, draws=self._draws.copy(),
+                               passes=self._cursor // self._sizes, clipped_at=self._clipped_at.copy())
+
+    # -- internals ----------------------------------------------------------------------------
+    def _rebuild_active(self) -> None:
+        """Recompute the active set and its sampling table after a knockout or a change."""
+        ok = np.ones(len(self._sizes), dtype=bool) if self._weights is None else self._weights > 0
+        if self._clip is not None:
+            ok &= self._cursor < self._clip * self._sizes
+        self._is_active = ok
+        self._active = np.flatnonzero(ok)
+        self._cum = None if self._weights is None else np.cumsum(self._weights[self._active])
+        self._room = None
+        if self._clip is not None:
+            self._room = int((self._clip * self._sizes[self._active] - self._cursor[self._active]).sum())
+
+    def _knock_out(self, clusters: np.ndarray) -> None:
+        """Removes clusters whose room the clip has used up (their room is already zero)."""
+        self._is_active[clusters] = False
+        self._active = np.flatnonzero(self._is_active)
+        if self._weights is not None:
+            self._cum = np.cumsum(self._weights[self._active])
+
+    def _apply_changes(self, step: int) -> None:
+        if not self._pending or self._pending[0].step > step:
+            return
+        while self._pending and self._pending[0].step <= step:
+            change = self._pending.pop(0)
+            if change.clip is not None:
+                self._clip = change.clip
+            if change.weights is not None:
+                self._weights = np.asarray(change.weights, dtype=np.float64)
+        if self._clip is not None:
+            capped = self._cursor >= self._clip * self._sizes
+            self._clipped_at[~capped] = -1
+            self._clipped_at[capped & (self._clipped_at < 0)] = step
+        self._rebuild_active()
+
+    def _draw_clusters(self, rng: np.random.Generator, m: int) -> np.ndarray:
+        if self._cum is None:
+            return self._active[rng.integers(0, self._active.size, size=m)]
+        u = rng.random(m) * self._cum[-1]
+        idx = np.searchsorted(self._cum, u, side="right")
+        np.minimum(idx, self._active.size - 1, out=idx)
+        return self._active[idx]
+
+    def _cluster_positions(self, rng: np.random.Generator, m: int, step: int) -> np.ndarray:
+        """Layout positions for m slots from the active clusters; -1 where all are exhausted.
+
+        Rounds assign clusters to slots (re-drawing slots that overflow a clipped cluster's
+        room); then each cluster's slots, in slot order, take its next stream positions.
+        """
+        assigned = np.full(m, -1, dtype=np.int64)
+        pending = np.arange(m)
+        sizes = self._sizes
+        while pending.size and self._active.size:
+            chosen = self._draw_clusters(rng, pending.size)
+            if self._clip is None:
+                assigned[pending] = chosen
+                break
+            sc, slots = _group(chosen, pending)
+            uniq, first, counts = _runs(sc)
+            ordinal = np.arange(sc.size) - np.repeat(first, counts)
+            cur = self._cursor[uniq]
+            take = np.minimum(counts, self._clip * sizes[uniq] - cur)
+            ok = ordinal < np.repeat(take, counts)
+            assigned[slots[ok]] = sc[ok]
+            self._cursor[uniq] += take
+            self._room -= int(take.sum())
+            done = uniq[cur + take >= self._clip * sizes[uniq]]
+            if done.size:
+                self._clipped_at[done] = step
+                self._knock_out(done)
+            pending = np.sort(slots[~ok])
+        out = np.full(m, -1, dtype=np.int64)
+        filled = np.flatnonzero(assigned >= 0)
+        if not filled.size:
+            return out
+        sc, slot_of = _group(assigned[filled], filled)
+        uniq, first, counts = _runs(sc)
+        if self._clip is None:
+            self._cursor[uniq] += counts
+        self._draws[uniq] += counts
+        start = self._cursor[uniq] - counts  # the clusters' cursors before this step
+        k = np.repeat(start, counts) + (np.arange(sc.size) - np.repeat(first, counts))
+        n_c = sizes[sc]
+        passes = k // n_c
+        keys = derive_keys(self._cluster_key, sc, passes)
+        out[slot_of] = self._offsets[sc] + self._in_pass_order(k - passes * n_c, n_c, keys)
+        return out
+
+    def _in_pass_order(self, k: np.ndarray, n: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        return in_pass_order(k, n, keys, self.layout.block_size)
+
+    def _random_positions(self, m: int) -> np.ndarray:
+        """The next m positions of the chain of keyed whole-layout permutations."""
+        total = self.layout.num_positions
+        out = np.empty(m, dtype=np.int64)
+        filled = 0
+        g = self._random_cursor
+        while filled < m:
+            epoch, off = divmod(g, total)
+            take = min(m - filled, total - off)
+            key = derive_keys(self._random_key, np.array([epoch]), np.array([0]))[0]
+            out[filled:filled + take] = permute(np.arange(off, off + take), total, key)
+            filled += take
+            g += take
+        self._random_cursor = g
+        clusters, counts = np.unique(self.layout.clusters_of(out), return_counts=True)
+        self._draws[clusters] += counts
+        return out

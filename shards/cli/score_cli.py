@@ -1,0 +1,137 @@
+"""`croupier shards score DIR --by askllm|density|perplexity`: per-sample score columns.
+
+Scores land in the dataset's sidecar as float32 columns (`Sidecar.write_scores`) with the
+scorer's parameters in the manifest. Work in progress lives in
+`DIR/croupier/scoring/NAME/` (see `scoring.ChunkedRun`) until the column is stored: an
+interrupted run (crash, Ctrl-C, endpoint outage) keeps its finished chunks and the same
+command resumes it; two runs on the same NAME at once are refused.
+
+- density: two streaming passes over the memory-mapped embeddings (`density.py`); the
+  sketch after pass 1 is saved too, so a resume skips it.
+- askllm: `--model PATH` (local Hugging Face model, GPU when present) or `--endpoint URL`
+  (OpenAI-compatible server) reads each document's text column inside the paper's prompt.
+- perplexity: `--model PATH`, a small causal LM; mean token NLL.
+
+`--engine ray` runs density as Ray tasks (`ray_score.py`, the same scores bit for bit) and
+askllm/perplexity with `--model` on a Ray Data actor pool (`ray_lm_score.py`, the same
+scores up to float rounding); both keep their progress in the same work folder as locally.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import numpy as np
+
+from croupier.errors import ConfigError
+from croupier.shards.scoring.scorers import (SCORERS, UNSCORABLE, check_scorer, discard_work, make_askllm,
+                                             make_perplexity, score_density, score_texts)
+
+
+# -- command --------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> int:
+    from croupier.format.sidecar import Sidecar, validate_name
+
+    by = check_scorer(args.by)
+    name = validate_name("score", args.name or by)
+    sidecar = Sidecar.open(args.dir)
+    progress = not args.no_progress
+    if args.restart:
+        discard_work(sidecar, name)
+    t0 = time.monotonic()
+    if args.engine != "ray" and (args.ray_address is not None or args.ray_workers is not None):
+        raise ConfigError("--ray-address and --ray-workers apply to --engine ray only")
+    if by == "density" and args.ray_workers is not None:
+        raise ConfigError(f"--ray-workers sizes the askllm/perplexity actor pool; density uses every Ray CPU, "
+                          f"got --ray-workers {args.ray_workers}")
+    actors: dict[int, int] = {}
+    if by == "density":
+        bw = args.bandwidth if args.bandwidth == "auto" else _positive_float(args.bandwidth, "bandwidth")
+        values, record = score_density(sidecar, name, rows=args.rows, buckets=args.buckets,
+                                       bandwidth=bw, hashes_per_row=args.hashes_per_row,
+                                       seed=args.seed, chunk_size=args.chunk_size, progress=progress,
+                                       engine=args.engine, ray_address=args.ray_address)
+    elif args.engine == "ray":
+        from croupier.shards.scoring.ray_lm_score import ray_text_scores
+
+        (make_askllm if by == "askllm" else make_perplexity)(args, check_only=True)
+        res = ray_text_scores(sidecar, name, by, args, text_field=args.text_field, chunk_size=args.chunk_size,
+                              progress=progress, address=args.ray_address, workers=args.ray_workers)
+        values, record, actors = res.values, res.record, res.actors
+    else:
+        scorer = make_askllm(args) if by == "askllm" else make_perplexity(args)
+        record = {"scorer": by, **scorer.params(), "text_field": args.text_field}
+        values = score_texts(sidecar, name, scorer, record, text_field=args.text_field,
+                             chunk_size=args.chunk_size, progress=progress, label=by)
+    if by == "perplexity":
+        bad = ~np.isfinite(values)
+        values = np.where(bad, np.float32(UNSCORABLE), values).astype(np.float32)
+        record = {**record, "unscorable": int(bad.sum()), "unscorable_value": UNSCORABLE}
+    elapsed = time.monotonic() - t0
+    stored = {**record, "elapsed_s": round(elapsed, 3)}
+    if args.engine == "ray" and by != "density":
+        stored.update(engine="ray", ray_actors=len(actors), ray_chunks_scored=sum(actors.values()))
+    sidecar.write_scores(name, values, stored)
+    discard_work(sidecar, name)
+    print(f"score {name!r} ({by}): {len(values):,} samples in {elapsed:,.1f} s "
+          f"({len(values) / max(elapsed, 1e-9):,.0f} samples/s); min {values.min():.4g}, "
+          f"median {float(np.median(values)):.4g}, max {values.max():.4g}")
+    return 0
+
+
+def _positive_float(text: str, what: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise ConfigError(f"{what} must be a number or 'auto', got {text!r}") from None
+    if not v > 0:
+        raise ConfigError(f"{what} must be > 0, got {text!r}")
+    return v
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "score", help="score every sample (askllm, density, perplexity) into the sidecar",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dir", help="MDS dataset folder with a croupier sidecar")
+    p.add_argument("--by", required=True, metavar="SCORER", help=f"one of: {', '.join(SCORERS)}")
+    p.add_argument("--name", help="score column name (default: the scorer's name)")
+    p.add_argument("--chunk-size", type=int, help="samples per resumable chunk")
+    p.add_argument("--restart", action="store_true", help="discard a partial run and start over")
+    p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    p.add_argument("--engine", default="local", choices=("local", "ray"),
+                   help="local (default) or ray (density: both sketch passes as Ray tasks; askllm and "
+                        "perplexity: a Ray Data actor pool, one model per actor; the same scores)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else local)")
+    p.add_argument("--ray-workers", type=int, default=None,
+                   help="askllm/perplexity actors on Ray (default: one per GPU, else one per CPU)")
+    d = p.add_argument_group("density")
+    d.add_argument("--rows", type=int, default=1000, help="sketch rows R (default 1000)")
+    d.add_argument("--buckets", type=int, default=20000, help="buckets per row B (default 20000)")
+    d.add_argument("--bandwidth", default="auto",
+                   help="p-stable hash width in embedding units, or 'auto' (default)")
+    d.add_argument("--hashes-per-row", type=int, default=2, help="hashes concatenated per row (default 2)")
+    d.add_argument("--seed", type=int, default=0, help="sketch seed (default 0)")
+    m = p.add_argument_group("askllm / perplexity")
+    m.add_argument("--model", help="local Hugging Face model folder or cached name (offline)")
+    m.add_argument("--endpoint", help="OpenAI-compatible server URL (askllm only)")
+    m.add_argument("--endpoint-model", help="model name to ask the endpoint for (default: its first)")
+    m.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                   help="environment variable holding the endpoint's API key (if set)")
+    m.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP request (default 60)")
+    m.add_argument("--retries", type=int, default=3, help="HTTP retries before failing (default 3)")
+    m.add_argument("--concurrency", type=int, default=4, help="HTTP requests in flight (default 4)")
+    m.add_argument("--top-logprobs", type=int, default=20, help="logprobs to request (default 20)")
+    m.add_argument("--max-chars", type=int, default=12000,
+                   help="endpoint: characters of each example kept (default 12000)")
+    m.add_argument("--batch-size", type=int, help="examples per forward pass / request")
+    m.add_argument("--max-length", type=int, default=512, help="tokens per prompt (default 512)")
+    m.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1...")
+    m.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
+    m.add_argument("--text-field", default="text", help="MDS column holding the text (default text)")
+    p.set_defaults(func=run)
+
+
+__all__ = ["SCORERS", "check_scorer", "score_density", "score_texts", "discard_work", "register", "run"]
