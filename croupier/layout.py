@@ -36,7 +36,7 @@ class ClusterLayout:
         blocks in a keyed random order, samples in a keyed random order inside each block.
         A cluster-major dataset whose shards each hold B samples of one cluster then reads
         one shard at a time per cluster, which keeps the readers' working set and download
-        amplification small (DESIGN.md, "Reading shards").
+        amplification small (docs/reading.md).
     """
 
     offsets: np.ndarray

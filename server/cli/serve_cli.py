@@ -50,7 +50,7 @@ from croupier.server.durability.checkpoint_store import CheckpointStore, atomic_
 if TYPE_CHECKING:
     from croupier.mixture import Mixture
 
-log = logging.getLogger("croupier.server.serve")
+log = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

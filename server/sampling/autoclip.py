@@ -1,6 +1,6 @@
 """Derive a clip threshold from the training budget, without simulating a draw.
 
-Measured caution (DESIGN.md): when the budget nears clip x dataset, clusterclip knocks out
+Measured caution (docs/sampling.md, "Auto clip"): when the budget nears clip x dataset, clusterclip knocks out
 every cluster, smallest first, and the end of training collapses onto the largest one or two.
 `derive_clip` picks the smallest clip T that keeps at least `min_active_share` of the
 clusters active at the end of the budget.

@@ -1,6 +1,6 @@
 """Sampling policies and their configuration: a frozen, validated, serializable value.
 
-Policies (DESIGN.md, ClusterClip paper):
+Policies (after ClusterClip, "Balanced Data Sampling for Language Model Training with Clustering"; docs/sampling.md):
 - random: plain shuffling; each epoch is one keyed permutation of every sample.
 - uniform: every cluster equally likely, without replacement inside a cluster per pass, no clip.
 - clusterclip: uniform over the clusters still active; a cluster is knocked out once its

@@ -24,7 +24,7 @@ from croupier.errors import ConfigError, CroupierError
 from croupier.proto import pb2
 from croupier.server.job.job import MAX_IDS_PER_MESSAGE, MAX_SLICES_PER_MESSAGE, Job, SliceStream
 
-log = logging.getLogger("croupier.server.serving.session")
+log = logging.getLogger(__name__)
 
 FULL_POLL_S = 5.0
 """Every lane of a session is polled at least this often, woken or not (liveness changes with time)."""

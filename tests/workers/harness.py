@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
-VENV_BIN = REPO / ".venv" / "bin"
+VENV_BIN = Path(sys.executable).parent
+"""The scripts of the interpreter running the tests (croupier, torchrun), whichever environment it is."""
 CROUPIER = str(VENV_BIN / "croupier")
 
 
@@ -99,7 +100,7 @@ def env_for_subprocess() -> dict[str, str]:
 
 
 def python() -> str:
-    return str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
+    return sys.executable
 
 
 def self_signed(tmp: Path, name: str = "localhost") -> tuple[Path, Path]:
