@@ -37,6 +37,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from croupier.errors import ConfigError, CroupierError
+from croupier.datasets import open_dataset
+from croupier.format.sidecar import Sidecar
 from croupier.layout import ClusterLayout
 
 UNITS: tuple[str, ...] = ("samples", "tokens")
@@ -298,16 +300,9 @@ def open_mix(spec: MixSpec, sidecar_cache: Path | None = None) -> Mixture:
                    token_counts=tuple(counts))
 
 
-def _open_sidecar(dataset: str, cache: Path | None, name: str, where: str):  # -> Sidecar
-    from croupier.format.remote import fetch_sidecar, is_remote
-    from croupier.format.sidecar import Sidecar
-
+def _open_sidecar(dataset: str, cache: Path | None, name: str, where: str) -> Sidecar:
     try:
-        if is_remote(dataset):
-            if cache is None:
-                raise ConfigError(f"{where}: a remote dataset needs a local folder for its sidecar copy")
-            return Sidecar.open(fetch_sidecar(dataset, cache / name))
-        return Sidecar.open(dataset)
+        return open_dataset(dataset, None if cache is None else cache / name)
     except CroupierError as exc:  # name the source in the message, keep the error's type
         if not str(exc).startswith(where):
             exc.args = (f"{where}: {exc}",) + exc.args[1:]

@@ -423,11 +423,11 @@ class Demo:
         """Replays the sampler; returns (exact, layout, config, counters at the last trained step)."""
         from croupier.server.sampling.sampler import Sampler
         from croupier.server.sampling.policy import PolicyConfig
-        from croupier.format.sidecar import Sidecar
+        from croupier.datasets import open_dataset
 
         meta = self._status()
         job = meta.job
-        layout = Sidecar.open(self.dataset).layout(job.selection or None)
+        layout = open_dataset(self.dataset).layout(job.selection or None)
         config = PolicyConfig.from_dict(json.loads(job.policy_json))
         sampler = Sampler(layout, config, int(job.global_batch), int(job.seed))
         if sampler.fingerprint != job.sampler_fingerprint:

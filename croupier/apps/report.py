@@ -116,9 +116,9 @@ def replay_sampler(sampler: Any, upto: int, events: Sequence[dict] = (), points:
 
 
 def _layout_for(dataset: str, selection: str = "") -> Any:
-    from croupier.format.sidecar import Sidecar
+    from croupier.datasets import open_dataset
 
-    return Sidecar.open(dataset).layout(selection or None)
+    return open_dataset(dataset).layout(selection or None)
 
 
 def _attach_history(data: ReportData, layout: Any, config: Any, events: Sequence[dict], sampler: Any = None) -> None:

@@ -119,17 +119,11 @@ def dataset_from_args(args: argparse.Namespace) -> tuple[ClusterLayout, str, str
             raise ConfigError("--selection needs a DATASET with a sidecar, not --cluster-sizes")
         return synthetic_layout(args), "", args.remote, None
     refuse_block_size_for_dataset(args)
-    from croupier.format.remote import SIDECAR_CACHE_DIR, fetch_sidecar, is_remote
-    from croupier.format.sidecar import Sidecar
+    from croupier.datasets import SIDECAR_CACHE_DIR, open_dataset, read_location
 
-    if is_remote(args.dataset):  # an object store: the sidecar is read from a fresh local copy
-        side = Sidecar.open(fetch_sidecar(args.dataset, Path(args.state_dir) / SIDECAR_CACHE_DIR))
-        layout = side.layout(args.selection or None)
-        return layout, side.fingerprint, args.remote or side.remote or args.dataset, side.token_counts()
-    side = Sidecar.open(args.dataset)
+    side = open_dataset(args.dataset, Path(args.state_dir) / SIDECAR_CACHE_DIR)
     layout = side.layout(args.selection or None)
-    remote = args.remote or side.remote or str(Path(args.dataset).resolve())
-    return layout, side.fingerprint, remote, side.token_counts()
+    return layout, side.fingerprint, read_location(args.dataset, side, args.remote), side.token_counts()
 
 
 def _lock_state_dir(state_dir: Path) -> int:

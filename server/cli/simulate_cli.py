@@ -58,9 +58,9 @@ def layout_from_args(args: argparse.Namespace) -> ClusterLayout:
             raise ConfigError("--selection needs --dataset: synthetic clusters have no selections")
         return synthetic_layout(args)
     refuse_block_size_for_dataset(args)
-    from croupier.format.sidecar import Sidecar
+    from croupier.datasets import open_dataset
 
-    return Sidecar.open(args.dataset).layout(getattr(args, "selection", None))
+    return open_dataset(args.dataset).layout(getattr(args, "selection", None))
 
 
 @dataclass
