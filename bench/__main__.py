@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import math
 import pkgutil
 import sys
 import time
@@ -24,35 +23,15 @@ import traceback
 from pathlib import Path
 from typing import Iterable, Sequence
 
-COLUMNS = ("bench", "metric", "value", "unit", "reference", "ratio", "target")
+from bench.common.table import COLUMNS, format_table
+
+__all__ = ["COLUMNS", "discover", "format_table", "main", "run_all"]
 
 
 def discover() -> list[str]:
     """Names of the benchmark modules (bench_<topic>), sorted."""
     here = Path(__file__).resolve().parent
     return sorted(m.name for m in pkgutil.iter_modules([str(here)]) if m.name.startswith("bench_"))
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
-            return f"{value:.3g}"
-        return f"{value:,.3f}" if abs(value) < 100 else f"{value:,.1f}"
-    return str(value)
-
-
-def format_table(rows: Sequence[dict]) -> str:
-    """A fixed-width text table of benchmark rows."""
-    cells = [[_fmt(r.get(c)) for c in COLUMNS] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(COLUMNS)]
-    line = "  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths))
-    out = [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
-    return "\n".join(out)
 
 
 def run_all(names: Iterable[str], scale: str, log=sys.stderr) -> tuple[list[dict], list[str]]:

@@ -59,7 +59,7 @@ def oracle_fetch_bytes(steps_shards: list[np.ndarray], fetch: np.ndarray, size: 
 
 
 def read_through_store(remote: Path, cache: Path, batches: np.ndarray, limit: int, lookahead: int) -> dict:
-    from bench._shard_data import read_in_steps
+    from bench.common.shard_data import read_in_steps
     from croupier.client.readers.shard_cache import ShardStore
 
     store = ShardStore(remote, cache, cache_limit=limit, prefetch_threads=4)
@@ -72,7 +72,7 @@ def read_through_store(remote: Path, cache: Path, batches: np.ndarray, limit: in
 
 
 def run(scale: str = "full") -> list[dict]:
-    from bench._shard_data import clusterclip_batches, long_tailed_sizes, write_cluster_major
+    from bench.common.shard_data import clusterclip_batches, long_tailed_sizes, write_cluster_major
     from croupier.format.id_table import ShardTable
     from croupier.client.readers.shard_cache import ShardStore
     from croupier.layout import ClusterLayout
@@ -121,6 +121,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", choices=tuple(SCALES), default="quick")
     args = parser.parse_args()
-    from bench.__main__ import format_table
+    from bench.common.table import format_table
 
     print(format_table(run(args.scale)))

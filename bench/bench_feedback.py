@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", choices=sorted(SCALES), default="full")
     args = ap.parse_args(argv)
-    from bench.__main__ import format_table
+    from bench.common.table import format_table
 
     print(format_table(run(args.scale)))
     return 0

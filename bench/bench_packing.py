@@ -82,6 +82,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", choices=tuple(SCALES), default="quick")
     args = parser.parse_args()
-    from bench.__main__ import format_table
+    from bench.common.table import format_table
 
     print(format_table(run(args.scale)))

@@ -161,7 +161,7 @@ def main() -> int:
     rows = run(args.scale)
     if args.memory:
         rows += driver_memory()
-    from bench.__main__ import format_table
+    from bench.common.table import format_table
 
     print(format_table(rows))
     return 0

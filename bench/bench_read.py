@@ -32,7 +32,7 @@ LOOKAHEAD = 16
 
 
 def store_samples_per_s(remote: str, cache: Path, batches: np.ndarray) -> tuple[float, dict]:
-    from bench._shard_data import read_in_steps
+    from bench.common.shard_data import read_in_steps
     from croupier.client.readers.shard_cache import ShardStore
 
     t0 = time.perf_counter()
@@ -62,7 +62,7 @@ def streaming_samples_per_s(remote: str, cache: Path, count: int, batch: int) ->
 def run(scale: str = "full") -> list[dict]:
     from streaming.base.util import clean_stale_shared_memory
 
-    from bench._shard_data import clusterclip_batches, long_tailed_sizes, slow_remote, write_cluster_major
+    from bench.common.shard_data import clusterclip_batches, long_tailed_sizes, slow_remote, write_cluster_major
     from croupier.layout import ClusterLayout
 
     p = SCALES[scale]
@@ -96,6 +96,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", choices=tuple(SCALES), default="quick")
     args = parser.parse_args()
-    from bench.__main__ import format_table
+    from bench.common.table import format_table
 
     print(format_table(run(args.scale)))

@@ -5,7 +5,7 @@ W reads the rank's steps t = w mod W), simulated as an asyncio task in a few cli
 processes (2 cores cannot run thousands of real processes). Each rank consumes one step every
 1/RATE s on a shared clock, acknowledging every ACK_EVERY of a worker's steps; like
 `RankClient`'s stream thread, a reader task per consumer drains its stream as messages arrive
-(bench/_step_inbox.py), and a consumer's wait is how long after wanting a step its slice
+(bench/common/step_inbox.py), and a consumer's wait is how long after wanting a step its slice
 arrived. Two modes run
 in the same invocation on the same load:
 
@@ -110,7 +110,7 @@ def _steps_of(pb2, resp) -> list[int]:
 
 
 async def _direct_consumer(stub, pb2, rank, world, worker, workers, steps, rate, t0, out) -> None:
-    from bench._step_inbox import StepInbox
+    from bench.common.step_inbox import StepInbox
 
     await stub.Join(pb2.JoinRequest(job=JOB, rank=rank, world_size=world), timeout=300)
     call = stub.Session()
@@ -135,7 +135,7 @@ async def _direct_consumer(stub, pb2, rank, world, worker, workers, steps, rate,
 async def _agent_consumer(ctx, runtime, pb2, rank, world, worker, workers, steps, rate, t0, out) -> None:
     import zmq
 
-    from bench._step_inbox import StepInbox
+    from bench.common.step_inbox import StepInbox
     from croupier.client.agent.protocol import CALL, SESSION, endpoint
 
     sock = ctx.socket(zmq.DEALER)

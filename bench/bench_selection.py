@@ -194,7 +194,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", default="full", choices=sorted(SCALES))
     args = parser.parse_args()
-    from bench.__main__ import format_table
+    from bench.common.table import format_table
 
     print(format_table(run(args.scale)))
     return 0

@@ -5,7 +5,7 @@ few client processes (so the client side does not dominate the cores), every ran
 opens its Session stream (one lane; a server without Session: StreamSlices plus unary Ack)
 and consumes one step every 1/RATE seconds on a shared clock, acknowledging every ACK_EVERY
 steps in-band, as `RankClient` does. Like `RankClient`'s stream thread, a reader task per rank
-drains its stream as messages arrive (bench/_step_inbox.py). We report
+drains its stream as messages arrive (bench/common/step_inbox.py). We report
 
 - client wait per step (p50, p99): how long after wanting step t (its clock's time for t, or
   later if it runs behind) a rank's slice of t arrived; zero when it was already there.
@@ -22,7 +22,7 @@ With `--baseline REV` the same loads (parameters frozen in SCALES) run, in the s
 invocation, against the server of git revision REV too (checked out into a temporary
 `git worktree` under /tmp, removed afterwards), and each metric's ratio new/old is printed.
 
-Every load also runs against the transport floor (bench/_floor_server.py): a Session server
+Every load also runs against the transport floor (bench/common/floor_server.py): a Session server
 that sends the ranks exactly the messages croupier's server sends and does nothing else. Its
 CPU per million ids is what Python grpc.aio alone costs for this message pattern; new/floor
 is what croupier's job adds on top, floor/old the least any server could reach against the
@@ -75,7 +75,7 @@ async def _rank_loop(stub, pb2, rank: int, world: int, steps: int, rate: float, 
 
     import grpc
 
-    from bench._step_inbox import StepInbox
+    from bench.common.step_inbox import StepInbox
 
     await stub.Join(pb2.JoinRequest(rank=rank, world_size=world), timeout=300)
 
@@ -140,7 +140,7 @@ async def _session_rank_loop(stub, pb2, rank: int, world: int, steps: int, rate:
 
     import grpc
 
-    from bench._step_inbox import StepInbox
+    from bench.common.step_inbox import StepInbox
 
     await stub.Join(pb2.JoinRequest(rank=rank, world_size=world), timeout=300)
 
@@ -259,7 +259,7 @@ def generation_cpu_per_million(global_batch: int, steps: int) -> float:
 def one_load(n: int, steps: int, rate: float, procs: int, env: dict[str, str] | None = None,
              cwd: Path | None = None, protocol: str = "session", floor: bool = False) -> dict:
     """One load of n ranks against a fresh `croupier serve` (or, with `floor`, against the
-    transport floor server of bench/_floor_server.py)."""
+    transport floor server of bench/common/floor_server.py)."""
     world = n
     batch = PER_RANK * n
     with tempfile.TemporaryDirectory() as tmp:
@@ -270,7 +270,7 @@ def one_load(n: int, steps: int, rate: float, procs: int, env: dict[str, str] | 
                "--clip", "5", "--global-batch", str(batch), "--state-dir", tmp, "--lookahead", str(LOOKAHEAD),
                "--max-lag", str(2 * LOOKAHEAD), "--max-workers", str(2 * n + 64), "--log-level", level]
         if floor:
-            cmd, cwd = [sys.executable, "-m", "bench._floor_server"], Path(__file__).resolve().parents[1]
+            cmd, cwd = [sys.executable, "-m", "bench.common.floor_server"], Path(__file__).resolve().parents[1]
         log = open(log_path, "w") if log_path else subprocess.DEVNULL
         server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
                                   cwd=cwd)
@@ -449,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", default=None, help="git revision whose server runs the same loads (ratios)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from bench.__main__ import format_table
+    from bench.common.table import format_table
 
     print(format_table(run(args.scale, args.baseline)), flush=True)
     return 0

@@ -147,7 +147,7 @@ def main() -> int:
     p.add_argument("--scale", choices=sorted(SCALES), default="full")
     args = p.parse_args()
     rows = run(args.scale)
-    from bench.__main__ import format_table
+    from bench.common.table import format_table
 
     print(format_table(rows))
     return 0

@@ -2,7 +2,7 @@
 hierarchical (bisecting) and balanced variants, on the natural corpus.
 
 ClusterClip can only up-sample a rare group when the group owns a cluster. This benchmark
-embeds the natural corpus (bench/natural_corpus.py: docstrings of the installed packages, the
+embeds the natural corpus (bench/common/natural_corpus.py: docstrings of the installed packages, the
 package as the true group) with the build's embedder and clusters the same matrix with:
 
 - flat spherical k-means (what `croupier shards build` does) at K = f x sqrt(N), f = 1, 2, 4, 8;
@@ -216,12 +216,11 @@ def measure(embedder: str = "minilm", cache: Path | None = None, log=sys.stderr,
             fraction: float | None = None) -> list[dict]:
     """Every clustering of the natural corpus (`fraction` of each package's docstrings; default
     the `long` natural scale's 10%) against the packages."""
-    from bench import natural_corpus as nc
-    from bench.train_natural import NATURAL_SCALES
+    from bench.common import natural_corpus as nc
     from croupier.shards.build.builder import auto_clusters
     from croupier.shards.diagnostics import long_tail_report
 
-    p = NATURAL_SCALES["long"]
+    p = nc.STUDY_CORPUS  # the corpus of the natural training study's long scale
     cfg = nc.CorpusConfig(site_packages=str(nc.default_site_packages()), fraction=fraction or p["fraction"],
                           max_docs=p["max_docs"], min_docs=p["min_docs"], max_files=p["max_files"])
     train, _ = nc.split(nc.collect(cfg))

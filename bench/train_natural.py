@@ -1,6 +1,6 @@
 """The training comparison on a natural long-tailed corpus, through croupier's own clusters.
 
-The corpus is the docstrings of the installed packages (`bench.natural_corpus`, grouped by
+The corpus is the docstrings of the installed packages (`bench.common.natural_corpus`, grouped by
 package, a held-out split per package). Each build of `NATURAL_BUILDS` is made by
 `croupier shards build` in its own process, as a user runs it: the default flat k-means
 (K about sqrt N), flat k-means with more clusters (`kmeans-4x`: K = 4 sqrt N), and
@@ -41,11 +41,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from bench.common import natural_corpus as nc
 from bench.train_compare import Prepared, RunResult, Variant, summarize, train_one
 
-_CORPUS = {"fraction": 0.1, "max_docs": 2000, "max_files": 400, "min_docs": 4}
+_CORPUS = nc.STUDY_CORPUS
 NATURAL_SCALES: dict[str, dict[str, Any]] = {
-    # fraction / max_docs / max_files / min_docs: the corpus (bench.natural_corpus); passes and
+    # fraction / max_docs / max_files / min_docs: the corpus (bench.common.natural_corpus); passes and
     # batch: the training budget (passes over the training documents, examples per step);
     # seeds: one training run per seed and sampler; embedder: the builds' (model-free hashing
     # by default; --embedder minilm embeds once per run, 4 to 6 minutes for the quick corpus
@@ -185,15 +186,13 @@ def compare_natural(scale: str = "quick", out: str | Path | None = None, *, site
                     **overrides: Any) -> tuple[list[RunResult], dict[str, Any]]:
     """Natural corpus, croupier's own clusters, per-source held-out loss over several seeds.
 
-    The corpus (docstrings of installed packages, `bench.natural_corpus`) and its held-out
+    The corpus (docstrings of installed packages, `bench.common.natural_corpus`) and its held-out
     split are fixed (seed 0); each build runs once (`croupier shards build`, seed 0), all of
     them through one embeddings cache (`embed_cache`, default: a folder of the run's temporary
     work, so the corpus is embedded once per run; give a folder to keep it across runs);
     every sampler trains once per seed (model init and sampler seed); `clips` adds clusterclip
     at those fixed clips to every build. Writes results.json and table.txt under `out` when given.
     """
-    from bench import natural_corpus as nc
-
     if scale not in NATURAL_SCALES:
         raise ValueError(f"unknown natural scale {scale!r}; valid scales: {', '.join(NATURAL_SCALES)}")
     params = dict(NATURAL_SCALES[scale], **{k: v for k, v in overrides.items() if v is not None})

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench import natural_corpus as nc  # noqa: E402
+from bench.common import natural_corpus as nc  # noqa: E402
 from bench import train_natural  # noqa: E402
 
 WORDS = ("parse", "render", "merge", "split", "encode", "decode", "fetch", "store", "index", "count")

@@ -11,7 +11,7 @@ one event loop.
 What it costs per million ids is what any Python grpc.aio server pays for this message
 pattern, whatever it computes: the floor under croupier's server in the same load.
 
-Run: python -m bench._floor_server   (prints {"address": ...} on its first line, like serve)
+Run: python -m bench.common.floor_server   (prints {"address": ...} on its first line, like serve)
 """
 
 from __future__ import annotations

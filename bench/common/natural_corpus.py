@@ -15,7 +15,7 @@ generator seeded from (seed, package name)), and packages left with fewer than `
 are dropped. `split` then holds out `heldout_fraction` of every package (at least
 `min_heldout`), seeded the same way.
 
-    python -m bench.natural_corpus --out out/natural [--fraction 0.25 --max-docs 800]
+    python -m bench.common.natural_corpus --out out/natural [--fraction 0.25 --max-docs 800]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import sysconfig
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -62,6 +62,12 @@ class CorpusConfig:
             raise ValueError(f"min_docs ({self.min_docs}) must not exceed max_docs ({self.max_docs})")
         if self.min_chars > self.max_chars:
             raise ValueError(f"min_chars ({self.min_chars}) must not exceed max_chars ({self.max_chars})")
+
+
+# The corpus the natural training study reads at its quick and long scales
+# (bench.studies.train_natural) and bench_tail_clustering clusters: 10% of each package's
+# docstrings, at most 2,000 of them and 400 files per package, packages keeping at least 4.
+STUDY_CORPUS: dict[str, Any] = {"fraction": 0.1, "max_docs": 2000, "max_files": 400, "min_docs": 4}
 
 
 def default_site_packages() -> Path:
@@ -208,7 +214,7 @@ def assemble(out: Path, cfg: CorpusConfig, heldout_fraction: float = 0.2) -> tup
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.natural_corpus", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.common.natural_corpus", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder for train.jsonl, heldout.jsonl, sources.json")
     p.add_argument("--site-packages", default=str(default_site_packages()))
     p.add_argument("--fraction", type=float, default=1.0, help="share of each package's docstrings kept")
