@@ -176,3 +176,24 @@ def test_a_mixture_source_on_the_object_store_reads_its_sidecar_from_the_bucket(
     assert out.returncode == 0, out.stderr
     ref = mixture_sampler(m, 12, 0)
     assert [json.loads(x)["indices"] for x in out.stdout.splitlines()] == [ref.next_batch().tolist() for _ in range(4)]
+
+
+def test_simulate_opens_a_dataset_on_the_object_store_like_serve(s3, tmp_path, corpus, capsys):
+    """`simulate --dataset s3://...` deals what the same dataset built locally deals."""
+    from croupier.datasets import open_dataset
+    from croupier.server.sampling.policy import PolicyConfig
+    from croupier.server.sampling.sampler import Sampler
+
+    src = tmp_path / "docs.jsonl"
+    write_jsonl(src, corpus[:200])
+    url = f"s3://{BUCKET}/sim/ds"
+    assert main(_build_args(src, url, "--work-dir", str(tmp_path / "work"))) == 0
+    assert main(_build_args(src, str(tmp_path / "local"))) == 0
+    capsys.readouterr()
+    assert main(["simulate", "--dataset", url, "--policy", "clusterclip", "--clip", "2", "--global-batch", "10",
+                 "--steps", "5", "--format", "jsonl"]) == 0
+    got = [json.loads(x)["indices"] for x in capsys.readouterr().out.splitlines()]
+    local = open_dataset(str(tmp_path / "local"))
+    assert open_dataset(url).fingerprint == local.fingerprint
+    ref = Sampler(local.layout(), PolicyConfig(policy="clusterclip", clip=2), 10, 0)
+    assert got == [ref.next_batch().tolist() for _ in range(5)]
