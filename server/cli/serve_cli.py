@@ -40,6 +40,7 @@ from croupier.bearer import MIN_SERVER_TOKEN_CHARS, read_token_file
 from croupier.server.job.job import CheckpointUnavailable, Job, JobSpec
 from croupier.layout import ClusterLayout
 from croupier.server.serving.metrics import ServerMetrics
+from croupier.server.sampling.mixture import source_policy
 from croupier.server.sampling.policy import PolicyConfig
 from croupier.server.cli.policy_args import (add_block_size_argument, add_policy_arguments, load_mix_args,
                                            policy_from_args,

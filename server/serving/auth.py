@@ -15,13 +15,11 @@ at all, the server trusts its network (it binds to loopback unless told otherwis
 from __future__ import annotations
 
 import hmac
-from pathlib import Path
 from typing import Callable
 
 import grpc
 
 from croupier.errors import ConfigError
-from croupier.bearer import MIN_SERVER_TOKEN_CHARS, read_token_file
 from croupier.grpc_options import AUTH_METADATA_KEY
 
 OPEN_SERVICES = ("/grpc.health.v1.Health/",)
