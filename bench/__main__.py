@@ -1,6 +1,6 @@
 """`python -m bench`: run every benchmark of the project and print one summary table.
 
-Every module `bench/bench_<topic>.py` exposes `run(scale) -> list[dict]` with rows
+Every module `bench/benchmarks/bench_<topic>.py` exposes `run(scale) -> list[dict]` with rows
 {bench, metric, value, unit, reference, ratio, target}. This runner imports each one, runs it
 at the chosen scale ("quick" by default: the whole set in about 10 minutes on 2 cores), and
 prints one table of the ratios against their targets. A benchmark that fails is reported as
@@ -8,7 +8,8 @@ a FAILED row with its error and the others still run; the exit code is 1 if any 
 
     python -m bench                      # every benchmark, quick scale
     python -m bench --scale full         # the sizes the issues name (much longer)
-    python -m bench --only sampler,client --json out/bench.json
+    python -m bench --only sampler,read --json out/bench.json
+    python -m bench --list               # the benchmarks' names
 """
 
 from __future__ import annotations
@@ -25,13 +26,15 @@ from typing import Iterable, Sequence
 
 from bench.common.table import COLUMNS, format_table
 
-__all__ = ["COLUMNS", "discover", "format_table", "main", "run_all"]
+__all__ = ["BENCHMARKS", "COLUMNS", "PACKAGE", "discover", "format_table", "main", "run_all"]
+
+PACKAGE = "bench.benchmarks"  # the package holding the benchmark modules
+BENCHMARKS = Path(__file__).resolve().parent / "benchmarks"  # its folder
 
 
 def discover() -> list[str]:
-    """Names of the benchmark modules (bench_<topic>), sorted."""
-    here = Path(__file__).resolve().parent
-    return sorted(m.name for m in pkgutil.iter_modules([str(here)]) if m.name.startswith("bench_"))
+    """Names of the benchmark modules (bench_<topic> in bench/benchmarks/), sorted."""
+    return sorted(m.name for m in pkgutil.iter_modules([str(BENCHMARKS)]) if m.name.startswith("bench_"))
 
 
 def run_all(names: Iterable[str], scale: str, log=sys.stderr) -> tuple[list[dict], list[str]]:
@@ -42,7 +45,7 @@ def run_all(names: Iterable[str], scale: str, log=sys.stderr) -> tuple[list[dict
         t0 = time.perf_counter()
         print(f"[bench] {name} ({scale}) ...", file=log, flush=True)
         try:
-            module = importlib.import_module(f"bench.{name}")
+            module = importlib.import_module(f"{PACKAGE}.{name}")
             got = list(module.run(scale))
             for row in got:
                 missing = [c for c in ("bench", "metric", "value") if c not in row]
@@ -76,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unknown benchmark(s) {sorted(unknown)}; valid: {names}")
         names = [n for n in names if n in wanted]
     if not names:
-        print("no benchmarks found (bench/bench_*.py)", file=sys.stderr)
+        print("no benchmarks found (bench/benchmarks/bench_*.py)", file=sys.stderr)
         return 1
     t0 = time.perf_counter()
     rows, failed = run_all(names, args.scale)

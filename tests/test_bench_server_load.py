@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench import bench_server_load as bsl
+from bench.benchmarks import bench_server_load as bsl
 
 
 @pytest.mark.parametrize("floor", [False, True], ids=["croupier", "floor"])

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from bench.bench_tail_clustering import balanced, bisecting, flat, hierarchical, neighbour_recall, quarter_means
+from bench.benchmarks.bench_tail_clustering import balanced, bisecting, flat, hierarchical, neighbour_recall, quarter_means
 from croupier.shards.build.cluster import normalize
 from croupier.shards.diagnostics import nmi
 
@@ -64,7 +64,7 @@ def test_neighbour_recall_by_hand() -> None:
 
 
 def test_lsa_embeddings_keep_lexically_distinct_groups_apart() -> None:
-    from bench.bench_tail_clustering import lsa
+    from bench.benchmarks.bench_tail_clustering import lsa
 
     texts = [f"alpha beta gamma {i}" for i in range(10)] + [f"delta epsilon zeta {i}" for i in range(10)]
     groups = np.repeat([0, 1], 10)

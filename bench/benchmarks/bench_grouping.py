@@ -16,7 +16,7 @@ shared (2 cores), so times are noisy.
 Scales: full = 200k documents, K = 4096, 512 groups; quick = 50k, K = 1024, 256 groups;
 1m = 1M documents, K = 4096, 1024 groups (the paper's setting; about 20 minutes on 2 cores).
 
-    python -m bench.bench_grouping --scale quick
+    python -m bench.benchmarks.bench_grouping --scale quick
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def run(scale: str = "quick") -> list[dict]:
         make_data(folder, s["docs"], s["groups"], s["dim"])
         res = {}
         for variant in ("flat", "grouped", "per-group"):
-            p = subprocess.run([sys.executable, "-m", "bench.bench_grouping", "--one", variant, "--folder", str(folder),
+            p = subprocess.run([sys.executable, "-m", "bench.benchmarks.bench_grouping", "--one", variant, "--folder", str(folder),
                                 "--k", str(s["k"]), "--niter", str(s["niter"])],
                                capture_output=True, text=True, check=True)
             res[variant] = json.loads(p.stdout.strip().splitlines()[-1])

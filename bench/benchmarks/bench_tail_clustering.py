@@ -30,7 +30,7 @@ default; a few minutes on 2 cores, kept in --cache). `--embedder tfidf-words|tfi
 clusters lexical or stylistic representations instead (`LSA_EMBEDDERS`), `--fraction 0.4`
 the 4x larger corpus.
 
-Run: python -m bench.bench_tail_clustering [--scale quick|full] [--embedder NAME] [--fraction F] [--cache DIR]
+Run: python -m bench.benchmarks.bench_tail_clustering [--scale quick|full] [--embedder NAME] [--fraction F] [--cache DIR]
 """
 
 from __future__ import annotations

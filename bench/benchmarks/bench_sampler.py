@@ -102,7 +102,7 @@ def child_torch(n: int, indices: int) -> dict:
 
 
 def _in_child(fn: str, *args: int) -> dict:
-    code = f"import json, bench.bench_sampler as b; print(json.dumps(b.{fn}(*{args!r})))"
+    code = f"import json, bench.benchmarks.bench_sampler as b; print(json.dumps(b.{fn}(*{args!r})))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -25,7 +25,7 @@ A last part measures the node cache: one agent with a cache limit of 10% of a sy
 dataset, two ranks reading a clusterclip sequence through it; bytes downloaded against
 Belady's offline optimum on the node's merged read sequence (target <= 1.1).
 
-Run: python bench/bench_scale.py [--scale quick|full]
+Run: python -m bench.benchmarks.bench_scale [--scale quick|full]
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from queue import Empty
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository (bench/benchmarks/ is two below it)
 SCALES = {
     # (nodes, ranks per node, workers per rank)
     "quick": {"loads": ((4, 4, 4), (8, 8, 4)), "steps": 40, "rate": 2.0, "procs": 2},
@@ -332,9 +332,22 @@ def one_load(mode: str, nodes: int, per_node: int, workers: int, steps: int, rat
 
 
 # -- node cache --------------------------------------------------------------------------------------
+def _test_folders(*files: str) -> list[Path]:
+    """The folders to put on sys.path to import each of `files` (paths relative to an import
+    root, e.g. "workers/harness.py") from the test suite, wherever under tests/ it sits."""
+    out: list[Path] = []
+    for rel in files:
+        found = sorted(ROOT.glob(f"tests/**/{rel}"))
+        if not found:
+            raise FileNotFoundError(f"no tests/**/{rel} under {ROOT}")
+        out.append(found[0].parents[rel.count("/")])
+    return out
+
+
 def cache_part() -> dict:
     """Bytes a node downloads under a 10% cache limit, against Belady's offline optimum."""
-    sys.path.insert(0, str(ROOT / "tests"))
+    for folder in _test_folders("test_agent.py", "workers/harness.py"):
+        sys.path.insert(0, str(folder))
     from test_agent import belady_bytes  # the same optimum the tests assert against
 
     from croupier.client.dataset import CroupierIterableDataset

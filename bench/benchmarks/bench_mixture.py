@@ -12,7 +12,7 @@
 Scales: full = 100k clusters, 1,000 steps of 4,096; quick = 20k clusters, 200 steps of 1,024;
 both use 100 datasets of 64 documents for part 2. Figures on a shared 2-core machine are noisy.
 
-    python -m bench.bench_mixture --scale quick
+    python -m bench.benchmarks.bench_mixture --scale quick
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ CPU per million ids is what Python grpc.aio alone costs for this message pattern
 is what croupier's job adds on top, floor/old the least any server could reach against the
 baseline with these messages.
 
-Run: python bench/bench_server_load.py [--scale quick|full] [--baseline main]
+Run: python -m bench.benchmarks.bench_server_load [--scale quick|full] [--baseline main]
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from queue import Empty
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parents[2]  # the repository (bench/benchmarks/ is two below it)
 SCALES = {
     "quick": {"ranks": (16, 64), "steps": 30, "rate": 4.0, "procs": 2},
     "full": {"ranks": (64, 256, 1024), "steps": 40, "rate": 2.0, "procs": 4},
@@ -270,7 +271,7 @@ def one_load(n: int, steps: int, rate: float, procs: int, env: dict[str, str] | 
                "--clip", "5", "--global-batch", str(batch), "--state-dir", tmp, "--lookahead", str(LOOKAHEAD),
                "--max-lag", str(2 * LOOKAHEAD), "--max-workers", str(2 * n + 64), "--log-level", level]
         if floor:
-            cmd, cwd = [sys.executable, "-m", "bench.common.floor_server"], Path(__file__).resolve().parents[1]
+            cmd, cwd = [sys.executable, "-m", "bench.common.floor_server"], ROOT
         log = open(log_path, "w") if log_path else subprocess.DEVNULL
         server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
                                   cwd=cwd)
@@ -369,9 +370,8 @@ _COMPARED = (("p99_ms", "client wait p99", "<= 0.1"), ("p50_ms", "client wait p5
 def _baseline_env(rev: str, tmp: Path) -> tuple[dict[str, str], Path]:
     """An environment whose `python -m croupier` is the croupier of git revision `rev`: a
     temporary worktree and a package folder of links mirroring pyproject's package-dir."""
-    root = Path(__file__).resolve().parents[1]
     tree = tmp / "tree"
-    subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(tree), rev], check=True,
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev], check=True,
                    capture_output=True)
     pkg = tmp / "pkg" / "croupier"
     pkg.mkdir(parents=True)
@@ -435,8 +435,7 @@ def run(scale: str = "full", baseline: str | None = None) -> list[dict]:
                              "ratio": r[key] / old[key] if old[key] else None, "target": target})
     finally:
         if tree is not None:
-            root = Path(__file__).resolve().parents[1]
-            subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(tree)], check=False,
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False,
                            capture_output=True)
         if base_tmp is not None:
             shutil.rmtree(base_tmp, ignore_errors=True)
@@ -448,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale", choices=sorted(SCALES), default="full")
     ap.add_argument("--baseline", default=None, help="git revision whose server runs the same loads (ratios)")
     args = ap.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(ROOT))
     from bench.common.table import format_table
 
     print(format_table(run(args.scale, args.baseline)), flush=True)
