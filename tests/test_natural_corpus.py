@@ -16,7 +16,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.common import natural_corpus as nc  # noqa: E402
-from bench import train_natural  # noqa: E402
+from bench.studies import train_natural  # noqa: E402
 
 WORDS = ("parse", "render", "merge", "split", "encode", "decode", "fetch", "store", "index", "count")
 
@@ -144,7 +144,7 @@ def test_natural_mode_runs_end_to_end(site, tmp_path):
 
 
 def test_build_settings_and_paired_tables():
-    from bench.train_compare import RunResult
+    from bench.studies.harness import RunResult
 
     assert train_natural.BuildSetting("k", k_factor=4.0).cli_args(100) == ["--clusters", "40"]
     assert train_natural.BuildSetting("k", k_factor=4.0).cli_args(9) == ["--clusters", "9"]  # at most N

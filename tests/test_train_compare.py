@@ -17,7 +17,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench import __main__ as bench_runner  # noqa: E402
-from bench import train_compare  # noqa: E402
+from bench.studies import train_compare  # noqa: E402
 from croupier.errors import ConfigError  # noqa: E402
 from croupier.apps.tinylm import PAD, TinyLMConfig, build_model, encode, example_losses, loss, make_optimizer, \
     per_cluster_mean, train_step  # noqa: E402
