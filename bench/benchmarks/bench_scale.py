@@ -42,11 +42,12 @@ import threading
 import time
 from pathlib import Path
 from queue import Empty
+from typing import Any
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository (bench/benchmarks/ is two below it)
-SCALES = {
+SCALES: dict[str, dict[str, Any]] = {
     # (nodes, ranks per node, workers per rank)
     "quick": {"loads": ((4, 4, 4), (8, 8, 4)), "steps": 40, "rate": 2.0, "procs": 2},
     "full": {"loads": ((8, 8, 4), (32, 8, 4), (64, 16, 4)), "steps": 32, "rate": 2.0, "procs": 4},
@@ -406,44 +407,62 @@ def cache_part() -> dict:
             "dataset": int(sizes.sum()), "hits": stats["cache_hits"], "misses": stats["cache_misses"]}
 
 
+# (load, metric, direct's value: the reference, agent's value, agent / direct, target), per row
+Row = tuple[str, str, float | None, float | None, float | None, str]
+_METRICS = (("cpu_per_m", "server CPU per 1M ids", "s", "(joins included)"),
+            ("steady_per_m", "server CPU per 1M ids, steady", "s", "<= 0.2"),
+            ("p99_ms", "consumer wait p99", "ms", "<= 0.1 (at 1,024 ranks x 4)"),
+            ("p50_ms", "consumer wait p50", "ms", "(info)"),
+            ("streams", "server open streams (peak)", "", "agent = {nodes} nodes"),
+            ("threads", "server threads (peak)", "", "(info)"))
+_UNITS = {what: unit for _, what, unit, _ in _METRICS} | {"bytes downloaded vs Belady optimum": "bytes"}
+
+
+def measure(scale: str, skip_cache: bool = False) -> list[Row]:
+    """Every load of the scale, direct then agent, and (unless `skip_cache`) the node cache."""
+    p = SCALES[scale]
+    rows: list[Row] = []
+    for nodes, per_node, workers in p["loads"]:
+        label = f"{nodes} nodes x {per_node} ranks x {workers} workers = {nodes * per_node * workers} consumers"
+        res: dict[str, dict | None] = {}
+        for mode in ("direct", "agent"):
+            try:
+                res[mode] = r = one_load(mode, nodes, per_node, workers, p["steps"], p["rate"], p["procs"])
+            except RuntimeError as exc:
+                res[mode] = None
+                print(f"[bench_scale] {label} {mode}: FAILED {exc}", file=sys.stderr, flush=True)
+                continue
+            print(f"[bench_scale] {label} {mode}: p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms, server CPU "
+                  f"{r['cpu_per_m']:.1f} s/1M ids ({r['steady_per_m']:.1f} after warm-up), streams {r['streams']}, "
+                  f"threads {r['threads']}",
+                  file=sys.stderr, flush=True)
+        d, a = res.get("direct"), res.get("agent")
+        for key, what, _, target in _METRICS:
+            dv = d[key] if d else None
+            av = a[key] if a else None
+            ratio = av / dv if dv and av is not None else None
+            rows.append((label, what, dv, av, ratio, target.format(nodes=nodes)))
+    if not skip_cache:
+        c = cache_part()
+        rows.append(("1 node, cache limit 10% of the dataset", "bytes downloaded vs Belady optimum",
+                     c["optimum"], c["downloaded"], c["downloaded"] / c["optimum"], "<= 1.1"))
+    return rows
+
+
+def run(scale: str = "full") -> list[dict]:
+    """Runner entry point (`python -m bench`): per load and metric, agent's value against
+    direct's in the same run (the reference), and the node cache's bytes against Belady's."""
+    return [{"bench": f"scale: {label}", "metric": what, "value": av, "unit": _UNITS.get(what, ""),
+             "reference": dv, "ratio": ratio, "target": target} for label, what, dv, av, ratio, target in measure(scale)]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", choices=sorted(SCALES), default="full")
     ap.add_argument("--skip-cache", action="store_true", help="skip the node cache part")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    p = SCALES[args.scale]
-    rows = []
-    for nodes, per_node, workers in p["loads"]:
-        label = f"{nodes} nodes x {per_node} ranks x {workers} workers = {nodes * per_node * workers} consumers"
-        res = {}
-        for mode in ("direct", "agent"):
-            try:
-                res[mode] = one_load(mode, nodes, per_node, workers, p["steps"], p["rate"], p["procs"])
-            except RuntimeError as exc:
-                res[mode] = None
-                print(f"[bench_scale] {label} {mode}: FAILED {exc}", file=sys.stderr, flush=True)
-                continue
-            r = res[mode]
-            print(f"[bench_scale] {label} {mode}: p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms, server CPU "
-                  f"{r['cpu_per_m']:.1f} s/1M ids ({r['steady_per_m']:.1f} after warm-up), streams {r['streams']}, "
-                  f"threads {r['threads']}",
-                  file=sys.stderr, flush=True)
-        d, a = res.get("direct"), res.get("agent")
-        for key, what, target in (("cpu_per_m", "server CPU per 1M ids", "(joins included)"),
-                                  ("steady_per_m", "server CPU per 1M ids, steady", "<= 0.2"),
-                                  ("p99_ms", "consumer wait p99", "<= 0.1 (at 1,024 ranks x 4)"),
-                                  ("p50_ms", "consumer wait p50", "(info)"),
-                                  ("streams", "server open streams (peak)", f"agent = {nodes} nodes"),
-                                  ("threads", "server threads (peak)", "(info)")):
-            dv = d[key] if d else None
-            av = a[key] if a else None
-            ratio = av / dv if dv and av is not None else None
-            rows.append((label, what, dv, av, ratio, target))
-    if not args.skip_cache:
-        c = cache_part()
-        rows.append(("1 node, cache limit 10% of the dataset", "bytes downloaded vs Belady optimum",
-                     c["optimum"], c["downloaded"], c["downloaded"] / c["optimum"], "<= 1.1"))
+    rows = measure(args.scale, args.skip_cache)
     print(f"{'load':<62} {'metric':<30} {'direct/ref':>12} {'agent':>12} {'ratio':>7}  target")
     for label, what, dv, av, ratio, target in rows:
         fmt = (lambda v: "-" if v is None else f"{v:.1f}" if isinstance(v, float) else str(v))
