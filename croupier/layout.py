@@ -147,7 +147,7 @@ def groups_of(ids: np.ndarray, group_of: GroupOf) -> np.ndarray:
     return groups
 
 
-def layout_group_of(layout: ClusterLayout) -> GroupOf:
+def layout_group_of(layout: ClusterLayout) -> Callable[[np.ndarray], np.ndarray]:
     """id -> cluster for a layout: O(1) memory for contiguous (cluster-major) layouts.
 
     With a member list (clusters are not id ranges) this builds an id -> cluster table of

@@ -344,7 +344,7 @@ class MixSampler:
             raise StateError(f"sampler state has {len(state.cursor)} clusters, the mixture has {k}")
         extra = state.extra or {}
         try:
-            arrays = {name: np.array(extra[name], dtype=dt) for name, dt in
+            arrays: dict[str, np.ndarray] = {name: np.array(extra[name], dtype=dt) for name, dt in
                       (("src_weight", np.float64), ("src_clip", np.int64), ("deficit", np.float64),
                        ("random_cursor", np.int64), ("exhausted_at", np.int64))}
         except (KeyError, TypeError, ValueError) as exc:

@@ -315,7 +315,8 @@ class Sampler:
             ok = ordinal < np.repeat(take, counts)
             assigned[slots[ok]] = sc[ok]
             self._cursor[uniq] += take
-            self._room -= int(take.sum())
+            if self._room is not None:  # always set with a clip
+                self._room -= int(take.sum())
             done = uniq[cur + take >= self._clip * sizes[uniq]]
             if done.size:
                 self._clipped_at[done] = step
