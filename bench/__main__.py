@@ -21,8 +21,8 @@ import pkgutil
 import sys
 import time
 import traceback
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from bench.common.table import COLUMNS, format_table
 

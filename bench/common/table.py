@@ -10,7 +10,8 @@ does not import the runner's entry module.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 COLUMNS: tuple[str, ...] = ("bench", "metric", "value", "unit", "reference", "ratio", "target")
 

@@ -82,14 +82,22 @@ class RunResult:
 def train_one(prep: Prepared, variant: Variant, *, steps: int, batch: int, cache: Path, seed: int = 0,
               lr: float = 3e-3, context: int = 64) -> RunResult:
     """Serve the variant's sampler over gRPC, stream its batches through the client, train, evaluate."""
+    from croupier.apps.tinylm import (
+        TinyLMConfig,
+        build_model,
+        encode,
+        example_losses,
+        make_optimizer,
+        per_cluster_mean,
+        train_step,
+        train_step_losses,
+    )
     from croupier.client.dataset import ID_KEY, STEP_KEY, CroupierIterableDataset
+    from croupier.server.feedback.adapt import AdaptSpec
     from croupier.server.job.job import Job, JobSpec
     from croupier.server.sampling.policy import PolicyConfig
     from croupier.server.serving.service import create_server
     from croupier.topology import Topology
-    from croupier.server.feedback.adapt import AdaptSpec
-    from croupier.apps.tinylm import TinyLMConfig, build_model, encode, example_losses, make_optimizer, \
-        per_cluster_mean, train_step, train_step_losses
 
     config = PolicyConfig.from_dict(variant.policy)
     adapt = None if variant.adapt is None else AdaptSpec(variant.adapt, every=max(5, steps // 30))

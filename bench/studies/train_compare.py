@@ -42,8 +42,9 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -100,11 +101,11 @@ def prepare(work: Path, docs: int, topics: int, alpha: float, seed: int = 0, clu
     so the comparison measures the samplers on a known long-tailed mix; "kmeans": the
     sidecar's k-means clusters, held-out documents assigned to the nearest centroid.
     """
+    from croupier.format.sidecar import Sidecar
     from croupier.layout import ClusterLayout
     from croupier.shards.build.builder import BuildConfig, build
     from croupier.shards.build.embed import get_embedder
     from croupier.shards.build.mds import MDSSource
-    from croupier.format.sidecar import Sidecar
     from croupier.shards.build.synthetic import generate_corpus, write_jsonl
 
     t0 = time.perf_counter()

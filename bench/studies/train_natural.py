@@ -39,9 +39,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -134,9 +135,9 @@ def prepare_natural(dataset: Path, heldout: Sequence[dict], names: Sequence[str]
     Returns the Prepared corpus (its clusters fields hold source codes into `names`, its
     layout croupier's clusters) and the build's diagnostics against the sources.
     """
-    from croupier.shards.diagnostics import long_tail_report
-    from croupier.shards.build.mds import MDSSource
     from croupier.format.sidecar import Sidecar
+    from croupier.shards.build.mds import MDSSource
+    from croupier.shards.diagnostics import long_tail_report
 
     side = Sidecar.open(dataset)
     layout = side.layout()
