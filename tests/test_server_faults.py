@@ -37,6 +37,7 @@ from croupier.server.sampling.policy import PolicyConfig
 from croupier.server.serving.service import CHECKPOINT_HEALTH, create_server
 from croupier.server.durability.checkpoint_store import CheckpointStore
 from croupier.topology import Topology
+from jobs import get_slice
 from workers.harness import env_for_subprocess, free_port, python, wait_for
 
 SIZES = [500, 60, 20, 3]
@@ -158,11 +159,31 @@ def test_dump_against_live_ranks_moves_no_position(serve, capsys) -> None:
     for t in trainers:
         t.start()
     wait_for(lambda: job.status().slowest_step >= 20, 30, "ranks at step 20")
-    before = job.status().slowest_step
-    # Reads rank 0 from step 0 while the ranks train (the old server moved rank 0 back to 0).
-    assert main(["client", "dump", "--server", address, "--rank", "0", "--world", "2", "--start-step", "0",
-                 "--steps", "40"]) == 0
-    assert job.status().slowest_step >= before
+    # Watch rank 0's position and the slowest step all through the dump: neither may move back
+    # (the old server moved rank 0 back to 0 while a reader read from there).
+    seen: list[tuple[int, int]] = []
+    dumping = threading.Event()
+    dumping.set()
+
+    def watch() -> None:
+        while dumping.is_set():
+            st = job.status()
+            seen.append((st.slowest_step, next(r.next_step for r in st.ranks if r.rank == 0)))
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    wait_for(lambda: len(seen) >= 1, 10, "the first position sample")
+    try:
+        assert main(["client", "dump", "--server", address, "--rank", "0", "--world", "2", "--start-step", "0",
+                     "--steps", "40"]) == 0
+    finally:
+        dumping.clear()
+        watcher.join(10)
+    assert len(seen) >= 2
+    for (slow_a, rank0_a), (slow_b, rank0_b) in zip(seen, seen[1:]):
+        assert slow_b >= slow_a and rank0_b >= rank0_a, seen
+    assert seen[0][1] >= 20
     out = capsys.readouterr().out
     ref = reference(40)
     for step in (0, 17, 39):
@@ -207,10 +228,8 @@ def test_vanished_rank_is_reported_and_readmitted(serve) -> None:
         a.next_slice(timeout=10)
         b.next_slice(timeout=10)
     b.close()  # rank 1 vanishes at step 5
-    began = time.monotonic()
     for _ in range(40):
-        a.next_slice(timeout=10)
-    assert time.monotonic() - began < 20  # bound: 40 steps past a rank that is gone, in 20 s
+        a.next_slice(timeout=10)  # each step must come: a rank held back by the vanished one times out
     st = job.status()
     assert [r.live for r in st.ranks] == [True, False] and st.ranks[1].next_step == 5
     again = rank_client(address, 1, 2)
@@ -292,7 +311,7 @@ def test_checkpoints_all_invalid_are_refused_and_fresh_starts_over(tmp_path) -> 
     job = make_job(CheckpointStore(tmp_path))
     job.join(0, 1)
     for t in range(25):
-        job.get_slice(0, 1, t)
+        get_slice(job, 0, 1, t)
         job.ack(0, 1, t + 1)
     job.close()
     steps = CheckpointStore(tmp_path).steps()
@@ -321,14 +340,14 @@ def test_restart_without_any_checkpoint_accepts_ranks_up_to_the_mark(tmp_path) -
     job = make_job(CheckpointStore(tmp_path), checkpoint_every=1000)
     job.join(0, 1)
     for t in range(416):
-        job.get_slice(0, 1, t)
+        get_slice(job, 0, 1, t)
         job.ack(0, 1, t + 1)
-    job._writer.flush()  # what a kill -9 leaves: the mark, no checkpoint file
+    job.flush()  # what a kill -9 leaves: the mark, no checkpoint file
     assert CheckpointStore(tmp_path).steps() == [0] or CheckpointStore(tmp_path).steps() == []
     again = make_job(CheckpointStore(tmp_path), checkpoint_every=1000)
     again.join(0, 1)
     again.ack(0, 1, 416)
-    assert np.array_equal(again.get_slice(0, 1, 416).ids, reference(417)[416])
+    assert np.array_equal(get_slice(again, 0, 1, 416).ids, reference(417)[416])
     job.close()
     again.close()
 
