@@ -69,10 +69,32 @@ class Server:
     def stop(self) -> int:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=60)
-        self.proc.stdout.close()
+        try:
+            return self.proc.wait(timeout=60)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Ends the process group if it still runs and closes the pipes (always safe to call)."""
+        if self.proc is not None:
+            kill_tree(self.proc, signal.SIGKILL)
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
         self.log.close()
-        return code
+
+
+@pytest.fixture
+def make_server():
+    """Servers made through this are always ended at teardown, whatever the test did."""
+    made: list[Server] = []
+
+    def make(tmp: Path, port: int, *extra: str) -> Server:
+        made.append(Server(tmp, port, *extra))
+        return made[-1]
+
+    yield make
+    for server in made:
+        server.close()
 
 
 class Rank(threading.Thread):
@@ -100,11 +122,11 @@ class Rank(threading.Thread):
         return len(self.got)
 
 
-def test_kill_9_at_ten_random_steps_changes_nothing(tmp_path: Path) -> None:
+def test_kill_9_at_ten_random_steps_changes_nothing(tmp_path: Path, make_server) -> None:
     rng = random.Random(20261128)
     kills = sorted(rng.sample(range(40, 1000), 6) + rng.sample(range(1000, STEPS - 60), 4))
     port = free_port()
-    server = Server(tmp_path, port)
+    server = make_server(tmp_path, port)
     server.start()
     ranks = [Rank(f"127.0.0.1:{port}", r) for r in range(WORLD)]
     for r in ranks:
@@ -145,9 +167,9 @@ def _threads(pid: int) -> int:
     raise AssertionError("no Threads line")
 
 
-def test_thousand_open_streams_cost_no_threads(tmp_path: Path) -> None:
+def test_thousand_open_streams_cost_no_threads(tmp_path: Path, make_server) -> None:
     port = free_port()
-    server = Server(tmp_path, port, "--streams-per-peer", "1000")
+    server = make_server(tmp_path, port, "--streams-per-peer", "1000")
     server.start()
     address = f"127.0.0.1:{port}"
     counts: dict[str, int] = {}
@@ -183,9 +205,9 @@ def test_thousand_open_streams_cost_no_threads(tmp_path: Path) -> None:
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "the limit is 1000 per peer" in details
 
 
-def test_a_burst_of_2500_stream_opens_loses_none(tmp_path: Path) -> None:
+def test_a_burst_of_2500_stream_opens_loses_none(tmp_path: Path, make_server) -> None:
     port = free_port()
-    server = Server(tmp_path, port)
+    server = make_server(tmp_path, port)
     server.start()
     n = 2500
 
@@ -216,9 +238,9 @@ def test_a_burst_of_2500_stream_opens_loses_none(tmp_path: Path) -> None:
     assert outcomes == Counter({"served": n}), outcomes
 
 
-def test_sigterm_without_a_state_dir_exits_non_zero_with_the_reason(tmp_path: Path) -> None:
+def test_sigterm_without_a_state_dir_exits_non_zero_with_the_reason(tmp_path: Path, make_server) -> None:
     port = free_port()
-    server = Server(tmp_path, port)
+    server = make_server(tmp_path, port)
     server.start()
     client = RankClient(f"127.0.0.1:{port}", job="default", topology=Topology(0, 1), stop_step=20)
     assert [step for step, _ in client] == list(range(20))
