@@ -5,7 +5,6 @@ flags on every command (--token-file, $CROUPIER_TOKEN, --tls-ca, --tls-server-na
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from croupier.cli import main
-from workers.harness import self_signed
+from workers.harness import self_signed, terminate
 
 TOKEN = "client-cli-token-0123456789"
 SEQUENCE = ["--cluster-sizes", "50,30,20", "--block-size", "4", "--policy", "clusterclip", "--clip", "3",
@@ -36,8 +35,7 @@ def server(tmp_path_factory):
         yield {"address": f"127.0.0.1:{info['port']}", "port": info["port"], "cert": str(cert),
                "token_file": str(token_file), "root": root}
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=60)
+        terminate(proc, 60)
 
 
 def _dump(server, *extra: str) -> list[str]:

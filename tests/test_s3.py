@@ -8,7 +8,6 @@ A corrupted object in the bucket is refused naming the shard."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +17,10 @@ import pytest
 
 from croupier.cli import main
 from croupier.errors import ConfigError, DatasetError
-from croupier.shards.build.builder import BuildConfig
 from croupier.format.sidecar import Sidecar
+from croupier.shards.build.builder import BuildConfig
 from croupier.shards.build.synthetic import generate_corpus, write_jsonl
+from workers.harness import terminate
 
 BUCKET = "croupier-data"
 
@@ -108,8 +108,7 @@ def test_build_to_s3_serve_from_s3_and_a_rank_reads_the_inputs(s3, tmp_path, cor
                                      steps=10, topology=Topology(rank=0, world=1))
         items = list(ds)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=60)
+        terminate(proc, 60)
     assert len(items) == 80
     # every sample the rank decoded is the input document with that id in the built dataset
     texts = _texts_by_id(tmp_path / "local")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,11 +17,12 @@ from hypothesis import strategies as st
 
 from croupier.cli import main
 from croupier.errors import ConfigError, DatasetError
-from croupier.proto import slice_ids
-from croupier.server.sampling.sampler import Sampler
-from croupier.server.sampling.policy import POLICIES, PolicyConfig
-from croupier.shards.scoring.select import allocate, keep_count, priorities, select, top_k, top_k_per_group
 from croupier.format.sidecar import Sidecar
+from croupier.proto import slice_ids
+from croupier.server.sampling.policy import POLICIES, PolicyConfig
+from croupier.server.sampling.sampler import Sampler
+from croupier.shards.scoring.select import allocate, keep_count, priorities, select, top_k, top_k_per_group
+from workers.harness import terminate
 
 
 @pytest.fixture(scope="module")
@@ -283,8 +283,8 @@ def test_simulate_samples_only_inside_the_selection_with_every_policy(ds: Path, 
 # -- through `croupier serve` --------------------------------------------------------------------------
 @pytest.mark.slow
 def test_selection_survives_serve_restart_and_resume(ds: Path, tmp_path: Path):
-    from croupier.proto import pb2, pb2_grpc
     from croupier.grpc_options import channel_options
+    from croupier.proto import pb2, pb2_grpc
 
     assert main(["shards", "select", str(ds), "--by", "random", "--keep", "0.5", "--name", "half"]) == 0
     chosen = set(np.asarray(Sidecar.open(ds).selection("half")).tolist())
@@ -312,9 +312,7 @@ def test_selection_survives_serve_restart_and_resume(ds: Path, tmp_path: Path):
 
     def stop(proc, ch):
         ch.close()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
-        proc.stdout.close()
+        assert terminate(proc, 20)[0] == 0
 
     proc, ch, stub = start()
     try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import socket
 import subprocess
 import sys
@@ -14,11 +13,12 @@ import grpc
 import pytest
 
 from croupier.cli import main
-from croupier.proto import pb2, pb2_grpc, slice_ids
-from croupier.grpc_options import bearer, channel_options
-from croupier.shards.build.builder import BuildConfig, build
 from croupier.format.sidecar import Sidecar
+from croupier.grpc_options import bearer, channel_options
+from croupier.proto import pb2, pb2_grpc, slice_ids
+from croupier.shards.build.builder import BuildConfig, build
 from croupier.shards.build.synthetic import generate_corpus, write_jsonl
+from workers.harness import terminate
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +98,7 @@ def test_serve_a_dataset_with_a_token_then_stop_on_sigterm(dataset: Path, tmp_pa
                                 capture_output=True, text=True, timeout=60)
         assert second.returncode == 2 and "in use by another croupier server" in second.stderr
     finally:
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
+        _, out = terminate(proc, 30)
     assert proc.returncode == 0
     assert json.loads(out.strip().splitlines()[-1])["event"] == "stopped"
     logged = [json.loads(line) for line in (tmp_path / "server.log").read_text().splitlines()]
@@ -174,8 +173,7 @@ def test_insecure_bind_warns_and_keeps_metrics_on_loopback(tmp_path: Path) -> No
         assert _listening_hosts(metrics_port) == {"127.0.0.1"}
         assert info["metrics_host"] == "127.0.0.1"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=30)
+        terminate(proc, 30)
     logged = [json.loads(line) for line in (tmp_path / "server.log").read_text().splitlines()]
     warning = [e for e in logged if e.get("event") == "no_token"]
     assert len(warning) == 1 and warning[0]["level"] == "WARNING"

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -78,6 +79,29 @@ def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=20)
+
+
+def terminate(proc: subprocess.Popen, timeout: float = 30.0) -> tuple[int, Any]:
+    """SIGTERM, then the exit code and the rest of stdout within `timeout`.
+
+    A process that does not stop in time is killed (its whole group when it leads one) before
+    the TimeoutExpired reaches the test, so a failing test never leaves it running."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            leads_group = os.getpgid(proc.pid) == proc.pid
+        except ProcessLookupError:
+            leads_group = False
+        if leads_group:
+            kill_tree(proc, signal.SIGKILL)
+        else:
+            proc.kill()
+        proc.communicate()
+        raise
+    return proc.returncode, out
 
 
 def read_records(out: Path) -> list[dict]:
