@@ -25,13 +25,14 @@ def test_jsonl_matches_the_engine_and_rank_slices(capsys) -> None:
     code, out, _ = run_cli(capsys, *args)
     assert code == 0
     rows = [json.loads(line) for line in out.splitlines()]
+    assert len(rows) == 5
     s = Sampler(ClusterLayout.from_sizes([5000, 300, 20, 1]), PolicyConfig("clusterclip", clip=3), 64, 2)
     for t, row in enumerate(rows):
         assert row["step"] == t
         assert row["indices"] == s.next_batch().tolist()
     code, out, _ = run_cli(capsys, *args, "--world", "4", "--rank", "1")
     sliced = [json.loads(line)["indices"] for line in out.splitlines()]
-    assert sliced == [r["indices"][16:32] for r in rows]
+    assert len(sliced) == 5 and sliced == [r["indices"][16:32] for r in rows]
 
 
 def test_summary_shows_table_schedule_and_collapse_warning(capsys) -> None:
