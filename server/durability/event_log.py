@@ -50,13 +50,15 @@ import mmap
 import os
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 import numpy as np
 
 from croupier.errors import ConfigError, StateError
+from croupier.format.atomic import fsync_dir
 
 MAGIC = b"CRPEVLG1"
 VERSION = 1
@@ -101,7 +103,7 @@ class Event:
         if self.clip is None and self.weights is None:
             raise ConfigError("an event needs a new clip or new weights")
 
-    def same_as(self, other: "Event") -> bool:
+    def same_as(self, other: Event) -> bool:
         """Equal fields, weights compared bit for bit."""
         if (self.step, self.kind, self.origin, self.clip) != (other.step, other.kind, other.origin, other.clip):
             return False
@@ -178,7 +180,7 @@ def _decode(payload: bytes, prev: dict[str, np.ndarray]) -> Event:
 
 
 # -- reading ----------------------------------------------------------------------------------
-def _records(data: bytes | memoryview, path: str) -> Iterator[tuple[int, bytes | None, Scan | None]]:
+def _records(data: bytes | memoryview | mmap.mmap, path: str) -> Iterator[tuple[int, bytes | None, Scan | None]]:
     """Yields (offset, payload, None) per whole record, then (end, None, Scan) once."""
     if len(data) < len(HEADER):
         if bytes(data) == HEADER[:len(data)]:  # torn while the header was written
@@ -316,7 +318,7 @@ class EventLog:
         if created:
             self._file: BinaryIO = open(self.path, "xb")
             self._write_synced(HEADER)
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
             self._count = 0
             return
         with _mapped(self.path) as data:
@@ -360,16 +362,8 @@ class EventLog:
     def close(self) -> None:
         self._file.close()
 
-    def __enter__(self) -> "EventLog":
+    def __enter__(self) -> EventLog:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

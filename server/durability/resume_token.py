@@ -1,4 +1,4 @@
-"""Checkpoint tokens: the short string a trainer stores to resume the sampler at a step.
+"""Resume tokens: the short string a trainer stores to resume the sampler at a step.
 
     croupier-ckpt-v1:<step>:<sampler fingerprint>:<checksum>
 
@@ -19,13 +19,15 @@ from croupier.errors import ConfigError
 PREFIX = "croupier-ckpt-v1"
 _KEY = b"croupier.token.v1"
 
+__all__ = ["PREFIX", "CheckpointToken", "ResumeToken", "TokenError"]
+
 
 class TokenError(ConfigError):
     """A resume token is not a well-formed croupier checkpoint token."""
 
 
 @dataclass(frozen=True)
-class CheckpointToken:
+class ResumeToken:
     """Names the sampler state before `step` of the sequence `fingerprint`."""
 
     fingerprint: str
@@ -35,7 +37,7 @@ class CheckpointToken:
         return f"{PREFIX}:{self.step}:{self.fingerprint}:{_checksum(self.step, self.fingerprint)}"
 
     @classmethod
-    def decode(cls, token: str) -> "CheckpointToken":
+    def decode(cls, token: str) -> ResumeToken:
         """Parses `token`; raises TokenError naming what is wrong with it."""
         shown = token if len(token) <= 80 else token[:77] + "..."
         head, sep, rest = token.partition(":")
@@ -49,6 +51,11 @@ class CheckpointToken:
         if not hmac.compare_digest(mac, _checksum(step, body)):
             raise TokenError(f"resume token {shown!r} fails its checksum: it was truncated or edited")
         return cls(fingerprint=body, step=step)
+
+
+CheckpointToken = ResumeToken
+"""The former name (before the job's types were renamed for grep-ability): kept so that code
+importing it goes on working; new code says ResumeToken."""
 
 
 def _checksum(step: int, fingerprint: str) -> str:
