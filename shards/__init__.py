@@ -15,7 +15,7 @@ from croupier.lazy import exports
 __all__ = ["BuildConfig", "Sidecar", "build"]
 
 __getattr__, __dir__ = exports(__name__, {
-    "BuildConfig": "croupier.shards.build.builder",
+    "BuildConfig": "croupier.shards.build.config",
     "build": "croupier.shards.build.builder",
     "Sidecar": "croupier.format.sidecar",
 })

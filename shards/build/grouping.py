@@ -17,7 +17,8 @@ Cluster ids are group-major: groups in sorted order of their names, a group's cl
 consecutive; each group's k-means is seeded from (seed, group index), so a build is
 deterministic for a seed. The sidecar records the grouping additively: the manifest key
 `grouping` (field, rule, group names, group of every cluster) and `groups.npy`, the int32
-group code of every sample id. Sidecars without them load as before.
+group code of every sample id. Sidecars without them load as before. The build's stages
+that use this are in `croupier.shards.build.stages.groups`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import numpy as np
 
 from croupier.errors import ConfigError, DatasetError
 from croupier.format.atomic import write_npy_atomic
+from croupier.shards.build import work_files
 from croupier.shards.build.cluster import Assigner, KMeansConfig, normalize, train_centroids
 
 GROUPS_FILE = "groups.npy"
@@ -207,12 +209,13 @@ def cluster_by_group(embeddings: np.ndarray, codes: np.ndarray, num_groups: int,
 
 
 def write_group_files(work: Path, codes: np.ndarray, names: list[str]) -> None:
-    write_npy_atomic(work / "group_codes.npy", codes)
-    (work / "group_names.json").write_text(json.dumps(names))
+    """The build's work copy of every document's group code and the group names."""
+    write_npy_atomic(work / work_files.GROUP_CODES, codes)
+    (work / work_files.GROUP_NAMES).write_text(json.dumps(names))
 
 
 def read_group_files(work: Path) -> tuple[np.ndarray, list[str]]:
-    return np.load(work / "group_codes.npy"), json.loads((work / "group_names.json").read_text())
+    return np.load(work / work_files.GROUP_CODES), json.loads((work / work_files.GROUP_NAMES).read_text())
 
 
 def finish(work: Path, side_dir: Path, cfg: GroupingConfig, order: np.ndarray | None) -> dict[str, Any]:
@@ -222,8 +225,8 @@ def finish(work: Path, side_dir: Path, cfg: GroupingConfig, order: np.ndarray | 
     (None when ids are input positions). Clusters dropped as empty are dropped here too.
     """
     codes, names = read_group_files(work)
-    remap = np.load(work / "remap.npy")
-    raw_groups = np.load(work / "cluster_groups_raw.npy")
+    remap = np.load(work / work_files.REMAP)
+    raw_groups = np.load(work / work_files.CLUSTER_GROUPS_RAW)
     per_sample = codes if order is None else codes[np.asarray(order)]
     write_npy_atomic(side_dir / GROUPS_FILE, per_sample.astype(np.int32))
     return {
@@ -281,45 +284,3 @@ def read_grouping(side: Any) -> SidecarGrouping | None:
     return SidecarGrouping(field=field, names=names, cluster_groups=cg, codes_path=side.dir / checked_relative(rel),
                            clusters_per_group=entry.get("clusters_per_group"), cluster_size=entry.get("cluster_size"),
                            min_cluster_size=entry.get("min_cluster_size"))
-
-
-def group_stage(builder: Any) -> None:
-    """The build's group, embed and cluster stages with --group-by (in place of train and assign).
-
-    Group codes are read from the ingested records before embedding, so a field that cannot
-    group (one value, as many values as documents) is refused before the costly stage.
-    """
-    import time
-
-    st, work, bcfg = builder.state, builder.work, builder.cfg
-    cfg: GroupingConfig = bcfg.grouping()
-    n = int(st["n"])
-    if not st.get("groups_done"):
-        store = builder._store()
-        codes, names = group_codes(lambda lo, hi: [e[cfg.field] for e in store.extras(np.arange(lo, hi))],
-                                   n, cfg.field, bcfg.assign_chunk)
-        write_group_files(work, codes, names)
-        counts = np.bincount(codes, minlength=len(names))
-        st["clusters"] = int(sum(cfg.clusters_for(int(c)) for c in counts))
-        st["groups"] = len(names)
-        st["groups_done"] = True
-        builder._commit("groups", 0)
-    builder.p.log(f"--group-by {cfg.field!r}: {st['groups']} groups, {st['clusters']} clusters ({cfg.rule()})")
-    builder._embed()
-    if st.get("assign_done"):
-        return
-    codes, names = read_group_files(work)
-    emb = np.load(work / "embeddings.npy", mmap_mode="r")
-    out = np.lib.format.open_memmap(work / "assign.npy", mode="w+", dtype=np.int32, shape=(n,))
-    t0 = time.perf_counter()
-    centroids, cluster_groups = cluster_by_group(
-        emb, codes, len(names), cfg, seed=bcfg.seed, niter=bcfg.niter, max_train=bcfg.max_train, out=out,
-        chunk=bcfg.assign_chunk, log=builder.p.log)
-    out.flush()
-    del out
-    write_npy_atomic(work / "centroids_raw.npy", centroids)
-    write_npy_atomic(work / "cluster_groups_raw.npy", cluster_groups)
-    builder._timed("train", t0, n)
-    st["objective"] = None
-    st["train_done"] = st["assign_done"] = True
-    builder._commit("assign", 0)

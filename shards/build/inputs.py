@@ -1,7 +1,8 @@
 """Input documents for `croupier shards build`: JSON lines, Parquet and folders of .txt files.
 
 `InputReader(paths, text_field, keep_fields, skip_bad)` streams records in a fixed order
-(inputs in the order given, folders walked in sorted order). Every record, good or bad,
+(inputs in the order given, folders walked in sorted order; `files=` reads some of the
+files `expand_inputs` listed, with their base folders, as the Ray engine's ingest does). Every record, good or bad,
 gets a position; a resumed build passes `start=` to skip what it already ingested without
 parsing it. A malformed line or a missing text field is a `DatasetError` naming the file
 and line, or, with `skip_bad`, is counted in `stats` and skipped.
@@ -99,8 +100,9 @@ class InputReader:
     """Stream (position, text, kept fields) from the inputs; see the module docstring."""
 
     def __init__(self, paths: Sequence[str | os.PathLike[str]], text_field: str = "text",
-                 keep_fields: Sequence[str] = (), skip_bad: bool = False) -> None:
-        self.files = expand_inputs(paths)
+                 keep_fields: Sequence[str] = (), skip_bad: bool = False, *,
+                 files: Sequence[tuple[Path, str, Path]] | None = None) -> None:
+        self.files = expand_inputs(paths) if files is None else list(files)  # (file, kind, base folder)
         self.text_field = text_field
         self.keep_fields = tuple(keep_fields)
         self.skip_bad = skip_bad
@@ -147,6 +149,11 @@ class InputReader:
                 if rec is not None:
                     yield p, rec[0], rec[1]
             pos = self._end
+
+    @property
+    def end(self) -> int:
+        """The position after the last record `records()` has read, good or bad."""
+        return self._end
 
     # each per-format generator yields (position, record or None) and leaves self._end
     _end = 0

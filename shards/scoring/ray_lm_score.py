@@ -32,7 +32,7 @@ import numpy as np
 
 from croupier.errors import ConfigError, CroupierError
 from croupier.optional import require
-from croupier.shards.build.ray_builder import _error_row, _raise_error_row, _unwrap
+from croupier.shards.ray_errors import error_row, raise_error_row, unwrap
 
 
 POOL_START_S = 3600
@@ -56,7 +56,7 @@ def _raise(text: str) -> None:
         from croupier.shards.scoring.askllm import ModelLoadError
 
         raise ModelLoadError(json.loads(text)["message"])
-    _raise_error_row(text)
+    raise_error_row(text)
 
 
 def _make_scorer(by: str, options: argparse.Namespace) -> Any:
@@ -72,7 +72,7 @@ def _probe(by: str, options: argparse.Namespace) -> str:
     try:
         return json.dumps({"params": _make_scorer(by, options).params()})
     except CroupierError as exc:
-        return json.dumps({"error": _error_row(exc)})
+        return json.dumps({"error": error_row(exc)})
 
 
 class _ScoreActor:
@@ -96,7 +96,7 @@ class _ScoreActor:
                 errors.append("")
             except CroupierError as exc:  # Ray Data keeps only a traceback's text: carry it as data
                 blobs.append(b"")
-                errors.append(_error_row(exc))
+                errors.append(error_row(exc))
             chunks.append(c)
         return {"chunk": np.asarray(chunks, dtype=np.int64), "scores": np.asarray(blobs, dtype=object),
                 "error": np.asarray(errors, dtype=object), "pid": np.full(len(chunks), os.getpid())}
@@ -169,7 +169,7 @@ def ray_text_scores(sidecar: Any, name: str, by: str, options: argparse.Namespac
                         a, b = run.bounds(c)
                         bar.update(b - a)
                 except Exception as exc:
-                    inner = _unwrap(exc)
+                    inner = unwrap(exc)
                     if inner is not exc:
                         raise inner from None
                     raise

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from croupier.optional import require
-from croupier.shards.build.ray_cancel import cancel_tasks
+from croupier.shards.ray_cancel import cancel_tasks
 from croupier.shards.scoring.density import DensityParams, DensitySketch, load_sketch, save_sketch
 
 TASK_RETRIES = 3
