@@ -42,7 +42,8 @@ from typing import Any, Iterator, Mapping
 from torch.utils.data import IterableDataset, get_worker_info
 
 from croupier.client.agent.protocol import AGENT_ENV
-from croupier.client.rank_client import STATE_VERSION, RankClient, validate_state
+from croupier.client.rank_client import RankClient
+from croupier.client.rank_state import STATE_VERSION, validate_state
 from croupier.errors import ConfigError, EndOfData, FingerprintMismatch, StateError
 from croupier.topology import Topology
 
@@ -244,7 +245,7 @@ class CroupierIterableDataset(IterableDataset):
         if client is not None and client.agent:
             from croupier.client.agent.consumer_store import AgentStore
 
-            return AgentStore(client._ensure_channel(), remote, job.dataset_fingerprint or None)
+            return AgentStore(client.transport(), remote, job.dataset_fingerprint or None)
         return ShardStore(
             remote,
             self.cache_dir,
@@ -264,7 +265,7 @@ class CroupierIterableDataset(IterableDataset):
         if client is not None and client.agent:
             from croupier.client.agent.consumer_store import AgentStore
 
-            transport = client._ensure_channel()
+            transport = client.transport()
 
             def open_agent_source(i: int, src: Any, limit: int | None) -> Any:  # the node cache
                 return AgentStore(transport, src.remote, src.fingerprint or None, source=i)

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from croupier.errors import ConfigError
+from croupier.topology import Topology
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,18 @@ def as_losses(losses: Any) -> np.ndarray:
         losses = losses.detach().to("cpu").double().numpy()
     out = np.asarray(losses, dtype=np.float64).reshape(-1)
     return out
+
+
+def loss_request(job: str, topology: Topology, batch: list[tuple[int, np.ndarray, np.ndarray | None]]) -> Any:
+    """The ReportLoss request of a batch of (step, losses, present) of one rank."""
+    from croupier.proto import pb2
+
+    req = pb2.ReportLossRequest(job=job, rank=topology.rank, world_size=topology.world)
+    for step, losses, present in batch:
+        st = req.steps.add(step=step, losses=losses.tolist())
+        if present is not None:
+            st.present.extend(present.tolist())
+    return req
 
 
 class LossReporter:

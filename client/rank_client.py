@@ -21,44 +21,24 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import random
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from croupier import __version__
-from croupier.client.channel import auth_metadata
+from croupier.client.acknowledger import Acknowledger
+from croupier.client.backoff import Backoff
+from croupier.client.channel import ChannelConfig, auth_metadata
 from croupier.client.errors import ClientError, Unavailable, from_status, is_transient_code
+from croupier.client.rank_state import STATE_VERSION, validate_state
 from croupier.client.transport import LANE, GrpcTransport, LaneCall, Transport
 from croupier.errors import ConfigError, EndOfData, FingerprintMismatch, StateError
 from croupier.proto import slice_ids
 from croupier.topology import Topology
 
 log = logging.getLogger(__name__)
-
-STATE_VERSION = 1
-_STATE_KEYS = ("version", "sampler_fingerprint", "next_step", "token")
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Exponential backoff with jitter: attempt k waits initial * 2**k (capped), times U(0.5, 1)."""
-
-    initial_s: float = 0.05
-    max_s: float = 2.0
-    give_up_after_s: float = 300.0
-
-    def __post_init__(self) -> None:
-        if self.initial_s <= 0 or self.max_s < self.initial_s:
-            raise ConfigError(f"backoff needs 0 < initial_s <= max_s, got {self.initial_s}, {self.max_s}")
-        if self.give_up_after_s <= 0:
-            raise ConfigError(f"backoff give_up_after_s must be > 0, got {self.give_up_after_s}")
-
-    def delay(self, attempt: int) -> float:
-        return min(self.max_s, self.initial_s * (2.0 ** min(attempt, 30))) * random.uniform(0.5, 1.0)
 
 
 class _End:
@@ -72,6 +52,7 @@ class RankClient:
     job: the job name the server serves.
     topology: this rank; None reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK.
     token: bearer token (None: $CROUPIER_TOKEN). tls_root_cert: PEM path or bytes for TLS.
+    tls_server_name: the name to check in the server's certificate when `address` is not it.
     lookahead: steps the server streams ahead of what this client has acknowledged.
     resume_token: a checkpoint token (CheckpointResponse) to resume the job from.
     start_step: first step to deliver (None: where the server says this rank resumes).
@@ -102,6 +83,7 @@ class RankClient:
         topology: Topology | None = None,
         token: str | None = None,
         tls_root_cert: str | os.PathLike | bytes | None = None,
+        tls_server_name: str | None = None,
         lookahead: int = 64,
         resume_token: str | None = None,
         start_step: int | None = None,
@@ -133,6 +115,7 @@ class RankClient:
         self.topology = topology if topology is not None else Topology.detect()
         self._metadata = auth_metadata(token)
         self._tls_root_cert = tls_root_cert
+        self._tls_server_name = tls_server_name or None
         self.lookahead = int(lookahead)
         self._resume_token = resume_token or ""
         self._start_step = start_step
@@ -140,13 +123,10 @@ class RankClient:
         self.step_stride = int(step_stride)
         self.step_offset = int(step_offset) % self.step_stride
         self._on_slice = on_slice
-        self._ack_every = int(ack_every) if ack_every else max(1, self.lookahead // 4)
-        self._ack_interval_s = float(ack_interval_s)
         self._rpc_timeout_s = float(rpc_timeout_s)
         self._backoff = backoff or Backoff()
         if not heartbeat_s > 0:
             raise ConfigError(f"heartbeat_s must be > 0, got {heartbeat_s}")
-        self._heartbeat_s = float(heartbeat_s)
         self.read_only = bool(read_only)
         self.agent = str(agent) if agent is not None else os.environ.get("CROUPIER_AGENT", "")
 
@@ -154,18 +134,14 @@ class RankClient:
         self._transport: Transport | None = None
         self._join: Any = None  # JoinResponse
         self._expected_fingerprint = expected_fingerprint or None
-        self._next_step: int | None = None  # next step the consumer will train on
+        self._acks = Acknowledger(int(ack_every) if ack_every else max(1, self.lookahead // 4), ack_interval_s,
+                                  heartbeat_s)
         self._token = ""
         self._token_step = -1
         self._queue: queue.Queue = queue.Queue(maxsize=self.lookahead + 2)
         self._thread: threading.Thread | None = None
         self._call: LaneCall | None = None
         self._closed = threading.Event()
-        self._acked = -1  # last acknowledgement the server confirmed
-        self._ack_pending = 0
-        self._ack_time = time.monotonic()
-        self._ack_lock = threading.Lock()
-        self._ack_due = threading.Event()
         self._ack_thread: threading.Thread | None = None
         self._reporter: Any = None  # LossReporter of this process (report_losses)
         self._reporter_pid: int | None = None
@@ -173,7 +149,9 @@ class RankClient:
 
     # -- connection ---------------------------------------------------------------------------
 
-    def _ensure_channel(self) -> Transport:
+    def transport(self) -> Transport:
+        """This process's way to the sampler (its agent's, or a gRPC channel of its own), opened
+        on first use; a process that inherited another's (fork) opens its own."""
         pid = os.getpid()
         if self._transport is not None and self._pid == pid:
             return self._transport
@@ -188,14 +166,15 @@ class RankClient:
         if self.agent == "auto":
             from croupier.client.agent.auto import ensure_agent
 
-            self.agent = ensure_agent(self.address, self.job,
-                                      None if isinstance(self._tls_root_cert, bytes) else self._tls_root_cert)
+            cert = None if isinstance(self._tls_root_cert, bytes) else self._tls_root_cert
+            self.agent = ensure_agent(self.address, self.job, cert, self._tls_server_name if cert else None)
         if self.agent:
             from croupier.client.agent.transport import AgentTransport
 
             self._transport = AgentTransport(self.agent)
         else:
-            self._transport = GrpcTransport(self.address, self._tls_root_cert, self._metadata)
+            config = ChannelConfig(self.address, self._tls_root_cert, self._tls_server_name)
+            self._transport = GrpcTransport(config, self._metadata)
         self._pid = pid
         return self._transport
 
@@ -210,7 +189,7 @@ class RankClient:
 
     def _unary(self, name: str, request: Any, *, retry: bool = True, timeout: float | None = None) -> Any:
         """Calls a unary RPC, retrying transient failures with backoff when `retry`."""
-        transport = self._ensure_channel()
+        transport = self.transport()
         start = time.monotonic()
         attempt = 0
         while True:
@@ -240,8 +219,8 @@ class RankClient:
         if self._expected_fingerprint is not None and got != self._expected_fingerprint:
             raise FingerprintMismatch("sampler", self._expected_fingerprint, got)
         self._join = response
-        if self._next_step is None:
-            self._next_step = self._start_step if self._start_step is not None else int(response.next_step)
+        if self._acks.next_step is None:
+            self._acks.start_at(self._start_step if self._start_step is not None else int(response.next_step))
         return response.job
 
     def _do_join(self, resume_token: str) -> Any:
@@ -270,8 +249,9 @@ class RankClient:
     def next_step(self) -> int:
         """The next step the trainer will receive (joins if needed)."""
         self.join()
-        assert self._next_step is not None
-        return self._next_step
+        step = self._acks.next_step
+        assert step is not None
+        return step
 
     # -- the stream ---------------------------------------------------------------------------
 
@@ -288,7 +268,7 @@ class RankClient:
             raise ConfigError(f"bad plan: start {start_step}, stop {stop_step}, stride {step_stride} "
                               "(need start >= 0, stop >= 0, stride >= 1)")
         self._start_step = int(start_step)
-        self._next_step = int(start_step)
+        self._acks.start_at(int(start_step))
         self.stop_step = stop_step
         self.step_stride = int(step_stride)
         self.step_offset = int(step_offset) % self.step_stride
@@ -300,7 +280,7 @@ class RankClient:
         return start + (self.step_offset - start) % self.step_stride
 
     def _start_stream(self) -> None:
-        self._ensure_channel()
+        self.transport()
         if self._thread is not None:
             return
         self.join()
@@ -311,8 +291,8 @@ class RankClient:
         self._thread.start()
         if not self.read_only:
             self._ack_thread = threading.Thread(
-                target=self._ack_loop, name=f"croupier-rank{self.topology.rank}-ack", daemon=True
-            )
+                target=self._acks.run, args=(self._closed, self._send_ack), name=f"croupier-rank{self.topology.rank}-ack",
+                daemon=True)
             self._ack_thread.start()
 
     def _put(self, item: Any) -> bool:
@@ -348,7 +328,7 @@ class RankClient:
                 )
                 # Every (re)connect re-sends the consumed position with the lane's opening: a
                 # restarted server learns where this rank is, and a lost acknowledgement is made good.
-                call = self._ensure_channel().open_lane(self.job, lane, self._ack_position())
+                call = self.transport().open_lane(self.job, lane, self._ack_position())
                 self._call = call
                 if self._closed.is_set():
                     call.cancel()
@@ -358,7 +338,7 @@ class RankClient:
                     for ev in response.events:
                         if ev.error_code:
                             raise from_status(ev.error_code, ev.error, "Session")
-                        self._confirm_ack(int(ev.acked_step))
+                        self._acks.confirm(int(ev.acked_step))
                     for lane_slices in response.lanes:
                         for sl in lane_slices.slices:
                             if sl.step < want:
@@ -433,17 +413,13 @@ class RankClient:
             raise Unavailable(f"no slice from {self.address} within {timeout} s (step {self.next_step})") from None
         if isinstance(item, _End):
             self._finished = True
-            self._ack(force=True)
+            self._send_ack(force=True)
             raise EndOfData(self.next_step, f"stop step {self.stop_step} reached")
         if isinstance(item, BaseException):
             self._finished = True
             raise item
         step, ids = item
-        with self._ack_lock:
-            self._next_step = step + 1
-            self._ack_pending += 1
-            if self._ack_pending >= self._ack_every:
-                self._ack_due.set()
+        self._acks.consumed(step)
         return step, ids
 
     def __iter__(self):
@@ -454,51 +430,18 @@ class RankClient:
             except EndOfData:
                 return
 
-    def _ack_loop(self) -> None:
-        """Sends acknowledgements off the consumer's path: when `ack_every` steps were consumed,
-        every `ack_interval_s` while the consumed position is ahead of the last confirmed
-        acknowledgement (also while the consumer waits on an empty queue), and as a heartbeat
-        every `heartbeat_s` otherwise."""
-        while not self._closed.is_set():
-            self._ack_due.wait(min(self._ack_interval_s, self._heartbeat_s))
-            self._ack_due.clear()
-            if self._closed.is_set():
-                return
-            heartbeat = time.monotonic() - self._ack_time >= self._heartbeat_s
-            self._send_ack(force=heartbeat)
-
-    def _ack(self, force: bool = False) -> None:
-        """Acknowledges consumed steps now (from the caller's thread); never raises."""
-        self._send_ack(force=force)
-
     def _ack_position(self) -> int | None:
         """The consumed position to (re-)send, or None (read-only, not joined, nothing consumed)."""
         if self.read_only or self._join is None:
             return None
-        with self._ack_lock:
-            return self._next_step
+        return self._acks.position()
 
     def _send_ack(self, force: bool = False) -> None:
-        """One acknowledgement of the consumed position, in-band on the open lane; idempotent,
-        so re-sending is safe. Without an open lane nothing is sent: the next (re)connect
-        carries the position. The server's confirmation arrives as a lane event."""
+        """One acknowledgement of the consumed position, in-band on the open lane (see
+        `Acknowledger.send`); never for a read-only client or before the join."""
         if self.read_only or self._join is None:
             return
-        with self._ack_lock:
-            position = self._next_step
-            if position is None or (position <= self._acked and not force):
-                return
-        call = self._call
-        if call is not None and call.ack(position):
-            with self._ack_lock:
-                self._ack_time = time.monotonic()
-
-    def _confirm_ack(self, position: int) -> None:
-        with self._ack_lock:
-            if position > self._acked:
-                self._acked = position
-            self._ack_pending = 0 if self._next_step is None or self._next_step <= self._acked else self._ack_pending
-            self._ack_time = time.monotonic()
+        self._acks.send(self._call, force)
 
     def _check_rejoin(self, response: Any) -> None:
         """A server this client re-joins must serve the same sampler and dataset."""
@@ -572,13 +515,9 @@ class RankClient:
         return True if self._reporter is None else self._reporter.flush(timeout)
 
     def _send_losses(self, batch: list) -> Any:
-        pb = self._pb()
-        req = pb.ReportLossRequest(job=self.job, rank=self.topology.rank, world_size=self.topology.world)
-        for step, losses, present in batch:
-            st = req.steps.add(step=step, losses=losses.tolist())
-            if present is not None:
-                st.present.extend(present.tolist())
-        return self._unary("ReportLoss", req, retry=False)
+        from croupier.client.loss_reporter import loss_request
+
+        return self._unary("ReportLoss", loss_request(self.job, self.topology, batch), retry=False)
 
     # -- state --------------------------------------------------------------------------------
 
@@ -611,7 +550,7 @@ class RankClient:
             raise FingerprintMismatch("sampler", expected, self._join.job.sampler_fingerprint)
         self._expected_fingerprint = expected
         self._start_step = int(state["next_step"])
-        self._next_step = int(state["next_step"]) if self._join is not None else None
+        self._acks.start_at(int(state["next_step"]) if self._join is not None else None)
         if state["token"] and self._join is None:
             self._resume_token = str(state["token"])
         self._finished = False
@@ -630,7 +569,7 @@ class RankClient:
             # The last acknowledgement and the lane's close travel before the stream ends.
             self._send_ack()
         self._closed.set()
-        self._ack_due.set()
+        self._acks.wake()
         if mine and call is not None:
             call.finish()  # the server ends the stream once the lane's close arrived
             if self._thread is not None:
@@ -657,18 +596,4 @@ class _Reconnect(Exception):
     """The server closed the stream before the client's stop step."""
 
 
-def validate_state(state: Mapping[str, Any]) -> None:
-    """Refuses a client state dict of another version or with missing/ill-typed fields."""
-    if not isinstance(state, Mapping):
-        raise StateError(f"client state must be a mapping, got {type(state).__name__}")
-    missing = [k for k in _STATE_KEYS if k not in state]
-    if missing:
-        raise StateError(f"client state lacks {missing}; expected keys {list(_STATE_KEYS)}")
-    if state["version"] != STATE_VERSION:
-        raise StateError(f"client state version {state['version']!r} is not supported (expected {STATE_VERSION})")
-    if not isinstance(state["next_step"], int) or state["next_step"] < 0:
-        raise StateError(f"client state next_step must be an int >= 0, got {state['next_step']!r}")
-    if not isinstance(state["sampler_fingerprint"], str) or not state["sampler_fingerprint"]:
-        raise StateError(f"client state sampler_fingerprint must be a non-empty string, got {state['sampler_fingerprint']!r}")
-    if not isinstance(state["token"], str):
-        raise StateError(f"client state token must be a string, got {type(state['token']).__name__}")
+__all__ = ["Backoff", "RankClient", "STATE_VERSION", "validate_state"]

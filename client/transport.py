@@ -17,7 +17,7 @@ from typing import Any, Iterator, Protocol
 
 import grpc
 
-from croupier.client.channel import open_channel
+from croupier.client.channel import ChannelConfig
 from croupier.client.errors import from_rpc_error
 from croupier.proto import pb2
 
@@ -99,14 +99,16 @@ class _GrpcLane:
 
 
 class GrpcTransport:
-    """Straight to the server over gRPC (one channel per process: channels do not survive fork)."""
+    """Straight to the server over gRPC (one channel per process: channels do not survive fork).
 
-    def __init__(self, address: str, tls_root_cert: Any, metadata: Any) -> None:
+    metadata: the call metadata (bearer token), resolved by the caller once, at its construction."""
+
+    def __init__(self, config: ChannelConfig, metadata: Any) -> None:
         from croupier.proto.croupier.v1 import croupier_pb2_grpc
 
-        self.address = address
+        self.address = config.address
         self._metadata = metadata
-        self._channel = open_channel(address, tls_root_cert)
+        self._channel = config.open()
         self._stub = croupier_pb2_grpc.SamplerStub(self._channel)
         self.pid = os.getpid()
 

@@ -681,7 +681,7 @@ def test_an_agent_whose_stop_hangs_still_exits_and_says_why(tmp_path) -> None:
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(STOP_BOUND_S) == 1
         text = log_path.read_text()
-        assert "agent_stop_timeout" in text and "agent.py\", line" in text  # the stacks show where it hung
+        assert "agent_stop_timeout" in text and "daemon.py\", line" in text  # the stacks show where it hung
         assert not socket_path(runtime).exists()
     finally:
         kill_tree(proc)

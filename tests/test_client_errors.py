@@ -23,7 +23,8 @@ from croupier.client.errors import (
     from_rpc_error,
     is_transient,
 )
-from croupier.client.rank_client import Backoff, RankClient, validate_state
+from croupier.client.rank_client import Backoff, RankClient
+from croupier.client.rank_state import validate_state
 from croupier.errors import ConfigError, CroupierError, StateError
 from croupier.topology import Topology
 

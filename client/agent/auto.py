@@ -56,9 +56,10 @@ def agent_running(runtime: Path) -> bool:
     return False
 
 
-def ensure_agent(address: str, job: str, tls_root_cert: str | None = None) -> str:
+def ensure_agent(address: str, job: str, tls_root_cert: str | os.PathLike[str] | None = None,
+                 tls_server_name: str | None = None) -> str:
     """The runtime directory of this node's agent for (address, job), started by local rank 0
-    when none runs; waits until its socket is up."""
+    when none runs (with the rank's TLS flags); waits until its socket is up."""
     runtime = auto_runtime_dir(address, job)
     if int(os.environ.get("LOCAL_RANK", "0") or 0) == 0 and not agent_running(runtime):
         runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -67,6 +68,8 @@ def ensure_agent(address: str, job: str, tls_root_cert: str | None = None) -> st
                "--cache-dir", cache, "--job", job, "--exit-when-idle", str(IDLE_EXIT_S)]
         if tls_root_cert:
             cmd += ["--tls-ca", str(tls_root_cert)]
+            if tls_server_name:
+                cmd += ["--tls-server-name", tls_server_name]
         with open(runtime / "agent.log", "ab") as out:
             subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                              start_new_session=True, close_fds=True)

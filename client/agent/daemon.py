@@ -42,13 +42,13 @@ from croupier import __version__
 from croupier.client.agent.node_cache import MixNodeCache
 from croupier.client.agent.protocol import (BEAT, BEAT_S, CALL, CONSUMER_TIMEOUT_S, FETCH, FORWARDED_CALLS, HELLO,
                                             INFO_NAME, LOCK_NAME, REPLY, SESSION, STATS_NAME, endpoint, socket_path)
-from croupier.client.channel import auth_metadata
+from croupier.client.channel import ChannelConfig
 from croupier.client.rank_feed import RankFeed
 from croupier.errors import ConfigError
 from croupier.format.atomic import write_bytes_atomic
 from croupier.proto import SERVICE_NAME, pack_ids, pb2, slice_ids
 
-log = logging.getLogger("croupier.agent")
+log = logging.getLogger(__name__)
 
 REPORT_S = 5.0
 """How often the agent sends its node report on the session."""
@@ -100,7 +100,7 @@ class NodeAgent:
     def __init__(self, server: str, runtime_dir: str | os.PathLike, cache_dir: str | os.PathLike,
                  cache_limit: int | None = None, job: str = "", token: str | None = None,
                  tls_root_cert: str | None = None, node: str | None = None, idle_exit_s: float = 0.0,
-                 local_ranks: int = 0) -> None:
+                 local_ranks: int = 0, tls_server_name: str | None = None) -> None:
         if not server or ":" not in server:
             raise ConfigError(f"agent --server must be host:port, got {server!r}")
         self.server = server
@@ -114,8 +114,8 @@ class NodeAgent:
         if local_ranks < 0:
             raise ConfigError(f"local ranks must be >= 0 (0: unknown), got {local_ranks}")
         self.local_ranks = int(local_ranks)
-        self._metadata = auth_metadata(token)
-        self._tls_root_cert = tls_root_cert
+        self._channel_config = ChannelConfig(server, tls_root_cert, tls_server_name, token)
+        self._metadata = self._channel_config.metadata()
         self._endpoint = endpoint(self.runtime_dir)
         self._lock_fd: int | None = None
         self._consumers: dict[bytes, _Consumer] = {}
@@ -211,7 +211,7 @@ class NodeAgent:
         sock.bind(self._endpoint)
         os.chmod(socket_path(self.runtime_dir), 0o600)
         self._sock = sock
-        self._channel = _aio_channel(self.server, self._tls_root_cert)
+        self._channel = self._channel_config.open_aio()
         self._write_info()
         log.info("agent serving", extra={"event": "agent_start", "endpoint": self._endpoint, "server": self.server,
                                          "node": self.node, "agent_id": self.agent_id})
@@ -799,19 +799,6 @@ async def _wait_event(event: asyncio.Event, timeout: float) -> None:
         await asyncio.wait({waiter}, timeout=timeout)
     finally:
         waiter.cancel()
-
-
-def _aio_channel(address: str, tls_root_cert: str | None) -> grpc.aio.Channel:
-    from croupier.client.channel import channel_options
-
-    if tls_root_cert is None:
-        return grpc.aio.insecure_channel(address, options=channel_options())
-    try:
-        pem = Path(tls_root_cert).read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read TLS root certificate {tls_root_cert!r}: {exc.strerror}") from None
-    return grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=pem),
-                                   options=channel_options())
 
 
 def run_agent(agent: NodeAgent, deadline_s: float = STOP_DEADLINE_S) -> None:

@@ -21,7 +21,6 @@ from typing import Any, Callable
 import grpc
 import numpy as np
 
-from croupier.client.channel import auth_metadata
 from croupier.client.cli.connection_args import add_connection_arguments, connection_from_args
 from croupier.errors import ConfigError
 from croupier.proto import pb2, pb2_grpc
@@ -57,9 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def connect(args: argparse.Namespace) -> tuple[pb2_grpc.SamplerStub, grpc.Channel, tuple]:
     """A stub, its channel and the call metadata from the common options."""
-    conn = connection_from_args(args)
-    channel = conn.open()
-    return pb2_grpc.SamplerStub(channel), channel, auth_metadata(conn.token or "")
+    config = connection_from_args(args).channel_config()
+    channel = config.open()
+    return pb2_grpc.SamplerStub(channel), channel, config.metadata()
 
 
 def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:

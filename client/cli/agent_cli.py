@@ -1,7 +1,11 @@
 """`croupier agent`: run this node's agent in the foreground until SIGTERM.
 
     croupier agent --server HOST:PORT --runtime-dir DIR --cache-dir DIR [--cache-limit SIZE]
-                   [--job NAME] [--node NAME] [--local-ranks N] [--token-file F] [--tls-root-cert F]
+                   [--job NAME] [--node NAME] [--local-ranks N]
+                   [--token-file F] [--tls-ca PEM] [--tls-server-name NAME]
+
+The connection flags are every client command's (`croupier.client.cli.connection_args`);
+`--tls-root-cert` still works and says it is deprecated, as everywhere.
 
 Ranks and DataLoader workers whose environment has CROUPIER_AGENT=DIR (the runtime directory)
 then talk only to this agent. See docs/agent.md.
@@ -12,13 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 
-from croupier.client.cli.connection_args import resolve_token
+from croupier.client.cli.connection_args import add_connection_arguments, connection_from_args
 from croupier.errors import ConfigError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("agent", help="the node agent: one server stream and one shard cache per node")
-    p.add_argument("--server", required=True, metavar="HOST:PORT", help="the sampler server")
+    add_connection_arguments(p)
     p.add_argument("--runtime-dir", required=True, metavar="DIR",
                    help="per-job directory for the agent's socket (created 0700); ranks get CROUPIER_AGENT=DIR")
     p.add_argument("--cache-dir", required=True, metavar="DIR", help="the node's shard cache")
@@ -26,9 +30,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="most bytes of shards the node keeps, with units (e.g. 20GiB); default: no limit")
     p.add_argument("--job", default="", help="the job name (default: whatever the ranks join)")
     p.add_argument("--node", default=None, help="node name shown in status (default: the host name)")
-    p.add_argument("--token-file", default=None, metavar="FILE", help="bearer token file (default: $CROUPIER_TOKEN)")
-    p.add_argument("--tls-root-cert", "--tls-ca", dest="tls_ca", default=None, metavar="PEM",
-                   help="use TLS, trusting this CA (or self-signed) certificate")
     p.add_argument("--exit-when-idle", type=float, default=0.0, metavar="SECONDS",
                    help="exit after this long without consumers (0, the default: run until SIGTERM)")
     p.add_argument("--local-ranks", type=int, default=None, metavar="N",
@@ -55,14 +56,15 @@ def local_ranks(flag: int | None) -> int:
 
 
 def run_agent_cli(args: argparse.Namespace) -> int:
-    from croupier.client.agent.daemon import NodeAgent, run_agent
     from croupier import logs
+    from croupier.client.agent.daemon import NodeAgent, run_agent
     from croupier.values import parse_size
 
     logs.configure(args.log_level)
+    conn = connection_from_args(args)
     limit = None if args.cache_limit is None else parse_size(args.cache_limit)
-    agent = NodeAgent(args.server, args.runtime_dir, args.cache_dir, cache_limit=limit, job=args.job,
-                      token=resolve_token(None, args.token_file), tls_root_cert=args.tls_ca, node=args.node,
-                      idle_exit_s=args.exit_when_idle, local_ranks=local_ranks(args.local_ranks))
+    agent = NodeAgent(conn.server, args.runtime_dir, args.cache_dir, cache_limit=limit, job=args.job,
+                      token=conn.token or "", tls_root_cert=conn.tls_ca, tls_server_name=conn.tls_server_name,
+                      node=args.node, idle_exit_s=args.exit_when_idle, local_ranks=local_ranks(args.local_ranks))
     run_agent(agent)
     return 0

@@ -6,6 +6,10 @@
                             (--tls-root-cert: the former name, still accepted)
     --tls-server-name NAME  the name to check in the certificate when the address differs
 
+Every command that connects declares them here (`status`, `checkpoint`, `update`,
+`client dump`, `agent`, `report`) and turns them into a `croupier.client.channel.ChannelConfig`,
+the one channel opener's input.
+
 A token given on the command line is visible to every local user in `ps`; a file or the
 environment is not, so commands take `--token-file` and `$CROUPIER_TOKEN`.
 """
@@ -16,9 +20,13 @@ import argparse
 import os
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from croupier.client.channel import TOKEN_ENV
+from croupier.client.channel import TOKEN_ENV, ChannelConfig
 from croupier.errors import ConfigError
+
+if TYPE_CHECKING:
+    import grpc
 
 
 def _deprecated_alias(new: str) -> type[argparse.Action]:
@@ -36,7 +44,8 @@ def _deprecated_alias(new: str) -> type[argparse.Action]:
 def add_connection_arguments(p: argparse.ArgumentParser, *, server_required: bool = True,
                              token_flag: bool = False, server_name: bool = True) -> None:
     """Adds the shared flags; `token_flag` also accepts `--token` (kept for compatibility);
-    `server_name` adds --tls-server-name (for commands whose client can override the name)."""
+    `server_name=False` leaves out --tls-server-name (kept for callers that passed it: every
+    command of croupier's own takes the flag)."""
     if server_required:
         p.add_argument("--server", required=True, metavar="HOST:PORT", help="the sampler server")
     p.add_argument("--token-file", default=None, metavar="FILE", help=f"bearer token file (default: ${TOKEN_ENV})")
@@ -60,11 +69,13 @@ class Connection:
     tls_ca: str | None
     tls_server_name: str | None
 
-    def open(self):
-        """A gRPC channel (TLS when --tls-ca was given)."""
-        from croupier.client.channel import open_channel
+    def channel_config(self) -> ChannelConfig:
+        """The channel opener's view of these flags (the token already resolved: none is "")."""
+        return ChannelConfig(self.server, self.tls_ca, self.tls_server_name, self.token or "")
 
-        return open_channel(self.server, self.tls_ca, server_name=self.tls_server_name)
+    def open(self) -> grpc.Channel:
+        """A gRPC channel (TLS when --tls-ca was given)."""
+        return self.channel_config().open()
 
 
 def resolve_token(token: str | None = None, token_file: str | None = None) -> str | None:
@@ -81,6 +92,7 @@ def resolve_token(token: str | None = None, token_file: str | None = None) -> st
 
 
 def connection_from_args(args: argparse.Namespace) -> Connection:
+    """The flags of `add_connection_arguments`, checked: --tls-server-name needs --tls-ca."""
     server_name = getattr(args, "tls_server_name", None)
     if server_name and not args.tls_ca:
         raise ConfigError("--tls-server-name needs --tls-ca (it names the server in its TLS certificate)")

@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = client.add_subparsers(dest="client_command", metavar="CLIENT_COMMAND")
     sub.required = True
     dump = sub.add_parser("dump", help="print a rank's (step, ids); with --read, read the samples")
-    add_connection_arguments(dump, token_flag=True, server_name=False)
+    add_connection_arguments(dump, token_flag=True)
     dump.add_argument("--job", default=None, help="job name (default: the job the server serves)")
     dump.add_argument("--rank", type=int, default=0, help="rank to join as (default 0)")
     dump.add_argument("--world", type=int, default=1, help="world size (default 1)")
@@ -62,10 +62,11 @@ def run_dump(args: argparse.Namespace) -> int:
     token = conn.token or ""  # resolved already: "" sends none
     job = args.job
     if job is None:
-        with RankClient(conn.server, job="?", topology=topology, token=token, tls_root_cert=conn.tls_ca) as probe:
+        with RankClient(conn.server, job="?", topology=topology, token=token, tls_root_cert=conn.tls_ca,
+                        tls_server_name=conn.tls_server_name) as probe:
             job = probe.status().job.job
     client = RankClient(conn.server, job=job, topology=topology, token=token, tls_root_cert=conn.tls_ca,
-                        start_step=args.start_step, read_only=True)
+                        tls_server_name=conn.tls_server_name, start_step=args.start_step, read_only=True)
     store = None
     tmp = None
     try:
