@@ -3,12 +3,14 @@
 `get_slice(job, rank, world, step, timeout)` is what a GetSlice call does in the servicer
 (`begin_get_slice`, `try_slice` until the lag bound lets the step through, `end_wait`), in
 the caller's thread: tests read any step of the sequence with it, the job itself keeps no
-blocking call of its own.
+blocking call of its own. `train_step` reads a step and acknowledges it, as a trainer does.
 """
 
 from __future__ import annotations
 
 import time
+
+import numpy as np
 
 from croupier.server.job.job import Job, SliceData, StepOutOfRange
 
@@ -30,3 +32,11 @@ def get_slice(job: Job, rank: int, world: int, step: int, timeout: float | None 
             waiter.event.wait(wait)
     finally:
         job.end_wait(rank, waiter)
+
+
+def train_step(job: Job, rank: int, world: int, step: int) -> np.ndarray:
+    """What a trainer rank does with a step: reads its slice and acknowledges it, so the job
+    counts the step as dealt to the rank (a loss report of it is then accepted). Returns the ids."""
+    ids = get_slice(job, rank, world, step, timeout=10).ids
+    job.ack(rank, world, step + 1)
+    return ids

@@ -21,6 +21,7 @@ from croupier.server.sampling.policy import PolicyConfig
 from croupier.server.serving.service import create_server
 from croupier.server.durability.checkpoint_store import CheckpointStore
 from croupier.topology import Topology
+from jobs import get_slice, train_step
 
 SIZES = [200] * 8
 B = 32
@@ -68,9 +69,7 @@ def test_equal_losses_move_no_weight_by_more_than_ten_percent() -> None:
               spec=JobSpec(name="a", max_lookahead=2), adapt=AdaptSpec("loss-softmax", every=10))
     job.join(0, 1, "a")
     for t in range(100):
-        job._batch_locked(t)
-        with job._lock:
-            job._table.ranks[0].delivered_step = t + 1
+        train_step(job, 0, 1, t)
         acc, refused = job.report_losses(0, 1, [(t, np.ones(B), None)], "a")
         assert acc == 1 and not refused
     w = job.status().adapt.group_weight
@@ -84,9 +83,8 @@ def test_reports_that_break_a_rule_are_refused_by_name_and_change_nothing() -> N
     job.join(0, 2, "a")
     job.join(1, 2, "a")
     for t in range(3):
-        job._batch_locked(t)
-    with job._lock:
-        job._table.ranks[0].delivered_step = 3
+        get_slice(job, 0, 2, t)
+    job.ack(0, 2, 3)  # rank 0 trained steps 0..2
     good = np.ones(B // 2)
     bad = {"dealt": (5, good, None), "length": (0, np.ones(3), None), "finite": (1, np.r_[good[:-1], np.nan], None),
            "non-negative": (2, np.r_[good[:-1], -1.0], None)}
@@ -191,9 +189,7 @@ def test_status_table_json_and_metrics_show_the_controller(tmp_path: Path) -> No
               adapt=AdaptSpec("loss-softmax", every=5))
     job.join(0, 1, "a")
     for t in range(30):
-        ids = job._batch_locked(t)
-        with job._lock:
-            job._table.ranks[0].delivered_step = t + 1
+        ids = train_step(job, 0, 1, t)
         job.report_losses(0, 1, [(t, losses_of(ids), None)], "a")
     job.report_losses(0, 1, [(3, np.ones(2), None)], "a")
     resp = status_response(job, job.status(), include_clusters=True)
@@ -215,9 +211,7 @@ def test_report_shows_weights_over_time_and_who_changed_them(tmp_path: Path) -> 
               adapt=AdaptSpec("odm", every=5))
     job.join(0, 1, "a")
     for t in range(40):
-        ids = job._batch_locked(t)
-        with job._lock:
-            job._table.ranks[0].delivered_step = t + 1
+        ids = train_step(job, 0, 1, t)
         job.report_losses(0, 1, [(t, losses_of(ids), None)], "a")
     job.update(41, clip=60)
     job.checkpoint_now()
@@ -273,9 +267,7 @@ def test_faults_a_refusing_event_log_a_failing_controller_and_an_unreachable_ser
         with pytest.raises(CroupierError, match="online change not applied.*No space left"):
             j.update(3, clip=60)
         for t in range(12):  # controller proposals fail the same way: logged, counted, generation goes on
-            ids = j._batch_locked(t)
-            with j._lock:
-                j._table.ranks[0].delivered_step = t + 1
+            ids = train_step(j, 0, 1, t)
             j.report_losses(0, 1, [(t, losses_of(ids), None)], "a")
     st = j.status()
     assert st.log_failures >= 2 and st.adapt_failures >= 1 and st.generated_step >= 12 and not st.changes
@@ -287,10 +279,10 @@ def test_faults_a_refusing_event_log_a_failing_controller_and_an_unreachable_ser
 
     with monkeypatch.context() as m:
         m.setattr(type(j.adapter.controller), "propose", broken)
-        assert j._batch_locked(16) is not None
+        assert not get_slice(j, 0, 1, 16).end
     assert j.status().adapt_failures > st.adapt_failures
     # Healthy again: the next proposal is recorded.
-    j._batch_locked(25)
+    get_slice(j, 0, 1, 25)
     assert any(origin == "loss-softmax" for _, origin, _, _ in j.status().changes)
     j.close()
 
@@ -314,10 +306,8 @@ def test_a_mixture_adapts_its_source_weights() -> None:
     job.join(0, 1, "m")
     batches = []
     for t in range(100):
-        ids = job._batch_locked(t)
+        ids = train_step(job, 0, 1, t)
         batches.append(ids)
-        with job._lock:
-            job._table.ranks[0].delivered_step = t + 1
         assert job.report_losses(0, 1, [(t, np.where(ids < 800, 5.0, 1.0), None)], "m")[0] == 1
     hot = float((np.concatenate(batches[-30:]) < 800).mean())
     assert hot >= 0.75, hot  # from half of every batch to at least three quarters
@@ -408,9 +398,7 @@ def test_a_mixture_adapting_its_clusters_keeps_per_source_statistics_too(tmp_pat
               store=CheckpointStore(tmp_path / "s"), adapt=AdaptSpec("odm", every=10))
     job.join(0, 1, "m")
     for t in range(30):
-        ids = job._batch_locked(t)
-        with job._lock:
-            job._table.ranks[0].delivered_step = t + 1
+        ids = train_step(job, 0, 1, t)
         job.report_losses(0, 1, [(t, np.where(ids < 800, 4.0, 1.0), None)], "m")
     view = job.status().adapt
     assert view.group_loss.shape == (4,) and view.source_loss is not None

@@ -16,7 +16,8 @@ from croupier.server.job.job import Job, JobReformed, JobSpec, NotJoined, StepOu
 from croupier.layout import ClusterLayout
 from croupier.server.sampling.policy import PolicyConfig
 from croupier.server.durability.checkpoint_store import CheckpointStore
-from croupier.server.durability.resume_token import CheckpointToken
+from croupier.server.durability.resume_token import ResumeToken
+from jobs import get_slice
 
 SIZES = [5000, 300, 20, 1]
 B = 64
@@ -75,9 +76,9 @@ def test_re_request_is_identical_inside_and_beyond_the_window() -> None:
     job.join(0, 1)
     drain(job, 1, 70)
     for step in (69, 65, 3, 17, 0):  # 3, 17, 0: trimmed from the window, recomputed by replay
-        assert np.array_equal(job.get_slice(0, 1, step).ids, ref[step])
+        assert np.array_equal(get_slice(job, 0, 1, step).ids, ref[step])
     assert job.status().steps_replayed > 0
-    assert np.array_equal(job.get_slice(0, 1, 3).ids, ref[3])
+    assert np.array_equal(get_slice(job, 0, 1, 3).ids, ref[3])
 
 
 def test_fast_rank_waits_within_the_lag_bound_and_is_released() -> None:
@@ -85,10 +86,10 @@ def test_fast_rank_waits_within_the_lag_bound_and_is_released() -> None:
     job.join(0, 2)
     job.join(1, 2)
     for t in range(3):
-        job.get_slice(0, 2, t)
+        get_slice(job, 0, 2, t)
         job.ack(0, 2, t + 1)
     with pytest.raises(StepOutOfRange, match="lag bound"):
-        job.get_slice(0, 2, 3, timeout=0.2)  # slowest is 0, max lag 3
+        get_slice(job, 0, 2, 3, timeout=0.2)  # slowest is 0, max lag 3
     stream = job.open_stream(0, 2, 3)
     out: list = []
     t = threading.Thread(target=lambda: out.append(stream.next_chunk(poll=0.05)))
@@ -123,10 +124,10 @@ def test_disconnected_rank_resumes_at_its_acked_step_and_others_continue() -> No
     job.join(1, 2)
     for t in range(5):
         for r in (0, 1):
-            job.get_slice(r, 2, t)
+            get_slice(job, r, 2, t)
             job.ack(r, 2, t + 1)
     for t in range(5, 9):  # rank 1 is gone; rank 0 goes on, up to the lag bound
-        job.get_slice(0, 2, t)
+        get_slice(job, 0, 2, t)
         job.ack(0, 2, t + 1)
     assert job.join(1, 2).next_step == 5
     assert job.join(0, 2).next_step == 9
@@ -140,7 +141,7 @@ def test_checkpoint_between_saved_states_resumes_exactly_with_another_world(tmp_
     job.join(1, 2)
     drain(job, 2, 50)
     result = job.checkpoint(37)  # between the automatic checkpoints of steps 20 and 40
-    assert result.step == 37 and CheckpointToken.decode(result.token).step == 37
+    assert result.step == 37 and ResumeToken.decode(result.token).step == 37
     assert (tmp_path / "ckpt-000000000037.bin").exists()
     job.close()  # drains the background checkpoint writer, as a stopping server does
     # A new server on the same state dir; the trainer re-forms with 4 ranks at step 37.
@@ -149,7 +150,7 @@ def test_checkpoint_between_saved_states_resumes_exactly_with_another_world(tmp_
     for r in range(4):
         assert job2.join(r, 4, resume_token=result.token).next_step == 37
     for t in range(37, 60):
-        ids = [job2.get_slice(r, 4, t).ids for r in range(4)]
+        ids = [get_slice(job2, r, 4, t).ids for r in range(4)]
         assert np.array_equal(np.concatenate(ids), ref[t])
         for r in range(4):
             job2.ack(r, 4, t + 1)
@@ -166,13 +167,13 @@ def test_online_change_is_replayed_exactly(tmp_path) -> None:
     for t, ids in more.items():
         assert np.array_equal(ids, ref[t])
     for t in (1, 9, gen + 1, gen + 3, 30):  # replays cross the change
-        assert np.array_equal(job.get_slice(0, 1, t).ids, ref[t])
+        assert np.array_equal(get_slice(job, 0, 1, t).ids, ref[t])
     token = job.checkpoint(gen + 1).token
     job.close()
     job2 = make_job(CheckpointStore(tmp_path))
     job2.join(0, 1, resume_token=token)
     for t in range(gen + 1, gen + 12):
-        assert np.array_equal(job2.get_slice(0, 1, t).ids, ref[t])
+        assert np.array_equal(get_slice(job2, 0, 1, t).ids, ref[t])
         job2.ack(0, 1, t + 1)
     with pytest.raises(ConfigError, match="already generated"):
         job.update(1, clip=3)
@@ -181,7 +182,7 @@ def test_online_change_is_replayed_exactly(tmp_path) -> None:
 def drain_from(job: Job, start: int, stop: int) -> dict[int, np.ndarray]:
     out = {}
     for t in range(start, stop):
-        out[t] = job.get_slice(0, 1, t).ids
+        out[t] = get_slice(job, 0, 1, t).ids
         job.ack(0, 1, t + 1)
     return out
 
@@ -195,13 +196,13 @@ def test_end_of_data_is_a_marker_not_an_error() -> None:
     stream.close()
     assert slices[-1].end and len(slices[-1].ids) == 0
     assert all(not s.end and len(s.ids) == 16 for s in slices[:-1])
-    assert job.get_slice(0, 1, slices[-1].step + 3).end
+    assert get_slice(job, 0, 1, slices[-1].step + 3).end
 
 
 def test_bad_requests_name_the_rule() -> None:
     job = make_job()
     with pytest.raises(NotJoined):
-        job.get_slice(0, 1, 0)
+        get_slice(job, 0, 1, 0)
     job.join(0, 2)
     with pytest.raises(ConfigError, match="outside the world"):
         job.join(2, 2)
@@ -212,9 +213,9 @@ def test_bad_requests_name_the_rule() -> None:
     with pytest.raises(ConfigError, match="not divisible by world size 3"):
         job.join(0, 3)
     with pytest.raises(StepOutOfRange, match="negative"):
-        job.get_slice(0, 2, -1)
+        get_slice(job, 0, 2, -1)
     with pytest.raises(StepOutOfRange, match="too far ahead"):
-        job.get_slice(0, 2, 10_000)
+        get_slice(job, 0, 2, 10_000)
     with pytest.raises(StepOutOfRange):
         job.checkpoint(10_000)
     with pytest.raises(StepOutOfRange):
@@ -223,7 +224,7 @@ def test_bad_requests_name_the_rule() -> None:
         job.join(0, 2, job="other")
     other = Sampler(layout(), config(clip=7), B, seed=0).fingerprint
     with pytest.raises(FingerprintMismatch, match=other):
-        job.join(0, 2, resume_token=CheckpointToken(other, 5).encode())
+        job.join(0, 2, resume_token=ResumeToken(other, 5).encode())
     good = job.checkpoint(3).token
     with pytest.raises(ConfigError, match="checksum"):
         job.join(0, 2, resume_token=good[:-1] + ("0" if good[-1] != "0" else "1"))
@@ -232,7 +233,7 @@ def test_bad_requests_name_the_rule() -> None:
     with pytest.raises(ConfigError, match="step offset"):
         job.open_stream(0, 2, 0, step_stride=2, step_offset=2)
     # The job still serves after all of that.
-    assert len(job.get_slice(0, 2, 0).ids) == B // 2
+    assert len(get_slice(job, 0, 2, 0).ids) == B // 2
 
 
 def test_reform_aborts_open_streams() -> None:
@@ -273,14 +274,14 @@ class _Trainer:
             self.job.join(r, 2)
 
     def advance(self) -> np.ndarray:
-        ids = np.concatenate([self.job.get_slice(r, 2, self.step).ids for r in range(2)])
+        ids = np.concatenate([get_slice(self.job, r, 2, self.step).ids for r in range(2)])
         self.step += 1
         for r in range(2):
             self.job.ack(r, 2, self.step)
         return ids
 
     def load(self, token: str) -> None:
-        self.step = CheckpointToken.decode(token).step
+        self.step = ResumeToken.decode(token).step
         for r in range(2):
             assert self.job.join(r, 2, resume_token=token).next_step == self.step
 
@@ -309,9 +310,9 @@ def test_any_interleaving_gets_exact_slices_within_the_lag_bound(world: int, tur
         r = turn % world
         t = nxt[r]
         if t < min(nxt) + 3:
-            assert np.array_equal(job.get_slice(r, world, t).ids, _REF[t][r * p:(r + 1) * p])
+            assert np.array_equal(get_slice(job, r, world, t).ids, _REF[t][r * p:(r + 1) * p])
             nxt[r] += 1
             assert job.ack(r, world, nxt[r]) == (min(nxt), max(nxt))
         else:
             with pytest.raises(StepOutOfRange, match="lag bound"):
-                job.get_slice(r, world, t, timeout=0)
+                get_slice(job, r, world, t, timeout=0)

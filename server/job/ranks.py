@@ -21,8 +21,8 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from croupier.errors import ConfigError
 
@@ -107,6 +107,34 @@ class RankTable:
         for r, nxt in positions.items():
             self.ranks[int(r)] = RankProgress(next_step=int(nxt), delivered_step=int(nxt), last_seen=now,
                                               base=int(nxt))
+
+    def join(self, rank: int, world: int, at: int | None = None) -> RankProgress:
+        """Registers a rank of a `world`-rank job, heard from now. `at`: the step of the resume
+        token it carries (the job is already formed there): the rank starts over at it."""
+        if at is not None:
+            prog = self.get(rank)
+            prog.next_step = prog.delivered_step = prog.base = at
+            prog.lanes = {}
+        else:
+            if self.world is None:
+                self.world = world
+            elif world != self.world:
+                raise ConfigError(f"world size {world} does not match the job's world size {self.world}; "
+                                  "pass a checkpoint token to re-form the job with another world size")
+            prog = self.get(rank)
+        self.seen(rank)
+        return prog
+
+    def acknowledge(self, rank: int, next_step: int, stride: int, offset: int) -> tuple[bool, bool, bool]:
+        """A rank's lane (stride, offset) consumed its steps before `next_step`; the rank is
+        heard from now. Returns (re-admitted, position moved, slowest step moved); a
+        re-admitted rank needs a `recompute` (the slowest step is then not kept incrementally)."""
+        readmitted = self.seen(rank)
+        prog = self.get(rank)
+        old = prog.next_step
+        moved = prog.acknowledge(next_step, stride, offset)
+        slowest_moved = not readmitted and moved and self.moved(rank, old, prog.next_step)
+        return readmitted, moved, slowest_moved
 
     def seen(self, rank: int) -> bool:
         """Marks the rank as heard from now; returns whether that re-admitted it."""

@@ -1,0 +1,72 @@
+"""Where a restarting job resumes, read from its state directory and checked against the job.
+
+A job with a state directory starts from the newest checkpoint that reads back whole and
+belongs to its sampler (`state_dir.StateDir` reads; this module adds the job's checks and
+decisions):
+
+- a checkpoint of another sampler (fingerprint) refuses the start with FingerprintMismatch;
+- checkpoints that are all invalid refuse it with StateDirInvalid (never a silent reset),
+  unless the operator passed `--fresh`, which sets them aside (`stale-*`) and starts at 0;
+- replays of steps older than every in-memory state read the newest valid checkpoint at or
+  before the step (`load_saved`).
+
+What the job then restores into its parts is the job's own business (`Job`); this module
+reads and decides, and holds no state of the job.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from croupier.errors import FingerprintMismatch
+from croupier.server.durability.state_dir import Checkpoint, StateDir, StateDirInvalid
+from croupier.server.sampling.sequence_window import Saved
+from croupier.server.sampling.state import Change
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Recovery"]
+
+
+class Recovery:
+    """The state directory as one job (sampler `fingerprint`) reads it."""
+
+    def __init__(self, state_dir: StateDir, fingerprint: str) -> None:
+        self.state_dir = state_dir
+        self.fingerprint = fingerprint
+
+    def check(self, ck: Checkpoint) -> None:
+        """Refuses a checkpoint of another sampler (FingerprintMismatch: the start fails)."""
+        if ck.meta.sampler_fingerprint != self.fingerprint or ck.state.fingerprint != self.fingerprint:
+            raise FingerprintMismatch(f"state directory {ck.path.parent}", expected=self.fingerprint,
+                                      got=ck.meta.sampler_fingerprint)
+
+    def set_aside(self) -> None:
+        """`--fresh`: moves whatever the state directory holds into a `stale-*` folder."""
+        aside = self.state_dir.store.set_aside()
+        if aside is not None:
+            log.warning("starting fresh: previous checkpoints set aside", extra={"event": "fresh", "path": str(aside)})
+
+    def newest(self) -> Checkpoint | None:
+        """The checkpoint the job resumes from; None when the directory holds none.
+        StateDirInvalid when it holds some and none is valid."""
+        skipped: list[tuple[Path, str]] = []
+        ck = self.state_dir.newest(check=self.check, skipped=skipped)
+        if ck is None and skipped:
+            listing = "; ".join(f"{p.name}: {why}" for p, why in skipped)
+            raise StateDirInvalid(f"state directory {self.state_dir.dir} holds {len(skipped)} checkpoint(s) and "
+                                  f"none is valid ({listing}); refusing to start over silently: repair or "
+                                  "remove them, or pass --fresh to set them aside and start at step 0")
+        return ck
+
+    def changes(self, ck: Checkpoint | None) -> list[Change]:
+        """Every online change of the job (`StateDir.changes`)."""
+        return self.state_dir.changes(ck)
+
+    def load_saved(self, step: int) -> tuple[int, Saved] | None:
+        """The newest valid checkpoint at or before `step` as (its step, its state), for replays."""
+        ck = self.state_dir.newest(at_or_before=step, check=self.check)
+        if ck is None:
+            return None
+        return ck.step, Saved(ck.state, ck.n_changes)
