@@ -221,11 +221,10 @@ def test_report_shows_weights_over_time_and_who_changed_them(tmp_path: Path) -> 
 
     # A --cluster-sizes job's layout is not in its state directory, so the report data is assembled
     # from the state directory's pieces: its event log and its checkpoint's loss statistics.
-    from croupier.apps.report import _events_of
-    from croupier.server.durability.checkpoint_store import CheckpointStore as Store
+    from croupier.server.durability.state_dir import StateDir
 
-    ck = Store(tmp_path / "s").newest_valid()
-    events = _events_of(tmp_path / "s", ck.meta)
+    ck, changes = StateDir.open(tmp_path / "s").latest()
+    events = [c.to_dict() for c in changes]
     assert [e.get("origin", "operator") for e in events][-1] == "operator"
     assert {e.get("origin") for e in events[:-1]} == {"odm"}
     from croupier.apps.report import ReportData
@@ -235,7 +234,7 @@ def test_report_shows_weights_over_time_and_who_changed_them(tmp_path: Path) -> 
                       clipped_at=np.full(8, -1))
     from croupier.apps.report import _group_loss_of
 
-    attach_changes(data, events, _group_loss_of(ck))
+    attach_changes(data, events, _group_loss_of(ck.payload.adapter))
     assert data.group_loss is not None and np.argmax(data.group_loss) == HOT
     write_report(data, tmp_path / "rep")
     assert (tmp_path / "rep" / "weights_over_time.png").stat().st_size > 0

@@ -2,7 +2,8 @@
 
 Data comes from a live server (`from_server`: its GetStatus counters, and optionally a few
 seconds of watching rank progress) or from a server's state directory (`from_state_dir`:
-the newest valid checkpoint, read with the server's own `CheckpointStore`). Neither source
+the newest valid checkpoint and the online changes, read with the server's own state-directory
+reader, `StateDir`). Neither source
 keeps per-step history, so the draws-over-time curves are recomputed by replaying the
 sampler from step 0 with the same dataset layout, policy, batch, seed and online changes:
 the sequence is deterministic, and the replay's final counters are checked against the
@@ -270,69 +271,57 @@ def from_state_dir(state_dir: str | Path, *, dataset: str | None = None, selecti
     Cluster sizes come from the dataset's sidecar (`dataset`, or the one the state directory
     names). Rank progress over time is read from state_dir/rank_progress.jsonl when present.
     """
-    from croupier.server.sampling.sampler import Sampler
+    from croupier.server.durability.state_dir import StateDir
     from croupier.server.sampling.policy import PolicyConfig
-    from croupier.server.sampling.state import SamplerState
-    from croupier.server.durability.checkpoint_store import CheckpointStore
+    from croupier.server.sampling.sampler import Sampler
 
     state_dir = Path(state_dir)
-    if not state_dir.is_dir():
-        raise StateError(f"state directory {state_dir} does not exist")
-    ck = CheckpointStore(state_dir).newest_valid()
-    if ck is None:
-        raise StateError(f"state directory {state_dir} holds no valid checkpoint")
-    meta = ck.meta
-    n_adapt = int(meta.get("adapt_bytes", 0) or 0)
-    n_tok = int(meta.get("tokens_bytes", 0) or 0)
-    body = ck.state[:len(ck.state) - n_adapt] if n_adapt else ck.state
-    state = SamplerState.from_bytes(body[:len(body) - n_tok] if n_tok else body)
-    tally = body[len(body) - n_tok:] if n_tok else None
-    if "mixture" in meta.get("policy", {}):
-        return _mixture_from_state_dir(state_dir, ck, meta, state, mix, replay)
-    found, found_sel = _find_dataset(state_dir, meta)
+    ck, changes = StateDir.open(state_dir).latest()
+    meta, state = ck.meta, ck.state
+    events = [c.to_dict() for c in changes]
+    if "mixture" in meta.policy:
+        return _mixture_from_state_dir(state_dir, ck, events, mix, replay)
+    found, found_sel = _find_dataset(state_dir, ck.raw_meta)
     dataset = dataset or found
     if not dataset:
         raise ConfigError(f"state directory {state_dir} does not name its dataset: pass --dataset DIR")
     layout = _layout_for(dataset, selection if selection is not None else found_sel)
-    config = PolicyConfig.from_dict(meta["policy"])
-    sampler = Sampler(layout, config, int(meta["global_batch"]), int(meta["seed"]))
-    events = _events_of(state_dir, meta)
+    config = PolicyConfig.from_dict(meta.policy)
+    sampler = Sampler(layout, config, meta.global_batch, meta.seed)
     sampler.load_state(state)  # checks the fingerprint: the dataset given is the job's
     c = sampler.counters()
     data = ReportData(
         source=f"state directory {state_dir} (checkpoint at step {ck.step})", policy=config.policy,
-        clip=sampler.clip, step=int(state.step), global_batch=int(meta["global_batch"]), seed=int(meta["seed"]),
+        clip=sampler.clip, step=int(state.step), global_batch=meta.global_batch, seed=meta.seed,
         sizes=np.asarray(c.sizes), draws=c.draws, passes=c.passes, clipped_at=c.clipped_at)
     lag = read_rank_history(state_dir / RANK_HISTORY_FILE)
     if lag is not None:
         data.rank_times, data.rank_steps = lag
     else:
         data.notes.append("rank lag history not shown: the state directory records none")
-    attach_changes(data, events, _group_loss_of(ck))
-    if tally is not None:
+    attach_changes(data, events, _group_loss_of(ck.payload.adapter))
+    if ck.payload.tally is not None:
         from croupier.server.job.token_tally import TokenTally
 
         t = TokenTally(data.num_clusters, lambda ids: ids, lambda ids: ids)
-        t.load(tally, int(state.step))
+        t.load(ck.payload.tally, int(state.step))
         data.tokens, data.tokens_since = t.tokens, t.since
     if replay:
         _attach_history(data, layout, config, events)
     return data
 
 
-def _group_loss_of(ck: Any) -> np.ndarray | None:
-    """Per-group loss EMA from an adaptive job's checkpoint (None for other jobs)."""
+def _group_loss_of(adapter: bytes | None) -> np.ndarray | None:
+    """Per-group loss EMA from an adaptive job's checkpoint section (None for other jobs)."""
     from croupier.server.feedback.adapt import split_parts
     from croupier.server.feedback.loss_stats import LossStats
 
-    n = int(ck.meta.get("adapt_bytes", 0) or 0)
-    if not n:
+    if adapter is None:
         return None
-    parts = split_parts(ck.state[len(ck.state) - n:])
-    return LossStats.from_bytes(parts[1]).ema
+    return LossStats.from_bytes(split_parts(adapter)[1]).ema
 
 
-def _mixture_from_state_dir(state_dir: Path, ck: Any, meta: dict, state: Any, mix: str | None,
+def _mixture_from_state_dir(state_dir: Path, ck: Any, events: list[dict], mix: str | None,
                             replay: bool) -> ReportData:
     if not mix:
         try:
@@ -341,7 +330,7 @@ def _mixture_from_state_dir(state_dir: Path, ck: Any, meta: dict, state: Any, mi
             mix = None
     if not mix:
         raise ConfigError(f"state directory {state_dir} holds a mixture job and names no mixture file: pass --mix FILE")
-    b, seed = int(meta["global_batch"]), int(meta["seed"])
+    b, seed, state = ck.meta.global_batch, ck.meta.seed, ck.state
     sampler = _mixture_sampler(mix, b, seed)
     sampler.load_state(state)  # checks the fingerprint: the file given is the job's
     c = sampler.counters()
@@ -358,18 +347,8 @@ def _mixture_from_state_dir(state_dir: Path, ck: Any, meta: dict, state: Any, mi
     if lag is not None:
         data.rank_times, data.rank_steps = lag
     if replay:
-        _attach_history(data, None, None, _events_of(state_dir, meta), _mixture_sampler(mix, b, seed))
+        _attach_history(data, None, None, events, _mixture_sampler(mix, b, seed))
     return data
-
-
-def _events_of(state_dir: Path, meta: dict) -> list[dict]:
-    """The job's online changes as dicts: its event log, or (older state directories) the
-    checkpoint's list."""
-    from croupier.server.durability.change_log import read_changes
-
-    if meta.get("events_in_log"):
-        return [c.to_dict() for c in read_changes(state_dir)]
-    return list(meta.get("events", []))
 
 
 def attach_changes(data: ReportData, events: Sequence[dict], group_loss: np.ndarray | None = None) -> None:

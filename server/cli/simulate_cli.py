@@ -181,12 +181,9 @@ def format_mix_summary(sampler: MixSampler, sched: Schedule) -> str:
 
 def _from_state_dir(args: argparse.Namespace) -> tuple[Sampler | MixSampler, int]:
     """The job's sampler with its recorded online changes, and its generated step."""
-    from croupier.errors import FingerprintMismatch, StateError
-    from croupier.server.durability.change_log import read_changes
-    from croupier.server.durability.checkpoint_writer import CheckpointMeta
+    from croupier.errors import FingerprintMismatch
+    from croupier.server.durability.state_dir import StateDir
     from croupier.server.sampling.policy import PolicyConfig
-    from croupier.server.sampling.state import Change
-    from croupier.server.durability.checkpoint_store import CheckpointStore
 
     flags = [f for f, v in (("--policy", args.policy), ("--clip", args.clip), ("--weights", args.weights),
                             ("--budget-steps", args.budget_steps), ("--switch-step", args.switch_step),
@@ -194,12 +191,8 @@ def _from_state_dir(args: argparse.Namespace) -> tuple[Sampler | MixSampler, int
     if flags:
         raise ConfigError(f"--state-dir takes the sampling config from the job's checkpoint; remove {', '.join(flags)}")
     state_dir = Path(args.state_dir)
-    if not state_dir.is_dir():
-        raise StateError(f"state directory {state_dir} does not exist")
-    ck = CheckpointStore(state_dir).newest_valid()
-    if ck is None:
-        raise StateError(f"state directory {state_dir} holds no valid checkpoint")
-    meta = CheckpointMeta.from_dict(ck.meta, str(ck.path))
+    ck, changes = StateDir.open(state_dir).latest()
+    meta = ck.meta
     if meta.global_batch != args.global_batch or meta.seed != args.seed:
         raise ConfigError(f"the job in {state_dir} ran global batch {meta.global_batch} and seed {meta.seed}; pass "
                           f"--global-batch {meta.global_batch} --seed {meta.seed}")
@@ -211,7 +204,6 @@ def _from_state_dir(args: argparse.Namespace) -> tuple[Sampler | MixSampler, int
     if sampler.fingerprint != meta.sampler_fingerprint:
         raise FingerprintMismatch(f"the job in {state_dir} (give the layout it was served with)",
                                   expected=meta.sampler_fingerprint, got=sampler.fingerprint)
-    changes = read_changes(state_dir) if meta.events_in_log else [Change.from_dict(e) for e in meta.events]
     for ch in changes:
         sampler.schedule_change(ch)
     return sampler, meta.generated_step
