@@ -40,6 +40,7 @@ from croupier import __version__
 from croupier.errors import ConfigError, CroupierError, DatasetError, FingerprintMismatch, StateError
 from croupier.proto import API_VERSION, SERVICE_NAME, pack_ids, pb2
 from croupier.server.serving.auth import AsyncTokenAuthInterceptor
+from croupier.server.serving.peer_limits import DEFAULT_CALLS_PER_PEER, DEFAULT_STREAMS_PER_PEER, PeerLimits
 from croupier.grpc_options import server_options
 from croupier.server.serving.session import SessionHandler, SessionState
 from croupier.server.serving.wakeup import CoarseTimers, Wakeup
@@ -48,10 +49,6 @@ from croupier.server.job.job import (CheckpointUnavailable, Job, JobReformed, Jo
 
 log = logging.getLogger("croupier.server.serving.service")
 
-DEFAULT_STREAMS_PER_PEER = 4096
-"""Most streams one connection may hold open (a rank's DataLoader workers, a node agent's ranks)."""
-DEFAULT_CALLS_PER_PEER = 1024
-"""Most unary calls one connection may have in flight."""
 CHECKPOINT_HEALTH = "croupier.v1.Sampler/checkpoint"
 """Health service name that turns NOT_SERVING while checkpoint writes fail (serving goes on)."""
 WAKE_POLL_S = 5.0
@@ -155,39 +152,6 @@ def status_response(job: Job, st: JobStatus, include_clusters: bool) -> pb2.GetS
         resp.cluster_passes.extend(st.passes.tolist())
         resp.cluster_clipped_at.extend(st.clipped_at.tolist())
     return resp
-
-
-class PeerLimits:
-    """Per-peer (per-connection) limits on open streams and in-flight unary calls."""
-
-    def __init__(self, max_streams: int, max_calls: int) -> None:
-        if max_streams < 1 or max_calls < 1:
-            raise ConfigError(f"per-peer limits must be >= 1, got streams {max_streams}, calls {max_calls}")
-        self.max_streams = max_streams
-        self.max_calls = max_calls
-        self.streams: dict[str, int] = {}
-        self.calls: dict[str, int] = {}
-
-    def acquire(self, peer: str, streaming: bool) -> str | None:
-        """None when admitted; else the refusal naming the limit."""
-        table, limit, what = ((self.streams, self.max_streams, "open streams") if streaming
-                              else (self.calls, self.max_calls, "calls in flight"))
-        n = table.get(peer, 0)
-        if n >= limit:
-            return f"peer {peer} already has {n} {what}; the limit is {limit} per peer"
-        table[peer] = n + 1
-        return None
-
-    def release(self, peer: str, streaming: bool) -> None:
-        table = self.streams if streaming else self.calls
-        n = table.get(peer, 0) - 1
-        if n > 0:
-            table[peer] = n
-        else:
-            table.pop(peer, None)
-
-    def open_streams(self) -> int:
-        return sum(self.streams.values())
 
 
 class SamplerServicer:
