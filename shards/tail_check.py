@@ -8,6 +8,7 @@ natural long-tailed corpus flat k-means over sentence embeddings deals the rare 
 natural share whatever K (0.9-1.2x) while one cluster per group deals them 10-20x
 (docs/shards.md), so the build says which one the user has before anyone trains. The figures
 are those of `croupier shards inspect --by FIELD` (`diagnostics.long_tail_report`).
+`after_build` is the check `croupier shards build` prints, as lines of text.
 """
 
 from __future__ import annotations
@@ -105,3 +106,22 @@ def tail_checks(dataset: str, fields: Sequence[str]) -> list[TailCheck]:
     columns = side.manifest.get("columns") or {}
     text = side.manifest.get("text_field")
     return [check_field(side, dataset, f) for f in fields if f in columns and f != text]
+
+
+def after_build(dataset: str, fields: Sequence[str]) -> list[str]:
+    """The tail check of a finished build, as lines to print.
+
+    A dataset published to an object store is not read back, and a check that fails (a
+    column that cannot be read) says why it was skipped: the build is done and published,
+    a diagnostic does not undo it.
+    """
+    from croupier.errors import CroupierError
+
+    if "://" in dataset:
+        return [f"tail check: skipped (the dataset was published to {dataset}; "
+                "`croupier shards inspect DIR --by FIELD` on a local copy gives the same figures)"]
+    try:
+        checks = tail_checks(dataset, fields)
+    except CroupierError as exc:
+        return [f"tail check: skipped ({exc})"]
+    return [line for check in checks for line in check.lines()]

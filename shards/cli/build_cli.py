@@ -1,16 +1,16 @@
-"""`croupier shards build`: the command-line face of `croupier.shards.build.builder`."""
+"""`croupier shards build`: the command-line face of the build (`croupier.shards.build.engines.build_with`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from croupier.errors import ConfigError, CroupierError
 from croupier.values import parse_size
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     from croupier.shards.build.embed import EMBEDDERS
+    from croupier.shards.build.engines import ENGINES
     from croupier.format.sidecar import LAYOUTS
 
     p = sub.add_parser(
@@ -68,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     eng = p.add_argument_group("engine")
-    eng.add_argument("--engine", default="local", choices=("local", "ray"),
+    eng.add_argument("--engine", default="local", choices=ENGINES,
                      help="local (default: one process) or ray (Ray Data: parallel ingest, embedding actors, "
                           "parallel assignment and shard writers; the same dataset)")
     eng.add_argument("--ray-address", default=None,
@@ -79,7 +79,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from croupier.shards.build.builder import BuildConfig, build
+    from croupier.shards.build.config import BuildConfig
+    from croupier.shards.build.engines import build_with
 
     keep = tuple(f.strip() for f in args.keep_fields.split(",") if f.strip())
     layout = args.layout or ("original" if args.adopt else "cluster-major")
@@ -93,33 +94,13 @@ def run(args: argparse.Namespace) -> int:
         device=args.device, progress=not args.quiet, tokenizer=args.tokenizer, token_field=args.token_field,
         work_dir=args.work_dir, group_by=args.group_by, clusters_per_group=args.clusters_per_group,
         cluster_size=args.cluster_size, min_cluster_size=args.min_cluster_size, embed_cache=args.embed_cache)
-    if args.engine == "ray":
-        if args.embed_cache is not None:
-            raise ConfigError(f"--embed-cache {args.embed_cache} is used by the local engine only; "
-                              "drop --engine ray (or --embed-cache)")
-        from croupier.shards.build.ray_builder import build_ray
-
-        res = build_ray(cfg, address=args.ray_address, workers=args.ray_workers)
-    else:
-        if args.ray_address is not None or args.ray_workers is not None:
-            raise ConfigError("--ray-address and --ray-workers apply to --engine ray only")
-        res = build(cfg)
+    res = build_with(cfg, args.engine, ray_address=args.ray_address, ray_workers=args.ray_workers)
     print(f"{res.out}: {res.num_samples} documents, {res.num_clusters} clusters, layout {res.layout}, "
           f"fingerprint {res.fingerprint}" + (f", {res.skipped} bad records skipped" if res.skipped else ""))
     if cfg.keep_fields and not args.no_tail_check:
-        from croupier.shards.tail_check import tail_checks
+        from croupier.shards.tail_check import after_build
 
-        if "://" in str(res.out):
-            print(f"tail check: skipped (the dataset was published to {res.out}; "
-                  "`croupier shards inspect DIR --by FIELD` on a local copy gives the same figures)")
-        else:
-            try:
-                checks = tail_checks(str(res.out), cfg.keep_fields)
-            except CroupierError as exc:  # the build is done and published: a diagnostic does not undo it
-                print(f"tail check: skipped ({exc})")
-                checks = []
-            for check in checks:
-                for line in check.lines():
-                    print(line)
+        for line in after_build(str(res.out), cfg.keep_fields):
+            print(line)
     sys.stdout.flush()
     return 0

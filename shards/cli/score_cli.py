@@ -1,94 +1,40 @@
 """`croupier shards score DIR --by askllm|density|perplexity`: per-sample score columns.
 
 Scores land in the dataset's sidecar as float32 columns (`Sidecar.write_scores`) with the
-scorer's parameters in the manifest. Work in progress lives in
-`DIR/croupier/scoring/NAME/` (see `scoring.ChunkedRun`) until the column is stored: an
+scorer's parameters in the manifest (`croupier.shards.scoring.scorers.score_and_store`). Work
+in progress lives in `DIR/croupier/scoring/NAME/` (see `lm_scores.ChunkedRun`) until the column is stored: an
 interrupted run (crash, Ctrl-C, endpoint outage) keeps its finished chunks and the same
 command resumes it; two runs on the same NAME at once are refused.
 
-- density: two streaming passes over the memory-mapped embeddings (`density.py`); the
+- density: two streaming passes over the memory-mapped embeddings (`scoring/density.py`); the
   sketch after pass 1 is saved too, so a resume skips it.
 - askllm: `--model PATH` (local Hugging Face model, GPU when present) or `--endpoint URL`
   (OpenAI-compatible server) reads each document's text column inside the paper's prompt.
 - perplexity: `--model PATH`, a small causal LM; mean token NLL.
 
-`--engine ray` runs density as Ray tasks (`ray_score.py`, the same scores bit for bit) and
-askllm/perplexity with `--model` on a Ray Data actor pool (`ray_lm_score.py`, the same
+`--engine ray` runs density as Ray tasks (`scoring/ray_score.py`, the same scores bit for bit) and
+askllm/perplexity with `--model` on a Ray Data actor pool (`scoring/ray_lm_score.py`, the same
 scores up to float rounding); both keep their progress in the same work folder as locally.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Any
 
 import numpy as np
 
-from croupier.errors import ConfigError
-from croupier.shards.scoring.scorers import (SCORERS, UNSCORABLE, check_scorer, discard_work, make_askllm,
-                                             make_perplexity, score_density, score_texts)
+from croupier.shards.scoring.scorers import ENGINES, SCORERS, score_and_store
 
 
-# -- command --------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
-    from croupier.format.sidecar import Sidecar, validate_name
-
-    by = check_scorer(args.by)
-    name = validate_name("score", args.name or by)
-    sidecar = Sidecar.open(args.dir)
-    progress = not args.no_progress
-    if args.restart:
-        discard_work(sidecar, name)
-    t0 = time.monotonic()
-    if args.engine != "ray" and (args.ray_address is not None or args.ray_workers is not None):
-        raise ConfigError("--ray-address and --ray-workers apply to --engine ray only")
-    if by == "density" and args.ray_workers is not None:
-        raise ConfigError(f"--ray-workers sizes the askllm/perplexity actor pool; density uses every Ray CPU, "
-                          f"got --ray-workers {args.ray_workers}")
-    actors: dict[int, int] = {}
-    if by == "density":
-        bw = args.bandwidth if args.bandwidth == "auto" else _positive_float(args.bandwidth, "bandwidth")
-        values, record = score_density(sidecar, name, rows=args.rows, buckets=args.buckets,
-                                       bandwidth=bw, hashes_per_row=args.hashes_per_row,
-                                       seed=args.seed, chunk_size=args.chunk_size, progress=progress,
-                                       engine=args.engine, ray_address=args.ray_address)
-    elif args.engine == "ray":
-        from croupier.shards.scoring.ray_lm_score import ray_text_scores
-
-        (make_askllm if by == "askllm" else make_perplexity)(args, check_only=True)
-        res = ray_text_scores(sidecar, name, by, args, text_field=args.text_field, chunk_size=args.chunk_size,
-                              progress=progress, address=args.ray_address, workers=args.ray_workers)
-        values, record, actors = res.values, res.record, res.actors
-    else:
-        scorer = make_askllm(args) if by == "askllm" else make_perplexity(args)
-        record = {"scorer": by, **scorer.params(), "text_field": args.text_field}
-        values = score_texts(sidecar, name, scorer, record, text_field=args.text_field,
-                             chunk_size=args.chunk_size, progress=progress, label=by)
-    if by == "perplexity":
-        bad = ~np.isfinite(values)
-        values = np.where(bad, np.float32(UNSCORABLE), values).astype(np.float32)
-        record = {**record, "unscorable": int(bad.sum()), "unscorable_value": UNSCORABLE}
-    elapsed = time.monotonic() - t0
-    stored = {**record, "elapsed_s": round(elapsed, 3)}
-    if args.engine == "ray" and by != "density":
-        stored.update(engine="ray", ray_actors=len(actors), ray_chunks_scored=sum(actors.values()))
-    sidecar.write_scores(name, values, stored)
-    discard_work(sidecar, name)
-    print(f"score {name!r} ({by}): {len(values):,} samples in {elapsed:,.1f} s "
+    got = score_and_store(args.dir, args.by, args, name=args.name, engine=args.engine, ray_address=args.ray_address,
+                          ray_workers=args.ray_workers, restart=args.restart, progress=not args.no_progress)
+    values, elapsed = got.values, got.elapsed_s
+    print(f"score {got.name!r} ({args.by}): {len(values):,} samples in {elapsed:,.1f} s "
           f"({len(values) / max(elapsed, 1e-9):,.0f} samples/s); min {values.min():.4g}, "
           f"median {float(np.median(values)):.4g}, max {values.max():.4g}")
     return 0
-
-
-def _positive_float(text: str, what: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise ConfigError(f"{what} must be a number or 'auto', got {text!r}") from None
-    if not v > 0:
-        raise ConfigError(f"{what} must be > 0, got {text!r}")
-    return v
 
 
 def register(subparsers: Any) -> None:
@@ -101,7 +47,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--chunk-size", type=int, help="samples per resumable chunk")
     p.add_argument("--restart", action="store_true", help="discard a partial run and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
-    p.add_argument("--engine", default="local", choices=("local", "ray"),
+    p.add_argument("--engine", default="local", choices=ENGINES,
                    help="local (default) or ray (density: both sketch passes as Ray tasks; askllm and "
                         "perplexity: a Ray Data actor pool, one model per actor; the same scores)")
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else local)")
@@ -134,4 +80,4 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-__all__ = ["SCORERS", "check_scorer", "score_density", "score_texts", "discard_work", "register", "run"]
+__all__ = ["register", "run"]

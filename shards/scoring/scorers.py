@@ -8,7 +8,9 @@ interrupted run keeps its finished chunks and the same call resumes it.
 - density: two streaming passes over the memory-mapped embeddings (`density.py`); the
   sketch after pass 1 is saved (`density.save_sketch`), so a resume skips it.
 - askllm / perplexity: each document's text column through a local model or an endpoint.
-The Ray engine (`ray_score.py`, `ray_lm_score.py`) keeps its progress in the same work folder.
+The Ray engine (`croupier.shards.scoring.ray_score`, `croupier.shards.scoring.ray_lm_score`)
+keeps its progress in the same work folder. `score_and_store` is the whole command: score
+on the chosen engine, store the column, drop the work folder.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -63,7 +66,7 @@ def score_density(sidecar: Any, name: str, *, rows: int = 1000, buckets: int = 2
                   ray_address: str | None = None) -> tuple[np.ndarray, dict]:
     """Two-pass sketch density of every stored embedding; resumable (see module doc).
 
-    `engine="ray"` runs both passes as Ray tasks (`ray_score.py`): the same scores.
+    `engine="ray"` runs both passes as Ray tasks (`croupier.shards.scoring.ray_score`): the same scores.
     """
     emb = _embeddings(sidecar)
     if bandwidth == "auto":
@@ -161,3 +164,88 @@ def make_perplexity(args: argparse.Namespace, *, check_only: bool = False) -> An
     from croupier.shards.scoring.perplexity import PerplexityScorer
     return PerplexityScorer(args.model, batch_size=args.batch_size or 8, max_length=args.max_length,
                             device=args.device, dtype=args.dtype)
+
+
+# -- the whole command ----------------------------------------------------------------------
+ENGINES = ("local", "ray")
+
+
+@dataclass
+class StoredScores:
+    """A score column stored in the sidecar: its values, the manifest record, the time it took."""
+
+    name: str
+    values: np.ndarray
+    record: dict
+    elapsed_s: float
+    actors: dict[int, int] = field(default_factory=dict)
+    """With askllm/perplexity on Ray: actor pid -> chunks it scored."""
+
+
+def parse_bandwidth(text: str) -> float | str:
+    """--bandwidth: 'auto' or a positive number."""
+    if text == "auto":
+        return text
+    try:
+        v = float(text)
+    except ValueError:
+        raise ConfigError(f"bandwidth must be a number or 'auto', got {text!r}") from None
+    if not v > 0:
+        raise ConfigError(f"bandwidth must be > 0, got {text!r}")
+    return v
+
+
+def score_and_store(dataset: str, by: str, options: argparse.Namespace, *, name: str | None = None,
+                    engine: str = "local", ray_address: str | None = None, ray_workers: int | None = None,
+                    restart: bool = False, progress: bool = True) -> StoredScores:
+    """Score every sample of `dataset` with `by` (`options`: the command's scorer flags) and store the column.
+
+    `restart` discards a partial run first. Perplexity's non-finite scores (a text with no
+    token to score) are stored as `UNSCORABLE` and counted in the record.
+    """
+    from croupier.format.sidecar import Sidecar, validate_name
+
+    by = check_scorer(by)
+    name = validate_name("score", name or by)
+    sidecar = Sidecar.open(dataset)
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown engine {engine!r}; valid engines: {', '.join(ENGINES)}")
+    if restart:
+        discard_work(sidecar, name)
+    t0 = time.monotonic()
+    if engine != "ray" and (ray_address is not None or ray_workers is not None):
+        raise ConfigError("--ray-address and --ray-workers apply to --engine ray only")
+    if by == "density" and ray_workers is not None:
+        raise ConfigError(f"--ray-workers sizes the askllm/perplexity actor pool; density uses every Ray CPU, "
+                          f"got --ray-workers {ray_workers}")
+    actors: dict[int, int] = {}
+    if by == "density":
+        values, record = score_density(sidecar, name, rows=options.rows, buckets=options.buckets,
+                                       bandwidth=parse_bandwidth(options.bandwidth),
+                                       hashes_per_row=options.hashes_per_row, seed=options.seed,
+                                       chunk_size=options.chunk_size, progress=progress, engine=engine,
+                                       ray_address=ray_address)
+    elif engine == "ray":
+        from croupier.shards.scoring.ray_lm_score import ray_text_scores
+
+        (make_askllm if by == "askllm" else make_perplexity)(options, check_only=True)
+        res = ray_text_scores(sidecar, name, by, options, text_field=options.text_field,
+                              chunk_size=options.chunk_size, progress=progress, address=ray_address,
+                              workers=ray_workers)
+        values, record, actors = res.values, res.record, res.actors
+    else:
+        scorer = make_askllm(options) if by == "askllm" else make_perplexity(options)
+        record = {"scorer": by, **scorer.params(), "text_field": options.text_field}
+        values = score_texts(sidecar, name, scorer, record, text_field=options.text_field,
+                             chunk_size=options.chunk_size, progress=progress, label=by)
+    if by == "perplexity":
+        bad = ~np.isfinite(values)
+        values = np.where(bad, np.float32(UNSCORABLE), values).astype(np.float32)
+        record = {**record, "unscorable": int(bad.sum()), "unscorable_value": UNSCORABLE}
+    elapsed = time.monotonic() - t0
+    stored = {**record, "elapsed_s": round(elapsed, 3)}
+    if engine == "ray" and by != "density":
+        stored.update(engine="ray", ray_actors=len(actors), ray_chunks_scored=sum(actors.values()))
+    sidecar.write_scores(name, values, stored)
+    discard_work(sidecar, name)
+    return StoredScores(name=name, values=values, record=stored, elapsed_s=elapsed, actors=actors)
