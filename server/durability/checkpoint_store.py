@@ -36,7 +36,7 @@ _META_LEN = struct.Struct("<I")
 _NAME = re.compile(r"^ckpt-(\d{12})\.bin$")
 KINDS = ("auto", "token", "final")
 
-log = logging.getLogger("croupier.server.durability.checkpoint_store")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from croupier import __version__
 from croupier.errors import StateError
 from croupier.server.durability.checkpoint_store import CheckpointStore, atomic_write_bytes
 
-log = logging.getLogger("croupier.server.checkpoint")
+log = logging.getLogger(__name__)
 
 META_FORMAT = "croupier.checkpoint"
 META_VERSION = 2
