@@ -154,7 +154,7 @@ def test_interrupted_build_resumes_to_the_uninterrupted_result(tmp_path, corpus)
 
     out = str(tmp_path / "resumed")
     calls: list[tuple[str, int]] = []
-    for stop_at in [("ingest", 1), ("embed", 3), ("train", 0), ("assign", 2), ("order", 0)]:
+    for stop_at in [("ingest", 1), ("embed", 3), ("train", 0), ("assign", 2), ("order", 0), ("write", 0)]:
         def hook(stage: str, chunk: int, stop_at=stop_at) -> None:
             calls.append((stage, chunk))
             if (stage, chunk) == stop_at:
@@ -419,3 +419,60 @@ def test_adopt_a_token_column_dataset_embeds_it_by_decoding(tmp_path, corpus, ti
     with pytest.raises(DatasetError, match="token column of sample 0 .* holds float32"):
         build(BuildConfig(out=None, adopt=str(bad), layout="original", embedder="hashing", clusters=2,
                           tokenizer=str(tiny_tokenizer), progress=False))
+
+
+# -- the stages and their runner ------------------------------------------------------------------
+
+def test_stage_runner_skips_finished_stages_and_reports_their_last_unit(tmp_path):
+    """`run_stages` owns the resume bookkeeping: a stage whose `<name>_done` flag the state holds
+    is skipped, a finished one is marked done and saved, and its returned unit goes to the hook."""
+    from croupier.shards.build.context import BuildContext, BuildPaths
+    from croupier.shards.build.stage import finished, run_stages
+
+    ran: list[str] = []
+
+    class Fake:
+        def __init__(self, name: str, unit: int | None) -> None:
+            self.name, self.unit = name, unit
+
+        def run(self, ctx: BuildContext) -> int | None:
+            ran.append(self.name)
+            if self.name == "b":
+                ctx.commit("b", 0)  # a unit of its own, reported as it goes
+            return self.unit
+
+    cfg = BuildConfig(out=str(tmp_path / "ds"), inputs=("x.jsonl",), progress=False)
+    calls: list[tuple[str, int]] = []
+    ctx = BuildContext(cfg, BuildPaths.of(cfg), hook=lambda s, c: calls.append((s, c)))
+    ctx.paths.work.mkdir(parents=True)
+    ctx.state = {"a_done": True}
+    stages = [Fake("a", 0), Fake("b", None), Fake("c", 3)]
+    run_stages(stages, ctx)
+    assert ran == ["b", "c"] and calls == [("b", 0), ("c", 3)]
+    saved = json.loads(ctx.paths.state.read_text())
+    assert saved == {"a_done": True, "b_done": True, "c_done": True}
+    assert finished(stages, saved) == ["a", "b", "c"]
+    run_stages(stages, ctx)  # all done: nothing runs again
+    assert ran == ["b", "c"]
+
+
+@pytest.mark.parametrize("kw, names, own", [
+    ({"clusters": 4}, ["ingest", "choose_k", "embed", "train", "assign", "order", "write", "arrays"],
+     ["ingest", "embed", "assign", "write"]),
+    ({"group_by": "topic"}, ["ingest", "groups", "embed", "assign", "order", "write", "arrays"],
+     ["ingest", "embed", "write"]),
+    ({"adopt": "mds", "layout": "original", "tokenizer": "tok"},
+     ["ingest", "choose_k", "embed", "train", "assign", "order", "arrays", "tokens"], ["embed", "assign"]),
+])
+def test_both_engines_plan_the_same_stages(kw, names, own):
+    """The local and the Ray engine plan the same stages; only the engine's own ones (ingest,
+    embed, assign, write; with --group-by the grouping takes assign's place) differ."""
+    from croupier.shards.build.builder import LocalEngine
+    from croupier.shards.build.pipeline import plan
+    from croupier.shards.build.ray_builder import RayEngine
+
+    inputs = () if "adopt" in kw else ("x.jsonl",)
+    cfg = BuildConfig(out="ds", inputs=inputs, progress=False, **kw)
+    local, ray = plan(cfg, LocalEngine()), plan(cfg, RayEngine())
+    assert [s.name for s in local] == [s.name for s in ray] == names
+    assert [a.name for a, b in zip(local, ray) if type(a) is not type(b)] == own
