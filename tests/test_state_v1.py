@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from jobs import get_slice
 
 from croupier.cli import main
 from croupier.layout import ClusterLayout
@@ -25,7 +26,6 @@ from croupier.server.feedback.adapt import AdaptSpec
 from croupier.server.job.job import Job, JobSpec
 from croupier.server.sampling.policy import PolicyConfig
 from croupier.server.sampling.sampler import Sampler
-from jobs import get_slice
 
 DATA = Path(__file__).parent / "data" / "state_v1"
 B, SEED, WORLD = 16, 7, 2

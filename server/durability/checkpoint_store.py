@@ -22,9 +22,10 @@ import os
 import re
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from croupier.errors import ConfigError, StateError
 from croupier.format.atomic import fsync_dir, write_bytes_atomic

@@ -21,14 +21,16 @@ target path before every write) lets tests inject such faults.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from croupier import __version__
 from croupier.errors import StateError
@@ -82,7 +84,7 @@ class CheckpointMeta:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str) -> "CheckpointMeta":
+    def from_dict(cls, d: dict[str, Any], where: str) -> CheckpointMeta:
         version = d.get("meta_version", 1)
         if version not in (1, META_VERSION):
             raise StateError(f"checkpoint {where} has metadata version {version}; this croupier reads "
@@ -275,7 +277,8 @@ class CheckpointWriter:
                         self._pending_mark = mark
             if job is not None:
                 step, meta, state = job
-                if not self._try(lambda: self._write_ckpt(step, meta, state, "auto"), self.store.path_of(step)):
+                if not self._try(functools.partial(self._write_ckpt, step, meta, state, "auto"),
+                                 self.store.path_of(step)):
                     with self._cond:
                         if len(self._pending) < MAX_PENDING:
                             self._pending.appendleft(job)

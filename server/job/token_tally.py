@@ -12,7 +12,7 @@ older step) it restarts at that step and says so (`since`).
 from __future__ import annotations
 
 import struct
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
