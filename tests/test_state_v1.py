@@ -9,6 +9,7 @@ together.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -178,3 +179,29 @@ def test_the_adaptive_sections_restore_the_tally_and_the_controller(tmp_path: Pa
         assert st.adapt.group_weight[0] > 0.5  # the hot cluster the controller favoured
     finally:
         job.close()
+
+
+def _scenario() -> Any:
+    spec = importlib.util.spec_from_file_location("make_state_v1", DATA.parent / "make_state_v1.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["basic", "adaptive"])
+def test_todays_server_writes_the_same_files(name: str, tmp_path: Path) -> None:
+    """The v1 scenario run again: byte for byte the same payloads, event log, mark and steps;
+    the same metadata but for when and by which version it was written."""
+    out = tmp_path / name
+    out.mkdir()
+    getattr(_scenario(), f"make_{name}")(out)
+    old, new = CheckpointStore(DATA / name), CheckpointStore(out)
+    assert new.steps() == old.steps()
+    for step in old.steps():
+        a, b = old.load(step), new.load(step)
+        assert b.state == a.state, step
+        skip = ("created", "server_version")
+        assert {k: v for k, v in b.meta.items() if k not in skip} == {k: v for k, v in a.meta.items() if k not in skip}
+    for file in ("events.log", "generated.mark", "delivered.json"):
+        assert (out / file).read_bytes() == (DATA / name / file).read_bytes(), file

@@ -1,9 +1,12 @@
 """How `tests/data/state_v1/` was made: state directories written by the v1 server (commit 923a3a5).
 
 They are test data, not fixtures: `tests/test_state_v1.py` opens them with today's code and
-checks that the job resumes exactly where the old server left off. Do NOT regenerate them
-with newer code (that would only prove the new code agrees with itself); a new on-disk
-format gets a new folder (`state_v2/`) beside this one.
+checks that the job resumes exactly where the old server left off, and runs this scenario
+again with today's code to check that it writes the same files. Do NOT regenerate them with
+newer code (that would only prove the new code agrees with itself); a new on-disk format
+gets a new folder (`state_v2/`) beside this one. (The v1 server read steps with the job's
+blocking `get_slice`, since removed; `slice_ids` below is the same read through the job's
+non-blocking calls.)
 
 - `basic/`: synthetic clusters, clusterclip, two ranks, three online changes (one after the
   last automatic checkpoint, so it lives in the event log alone), a trainer's checkpoint
@@ -48,9 +51,20 @@ def losses_of(ids: np.ndarray) -> np.ndarray:
     return np.where(np.asarray(ids) // 60 == 0, 4.0, 1.0) + 0.01 * (np.asarray(ids) % 5)
 
 
+def slice_ids(job: Job, rank: int, step: int) -> np.ndarray:
+    """The rank's slice of `step` (always within the lag bound here: never waits)."""
+    waiter = job.begin_get_slice(rank, WORLD, step)
+    try:
+        sl = job.try_slice(rank, WORLD, step)
+    finally:
+        job.end_wait(rank, waiter)
+    assert sl is not None
+    return sl.ids
+
+
 def deal(job: Job, start: int, stop: int, delivered: dict[int, list[int]], report: bool = False) -> None:
     for t in range(start, stop):
-        parts = [job.get_slice(r, WORLD, t).ids for r in range(WORLD)]
+        parts = [slice_ids(job, r, t) for r in range(WORLD)]
         delivered[t] = np.concatenate(parts).tolist()
         for r in range(WORLD):
             job.ack(r, WORLD, t + 1)
