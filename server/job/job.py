@@ -1,30 +1,19 @@
 """One training job as the sampler server sees it: the coordinator of the job's parts, under one lock.
 
 This is the server's domain logic, free of gRPC so it is testable directly. `Job` owns the
-one lock and the one source of truth, and composes parts that each do one thing and hold no
-lock of their own (the job calls them under its lock):
-
-- **the sequence window** (`sampling.sequence_window.SequenceWindow`): the generator, recent
-  batches, saved states and exact replay of any older step, online changes included;
-- **the rank table** (`ranks.RankTable`): positions moved only by idempotent
-  acknowledgements, lanes, liveness, the slowest step;
-- **flow control** (`flow.Flow`, `flow.SliceStream`): waiters, the lookahead and lag bounds,
-  open streams; a Join carrying a resume token re-forms the job (possibly another world);
-- **checkpoints** (`checkpoints.Checkpoints`): the schedule, the generated-step mark and the
-  writes, with the payload's named sections (`durability.checkpoint_payload`);
-- **recovery** (`recovery.Recovery`): where a restarting job resumes, read from its state
-  directory (`durability.state_dir`);
-- **online changes** (`changes.OnlineChanges`): validated, durable before use, scheduled;
-- **adaptive control** (`adaptive.Adaptation`): loss reports in, controller weights out;
-- **status** (`status`): the snapshot and the recent changes.
+one lock and the one source of truth (the sequence window, the rank table, the formation,
+the generated high-water step) and calls its parts under that lock, each doing one thing
+with no lock of its own: `flow` (waiters, bounds, streams), `ranks` (positions, liveness),
+`checkpoints` (schedule, mark, payload), `recovery` (where a restart resumes, from
+`durability.state_dir`), `changes` (online changes), `adaptive` (loss feedback), `status`.
 
 Every public method takes the lock briefly; waiting (flow control) and checkpoint I/O happen
 outside it. Two documented exceptions write under the lock: an online change (`update`) is
 made durable before any batch can use it, and when a burst of generation outruns the
 background writer the generated-step mark is written in line (`Checkpoints.ensure_mark`).
 
-The job's types and errors live in `types` and `status`; this module re-exports them, so
-`croupier.server.job.job` stays the one import path of the job's public surface.
+The job's values and errors live in `types` and `status`; this module re-exports them, so
+`croupier.server.job.job` stays an import path of the job's public surface.
 """
 
 from __future__ import annotations
@@ -39,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from croupier.errors import ConfigError, CroupierError, EndOfData, FingerprintMismatch
+from croupier.errors import ConfigError, CroupierError, EndOfData
 from croupier.layout import ClusterLayout
 from croupier.server.durability.checkpoint_store import CheckpointStore
 from croupier.server.durability.checkpoint_writer import CheckpointMeta, WriterHealth
@@ -59,7 +48,7 @@ from croupier.server.job.flow import (
     stream_shape,
 )
 from croupier.server.job.ranks import RankProgress, RankTable, RankView
-from croupier.server.job.recovery import Recovery
+from croupier.server.job.recovery import Recovery, resume_point
 from croupier.server.job.status import AdaptView, ChangeHistory, JobStatus
 from croupier.server.job.token_tally import TokenTally, tokens_lookup
 from croupier.server.job.types import (
@@ -232,14 +221,7 @@ class Job:
         token's step, possibly with another world size."""
         self.check_job(job)
         with self._lock:
-            token = None
-            if resume_token:
-                token = ResumeToken.decode(resume_token)
-                if token.fingerprint != self.fingerprint:
-                    raise FingerprintMismatch("checkpoint token", expected=self.fingerprint, got=token.fingerprint)
-                if self._seq.end_step is not None and token.step > self._seq.end_step:
-                    raise StepOutOfRange(f"resume token step {token.step} is past the end of data "
-                                         f"at step {self._seq.end_step}")
+            token = resume_point(resume_token, self.fingerprint, self._seq.end_step) if resume_token else None
             Topology(rank=rank, world=world)
             if global_batch and global_batch != self.global_batch:
                 raise ConfigError(f"global batch {global_batch} does not match the job's global batch "

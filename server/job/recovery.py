@@ -8,7 +8,9 @@ decisions):
 - checkpoints that are all invalid refuse it with StateDirInvalid (never a silent reset),
   unless the operator passed `--fresh`, which sets them aside (`stale-*`) and starts at 0;
 - replays of steps older than every in-memory state read the newest valid checkpoint at or
-  before the step (`load_saved`).
+  before the step (`load_saved`);
+- a trainer's resume token must name this sampler and a step before the end of data
+  (`resume_point`).
 
 What the job then restores into its parts is the job's own business (`Job`); this module
 reads and decides, and holds no state of the job.
@@ -20,13 +22,27 @@ import logging
 from pathlib import Path
 
 from croupier.errors import FingerprintMismatch
+from croupier.server.durability.resume_token import ResumeToken
 from croupier.server.durability.state_dir import Checkpoint, StateDir, StateDirInvalid
+from croupier.server.job.types import StepOutOfRange
 from croupier.server.sampling.sequence_window import Saved
 from croupier.server.sampling.state import Change
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Recovery"]
+__all__ = ["Recovery", "resume_point"]
+
+
+def resume_point(token: str, fingerprint: str, end_step: int | None) -> ResumeToken:
+    """A trainer's resume token checked against the job: ConfigError (TokenError) when it does
+    not parse, FingerprintMismatch when it names another sampler, StepOutOfRange past the end
+    of data (`end_step`, None: not reached)."""
+    t = ResumeToken.decode(token)
+    if t.fingerprint != fingerprint:
+        raise FingerprintMismatch("checkpoint token", expected=fingerprint, got=t.fingerprint)
+    if end_step is not None and t.step > end_step:
+        raise StepOutOfRange(f"resume token step {t.step} is past the end of data at step {end_step}")
+    return t
 
 
 class Recovery:
