@@ -3,8 +3,9 @@
     from croupier.client import CroupierIterableDataset, RankClient
     from croupier.client.errors import ClientError, Unauthenticated, ...
 
-`CroupierIterableDataset` (torch) and `ShardStore` (mosaicml-streaming) load on first use, so
-importing the package for `RankClient` alone stays light.
+`CroupierIterableDataset` (torch) and `ShardCache` (mosaicml-streaming) load on first use, so
+importing the package for `RankClient` alone stays light. `ShardStore` is the former name of
+`ShardCache`, kept as a deprecated alias.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from croupier.client.rank_client import Backoff, RankClient
 
 __all__ = [
     "Backoff", "ClientError", "CroupierIterableDataset", "InvalidRequest", "Mismatch", "NotFound", "OutOfRange",
-    "PermissionDenied", "RankClient", "ShardStore", "Unauthenticated", "Unavailable",
+    "PermissionDenied", "RankClient", "ShardCache", "ShardStore", "Unauthenticated", "Unavailable",
 ]
 
 
@@ -34,8 +35,8 @@ def __getattr__(name: str) -> Any:
         from croupier.client.dataset import CroupierIterableDataset
 
         return CroupierIterableDataset
-    if name == "ShardStore":
-        from croupier.client.readers.shard_cache import ShardStore
+    if name in ("ShardCache", "ShardStore"):  # ShardStore: the deprecated former name
+        from croupier.client.readers.shard_cache import ShardCache
 
-        return ShardStore
+        return ShardCache
     raise AttributeError(f"module 'croupier.client' has no attribute {name!r}")

@@ -235,7 +235,7 @@ class CroupierIterableDataset(IterableDataset):
         return None if value < 0 else value
 
     def _open_store(self, job: Any, client: RankClient | None = None):
-        from croupier.client.readers.shard_cache import ShardStore
+        from croupier.client.readers.shard_cache import ShardCache
 
         if len(job.sources) > 1:
             return self._open_mix_store(job, client)
@@ -246,7 +246,7 @@ class CroupierIterableDataset(IterableDataset):
             from croupier.client.agent.consumer_store import AgentStore
 
             return AgentStore(client.transport(), remote, job.dataset_fingerprint or None)
-        return ShardStore(
+        return ShardCache(
             remote,
             self.cache_dir,
             fingerprint=job.dataset_fingerprint or None,
@@ -255,9 +255,10 @@ class CroupierIterableDataset(IterableDataset):
         )
 
     def _open_mix_store(self, job: Any, client: RankClient | None = None):
-        """A mixture job: each source read from its own remote and cache (`client.mix_store`)."""
+        """A mixture job: each source read from its own remote and cache (`croupier.client.readers.mix_cache`)."""
         from croupier.client.readers.mix_cache import MixStore
-        from croupier.client.readers.shard_cache import PrefetchPool, ShardStore
+        from croupier.client.readers.prefetch_pool import PrefetchPool
+        from croupier.client.readers.shard_cache import ShardCache
 
         if self.remote:
             raise ConfigError(f"remote={self.remote!r} names one dataset, but job {self.job!r} is a mixture of "
@@ -275,7 +276,7 @@ class CroupierIterableDataset(IterableDataset):
         pool = PrefetchPool(self.prefetch_threads) if self.prefetch_threads else None
 
         def open_source(i: int, src: Any, limit: int | None) -> Any:
-            return ShardStore(src.remote, self.cache_dir, fingerprint=src.fingerprint or None, cache_limit=limit,
+            return ShardCache(src.remote, self.cache_dir, fingerprint=src.fingerprint or None, cache_limit=limit,
                               prefetch_threads=self.prefetch_threads, prefetch_pool=pool)
 
         return MixStore(list(job.sources), open_source, self.cache_limit,

@@ -9,7 +9,8 @@ ill-typed field, is refused with the rule it breaks (`StateError`). `RankClient`
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from croupier.errors import StateError
 

@@ -1,4 +1,4 @@
-"""Shard store: real MDS datasets (zstd, hashes) written with MDSWriter, read back by global id."""
+"""Shard cache: real MDS datasets (zstd, hashes) written with MDSWriter, read back by global id."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from streaming import MDSWriter
 
-from croupier.client.readers.shard_cache import ShardStore
+from croupier.client.readers.shard_cache import ShardCache, ShardStore
 from croupier.errors import ConfigError, DatasetError, FingerprintMismatch
 from croupier.format.fingerprint import index_fingerprint
 from croupier.format.id_table import SampleIdError, ShardTable
@@ -42,7 +42,7 @@ def mismatches(samples: list[dict], ids, version: int = 0) -> list[int]:
     return bad
 
 
-def cached_shard_bytes(store: ShardStore) -> int:
+def cached_shard_bytes(store: ShardCache) -> int:
     """Bytes of decompressed shards on disk (what cache_limit bounds; files may vanish meanwhile)."""
     total = 0
     for p in store.local.glob("shard.*.mds"):
@@ -76,7 +76,7 @@ def test_shard_index_locates_ids_across_empty_shards():
 
 # -- reading ----------------------------------------------------------------------------------------
 def test_reads_every_id_back_in_any_order(dataset, tmp_path):
-    with ShardStore(dataset, tmp_path / "cache", prefetch_threads=2) as store:
+    with ShardCache(dataset, tmp_path / "cache", prefetch_threads=2) as store:
         assert store.num_samples == 600 and store.num_shards > 5
         assert store.hash_algorithm == "xxh64"  # validated with streaming's check on download
         assert store.local == tmp_path / "cache" / store.fingerprint.replace(":", "-")
@@ -91,25 +91,25 @@ def test_reads_every_id_back_in_any_order(dataset, tmp_path):
         assert st["shards_downloaded"] == store.num_shards
         assert st["bytes_downloaded"] == store.shard_fetch_bytes(np.arange(store.num_shards))
         assert st["samples_read"] == 604 and st["pinned_shards"] == 0 and st["pending_ids"] == 0
-    with ShardStore(dataset, tmp_path / "cache") as again:  # a second run reuses the cache
+    with ShardCache(dataset, tmp_path / "cache") as again:  # a second run reuses the cache
         assert mismatches(again.get(np.arange(600)), np.arange(600)) == []
         assert again.stats()["shards_downloaded"] == 0
 
 
 def test_fingerprint_is_checked_against_the_remote_index(dataset, tmp_path):
     fp = index_fingerprint((dataset / "index.json").read_bytes())
-    assert ShardStore(dataset, tmp_path, fingerprint=fp).fingerprint == fp
+    assert ShardCache(dataset, tmp_path, fingerprint=fp).fingerprint == fp
     with pytest.raises(FingerprintMismatch, match="expected mds:0000, got " + fp):
-        ShardStore(dataset, tmp_path, fingerprint="mds:0000")
+        ShardCache(dataset, tmp_path, fingerprint="mds:0000")
     with pytest.raises(DatasetError, match="no index.json at"):
-        ShardStore(tmp_path / "nowhere", tmp_path)
+        ShardCache(tmp_path / "nowhere", tmp_path)
     with pytest.raises(ConfigError, match=r"cache_limit 100 bytes cannot hold shard shard\.\d{5}\.mds\.zstd of \d+ bytes"):
-        ShardStore(dataset, tmp_path, cache_limit=100)
+        ShardCache(dataset, tmp_path, cache_limit=100)
 
 
 def test_rewritten_dataset_never_mixes_old_and_new_samples(tmp_path):
     remote = write_dataset(tmp_path / "remote", 300)
-    old = ShardStore(remote, tmp_path / "cache")
+    old = ShardCache(remote, tmp_path / "cache")
     assert mismatches(old.get(np.arange(100)), np.arange(100)) == []  # some shards cached
 
     for f in remote.iterdir():
@@ -117,8 +117,8 @@ def test_rewritten_dataset_never_mixes_old_and_new_samples(tmp_path):
     write_dataset(remote, 300, version=1)
 
     with pytest.raises(FingerprintMismatch):
-        ShardStore(remote, tmp_path / "cache", fingerprint=old.fingerprint)
-    new = ShardStore(remote, tmp_path / "cache")
+        ShardCache(remote, tmp_path / "cache", fingerprint=old.fingerprint)
+    new = ShardCache(remote, tmp_path / "cache")
     assert new.local != old.local
     assert mismatches(new.get(np.arange(300)), np.arange(300), version=1) == []
     # The old store still holds the old index: a shard it has not cached now fails its hash
@@ -132,7 +132,7 @@ def test_rewritten_dataset_never_mixes_old_and_new_samples(tmp_path):
 
 def test_corrupt_or_missing_shard_is_named(tmp_path):
     remote = write_dataset(tmp_path / "remote", 300)
-    store = ShardStore(remote, tmp_path / "cache", download_attempts=1)
+    store = ShardCache(remote, tmp_path / "cache", download_attempts=1)
     sid, _ = store.index.locate([150])
     name = f"shard.{int(sid[0]):05d}.mds.zstd"
     path = remote / name
@@ -156,9 +156,9 @@ def test_corrupt_or_missing_shard_is_named(tmp_path):
 
 
 def test_eviction_keeps_cache_under_limit_and_samples_correct(dataset, tmp_path):
-    probe = ShardStore(dataset, tmp_path / "probe")
-    limit = int(np.sort(probe._disk_bytes)[-3:].sum())  # room for the three largest shards
-    store = ShardStore(dataset, tmp_path / "cache", cache_limit=limit, prefetch_threads=3)
+    probe = ShardCache(dataset, tmp_path / "probe")
+    limit = int(np.sort(probe.shard_sizes)[-3:].sum())  # room for the three largest shards
+    store = ShardCache(dataset, tmp_path / "cache", cache_limit=limit, prefetch_threads=3)
     # Sequential order in batches, two batches of lookahead: each shard is fetched once.
     batches = np.array_split(np.arange(600), 60)
     for b in batches[:2]:
@@ -182,9 +182,9 @@ def test_eviction_keeps_cache_under_limit_and_samples_correct(dataset, tmp_path)
 
 
 def test_threads_of_one_process_share_a_store(dataset, tmp_path):
-    probe = ShardStore(dataset, tmp_path / "probe")
-    limit = int(np.sort(probe._disk_bytes)[-6:].sum())
-    store = ShardStore(dataset, tmp_path / "cache", cache_limit=limit, prefetch_threads=2)
+    probe = ShardCache(dataset, tmp_path / "probe")
+    limit = int(np.sort(probe.shard_sizes)[-6:].sum())
+    store = ShardCache(dataset, tmp_path / "cache", cache_limit=limit, prefetch_threads=2)
     bad: list[int] = []
 
     def reader(seed: int) -> None:
@@ -206,7 +206,7 @@ def test_threads_of_one_process_share_a_store(dataset, tmp_path):
 
 # -- processes --------------------------------------------------------------------------------------
 def _reader_process(remote: str, cache: str, limit: int, seed: int, out) -> None:
-    store = ShardStore(remote, cache, cache_limit=limit, prefetch_threads=2)
+    store = ShardCache(remote, cache, cache_limit=limit, prefetch_threads=2)
     order = np.random.default_rng(seed).permutation(600)
     batches = np.array_split(order, 30)
     bad = []
@@ -222,8 +222,8 @@ def _reader_process(remote: str, cache: str, limit: int, seed: int, out) -> None
 
 @pytest.mark.slow
 def test_two_processes_share_one_cache_dir(dataset, tmp_path):
-    probe = ShardStore(dataset, tmp_path / "probe")
-    limit = int(np.sort(probe._disk_bytes)[-4:].sum())
+    probe = ShardCache(dataset, tmp_path / "probe")
+    limit = int(np.sort(probe.shard_sizes)[-4:].sum())
     ctx = mp.get_context("fork")
     out = ctx.Queue()
     procs = [ctx.Process(target=_reader_process, args=(str(dataset), str(tmp_path / "cache"), limit, seed, out))
@@ -238,13 +238,13 @@ def test_two_processes_share_one_cache_dir(dataset, tmp_path):
     assert not list((tmp_path / "cache").rglob("*.tmp"))
 
 
-def _child_read(store: ShardStore, ids, out) -> None:
+def _child_read(store: ShardCache, ids, out) -> None:
     out.put((os.getpid(), mismatches(store.get(ids), ids), store.stats()["samples_read"]))
 
 
 @pytest.mark.slow
 def test_store_works_after_fork_and_pickling(dataset, tmp_path):
-    store = ShardStore(dataset, tmp_path / "cache", cache_limit=20_000, prefetch_threads=2)
+    store = ShardCache(dataset, tmp_path / "cache", cache_limit=20_000, prefetch_threads=2)
     store.prefetch(np.arange(0, 600, 7))  # the parent has threads and pinned shards now
     assert mismatches(store.get(np.arange(0, 50)), np.arange(0, 50)) == []
     ctx = mp.get_context("fork")
@@ -279,7 +279,7 @@ def _flip_text_byte(path: Path, marker: bytes) -> None:
 
 def test_same_size_corruption_of_a_cached_shard_is_detected_and_repaired(tmp_path, caplog):
     remote = write_dataset(tmp_path / "remote", 300)
-    with ShardStore(remote, tmp_path / "cache") as first:
+    with ShardCache(remote, tmp_path / "cache") as first:
         assert mismatches(first.get(np.arange(300)), np.arange(300)) == []
         sid, _ = first.index.locate([150])
         raw = first.local / f"shard.{int(sid[0]):05d}.mds"
@@ -287,8 +287,8 @@ def test_same_size_corruption_of_a_cached_shard_is_detected_and_repaired(tmp_pat
     _flip_text_byte(raw, b"sample 150 ")
     assert raw.stat().st_size == size
 
-    with ShardStore(remote, tmp_path / "cache") as second:
-        with caplog.at_level("WARNING", logger="croupier.client.readers.shard_cache"):
+    with ShardCache(remote, tmp_path / "cache") as second:
+        with caplog.at_level("WARNING", logger="croupier.client.readers.shard_fetch"):
             assert mismatches(second.get(np.arange(300)), np.arange(300)) == []
         stats = second.stats()
     assert stats["cache_repairs"] == 1
@@ -301,13 +301,13 @@ def test_damaged_header_of_a_cached_shard_without_hashes_is_repaired(tmp_path):
     with MDSWriter(out=str(remote), columns=COLUMNS, compression="zstd", size_limit=2048) as writer:
         for i in range(200):
             writer.write(make_sample(i))
-    with ShardStore(remote, tmp_path / "cache") as first:
+    with ShardCache(remote, tmp_path / "cache") as first:
         first.get(np.arange(200))
         raw = first.local / "shard.00001.mds"
     data = bytearray(raw.read_bytes())
     data[8:12] = (1 << 30).to_bytes(4, "little")  # an offset pointing far outside the file
     raw.write_bytes(bytes(data))
-    with ShardStore(remote, tmp_path / "cache") as second:
+    with ShardCache(remote, tmp_path / "cache") as second:
         assert mismatches(second.get(np.arange(200)), np.arange(200)) == []
         assert second.stats()["cache_repairs"] == 1
 
@@ -317,13 +317,20 @@ def test_a_sample_that_cannot_be_decoded_is_a_dataset_error_naming_the_shard(tmp
     with MDSWriter(out=str(remote), columns=COLUMNS, compression="zstd", size_limit=2048) as writer:
         for i in range(200):
             writer.write(make_sample(i))
-    with ShardStore(remote, tmp_path / "cache") as first:
+    with ShardCache(remote, tmp_path / "cache") as first:
         sid, _ = first.index.locate([120])
         first.get([120])
         raw = first.local / f"shard.{int(sid[0]):05d}.mds"
     _flip_text_byte(raw, b"sample 120 ")
-    with ShardStore(remote, tmp_path / "cache") as second:
+    with ShardCache(remote, tmp_path / "cache") as second:
         with pytest.raises(DatasetError, match=rf"sample 120 \(offset \d+ of shard {raw.name}\.zstd in .*\) "
                                                r"cannot be read: UnicodeDecodeError"):
             second.get([120])
         assert mismatches(second.get([0, 1]), [0, 1]) == []  # the rest still reads
+
+
+def test_shard_store_is_the_former_name_of_shard_cache():
+    import croupier.client
+
+    assert ShardStore is ShardCache
+    assert croupier.client.ShardStore is ShardCache and croupier.client.ShardCache is ShardCache

@@ -3,15 +3,16 @@
 The node's agent owns the cache (downloads, prefetch over the node's union of lookahead,
 eviction under the node-wide limit; `croupier.client.agent.node_cache`). A consumer asks it to make
 a step's shards present, then reads them from the shared cache directory with a
-`ShardStore` that has no limit of its own and reads the index.json the agent fetched, so
+`ShardCache` that has no limit of its own and reads the index.json the agent fetched, so
 nothing is downloaded twice on a node and no sample bytes pass through the agent. The
 rank's own `cache_dir` / `cache_limit` do not apply (the dataset warns once when given).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -19,15 +20,15 @@ from croupier.format.mds_index import INDEX_BASENAME
 
 
 class AgentStore:
-    """get / prefetch / release / stats / close, as `ShardStore`, through the node agent."""
+    """get / prefetch / release / stats / close, as `ShardCache`, through the node agent."""
 
     def __init__(self, transport: Any, remote: str, fingerprint: str | None, source: int | None = None) -> None:
-        from croupier.client.readers.shard_cache import ShardStore
+        from croupier.client.readers.shard_cache import ShardCache
 
         self._transport = transport
         self._source = source
         local = Path(self._fetch(np.zeros(0, dtype=np.int64)))
-        self._store = ShardStore(remote, local.parent, fingerprint=fingerprint, cache_limit=None, prefetch_threads=0,
+        self._store = ShardCache(remote, local.parent, fingerprint=fingerprint, cache_limit=None, prefetch_threads=0,
                                  index_bytes=(local / INDEX_BASENAME).read_bytes())
 
     def get(self, ids: np.ndarray | Sequence[int]) -> list[dict[str, Any]]:

@@ -338,10 +338,10 @@ class NodeAgent:
                 if not self.cache.matches(list(resp.job.sources)):
                     log.error("a rank joined a job with other sources than this agent's cache serves",
                               extra={"event": "cache_sources_changed"})
-            elif self.cache._store is None:  # sources open on the consumers' first fetches
+            elif not self.cache.is_open:  # sources open on the consumers' first fetches
                 self.cache = MixNodeCache(self.cache_dir, self.cache_limit, list(resp.job.sources))
             return
-        if self.cache is not None and resp.job.dataset_remote and self.cache._store is None:
+        if self.cache is not None and resp.job.dataset_remote and not self.cache.is_open:
             self.cache.configure(resp.job.dataset_remote, resp.job.dataset_fingerprint or None)
             asyncio.create_task(self._open_cache())
 

@@ -6,8 +6,8 @@ need (`prefetch_slices`) and background threads download the shards in order of 
 one download per shard per node. A lane's needs are released when the server confirms the
 lane's acknowledgement (`release_lane`), so eviction (under `cache_limit`) follows Belady's
 rule over what the node will read: shards no local consumer still needs go first, then the
-one needed last (`croupier.client.readers.shard_cache` implements the rule; this is one store per
-node instead of one per process).
+one needed last (`croupier.client.readers.eviction` implements the rule; this is one
+`ShardCache` per node instead of one per process).
 
 Consumers never receive sample bytes from the agent: before reading a step they ask it to
 make the step's shards present (`ensure`), then read the files from the shared cache
@@ -19,17 +19,15 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
 from croupier.errors import ConfigError
 from croupier.format.mds_index import INDEX_BASENAME
 from croupier.proto import slice_ids
-
-READY = 2
-"""ShardStore's status of a shard resident in the cache."""
 
 
 class NodeCache:
@@ -57,8 +55,13 @@ class NodeCache:
                 raise ConfigError(f"this agent's cache serves dataset {self._remote} ({self._fingerprint}); "
                                   f"a rank joined a job reading {remote} ({fingerprint})")
 
+    @property
+    def is_open(self) -> bool:
+        """Whether the store is open (index.json fetched)."""
+        return self._store is not None
+
     def store(self) -> Any:
-        """The node's ShardStore, opened (index.json fetched, reader imported) on first call.
+        """The node's ShardCache, opened (index.json fetched, reader imported) on first call.
         Call it off the agent's event loop: the first call takes seconds. The event loop only
         ever sees a store that is fully open (`_store` is set last)."""
         if self._store is not None:
@@ -69,11 +72,11 @@ class NodeCache:
                     remote, fingerprint = self._remote, self._fingerprint
                 if remote is None:
                     raise ConfigError("no rank has joined through this agent yet: the dataset is not known")
-                from croupier.client.readers.shard_cache import ShardStore  # noqa: PLC0415 - streaming is heavy
+                from croupier.client.readers.shard_cache import ShardCache  # noqa: PLC0415 - streaming is heavy
 
-                store = ShardStore(remote, self.cache_dir, fingerprint=fingerprint,
+                store = ShardCache(remote, self.cache_dir, fingerprint=fingerprint,
                                    cache_limit=self.cache_limit, prefetch_threads=self.prefetch_threads)
-                store._runtime()  # imports the downloader here, not on the agent's loop
+                store.open()  # imports the downloader here, not on the agent's loop
                 self._store = store
             return self._store
 
@@ -124,22 +127,19 @@ class NodeCache:
     def ensure(self, shards: np.ndarray) -> None:
         """Makes these shards present in the cache (downloading those that are not)."""
         store = self.store()
-        rt = store._runtime()
         for s in np.unique(np.asarray(shards, dtype=np.int64)).tolist():
             if not 0 <= s < store.num_shards:
                 raise ConfigError(f"shard {s} is outside the dataset's {store.num_shards} shards")
-            with rt.cond:
-                hit = bool(rt.status[s] == READY)
+            hit = store.is_resident(s)
             with self._lock:
                 if hit:
                     self.hits += 1
                 else:
                     self.misses += 1
-            rt._acquire(s)
-            rt._unuse(s)
+            store.make_present(s)
 
     def stats(self) -> dict[str, float]:
-        base = {"bytes_downloaded": 0, "shards_downloaded": 0, "cache_bytes": 0, "peak_cache_bytes": 0,
+        base: dict[str, float] = {"bytes_downloaded": 0, "shards_downloaded": 0, "cache_bytes": 0, "peak_cache_bytes": 0,
                 "evictions": 0}
         if self._store is not None:
             base.update({k: v for k, v in self._store.stats().items() if k in base})
@@ -166,7 +166,11 @@ class MixNodeCache:
         self._caches = [NodeCache(cache_dir, limit, prefetch_threads) for _ in self.sources]
         for cache, src in zip(self._caches, self.sources):
             cache.configure(src.remote, src.fingerprint or None)
-        self._store = None  # the agent's "not opened yet" check: sources open on first fetch
+
+    @property
+    def is_open(self) -> bool:
+        """False: a mixture's sources open one by one, on the consumers' first fetches."""
+        return False
 
     def matches(self, sources: list[Any]) -> bool:
         return [(s.name, s.remote, s.fingerprint, s.offset) for s in sources] == \
@@ -183,7 +187,7 @@ class MixNodeCache:
 
     def release_lane(self, lane: int, acked_step: int, rank: int = 0) -> None:
         for cache in self._caches:
-            if cache._store is not None:
+            if cache.is_open:
                 cache.release_lane(lane, acked_step, rank)
 
     def forget_lane(self, lane: int) -> None:

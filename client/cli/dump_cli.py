@@ -77,13 +77,13 @@ def run_dump(args: argparse.Namespace) -> int:
               f"policy {info.policy}, global batch {info.global_batch}, rank {args.rank}/{args.world}, "
               f"steps {start}..{start + args.steps - 1}", file=note)
         if args.read:
-            from croupier.client.readers.shard_cache import ShardStore
+            from croupier.client.readers.shard_cache import ShardCache
 
             cache = args.cache_dir
             if cache is None:
                 tmp = tempfile.TemporaryDirectory(prefix="croupier-dump-")
                 cache = tmp.name
-            store = ShardStore(args.remote or info.dataset_remote, cache,
+            store = ShardCache(args.remote or info.dataset_remote, cache,
                                fingerprint=info.dataset_fingerprint or None)
             client.plan(start, start + args.steps, on_slice=lambda step, ids: store.prefetch(ids))
         samples = 0

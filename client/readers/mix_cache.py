@@ -2,19 +2,20 @@
 
 A mixture job's global id g belongs to the source whose [offset, offset + size) holds it
 (JobInfo.sources, in file order); its local id is g - offset. `MixStore` splits each request
-by source, asks that source's `ShardStore` for the local ids and puts the samples back in
+by source, asks that source's `ShardCache` for the local ids and puts the samples back in
 the server's order. A source's store (its index.json, cache folder, readers and prefetch
 threads) is opened the first time one of its ids is read, so a rank that never draws from a
 source holds nothing for it. Each source is checked against its own fingerprint.
 
 cache_limit: the byte limit is split evenly over the sources (each store must still hold
 its largest shard); None = no limit. The sources' stores share one pool of prefetch threads
-(`shard_store.PrefetchPool`), so threads do not grow with the number of sources.
+(`prefetch_pool.PrefetchPool`), so threads do not grow with the number of sources.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -22,7 +23,7 @@ from croupier.errors import ConfigError
 
 
 class MixStore:
-    """get / prefetch / release / stats / close, as `ShardStore`, over a mixture's sources."""
+    """get / prefetch / release / stats / close, as `ShardCache`, over a mixture's sources."""
 
     def __init__(self, sources: Sequence[Any], open_source: Callable[[int, Any, int | None], Any],
                  cache_limit: int | None = None, on_close: Callable[[], None] | None = None) -> None:
