@@ -18,7 +18,8 @@ from croupier.server.durability.checkpoint_store import CheckpointStore
 from croupier.server.durability.state_dir import StateDir, StateDirInvalid
 from croupier.server.sampling.state import SamplerState
 
-DATA = Path(__file__).parent / "data" / "state_v1"
+DATA = next(p / "data" / "state_v1" for p in Path(__file__).resolve().parents if (p / "data" / "state_v1").is_dir())
+"""tests/data/state_v1, wherever in tests/ this file lives."""
 
 
 @pytest.mark.parametrize("name", ["basic", "adaptive"])

@@ -28,7 +28,8 @@ from croupier.server.job.job import Job, JobSpec
 from croupier.server.sampling.policy import PolicyConfig
 from croupier.server.sampling.sampler import Sampler
 
-DATA = Path(__file__).parent / "data" / "state_v1"
+DATA = next(p / "data" / "state_v1" for p in Path(__file__).resolve().parents if (p / "data" / "state_v1").is_dir())
+"""tests/data/state_v1, wherever in tests/ this file lives."""
 B, SEED, WORLD = 16, 7, 2
 BASIC_SIZES = [500, 120, 30, 7]
 ADAPT_SIZES = [60, 60, 60, 60]
