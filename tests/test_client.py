@@ -345,6 +345,41 @@ def test_tls_with_the_server_certificate(servers, tmp_path):
         c.join()  # a plaintext client cannot talk to a TLS server
 
 
+def test_one_channel_opener_checks_the_server_name_for_sync_and_asyncio_channels(servers, tmp_path):
+    """`ChannelConfig` opens RankClient's channel and the node agent's grpc.aio one with the same
+    TLS, server name and token: reached at a name the certificate does not hold, both connect
+    when told the certificate's name."""
+    import asyncio
+
+    from croupier.client.channel import ChannelConfig
+    from croupier.proto import SERVICE_NAME, pb2
+
+    cert, key = self_signed(tmp_path, "croupier.test")  # names croupier.test and 127.0.0.1
+    _, addr = servers.start(tls=(cert, key), token="tls-token")
+    local = addr.replace("127.0.0.1", "localhost")
+    with client(local, tls_root_cert=cert, tls_server_name="croupier.test", token="tls-token", stop_step=3) as c:
+        assert [step for step, _ in c] == [0, 1, 2]
+    with client(local, tls_root_cert=cert, token="tls-token", rpc_timeout_s=2,
+                backoff=Backoff(initial_s=0.01, max_s=0.05, give_up_after_s=0.5)) as c, \
+            pytest.raises(Unavailable):
+        c.join()  # the name is checked
+
+    async def version(config: ChannelConfig) -> pb2.GetVersionResponse:
+        channel = config.open_aio()
+        try:
+            call = channel.unary_unary(f"/{SERVICE_NAME}/GetVersion",
+                                       request_serializer=pb2.GetVersionRequest.SerializeToString,
+                                       response_deserializer=pb2.GetVersionResponse.FromString)
+            return await call(pb2.GetVersionRequest(), metadata=config.metadata(), timeout=10)
+        finally:
+            await channel.close()
+
+    got = asyncio.run(version(ChannelConfig(local, cert, "croupier.test", "tls-token")))
+    assert got.api_version == "croupier.v1"
+    with pytest.raises(ConfigError, match="needs a TLS root certificate"):
+        ChannelConfig(local, None, "croupier.test")
+
+
 # -- torchdata's StatefulDataLoader ------------------------------------------------------------
 
 def _rows(batches: list[dict]) -> list[tuple[list[int], list[int]]]:

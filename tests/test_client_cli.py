@@ -113,3 +113,20 @@ def test_token_flags_refuse_ambiguity_and_missing_files(server, tmp_path, capsys
     assert "cannot read token file" in capsys.readouterr().err
     assert main(["status", "--server", server["address"], "--tls-server-name", "croupier.test"]) == 2
     assert "--tls-server-name needs --tls-ca" in capsys.readouterr().err
+
+
+def test_the_agent_takes_the_shared_connection_flags(tmp_path, capsys):
+    import argparse
+
+    from croupier.client.cli import agent_cli
+
+    base = ["agent", "--server", "127.0.0.1:1", "--runtime-dir", str(tmp_path / "run"),
+            "--cache-dir", str(tmp_path / "cache")]
+    parser = argparse.ArgumentParser()
+    agent_cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args([*base, "--tls-root-cert", "ca.pem", "--tls-server-name", "croupier.test",
+                              "--token-file", "token"])
+    assert (args.tls_ca, args.tls_server_name, args.token_file) == ("ca.pem", "croupier.test", "token")
+    assert "--tls-root-cert is deprecated; use --tls-ca" in capsys.readouterr().err
+    assert main([*base, "--tls-server-name", "croupier.test"]) == 2
+    assert "--tls-server-name needs --tls-ca" in capsys.readouterr().err

@@ -68,72 +68,90 @@ def rank_op(rank: int, world: int = 8, start: int = 0) -> pb2.LaneOpen:
     return pb2.LaneOpen(lane=1, rank=rank, world_size=world, start_step=start, lookahead=4, step_stride=1)
 
 
-def test_consecutive_ranks_open_one_lane_and_a_leaving_rank_regroups_the_others(tmp_path) -> None:
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def lane_table(local_ranks: int, cache=None, clock=None):
+    from croupier.client.agent.lanes import LaneTable
+
+    return LaneTable("agent0", local_ranks, cache=lambda: cache, session_open=lambda: True,
+                     clock=clock or Clock())
+
+
+def test_consecutive_ranks_open_one_lane_and_a_leaving_rank_regroups_the_others() -> None:
     import numpy as np
 
-    from croupier.client.agent.daemon import NodeAgent, _Consumer, _per_rank
+    from croupier.client.agent.lanes import per_rank
     from croupier.proto import slice_ids
 
-    agent = NodeAgent("127.0.0.1:1", tmp_path / "run", tmp_path / "cache", local_ranks=4)
-    consumers = {r: _Consumer(f"c{r}".encode()) for r in (0, 1, 2, 5)}
-    for r, c in consumers.items():
-        c.lanes[1] = (r, 8)
-        agent._join_feed((r, 8), (c.identity, 1), rank_op(r))
-    assert agent._take_opens() is None  # all 4 local ranks are there: no wait
-    opens = [(o.rank, o.rank_count, o.start_step) for o in agent._pending.open]
-    assert opens == [(0, 3, 0), (5, 0, 0)]
-    group = agent._pending.open[0].lane
-    assert [f.rank for f in agent._feed_lanes[group]] == [0, 1, 2]
+    table = lane_table(local_ranks=4)
+    for r in (0, 1, 2, 5):
+        assert table.on_request(f"c{r}".encode(), pb2.SessionRequest(open=[rank_op(r)])) == pb2.SessionResponse()
+    req, wait = table.next_request()
+    assert wait is None  # all 4 local ranks are there: no wait
+    assert [(o.rank, o.rank_count, o.start_step) for o in req.open] == [(0, 3, 0), (5, 0, 0)]
+    group = req.open[0].lane
+    assert (table.lane_count, table.rank_count) == (2, 4)
     # the lane's slices split into each rank's, in rank order
     ids = np.arange(30, dtype=np.int64)
-    parts = _per_rank([pb2.Slice(step=0, packed_ids=pack_ids(ids))], 3)
+    parts = per_rank([pb2.Slice(step=0, packed_ids=pack_ids(ids))], 3)
     assert [slice_ids(p[0]).tolist() for p in parts] == [ids[:10].tolist(), ids[10:20].tolist(), ids[20:].tolist()]
-    end = _per_rank([pb2.Slice(step=7, kind=pb2.SLICE_KIND_END_OF_DATA)], 3)
+    end = per_rank([pb2.Slice(step=7, kind=pb2.SLICE_KIND_END_OF_DATA)], 3)
     assert [p[0].kind for p in end] == [pb2.SLICE_KIND_END_OF_DATA] * 3
-    # per-rank acknowledgements of the group
-    agent._feeds[(0, 8)].sent_position, agent._feeds[(2, 8)].sent_position = 3, 2
-    ack = agent._lane_ack(group, 3)
-    assert (ack.next_step, list(ack.rank_steps)) == (0, [3, 0, 2])
+    # per-rank acknowledgements of the group: the consumers' acks are confirmed at once
+    for r, step in ((0, 3), (2, 2)):
+        out = table.on_request(f"c{r}".encode(), pb2.SessionRequest(acks=[pb2.LaneAck(lane=1, next_step=step)]))
+        assert [(e.lane, e.acked_step, e.error_code) for e in out.events] == [(1, step, "")]
+    req, _ = table.next_request()
+    assert [(a.lane, a.next_step, list(a.rank_steps)) for a in req.acks] == [(group, 0, [3, 0, 2])]
     # rank 1 leaves: the lane closes and ranks 0 and 2 (no longer consecutive) re-open on their own
-    agent._pending = pb2.SessionRequest()
-    agent._session = object()  # a session is open: the close goes to the server
-    agent._close_route(consumers[1], 1, (1, 8))
-    assert list(agent._pending.close) == [group] and group not in agent._feed_lanes
-    assert agent._take_opens() is None  # re-opens never wait
-    assert [(o.rank, o.rank_count, o.start_step) for o in agent._pending.open] == [(0, 0, 0), (2, 0, 0)]
+    table.on_request(b"c1", pb2.SessionRequest(close=[1]))
+    req, wait = table.next_request()
+    assert list(req.close) == [group]
+    assert wait is None  # re-opens never wait
+    assert [(o.rank, o.rank_count, o.start_step) for o in req.open] == [(0, 0, 0), (2, 0, 0)]
+    # an acknowledgement of a lane the agent does not know (it restarted) is refused at once
+    out = table.on_request(b"c9", pb2.SessionRequest(acks=[pb2.LaneAck(lane=4, next_step=1)]))
+    assert [(e.lane, e.error_code) for e in out.events] == [(4, "UNAVAILABLE")]
 
 
-def test_new_ranks_wait_for_the_node_but_not_forever(tmp_path) -> None:
-    from croupier.client.agent import daemon as agent_mod
-    from croupier.client.agent.daemon import NodeAgent
+def test_new_ranks_wait_for_the_node_but_not_forever() -> None:
+    from croupier.client.agent.lanes import OPEN_WAIT_S
 
-    agent = NodeAgent("127.0.0.1:1", tmp_path / "run", tmp_path / "cache", local_ranks=2)
-    agent._join_feed((0, 2), (b"c0", 1), rank_op(0, world=2))
-    wait = agent._take_opens()
-    assert wait is not None and 0 < wait <= agent_mod.OPEN_WAIT_S and not agent._pending.open
-    agent._opens_first -= agent_mod.OPEN_WAIT_S  # the other rank never came
-    assert agent._take_opens() is None
-    assert [(o.rank, o.rank_count) for o in agent._pending.open] == [(0, 0)]
+    clock = Clock()
+    table = lane_table(local_ranks=2, clock=clock)
+    table.on_request(b"c0", pb2.SessionRequest(open=[rank_op(0, world=2)]))
+    req, wait = table.next_request()
+    assert wait is not None and 0 < wait <= OPEN_WAIT_S and not req.open
+    clock.now += OPEN_WAIT_S  # the other rank never came
+    req, wait = table.next_request()
+    assert wait is None
+    assert [(o.rank, o.rank_count) for o in req.open] == [(0, 0)]
 
 
-def test_a_node_lanes_needs_reach_the_cache_step_by_step_across_ranks(tmp_path) -> None:
+def test_a_lost_session_tells_every_consumer_and_empties_the_table() -> None:
+    table = lane_table(local_ranks=0)
+    table.on_request(b"c0", pb2.SessionRequest(open=[rank_op(0, world=2)]))
+    table.on_request(b"c1", pb2.SessionRequest(open=[rank_op(1, world=2, start=0)]))
+    table.on_request(b"dump", pb2.SessionRequest(open=[pb2.LaneOpen(lane=3, rank=0, world_size=1, read_only=True)]))
+    out = table.lose("server gone")
+    assert sorted(out) == [b"c0", b"c1", b"dump"]
+    assert {(e.lane, e.error_code) for m in out.values() for e in m.events} == {(1, "UNAVAILABLE"), (3, "UNAVAILABLE")}
+    assert (table.lane_count, table.rank_count) == (0, 0) and not table.has_lanes(b"c0")
+    req, wait = table.next_request()
+    assert not (req.open or req.acks or req.close) and wait is None
+
+
+def test_a_node_lanes_needs_reach_the_cache_step_by_step_across_ranks() -> None:
     """A message carries several steps of several ranks; the node cache ranks shards by when they
     are first needed, so the needs go in the order the node reads them: step 0 of every rank,
     then step 1, not all of rank 0's steps first."""
-    import asyncio
-
     import numpy as np
-
-    from croupier.client.agent.daemon import NodeAgent, _Consumer
-
-    agent = NodeAgent("127.0.0.1:1", tmp_path / "run", tmp_path / "cache", local_ranks=2)
-    for r in (0, 1):
-        c = _Consumer(f"c{r}".encode())
-        c.lanes[1] = (r, 2)
-        agent._consumers[c.identity] = c
-        agent._join_feed((r, 2), (c.identity, 1), rank_op(r, world=2))
-    assert agent._take_opens() is None
-    group = agent._pending.open[0].lane
 
     class Needs:
         def __init__(self) -> None:
@@ -143,21 +161,17 @@ def test_a_node_lanes_needs_reach_the_cache_step_by_step_across_ranks(tmp_path) 
             assert lane == group
             self.order.extend((int(s.step), rank) for s in slices)
 
-    agent.cache = needs = Needs()
-    sent: list = []
-
-    async def send(identity, frames) -> None:
-        sent.append(identity)
-
-    agent._send = send
+    needs = Needs()
+    table = lane_table(local_ranks=2, cache=needs)
+    for r in (0, 1):
+        table.on_request(f"c{r}".encode(), pb2.SessionRequest(open=[rank_op(r, world=2)]))
+    req, wait = table.next_request()
+    assert wait is None
+    group = req.open[0].lane
     resp = pb2.SessionResponse()
     resp.lanes.add(lane=group, slices=[pb2.Slice(step=t, packed_ids=pack_ids(np.arange(4) + 10 * t))
                                        for t in range(3)])
-
-    async def dispatch() -> None:
-        agent._dispatch(resp)
-        await asyncio.sleep(0)
-
-    asyncio.run(dispatch())
+    out = table.dispatch(resp)
     assert needs.order == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
-    assert sorted(sent) == [b"c0", b"c1"]  # and each rank's worker got its slices
+    assert sorted(out) == [b"c0", b"c1"]  # and each rank's worker got its slices
+    assert [[s.step for s in ls.slices] for ls in out[b"c0"].lanes] == [[0, 1, 2]]
