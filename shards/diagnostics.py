@@ -20,7 +20,8 @@ module measures how the field's groups spread over the clusters:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -106,7 +107,7 @@ class LongTailReport:
     groups: list[GroupSpread]
     sizes: dict[str, float]
     rare_quarter_purity: float
-    drowned: list[str] = field(default_factory=list)
+    drowned: list[str] = dataclasses.field(default_factory=list)
     rare_quarter_share: float = 0.0  # the rarest quarter's share of the samples
     rare_quarter_balanced_share: float = 0.0  # its share under uniform-over-clusters sampling
 

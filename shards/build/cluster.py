@@ -11,7 +11,7 @@ deterministic for a given seed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 import numpy as np
 
@@ -82,7 +82,15 @@ def training_sample_ids(n: int, cfg: KMeansConfig) -> np.ndarray:
     return np.sort(rng.choice(n, size=cfg.max_train, replace=False)).astype(np.int64)
 
 
-def train_centroids(embeddings: np.ndarray, cfg: KMeansConfig, *, gpu: bool | None = None,
+class Rows(Protocol):
+    """An (N, d) matrix read by rows: a (memory-mapped) array, or a view of some of its rows."""
+
+    shape: tuple[int, ...]
+
+    def __getitem__(self, sel: Any) -> Any: ...
+
+
+def train_centroids(embeddings: Rows, cfg: KMeansConfig, *, gpu: bool | None = None,
                     verbose: bool = False) -> tuple[np.ndarray, float]:
     """Train spherical k-means on a bounded sample of `embeddings` (N, d), any float dtype.
 

@@ -154,7 +154,7 @@ class _Rows:
 
     def __init__(self, matrix: np.ndarray, ids: np.ndarray) -> None:
         self.matrix, self.ids = matrix, ids
-        self.shape = (len(ids), matrix.shape[1])
+        self.shape: tuple[int, ...] = (len(ids), int(matrix.shape[1]))
 
     def __getitem__(self, sel: Any) -> np.ndarray:
         return np.asarray(self.matrix[np.sort(self.ids[sel])])

@@ -85,7 +85,7 @@ class InputStats:
 def _open_text(path: Path) -> io.TextIOBase:
     name = path.name.lower()
     if name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", newline="\n")  # type: ignore[return-value]
+        return gzip.open(path, "rt", encoding="utf-8", newline="\n")
     if name.endswith(".zst"):
         from croupier.optional import require
 

@@ -123,13 +123,13 @@ class MDSSource:
 
         return MDSReader.from_json(str(self.local), None, self.shards[i].info)
 
-    def get(self, ids: Sequence[int], column: str | None = None) -> list[Any]:
+    def get(self, ids: Sequence[int] | np.ndarray, column: str | None = None) -> list[Any]:
         """Samples (dicts), or one column of them, at the given global ids (any order)."""
-        ids = np.asarray(ids, dtype=np.int64)
-        if len(ids) and (ids.min() < 0 or ids.max() >= len(self)):
+        at = np.asarray(ids, dtype=np.int64)
+        if len(at) and (at.min() < 0 or at.max() >= len(self)):
             raise DatasetError(f"sample id out of range [0, {len(self)})")
-        shard_of, offsets = self.index.table.locate(ids)
-        out: list[Any] = [None] * len(ids)
+        shard_of, offsets = self.index.table.locate(at)
+        out: list[Any] = [None] * len(at)
         for s in np.unique(shard_of):
             raw = self._shard_samples(int(s))
             reader = self._reader(int(s))
@@ -137,7 +137,7 @@ class MDSSource:
                 try:
                     sample = reader.decode_sample(raw[int(offsets[k])])
                 except Exception as exc:
-                    raise DatasetError(f"sample {int(ids[k])} of {self.location!r} cannot be decoded: {exc}") from exc
+                    raise DatasetError(f"sample {int(at[k])} of {self.location!r} cannot be decoded: {exc}") from exc
                 out[k] = sample if column is None else sample[column]
         return out
 
