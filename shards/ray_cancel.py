@@ -12,7 +12,8 @@ worker process and starts a fresh one for later tasks. Each task writes its outp
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 
 def cancel_tasks(refs: Iterable[Any]) -> None:

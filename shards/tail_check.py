@@ -13,8 +13,9 @@ are those of `croupier shards inspect --by FIELD` (`diagnostics.long_tail_report
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

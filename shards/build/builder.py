@@ -14,7 +14,8 @@ the k-means training sample and O(K) arrays; everything per-document lives on di
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager
+from contextlib import AbstractContextManager
+from typing import Any
 
 from croupier.shards.build.config import BuildConfig, BuildResult, Hook, auto_clusters
 from croupier.shards.build.pipeline import run_build
@@ -37,7 +38,7 @@ class LocalEngine:
     def key(self) -> dict[str, Any]:
         return {}
 
-    def session(self, cfg: BuildConfig) -> ContextManager[None]:
+    def session(self, cfg: BuildConfig) -> AbstractContextManager[None]:
         return contextlib.nullcontext()
 
     def ingest(self) -> Stage:

@@ -8,9 +8,10 @@ one. The default K (`auto_clusters`) is here too: it is a setting, derived from 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from croupier.errors import ConfigError
 from croupier.format.sidecar_layout import LAYOUTS

@@ -11,9 +11,10 @@ ingested text parts, the adopted dataset, the tokenizer.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from croupier.errors import ConfigError
 from croupier.format import sidecar_layout as names
@@ -47,7 +48,7 @@ class BuildPaths:
         return self.work / work_files.STATE
 
     @classmethod
-    def of(cls, cfg: BuildConfig) -> "BuildPaths":
+    def of(cls, cfg: BuildConfig) -> BuildPaths:
         if cfg.adopt is not None:
             from croupier.shards.build.mds import is_remote
 

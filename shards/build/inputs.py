@@ -17,9 +17,10 @@ import gzip
 import io
 import json
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from croupier.errors import DatasetError
 
@@ -93,7 +94,7 @@ def _open_text(path: Path) -> io.TextIOBase:
         raw = open(path, "rb")
         stream = zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
         return io.TextIOWrapper(stream, encoding="utf-8", newline="\n")
-    return open(path, "r", encoding="utf-8", newline="\n")
+    return open(path, encoding="utf-8", newline="\n")
 
 
 class InputReader:

@@ -13,8 +13,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -64,7 +65,7 @@ class MDSSource:
             shutil.rmtree(self.local, ignore_errors=True)
             self._own_cache = False
 
-    def __enter__(self) -> "MDSSource":
+    def __enter__(self) -> MDSSource:
         return self
 
     def __exit__(self, *exc: object) -> None:

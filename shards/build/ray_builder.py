@@ -22,9 +22,10 @@ on the engine it started with. Ray retries tasks whose worker died; a bad record
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, cast
+from typing import Any, cast
 
 from croupier.errors import ConfigError
 from croupier.shards.build.config import BuildConfig, BuildResult, Hook

@@ -16,7 +16,9 @@ is `croupier.shards.build.builder.LocalEngine`, the Ray engine
 
 from __future__ import annotations
 
-from typing import Any, ContextManager, Protocol, Sequence
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 from croupier.shards.build.config import BuildConfig, BuildResult
 from croupier.shards.build.context import BuildContext
@@ -43,7 +45,7 @@ class Engine(Protocol):
         """Entries of the resume key: a build resumes only on the engine it started with."""
         ...
 
-    def session(self, cfg: BuildConfig) -> ContextManager[None]:
+    def session(self, cfg: BuildConfig) -> AbstractContextManager[None]:
         """Set up and tear down what the engine's stages need, around the whole build."""
         ...
 

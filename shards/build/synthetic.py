@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 

@@ -11,7 +11,8 @@ from the lengths of a stored token column (`shards build --tokenizer`, LLM Found
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -69,8 +70,8 @@ def add_token_counts(dataset: str, *, tokenizer: str | None = None, text_field: 
                      token_field: str | None = None, chunk: int = 1024, progress: bool = True) -> dict[str, Any]:
     """Counts the tokens of every sample of a built dataset and stores them in its sidecar
     (atomically: the array first, then the manifest). Returns the manifest entry's figures."""
-    from croupier.shards.build.mds import MDSSource
     from croupier.format.sidecar import Sidecar
+    from croupier.shards.build.mds import MDSSource
 
     if text_field is not None and token_field is not None:
         raise ConfigError(f"give --text-field ({text_field!r}) or --token-field ({token_field!r}), not both")

@@ -9,9 +9,9 @@ from croupier.values import parse_size
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from croupier.format.sidecar import LAYOUTS
     from croupier.shards.build.embed import EMBEDDERS
     from croupier.shards.build.engines import ENGINES
-    from croupier.format.sidecar import LAYOUTS
 
     p = sub.add_parser(
         "build", help="write MDS shards, embed, cluster and write the cluster sidecar",

@@ -23,8 +23,8 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
 
 import numpy as np
 
@@ -125,7 +125,7 @@ class HTTPAskLLM:
                 last = f"HTTP {exc.code} {exc.reason}: {detail}"
                 if exc.code not in _RETRY_STATUS:
                     raise EndpointError(f"endpoint {url} refused the request: {last}") from None
-            except (TimeoutError, socket.timeout) as exc:
+            except TimeoutError as exc:
                 last = f"timed out after {self.timeout:g} s ({exc})"
             except urllib.error.URLError as exc:
                 reason = exc.reason

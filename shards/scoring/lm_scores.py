@@ -24,8 +24,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -107,7 +108,7 @@ class ChunkedRun:
             self._lock.close()  # closing the descriptor releases the flock
             self._lock = None
 
-    def __enter__(self) -> "ChunkedRun":
+    def __enter__(self) -> ChunkedRun:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -261,7 +262,7 @@ class ShardTextReader:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
 
-    def __enter__(self) -> "ShardTextReader":
+    def __enter__(self) -> ShardTextReader:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -9,13 +9,12 @@ tokens in all has no predicted token and scores NaN (selection ranks NaN last).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from croupier.errors import ConfigError
-from croupier.shards.scoring.askllm import (LoadedModel, length_batches, load_model, pad_batch,
-                                    pad_id_of, special_tokens)
+from croupier.shards.scoring.askllm import LoadedModel, length_batches, load_model, pad_batch, pad_id_of, special_tokens
 
 
 class PerplexityScorer:

@@ -34,7 +34,6 @@ from croupier.errors import ConfigError, CroupierError
 from croupier.optional import require
 from croupier.shards.ray_errors import error_row, raise_error_row, unwrap
 
-
 POOL_START_S = 3600
 """Seconds the actor pool may take to load its models before the run fails."""
 
@@ -109,8 +108,8 @@ def ray_text_scores(sidecar: Any, name: str, by: str, options: argparse.Namespac
     import json
 
     from croupier.errors import DatasetError
-    from croupier.shards.scoring.scorers import DEFAULT_CHUNK, work_dir
     from croupier.shards.scoring.lm_scores import ChunkedRun, Progress, ShardTextReader
+    from croupier.shards.scoring.scorers import DEFAULT_CHUNK, work_dir
 
     if by not in ("askllm", "perplexity"):
         raise ConfigError(f"the Ray model scorer runs askllm or perplexity, got {by!r}")

@@ -19,8 +19,8 @@ import argparse
 import os
 import shutil
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np

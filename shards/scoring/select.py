@@ -19,6 +19,7 @@ determined by its inputs. Selections are returned as sorted int64 ids.
 from __future__ import annotations
 
 import math
+
 import numpy as np
 
 from croupier.errors import ConfigError

@@ -17,8 +17,13 @@ from croupier.errors import ConfigError
 from croupier.format.atomic import write_npy_atomic
 from croupier.shards.build import work_files
 from croupier.shards.build.context import BuildContext
-from croupier.shards.build.grouping import (GroupingConfig, cluster_by_group, group_codes, read_group_files,
-                                            write_group_files)
+from croupier.shards.build.grouping import (
+    GroupingConfig,
+    cluster_by_group,
+    group_codes,
+    read_group_files,
+    write_group_files,
+)
 
 
 def _rule(ctx: BuildContext) -> GroupingConfig:

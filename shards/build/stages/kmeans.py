@@ -90,6 +90,5 @@ class AssignChunks:
             assign_all(emb, centroids, out, chunk=c, start_chunk=done, on_chunk=on_chunk, progress=bar)
         finally:
             bar.close()
-        del out
         ctx.timed(self.name, t0, n - min(n, done * c))
         return None
