@@ -1,10 +1,46 @@
-"""Shared test fixtures: tiny language models and a small built dataset with a sidecar."""
+"""Shared test fixtures and the test tiers.
+
+The tiers are folders, and each folder sets a marker on its tests (`-m unit`, `-m "not ray"`):
+
+- `unit/`: in-process tests (a real gRPC server in the same process counts); no test there
+  may start a process (unit/conftest.py fails one that does). Plain `pytest` runs this tier.
+- `integration/`: real `croupier serve` / `croupier agent` processes, CLI subprocesses, a
+  real S3-compatible server (moto).
+- `models/`: tiny language models and the MiniLM embedder.
+- `ray/`: the Ray build and scoring engines.
+- `e2e/`: torchrun ranks, the demo, training studies and benchmarks.
+
+`pytest tests` (what `.ci/run` does) runs them all. Each tier has a per-test timeout
+(`TIMEOUTS`); a test that needs longer says so with its own `@pytest.mark.timeout`.
+"""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
+
+pytest_plugins = ["cases.select", "cases.shards_build"]
+"""Fixtures that tests of one topic share across tiers (a built dataset, a corpus)."""
+
+TIERS = ("unit", "integration", "models", "ray", "e2e")
+TIMEOUTS = {"unit": 120, "integration": 300, "models": 300, "ray": 600, "e2e": 900}
+"""Seconds a test of the tier may take before it is stopped as hung."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    root = Path(__file__).resolve().parent
+    for item in items:
+        try:
+            tier = Path(item.path).resolve().relative_to(root).parts[0]
+        except ValueError:
+            continue
+        if tier not in TIERS:
+            raise pytest.UsageError(f"{item.nodeid}: a test lives in one of the tier folders {', '.join(TIERS)}")
+        item.add_marker(getattr(pytest.mark, tier))
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(TIMEOUTS[tier]))
 
 
 # -- a real dataset: synthetic corpus -> `shards build` (hashing embedder) ---------------------------
@@ -49,9 +85,24 @@ def tiny_lms(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def build_dataset():
-    """The dataset builder: build_dataset(root, num_docs=400, topics=5, layout="cluster-major")."""
-    return _build_dataset
+def build_dataset(tmp_path_factory):
+    """build_dataset(root, num_docs=400, topics=5, layout="cluster-major") -> root/"ds".
+
+    Each distinct dataset is built once per session; every call gets its own copy (tests
+    write scores and selections into the sidecar), so the build runs once, not per test."""
+    built: dict[tuple[int, int, str], Path] = {}
+
+    def build(root: Path, num_docs: int = 400, topics: int = 5, layout: str = "cluster-major") -> Path:
+        key = (num_docs, topics, layout)
+        if key not in built:
+            built[key] = _build_dataset(tmp_path_factory.mktemp("dataset"), num_docs, topics, layout)
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(built[key].parent / "docs.jsonl", root / "docs.jsonl")
+        out = root / "ds"
+        shutil.copytree(built[key], out)
+        return out
+
+    return build
 
 
 @pytest.fixture(scope="session")

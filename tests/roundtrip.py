@@ -7,7 +7,8 @@ load the saved state and run `tail` steps: the outputs must be identical.
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 

@@ -1,0 +1,133 @@
+"""`croupier serve` killed with SIGKILL and restarted: identical batches, a corrupt newest checkpoint
+falls back loudly, a state directory of another configuration is refused."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from cases.durability import SIZES, B, reference
+from croupier.grpc_options import channel_options
+from croupier.proto import pb2, pb2_grpc, slice_ids
+from croupier.server.durability.checkpoint_store import CheckpointStore
+
+ARGS = ["--cluster-sizes", ",".join(map(str, SIZES)), "--policy", "clusterclip", "--clip", "5",
+        "--global-batch", str(B), "--seed", "0", "--checkpoint-every", "10", "--max-lag", "16", "--lookahead", "4"]
+
+
+class Serve:
+    """A `croupier serve` subprocess; `info` is its JSON "serving" line."""
+
+    def __init__(self, state_dir: Path, log_path: Path, extra: list[str] | None = None) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "ab")
+        cmd = [sys.executable, "-m", "croupier", "serve", *ARGS, "--state-dir", str(state_dir), *(extra or [])]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log)
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait(10)
+            self._log.close()
+            raise RuntimeError(f"server exited {self.proc.returncode}: {log_path.read_text()[-2000:]}")
+        self.info = json.loads(line)
+        self.channel = grpc.insecure_channel(self.info["address"], options=channel_options())
+        self.stub = pb2_grpc.SamplerStub(self.channel)
+
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        self.channel.close()
+        self.proc.send_signal(sig)
+        code = self.proc.wait(20)
+        self.proc.stdout.close()
+        self._log.close()
+        return code
+
+
+def fetch(stub, world: int, start: int, stop: int) -> list[np.ndarray]:
+    """Global batches of [start, stop) as `world` lock-step ranks read and acknowledge them."""
+    out = []
+    for t in range(start, stop):
+        parts = [slice_ids(stub.GetSlice(pb2.GetSliceRequest(rank=r, world_size=world, step=t), timeout=20).slice)
+                 for r in range(world)]
+        for r in range(world):
+            stub.Ack(pb2.AckRequest(rank=r, world_size=world, next_step=t + 1), timeout=20)
+        out.append(np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]))
+    return out
+
+
+@pytest.mark.slow
+def test_sigkill_and_restart_resumes_with_identical_batches(tmp_path: Path) -> None:
+    ref = reference(90)
+    state, log_path = tmp_path / "state", tmp_path / "server.log"
+    first = Serve(state, log_path)
+    for r in range(2):
+        first.stub.Join(pb2.JoinRequest(rank=r, world_size=2), timeout=20)
+    got = fetch(first.stub, 2, 0, 57)
+    token = first.stub.Checkpoint(pb2.CheckpointRequest(step=33), timeout=20).token  # between 30 and 40
+    assert first.kill() == -signal.SIGKILL
+    assert json.loads((state / "server.json").read_text())["address"] == first.info["address"]
+
+    second = Serve(state, log_path)
+    try:
+        assert second.info["resumed_from"] is not None and second.info["resumed_from"] >= 50
+        # Ranks that reconnect resume at their acknowledged step.
+        nexts = [second.stub.Join(pb2.JoinRequest(rank=r, world_size=2), timeout=20).next_step for r in range(2)]
+        assert nexts[0] == nexts[1] and 50 <= nexts[0] <= 57
+        got += fetch(second.stub, 2, 57, 70)
+        for t in range(70):
+            assert np.array_equal(got[t], ref[t]), t
+        # The trainer restarts from its checkpoint at step 33 with 4 ranks (elastic resume).
+        for r in range(4):
+            assert second.stub.Join(pb2.JoinRequest(rank=r, world_size=4, resume_token=token),
+                                    timeout=20).next_step == 33
+        again = fetch(second.stub, 4, 33, 80)
+        for t, batch in zip(range(33, 80), again):
+            assert np.array_equal(batch, ref[t]), t
+    finally:
+        assert second.kill(signal.SIGTERM) == 0
+
+
+@pytest.mark.slow
+def test_corrupt_newest_checkpoint_falls_back_loudly(tmp_path: Path) -> None:
+    ref = reference(60)
+    state, log_path = tmp_path / "state", tmp_path / "server.log"
+    first = Serve(state, log_path)
+    first.stub.Join(pb2.JoinRequest(rank=0, world_size=1), timeout=20)
+    fetch(first.stub, 1, 0, 35)
+    first.kill()
+    store = CheckpointStore(state)
+    newest, previous = store.steps()[-1], store.steps()[-2]
+    path = store.path_of(newest)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+    second = Serve(state, log_path)
+    try:
+        assert second.info["resumed_from"] == previous
+        warnings = [json.loads(line) for line in log_path.read_text().splitlines()
+                    if line.startswith("{") and '"checkpoint_corrupt"' in line]
+        assert warnings and warnings[0]["level"] == "WARNING" and warnings[0]["path"] == str(path)
+        assert "checksum" in warnings[0]["reason"]
+        second.stub.Join(pb2.JoinRequest(rank=0, world_size=1), timeout=20)
+        for t, batch in zip(range(25, 50), fetch(second.stub, 1, 25, 50)):
+            assert np.array_equal(batch, ref[t]), t
+    finally:
+        second.kill(signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_state_dir_of_another_config_is_refused(tmp_path: Path) -> None:
+    state, log_path = tmp_path / "state", tmp_path / "server.log"
+    first = Serve(state, log_path)
+    first.stub.Checkpoint(pb2.CheckpointRequest(step=3), timeout=20)
+    assert first.kill(signal.SIGTERM) == 0
+    cmd = [sys.executable, "-m", "croupier", "serve", *ARGS, "--state-dir", str(state), "--seed", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "fingerprint mismatch" in proc.stderr and str(state) in proc.stderr
