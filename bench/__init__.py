@@ -10,5 +10,5 @@
                        `python -m bench.train_compare` and `python -m bench.train_natural`
 
 Imports go one way: benchmarks and studies use common, common uses neither, and no module
-here imports another in a circle (tests/test_bench_layout.py checks it).
+here imports another in a circle (tests/unit/test_bench_layout.py checks it).
 """

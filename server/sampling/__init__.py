@@ -2,7 +2,7 @@
 
 A global batch is a function of (layout, policy, global batch, seed, step) and the online
 changes so far; state is O(clusters). Numpy and the core package only: no gRPC, ZeroMQ,
-torch, faiss, threads or file I/O (tests/test_layers.py checks the imports). The trainer's
+torch, faiss, threads or file I/O (tests/unit/test_layers.py checks the imports). The trainer's
 embedded mode runs this same code.
 """
 

@@ -1,6 +1,6 @@
 """How `tests/data/state_v1/` was made: state directories written by the v1 server (commit 923a3a5).
 
-They are test data, not fixtures: `tests/test_state_v1.py` opens them with today's code and
+They are test data, not fixtures: `tests/unit/test_state_v1.py` opens them with today's code and
 checks that the job resumes exactly where the old server left off, and runs this scenario
 again with today's code to check that it writes the same files. Do NOT regenerate them with
 newer code (that would only prove the new code agrees with itself); a new on-disk format
