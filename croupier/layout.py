@@ -10,8 +10,9 @@ from a sidecar).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence, Union
+from typing import Union
 
 import numpy as np
 
@@ -73,7 +74,7 @@ class ClusterLayout:
 
     # -- construction -------------------------------------------------------------------
     @classmethod
-    def from_sizes(cls, sizes: Sequence[int] | np.ndarray, block_size: int = 1) -> "ClusterLayout":
+    def from_sizes(cls, sizes: Sequence[int] | np.ndarray, block_size: int = 1) -> ClusterLayout:
         """Synthetic clusters of the given sizes with contiguous ids (cluster 0 first)."""
         sizes = np.asarray(sizes, dtype=np.int64)
         if sizes.ndim != 1 or len(sizes) == 0:
@@ -88,7 +89,7 @@ class ClusterLayout:
 
     @classmethod
     def from_assignments(cls, assignments: np.ndarray, num_clusters: int | None = None,
-                         fingerprint: str | None = None) -> "ClusterLayout":
+                         fingerprint: str | None = None) -> ClusterLayout:
         """Layout from a per-sample cluster label array (label -1 = not in any cluster).
 
         Members of each cluster are listed in increasing id order. Clusters with no member

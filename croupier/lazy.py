@@ -8,7 +8,8 @@ never pulls in gRPC) costs nothing until a name is asked for.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["exports"]
 

@@ -30,14 +30,15 @@ from __future__ import annotations
 
 import math
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from croupier.errors import ConfigError, CroupierError
 from croupier.datasets import open_dataset
+from croupier.errors import ConfigError, CroupierError
 from croupier.format.sidecar import Sidecar
 from croupier.layout import ClusterLayout
 

@@ -7,8 +7,8 @@ contiguous slice of it a rank reads. Tests build any world directly, without env
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 
@@ -32,7 +32,7 @@ class Topology:
             raise ConfigError(f"local rank must be >= 0, got {self.local_rank}")
 
     @classmethod
-    def detect(cls, env: Mapping[str, str] | None = None) -> "Topology":
+    def detect(cls, env: Mapping[str, str] | None = None) -> Topology:
         """Reads torchrun's RANK, WORLD_SIZE and LOCAL_RANK (defaults: a single rank)."""
         env = os.environ if env is None else env
         try:
@@ -45,7 +45,7 @@ class Topology:
 
     @classmethod
     def data_parallel(cls, env: Mapping[str, str] | None = None, *, tensor: int = 1, pipeline: int = 1,
-                      context: int = 1) -> "Topology":
+                      context: int = 1) -> Topology:
         """The data-parallel rank and size of this process, from torchrun's env and the parallel sizes.
 
         With tensor, context or pipeline parallelism the ranks of one data-parallel group must

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["cases.select", "cases.shards_build"]
-"""Fixtures that tests of one topic share across tiers (a built dataset, a corpus)."""
+pytest_plugins = ["cases.s3", "cases.select", "cases.shards_build"]
+"""Fixtures that tests share across files and tiers (the loopback S3 server, a built dataset, a corpus)."""
 
 TIERS = ("unit", "integration", "models", "ray", "e2e")
 TIMEOUTS = {"unit": 120, "integration": 300, "models": 300, "ray": 600, "e2e": 900}

@@ -73,8 +73,8 @@ def read_through_store(remote: Path, cache: Path, batches: np.ndarray, limit: in
 
 def run(scale: str = "full") -> list[dict]:
     from bench.common.shard_data import clusterclip_batches, long_tailed_sizes, write_cluster_major
-    from croupier.format.id_table import ShardTable
     from croupier.client.readers.shard_cache import ShardStore
+    from croupier.format.id_table import ShardTable
     from croupier.layout import ClusterLayout
 
     p = SCALES[scale]

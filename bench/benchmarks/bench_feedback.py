@@ -30,8 +30,8 @@ SCALES = {"full": {"changes": 1000, "dense_changes": 100}, "quick": {"changes": 
 
 
 def _log_sizes(changes: int, mode: str) -> dict:
-    from croupier.server.feedback.controllers import round_mantissa
     from croupier.server.durability.event_log import Event, EventLog, iter_events
+    from croupier.server.feedback.controllers import round_mantissa
 
     rng = np.random.default_rng(0)
     w = np.full(GROUPS, 1.0 / GROUPS)

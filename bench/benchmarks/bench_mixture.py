@@ -65,11 +65,11 @@ def _paired_rates(a, b, steps: int, batch: int, chunk: int = 25) -> tuple[float,
 
 
 def generation(scale: dict) -> list[dict]:
-    from croupier.server.sampling.sampler import Sampler
     from croupier.layout import ClusterLayout
     from croupier.mixture import open_mix, parse_mix
     from croupier.server.sampling.mixture import mixture_sampler
     from croupier.server.sampling.policy import PolicyConfig
+    from croupier.server.sampling.sampler import Sampler
 
     sizes = _sizes(scale["clusters"])
     b, steps = scale["batch"], scale["steps"]
@@ -111,8 +111,8 @@ def first_batch(scale: dict) -> list[dict]:
     import torch.utils.data as tud
 
     from croupier.client.dataset import CroupierIterableDataset
-    from croupier.server.job.job import Job, JobSpec
     from croupier.mixture import load_mix
+    from croupier.server.job.job import Job, JobSpec
     from croupier.server.serving.service import create_server
     from croupier.topology import Topology
 

@@ -30,10 +30,10 @@ def run(scale: str = "quick") -> list[dict]:
 
     from croupier.client.dataset import CroupierIterableDataset
     from croupier.client.packing import PackedSequences
-    from croupier.topology import Topology
     from croupier.shards.build.embed import minilm_model_path
     from croupier.shards.build.synthetic import generate_corpus
     from croupier.tokenizer import load_tokenizer
+    from croupier.topology import Topology
 
     torch.set_num_threads(1)
     cfg = SCALES[scale]

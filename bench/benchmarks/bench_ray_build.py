@@ -142,8 +142,8 @@ def driver_memory(sizes: tuple[int, ...] = (10_000, 100_000)) -> list[dict]:
     rows = []
     for n, p in zip(sizes, peaks):
         rows.append(_row(f"ray driver peak RSS, {n:,} docs", p["maxrss"] / 2**20, "MiB"))
-        rows.append(_row(f"  of which peak anonymous (heap)", p["RssAnon"] / 2**20, "MiB"))
-        rows.append(_row(f"  peak file-backed (mapped arrays)", p["RssFile"] / 2**20, "MiB"))
+        rows.append(_row("  of which peak anonymous (heap)", p["RssAnon"] / 2**20, "MiB"))
+        rows.append(_row("  peak file-backed (mapped arrays)", p["RssFile"] / 2**20, "MiB"))
     anon = peaks[-1]["RssAnon"] / peaks[0]["RssAnon"]
     rows.append(_row(f"  driver peak RSS {sizes[-1]:,} / {sizes[0]:,} docs", peaks[-1]["maxrss"] / peaks[0]["maxrss"],
                      "x"))

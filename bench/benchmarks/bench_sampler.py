@@ -49,9 +49,9 @@ def _peak_rss_mb() -> float:
 
 
 def child_croupier(n: int, k: int, indices: int) -> dict:
-    from croupier.server.sampling.sampler import Sampler
     from croupier.layout import ClusterLayout
     from croupier.server.sampling.policy import PolicyConfig
+    from croupier.server.sampling.sampler import Sampler
     from croupier.server.sampling.state import SamplerState
 
     layout = ClusterLayout.from_sizes(_long_tailed_sizes(n, k))

@@ -193,8 +193,8 @@ def consumer_process(mode: str, address: str, runtimes: list[str], consumers: li
         if mode == "direct":
             import grpc
 
-            from croupier.proto import pb2_grpc
             from croupier.grpc_options import channel_options
+            from croupier.proto import pb2_grpc
 
             # one channel per 64 consumers: a node's workers would not share one connection
             channels = [grpc.aio.insecure_channel(address, options=channel_options())
@@ -354,10 +354,10 @@ def cache_part() -> dict:
     from croupier.client.dataset import CroupierIterableDataset
     from croupier.format.fingerprint import index_fingerprint
     from croupier.format.mds_index import MDSIndex
-    from croupier.server.sampling.sampler import Sampler
-    from croupier.server.job.job import Job, JobSpec
     from croupier.layout import ClusterLayout
+    from croupier.server.job.job import Job, JobSpec
     from croupier.server.sampling.policy import PolicyConfig
+    from croupier.server.sampling.sampler import Sampler
     from croupier.server.serving.service import create_server
     from croupier.topology import Topology
     from workers.harness import cluster_sizes, write_mds
@@ -463,9 +463,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     rows = measure(args.scale, args.skip_cache)
+
+    def fmt(v: object) -> str:
+        return "-" if v is None else f"{v:.1f}" if isinstance(v, float) else str(v)
+
     print(f"{'load':<62} {'metric':<30} {'direct/ref':>12} {'agent':>12} {'ratio':>7}  target")
     for label, what, dv, av, ratio, target in rows:
-        fmt = (lambda v: "-" if v is None else f"{v:.1f}" if isinstance(v, float) else str(v))
         print(f"{label:<62} {what:<30} {fmt(dv):>12} {fmt(av):>12} "
               f"{('-' if ratio is None else f'{ratio:.3f}'):>7}  {target}")
     return 0

@@ -149,10 +149,10 @@ def bench_askllm(n_texts: int, max_length: int) -> list[dict]:
             tok, model = scorer.lm.tokenizer, scorer.lm.model
             prompts = [build_prompt(t) for t in texts]
 
-            def backend() -> None:
+            def backend(scorer: AskLLMScorer = scorer) -> None:
                 scorer.score(texts)
 
-            def plain() -> None:
+            def plain(scorer: AskLLMScorer = scorer, tok=tok, model=model, prompts: list[str] = prompts) -> None:
                 with torch.inference_mode():
                     for i in range(0, len(prompts), batch):
                         enc = tok(prompts[i:i + batch], padding=True, truncation=True, max_length=max_length,

@@ -205,8 +205,8 @@ def client_process(address: str, ranks: list[int], world: int, steps: int, rate:
 
     import grpc
 
-    from croupier.proto import pb2, pb2_grpc
     from croupier.grpc_options import channel_options
+    from croupier.proto import pb2, pb2_grpc
 
     results: list = []
     errors: list = []
@@ -245,9 +245,9 @@ def _cpu_seconds(pid: int) -> float:
 
 def generation_cpu_per_million(global_batch: int, steps: int) -> float:
     """CPU seconds the sampling core alone needs per million ids at this batch size."""
-    from croupier.server.sampling.sampler import Sampler
     from croupier.layout import ClusterLayout
     from croupier.server.sampling.policy import PolicyConfig
+    from croupier.server.sampling.sampler import Sampler
 
     s = Sampler(ClusterLayout.from_sizes(cluster_sizes()), PolicyConfig("clusterclip", clip=5), global_batch, 0)
     s.next_batch()

@@ -23,8 +23,8 @@ import signal
 import grpc
 import numpy as np
 
-from croupier.proto import SERVICE_NAME, pack_ids, pb2
 from croupier.grpc_options import server_options
+from croupier.proto import SERVICE_NAME, pack_ids, pb2
 
 
 class FloorSampler:

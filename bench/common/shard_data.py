@@ -63,8 +63,8 @@ def write_cluster_major(root: Path, sizes: np.ndarray, size_limit: int, text_byt
 
 def clusterclip_batches(layout: ClusterLayout, steps: int, batch: int, clip: int = 3, seed: int = 0) -> np.ndarray:
     """The global batches of croupier's sampler (policy clusterclip), shape (steps, batch)."""
-    from croupier.server.sampling.sampler import Sampler
     from croupier.server.sampling.policy import PolicyConfig
+    from croupier.server.sampling.sampler import Sampler
 
     sampler = Sampler(layout, PolicyConfig(policy="clusterclip", clip=clip), global_batch=batch, seed=seed)
     return np.stack([sampler.next_batch() for _ in range(steps)])

@@ -33,9 +33,10 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -421,9 +422,9 @@ class Demo:
 
     def _verify_and_count(self) -> tuple[bool, Any, Any, Any]:
         """Replays the sampler; returns (exact, layout, config, counters at the last trained step)."""
-        from croupier.server.sampling.sampler import Sampler
-        from croupier.server.sampling.policy import PolicyConfig
         from croupier.datasets import open_dataset
+        from croupier.server.sampling.policy import PolicyConfig
+        from croupier.server.sampling.sampler import Sampler
 
         meta = self._status()
         job = meta.job
@@ -450,8 +451,8 @@ class Demo:
         import torch
 
         from croupier.apps.demo_train import CKPT_DIR, MODEL_FILE
-        from croupier.shards.build.mds import MDSSource
         from croupier.apps.tinylm import TinyLMConfig, build_model, encode, example_losses
+        from croupier.shards.build.mds import MDSSource
 
         saved = torch.load(self.run_dir / CKPT_DIR / MODEL_FILE, map_location="cpu", weights_only=False)
         model = build_model(TinyLMConfig(**saved["config"]))

@@ -27,10 +27,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from croupier.apps.tinylm import TinyLMConfig, build_model, encode, make_optimizer, train_step
 from croupier.client.dataset import ID_KEY, STEP_KEY, CroupierIterableDataset
 from croupier.format.atomic import atomic_path, write_json_atomic
 from croupier.topology import Topology
-from croupier.apps.tinylm import TinyLMConfig, build_model, encode, make_optimizer, train_step
 
 CKPT_DIR = "ckpt"
 MODEL_FILE = "model.pt"

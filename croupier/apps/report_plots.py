@@ -15,8 +15,8 @@ what a user looks at to choose and defend a clip threshold:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 

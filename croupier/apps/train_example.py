@@ -34,8 +34,8 @@ from torch.nn.parallel import DistributedDataParallel
 from croupier.client.dataset import STEP_KEY, CroupierIterableDataset
 from croupier.client.packing import PackedSequences
 from croupier.format.atomic import atomic_path
-from croupier.topology import Topology
 from croupier.tokenizer import load_tokenizer
+from croupier.topology import Topology
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -7,7 +7,7 @@ An MDS dataset numbers its samples shard after shard: shard `s` holds the ids
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from croupier.errors import DatasetError
 from croupier.format.fingerprint import index_fingerprint
@@ -106,7 +107,7 @@ class MDSIndex:
         self.table = ShardTable([e.samples for e in entries])
 
     @classmethod
-    def read(cls, dataset_dir: str | os.PathLike[str]) -> "MDSIndex":
+    def read(cls, dataset_dir: str | os.PathLike[str]) -> MDSIndex:
         """The index of the local dataset folder `dataset_dir`."""
         root = Path(dataset_dir)
         path = root / INDEX_BASENAME

@@ -9,7 +9,8 @@ as such, naming the file, instead of as an IndexError deep inside a reader.
 from __future__ import annotations
 
 import os
-from typing import Iterable, Mapping, Protocol
+from collections.abc import Iterable, Mapping
+from typing import Protocol
 
 import numpy as np
 

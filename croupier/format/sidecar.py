@@ -27,8 +27,9 @@ import fcntl
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -82,7 +83,7 @@ class Sidecar:
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
-    def open(cls, dataset_dir: str | os.PathLike[str]) -> "Sidecar":
+    def open(cls, dataset_dir: str | os.PathLike[str]) -> Sidecar:
         """Open and verify the sidecar of the MDS dataset in `dataset_dir`.
 
         Raises DatasetError when index.json or the manifest is missing, unreadable or of an

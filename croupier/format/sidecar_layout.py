@@ -20,8 +20,9 @@ The manifest's `files` map names the array files by role; readers look arrays up
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import PurePosixPath
-from typing import Any, Mapping
+from typing import Any
 
 from croupier.errors import ConfigError, DatasetError
 

@@ -12,9 +12,9 @@ import argparse
 from pathlib import Path
 
 from croupier.errors import ConfigError
-from croupier.values import parse_weights
 from croupier.layout import ClusterLayout
 from croupier.server.sampling.policy import ON_EXHAUSTED, POLICIES, PolicyConfig
+from croupier.values import parse_weights
 
 
 def add_policy_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:

@@ -34,19 +34,24 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from croupier.errors import ConfigError
 from croupier import logs
 from croupier.bearer import MIN_SERVER_TOKEN_CHARS, read_token_file
-from croupier.server.job.job import CheckpointUnavailable, Job, JobSpec
+from croupier.errors import ConfigError
 from croupier.layout import ClusterLayout
-from croupier.server.serving.metrics import ServerMetrics
+from croupier.server.cli.policy_args import (
+    add_block_size_argument,
+    add_policy_arguments,
+    load_mix_args,
+    policy_from_args,
+    refuse_block_size_for_dataset,
+    synthetic_layout,
+)
+from croupier.server.durability.checkpoint_store import CheckpointStore, atomic_write_bytes
+from croupier.server.job.job import CheckpointUnavailable, Job, JobSpec
 from croupier.server.sampling.mixture import source_policy
 from croupier.server.sampling.policy import PolicyConfig
-from croupier.server.cli.policy_args import (add_block_size_argument, add_policy_arguments, load_mix_args,
-                                           policy_from_args,
-                                           refuse_block_size_for_dataset, synthetic_layout)
+from croupier.server.serving.metrics import ServerMetrics
 from croupier.server.serving.service import create_server, describe
-from croupier.server.durability.checkpoint_store import CheckpointStore, atomic_write_bytes
 
 if TYPE_CHECKING:
     from croupier.mixture import Mixture
@@ -215,7 +220,7 @@ def tune_gc() -> None:
 
 
 def _serve(args: argparse.Namespace, layout: ClusterLayout, config: PolicyConfig | None, spec: JobSpec,
-           store: CheckpointStore, token: str | None, admin: str | None, mixture: "Mixture | None" = None,
+           store: CheckpointStore, token: str | None, admin: str | None, mixture: Mixture | None = None,
            token_counts: Any = None) -> int:
     logs.configure(args.log_level)
     stop = threading.Event()  # installed first: a signal during start-up still stops cleanly

@@ -19,12 +19,18 @@ from typing import TextIO
 import numpy as np
 
 from croupier.errors import ConfigError, EndOfData
-from croupier.server.sampling.sampler import Sampler
-from croupier.server.sampling.mixture import mixture_sampler
 from croupier.layout import ClusterLayout
+from croupier.server.cli.policy_args import (
+    add_block_size_argument,
+    add_policy_arguments,
+    load_mix_args,
+    policy_from_args,
+    refuse_block_size_for_dataset,
+    synthetic_layout,
+)
 from croupier.server.sampling.mix_sampler import MixSampler
-from croupier.server.cli.policy_args import (add_block_size_argument, add_policy_arguments, load_mix_args,
-                                           policy_from_args, refuse_block_size_for_dataset, synthetic_layout)
+from croupier.server.sampling.mixture import mixture_sampler
+from croupier.server.sampling.sampler import Sampler
 from croupier.topology import Topology
 
 __all__ = ["Schedule", "format_summary", "layout_from_args", "policy_from_args", "register", "run", "simulate"]

@@ -134,7 +134,7 @@ class LossStats:
         return body + struct.pack("<I", zlib.crc32(body))
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "LossStats":
+    def from_bytes(cls, data: bytes) -> LossStats:
         """Statistics from `to_bytes()` output; refuses anything corrupt, truncated or of another version."""
         if len(data) < len(MAGIC) + 8 or data[:len(MAGIC)] != MAGIC:
             raise StateError(f"not croupier loss statistics (bad magic or only {len(data)} bytes)")

@@ -35,17 +35,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from croupier.errors import ConfigError, EndOfData, FingerprintMismatch, StateError
-from croupier.server.sampling.sampler import ClusterCounters, in_pass_order
 from croupier.layout import ClusterLayout
-from croupier.server.sampling.permutation import derive_keys, permute, seed_key
 from croupier.mixture import ON_SOURCE_EXHAUSTED, SOURCE_POLICIES, check_source_weights
+from croupier.server.sampling.permutation import derive_keys, permute, seed_key
 from croupier.server.sampling.policy import check_clip, check_weights
+from croupier.server.sampling.sampler import ClusterCounters, in_pass_order
 from croupier.server.sampling.state import Change, SamplerState
 
 MIX_ENGINE_VERSION = 1

@@ -11,7 +11,7 @@ so (cluster 1, pass 2) and (cluster 2, pass 1) get unrelated orders.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from croupier.errors import ConfigError, EndOfData, FingerprintMismatch, StateError
-from croupier.server.sampling.autoclip import AutoClip, derive_clip
 from croupier.layout import ClusterLayout
+from croupier.server.sampling.autoclip import AutoClip, derive_clip
 from croupier.server.sampling.permutation import derive_keys, mix64, permute, seed_key, unpermute
 from croupier.server.sampling.policy import PolicyConfig, check_clip, check_weights
 from croupier.server.sampling.state import Change, SamplerState

@@ -16,14 +16,14 @@ job calls it under its lock.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
 from croupier.errors import StateError
-from croupier.server.sampling.sampler import Sampler
 from croupier.server.sampling.mix_sampler import MixSampler
+from croupier.server.sampling.sampler import Sampler
 from croupier.server.sampling.state import Change, SamplerState
 
 Generator = Sampler | MixSampler

@@ -9,9 +9,9 @@ files add their own SHA-256 on top), and keeps a 100k-cluster save + load in mil
 
 from __future__ import annotations
 
-import zlib
 import json
 import struct
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,7 +56,7 @@ class Change:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Change":
+    def from_dict(cls, d: dict[str, Any]) -> Change:
         w = d.get("weights")
         sw = d.get("source_weights")
         return cls(step=int(d["step"]), clip=d.get("clip"), weights=None if w is None else tuple(w),
@@ -115,7 +115,7 @@ class SamplerState:
         return bytes(buf)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "SamplerState":
+    def from_bytes(cls, data: bytes) -> SamplerState:
         if len(data) < len(MAGIC) + 8 or data[:len(MAGIC)] != MAGIC:
             raise StateError(f"not a croupier sampler state (bad magic or {len(data)} bytes)")
         body, (crc,) = memoryview(data)[:-4], struct.unpack("<I", data[-4:])

@@ -15,7 +15,7 @@ at all, the server trusts its network (it binds to loopback unless told otherwis
 from __future__ import annotations
 
 import hmac
-from typing import Callable
+from collections.abc import Callable
 
 import grpc
 

@@ -17,7 +17,8 @@ weight_changes_total{origin}, adapt_failures_total and event_log_failures_total.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, start_http_server

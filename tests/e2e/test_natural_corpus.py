@@ -5,18 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from bench.common import natural_corpus as nc  # noqa: E402
-from bench.studies import train_natural  # noqa: E402
+from bench.common import natural_corpus as nc
+from bench.studies import train_natural
 
 WORDS = ("parse", "render", "merge", "split", "encode", "decode", "fetch", "store", "index", "count")
 

@@ -5,19 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from bench import __main__ as bench_runner  # noqa: E402
-from bench.studies import train_compare  # noqa: E402
+from bench.studies import train_compare
+from cases.bench import bench_runner
 from croupier.apps.tinylm import (
     PAD,
     TinyLMConfig,
@@ -26,7 +20,7 @@ from croupier.apps.tinylm import (
     example_losses,
     loss,
     make_optimizer,
-    per_cluster_mean,  # noqa: E402
+    per_cluster_mean,
     train_step,
 )
 from croupier.errors import ConfigError  # noqa: E402

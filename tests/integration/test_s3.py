@@ -15,37 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cases.s3 import BUCKET
 from croupier.cli import main
 from croupier.errors import ConfigError, DatasetError
 from croupier.format.sidecar import Sidecar
 from croupier.shards.build.builder import BuildConfig
 from croupier.shards.build.synthetic import generate_corpus, write_jsonl
 from workers.harness import terminate
-
-BUCKET = "croupier-data"
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A moto S3 server on 127.0.0.1 (port picked by the OS) and the environment that points at it."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"S3_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "croupier-test",
-           "AWS_SECRET_ACCESS_KEY": "croupier-test-secret", "AWS_DEFAULT_REGION": "us-east-1"}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        mp.delenv("AWS_PROFILE", raising=False)
-        client = boto3.client("s3", endpoint_url=env["S3_ENDPOINT_URL"])
-        client.create_bucket(Bucket=BUCKET)
-        try:
-            yield {"env": env, "client": client}
-        finally:
-            server.stop()
 
 
 @pytest.fixture(scope="module")

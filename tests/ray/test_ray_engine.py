@@ -13,7 +13,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_s3 import s3  # noqa: F401 - the loopback S3 server fixture
 
 from croupier.cli import main
 from croupier.errors import DatasetError

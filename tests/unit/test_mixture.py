@@ -153,7 +153,7 @@ def test_golden_vectors_and_determinism() -> None:
     a, b = mix_of(THREE), mix_of(THREE)
     h = hashlib.sha256()
     first = None
-    for t in range(30):
+    for _ in range(30):
         x, y = a.next_batch(), b.next_batch()
         assert np.array_equal(x, y)
         h.update(x.astype("<i8").tobytes())
