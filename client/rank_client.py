@@ -23,7 +23,8 @@ import os
 import queue
 import threading
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +36,7 @@ from croupier.client.errors import ClientError, Unavailable, from_status, is_tra
 from croupier.client.rank_state import STATE_VERSION, validate_state
 from croupier.client.transport import LANE, GrpcTransport, LaneCall, Transport
 from croupier.errors import ConfigError, EndOfData, FingerprintMismatch, StateError
-from croupier.proto import slice_ids
+from croupier.proto import pb2, slice_ids
 from croupier.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -182,11 +183,6 @@ class RankClient:
     def _where(self) -> str:
         return f"agent {self.agent}" if self.agent else f"server {self.address}"
 
-    def _pb(self):
-        from croupier.proto.croupier.v1 import croupier_pb2
-
-        return croupier_pb2
-
     def _unary(self, name: str, request: Any, *, retry: bool = True, timeout: float | None = None) -> Any:
         """Calls a unary RPC, retrying transient failures with backoff when `retry`."""
         transport = self.transport()
@@ -224,8 +220,7 @@ class RankClient:
         return response.job
 
     def _do_join(self, resume_token: str) -> Any:
-        pb = self._pb()
-        request = pb.JoinRequest(
+        request = pb2.JoinRequest(
             job=self.job,
             rank=self.topology.rank,
             world_size=self.topology.world,
@@ -306,7 +301,6 @@ class RankClient:
         return False
 
     def _stream_loop(self, first: int) -> None:
-        pb = self._pb()
         want = first  # next step this stream owes the consumer
         stop = self.stop_step or 0
         attempt = 0
@@ -321,7 +315,7 @@ class RankClient:
                 if rejoin:
                     self._check_rejoin(self._do_join(""))
                     rejoin = False
-                lane = pb.LaneOpen(
+                lane = pb2.LaneOpen(
                     lane=LANE, rank=self.topology.rank, world_size=self.topology.world, start_step=want,
                     lookahead=self.lookahead, step_stride=self.step_stride, step_offset=self.step_offset,
                     stop_step=stop, read_only=self.read_only,
@@ -346,7 +340,7 @@ class RankClient:
                             if sl.step != want:
                                 raise ClientError(f"server skipped from step {want} to step {sl.step} "
                                                   f"on rank {self.topology.rank}")
-                            if sl.kind == pb.SLICE_KIND_END_OF_DATA:
+                            if sl.kind == pb2.SLICE_KIND_END_OF_DATA:
                                 self._put(EndOfData(sl.step))
                                 return
                             ids = slice_ids(sl)
@@ -459,18 +453,17 @@ class RankClient:
     def get_slice(self, step: int) -> np.ndarray:
         """This rank's ids of `step`, by a single idempotent call (no stream)."""
         self.join()
-        pb = self._pb()
         response = self._unary(
-            "GetSlice", pb.GetSliceRequest(job=self.job, rank=self.topology.rank, world_size=self.topology.world, step=step,
-                                           packed_ids=True)
+            "GetSlice", pb2.GetSliceRequest(job=self.job, rank=self.topology.rank, world_size=self.topology.world,
+                                            step=step, packed_ids=True)
         )
-        if response.slice.kind == pb.SLICE_KIND_END_OF_DATA:
+        if response.slice.kind == pb2.SLICE_KIND_END_OF_DATA:
             raise EndOfData(step)
         return slice_ids(response.slice)
 
     def status(self, include_clusters: bool = False) -> Any:
         """The server's GetStatusResponse (job, progress, counters); does not join."""
-        return self._unary("GetStatus", self._pb().GetStatusRequest(include_clusters=include_clusters))
+        return self._unary("GetStatus", pb2.GetStatusRequest(include_clusters=include_clusters))
 
     def checkpoint(self, step: int | None = None) -> str:
         """Makes the server's sampler state at `step` (default: the next step) durable; returns the token.
@@ -484,7 +477,7 @@ class RankClient:
         step = int(step)
         if step == self._token_step and self._token:
             return self._token
-        response = self._unary("Checkpoint", self._pb().CheckpointRequest(job=self.job, step=step))
+        response = self._unary("Checkpoint", pb2.CheckpointRequest(job=self.job, step=step))
         self._token, self._token_step = response.token, int(response.step)
         return self._token
 
@@ -585,7 +578,7 @@ class RankClient:
             transport.close()
         self._transport = None
 
-    def __enter__(self) -> "RankClient":
+    def __enter__(self) -> RankClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
