@@ -15,7 +15,7 @@ a loss per token; the server wants one loss per id of the step's slice, in slice
 - a document of the slice with no loss-bearing token in this step (cut off entirely into
   the carry, dropped beyond the carry bound, or a one-token document whose only token has no
   next-token target) gets loss NaN and `tokens` 0: `present` is False there. The server's
-  validation (`croupier.server.feedback.loss_report.check_report(..., present=...)`) leaves such
+  validation (`croupier.server.feedback.loss_validation.check_report(..., present=...)`) leaves such
   ids out of the statistics instead of refusing the report, so send the mask with the
   losses; NaN where `present` is True (a diverged loss) is still refused.
 

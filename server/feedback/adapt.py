@@ -26,7 +26,7 @@ import numpy as np
 
 from croupier.errors import ConfigError, StateError
 from croupier.server.feedback.controllers import CONTROLLERS, make_controller
-from croupier.server.feedback.loss_report import ReportRefused, check_report
+from croupier.server.feedback.loss_validation import ReportRefused, check_report
 from croupier.server.feedback.loss_stats import LossStats
 
 GROUPINGS: tuple[str, ...] = ("clusters", "sources")

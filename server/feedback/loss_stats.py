@@ -63,7 +63,7 @@ class LossStats:
     def add(self, step: int, groups: np.ndarray, losses: np.ndarray) -> None:
         """Folds one report: per-sample `losses` (float64) of samples in `groups` (int64).
 
-        The inputs are expected to be validated already (`loss_report.check_report`); this
+        The inputs are expected to be validated already (`loss_validation.check_report`); this
         checks only the shapes and the group range, so a bad call never half-applies.
         An empty report still counts in `total_reports` (the rank trained, nothing usable).
         """

@@ -19,7 +19,7 @@ import numpy as np
 from croupier.errors import ConfigError
 from croupier.layout import ClusterLayout
 from croupier.server.feedback.adapt import Adapter, AdaptSpec
-from croupier.server.feedback.loss_report import ReportRefused, layout_group_of
+from croupier.server.feedback.loss_validation import ReportRefused, layout_group_of
 from croupier.server.job.status import AdaptView
 from croupier.server.job.types import SliceData
 from croupier.server.sampling.mix_sampler import MixSampler

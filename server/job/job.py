@@ -35,7 +35,7 @@ from croupier.server.durability.checkpoint_writer import CheckpointMeta, WriterH
 from croupier.server.durability.resume_token import ResumeToken
 from croupier.server.durability.state_dir import Checkpoint, StateDir
 from croupier.server.feedback.adapt import Adapter, AdaptSpec
-from croupier.server.feedback.loss_report import layout_group_of
+from croupier.server.feedback.loss_validation import layout_group_of
 from croupier.server.job.adaptive import Adaptation, LossSteps
 from croupier.server.job.changes import OnlineChanges, requested_change
 from croupier.server.job.checkpoints import MARK_AHEAD_WINDOWS, Checkpoints, snapshot

@@ -47,7 +47,7 @@ from croupier.server.serving.wakeup import CoarseTimers, Wakeup
 from croupier.server.job.job import (CheckpointUnavailable, Job, JobReformed, JobStatus, NotJoined, SliceData,
                                  StepOutOfRange, UnknownJob)
 
-log = logging.getLogger("croupier.server.serving.service")
+log = logging.getLogger(__name__)
 
 CHECKPOINT_HEALTH = "croupier.v1.Sampler/checkpoint"
 """Health service name that turns NOT_SERVING while checkpoint writes fail (serving goes on)."""
