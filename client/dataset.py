@@ -37,7 +37,8 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any, cast
 
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -145,7 +146,7 @@ class CroupierIterableDataset(IterableDataset):
             for i, sample in enumerate(samples):
                 # the position is what comes after the sample being handed out now
                 if i == last:
-                    self._position, self._skip = step + self._stride, 0
+                    self._position, self._skip = step + cast(int, self._stride), 0  # _steps set it
                 else:
                     self._position, self._skip = step, offset + i + 1
                 yield sample
@@ -156,7 +157,7 @@ class CroupierIterableDataset(IterableDataset):
         For transforms that work per step (packing); the position moves a whole step at once,
         so `state_dict()` between two items is always at a step boundary."""
         for step, samples, _ in self._steps():
-            self._position, self._skip = step + self._stride, 0
+            self._position, self._skip = step + cast(int, self._stride), 0  # _steps set it
             yield step, samples
 
     def _steps(self) -> Iterator[tuple[int, list[dict[str, Any]], int]]:
@@ -175,6 +176,8 @@ class CroupierIterableDataset(IterableDataset):
             if info is None:
                 self._resume_token = ""  # the job is resumed; later iterations just continue
             first, stop, skip = self._lane(client, workers, worker)
+            if first is None:  # a joined client knows the rank's position
+                raise StateError(f"rank {client.topology.rank} has no start step after joining job {self.job!r}")
             self._position, self._skip, self._stride, self._stop = first, skip, workers, stop
             store = self._open_store(job, client)
             client.plan(first, stop, step_stride=workers, step_offset=first,
@@ -301,6 +304,8 @@ class CroupierIterableDataset(IterableDataset):
         trainer checkpoints, not every step; with non-persistent DataLoader workers under fork,
         prefer multiprocessing_context="forkserver").
         """
+        position: int | None
+        stride: int | None
         if next_step is not None:
             if isinstance(next_step, bool) or not isinstance(next_step, int) or next_step < 0:
                 raise ConfigError(f"next_step must be an int >= 0, got {next_step!r}")

@@ -32,7 +32,8 @@ training time.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -102,8 +103,8 @@ class PackedSequences(IterableDataset):
             return flat, lengths
         encoded = self.tokenizer([str(s[self.text_key]) for s in samples], add_special_tokens=False)["input_ids"]
         lengths = np.fromiter((len(row) + 1 for row in encoded), np.int64, len(encoded))
-        eos = (self.eos_id,)
-        flat = np.fromiter(itertools.chain.from_iterable(x for row in encoded for x in (row, eos)), np.int64,
+        eos_row = (self.eos_id,)
+        flat = np.fromiter(itertools.chain.from_iterable(x for row in encoded for x in (row, eos_row)), np.int64,
                            int(lengths.sum()))
         return flat, lengths
 

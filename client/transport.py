@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from typing import Any, Iterator, Protocol
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 import grpc
 

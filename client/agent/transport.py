@@ -24,14 +24,14 @@ import stat
 import threading
 import time
 from collections import deque
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import numpy as np
 import zmq
 
-from croupier.client.agent.protocol import (BEAT, CALL, FETCH, HELLO, REPLY, SESSION, SILENCE_S, endpoint,
-                                            socket_path)
+from croupier.client.agent.protocol import BEAT, CALL, FETCH, HELLO, REPLY, SESSION, SILENCE_S, endpoint, socket_path
 from croupier.client.errors import ClientError, Unavailable, from_status
 from croupier.errors import ConfigError
 from croupier.proto import pb2
@@ -80,7 +80,7 @@ class AgentTransport:
         self._ids = itertools.count(1)
         self._lane_ids = itertools.count(1)
         self._pending: dict[bytes, _Pending] = {}
-        self._lanes: dict[int, "_AgentLane"] = {}
+        self._lanes: dict[int, _AgentLane] = {}
         self._lock = threading.Lock()
         self._closed = False
         self.agent_id = ""
@@ -208,7 +208,7 @@ class AgentTransport:
             raise from_status(frames[0].decode(), frames[1].decode(), "Fetch")
         return frames[1].decode()
 
-    def open_lane(self, job: str, lane: pb2.LaneOpen, ack: int | None) -> "_AgentLane":
+    def open_lane(self, job: str, lane: pb2.LaneOpen, ack: int | None) -> _AgentLane:
         with self._lock:
             local = next(self._lane_ids)  # never reused: a late event of an old lane reaches no new one
             spec = pb2.LaneOpen()
@@ -267,7 +267,7 @@ class _AgentLane:
                     if silent > SILENCE_S and not self._done:
                         raise Unavailable(f"the croupier agent at {str(t.path)!r} has been silent for {silent:.0f} s "
                                           "(killed or hung?); waiting for it to come back",
-                                          code=grpc.StatusCode.UNAVAILABLE, details="agent silent")
+                                          code=grpc.StatusCode.UNAVAILABLE, details="agent silent") from None
                     continue
                 if self._done:
                     return

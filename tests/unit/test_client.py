@@ -236,7 +236,7 @@ def test_end_of_data_ends_the_iteration(servers):
         while True:
             ref.append(s.next_batch())
     assert len(got) == len(ref) >= 1
-    for (step, ids), want in zip(got, ref):
+    for (_, ids), want in zip(got, ref):
         np.testing.assert_array_equal(ids, want)
 
 
@@ -336,7 +336,7 @@ def test_tls_with_the_server_certificate(servers, tmp_path):
     addr = addr.replace("127.0.0.1", "localhost")
     with client(addr, tls_root_cert=cert, token="tls-token", stop_step=3) as c:
         got = list(c)
-    for (step, ids), want in zip(got, reference(3)):
+    for (_, ids), want in zip(got, reference(3)):
         np.testing.assert_array_equal(ids, want)
     assert len(got) == 3
     with client(addr, token="tls-token", rpc_timeout_s=2,
