@@ -359,6 +359,10 @@ class EventLog:
         self._file.flush()
         os.fsync(self._file.fileno())
 
+    @property
+    def closed(self) -> bool:
+        return self._file.closed
+
     def close(self) -> None:
         self._file.close()
 

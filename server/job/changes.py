@@ -84,6 +84,9 @@ class OnlineChanges:
         probe.load_state(self._seq.gen.state())
         probe.schedule_change(change)
         if self.log is not None:
+            if self.log.closed:
+                raise CheckpointUnavailable(f"online change not applied: the event log {self.log.path} is closed "
+                                            "(the job has stopped)")
             try:
                 self.log.append(change_to_event(change))
             except OSError as exc:
@@ -105,6 +108,12 @@ class OnlineChanges:
                 self._adaptation.note(ev)
         for ev in changes:
             self.history.note(ev)
+
+    def close(self) -> None:
+        """Closes the event log (idempotent). Changes recorded after it are no longer durable:
+        the job calls it when it stops."""
+        if self.log is not None:
+            self.log.close()
 
     def open_log(self, path: Path, resumed: bool, logged: Callable[[], list[Change]]) -> None:
         """Opens the state directory's event log (repairing a torn tail) and reconciles it with

@@ -132,6 +132,7 @@ class Job:
                 self._changes.open_log(recovery.state_dir.log_path, self.resumed_from is not None,
                                        lambda: recovery.changes(None))
             except BaseException:
+                self._changes.close()
                 self._ckpt.stop()
                 raise
 
@@ -481,8 +482,18 @@ class Job:
         return self._ckpt.flush(timeout)
 
     def close(self) -> None:
-        """Stops the background checkpoint writer (after it drains)."""
-        self._ckpt.close()
+        """Stops the background checkpoint writer (after it drains) and closes the event log.
+        Idempotent; the job serves nothing durable after it."""
+        try:
+            self._ckpt.close()
+        finally:
+            self._changes.close()
+
+    def __enter__(self) -> Job:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- internals (called under the lock) ------------------------------------------------------
     def _generated(self) -> int:
