@@ -4,6 +4,8 @@ kill -9 replay from the event log, and `simulate --state-dir`."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +19,15 @@ from croupier.server.durability.checkpoint_store import CheckpointStore
 from croupier.server.feedback.adapt import AdaptSpec
 from croupier.server.job.job import Job, JobSpec
 from croupier.server.sampling.policy import PolicyConfig
-from croupier.server.serving.service import create_server
 from croupier.topology import Topology
-from jobs import get_slice, train_step
+from jobs import get_slice, start_server, train_step
+
+
+@pytest.fixture
+def closing() -> Iterator[ExitStack]:
+    """Jobs and servers a test opens, stopped and closed when it ends, passed or failed."""
+    with ExitStack() as stack:
+        yield stack
 
 
 def hot_share(batches: list[np.ndarray]) -> float:
@@ -28,29 +36,26 @@ def hot_share(batches: list[np.ndarray]) -> float:
 
 
 @pytest.mark.parametrize("controller", ["loss-softmax", "odm", "ado"])
-def test_a_cluster_with_5x_loss_at_least_doubles_its_share_within_100_steps(tmp_path: Path, controller: str) -> None:
+def test_a_cluster_with_5x_loss_at_least_doubles_its_share_within_100_steps(tmp_path: Path, controller: str,
+                                                                           closing: ExitStack) -> None:
     job = Job(ClusterLayout.from_sizes(SIZES), PolicyConfig("clusterclip", clip=50), B, 0,
               spec=JobSpec(name="a", max_lookahead=2), store=CheckpointStore(tmp_path / "s"),
               adapt=AdaptSpec(controller, every=10))
-    server, port = create_server(job, "127.0.0.1:0")
-    try:
-        with RankClient(f"127.0.0.1:{port}", job="a", topology=Topology(0, 1), lookahead=2, stop_step=100,
-                        backoff=Backoff(initial_s=0.02, max_s=0.2, give_up_after_s=30)) as c:
-            batches = []
-            for step, ids in c:
-                batches.append(ids)
-                c.report_losses(step, losses_of(ids))
-                assert c.flush_losses(10)
-            stats = c.loss_report_stats()
-        assert stats["accepted"] == 100 and stats["refused"] == 0 and stats["dropped"] == 0
-        st = job.status()
-        assert st.adapt is not None and st.adapt.accepted == 100
-        assert hot_share(batches[-30:]) >= 2 * (1 / 8), hot_share(batches[-30:])
-        assert any(origin == controller for _, origin, _, _ in st.changes)
-        assert st.adapt.group_weight[HOT] > 2 * np.median(st.adapt.group_weight)
-    finally:
-        server.stop(0)
-        job.close()
+    _, port = start_server(closing, job, checkpoint=True)
+    with RankClient(f"127.0.0.1:{port}", job="a", topology=Topology(0, 1), lookahead=2, stop_step=100,
+                    backoff=Backoff(initial_s=0.02, max_s=0.2, give_up_after_s=30)) as c:
+        batches = []
+        for step, ids in c:
+            batches.append(ids)
+            c.report_losses(step, losses_of(ids))
+            assert c.flush_losses(10)
+        stats = c.loss_report_stats()
+    assert stats["accepted"] == 100 and stats["refused"] == 0 and stats["dropped"] == 0
+    st = job.status()
+    assert st.adapt is not None and st.adapt.accepted == 100
+    assert hot_share(batches[-30:]) >= 2 * (1 / 8), hot_share(batches[-30:])
+    assert any(origin == controller for _, origin, _, _ in st.changes)
+    assert st.adapt.group_weight[HOT] > 2 * np.median(st.adapt.group_weight)
 
 
 def test_equal_losses_move_no_weight_by_more_than_ten_percent() -> None:
@@ -100,16 +105,16 @@ def test_reports_that_break_a_rule_are_refused_by_name_and_change_nothing() -> N
     job.close()
 
 
-def test_status_table_json_and_metrics_show_the_controller(tmp_path: Path) -> None:
+def test_status_table_json_and_metrics_show_the_controller(tmp_path: Path, closing: ExitStack) -> None:
     from prometheus_client import generate_latest
 
     from croupier.client.cli.admin_cli import format_status, status_dict
     from croupier.server.serving.metrics import ServerMetrics
     from croupier.server.serving.service import status_response
 
-    job = Job(ClusterLayout.from_sizes(SIZES), PolicyConfig("clusterclip", clip=50), B, 0,
-              spec=JobSpec(name="a", max_lookahead=2), store=CheckpointStore(tmp_path / "s"),
-              adapt=AdaptSpec("loss-softmax", every=5))
+    job = closing.enter_context(Job(ClusterLayout.from_sizes(SIZES), PolicyConfig("clusterclip", clip=50), B, 0,
+                                    spec=JobSpec(name="a", max_lookahead=2), store=CheckpointStore(tmp_path / "s"),
+                                    adapt=AdaptSpec("loss-softmax", every=5)))
     job.join(0, 1, "a")
     for t in range(30):
         ids = train_step(job, 0, 1, t)
@@ -125,13 +130,12 @@ def test_status_table_json_and_metrics_show_the_controller(tmp_path: Path) -> No
     assert 'croupier_loss_reports_total{result="accepted"} 30.0' in text
     assert 'croupier_loss_reports_total{result="refused"} 1.0' in text
     assert 'croupier_weight_changes_total{origin="loss-softmax"}' in text
-    job.close()
 
 
-def test_report_shows_weights_over_time_and_who_changed_them(tmp_path: Path) -> None:
-    job = Job(ClusterLayout.from_sizes(SIZES), PolicyConfig("clusterclip", clip=50), B, 0,
-              spec=JobSpec(name="a", max_lookahead=2), store=CheckpointStore(tmp_path / "s"),
-              adapt=AdaptSpec("odm", every=5))
+def test_report_shows_weights_over_time_and_who_changed_them(tmp_path: Path, closing: ExitStack) -> None:
+    job = closing.enter_context(Job(ClusterLayout.from_sizes(SIZES), PolicyConfig("clusterclip", clip=50), B, 0,
+                                    spec=JobSpec(name="a", max_lookahead=2), store=CheckpointStore(tmp_path / "s"),
+                                    adapt=AdaptSpec("odm", every=5)))
     job.join(0, 1, "a")
     for t in range(40):
         ids = train_step(job, 0, 1, t)
@@ -166,8 +170,8 @@ def test_report_shows_weights_over_time_and_who_changed_them(tmp_path: Path) -> 
         from_state_dir(tmp_path / "s")  # names no dataset
 
 
-def test_faults_a_refusing_event_log_a_failing_controller_and_an_unreachable_server(tmp_path: Path,
-                                                                                    monkeypatch) -> None:
+def test_faults_a_refusing_event_log_a_failing_controller_and_an_unreachable_server(tmp_path: Path, monkeypatch,
+                                                                                    closing: ExitStack) -> None:
     """No fault in the feedback path stalls the sequence: each is refused or dropped, counted and logged."""
     from prometheus_client import generate_latest
 
@@ -176,9 +180,9 @@ def test_faults_a_refusing_event_log_a_failing_controller_and_an_unreachable_ser
     from croupier.server.durability.event_log import EventLog
     from croupier.server.serving.metrics import ServerMetrics
 
-    j = Job(ClusterLayout.from_sizes(SIZES), PolicyConfig("clusterclip", clip=50), B, 0,
-            spec=JobSpec(name="a", max_lookahead=2), store=CheckpointStore(tmp_path / "s"),
-            adapt=AdaptSpec("loss-softmax", every=5))
+    j = closing.enter_context(Job(ClusterLayout.from_sizes(SIZES), PolicyConfig("clusterclip", clip=50), B, 0,
+                                  spec=JobSpec(name="a", max_lookahead=2), store=CheckpointStore(tmp_path / "s"),
+                                  adapt=AdaptSpec("loss-softmax", every=5)))
     j.join(0, 1, "a")
 
     def full_disk(self, event):  # the state directory's disk refuses the append
@@ -241,7 +245,8 @@ def test_a_mixture_adapts_its_source_weights() -> None:
 
 
 @pytest.mark.slow
-def test_the_training_process_reports_while_dataloader_workers_hold_the_streams(tmp_path: Path) -> None:
+def test_the_training_process_reports_while_dataloader_workers_hold_the_streams(tmp_path: Path,
+                                                                                 closing: ExitStack) -> None:
     """DataLoader workers read the slices; the main process reports each trained step's losses
     (the report names the step, the server knows its ids)."""
     from torch.utils.data import DataLoader
@@ -256,26 +261,23 @@ def test_the_training_process_reports_while_dataloader_workers_hold_the_streams(
               spec=JobSpec(name="w", max_lookahead=4, dataset_remote=str(remote),
                            dataset_fingerprint=index_fingerprint((remote / "index.json").read_bytes())),
               adapt=AdaptSpec("loss-softmax", every=5))
-    server, port = create_server(job, "127.0.0.1:0")
-    try:
-        ds = CroupierIterableDataset(f"127.0.0.1:{port}", "w", cache_dir=tmp_path / "cache", steps=12,
-                                     topology=Topology(0, 1), lookahead=4, agent="")
-        steps = []
-        for batch in DataLoader(ds, batch_size=B, num_workers=2):
-            step = int(batch[STEP_KEY][0])
-            steps.append(step)
-            ds.report_losses(step, losses_of(batch[ID_KEY].numpy()))
-        assert ds._control_client().flush_losses(30)
-        ds.close()
-        assert sorted(steps) == list(range(12))
-        st = job.status()
-        assert st.adapt.accepted == 12 and st.adapt.refused == 0 and st.adapt.samples == 12 * B
-    finally:
-        server.stop(0)
-        job.close()
+    _, port = start_server(closing, job)
+    ds = CroupierIterableDataset(f"127.0.0.1:{port}", "w", cache_dir=tmp_path / "cache", steps=12,
+                                 topology=Topology(0, 1), lookahead=4, agent="")
+    closing.callback(ds.close)
+    steps = []
+    for batch in DataLoader(ds, batch_size=B, num_workers=2):
+        step = int(batch[STEP_KEY][0])
+        steps.append(step)
+        ds.report_losses(step, losses_of(batch[ID_KEY].numpy()))
+    assert ds._control_client().flush_losses(30)
+    ds.close()
+    assert sorted(steps) == list(range(12))
+    st = job.status()
+    assert st.adapt.accepted == 12 and st.adapt.refused == 0 and st.adapt.samples == 12 * B
 
 
-def test_a_mixture_adapting_its_clusters_keeps_per_source_statistics_too(tmp_path: Path) -> None:
+def test_a_mixture_adapting_its_clusters_keeps_per_source_statistics_too(tmp_path: Path, closing: ExitStack) -> None:
     from croupier.client.cli.admin_cli import format_status
     from croupier.mixture import open_mix, parse_mix
     from croupier.server.serving.service import status_response
@@ -283,8 +285,8 @@ def test_a_mixture_adapting_its_clusters_keeps_per_source_statistics_too(tmp_pat
     mix = open_mix(parse_mix('[sources.hot]\ncluster_sizes = [400, 400]\nweight = 1\npolicy = "clusterclip"\n'
                              'clip = 20\n[sources.cold]\ncluster_sizes = [400, 400]\nweight = 1\n'
                              'policy = "uniform"\n'))
-    job = Job(None, None, B, 0, spec=JobSpec(name="m", max_lookahead=2), mixture=mix,
-              store=CheckpointStore(tmp_path / "s"), adapt=AdaptSpec("odm", every=10))
+    job = closing.enter_context(Job(None, None, B, 0, spec=JobSpec(name="m", max_lookahead=2), mixture=mix,
+                                    store=CheckpointStore(tmp_path / "s"), adapt=AdaptSpec("odm", every=10)))
     job.join(0, 1, "m")
     for t in range(30):
         ids = train_step(job, 0, 1, t)
@@ -296,7 +298,6 @@ def test_a_mixture_adapting_its_clusters_keeps_per_source_statistics_too(tmp_pat
     assert "per-source loss EMA: hot 4.0000" in format_status(status_response(job, job.status(), True))
     job.checkpoint_now()
     job.close()
-    again = Job(None, None, B, 0, spec=JobSpec(name="m", max_lookahead=2), mixture=mix,
-                store=CheckpointStore(tmp_path / "s"), adapt=AdaptSpec("odm", every=10))
+    again = closing.enter_context(Job(None, None, B, 0, spec=JobSpec(name="m", max_lookahead=2), mixture=mix,
+                                      store=CheckpointStore(tmp_path / "s"), adapt=AdaptSpec("odm", every=10)))
     assert np.array_equal(again.status().adapt.source_samples, view.source_samples)
-    again.close()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack
 
 import numpy as np
 import pytest
@@ -41,6 +43,14 @@ def reference(n: int, clip: int = 5, changes: tuple = ()) -> list[np.ndarray]:
 def make_job(store: CheckpointStore | None = None, **spec) -> Job:
     spec = {"max_lag": 8, "max_lookahead": 4, "snapshot_every": 8, "checkpoint_every": 20, **spec}
     return Job(layout(), config(), B, seed=0, spec=JobSpec(**spec), store=store)
+
+
+@pytest.fixture
+def closing() -> Iterator[ExitStack]:
+    """Jobs a test opens on a state directory (a checkpoint writer thread, the event log),
+    closed when the test ends, passed or failed."""
+    with ExitStack() as stack:
+        yield stack
 
 
 def drain(job: Job, world: int, steps: int) -> dict[int, list[np.ndarray]]:
@@ -89,16 +99,14 @@ def test_fast_rank_waits_within_the_lag_bound_and_is_released() -> None:
         get_slice(job, 0, 2, t)
         job.ack(0, 2, t + 1)
     with pytest.raises(StepOutOfRange, match="lag bound"):
-        get_slice(job, 0, 2, 3, timeout=0.2)  # slowest is 0, max lag 3
+        get_slice(job, 0, 2, 3, timeout=0)  # slowest is 0, max lag 3
     stream = job.open_stream(0, 2, 3)
-    out: list = []
-    t = threading.Thread(target=lambda: out.append(stream.next_chunk(poll=0.05)))
-    t.start()
-    time.sleep(0.3)
-    assert not out, "rank 0 got a step beyond the lag bound"
-    job.ack(1, 2, 1)
-    t.join(5)
-    assert out and out[0][0].step == 3
+    assert stream.poll() == [], "rank 0 got a step beyond the lag bound"
+    assert stream.waiter.lagged and not stream.waiter.event.is_set()  # a next_chunk would block
+    job.ack(1, 2, 1)  # the slowest rank moves: the lag bound releases step 3
+    assert stream.waiter.event.is_set(), "the waiting stream was not woken"
+    chunk = stream.next_chunk(poll=5)
+    assert chunk and chunk[0].step == 3
     stream.close()
 
 
@@ -133,10 +141,10 @@ def test_disconnected_rank_resumes_at_its_acked_step_and_others_continue() -> No
     assert job.join(0, 2).next_step == 9
 
 
-def test_checkpoint_between_saved_states_resumes_exactly_with_another_world(tmp_path) -> None:
+def test_checkpoint_between_saved_states_resumes_exactly_with_another_world(tmp_path, closing) -> None:
     ref = reference(90)
     store = CheckpointStore(tmp_path)
-    job = make_job(store)
+    job = closing.enter_context(make_job(store))
     job.join(0, 2)
     job.join(1, 2)
     drain(job, 2, 50)
@@ -145,7 +153,7 @@ def test_checkpoint_between_saved_states_resumes_exactly_with_another_world(tmp_
     assert (tmp_path / "ckpt-000000000037.bin").exists()
     job.close()  # drains the background checkpoint writer, as a stopping server does
     # A new server on the same state dir; the trainer re-forms with 4 ranks at step 37.
-    job2 = make_job(CheckpointStore(tmp_path))
+    job2 = closing.enter_context(make_job(CheckpointStore(tmp_path)))
     assert job2.resumed_from == 40
     for r in range(4):
         assert job2.join(r, 4, resume_token=result.token).next_step == 37
@@ -156,8 +164,8 @@ def test_checkpoint_between_saved_states_resumes_exactly_with_another_world(tmp_
             job2.ack(r, 4, t + 1)
 
 
-def test_online_change_is_replayed_exactly(tmp_path) -> None:
-    job = make_job(CheckpointStore(tmp_path))
+def test_online_change_is_replayed_exactly(tmp_path, closing) -> None:
+    job = closing.enter_context(make_job(CheckpointStore(tmp_path)))
     job.join(0, 1)
     drain(job, 1, 10)
     gen = job.status().generated_step
@@ -169,14 +177,14 @@ def test_online_change_is_replayed_exactly(tmp_path) -> None:
     for t in (1, 9, gen + 1, gen + 3, 30):  # replays cross the change
         assert np.array_equal(get_slice(job, 0, 1, t).ids, ref[t])
     token = job.checkpoint(gen + 1).token
+    with pytest.raises(ConfigError, match="already generated"):
+        job.update(1, clip=3)
     job.close()
-    job2 = make_job(CheckpointStore(tmp_path))
+    job2 = closing.enter_context(make_job(CheckpointStore(tmp_path)))
     job2.join(0, 1, resume_token=token)
     for t in range(gen + 1, gen + 12):
         assert np.array_equal(get_slice(job2, 0, 1, t).ids, ref[t])
         job2.ack(0, 1, t + 1)
-    with pytest.raises(ConfigError, match="already generated"):
-        job.update(1, clip=3)
 
 
 def drain_from(job: Job, start: int, stop: int) -> dict[int, np.ndarray]:
@@ -267,8 +275,8 @@ def test_strided_streams_split_a_rank_between_workers() -> None:
 class _Trainer:
     """A two-rank trainer driving a Job: one step per `advance`, as the round-trip check wants."""
 
-    def __init__(self, store_dir) -> None:
-        self.job = make_job(CheckpointStore(store_dir))
+    def __init__(self, job: Job) -> None:
+        self.job = job
         self.step = 0
         for r in range(2):
             self.job.join(r, 2)
@@ -286,10 +294,18 @@ class _Trainer:
             assert self.job.join(r, 2, resume_token=token).next_step == self.step
 
 
-def test_round_trip_through_a_checkpoint_token(tmp_path) -> None:
+def test_round_trip_through_a_checkpoint_token(tmp_path, closing) -> None:
     from roundtrip import assert_resume_exact
 
-    tail = assert_resume_exact(make=lambda: _Trainer(tmp_path), advance=_Trainer.advance,
+    trainers: list[_Trainer] = []
+
+    def make() -> _Trainer:
+        for t in trainers:  # the first server stops before the second opens its state directory
+            t.job.close()
+        trainers.append(_Trainer(closing.enter_context(make_job(CheckpointStore(tmp_path)))))
+        return trainers[-1]
+
+    tail = assert_resume_exact(make=make, advance=_Trainer.advance,
                                save=lambda t: t.job.checkpoint(t.step).token, load=_Trainer.load, k=27, tail=30)
     ref = reference(57)
     assert all(np.array_equal(a, b) for a, b in zip(tail, ref[27:]))

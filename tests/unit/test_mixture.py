@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,8 @@ from croupier.server.sampling.mix_sampler import MixSampler, allocate
 from croupier.server.sampling.mixture import mixture_sampler
 from croupier.server.sampling.policy import PolicyConfig
 from croupier.server.sampling.sampler import Sampler
-from croupier.server.sampling.state import SamplerState
+from croupier.server.sampling.state import Change, SamplerState
+from jobs import batch
 from tests.roundtrip import assert_resume_exact
 
 THREE = """
@@ -53,6 +56,13 @@ clip = 3
 # little-endian int64 ids, and the first batch itself. Moving them is a breaking change.
 GOLDEN_SHA = "aec2d5a1ac6e694339d3999fec9afde3"
 GOLDEN_FIRST = [95, 78, 67, 205, 171, 225, 63, 195, 121, 18, 82, 212, 100, 104, 129, 200]
+
+
+@pytest.fixture
+def closing() -> Iterator[ExitStack]:
+    """Jobs a test opens on a state directory, closed when the test ends, passed or failed."""
+    with ExitStack() as stack:
+        yield stack
 
 
 def mix_of(text: str, b: int = 16, seed: int = 7):
@@ -181,27 +191,25 @@ def test_a_mixture_of_one_is_the_single_dataset_job() -> None:
         assert np.array_equal(got.next_batch(), want.next_batch())
 
 
-def test_online_source_changes_apply_at_their_step_and_replay_from_the_event_log(tmp_path: Path) -> None:
+def test_online_source_changes_apply_at_their_step_and_replay_from_the_event_log(tmp_path: Path,
+                                                                                    closing: ExitStack) -> None:
     mix = open_mix(parse_mix(THREE))
-    job = Job(None, None, 16, 7, store=CheckpointStore(tmp_path / "state"), mixture=mix)
+    job = closing.enter_context(Job(None, None, 16, 7, store=CheckpointStore(tmp_path / "state"), mixture=mix))
     ref = mixture_sampler(mix, 16, 7)
-    ref.schedule_change(__import__("croupier.server.sampling.state", fromlist=["Change"]).Change(
-        step=4, source=1, source_weight=0.0))
+    ref.schedule_change(Change(step=4, source=1, source_weight=0.0))
     job.update(4, source="code", source_weight=0.0)
     job.update(6, clip=3, source="web")
-    from croupier.server.sampling.state import Change
     ref.schedule_change(Change(step=6, source=0, clip=3))
-    batches = [job._batch_locked(t) for t in range(12)]  # generation under the job's own rules
+    batches = [batch(job, t) for t in range(12)]  # generation under the job's own rules
     expect = [ref.next_batch() for _ in range(12)]
     for t in range(12):
         assert np.array_equal(batches[t], expect[t]), t
     assert not (source_of(expect[5], ref) == 1).any()  # code is paused from step 4
     job.close()
     # A new job over the same state directory replays every step from its checkpoints and events.
-    again = Job(None, None, 16, 7, store=CheckpointStore(tmp_path / "state"), mixture=mix)
+    again = closing.enter_context(Job(None, None, 16, 7, store=CheckpointStore(tmp_path / "state"), mixture=mix))
     for t in range(12):
-        assert np.array_equal(again._batch_locked(t), expect[t]), t
-    again.close()
+        assert np.array_equal(batch(again, t), expect[t]), t
     with pytest.raises(ConfigError, match="unknown source 'nope'"):
         Job(None, None, 16, 7, mixture=mix).update(20, source="nope", source_weight=1.0)
     with pytest.raises(ConfigError, match="at least one source weight"):
@@ -279,7 +287,7 @@ def test_status_and_metrics_show_the_sources(tmp_path: Path) -> None:
 
     job = Job(None, None, 16, 7, mixture=open_mix(parse_mix(THREE)))
     for t in range(40):
-        job._batch_locked(t)
+        batch(job, t)
     st = job.status()
     assert st.sources is not None and st.sources.names == ("web", "code", "books", "math")
     info = job_info(job)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,13 @@ from croupier.server.durability.checkpoint_store import CheckpointStore, decode_
 from croupier.server.job.job import Job, JobSpec
 from croupier.server.sampling.policy import PolicyConfig
 from jobs import get_slice
+
+
+@pytest.fixture
+def closing() -> Iterator[ExitStack]:
+    """Jobs a test opens on a state directory, closed when the test ends, passed or failed."""
+    with ExitStack() as stack:
+        yield stack
 
 
 def test_store_detects_every_kind_of_damage(tmp_path: Path) -> None:
@@ -40,10 +49,14 @@ def test_store_retention_keeps_trainer_checkpoints(tmp_path: Path) -> None:
     assert CheckpointStore(tmp_path).newest_valid(at_or_before=39).step == 35
 
 
-def test_job_resumes_from_the_previous_checkpoint_when_the_newest_is_corrupt(tmp_path: Path, caplog) -> None:
+def test_job_resumes_from_the_previous_checkpoint_when_the_newest_is_corrupt(tmp_path: Path, caplog,
+                                                                            closing: ExitStack) -> None:
     spec = JobSpec(max_lag=8, max_lookahead=4, checkpoint_every=10)
-    make = lambda: Job(ClusterLayout.from_sizes(SIZES), PolicyConfig("clusterclip", clip=5), B, spec=spec,  # noqa: E731
-                       store=CheckpointStore(tmp_path))
+
+    def make() -> Job:
+        return closing.enter_context(Job(ClusterLayout.from_sizes(SIZES), PolicyConfig("clusterclip", clip=5), B,
+                                         spec=spec, store=CheckpointStore(tmp_path)))
+
     job = make()
     job.join(0, 1)
     for t in range(25):

@@ -14,6 +14,8 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import grpc
@@ -35,9 +37,9 @@ from croupier.server.job.job import Job, JobSpec
 from croupier.server.sampling.policy import PolicyConfig
 from croupier.server.sampling.sampler import Sampler
 from croupier.server.serving.metrics import ServerMetrics
-from croupier.server.serving.service import CHECKPOINT_HEALTH, create_server
+from croupier.server.serving.service import CHECKPOINT_HEALTH, SamplerServer
 from croupier.topology import Topology
-from jobs import get_slice
+from jobs import get_slice, start_server
 from workers.harness import free_port, wait_for
 
 
@@ -84,17 +86,23 @@ def check_exact(trainers: list[Trainer], steps: int) -> None:
 
 
 @pytest.fixture
-def serve():
-    running = []
+def closing() -> Iterator[ExitStack]:
+    """Jobs, servers, clients and channels a test opens, closed when it ends, passed or failed
+    (last opened, first closed)."""
+    with ExitStack() as stack:
+        yield stack
 
-    def start(job: Job, **kw):
-        server, port = create_server(job, "127.0.0.1:0", **kw)
-        running.append(server)
+
+@pytest.fixture
+def serve(closing: ExitStack) -> Callable[..., tuple[SamplerServer, str]]:
+    """serve(job, address="127.0.0.1:0", **kw) -> (server, address): stopped, and its job
+    closed, when the test ends."""
+
+    def start(job: Job, address: str = "127.0.0.1:0", **kw) -> tuple[SamplerServer, str]:
+        server, port = start_server(closing, job, address, **kw)
         return server, f"127.0.0.1:{port}"
 
-    yield start
-    for s in running:
-        s.stop(0, checkpoint=False)
+    return start
 
 
 class DropAcks(grpc.aio.ServerInterceptor):
@@ -185,10 +193,10 @@ def test_dump_against_live_ranks_moves_no_position(serve, capsys) -> None:
     check_exact(trainers, steps)
 
 
-def test_stopped_reader_and_silent_rank_stop_holding_others_back(serve) -> None:
+def test_stopped_reader_and_silent_rank_stop_holding_others_back(serve, closing) -> None:
     job = make_job(rank_timeout_s=1.0)
     server, address = serve(job)
-    ch = grpc.insecure_channel(address, options=channel_options())
+    ch = closing.enter_context(grpc.insecure_channel(address, options=channel_options()))
     stub = pb2_grpc.SamplerStub(ch)
     stub.Join(pb2.JoinRequest(rank=1, world_size=2), timeout=5)
     # Rank 1 opens 16 training streams and never reads them, nor acknowledges anything.
@@ -211,10 +219,10 @@ def test_stopped_reader_and_silent_rank_stop_holding_others_back(serve) -> None:
     ch.close()
 
 
-def test_vanished_rank_is_reported_and_readmitted(serve) -> None:
+def test_vanished_rank_is_reported_and_readmitted(serve, closing) -> None:
     job = make_job(rank_timeout_s=1.0)
     _, address = serve(job)
-    a, b = rank_client(address, 0, 2), rank_client(address, 1, 2)
+    a, b = closing.enter_context(rank_client(address, 0, 2)), closing.enter_context(rank_client(address, 1, 2))
     for _ in range(5):
         a.next_slice(timeout=10)
         b.next_slice(timeout=10)
@@ -223,7 +231,7 @@ def test_vanished_rank_is_reported_and_readmitted(serve) -> None:
         a.next_slice(timeout=10)  # each step must come: a rank held back by the vanished one times out
     st = job.status()
     assert [r.live for r in st.ranks] == [True, False] and st.ranks[1].next_step == 5
-    again = rank_client(address, 1, 2)
+    again = closing.enter_context(rank_client(address, 1, 2))
     assert again.next_slice(timeout=10)[0] == 5  # it resumes at its position
     assert job.status().ranks[1].live
     a.close()
@@ -244,13 +252,13 @@ class Disk:
 
 
 @pytest.mark.parametrize("code", [errno.EROFS, errno.ENOSPC])
-def test_failing_checkpoint_writes_never_fail_a_rank(serve, tmp_path, caplog, code) -> None:
+def test_failing_checkpoint_writes_never_fail_a_rank(serve, closing, tmp_path, caplog, code) -> None:
     disk = Disk()
-    job = Job(ClusterLayout.from_sizes(SIZES), CONFIG, B, spec=JobSpec(max_lag=8, max_lookahead=4,
-                                                                      checkpoint_every=5),
-              store=CheckpointStore(tmp_path), fault_hook=disk)
+    job = closing.enter_context(Job(ClusterLayout.from_sizes(SIZES), CONFIG, B,
+                                    spec=JobSpec(max_lag=8, max_lookahead=4, checkpoint_every=5),
+                                    store=CheckpointStore(tmp_path), fault_hook=disk))
     _, address = serve(job)
-    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))
+    health = health_pb2_grpc.HealthStub(closing.enter_context(grpc.insecure_channel(address)))
     trainers = [Trainer(address, r, 2, 200) for r in range(2)]
     disk.errno = code
     with caplog.at_level(logging.ERROR, logger="croupier"):
@@ -263,7 +271,8 @@ def test_failing_checkpoint_writes_never_fail_a_rank(serve, tmp_path, caplog, co
         assert f"[errno {code}]" in st.checkpoint.error and str(tmp_path) in st.checkpoint.error
         wait_for(lambda: health.Check(health_pb2.HealthCheckRequest(service=CHECKPOINT_HEALTH), timeout=5).status
                  == health_pb2.HealthCheckResponse.NOT_SERVING, 10, "checkpoint health NOT_SERVING")
-        client = rank_client(address, 0, 2, backoff=Backoff(initial_s=0.05, max_s=0.2, give_up_after_s=1.5))
+        client = closing.enter_context(rank_client(address, 0, 2, backoff=Backoff(initial_s=0.05, max_s=0.2,
+                                                                                  give_up_after_s=1.5)))
         with pytest.raises(Unavailable, match="cannot write checkpoint"):
             client.checkpoint(step=200)
         client.close()
@@ -280,11 +289,11 @@ def test_failing_checkpoint_writes_never_fail_a_rank(serve, tmp_path, caplog, co
     assert job.status().durable_step >= 5
 
 
-def test_state_dir_deleted_while_serving(serve, tmp_path) -> None:
+def test_state_dir_deleted_while_serving(serve, closing, tmp_path) -> None:
     state = tmp_path / "state"
-    job = make_job(CheckpointStore(state), checkpoint_every=5)
+    job = closing.enter_context(make_job(CheckpointStore(state), checkpoint_every=5))
     _, address = serve(job)
-    a = rank_client(address, 0, 1)
+    a = closing.enter_context(rank_client(address, 0, 1))
     for _ in range(10):
         a.next_slice(timeout=10)
     while state.exists():  # a real fault: the directory is gone under the running server (which
@@ -298,41 +307,32 @@ def test_state_dir_deleted_while_serving(serve, tmp_path) -> None:
     a.close()
 
 
-def test_restart_without_any_checkpoint_accepts_ranks_up_to_the_mark(tmp_path) -> None:
+def test_restart_without_any_checkpoint_accepts_ranks_up_to_the_mark(tmp_path, closing) -> None:
     """Killed before the first automatic checkpoint: the mark alone lets ranks reconnect."""
-    job = make_job(CheckpointStore(tmp_path), checkpoint_every=1000)
+    job = closing.enter_context(make_job(CheckpointStore(tmp_path), checkpoint_every=1000))
     job.join(0, 1)
     for t in range(416):
         get_slice(job, 0, 1, t)
         job.ack(0, 1, t + 1)
     job.flush()  # what a kill -9 leaves: the mark, no checkpoint file
     assert CheckpointStore(tmp_path).steps() == [0] or CheckpointStore(tmp_path).steps() == []
-    again = make_job(CheckpointStore(tmp_path), checkpoint_every=1000)
+    again = closing.enter_context(make_job(CheckpointStore(tmp_path), checkpoint_every=1000))
     again.join(0, 1)
     again.ack(0, 1, 416)
     assert np.array_equal(get_slice(again, 0, 1, 416).ids, reference(417)[416])
-    job.close()
-    again.close()
 
 
-def test_reconnecting_client_refuses_a_server_of_another_dataset(tmp_path) -> None:
+def test_reconnecting_client_refuses_a_server_of_another_dataset(serve, closing) -> None:
     port = free_port()
-    first, _ = create_server(make_job(), f"127.0.0.1:{port}")
-    client = rank_client(f"127.0.0.1:{port}", 0, 1)
-    try:
-        for _ in range(3):
-            client.next_slice(timeout=10)
-        first.stop(0, checkpoint=False)
-        other = make_job(sizes=[400, 100, 50, 33])  # same shape of job, another dataset
-        second, _ = create_server(other, f"127.0.0.1:{port}")
-        try:
-            with pytest.raises(FingerprintMismatch, match="sampler"):
-                for _ in range(50):
-                    client.next_slice(timeout=20)
-        finally:
-            second.stop(0, checkpoint=False)
-    finally:
-        client.close()
+    first, address = serve(make_job(), f"127.0.0.1:{port}")
+    client = closing.enter_context(rank_client(address, 0, 1))
+    for _ in range(3):
+        client.next_slice(timeout=10)
+    first.stop(0, checkpoint=False)
+    serve(make_job(sizes=[400, 100, 50, 33]), f"127.0.0.1:{port}")  # same shape of job, another dataset
+    with pytest.raises(FingerprintMismatch, match="sampler"):
+        for _ in range(50):
+            client.next_slice(timeout=20)
 
 
 def test_overflowing_clip_and_weights_are_refused_everywhere(capsys) -> None:

@@ -6,6 +6,7 @@ import json
 import threading
 import time
 import urllib.request
+from contextlib import ExitStack
 from pathlib import Path
 
 import grpc
@@ -24,6 +25,7 @@ from croupier.server.sampling.policy import PolicyConfig
 from croupier.server.sampling.sampler import Sampler
 from croupier.server.serving.metrics import ServerMetrics
 from croupier.server.serving.service import create_server
+from jobs import start_server
 from workers.harness import self_signed
 
 SIZES = [5000, 300, 20, 1]
@@ -44,13 +46,13 @@ def reference(n: int) -> list[np.ndarray]:
 
 @pytest.fixture
 def served():
-    """(job, stub, channel) of a fresh server; stopped after the test."""
-    job = make_job()
-    server, port = create_server(job, "127.0.0.1:0")
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=channel_options())
-    yield job, pb2_grpc.SamplerStub(channel), channel
-    channel.close()
-    server.stop(0, checkpoint=False)
+    """(job, stub, channel) of a fresh server; the channel closed and the server stopped after
+    the test, passed or failed."""
+    with ExitStack() as stack:
+        job = make_job()
+        _, port = start_server(stack, job)
+        channel = stack.enter_context(grpc.insecure_channel(f"127.0.0.1:{port}", options=channel_options()))
+        yield job, pb2_grpc.SamplerStub(channel), channel
 
 
 def code_of(call, *args, **kwargs) -> tuple[grpc.StatusCode, str]:
