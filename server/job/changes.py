@@ -126,12 +126,15 @@ class OnlineChanges:
             for ch in events:
                 self.log.append(change_to_event(ch))
         elif not resumed and not events and len(self.log):
-            # Changes made before the first checkpoint: durable in the log, scheduled from step 0
-            # (the adapter, which starts afresh without a checkpoint, is not told of them).
+            # Changes made before the first checkpoint: durable in the log, scheduled from step 0.
+            # The adapter (no checkpoint holds it) is told of them in order, as it was when they
+            # were recorded: the weights in force and the operator's prior it proposes from.
             self._seq.events = logged()
             for ev in self._seq.events:
                 self._seq.gen.schedule_change(ev)
                 self.history.note(ev)
+                if self._adaptation is not None:
+                    self._adaptation.note(ev)
         elif len(self.log) != len(events):
             raise StateDirInvalid(f"{self.log.path} holds {len(self.log)} changes but the job restored "
                                   f"{len(events)}")

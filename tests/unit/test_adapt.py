@@ -301,3 +301,51 @@ def test_a_mixture_adapting_its_clusters_keeps_per_source_statistics_too(tmp_pat
     again = closing.enter_context(Job(None, None, B, 0, spec=JobSpec(name="m", max_lookahead=2), mixture=mix,
                                       store=CheckpointStore(tmp_path / "s"), adapt=AdaptSpec("odm", every=10)))
     assert np.array_equal(again.status().adapt.source_samples, view.source_samples)
+
+
+@pytest.mark.parametrize("controller", ["loss-softmax", "odm", "ado"])
+def test_a_job_killed_before_its_first_checkpoint_adapts_on_as_an_uninterrupted_one(tmp_path: Path, controller: str,
+                                                                                  closing: ExitStack) -> None:
+    """The operator's changes made before the first checkpoint are in the event log only: a
+    restarted job tells its controller of them (the weights in force, the operator's prior)
+    as the uninterrupted job's controller was told, so the two go on with the same proposals
+    and the same batches."""
+    spec = JobSpec(name="a", max_lookahead=2, checkpoint_every=1000)
+
+    def make(state: Path) -> Job:
+        return closing.enter_context(Job(ClusterLayout.from_sizes(SIZES), PolicyConfig("weighted", weights=(1.0,) * 8),
+                                         B, 0, spec=spec, store=CheckpointStore(state),
+                                         adapt=AdaptSpec(controller, every=5)))
+
+    def train(job: Job, start: int, stop: int, report: bool) -> list[np.ndarray]:
+        out = []
+        for t in range(start, stop):
+            ids = train_step(job, 0, 1, t)
+            if report:
+                assert job.report_losses(0, 1, [(t, losses_of(ids), None)], "a")[0] == 1
+            out.append(ids)
+        return out
+
+    kill_at, end = 12, 80
+    uninterrupted, killed = make(tmp_path / "u"), make(tmp_path / "k")
+    for job in (uninterrupted, killed):
+        job.join(0, 1, "a")
+        job.update(3, weights=[1.0, 4.0, 1.0, 1.0, 2.0, 1.0, 1.0, 1.0])  # the operator's base weights
+        job.update(7, clip=40)
+        job.update(9, weights=[1.0, 3.0, 1.0, 1.0, 2.0, 1.0, 0.5, 1.0])
+    before = [train(job, 0, kill_at, report=False) for job in (uninterrupted, killed)]
+    assert all(np.array_equal(a, b) for a, b in zip(*before))
+    killed.close()  # kill -9 before the first checkpoint: the event log and the mark, no checkpoint file
+    assert CheckpointStore(tmp_path / "k").steps() == []
+    restarted = make(tmp_path / "k")
+    assert restarted.resumed_from is None
+    restarted.join(0, 1, "a")
+    restarted.ack(0, 1, kill_at)  # the reconnecting rank says where it is
+    want = train(uninterrupted, kill_at, end, report=True)
+    got = train(restarted, kill_at, end, report=True)
+    u, r = uninterrupted.status(), restarted.status()
+    assert any(origin == controller for _, origin, _, _ in u.changes), "the controller never proposed"
+    assert r.changes == u.changes
+    assert np.array_equal(r.adapt.group_weight, u.adapt.group_weight)
+    for t, (a, b) in enumerate(zip(want, got), start=kill_at):
+        assert np.array_equal(a, b), t
