@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import normalized_mutual_info_score
 
+from cases.shards_build import read_back
 from croupier.errors import ConfigError
 from croupier.shards.build.cluster import KMeansConfig, assign_all, train_centroids
 from croupier.shards.build.embed import HashingEmbedder, get_embedder
@@ -75,18 +76,7 @@ def test_minilm_build_end_to_end(tmp_path):
                  "--keep-fields", "topic", "--chunk", "64", "--quiet"]) == 0
     side = Sidecar.open(out)
     assert side.manifest["embedder"]["name"] == "minilm" and side.manifest["embedder"]["dim"] == 384
-    import json
-
-    from streaming.base.format import reader_from_json
-    from streaming.base.stream import Stream
-
-    stream = Stream(remote=str(out), local=str(tmp_path / "cache"), validate_hash="sha1", keep_zip=False,
-                    download_retry=1, download_timeout=60)
-    samples = []
-    for info in json.loads((out / "index.json").read_text())["shards"]:
-        reader = reader_from_json(str(tmp_path / "cache"), None, info)
-        stream.prepare_shard(reader)
-        samples.extend(reader.get_item(i) for i in range(reader.samples))
+    samples = read_back(out, tmp_path / "cache")
     assert sorted(s["text"] for s in samples) == sorted(d["text"] for d in docs)
     # the stored embeddings are the sentence model's, for each sample id
     model = get_embedder("minilm", device="cpu")

@@ -13,7 +13,7 @@ import pytest
 import zstandard
 from sklearn.metrics import normalized_mutual_info_score
 
-from cases.shards_build import snapshot
+from cases.shards_build import read_back, snapshot
 from croupier.cli import main
 from croupier.errors import ConfigError, DatasetError
 from croupier.format.sidecar import Sidecar
@@ -21,22 +21,6 @@ from croupier.shards.build.builder import BuildConfig, build
 from croupier.shards.build.synthetic import generate_corpus, write_jsonl
 
 NMI_BOUND_HASHING = 0.65  # measured ~0.72-0.83 on these corpora with K = number of topics
-
-
-def read_back(dataset: Path, cache: Path) -> list[dict]:
-    """Every sample of an MDS dataset, in id order, through mosaicml-streaming's Stream."""
-    from streaming.base.format import reader_from_json
-    from streaming.base.stream import Stream
-
-    index = json.loads((dataset / "index.json").read_text())
-    stream = Stream(remote=str(dataset), local=str(cache), validate_hash="sha1", keep_zip=False,
-                    download_retry=1, download_timeout=60)
-    out = []
-    for info in index["shards"]:
-        reader = reader_from_json(str(cache), None, info)
-        stream.prepare_shard(reader)
-        out.extend(reader.get_item(i) for i in range(reader.samples))
-    return out
 
 
 def write_inputs(folder: Path, docs: list[dict]) -> list[str]:

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_shards_build import _token_mds, read_back
+from test_shards_build import _token_mds
 
+from cases.shards_build import read_back
 from croupier.cli import main
 from croupier.errors import DatasetError
 from croupier.format.sidecar import Sidecar
