@@ -9,7 +9,6 @@ import json
 import math
 import os
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -136,8 +135,10 @@ class FakeServer:
         self.fail_first = 0        # answer the first N completions with `fail_status`
         self.fail_after: int | None = None  # answer completions after the first N with `fail_status`
         self.fail_status = 503
-        self.delay = 0.0
-        self.lock = threading.Lock()
+        self.hold = False          # keep each completion request unanswered until `release` is set
+        self.release = threading.Event()
+        self.held = 0              # completion requests held and never answered
+        self.lock = threading.Condition()
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -163,8 +164,12 @@ class FakeServer:
                 with owner.lock:
                     owner.requests += 1
                     n = owner.requests
-                if owner.delay:
-                    time.sleep(owner.delay)
+                if owner.hold:
+                    with owner.lock:
+                        owner.held += 1
+                        owner.lock.notify_all()
+                    owner.release.wait(60)  # bounds a hang if the client never gives up
+                    return  # the connection closes with no reply
                 if n <= owner.fail_first or (owner.fail_after is not None and n > owner.fail_after):
                     self._send(owner.fail_status, {"error": {"message": "server busy"}})
                     return
@@ -191,7 +196,14 @@ class FakeServer:
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 
+    def wait_held(self, n: int) -> int:
+        """The number of held requests once it reaches n (or after a minute, whatever it is then)."""
+        with self.lock:
+            self.lock.wait_for(lambda: self.held >= n, timeout=60)
+            return self.held
+
     def close(self) -> None:
+        self.release.set()
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join(5)
@@ -243,12 +255,14 @@ def test_http_retries_then_succeeds_or_fails_clearly(server):
 
 
 def test_http_timeout_is_retried_then_reported(server):
-    server.delay = 1.0
+    server.hold = True  # no reply ever comes while the client waits: only its timeout ends an attempt
     s = HTTPAskLLM(server.url, model="fake-model", timeout=0.2, retries=1, backoff=0)
-    t0 = time.monotonic()
     with pytest.raises(EndpointError, match=r"failed after 2 attempts: timed out after 0.2 s"):
         s.score(["one"])
-    assert time.monotonic() - t0 < 5
+    # the server answered nothing and dropped nothing (the held requests are released below): the
+    # client's own timeout ended each of its two attempts, and it made no third
+    assert server.wait_held(2) == 2 and server.requests == 2
+    server.release.set()
 
 
 def test_unreachable_endpoint_is_a_clear_error():
