@@ -92,8 +92,12 @@ def test_long_examples_are_cut_and_the_question_kept(tiny_lms, kind):
     s = AskLLMScorer(str(tiny_lms[kind]), max_length=120)
     long = " ".join(f"word{i}" for i in range(3000))
     enc = s.encode([long, "short one"])
-    assert len(enc[0]) == 120 and len(enc[1]) < 120
-    text = s.lm.tokenizer.decode(enc[0], skip_special_tokens=True)
+    tok = s.lm.tokenizer
+    # a prompt that fits is not cut: the causal model's sees [CLS] first, the seq2seq's [CLS] ... [SEP]
+    short = (([tok.cls_token_id] + tok(build_prompt("short one"), add_special_tokens=False)["input_ids"])
+             if kind == "gpt2" else tok(build_prompt("short one"))["input_ids"])
+    assert len(enc[0]) == 120 and enc[1] == short and len(short) < 120
+    text = tok.decode(enc[0], skip_special_tokens=True)
     assert text.startswith("# # # word0 word1")
     assert text.endswith("# # # does the previous paragraph demarcated within # # # and # # # contain "
                          "informative signal for pre - training a large - language model? an informative "

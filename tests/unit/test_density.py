@@ -112,12 +112,19 @@ def test_golden_scores_for_a_fixed_seed():
 
 
 
-@pytest.mark.parametrize("kw", [dict(rows=0), dict(buckets=1), dict(bandwidth=0.0),
-                                dict(bandwidth=float("nan")), dict(hashes_per_row=0), dict(seed=-1),
-                                dict(rows=100000, buckets=100000)])
-def test_bad_parameters_are_refused(kw):
-    with pytest.raises(ConfigError):
+@pytest.mark.parametrize("kw, message", [
+    (dict(rows=0), "density rows must be >= 1, got 0"),
+    (dict(buckets=1), "density buckets must be >= 2, got 1"),
+    (dict(bandwidth=0.0), "density bandwidth must be a positive number, got 0.0"),
+    (dict(bandwidth=float("nan")), "density bandwidth must be a positive number, got nan"),
+    (dict(hashes_per_row=0), "density hashes_per_row must be >= 1, got 0"),
+    (dict(seed=-1), "density seed must be >= 0, got -1"),
+    (dict(rows=100000, buckets=100000), "density sketch of 100000 x 100000 cells exceeds 2^31 - 1 cells"),
+])
+def test_bad_parameters_are_refused(kw, message):
+    with pytest.raises(ConfigError) as exc:
         DensityParams(**kw)
+    assert message in str(exc.value)
 
 
 def test_bad_embeddings_are_refused():

@@ -150,7 +150,7 @@ def test_cli_bad_input(ds: Path, capsys):
     assert main(["shards", "score", str(ds), "--by", "density", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "density needs the stored embeddings" in err and "embeddings.npy" in err
-    with pytest.raises(DatasetError):
+    with pytest.raises(DatasetError, match=r"embeddings.npy' is missing"):
         Sidecar.open(ds).embeddings()
 
 
@@ -219,6 +219,7 @@ def test_selection_drives_every_policy_and_survives_reopen_and_state_roundtrip(d
         pol = _policy(name) or PolicyConfig(name, weights=tuple(float(i + 1) for i in range(k)))
         s = selection_sampler(ds, "sub", pol)
         batches = [s.next_batch() for _ in range(8)]
+        assert [len(b) for b in batches] == [16] * 8, name
         assert all(set(b.tolist()) <= chosen for b in batches), name
         state = s.state().to_bytes()
         tail = [s.next_batch() for _ in range(6)]
@@ -252,7 +253,7 @@ def test_simulate_samples_only_inside_the_selection_with_every_policy(ds: Path, 
         assert main(["simulate", "--dataset", str(ds), "--selection", "fifth", "--policy", name, *extra,
                      "--global-batch", "8", "--steps", "12", "--format", "jsonl"]) == 0, name
         lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
-        assert len(lines) == 12
+        assert [len(line["indices"]) for line in lines] == [8] * 12, name
         assert set(i for line in lines for i in line["indices"]) <= chosen, name
     assert main(["simulate", "--dataset", str(ds), "--selection", "nope", "--policy", "uniform",
                  "--global-batch", "8", "--steps", "2"]) == 2

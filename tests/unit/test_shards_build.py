@@ -136,7 +136,7 @@ def test_interrupted_build_resumes_to_the_uninterrupted_result(tmp_path, corpus)
         with pytest.raises(Interrupt):
             build(BuildConfig(out=out, **common), hook=hook)
         assert not (Path(out) / "croupier" / "manifest.json").exists()
-        with pytest.raises(DatasetError):
+        with pytest.raises(DatasetError, match="holds no MDS index.json"):  # published only when finished
             Sidecar.open(out)
     res = build(BuildConfig(out=out, **common), hook=lambda s, c: calls.append((s, c)))
     assert res.resumed
@@ -147,7 +147,8 @@ def test_interrupted_build_resumes_to_the_uninterrupted_result(tmp_path, corpus)
     # nothing was redone: each embed chunk and each ingest part ran once across all runs
     embed_chunks = [c for s, c in calls if s == "embed"]
     assert sorted(embed_chunks) == list(range(len(corpus) // 400 + 1))
-    assert [c for s, c in calls if s == "ingest"][:4] == [0, 1, 2, 3]
+    # 3,000 documents, 900 a part: parts 0-3, then unit 4 (the part count) with the stage's completion
+    assert [c for s, c in calls if s == "ingest"] == [0, 1, 2, 3, 4]
     # an unfinished build does not resume under other settings
     other = str(tmp_path / "other")
 
@@ -315,11 +316,11 @@ def test_tokenizer_stores_token_ids_as_a_column(tmp_path, corpus, tiny_tokenizer
     assert main(["shards", "build", str(tmp_path / "in.jsonl"), "--out", str(out), "--embedder", "hashing",
                  "--clusters", "4", "--tokenizer", str(tiny_tokenizer), "--quiet"]) == 0
     columns = json.loads((out / "index.json").read_text())["shards"][0]["column_names"]
-    assert "tokens" in columns
+    assert columns == ["text", "tokens"]
     tok = load_tokenizer(str(tiny_tokenizer))
     samples = read_back(out, tmp_path / "cache")
     assert len(samples) == 300
-    for s in samples[:50]:
+    for s in samples:
         assert s["tokens"].dtype == np.int32
         np.testing.assert_array_equal(s["tokens"], tok(s["text"], add_special_tokens=False)["input_ids"])
     # a tokenizer that cannot be loaded offline is refused before anything is written
@@ -336,7 +337,7 @@ def _token_mds(path: Path, rows: list[np.ndarray], encoding: str) -> None:
             w.write({"tokens": r.tobytes() if encoding == "bytes" else r})
 
 
-def test_adopt_a_token_column_dataset_embeds_it_by_decoding(tmp_path, corpus, tiny_tokenizer):
+def test_adopt_a_token_column_dataset_embeds_it_by_decoding(tmp_path, corpus, tiny_tokenizer, capsys):
     """LLM Foundry's concat_tokens layout: int64 token bytes and no text column."""
     from croupier.tokenizer import load_tokenizer
 
@@ -352,8 +353,10 @@ def test_adopt_a_token_column_dataset_embeds_it_by_decoding(tmp_path, corpus, ti
     # decoded text clusters by topic as the text itself would
     assert normalized_mutual_info_score([d["topic"] for d in docs], np.asarray(side.assignments())) > 0.5
     # without a tokenizer there is no text to embed: the missing column is named
+    capsys.readouterr()
     assert main(["shards", "build", "--adopt", str(src), "--out", str(tmp_path / "o"), "--embedder", "hashing",
                  "--clusters", "4", "--quiet"]) == 2
+    assert f"MDS dataset {str(src)!r} has no column 'text'; columns: tokens" in capsys.readouterr().err
     bad = tmp_path / "floats"
     _token_mds(bad, [r.astype(np.float32) for r in rows[:20]], "ndarray:float32")
     with pytest.raises(DatasetError, match="token column of sample 0 .* holds float32"):

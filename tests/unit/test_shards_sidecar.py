@@ -38,7 +38,7 @@ def _copy(src: Path, tmp_path: Path) -> Path:
     return dst
 
 
-def test_sidecar_refuses_other_shards_and_broken_manifests(datasets, tmp_path):
+def test_sidecar_refuses_other_shards_and_broken_manifests(datasets, tmp_path, capsys):
     d = _copy(datasets["cluster-major"], tmp_path)
     side = Sidecar.open(d)
     assert side.fingerprint.startswith("mds:") and side.manifest["format"] == "croupier.sidecar"
@@ -64,7 +64,10 @@ def test_sidecar_refuses_other_shards_and_broken_manifests(datasets, tmp_path):
     # the sampler CLI refuses the stale sidecar with a clear message and exit code 2
     manifest["fingerprint"] = "mds:000000000000000000000000"
     (d / "croupier" / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
     assert main(["simulate", "--dataset", str(d), "--policy", "uniform", "--global-batch", "8", "--steps", "1"]) == 2
+    assert (f"sidecar fingerprint mismatch: expected mds:000000000000000000000000, got {side.fingerprint}"
+            in capsys.readouterr().err)
 
 
 def test_scores_round_trip_and_validation(datasets, tmp_path):
@@ -141,7 +144,12 @@ def test_sidecar_drives_croupier_simulate(datasets, capsys):
     assert per_cluster.max() / per_cluster.min() < 1.6 < sizes.max() / sizes.min()
     rc = main(["simulate", "--dataset", str(d), "--policy", "clusterclip", "--clip", "2",
                "--global-batch", "32", "--steps", "10"])
-    assert rc == 0 and capsys.readouterr().out.strip()
+    assert rc == 0
+    text = capsys.readouterr().out
+    n = side.num_samples
+    assert f"policy clusterclip  clusters {side.num_clusters}  samples {n}  global batch 32  steps 10" in text
+    assert [line.split() for line in text.splitlines() if line.strip().startswith("total")] == \
+        [["total", str(n), "320"]]
 
 
 def test_inspect_and_plot(datasets, tmp_path, capsys):

@@ -93,7 +93,9 @@ def test_tokens_command_adds_counts_and_moves_no_fingerprint_or_sequence(tmp_pat
     # Nothing the sampler binds to moved: the index, the fingerprints, the sequence.
     assert (out / "index.json").read_bytes() == index
     assert after.fingerprint == fp and after.layout().fingerprint == layout_fp
-    for a, b in zip(_sequence(after), seq):
+    replay = _sequence(after)
+    assert len(replay) == len(seq) == 12
+    for a, b in zip(replay, seq):
         np.testing.assert_array_equal(a, b)
     assert {k: v for k, v in after.manifest.items() if k != "token_counts"} == manifest
     assert not list((out / "croupier").glob("*.tmp")) and not list((out / "croupier").glob(".*.tmp"))
@@ -128,7 +130,7 @@ def test_tokens_command_counts_a_token_column_and_refuses_bad_input(tmp_path, co
     np.testing.assert_array_equal(Sidecar.open(out).token_counts(), built)  # refusals wrote nothing
 
 
-def test_adopting_a_token_column_dataset_counts_its_tokens(tmp_path, tiny_tokenizer):
+def test_adopting_a_token_column_dataset_counts_its_tokens(tmp_path, tiny_tokenizer, capsys):
     from croupier.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(tiny_tokenizer))
@@ -142,8 +144,10 @@ def test_adopting_a_token_column_dataset_counts_its_tokens(tmp_path, tiny_tokeni
     # a float column in the same place is refused by value, naming the column and sample
     bad = tmp_path / "floats"
     _token_mds(bad, [r.astype(np.float32) for r in rows[:10]], "ndarray")
+    capsys.readouterr()
     assert main(["shards", "build", "--adopt", str(bad), "--embedder", "hashing", "--clusters", "2",
                  "--tokenizer", str(tiny_tokenizer), "--quiet"]) == 2
+    assert f"token column of sample 0 of {bad} holds float32, not integer token ids" in capsys.readouterr().err
 
 
 def test_token_counts_of_a_sidecar_must_match_its_samples(tmp_path, corpus_file, tiny_tokenizer):
