@@ -2,9 +2,10 @@
 
 `ShardCache` streams the MDS shards of a dataset from its remote (any remote
 mosaicml-streaming supports, local paths included) into a local cache and reads samples with
-streaming's per-shard readers. It is built on `Stream.prepare_shard` (download, hash check,
-decompress), `reader.get_item` and `reader.evict`, not on `StreamingDataset`, so it needs no
-shared memory, no torch.distributed and leaves nothing in /dev/shm.
+streaming's per-shard readers. It is built on streaming's downloaders (download, hash check,
+decompress: `shard_fetch.prepare_shard`), `reader.get_item` and `reader.evict`, not on
+`StreamingDataset`, so it needs no shared memory, no torch.distributed and leaves nothing in
+/dev/shm.
 
 Correctness rules it keeps:
 - The remote's index.json is fetched on every open and its fingerprint

@@ -3,8 +3,9 @@
 - `open_readers`: streaming's per-shard readers for an index (what the files are, how to
   decode them); `DatasetFiles`: a dataset's files as the cache sees them.
 - `ShardFetcher.pin(s)`: hold shard s's lock shared with its files present and checked,
-  downloading them first when no process has: the download (streaming's
-  `Stream.prepare_shard`: fetch, hash check, decompress) runs under the lock taken
+  downloading them first when no process has: the download (`prepare_shard`: fetch with
+  streaming's downloader and retries, hash check, decompress, what streaming's
+  `Stream.prepare_shard` does, with every file it reads closed) runs under the lock taken
   exclusively, so a node fetches each shard once however many processes read it.
 - Shards found complete in the cache from an earlier run are adopted without reading them
   (`adopt_leftovers`), so start-up stays fast, and verified on first use in each process:
@@ -187,7 +188,7 @@ class ShardFetcher:
         remote = self.files.remote
         reader.evict()  # partial or stale files from an interrupted run
         try:
-            self._stream.prepare_shard(reader)
+            prepare_shard(self._stream, reader)
         except FileNotFoundError as e:
             reader.evict()
             raise DatasetError(f"shard file {shard_name(reader)} is missing from {remote}: {e}") from e
@@ -221,4 +222,48 @@ class ShardFetcher:
         return None
 
 
-__all__ = ["DatasetFiles", "ShardFetcher", "open_readers", "shard_name"]
+def prepare_shard(stream: Any, reader: Any) -> None:
+    """Makes the shard's decompressed files present in `stream.local`: what streaming's
+    `Stream.prepare_shard` does (download what is missing with the stream's downloader and
+    retries, check the stream's hash, decompress, drop the compressed file unless kept), with
+    every file it reads closed at once. ValueError "Checksum failure: <file>" for bytes that
+    fail the hash."""
+    local = Path(stream.local, stream.split)
+    for raw, zipped in reader.file_pairs:
+        raw_path = local / raw.basename
+        if raw_path.is_file():
+            if zipped is not None and not stream.safe_keep_zip:
+                (local / zipped.basename).unlink(missing_ok=True)
+            continue
+        if zipped is None:
+            stream._download_file(raw.basename)
+            _check_hash(stream.validate_hash, raw, raw_path.read_bytes(), raw_path)
+            continue
+        zip_path = local / zipped.basename
+        if not zip_path.is_file():
+            stream._download_file(zipped.basename)
+        data = zip_path.read_bytes()
+        _check_hash(stream.validate_hash, zipped, data, zip_path)
+        from streaming.base.compression import decompress
+
+        tmp = raw_path.with_name(raw_path.name + ".tmp")
+        tmp.write_bytes(decompress(reader.compression, data))
+        os.rename(tmp, raw_path)
+        if not stream.safe_keep_zip:
+            os.remove(zip_path)
+
+
+def _check_hash(algo: str | None, info: Any, data: bytes, path: Path) -> None:
+    """streaming's hash check of a downloaded file (none without an algorithm)."""
+    if not algo:
+        return
+    if algo not in info.hashes:
+        raise ValueError(f"Hash algorithm `{algo}` chosen for data validation does not match with those "
+                         f"provided during dataset creation `{sorted(info.hashes)}`. Provide one of those.")
+    from streaming.base.hashing import get_hash
+
+    if get_hash(algo, data) != info.hashes[algo]:
+        raise ValueError(f"Checksum failure: {path}")
+
+
+__all__ = ["DatasetFiles", "ShardFetcher", "open_readers", "prepare_shard", "shard_name"]
