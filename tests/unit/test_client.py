@@ -235,19 +235,19 @@ def test_end_of_data_ends_the_iteration(servers):
     with pytest.raises(EndOfData):
         while True:
             ref.append(s.next_batch())
-    assert len(got) == len(ref) >= 1
+    # clip 1: each of the 16 samples is dealt once, 8 a step
+    assert len(ref) == 2 and [step for step, _ in got] == [0, 1]
     for (_, ids), want in zip(got, ref):
         np.testing.assert_array_equal(ids, want)
 
 
-def check_batches(batches: list[dict], ref: list[np.ndarray], first: int = 0) -> None:
-    """One DataLoader batch per step, in step order; decoded columns match the shards."""
-    assert len(batches) > 0
-    for k, batch in enumerate(batches):
-        steps = batch[STEP_KEY].tolist()
-        assert steps == [first + k] * len(steps)
+def check_batches(batches: list[dict], ref: list[np.ndarray], steps: range) -> None:
+    """Exactly one DataLoader batch per step of `steps`, in step order; decoded columns match the
+    shards."""
+    assert [batch[STEP_KEY].tolist() for batch in batches] == [[t] * B for t in steps]
+    for t, batch in zip(steps, batches):
         ids = batch[ID_KEY].numpy()
-        np.testing.assert_array_equal(ids, ref[first + k])
+        np.testing.assert_array_equal(ids, ref[t])
         np.testing.assert_array_equal(batch["id"].numpy(), ids)
         assert list(batch["text"]) == [sample_text(int(i)) for i in ids]
 
@@ -255,7 +255,7 @@ def check_batches(batches: list[dict], ref: list[np.ndarray], first: int = 0) ->
 def test_dataset_yields_decoded_samples_in_server_order(servers, tmp_path):
     _, addr = servers.start()
     ds = CroupierIterableDataset(addr, JOB, cache_dir=tmp_path / "cache", steps=6, topology=Topology(0, 1))
-    check_batches(list(DataLoader(ds, batch_size=B)), reference(6))
+    check_batches(list(DataLoader(ds, batch_size=B)), reference(6), range(6))
 
 
 def test_dataloader_with_two_workers_gives_the_server_order(servers, tmp_path):
@@ -264,8 +264,7 @@ def test_dataloader_with_two_workers_gives_the_server_order(servers, tmp_path):
     ds = CroupierIterableDataset(addr, JOB, cache_dir=tmp_path / "cache", steps=9, topology=Topology(0, 1),
                                  lookahead=4, cache_limit=4096)
     batches = list(DataLoader(ds, batch_size=B, num_workers=2))
-    assert len(batches) == 9
-    check_batches(batches, ref)
+    check_batches(batches, ref, range(9))
     # The trainer's main process checkpoints at the step it trained last; workers resume there.
     state = ds.state_dict(next_step=int(batches[-1][STEP_KEY][0]) + 1, checkpoint=True)
     ds.close()
@@ -273,21 +272,22 @@ def test_dataloader_with_two_workers_gives_the_server_order(servers, tmp_path):
     resumed = CroupierIterableDataset(addr, JOB, cache_dir=tmp_path / "cache", steps=7, topology=Topology(0, 1),
                                       lookahead=4)
     resumed.load_state_dict(state)
-    check_batches(list(DataLoader(resumed, batch_size=B, num_workers=3)), ref, first=9)
+    check_batches(list(DataLoader(resumed, batch_size=B, num_workers=3)), ref, range(9, 16))
 
 
 def test_dataset_state_dict_resumes_exactly(servers, tmp_path):
     _, addr = servers.start()
-    ref = reference(8)
+    ref = reference(6)
     ds = CroupierIterableDataset(addr, JOB, cache_dir=tmp_path / "cache", steps=3, topology=Topology(0, 1))
-    check_batches(list(DataLoader(ds, batch_size=B)), ref)
+    check_batches(list(DataLoader(ds, batch_size=B)), ref, range(3))
     assert ds.state_dict()["token"] == ""  # local by default: no server call
     state = ds.state_dict(checkpoint=True)
     ds.close()
-    assert state["next_step"] == 3 and state["token"]
-    resumed = CroupierIterableDataset(addr, JOB, cache_dir=tmp_path / "cache", steps=5, topology=Topology(0, 1))
+    # the saved dataset's next iteration: its 3 steps from step 3
+    assert (state["next_step"], state["stop_step"]) == (3, 6) and state["token"]
+    resumed = CroupierIterableDataset(addr, JOB, cache_dir=tmp_path / "cache", steps=3, topology=Topology(0, 1))
     resumed.load_state_dict(state)
-    check_batches(list(DataLoader(resumed, batch_size=B)), ref, first=3)
+    check_batches(list(DataLoader(resumed, batch_size=B)), ref, range(3, 6))
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "missing"])
@@ -311,7 +311,7 @@ def test_rewritten_dataset_is_refused_not_mixed(servers, tmp_path, mds):
     shutil.copytree(mds, remote)
     _, addr = servers.start(remote=remote)
     ds = CroupierIterableDataset(addr, JOB, cache_dir=tmp_path / "cache", steps=2, topology=Topology(0, 1))
-    check_batches(list(DataLoader(ds, batch_size=B)), reference(2))
+    check_batches(list(DataLoader(ds, batch_size=B)), reference(2), range(2))
     shutil.rmtree(remote)
     write_mds(remote, N, size_limit=1 << 10)  # same samples, other shards: another fingerprint
     with pytest.raises(FingerprintMismatch, match="dataset"):
@@ -336,9 +336,9 @@ def test_tls_with_the_server_certificate(servers, tmp_path):
     addr = addr.replace("127.0.0.1", "localhost")
     with client(addr, tls_root_cert=cert, token="tls-token", stop_step=3) as c:
         got = list(c)
+    assert [s for s, _ in got] == [0, 1, 2]
     for (_, ids), want in zip(got, reference(3)):
         np.testing.assert_array_equal(ids, want)
-    assert len(got) == 3
     with client(addr, token="tls-token", rpc_timeout_s=2,
                 backoff=Backoff(initial_s=0.01, max_s=0.05, give_up_after_s=0.5)) as c, \
             pytest.raises(Unavailable):
@@ -399,9 +399,9 @@ def test_stateful_dataloader_restores_exactly_at_any_point(servers, tmp_path, wo
     """A loader restored from StatefulDataLoader.state_dict() yields exactly what the saved one would
     have yielded next: saved before the first batch and at several points mid-run."""
     _, addr = servers.start()
-    whole = _rows(list(_stateful(addr, tmp_path, workers)))
-    check_batches(list(_stateful(addr, tmp_path, workers)), reference(10))
-    assert len(whole) == 10
+    batches = list(_stateful(addr, tmp_path, workers))
+    check_batches(batches, reference(10), range(10))
+    whole = _rows(batches)
     for k in (0, 3, 6):
         loader = _stateful(addr, tmp_path, workers)
         it = iter(loader)
@@ -426,7 +426,7 @@ def test_stateful_dataloader_state_survives_a_server_restart(servers, tmp_path):
     restored = _stateful(addr, tmp_path, 2)
     restored.load_state_dict(state)
     tail = list(restored)
-    check_batches(head + tail, reference(10))
+    check_batches(head + tail, reference(10), range(10))
 
 
 def test_stateful_dataloader_resumes_inside_a_step(servers, tmp_path):
@@ -441,7 +441,8 @@ def test_stateful_dataloader_resumes_inside_a_step(servers, tmp_path):
     restored = _stateful(addr, tmp_path, 0, batch=B // 2, steps=4)
     restored.load_state_dict(state)
     assert _rows(head) + _rows(list(restored)) == whole
-    assert sum(len(ids) for _, ids in whole) == 4 * B
+    ref = reference(4)
+    assert whole == [([t] * (B // 2), ref[t][h * B // 2:(h + 1) * B // 2].tolist()) for t in range(4) for h in range(2)]
 
 
 def test_dataset_state_is_local_before_the_first_item(tmp_path):
@@ -512,22 +513,39 @@ def test_packed_sequences_resume_token_for_token_through_stateful_dataloader(ser
 
 
 def test_the_ranks_of_one_data_parallel_group_read_the_same_slice(servers):
-    """Tensor-parallel peers are several consumers of one data-parallel rank's slice."""
+    """Tensor-parallel peers are several consumers of one data-parallel rank's slice.
+
+    A rank without a start step starts where the server says its data-parallel rank is, and a
+    peer's acknowledgements move that position: peers agree on the start by joining before
+    any of them reads (a trainer's peers start together, or resume from one saved state)."""
     _, addr = servers.start()
     ref = reference(8)
     got: dict[int, list] = {}
+    starts: dict[int, int] = {}
+    errors: list[BaseException] = []
+    joined = threading.Barrier(4, timeout=60)
 
     def run(g: int) -> None:
         topo = Topology.data_parallel({"RANK": str(g), "WORLD_SIZE": "4"}, tensor=2)
-        with RankClient(addr, job=JOB, topology=topo, stop_step=8, lookahead=3,
-                        backoff=Backoff(initial_s=0.02, max_s=0.2, give_up_after_s=30)) as c:
-            got[g] = list(c)
+        try:
+            with RankClient(addr, job=JOB, topology=topo, stop_step=8, lookahead=3,
+                            backoff=Backoff(initial_s=0.02, max_s=0.2, give_up_after_s=30)) as c:
+                c.join()
+                starts[g] = c.next_step
+                joined.wait()  # nobody has read, so nobody has moved a position
+                got[g] = list(c)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            joined.abort()
+            errors.append(exc)
 
     threads = [threading.Thread(target=run, args=(g,)) for g in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads)
+    assert starts == {0: 0, 1: 0, 2: 0, 3: 0}
     assert sorted(got) == [0, 1, 2, 3]
     for a, b in ((0, 1), (2, 3)):  # tensor peers: identical slices
         assert [s for s, _ in got[a]] == list(range(8)) == [s for s, _ in got[b]]

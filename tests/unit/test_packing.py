@@ -45,6 +45,18 @@ def _real(item) -> np.ndarray:
     return item["input_ids"].numpy()[item["loss_mask"].numpy()]
 
 
+def _carry_rule(steps: list[list[dict]], need: int, max_carry: int) -> tuple[int, int]:
+    """(tokens carried after the last step, tokens dropped) by the documented rule: a step packs
+    the carry then its documents (each + EOS) into `need` tokens and carries at most `max_carry`
+    of the rest."""
+    carry = dropped = 0
+    for batch in steps:
+        rest = max(carry + sum(len(d["tokens"]) + 1 for d in batch) - need, 0)
+        carry = min(rest, max_carry)
+        dropped += rest - carry
+    return carry, dropped
+
+
 def test_every_step_is_rows_by_seq_len_with_boundaries_and_masks(tmp_path):
     p = _packer(tmp_path, max_carry=10_000)
     steps = _steps(0, 6)
@@ -76,11 +88,13 @@ def test_every_step_is_rows_by_seq_len_with_boundaries_and_masks(tmp_path):
 
 def test_carry_is_bounded_and_what_it_drops_is_counted(tmp_path):
     p = _packer(tmp_path, seq_len=8, rows=1)  # 8 tokens a step, carry at most 8
-    for s, samples in enumerate(_steps(1, 5, per_step=6)):
+    steps = _steps(1, 5, per_step=6)
+    for s, samples in enumerate(steps):
         p.pack(s, samples)
         assert p._carry_tokens.size <= 8
     st = p.stats()
-    assert st["tokens_dropped"] > 0
+    carry, dropped = _carry_rule(steps, 8, 8)
+    assert dropped > 0 and (st["tokens_dropped"], p._carry_tokens.size) == (dropped, carry)
     assert st["tokens_in"] == st["tokens_packed"] + st["tokens_dropped"] + p._carry_tokens.size
     assert st["tokens_packed"] + st["tokens_padding"] == 5 * 8
 
@@ -93,11 +107,13 @@ def test_save_and_restore_continue_token_for_token(tmp_path):
     head = [first.pack(s, b) for s, b in enumerate(steps[:3])]
     first.dataset._position, first.dataset._stride = 3, 1  # as iter_steps() leaves it after step 2
     state = first.state_dict()
-    assert state["carry_tokens"]  # the state holds a cut document's tail
+    carried, _ = _carry_rule(steps[:3], 3 * 16, 16)
+    assert carried > 0 and len(state["carry_tokens"]) == carried  # the state holds a cut document's tail
     second = _packer(tmp_path)
     second.load_state_dict(state)
     assert second.dataset.state_dict()["next_step"] == 3
     tail = [second.pack(s, b) for s, b in list(enumerate(steps))[3:]]
+    assert len(head + tail) == len(ref) == 8
     for a, b in zip(head + tail, ref):
         for key in ("input_ids", "labels", "document_ids", "position_ids"):
             np.testing.assert_array_equal(a[key].numpy(), b[key].numpy())
@@ -105,12 +121,13 @@ def test_save_and_restore_continue_token_for_token(tmp_path):
 
 def test_elastic_resume_drops_the_carry_and_counts_it(tmp_path):
     p = _packer(tmp_path)
-    for s, b in enumerate(_steps(3, 2)):
+    steps = _steps(3, 2)
+    for s, b in enumerate(steps):
         p.pack(s, b)
     p.dataset._position, p.dataset._stride = 2, 1
     state = p.state_dict()
     carried = len(state["carry_tokens"])
-    assert carried > 0
+    assert carried > 0 and carried == _carry_rule(steps, 3 * 16, 16)[0]
     other = PackedSequences(_dataset(tmp_path, rank=1, world=2), token_key="tokens", eos_id=EOS, seq_len=16, rows=3)
     other.load_state_dict(state)
     assert other._carry_tokens.size == 0 and other.stats()["carry_dropped"] == carried

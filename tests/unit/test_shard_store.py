@@ -34,8 +34,11 @@ def write_dataset(root: Path, n: int, version: int = 0, size_limit: int = 2048) 
 
 
 def mismatches(samples: list[dict], ids, version: int = 0) -> list[int]:
-    bad = []
-    for got, i in zip(samples, np.asarray(ids).tolist()):
+    """The ids whose sample is not what was written for them; an id without a sample (or a sample
+    beyond the ids, counted as id -1) is one."""
+    ids = np.asarray(ids).tolist()
+    bad = ids[len(samples):] + [-1] * (len(samples) - len(ids))
+    for got, i in zip(samples, ids):
         want = make_sample(i, version)
         if got["id"] != i or got["text"] != want["text"] or not np.array_equal(got["vec"], want["vec"]):
             bad.append(i)
