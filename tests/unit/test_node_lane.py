@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -85,19 +87,34 @@ def served():
     server.stop(0, checkpoint=False)
 
 
-def drain(s: Session, got: dict[int, np.ndarray], lane: int = 1, quiet: float = 1.0) -> list[pb2.LaneEvent]:
-    """Reads until nothing arrives for `quiet` seconds; slices of `lane` into got, events returned."""
-    events = []
-    while True:
-        resp = s.read(timeout=quiet)
-        if resp is None:
-            return events
+def read_until(s: Session, got: dict[int, np.ndarray], done: Callable[[list[pb2.LaneEvent]], bool], lane: int = 1,
+               timeout: float = 30.0) -> list[pb2.LaneEvent]:
+    """Reads messages until `done(events read)` holds; slices of `lane` go into got (a step twice
+    fails), the events read are returned. The server sends an acknowledgement's confirmation
+    with, or after, every slice the acknowledgement released, so once it is read the lane holds
+    all it will receive until the next acknowledgement."""
+    events: list[pb2.LaneEvent] = []
+    deadline = time.monotonic() + timeout
+    while not done(events):
+        resp = s.read(timeout=max(deadline - time.monotonic(), 0.0))
+        assert resp is not None, f"nothing more within {timeout} s: steps {sorted(got)}, events {events}"
         for ls in resp.lanes:
             if ls.lane == lane:
                 for sl in ls.slices:
                     assert sl.step not in got, f"step {sl.step} delivered twice"
                     got[sl.step] = slice_ids(sl)
         events.extend(resp.events)
+    return events
+
+
+def confirmed(lane: int, step: int) -> Callable[[list[pb2.LaneEvent]], bool]:
+    """Until the server confirmed the lane's acknowledgement of `step`."""
+    return lambda events: any(e.lane == lane and e.acked_step == step and not e.error_code for e in events)
+
+
+def steps(got: dict[int, np.ndarray], n: int) -> Callable[[list[pb2.LaneEvent]], bool]:
+    """Until the lane received n steps."""
+    return lambda events: len(got) >= n
 
 
 def test_a_lane_of_all_ranks_carries_their_slices_in_rank_order(served) -> None:
@@ -107,9 +124,10 @@ def test_a_lane_of_all_ranks_carries_their_slices_in_rank_order(served) -> None:
                               stop_step=12)])
     got: dict[int, np.ndarray] = {}
     for target in range(LOOKAHEAD, 13, LOOKAHEAD):
-        drain(s, got)
-        s.send(acks=[pb2.LaneAck(lane=1, next_step=min(target, 12), rank_steps=[min(target, 12)] * WORLD)])
-    drain(s, got)
+        read_until(s, got, steps(got, target))
+        assert sorted(got) == list(range(target))
+        s.send(acks=[pb2.LaneAck(lane=1, next_step=target, rank_steps=[target] * WORLD)])
+    read_until(s, got, confirmed(1, 12))
     ref = reference(12)
     assert sorted(got) == list(range(12))
     for t in range(12):
@@ -124,19 +142,19 @@ def test_flow_control_holds_per_rank_of_the_lane(served) -> None:
     s = open_session()
     s.send(open=[pb2.LaneOpen(lane=1, rank=2, world_size=WORLD, start_step=0, lookahead=LOOKAHEAD, rank_count=2)])
     got: dict[int, np.ndarray] = {}
-    drain(s, got)
-    assert sorted(got) == list(range(LOOKAHEAD))
+    read_until(s, got, steps(got, LOOKAHEAD))
     ref = reference(LOOKAHEAD + 2)
     assert np.array_equal(got[0], ref[0][2 * P:4 * P])  # ranks 2 and 3
     # rank 2 consumed 2 steps, rank 3 none: rank 3 holds the lane at its own window
     s.send(acks=[pb2.LaneAck(lane=1, next_step=0, rank_steps=[2, 0])])
-    events = drain(s, got)
+    events = read_until(s, got, confirmed(1, 0))
     assert [(e.lane, e.acked_step, e.error_code) for e in events] == [(1, 0, "")]
     assert sorted(got) == list(range(LOOKAHEAD))
     positions = {r.rank: r.next_step for r in stub.GetStatus(pb2.GetStatusRequest(), timeout=10).ranks}
     assert positions[2] == 2 and positions[3] == 0
     s.send(acks=[pb2.LaneAck(lane=1, next_step=2, rank_steps=[2, 2])])
-    drain(s, got)
+    events = read_until(s, got, confirmed(1, 2))
+    assert [(e.lane, e.acked_step, e.error_code) for e in events] == [(1, 2, "")]
     assert sorted(got) == list(range(LOOKAHEAD + 2))
     assert np.array_equal(got[LOOKAHEAD + 1], ref[LOOKAHEAD + 1][2 * P:4 * P])
 
@@ -148,12 +166,13 @@ def test_bad_lanes_of_several_ranks_are_refused_with_the_rule_and_the_others_go_
                  pb2.LaneOpen(lane=2, rank=3, world_size=WORLD, start_step=0, lookahead=LOOKAHEAD, rank_count=2),
                  pb2.LaneOpen(lane=3, rank=2, world_size=WORLD, start_step=0, lookahead=LOOKAHEAD, rank_count=-1)])
     got: dict[int, np.ndarray] = {}
-    events = drain(s, got)
+    events = read_until(s, got, lambda events: len(got) >= LOOKAHEAD and len(events) >= 2)
     refused = {e.lane: (e.error_code, e.error) for e in events if e.error_code}
+    assert sorted(refused) == [2, 3] and len(events) == 2
     assert refused[2][0] == "INVALID_ARGUMENT" and "ranks 3..4" in refused[2][1] and "world size 4" in refused[2][1]
     assert refused[3][0] == "INVALID_ARGUMENT" and "rank count must be >= 0" in refused[3][1] and "-1" in refused[3][1]
     assert sorted(got) == list(range(LOOKAHEAD))  # lane 1 streams meanwhile
     s.send(acks=[pb2.LaneAck(lane=1, next_step=2, rank_steps=[2, 2, 2])])
-    events = drain(s, got)
+    events = read_until(s, got, lambda events: any(e.lane == 1 for e in events))
     assert [(e.lane, e.error_code) for e in events] == [(1, "INVALID_ARGUMENT")]
     assert "one step per rank: lane 1 got 3 rank steps" in events[0].error
