@@ -87,16 +87,21 @@ class _ScoreActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         chunks, blobs, errors = [], [], []
-        for c in np.asarray(batch["chunk"]).tolist():
-            a, b = c * self.chunk_size, min(self.n, (c + 1) * self.chunk_size)
-            try:
-                values = np.asarray(self.scorer.score(self.reader.texts(a, b)), dtype=np.float32)
-                blobs.append(values.tobytes())
-                errors.append("")
-            except CroupierError as exc:  # Ray Data keeps only a traceback's text: carry it as data
-                blobs.append(b"")
-                errors.append(error_row(exc))
-            chunks.append(c)
+        try:
+            for c in np.asarray(batch["chunk"]).tolist():
+                a, b = c * self.chunk_size, min(self.n, (c + 1) * self.chunk_size)
+                try:
+                    values = np.asarray(self.scorer.score(self.reader.texts(a, b)), dtype=np.float32)
+                    blobs.append(values.tobytes())
+                    errors.append("")
+                except CroupierError as exc:  # Ray Data keeps only a traceback's text: carry it as data
+                    blobs.append(b"")
+                    errors.append(error_row(exc))
+                chunks.append(c)
+        finally:
+            # Ray ends pool actors without running their cleanup: no decompressed shard (a
+            # temporary folder of the reader's) may outlive the call
+            self.reader.close()
         return {"chunk": np.asarray(chunks, dtype=np.int64), "scores": np.asarray(blobs, dtype=object),
                 "error": np.asarray(errors, dtype=object), "pid": np.full(len(chunks), os.getpid())}
 
