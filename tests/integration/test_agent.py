@@ -312,22 +312,36 @@ def test_four_nodes_of_two_ranks_with_two_workers_each(cluster, mds, tmp_path) -
         assert st["bytes_downloaded"] == sum(index.shards[s].raw.bytes for s in touched.tolist()), (node, st)
 
 
-class Trainer(threading.Thread):
-    """A rank reading through its node's agent (RankClient, as a trainer uses it)."""
+LOOKAHEAD = 4
+"""The trainers' lookahead: steps a rank may receive beyond the position it acknowledged."""
 
-    def __init__(self, cluster: Cluster, node: int, rank: int, world: int, stop: int, **kw) -> None:
+
+class Trainer(threading.Thread):
+    """A rank reading through its node's agent (RankClient, as a trainer uses it).
+
+    hold_at: after that many steps the trainer sets `held` and takes no more until `go` is set
+    (its client still receives its lookahead meanwhile)."""
+
+    def __init__(self, cluster: Cluster, node: int, rank: int, world: int, stop: int, hold_at: int | None = None,
+                 **kw) -> None:
         super().__init__(daemon=True)
-        self.client = client(cluster, node, rank, world, stop_step=stop, lookahead=4, **kw)
+        self.client = client(cluster, node, rank, world, stop_step=stop, lookahead=LOOKAHEAD, **kw)
         self.rank = rank
         self.got: dict[int, np.ndarray] = {}
         self.duplicates = 0
         self.error: BaseException | None = None
+        self.hold_at = hold_at
+        self.held = threading.Event()
+        self.go = threading.Event()
 
     def run(self) -> None:
         try:
             for step, ids in self.client:
                 self.duplicates += step in self.got
                 self.got[step] = np.array(ids)
+                if len(self.got) == self.hold_at:
+                    self.held.set()
+                    self.go.wait(300)
                 time.sleep(0.01)
         except BaseException as exc:  # noqa: BLE001 - checked by the test
             self.error = exc
@@ -378,18 +392,42 @@ def _agent_killed_mid_run(cluster, logs: Collect) -> None:
     cluster.start_server()
     cluster.start_agent(0)
     cluster.start_agent(1)
-    stop = 85
-    trainers = [Trainer(cluster, r // 2, r, 4, stop) for r in range(4)]
+    stop, hold = 85, 30
+    trainers = [Trainer(cluster, r // 2, r, 4, stop, hold_at=hold) for r in range(4)]
     for t in trainers:
         t.start()
-    wait_progress(trainers, 30)
-    kill_tree(cluster.agents[0], signal.SIGKILL)
-    at_kill = [len(t.got) for t in trainers]
-    time.sleep(2.0)
-    # Node 0's ranks are blocked (nothing from the server reaches them without their agent);
-    # node 1's ranks run on up to the lag bound.
-    assert [len(t.got) for t in trainers[:2]] <= [a + 5 for a in at_kill[:2]]
-    cluster.start_agent(0)
+    try:
+        # Every rank has taken exactly `hold` steps when node 0's agent dies.
+        wait_for(lambda: all(t.held.is_set() for t in trainers) or any(t.error for t in trainers), 120,
+                 f"every rank at step {hold}")
+        assert [t.error for t in trainers] == [None] * 4
+        kill_tree(cluster.agents[0], signal.SIGKILL)
+
+        def rank_status() -> dict[int, pb2.RankStatus]:
+            return {r.rank: r for r in cluster.status().ranks}
+
+        # The server saw the agent's session end: it holds no stream of node 0's ranks, so what
+        # it delivered to them before is all they can have until the agent is back.
+        wait_for(lambda: not any(rank_status()[r].connected for r in (0, 1)), 60, "node 0's lanes closed")
+        at_kill = {r: (rank_status()[r].next_step, rank_status()[r].delivered_step) for r in (0, 1)}
+        for t in trainers:
+            t.go.set()
+        # Node 1's ranks run on to their stop (the lag bound, 128 steps past the slowest rank, is further).
+        wait_for(lambda: not any(t.is_alive() for t in trainers[2:]), 120, "node 1's ranks done")
+        assert [(t.error, sorted(t.got)) for t in trainers[2:]] == [(None, list(range(stop)))] * 2
+        # Node 0's ranks are blocked: nothing more was delivered to them or heard from them, and they
+        # took at most their lookahead past what they had acknowledged.
+        now = rank_status()
+        for t in trainers[:2]:
+            position, delivered = at_kill[t.rank]
+            assert (now[t.rank].next_step, now[t.rank].delivered_step) == (position, delivered), t.rank
+            assert position <= hold and delivered <= position + LOOKAHEAD, (t.rank, position, delivered)
+            assert t.is_alive() and t.error is None, t.rank
+            assert hold <= len(t.got) <= delivered, (t.rank, len(t.got), delivered)
+        cluster.start_agent(0)
+    finally:
+        for t in trainers:
+            t.go.set()
     finish(trainers, 0, stop)
     assert any("agent" in m for m in logs.messages), "the ranks of the killed agent logged nothing"
 
