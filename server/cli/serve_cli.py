@@ -254,6 +254,12 @@ def _serve(args: argparse.Namespace, layout: ClusterLayout, config: PolicyConfig
                                 state_dir=str(store.dir.resolve()))
     if mixture is not None:
         info["mix"] = str(Path(args.mix).resolve())
+    elif args.dataset:  # what `croupier report --state-dir` replays the draws on
+        from croupier.format.remote import is_remote
+
+        info["dataset"] = args.dataset if is_remote(args.dataset) else str(Path(args.dataset).resolve())
+        if args.selection:
+            info["selection"] = args.selection
     if metrics_port:
         info["metrics_host"] = args.metrics_host
     atomic_write_bytes(store.dir / "server.json", (json.dumps(info, indent=2) + "\n").encode())

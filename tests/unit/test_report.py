@@ -1,4 +1,5 @@
-"""`croupier report` writes non-empty PNGs from a real server's state (live and state dir)."""
+"""`croupier report`: its plots from plain arrays, its command line, and a state directory that names
+no dataset."""
 
 from __future__ import annotations
 
@@ -6,9 +7,15 @@ import numpy as np
 import pytest
 
 from cases.report import pngs_ok
+from croupier.apps import report
 from croupier.apps import report_plots as rp
 from croupier.cli import main as cli_main
 from croupier.errors import ConfigError
+from croupier.layout import ClusterLayout
+from croupier.server.durability.checkpoint_store import CheckpointStore
+from croupier.server.job.job import Job, JobSpec
+from croupier.server.sampling.policy import PolicyConfig
+from jobs import batch
 
 
 def test_plots_from_plain_arrays(tmp_path):
@@ -32,3 +39,15 @@ def test_report_cli_needs_a_source(capsys):
     with pytest.raises(SystemExit):
         cli_main(["report", "--out", "x"])
     assert "--server" in capsys.readouterr().err
+
+
+def test_a_state_dir_that_names_no_dataset_needs_one(tmp_path):
+    """A job of --cluster-sizes has no dataset: its state directory (no server.json naming one)
+    is refused without --dataset, by name."""
+    with Job(ClusterLayout.from_sizes([50, 20, 5]), PolicyConfig("clusterclip", clip=2), 8,
+             spec=JobSpec(name="r"), store=CheckpointStore(tmp_path)) as job:
+        for t in range(5):
+            batch(job, t)
+        assert job.checkpoint_now() == 5
+    with pytest.raises(ConfigError, match="does not name its dataset: pass --dataset DIR"):
+        report.from_state_dir(tmp_path)
