@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -19,46 +21,71 @@ from croupier.mixture import load_mix
 from croupier.server.sampling.mixture import mixture_sampler
 from croupier.server.sampling.state import Change
 from croupier.topology import Topology
+from workers.harness import kill_tree
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 B = 8
-_STARTED: list[subprocess.Popen] = []
-
-
-@pytest.fixture(autouse=True)
-def _no_process_outlives_its_test():
-    """Servers and agents a test starts are killed when it ends, whether it passed or not."""
-    yield
-    while _STARTED:
-        proc = _STARTED.pop()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
 
 
 class Serve:
-    """A `croupier serve --mix` subprocess on loopback."""
+    """A `croupier serve --mix` subprocess on loopback. `stop(sig)` signals it and returns the
+    exit code; `close()` (idempotent) kills it if it still runs and closes its pipe and log.
+    Tests start it through the `serve` fixture, which closes it when the test ends."""
 
     def __init__(self, mix: Path, state: Path, extra: list[str] | None = None) -> None:
-        self.log = open(state.parent / f"{state.name}.log", "ab")
+        log_path = state.parent / f"{state.name}.log"
+        self.log = open(log_path, "ab")
         cmd = [sys.executable, "-m", "croupier", "serve", "--mix", str(mix), "--job", "mx", "--global-batch",
                str(B), "--seed", "2", "--state-dir", str(state), "--lookahead", "4", "--max-lag", "32",
                "--checkpoint-every", "5", "--log-level", "WARNING", *(extra or [])]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log)
-        _STARTED.append(self.proc)
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait(10)
-            raise RuntimeError(f"serve exited {self.proc.returncode}: {(state.parent / f'{state.name}.log').read_text()}")
-        self.info = json.loads(line)
-        self.address = self.info["address"]
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, start_new_session=True)
+        except BaseException:
+            self.log.close()
+            raise
+        try:
+            assert self.proc.stdout is not None
+            line = self.proc.stdout.readline()
+            if not line:
+                self.proc.wait(10)
+                raise RuntimeError(f"serve exited {self.proc.returncode}: {log_path.read_text()}")
+            self.info = json.loads(line)
+            self.address = self.info["address"]
+        except BaseException:
+            self.close()
+            raise
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         self.proc.send_signal(sig)
-        code = self.proc.wait(30)
-        self.proc.stdout.close()
+        try:
+            return self.proc.wait(30)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        kill_tree(self.proc)  # a no-op once it has exited
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
         self.log.close()
-        return code
+
+
+@pytest.fixture
+def closing() -> Iterator[ExitStack]:
+    """Servers and agents a test starts, ended when it ends, passed or failed."""
+    with ExitStack() as stack:
+        yield stack
+
+
+@pytest.fixture
+def serve(closing: ExitStack) -> Callable[..., Serve]:
+    """serve(mix, state, extra=None) -> a started `Serve`, ended when the test ends."""
+
+    def start(mix: Path, state: Path, extra: list[str] | None = None) -> Serve:
+        server = Serve(mix, state, extra)
+        closing.callback(server.close)
+        return server
+
+    return start
 
 
 def rank(address: str, r: int, world: int, **kw) -> RankClient:
@@ -66,7 +93,8 @@ def rank(address: str, r: int, world: int, **kw) -> RankClient:
                       backoff=Backoff(initial_s=0.02, max_s=0.3, give_up_after_s=60), **kw)
 
 
-def test_a_rank_reads_two_sources_from_their_own_remotes(tmp_path: Path, build_dataset) -> None:
+def test_a_rank_reads_two_sources_from_their_own_remotes(tmp_path: Path, build_dataset, serve,
+                                                        closing: ExitStack) -> None:
     from streaming import StreamingDataset
 
     web = build_dataset(tmp_path / "web", num_docs=160, topics=4)
@@ -74,33 +102,29 @@ def test_a_rank_reads_two_sources_from_their_own_remotes(tmp_path: Path, build_d
     mix = tmp_path / "mix.toml"
     mix.write_text(f'[sources.web]\ndataset = "{web}"\nweight = 2\npolicy = "clusterclip"\nclip = 3\n\n'
                    f'[sources.books]\ndataset = "{books}"\nweight = 1\npolicy = "uniform"\n')
-    server = Serve(mix, tmp_path / "state")
-    try:
-        samples = list(CroupierIterableDataset(server.address, "mx", cache_dir=tmp_path / "cache", steps=6,
-                                               topology=Topology(0, 1), agent=""))
-    finally:
-        assert server.stop() == 0
+    server = serve(mix, tmp_path / "state")
+    samples = list(CroupierIterableDataset(server.address, "mx", cache_dir=tmp_path / "cache", steps=6,
+                                           topology=Topology(0, 1), agent=""))
+    assert server.stop() == 0
     # The same job served afresh and read through a node agent: the same samples, one node cache per source.
-    server = Serve(mix, tmp_path / "state2")
+    server = serve(mix, tmp_path / "state2")
     runtime = tmp_path / "run"
     with open(tmp_path / "agent.log", "wb") as log:
         agent = subprocess.Popen([sys.executable, "-m", "croupier", "agent", "--server", server.address,
                                   "--runtime-dir", str(runtime), "--cache-dir", str(tmp_path / "node-cache")],
-                                 stdout=subprocess.DEVNULL, stderr=log)
-    _STARTED.append(agent)
-    try:
-        deadline = time.monotonic() + 60
-        while not (runtime / "agent.json").exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        via_agent = list(CroupierIterableDataset(server.address, "mx", steps=6, topology=Topology(0, 1),
-                                                 agent=str(runtime)))
-        assert [s[ID_KEY] for s in via_agent] == [s[ID_KEY] for s in samples]
-        assert all(a["text"] == b["text"] for a, b in zip(via_agent, samples))
-        assert len(list((tmp_path / "node-cache").glob("mds-*"))) == 2
-    finally:
-        agent.send_signal(signal.SIGTERM)
-        agent.wait(60)
-        assert server.stop() == 0
+                                 stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+    closing.callback(kill_tree, agent)
+    deadline = time.monotonic() + 60
+    while not (runtime / "agent.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    via_agent = list(CroupierIterableDataset(server.address, "mx", steps=6, topology=Topology(0, 1),
+                                             agent=str(runtime)))
+    assert [s[ID_KEY] for s in via_agent] == [s[ID_KEY] for s in samples]
+    assert all(a["text"] == b["text"] for a, b in zip(via_agent, samples))
+    assert len(list((tmp_path / "node-cache").glob("mds-*"))) == 2
+    agent.send_signal(signal.SIGTERM)  # the agent stops before its server
+    agent.wait(60)
+    assert server.stop() == 0
     mixture = load_mix(mix)
     ref = mixture_sampler(mixture, B, 2)
     want = np.concatenate([ref.next_batch() for _ in range(6)])
@@ -120,13 +144,13 @@ def test_a_rank_reads_two_sources_from_their_own_remotes(tmp_path: Path, build_d
     assert len(list((tmp_path / "cache").glob("mds-*"))) == 2  # one cache folder per source
 
 
-def test_elastic_resume_online_change_and_kill9_replay(tmp_path: Path) -> None:
+def test_elastic_resume_online_change_and_kill9_replay(tmp_path: Path, serve) -> None:
     mix = tmp_path / "mix.toml"
     mix.write_text('[sources.a]\ncluster_sizes = [40, 30, 20]\nweight = 3\npolicy = "clusterclip"\nclip = 4\n\n'
                    '[sources.b]\ncluster_sizes = [100]\nweight = 1\npolicy = "random"\n\n'
                    '[sources.c]\ncluster_sizes = [8, 8, 8, 8]\nweight = 1\npolicy = "uniform"\n')
     state = tmp_path / "state"
-    server = Serve(mix, state)
+    server = serve(mix, state)
     ref = mixture_sampler(load_mix(mix), B, 2)
     change = subprocess.run([sys.executable, "-m", "croupier", "update", "--server", server.address, "--step", "6",
                              "--source", "c", "--weight", "0"], capture_output=True, text=True)
@@ -154,19 +178,17 @@ def test_elastic_resume_online_change_and_kill9_replay(tmp_path: Path) -> None:
     c.close()
     assert server.stop(signal.SIGKILL) == -signal.SIGKILL
 
-    again = Serve(mix, state)
-    try:
-        status = json.loads(subprocess.run([sys.executable, "-m", "croupier", "status", "--server", again.address,
-                                            "--json"], capture_output=True, text=True, check=True).stdout)
-        names = [s["name"] for s in status["sources"]]
-        assert names == ["a", "b", "c"]
-        # Elastic: the trainer restarts from its step-9 token with 4 ranks.
-        got = read(again.address, 4, 9, 20, token)
-        for t, batch in zip(range(9, 20), got):
-            assert np.array_equal(batch, want[t]), t
-        assert not any((batch >= 190).any() for batch in want[6:20])  # source c (ids 190..221) paused
-    finally:
-        assert again.stop() == 0
+    again = serve(mix, state)
+    status = json.loads(subprocess.run([sys.executable, "-m", "croupier", "status", "--server", again.address,
+                                        "--json"], capture_output=True, text=True, check=True).stdout)
+    names = [s["name"] for s in status["sources"]]
+    assert names == ["a", "b", "c"]
+    # Elastic: the trainer restarts from its step-9 token with 4 ranks.
+    got = read(again.address, 4, 9, 20, token)
+    for t, batch in zip(range(9, 20), got):
+        assert np.array_equal(batch, want[t]), t
+    assert not any((batch >= 190).any() for batch in want[6:20])  # source c (ids 190..221) paused
+    assert again.stop() == 0
     # The report replays the mixture (file named by server.json) with its online change.
     rep = subprocess.run([sys.executable, "-m", "croupier", "report", "--state-dir", str(state), "--out",
                           str(tmp_path / "rep")], capture_output=True, text=True)

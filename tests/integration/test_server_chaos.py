@@ -23,6 +23,8 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import grpc
@@ -56,15 +58,17 @@ class Server:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> dict:
+        self._end()  # the previous process of a restart
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=self.log, env=env_for_subprocess(),
                                      start_new_session=True)
+        assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         assert line, f"server did not start: {self.proc.wait()}"
         return json.loads(line)
 
     def kill(self) -> None:
         assert self.proc is not None
-        kill_tree(self.proc, signal.SIGKILL)
+        self._end()
 
     def stop(self) -> int:
         assert self.proc is not None
@@ -76,25 +80,34 @@ class Server:
 
     def close(self) -> None:
         """Ends the process group if it still runs and closes the pipes (always safe to call)."""
+        self._end()
+        self.log.close()
+
+    def _end(self) -> None:
+        """Kills the current process's group (SIGKILL) if it still runs and closes its stdout pipe."""
         if self.proc is not None:
             kill_tree(self.proc, signal.SIGKILL)
             if self.proc.stdout is not None:
                 self.proc.stdout.close()
-        self.log.close()
 
 
 @pytest.fixture
-def make_server():
+def closing() -> Iterator[ExitStack]:
+    """Servers and clients a test starts, ended when it ends, passed or failed."""
+    with ExitStack() as stack:
+        yield stack
+
+
+@pytest.fixture
+def make_server(closing: ExitStack):
     """Servers made through this are always ended at teardown, whatever the test did."""
-    made: list[Server] = []
 
     def make(tmp: Path, port: int, *extra: str) -> Server:
-        made.append(Server(tmp, port, *extra))
-        return made[-1]
+        server = Server(tmp, port, *extra)
+        closing.callback(server.close)
+        return server
 
-    yield make
-    for server in made:
-        server.close()
+    return make
 
 
 class Rank(threading.Thread):
@@ -238,11 +251,13 @@ def test_a_burst_of_2500_stream_opens_loses_none(tmp_path: Path, make_server) ->
     assert outcomes == Counter({"served": n}), outcomes
 
 
-def test_sigterm_without_a_state_dir_exits_non_zero_with_the_reason(tmp_path: Path, make_server) -> None:
+def test_sigterm_without_a_state_dir_exits_non_zero_with_the_reason(tmp_path: Path, make_server,
+                                                                    closing: ExitStack) -> None:
     port = free_port()
     server = make_server(tmp_path, port)
     server.start()
-    client = RankClient(f"127.0.0.1:{port}", job="default", topology=Topology(0, 1), stop_step=20)
+    client = closing.enter_context(RankClient(f"127.0.0.1:{port}", job="default", topology=Topology(0, 1),
+                                              stop_step=20))
     assert [step for step, _ in client] == list(range(20))
     client.close()
     import shutil

@@ -7,6 +7,8 @@ import json
 import signal
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import grpc
@@ -17,35 +19,76 @@ from cases.durability import SIZES, B, reference
 from croupier.grpc_options import channel_options
 from croupier.proto import pb2, pb2_grpc, slice_ids
 from croupier.server.durability.checkpoint_store import CheckpointStore
+from workers.harness import kill_tree, wait_for
 
 ARGS = ["--cluster-sizes", ",".join(map(str, SIZES)), "--policy", "clusterclip", "--clip", "5",
         "--global-batch", str(B), "--seed", "0", "--checkpoint-every", "10", "--max-lag", "16", "--lookahead", "4"]
 
 
 class Serve:
-    """A `croupier serve` subprocess; `info` is its JSON "serving" line."""
+    """A `croupier serve` subprocess; `info` is its JSON "serving" line.
+
+    `kill(sig)` sends a signal and returns the exit code; `close()` (idempotent) kills it if it
+    still runs and closes its pipe, channel and log. Tests start it through the `serve`
+    fixture, which closes every server when the test ends, passed or failed."""
 
     def __init__(self, state_dir: Path, log_path: Path, extra: list[str] | None = None) -> None:
         self.log_path = log_path
+        self.channel: grpc.Channel | None = None
         self._log = open(log_path, "ab")
         cmd = [sys.executable, "-m", "croupier", "serve", *ARGS, "--state-dir", str(state_dir), *(extra or [])]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log)
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait(10)
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, start_new_session=True)
+        except BaseException:
             self._log.close()
-            raise RuntimeError(f"server exited {self.proc.returncode}: {log_path.read_text()[-2000:]}")
-        self.info = json.loads(line)
-        self.channel = grpc.insecure_channel(self.info["address"], options=channel_options())
-        self.stub = pb2_grpc.SamplerStub(self.channel)
+            raise
+        try:
+            assert self.proc.stdout is not None
+            line = self.proc.stdout.readline()
+            if not line:
+                self.proc.wait(10)
+                raise RuntimeError(f"server exited {self.proc.returncode}: {log_path.read_text()[-2000:]}")
+            self.info = json.loads(line)
+            self.channel = grpc.insecure_channel(self.info["address"], options=channel_options())
+            self.stub = pb2_grpc.SamplerStub(self.channel)
+        except BaseException:
+            self.close()
+            raise
+
+    def status(self) -> pb2.GetStatusResponse:
+        return self.stub.GetStatus(pb2.GetStatusRequest(), timeout=20)
 
     def kill(self, sig: int = signal.SIGKILL) -> int:
-        self.channel.close()
+        """Sends `sig`, waits for the exit and closes everything; the exit code."""
+        if self.channel is not None:
+            self.channel.close()
         self.proc.send_signal(sig)
-        code = self.proc.wait(20)
-        self.proc.stdout.close()
+        try:
+            return self.proc.wait(20)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+        kill_tree(self.proc)  # a no-op once it has exited
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
         self._log.close()
-        return code
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., Serve]]:
+    """serve(state_dir, extra=None) -> a started `Serve` logging to tmp_path/server.log; every
+    server a test starts is ended when the test ends, passed or failed."""
+    with ExitStack() as stack:
+
+        def start(state_dir: Path, extra: list[str] | None = None) -> Serve:
+            server = Serve(state_dir, tmp_path / "server.log", extra)
+            stack.callback(server.close)
+            return server
+
+        yield start
 
 
 def fetch(stub, world: int, start: int, stop: int) -> list[np.ndarray]:
@@ -60,71 +103,77 @@ def fetch(stub, world: int, start: int, stop: int) -> list[np.ndarray]:
     return out
 
 
+def wait_durable(server: Serve, step: int) -> None:
+    """Waits until the server's background writer has made the automatic checkpoint of
+    `step` durable (what a kill -9 after it is guaranteed to leave)."""
+    wait_for(lambda: server.status().durable_step >= step, 30, f"the checkpoint of step {step} to be durable")
+
+
 @pytest.mark.slow
-def test_sigkill_and_restart_resumes_with_identical_batches(tmp_path: Path) -> None:
+def test_sigkill_and_restart_resumes_with_identical_batches(tmp_path: Path, serve) -> None:
     ref = reference(90)
-    state, log_path = tmp_path / "state", tmp_path / "server.log"
-    first = Serve(state, log_path)
+    state = tmp_path / "state"
+    first = serve(state)
     for r in range(2):
         first.stub.Join(pb2.JoinRequest(rank=r, world_size=2), timeout=20)
     got = fetch(first.stub, 2, 0, 57)
     token = first.stub.Checkpoint(pb2.CheckpointRequest(step=33), timeout=20).token  # between 30 and 40
+    wait_durable(first, 50)  # the automatic checkpoint of step 50 (written in the background)
+    assert (state / "ckpt-000000000050.bin").is_file()
     assert first.kill() == -signal.SIGKILL
     assert json.loads((state / "server.json").read_text())["address"] == first.info["address"]
 
-    second = Serve(state, log_path)
-    try:
-        assert second.info["resumed_from"] is not None and second.info["resumed_from"] >= 50
-        # Ranks that reconnect resume at their acknowledged step.
-        nexts = [second.stub.Join(pb2.JoinRequest(rank=r, world_size=2), timeout=20).next_step for r in range(2)]
-        assert nexts[0] == nexts[1] and 50 <= nexts[0] <= 57
-        got += fetch(second.stub, 2, 57, 70)
-        for t in range(70):
-            assert np.array_equal(got[t], ref[t]), t
-        # The trainer restarts from its checkpoint at step 33 with 4 ranks (elastic resume).
-        for r in range(4):
-            assert second.stub.Join(pb2.JoinRequest(rank=r, world_size=4, resume_token=token),
-                                    timeout=20).next_step == 33
-        again = fetch(second.stub, 4, 33, 80)
-        for t, batch in zip(range(33, 80), again):
-            assert np.array_equal(batch, ref[t]), t
-    finally:
-        assert second.kill(signal.SIGTERM) == 0
+    second = serve(state)
+    assert second.info["resumed_from"] == 50
+    # Ranks that reconnect resume at their acknowledged step.
+    nexts = [second.stub.Join(pb2.JoinRequest(rank=r, world_size=2), timeout=20).next_step for r in range(2)]
+    assert nexts[0] == nexts[1] and 50 <= nexts[0] <= 57
+    got += fetch(second.stub, 2, 57, 70)
+    for t in range(70):
+        assert np.array_equal(got[t], ref[t]), t
+    # The trainer restarts from its checkpoint at step 33 with 4 ranks (elastic resume).
+    for r in range(4):
+        assert second.stub.Join(pb2.JoinRequest(rank=r, world_size=4, resume_token=token),
+                                timeout=20).next_step == 33
+    again = fetch(second.stub, 4, 33, 80)
+    for t, batch in zip(range(33, 80), again):
+        assert np.array_equal(batch, ref[t]), t
+    assert second.kill(signal.SIGTERM) == 0
 
 
 @pytest.mark.slow
-def test_corrupt_newest_checkpoint_falls_back_loudly(tmp_path: Path) -> None:
+def test_corrupt_newest_checkpoint_falls_back_loudly(tmp_path: Path, serve) -> None:
     ref = reference(60)
-    state, log_path = tmp_path / "state", tmp_path / "server.log"
-    first = Serve(state, log_path)
+    state = tmp_path / "state"
+    first = serve(state)
     first.stub.Join(pb2.JoinRequest(rank=0, world_size=1), timeout=20)
     fetch(first.stub, 1, 0, 35)
-    first.kill()
+    wait_durable(first, 30)
+    assert first.kill() == -signal.SIGKILL
     store = CheckpointStore(state)
-    newest, previous = store.steps()[-1], store.steps()[-2]
+    previous, newest = store.steps()[-2:]
+    assert (previous, newest) == (20, 30)
     path = store.path_of(newest)
     data = bytearray(path.read_bytes())
     data[-5] ^= 0xFF
     path.write_bytes(bytes(data))
 
-    second = Serve(state, log_path)
-    try:
-        assert second.info["resumed_from"] == previous
-        warnings = [json.loads(line) for line in log_path.read_text().splitlines()
-                    if line.startswith("{") and '"checkpoint_corrupt"' in line]
-        assert warnings and warnings[0]["level"] == "WARNING" and warnings[0]["path"] == str(path)
-        assert "checksum" in warnings[0]["reason"]
-        second.stub.Join(pb2.JoinRequest(rank=0, world_size=1), timeout=20)
-        for t, batch in zip(range(25, 50), fetch(second.stub, 1, 25, 50)):
-            assert np.array_equal(batch, ref[t]), t
-    finally:
-        second.kill(signal.SIGTERM)
+    second = serve(state)
+    assert second.info["resumed_from"] == previous
+    warnings = [json.loads(line) for line in second.log_path.read_text().splitlines()
+                if line.startswith("{") and '"checkpoint_corrupt"' in line]
+    assert warnings and warnings[0]["level"] == "WARNING" and warnings[0]["path"] == str(path)
+    assert "checksum" in warnings[0]["reason"]
+    second.stub.Join(pb2.JoinRequest(rank=0, world_size=1), timeout=20)
+    for t, batch in zip(range(25, 50), fetch(second.stub, 1, 25, 50)):
+        assert np.array_equal(batch, ref[t]), t
+    assert second.kill(signal.SIGTERM) == 0
 
 
 @pytest.mark.slow
-def test_state_dir_of_another_config_is_refused(tmp_path: Path) -> None:
-    state, log_path = tmp_path / "state", tmp_path / "server.log"
-    first = Serve(state, log_path)
+def test_state_dir_of_another_config_is_refused(tmp_path: Path, serve) -> None:
+    state = tmp_path / "state"
+    first = serve(state)
     first.stub.Checkpoint(pb2.CheckpointRequest(step=3), timeout=20)
     assert first.kill(signal.SIGTERM) == 0
     cmd = [sys.executable, "-m", "croupier", "serve", *ARGS, "--state-dir", str(state), "--seed", "1"]

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterator
+from contextlib import ExitStack
 
 import pytest
 
@@ -15,8 +17,15 @@ from jobs import get_slice
 from workers.harness import env_for_subprocess, python
 
 
-def test_checkpoints_all_invalid_are_refused_and_fresh_starts_over(tmp_path) -> None:
-    job = make_job(CheckpointStore(tmp_path))
+@pytest.fixture
+def closing() -> Iterator[ExitStack]:
+    """Jobs a test opens on a state directory, closed when the test ends, passed or failed."""
+    with ExitStack() as stack:
+        yield stack
+
+
+def test_checkpoints_all_invalid_are_refused_and_fresh_starts_over(tmp_path, closing: ExitStack) -> None:
+    job = closing.enter_context(make_job(CheckpointStore(tmp_path)))
     job.join(0, 1)
     for t in range(25):
         get_slice(job, 0, 1, t)
@@ -27,9 +36,10 @@ def test_checkpoints_all_invalid_are_refused_and_fresh_starts_over(tmp_path) -> 
     for s in steps:
         (tmp_path / f"ckpt-{s:012d}.bin").write_bytes(b"garbage")
     with pytest.raises(StateDirInvalid, match=r"none is valid .*ckpt-000000000020\.bin: .*truncated.*--fresh"):
-        make_job(CheckpointStore(tmp_path))
-    fresh = Job(ClusterLayout.from_sizes(SIZES), CONFIG, B, spec=JobSpec(max_lag=8, max_lookahead=4),
-                store=CheckpointStore(tmp_path), fresh=True)
+        closing.enter_context(make_job(CheckpointStore(tmp_path)))
+    fresh = closing.enter_context(Job(ClusterLayout.from_sizes(SIZES), CONFIG, B,
+                                      spec=JobSpec(max_lag=8, max_lookahead=4), store=CheckpointStore(tmp_path),
+                                      fresh=True))
     assert fresh.resumed_from is None and CheckpointStore(tmp_path).steps() == []
     assert list(tmp_path.glob("stale-*/ckpt-*.bin"))
     fresh.close()
