@@ -144,8 +144,8 @@ class RankClient:
         self._call: LaneCall | None = None
         self._closed = threading.Event()
         self._ack_thread: threading.Thread | None = None
-        self._reporter: Any = None  # LossReporter of this process (report_losses)
-        self._reporter_pid: int | None = None
+        self._sender: Any = None  # LossSender of this process (report_losses)
+        self._sender_pid: int | None = None
         self._finished = False
 
     # -- connection ---------------------------------------------------------------------------
@@ -487,28 +487,28 @@ class RankClient:
         """Reports the per-sample training losses of `step`: one float per id of this rank's
         slice of that step, in slice order (a tensor, array or list); `present` optionally
         marks which entries carry a loss. Returns at once: reports are batched and sent in the
-        background (`client.loss_reporter`), and a lost one only reduces what the server's
+        background (`client.loss_sender`), and a lost one only reduces what the server's
         controller (serve --adapt) learns. Works from any process of the rank (the report
         names the step; the server knows its ids), through a node agent too."""
-        from croupier.client.loss_reporter import LossReporter
+        from croupier.client.loss_sender import LossSender
 
         if self._closed.is_set():
             raise ConfigError("the client is closed")
-        if self._reporter is None or self._reporter_pid != os.getpid():
-            self._reporter = LossReporter(self._send_losses)
-            self._reporter_pid = os.getpid()
-        self._reporter.add(step, losses, present)
+        if self._sender is None or self._sender_pid != os.getpid():
+            self._sender = LossSender(self._send_losses)
+            self._sender_pid = os.getpid()
+        self._sender.add(step, losses, present)
 
     def loss_report_stats(self) -> dict[str, int]:
         """Steps queued, sent, accepted, refused and dropped by this process's reports."""
-        return {} if self._reporter is None else dict(self._reporter.counters)
+        return {} if self._sender is None else dict(self._sender.counters)
 
     def flush_losses(self, timeout: float = 5.0) -> bool:
         """Waits until the reports made so far were sent; False on timeout."""
-        return True if self._reporter is None else self._reporter.flush(timeout)
+        return True if self._sender is None else self._sender.flush(timeout)
 
     def _send_losses(self, batch: list) -> Any:
-        from croupier.client.loss_reporter import loss_request
+        from croupier.client.loss_sender import loss_request
 
         return self._unary("ReportLoss", loss_request(self.job, self.topology, batch), retry=False)
 
@@ -554,8 +554,8 @@ class RankClient:
         """Acknowledges what was consumed, stops the stream thread and closes the channel."""
         if self._closed.is_set():
             return
-        if self._reporter is not None and self._reporter_pid == os.getpid():
-            self._reporter.close(timeout=5.0)
+        if self._sender is not None and self._sender_pid == os.getpid():
+            self._sender.close(timeout=5.0)
         mine = self._transport is not None and self._pid == os.getpid()
         call = self._call
         if mine and call is not None:

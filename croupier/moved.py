@@ -30,6 +30,7 @@ MOVED: dict[str, str] = {
     "croupier.server.sampling_args": "croupier.server.cli.policy_args",
     "croupier.server.store": "croupier.server.durability.checkpoint_store",
     "croupier.client.shard_store": "croupier.client.readers.shard_cache",
+    "croupier.client.loss_reporter": "croupier.client.loss_sender",
     "croupier.shards.sidecar": "croupier.format.sidecar",
     "croupier.shards.synthetic": "croupier.shards.build.synthetic",
     "croupier.train_example": "croupier.apps.train_example",

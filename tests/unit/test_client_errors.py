@@ -138,3 +138,15 @@ def test_data_parallel_topology_from_torchrun_env_and_parallel_sizes():
         Topology.data_parallel({"RANK": "0", "WORLD_SIZE": "6"}, tensor=4)
     with pytest.raises(ConfigError, match="tensor-parallel size must be an int >= 1, got 0"):
         Topology.data_parallel({"RANK": "0", "WORLD_SIZE": "6"}, tensor=0)
+
+
+def test_the_loss_sender_is_importable_by_its_former_path():
+    import importlib
+    import sys
+
+    from croupier.client import loss_sender
+
+    sys.modules.pop("croupier.client.loss_reporter", None)
+    with pytest.warns(DeprecationWarning, match="croupier.client.loss_reporter moved to croupier.client.loss_sender"):
+        old = importlib.import_module("croupier.client.loss_reporter")
+    assert old is loss_sender and old.LossReporter is loss_sender.LossSender

@@ -1,12 +1,15 @@
 """Sending a rank's per-sample losses to the server: batched, asynchronous, never blocking.
 
 `RankClient.report_losses(step, losses)` hands one trained step's losses (one per id of the
-rank's slice, in slice order) to a `LossReporter`, which returns at once. A background
+rank's slice, in slice order) to a `LossSender`, which returns at once. A background
 thread sends whatever has accumulated every `interval_s` (or as soon as `max_batch` steps
 wait) in one `ReportLoss` call. Training never waits for it: when the server is slow or
 away, at most `max_pending` steps are kept and the oldest are dropped (counted); a failed
 call is dropped (counted) rather than retried for long. Lost reports only reduce what the
 controller learns; the sequence never depends on them.
+
+This module was `croupier.client.loss_reporter` (an alias of the old path remains, see
+`croupier.moved`), and `LossReporter` is the former name of `LossSender`.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ def loss_request(job: str, topology: Topology, batch: list[tuple[int, np.ndarray
     return req
 
 
-class LossReporter:
+class LossSender:
     """The background sender (see the module docstring); thread-safe, fork-unaware (one per process).
 
     send: makes one ReportLoss call from a list of (step, losses, present) and returns the
@@ -67,7 +70,7 @@ class LossReporter:
         self._inflight = 0
         self.counters = {"queued": 0, "sent": 0, "accepted": 0, "refused": 0, "dropped": 0, "failed_calls": 0}
         self._refusal_rules: set[str] = set()
-        self._thread = threading.Thread(target=self._run, name="croupier-loss-reporter", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="croupier-loss-sender", daemon=True)
         self._thread.start()
 
     def add(self, step: int, losses: Any, present: Any = None) -> None:
@@ -78,7 +81,7 @@ class LossReporter:
         mask = None if present is None else np.asarray(present, dtype=bool).reshape(-1)
         with self._cond:
             if self._closed:
-                raise ConfigError("the loss reporter is closed")
+                raise ConfigError("the loss sender is closed")
             self._queue.append((int(step), values, mask))
             self.counters["queued"] += 1
             while len(self._queue) > self._max_pending:
@@ -135,3 +138,9 @@ class LossReporter:
                 with self._cond:
                     self._inflight = 0
                     self._cond.notify_all()
+
+
+LossReporter = LossSender
+"""Deprecated: the former name of `LossSender` (same class)."""
+
+__all__ = ["LossReporter", "LossSender", "as_losses", "loss_request"]
