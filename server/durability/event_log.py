@@ -317,23 +317,35 @@ class EventLog:
         self.torn: Scan | None = None
         if created:
             self._file: BinaryIO = open(self.path, "xb")
-            self._write_synced(HEADER)
-            fsync_dir(self.path.parent)
+            with self._closed_on_error():
+                self._write_synced(HEADER)
+                fsync_dir(self.path.parent)
             self._count = 0
             return
         with _mapped(self.path) as data:
             result = _scan(data, str(self.path), self._prev)
         self._count = result.records
         self._file = open(self.path, "r+b")
-        if result.torn_offset is not None:
-            self.torn = result
-            end = max(result.end, 0)
-            self._file.truncate(end)
-            if end == 0:
-                self._file.seek(0)
-                self._write_synced(HEADER)
-            os.fsync(self._file.fileno())
-        self._file.seek(0, os.SEEK_END)
+        with self._closed_on_error():
+            if result.torn_offset is not None:
+                self.torn = result
+                end = max(result.end, 0)
+                self._file.truncate(end)
+                if end == 0:
+                    self._file.seek(0)
+                    self._write_synced(HEADER)
+                os.fsync(self._file.fileno())
+            self._file.seek(0, os.SEEK_END)
+
+    @contextlib.contextmanager
+    def _closed_on_error(self) -> Iterator[None]:
+        """Closes the file when opening the log fails after the file was opened (a full or
+        read-only disk refusing the header or the repair): no descriptor outlives the error."""
+        try:
+            yield
+        except BaseException:
+            self._file.close()
+            raise
 
     def __len__(self) -> int:
         """Whole records in the log."""

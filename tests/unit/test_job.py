@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +19,15 @@ from croupier.errors import ConfigError, FingerprintMismatch
 from croupier.layout import ClusterLayout
 from croupier.server.durability.checkpoint_store import CheckpointStore
 from croupier.server.durability.resume_token import ResumeToken
-from croupier.server.job.job import Job, JobReformed, JobSpec, NotJoined, StepOutOfRange, UnknownJob
+from croupier.server.job.job import (
+    CheckpointUnavailable,
+    Job,
+    JobReformed,
+    JobSpec,
+    NotJoined,
+    StepOutOfRange,
+    UnknownJob,
+)
 from croupier.server.sampling.policy import PolicyConfig
 from croupier.server.sampling.sampler import Sampler
 from jobs import get_slice
@@ -332,3 +343,38 @@ def test_any_interleaving_gets_exact_slices_within_the_lag_bound(world: int, tur
         else:
             with pytest.raises(StepOutOfRange, match="lag bound"):
                 get_slice(job, r, world, t, timeout=0)
+
+
+def _open_files(name: str) -> list[str]:
+    """This process's descriptors open on files called `name`."""
+    fds = Path("/proc/self/fd")
+    out = []
+    for fd in fds.iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if Path(target).name == name:
+            out.append(target)
+    return out
+
+
+def test_a_job_that_cannot_start_leaves_no_file_open(tmp_path, monkeypatch) -> None:
+    """The disk refuses the event log's header: the start fails with the disk's error, and the
+    log's descriptor is closed with it (nothing waits for the garbage collector)."""
+    from croupier.server.durability.event_log import EventLog
+
+    def full(self, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(EventLog, "_write_synced", full)
+        with pytest.raises(OSError, match="No space left") as failed:
+            make_job(CheckpointStore(tmp_path))
+        assert not _open_files("events.log"), failed.traceback  # the traceback still holds the log
+    with make_job(CheckpointStore(tmp_path)) as job:  # the disk is back: the job starts
+        job.update(3, clip=2)
+        assert _open_files("events.log")
+    assert not _open_files("events.log")
+    with pytest.raises(CheckpointUnavailable, match="closed"):
+        job.update(5, clip=3)
