@@ -92,7 +92,11 @@ def _open_text(path: Path) -> io.TextIOBase:
 
         zstandard = require("zstandard", f"reading {name}")
         raw = open(path, "rb")
-        stream = zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
+        try:
+            stream = zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
+        except BaseException:
+            raw.close()
+            raise
         return io.TextIOWrapper(stream, encoding="utf-8", newline="\n")
     return open(path, encoding="utf-8", newline="\n")
 

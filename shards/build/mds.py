@@ -47,12 +47,16 @@ class MDSSource:
             self.local = Path(self.location)
             if not self.local.is_dir():
                 raise DatasetError(f"MDS dataset folder {self.location!r} does not exist")
-        self.index = MDSIndex(self._fetch_bytes(INDEX_BASENAME), self._name(INDEX_BASENAME))
-        self.index.require_format("mds")
+        self._cached: tuple[int, list[bytes]] | None = None
+        try:
+            self.index = MDSIndex(self._fetch_bytes(INDEX_BASENAME), self._name(INDEX_BASENAME))
+            self.index.require_format("mds")
+        except BaseException:
+            self.close()  # a refused dataset leaves no download folder behind
+            raise
         self.index_bytes = self.index.data
         self.shards: list[ShardEntry] = self.index.shards
         self.columns: list[str] = list(self.index.columns)
-        self._cached: tuple[int, list[bytes]] | None = None
 
     # -- facts ---------------------------------------------------------------------------------
     def __len__(self) -> int:

@@ -47,6 +47,13 @@ class ChunkedRun:
             raise ConfigError(f"chunk size must be >= 1, got {chunk_size}")
         self.dir = Path(work_dir)
         self._lock = _exclusive_lock(self.dir.with_name(self.dir.name + ".lock"))
+        try:
+            self._open(n, chunk_size, params)
+        except BaseException:
+            self.close()  # a run that cannot start releases the lock at once
+            raise
+
+    def _open(self, n: int, chunk_size: int, params: dict[str, Any]) -> None:
         self.n = int(n)
         self.chunk_size = int(chunk_size)
         self.num_chunks = -(-self.n // self.chunk_size)

@@ -200,6 +200,18 @@ def test_two_runs_on_one_work_folder_are_refused(tmp_path: Path):
         assert again.resumed and len(again.pending()) == 3
 
 
+def test_a_run_that_cannot_start_releases_its_lock(tmp_path: Path):
+    from croupier.shards.scoring.lm_scores import ChunkedRun
+
+    blocker = tmp_path / "w"
+    blocker.write_text("a file where the work folder goes")
+    with pytest.raises(FileExistsError):
+        ChunkedRun(blocker, 10, 4, {"a": 1})
+    blocker.unlink()
+    with ChunkedRun(blocker, 10, 4, {"a": 1}) as run:  # not "another scoring run": the lock was let go
+        assert not run.resumed and len(run.pending()) == 3
+
+
 def _policy(name: str) -> PolicyConfig:
     if name in ("g2s", "s2g"):
         return PolicyConfig(name, switch_step=4)

@@ -291,6 +291,17 @@ def test_corrupt_or_unreadable_existing_dataset_is_refused(tmp_path, capsys):
     assert "has no column 'text'" in capsys.readouterr().err
 
 
+def test_a_remote_dataset_that_cannot_be_read_leaves_no_download_folder(tmp_path, monkeypatch):
+    import tempfile
+
+    from croupier.shards.build.mds import MDSSource
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(DatasetError, match="cannot download file:///nowhere/index.json"):
+        MDSSource("file:///nowhere")
+    assert list(tmp_path.glob("croupier-mds-*")) == []  # the private download folder is gone
+
+
 def test_kept_fields_get_typed_mds_columns(tmp_path):
     rows = [{"text": "alpha beta gamma", "meta": {"a": 1}, "score": 1, "lang": "en", "n": 3},
             {"text": "delta epsilon", "meta": [1, 2], "score": 2.5, "lang": "fr", "n": 4},
