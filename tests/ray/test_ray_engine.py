@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from cases.shards_build import read_back
 from croupier.cli import main
 from croupier.errors import DatasetError
 from croupier.format.sidecar import Sidecar
@@ -57,18 +58,8 @@ def _inputs(folder: Path, docs: list[dict]) -> tuple[str, ...]:
 
 
 def _read_back(dataset: Path, cache: Path) -> list[dict]:
-    from streaming.base.format import reader_from_json
-    from streaming.base.stream import Stream
-
-    index = json.loads((dataset / "index.json").read_text())
-    stream = Stream(remote=str(dataset), local=str(cache), validate_hash="sha1", keep_zip=False,
-                    download_retry=1, download_timeout=60)
-    out = []
-    for info in index["shards"]:
-        reader = reader_from_json(str(cache), None, info)
-        stream.prepare_shard(reader)
-        out.extend({k: _plain(v) for k, v in reader.get_item(i).items()} for i in range(reader.samples))
-    return out
+    """Every sample, in id order, with column values as plain Python values."""
+    return [{k: _plain(v) for k, v in sample.items()} for sample in read_back(dataset, cache)]
 
 
 def _plain(value):
