@@ -51,7 +51,7 @@ from croupier.server.job.job import CheckpointUnavailable, Job, JobSpec
 from croupier.server.sampling.mixture import source_policy
 from croupier.server.sampling.policy import PolicyConfig
 from croupier.server.serving.metrics import ServerMetrics
-from croupier.server.serving.service import create_server, describe
+from croupier.server.serving.service import SamplerServer, create_server, describe
 
 if TYPE_CHECKING:
     from croupier.mixture import Mixture
@@ -243,33 +243,43 @@ def _serve(args: argparse.Namespace, layout: ClusterLayout, config: PolicyConfig
     job = Job(layout, config, args.global_batch, args.seed, spec=spec, store=store, fresh=args.fresh,
               mixture=mixture, adapt=adapt, token_counts=token_counts)
     metrics = ServerMetrics(job)
-    host = args.host
-    address = f"[{host}]:{args.port}" if ":" in host else f"{host}:{args.port}"
-    server, _ = create_server(job, address, token=token, admin_token=admin, tls_cert=args.tls_cert,
-                              tls_key=args.tls_key, max_workers=args.max_workers, on_refused=metrics.refused,
-                              streams_per_peer=args.streams_per_peer, calls_per_peer=args.calls_per_peer)
-    metrics.attach_sessions(server.servicer)
-    metrics_port = metrics.serve(args.metrics_host, args.metrics_port) if args.metrics_port else 0
-    info: dict[str, Any] = dict(describe(server), metrics_port=metrics_port, pid=os.getpid(),
-                                state_dir=str(store.dir.resolve()))
-    if mixture is not None:
-        info["mix"] = str(Path(args.mix).resolve())
-    elif args.dataset:  # what `croupier report --state-dir` replays the draws on
-        from croupier.format.remote import is_remote
+    server: SamplerServer | None = None
+    try:  # a start that fails past here stops what it started: the server, the job's writer and event log
+        host = args.host
+        address = f"[{host}]:{args.port}" if ":" in host else f"{host}:{args.port}"
+        server, _ = create_server(job, address, token=token, admin_token=admin, tls_cert=args.tls_cert,
+                                  tls_key=args.tls_key, max_workers=args.max_workers, on_refused=metrics.refused,
+                                  streams_per_peer=args.streams_per_peer, calls_per_peer=args.calls_per_peer)
+        metrics.attach_sessions(server.servicer)
+        metrics_port = metrics.serve(args.metrics_host, args.metrics_port) if args.metrics_port else 0
+        info: dict[str, Any] = dict(describe(server), metrics_port=metrics_port, pid=os.getpid(),
+                                    state_dir=str(store.dir.resolve()))
+        if mixture is not None:
+            info["mix"] = str(Path(args.mix).resolve())
+        elif args.dataset:  # what `croupier report --state-dir` replays the draws on
+            from croupier.format.remote import is_remote
 
-        info["dataset"] = args.dataset if is_remote(args.dataset) else str(Path(args.dataset).resolve())
-        if args.selection:
-            info["selection"] = args.selection
-    if metrics_port:
-        info["metrics_host"] = args.metrics_host
-    atomic_write_bytes(store.dir / "server.json", (json.dumps(info, indent=2) + "\n").encode())
-    if token is None:
-        log.warning("no token configured: every user who can reach %s may call the server, Update "
-                    "(online changes) included; pass --token-file (and --admin-token-file) to require one",
-                    address, extra={"event": "no_token"})
-    log.info("serving", extra=dict(info, event="serving"))
-    tune_gc()
-    print(json.dumps(dict(info, event="serving")), flush=True)
+            info["dataset"] = args.dataset if is_remote(args.dataset) else str(Path(args.dataset).resolve())
+            if args.selection:
+                info["selection"] = args.selection
+        if metrics_port:
+            info["metrics_host"] = args.metrics_host
+        atomic_write_bytes(store.dir / "server.json", (json.dumps(info, indent=2) + "\n").encode())
+        if token is None:
+            log.warning("no token configured: every user who can reach %s may call the server, Update "
+                        "(online changes) included; pass --token-file (and --admin-token-file) to require one",
+                        address, extra={"event": "no_token"})
+        log.info("serving", extra=dict(info, event="serving"))
+        tune_gc()
+        print(json.dumps(dict(info, event="serving")), flush=True)
+    except BaseException:
+        metrics.stop()
+        if server is not None:
+            server.stop(0, checkpoint=False)  # closes the job as well
+        else:
+            job.close()
+        raise
+    assert server is not None
 
     while not stop.wait(1.0):
         pass
