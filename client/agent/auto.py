@@ -6,7 +6,9 @@ node derives the same runtime directory from the server address and job name (un
 `croupier agent` there (detached, logging to `agent.log`, cache in `$CROUPIER_AGENT_CACHE`
 or `<runtime dir>/cache`, exiting after a minute without consumers) unless the directory's
 lock shows one running; every rank then waits for the socket and talks only to that agent,
-exactly as with an explicit `CROUPIER_AGENT=DIR`.
+exactly as with an explicit `CROUPIER_AGENT=DIR`. The process that started the agent reaps
+it when it exits (a thread waits on it), so an agent that stops while the rank goes on
+leaves no zombie behind.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,6 +34,9 @@ CACHE_ENV = "CROUPIER_AGENT_CACHE"
 IDLE_EXIT_S = 60.0
 """An automatically started agent exits after this long without consumers."""
 START_TIMEOUT_S = 120.0
+
+_started: set[subprocess.Popen] = set()
+"""Agents this process started and has not reaped yet (each has a thread waiting on it)."""
 
 
 def auto_runtime_dir(address: str, job: str) -> Path:
@@ -71,8 +77,10 @@ def ensure_agent(address: str, job: str, tls_root_cert: str | os.PathLike[str] |
             if tls_server_name:
                 cmd += ["--tls-server-name", tls_server_name]
         with open(runtime / "agent.log", "ab") as out:
-            subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             start_new_session=True, close_fds=True)
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, close_fds=True)
+        _started.add(proc)
+        threading.Thread(target=_reap, args=(proc,), name="croupier-agent-reaper", daemon=True).start()
         log.info("started the node agent for %s (job %s) in %s", address, job, runtime)
     deadline = time.monotonic() + START_TIMEOUT_S
     while not (socket_path(runtime).exists() and agent_running(runtime)):
@@ -81,3 +89,9 @@ def ensure_agent(address: str, job: str, tls_root_cert: str | os.PathLike[str] |
                               f"(local rank 0 starts it; see {runtime / 'agent.log'})")
         time.sleep(0.1)
     return str(runtime)
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    """Waits for an agent this process started to exit, and forgets it."""
+    proc.wait()
+    _started.discard(proc)
