@@ -84,9 +84,8 @@ class Cluster:
                "--global-batch", str(B), "--seed", str(SEED), "--policy", "clusterclip", "--clip", str(CLIP),
                "--job", JOB, "--state-dir", str(self.state), "--port", str(self.port), "--lookahead", "4",
                "--checkpoint-every", "4", "--token-file", str(self.token_file), "--max-workers", "64"]
-        self.server = subprocess.Popen(cmd, stdout=open(self.logs / f"server{n}.out", "w"),
-                                       stderr=open(self.logs / f"server{n}.err", "w"),
-                                       start_new_session=True, env=self.env)
+        with open(self.logs / f"server{n}.out", "w") as out, open(self.logs / f"server{n}.err", "w") as err:
+            self.server = subprocess.Popen(cmd, stdout=out, stderr=err, start_new_session=True, env=self.env)
         self.procs.append(self.server)
         server = self.server
 
@@ -110,9 +109,9 @@ class Cluster:
                "--server", self.address, "--job", JOB, "--cache", str(self.cache), "--out", str(self.tmp / out),
                "--ckpt", str(self.tmp / "ckpt"), "--stop-step", str(stop_step),
                "--per-rank-batch", str(B // nproc), "--token", TOKEN, "--step-sleep", str(step_sleep), *extra]
-        log = open(self.logs / f"torchrun-{out}-{attempt}.log", "w")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=self.env, cwd=str(self.tmp))
+        with open(self.logs / f"torchrun-{out}-{attempt}.log", "w") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                    env=self.env, cwd=str(self.tmp))
         self.procs.append(proc)
         return proc
 

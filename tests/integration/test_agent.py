@@ -92,12 +92,11 @@ class Cluster:
         return self.tmp / f"n{node}" / "cache"
 
     def start_agent(self, node: int, *extra: str, wait: bool = True) -> subprocess.Popen:
-        log = open(self.tmp / f"agent{node}.log", "ab")
-        proc = subprocess.Popen(
-            [CROUPIER, "agent", "--server", self.address, "--runtime-dir", str(self.runtime(node)),
-             "--cache-dir", str(self.cache(node)), "--node", f"node{node}", *extra],
-            stdout=log, stderr=subprocess.STDOUT, env=env_for_subprocess(), start_new_session=True)
-        log.close()
+        with open(self.tmp / f"agent{node}.log", "ab") as log:
+            proc = subprocess.Popen(
+                [CROUPIER, "agent", "--server", self.address, "--runtime-dir", str(self.runtime(node)),
+                 "--cache-dir", str(self.cache(node)), "--node", f"node{node}", *extra],
+                stdout=log, stderr=subprocess.STDOUT, env=env_for_subprocess(), start_new_session=True)
         self.procs.append(proc)
         if wait:
             self.agents[node] = proc
@@ -133,6 +132,25 @@ def cluster(tmp_path, mds):
     c = Cluster(tmp_path, mds)
     yield c
     c.stop()
+
+
+def start_serve(cmd: list[str], log: Path) -> subprocess.Popen:
+    """A `croupier serve` process (stderr appended to `log`), once it printed its serving line."""
+    with open(log, "ab") as err:
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env_for_subprocess(), start_new_session=True)
+    try:
+        assert p.stdout is not None and p.stdout.readline(), log.read_text()[-3000:]
+    except BaseException:
+        stop_serve(p)
+        raise
+    return p
+
+
+def stop_serve(p: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Ends a `start_serve` process (its group, with `sig`, if it still runs) and closes its pipe."""
+    kill_tree(p, sig)
+    if p.stdout is not None:
+        p.stdout.close()
 
 
 def client(cluster: Cluster, node: int, rank: int, world: int, **kw) -> RankClient:
@@ -235,13 +253,12 @@ def launch_ranks(cluster: Cluster, nodes: list[int], per_node: int, steps: int, 
             rank = k * per_node + local
             env = dict(env_for_subprocess(), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local),
                        CROUPIER_AGENT=str(cluster.runtime(node)))
-            log = open(cluster.tmp / f"rank{rank}.log", "ab")
-            procs.append(subprocess.Popen(
-                [python(), str(REPO / "tests" / "workers" / "agent_rank.py"), "--job", JOB, "--steps",
-                 str(steps), "--start-step", str(start_step), "--per-rank-batch", str(B // world),
-                 "--workers", str(workers), "--out", str(out)],
-                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
-            log.close()
+            with open(cluster.tmp / f"rank{rank}.log", "ab") as log:
+                procs.append(subprocess.Popen(
+                    [python(), str(REPO / "tests" / "workers" / "agent_rank.py"), "--job", JOB, "--steps",
+                     str(steps), "--start-step", str(start_step), "--per-rank-batch", str(B // world),
+                     "--workers", str(workers), "--out", str(out)],
+                    stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
     return procs
 
 
@@ -441,10 +458,7 @@ def test_server_killed_under_agents_is_only_a_delay(tmp_path, mds) -> None:
            str(tmp_path / "state"), "--port", str(port), "--job", JOB, "--log-level", "WARNING"]
 
     def start() -> subprocess.Popen:
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(tmp_path / "server.log", "ab"),
-                             env=env_for_subprocess(), start_new_session=True)
-        assert p.stdout.readline()
-        return p
+        return start_serve(cmd, tmp_path / "server.log")
 
     server = start()
     c = Cluster(tmp_path, mds)
@@ -458,7 +472,7 @@ def test_server_killed_under_agents_is_only_a_delay(tmp_path, mds) -> None:
             t.start()
         for k in (15, 50):
             wait_progress(trainers, k)
-            kill_tree(server, signal.SIGKILL)
+            stop_serve(server)
             server = start()
         finish(trainers, 0, stop)
         for n in range(2):
@@ -466,7 +480,7 @@ def test_server_killed_under_agents_is_only_a_delay(tmp_path, mds) -> None:
             assert agent_stats(c, n)["session_losses"] >= 2
     finally:
         c.stop()
-        kill_tree(server, signal.SIGTERM)
+        stop_serve(server, signal.SIGTERM)
 
 
 def test_elastic_resume_from_four_nodes_to_two(cluster) -> None:
@@ -477,8 +491,8 @@ def test_elastic_resume_from_four_nodes_to_two(cluster) -> None:
     for t in first:
         t.start()
     finish(first, 0, 20)
-    token = first[0].client.__class__("agent", job=JOB, topology=Topology(0, 8),
-                                      agent=str(cluster.runtime(0))).checkpoint(20)
+    with RankClient("agent", job=JOB, topology=Topology(0, 8), agent=str(cluster.runtime(0))) as admin:
+        token = admin.checkpoint(20)
     # The job goes on with two nodes of two ranks, from the token, through the same agents.
     second = [Trainer(cluster, r // 2, r, 4, 45, resume_token=token) for r in range(4)]
     for t in second:
@@ -613,7 +627,7 @@ def test_a_stop_in_the_same_loop_turn_as_a_consumer_request_still_stops(tmp_path
 
     threading.Thread(target=serve, daemon=True).start()
     wait_for(lambda: ready.is_set(), 30, "the agent to serve")
-    time.sleep(0.2)  # the writer is waiting for work
+    wait_for(lambda: len(agent._flush._waiters) > 0, 30, "the writer to wait for work")  # type: ignore[attr-defined]
 
     def request_and_stop() -> None:
         agent._flush.set()  # what every consumer request does
@@ -633,10 +647,7 @@ def serve_process(tmp_path: Path, mds: Path) -> tuple[subprocess.Popen, str]:
     cmd = [python(), "-m", "croupier", "serve", "--cluster-sizes", ",".join(map(str, SIZES)), "--remote", str(mds),
            "--global-batch", str(B), "--policy", "clusterclip", "--clip", "3", "--seed", str(SEED), "--state-dir",
            str(tmp_path / "state"), "--port", str(port), "--job", JOB, "--log-level", "WARNING"]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(tmp_path / "server.log", "ab"),
-                         env=env_for_subprocess(), start_new_session=True)
-    assert p.stdout.readline(), (tmp_path / "server.log").read_text()
-    return p, f"127.0.0.1:{port}"
+    return start_serve(cmd, tmp_path / "server.log"), f"127.0.0.1:{port}"
 
 
 def test_agent_stops_on_sigterm_after_its_server_died(tmp_path, mds) -> None:
@@ -653,8 +664,10 @@ def test_agent_stops_on_sigterm_after_its_server_died(tmp_path, mds) -> None:
         out = tmp_path / "out"
         ranks = launch_ranks(c, [0], 1, 100_000, out, workers=2)
         wait_for(lambda: len(read_records(out)) >= 20, 120, "the rank to read")
-        kill_tree(server, signal.SIGKILL)
-        time.sleep(3.0)  # the rank re-joins through its agent, which finds no server
+        stop_serve(server)
+        # The agent lost its session, and the rank re-joins through it (which finds no server).
+        wait_for(lambda: "agent_session_lost" in (tmp_path / "agent0.log").read_text(), 60, "the agent's session loss")
+        wait_for(lambda: "Join failed" in (tmp_path / "rank0.log").read_text(), 60, "the rank to re-join")
         assert agent.poll() is None and ranks[0].poll() is None
 
         os.kill(agent.pid, signal.SIGTERM)
@@ -670,7 +683,7 @@ def test_agent_stops_on_sigterm_after_its_server_died(tmp_path, mds) -> None:
         for p in ranks:
             kill_tree(p)
         c.stop()
-        kill_tree(server)
+        stop_serve(server)
 
 
 def test_agent_exits_when_idle_after_its_server_died(tmp_path, mds) -> None:
@@ -688,7 +701,7 @@ def test_agent_exits_when_idle_after_its_server_died(tmp_path, mds) -> None:
         rank = Trainer(c, 0, 0, 1, 100_000, backoff=Backoff(initial_s=0.05, max_s=0.5, give_up_after_s=3))
         rank.start()
         wait_progress([rank], 10)
-        kill_tree(server, signal.SIGKILL)
+        stop_serve(server)
         rank.join(60)
         assert not rank.is_alive() and rank.error is not None  # it gave up on the dead server
         bound = CONSUMER_TIMEOUT_S + idle + STOP_BOUND_S
@@ -701,7 +714,7 @@ def test_agent_exits_when_idle_after_its_server_died(tmp_path, mds) -> None:
         assert "agent_idle_exit" in (tmp_path / "agent0.log").read_text()
     finally:
         c.stop()
-        kill_tree(server)
+        stop_serve(server)
 
 
 def test_an_agent_whose_stop_hangs_still_exits_and_says_why(tmp_path) -> None:

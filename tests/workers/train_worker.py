@@ -89,30 +89,29 @@ def main() -> int:
     model = torch.nn.Linear(2, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     restart = args.attempt
-    records = (out / f"records.rank{topo.rank}.jsonl").open("a")
-    for batch in loader:
-        steps = batch[STEP_KEY].tolist()
-        step = steps[0]
-        ids = batch[ID_KEY].tolist()
-        features = torch.stack([batch["id"].float() / 1000.0,
-                                torch.tensor([len(t) / 100.0 for t in batch["text"]])], dim=1)
-        loss = model(features).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        for p in model.parameters():
-            dist.all_reduce(p.grad)
-        opt.step()
-        records.write(json.dumps({
-            "step": step, "steps": steps, "rank": topo.rank, "world": topo.world, "ids": ids,
-            "col_id": batch["id"].tolist(), "text": list(batch["text"]), "restart": restart,
-        }) + "\n")
-        records.flush()
-        if (step + 1) % args.ckpt_every == 0:
-            state = ds.state_dict(next_step=step + 1, checkpoint=True)
-            write_atomic(ckpt / f"rank{topo.rank}.step{step + 1}.json", state)
-        if args.step_sleep:
-            time.sleep(args.step_sleep)
-    records.close()
+    with (out / f"records.rank{topo.rank}.jsonl").open("a") as records:
+        for batch in loader:
+            steps = batch[STEP_KEY].tolist()
+            step = steps[0]
+            ids = batch[ID_KEY].tolist()
+            features = torch.stack([batch["id"].float() / 1000.0,
+                                    torch.tensor([len(t) / 100.0 for t in batch["text"]])], dim=1)
+            loss = model(features).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            for p in model.parameters():
+                dist.all_reduce(p.grad)
+            opt.step()
+            records.write(json.dumps({
+                "step": step, "steps": steps, "rank": topo.rank, "world": topo.world, "ids": ids,
+                "col_id": batch["id"].tolist(), "text": list(batch["text"]), "restart": restart,
+            }) + "\n")
+            records.flush()
+            if (step + 1) % args.ckpt_every == 0:
+                state = ds.state_dict(next_step=step + 1, checkpoint=True)
+                write_atomic(ckpt / f"rank{topo.rank}.step{step + 1}.json", state)
+            if args.step_sleep:
+                time.sleep(args.step_sleep)
     ds.close()
     dist.barrier()
     dist.destroy_process_group()
