@@ -26,8 +26,8 @@ import numpy as np
 
 from croupier.errors import ConfigError, StateError
 from croupier.server.feedback.controllers import CONTROLLERS, make_controller
-from croupier.server.feedback.loss_validation import ReportRefused, check_report
 from croupier.server.feedback.loss_stats import LossStats
+from croupier.server.feedback.loss_validation import ReportRefused, check_report
 
 GROUPINGS: tuple[str, ...] = ("clusters", "sources")
 REPORTED_WINDOW = 4096

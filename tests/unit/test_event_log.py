@@ -208,8 +208,8 @@ def test_crash_restore_replays_every_delivered_step(tmp_path: Path) -> None:
     records after the count reproduces every step delivered since, and the controller goes on
     from its checkpointed statistics."""
     from croupier.server.feedback.controllers import make_controller
-    from croupier.server.feedback.loss_validation import check_report, layout_group_of
     from croupier.server.feedback.loss_stats import LossStats
+    from croupier.server.feedback.loss_validation import check_report, layout_group_of
     from croupier.server.sampling.state import SamplerState
 
     layout = ClusterLayout.from_sizes([300, 200, 500, 100, 400, 250])

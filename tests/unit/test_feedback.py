@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from croupier.errors import ConfigError, CroupierError, StateError
 from croupier.layout import ClusterLayout
 from croupier.server.feedback.controllers import CONTROLLERS, GUARDRAILS, bound_shares, make_controller, round_mantissa
-from croupier.server.feedback.loss_validation import ReportRefused, check_report, layout_group_of
 from croupier.server.feedback.loss_stats import LossStats
+from croupier.server.feedback.loss_validation import ReportRefused, check_report, layout_group_of
 from croupier.server.sampling.policy import PolicyConfig
 from croupier.server.sampling.sampler import Sampler
 

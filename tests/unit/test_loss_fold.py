@@ -12,8 +12,8 @@ from croupier.client.loss_fold import fold_token_losses
 from croupier.client.packing import PackedSequences
 from croupier.errors import ConfigError
 from croupier.layout import ClusterLayout
-from croupier.server.feedback.loss_validation import ReportRefused, check_report, layout_group_of
 from croupier.server.feedback.loss_stats import LossStats
+from croupier.server.feedback.loss_validation import ReportRefused, check_report, layout_group_of
 
 
 def _packer(seq_len: int = 8, rows: int = 2) -> PackedSequences:
