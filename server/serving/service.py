@@ -26,9 +26,10 @@ import asyncio
 import json
 import logging
 import threading
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import grpc
 import numpy as np
@@ -38,14 +39,22 @@ from grpc_reflection.v1alpha import reflection
 
 from croupier import __version__
 from croupier.errors import ConfigError, CroupierError, DatasetError, FingerprintMismatch, StateError
+from croupier.grpc_options import server_options
 from croupier.proto import API_VERSION, SERVICE_NAME, pack_ids, pb2
+from croupier.server.job.job import (
+    CheckpointUnavailable,
+    Job,
+    JobReformed,
+    JobStatus,
+    NotJoined,
+    SliceData,
+    StepOutOfRange,
+    UnknownJob,
+)
 from croupier.server.serving.auth import AsyncTokenAuthInterceptor
 from croupier.server.serving.peer_limits import DEFAULT_CALLS_PER_PEER, DEFAULT_STREAMS_PER_PEER, PeerLimits
-from croupier.grpc_options import server_options
 from croupier.server.serving.session import SessionHandler, SessionState
 from croupier.server.serving.wakeup import CoarseTimers, Wakeup
-from croupier.server.job.job import (CheckpointUnavailable, Job, JobReformed, JobStatus, NotJoined, SliceData,
-                                 StepOutOfRange, UnknownJob)
 
 log = logging.getLogger(__name__)
 
@@ -412,7 +421,7 @@ class SamplerServer:
     def _run(self, coro, timeout: float | None = None):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def start(self) -> "SamplerServer":
+    def start(self) -> SamplerServer:
         async def go() -> None:
             await self.grpc_server.start()
             await self.health.set("", health_pb2.HealthCheckResponse.SERVING)

@@ -175,7 +175,7 @@ def test_faults_a_refusing_event_log_a_failing_controller_and_an_unreachable_ser
     """No fault in the feedback path stalls the sequence: each is refused or dropped, counted and logged."""
     from prometheus_client import generate_latest
 
-    from croupier.client.loss_reporter import LossReporter
+    from croupier.client.loss_sender import LossSender
     from croupier.errors import CroupierError
     from croupier.server.durability.event_log import EventLog
     from croupier.server.serving.metrics import ServerMetrics
@@ -215,7 +215,7 @@ def test_faults_a_refusing_event_log_a_failing_controller_and_an_unreachable_ser
     def unreachable(batch):
         raise ConnectionError("server gone")
 
-    rep = LossReporter(unreachable, interval_s=0.01, max_batch=2, max_pending=4)
+    rep = LossSender(unreachable, interval_s=0.01, max_batch=2, max_pending=4)
     for step in range(10):
         rep.add(step, np.ones(4))  # returns at once: the sender thread meets the fault
     rep.close(timeout=5)
