@@ -18,7 +18,7 @@ import pytest
 from croupier.apps.demo import RUN_TAG_ENV, kill_tagged
 from croupier.shards.build.builder import BuildConfig, build
 from croupier.shards.build.synthetic import generate_corpus, write_jsonl
-from workers.harness import free_port
+from workers.harness import free_port, terminate
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -54,10 +54,15 @@ def test_crashed_training_resumes_on_exactly_the_same_tokens(tmp_path, tiny_toke
     data = tmp_path / "data"
     build(BuildConfig(out=str(data), inputs=(str(tmp_path / "in.jsonl"),), embedder="hashing", clusters=4,
                       layout="cluster-major", shard_size=1 << 15, progress=False))
-    server = subprocess.Popen([sys.executable, "-m", "croupier", "serve", str(data), "--policy", "clusterclip",
-                               "--clip", "4", "--global-batch", "8", "--state-dir", str(tmp_path / "state"),
-                               "--port", "0", "--job", "example"],
-                              stdout=subprocess.PIPE, stderr=open(tmp_path / "server.log", "w"), text=True)
+    log = open(tmp_path / "server.log", "w")
+    try:
+        server = subprocess.Popen([sys.executable, "-m", "croupier", "serve", str(data), "--policy", "clusterclip",
+                                   "--clip", "4", "--global-batch", "8", "--state-dir", str(tmp_path / "state"),
+                                   "--port", "0", "--job", "example"],
+                                  stdout=subprocess.PIPE, stderr=log, text=True)
+    except BaseException:
+        log.close()
+        raise
     try:
         address = json.loads(server.stdout.readline())["address"]
         assert _torchrun(tmp_path, address, tiny_tokenizer, "whole") == 0, (tmp_path / "whole.log").read_text()[-4000:]
@@ -66,8 +71,8 @@ def test_crashed_training_resumes_on_exactly_the_same_tokens(tmp_path, tiny_toke
         assert _torchrun(tmp_path, address, tiny_tokenizer, "crash", "--resume") == 0, \
             (tmp_path / "crash.log").read_text()[-4000:]
     finally:
-        server.terminate()
-        server.wait(30)
+        terminate(server, 30)  # and its pipes closed
+        log.close()
     whole, crashed = _records(tmp_path, "whole"), _records(tmp_path, "crash")
     assert sorted(whole) == sorted(crashed) == [(s, r) for s in range(6) for r in (0, 1)]
     for key in whole:
