@@ -101,8 +101,15 @@ class ShardFetcher:
         """The shards already complete in the cache (an earlier run), as a mask; they count as
         present, unverified. Only their sizes are looked at here."""
         adopted = np.zeros(len(self.readers), dtype=bool)
+        names: dict[str, int] = {}
         try:
-            names = {e.name: e.stat().st_size for e in os.scandir(self.files.local) if e.is_file()}
+            with os.scandir(self.files.local) as entries:
+                for e in entries:
+                    try:
+                        if e.is_file():
+                            names[e.name] = e.stat().st_size
+                    except FileNotFoundError:  # removed or renamed by another reader while we looked
+                        continue
         except FileNotFoundError:
             return adopted
         for s, reader in enumerate(self.readers):
