@@ -11,7 +11,9 @@ The tiers are folders, and each folder sets a marker on its tests (`-m unit`, `-
 - `e2e/`: torchrun ranks, the demo, training studies and benchmarks.
 
 `pytest tests` (what `.ci/run` does) runs them all. Each tier has a per-test timeout
-(`TIMEOUTS`); a test that needs longer says so with its own `@pytest.mark.timeout`.
+(`TIMEOUTS`); a test that needs longer says so with its own `@pytest.mark.timeout`. A leaked
+file, thread or process (ResourceWarning, an unraisable exception) fails a unit test and is
+listed in the warnings summary of the other tiers.
 """
 
 from __future__ import annotations
@@ -39,6 +41,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if tier not in TIERS:
             raise pytest.UsageError(f"{item.nodeid}: a test lives in one of the tier folders {', '.join(TIERS)}")
         item.add_marker(getattr(pytest.mark, tier))
+        if tier != "unit":
+            # A leak found by the garbage collector is reported in whichever test is running when
+            # it collects, often another's, and the process tiers run third-party readers, stores
+            # and servers: there a leak is shown in the warnings summary; in unit/ it fails the test.
+            for category in ("ResourceWarning", "pytest.PytestUnraisableExceptionWarning"):
+                item.add_marker(pytest.mark.filterwarnings(f"always::{category}"))
         if item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(TIMEOUTS[tier]))
 
