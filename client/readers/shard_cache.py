@@ -241,7 +241,7 @@ ShardStore = ShardCache
 
 def _fetch_index(remote: str, cache_root: Path, timeout: float) -> bytes:
     """The bytes of the remote's index.json (always fetched: a cached copy may be stale)."""
-    from streaming.base.storage import CloudDownloader
+    from croupier.format.streaming_lib import CloudDownloader
 
     incoming = cache_root / ".incoming"
     incoming.mkdir(parents=True, exist_ok=True)

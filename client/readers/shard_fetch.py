@@ -40,7 +40,7 @@ LOCK_RETRY_S = 0.002
 def open_readers(index: dict, local: str, allow_unsafe_types: bool) -> list[Any]:
     """streaming's reader of every shard of `index` (files under `local`); ValueError, KeyError
     or TypeError for an index it cannot read."""
-    from streaming.base.format import reader_from_json
+    from croupier.format.streaming_lib import reader_from_json
 
     readers = []
     for info in index["shards"]:
@@ -86,7 +86,7 @@ class ShardFetcher:
     """Downloads and verifies the shards of `files` in one process (see the module docstring)."""
 
     def __init__(self, files: DatasetFiles) -> None:
-        from streaming.base.stream import Stream
+        from croupier.format.streaming_lib import Stream
 
         self.files = files
         self.readers = files.readers
@@ -214,7 +214,7 @@ class ShardFetcher:
                                    f"{size} bytes, index.json says {raw.bytes}")
 
     def _hash_failure(self, reader: Any) -> str | None:
-        from streaming.base.hashing import get_hash
+        from croupier.format.streaming_lib import get_hash
 
         algo = self.files.hash_algorithm
         for raw, zip_info in reader.file_pairs:
@@ -251,7 +251,7 @@ def prepare_shard(stream: Any, reader: Any) -> None:
             stream._download_file(zipped.basename)
         data = zip_path.read_bytes()
         _check_hash(stream.validate_hash, zipped, data, zip_path)
-        from streaming.base.compression import decompress
+        from croupier.format.streaming_lib import decompress
 
         tmp = raw_path.with_name(raw_path.name + ".tmp")
         tmp.write_bytes(decompress(reader.compression, data))
@@ -267,7 +267,7 @@ def _check_hash(algo: str | None, info: Any, data: bytes, path: Path) -> None:
     if algo not in info.hashes:
         raise ValueError(f"Hash algorithm `{algo}` chosen for data validation does not match with those "
                          f"provided during dataset creation `{sorted(info.hashes)}`. Provide one of those.")
-    from streaming.base.hashing import get_hash
+    from croupier.format.streaming_lib import get_hash
 
     if get_hash(algo, data) != info.hashes[algo]:
         raise ValueError(f"Checksum failure: {path}")

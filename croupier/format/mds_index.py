@@ -150,7 +150,7 @@ class MDSIndex:
 
 def choose_hash(recorded: Iterable[Mapping[str, str]]) -> str | None:
     """The preferred algorithm that every one of the `recorded` hash maps holds and streaming knows."""
-    from streaming.base.hashing import get_hashes
+    from croupier.format.streaming_lib import get_hashes
 
     common: set[str] | None = None
     for hashes in recorded:

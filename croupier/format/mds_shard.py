@@ -31,7 +31,7 @@ def file_fault(data: bytes | memoryview, record: FileRecord, algorithms: Iterabl
     """What is wrong with `data` as the file `record` describes, or None when it matches.
 
     Checks the size, then the hashes in `algorithms` (default: every algorithm recorded)."""
-    from streaming.base.hashing import get_hash
+    from croupier.format.streaming_lib import get_hash
 
     if len(data) != record.bytes:
         return f"{len(data)} bytes, index.json says {record.bytes}"

@@ -44,7 +44,7 @@ def join(url: str, *parts: str) -> str:
 
 def download(url: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT) -> None:
     """Fetch one remote file into `dest` (atomically); FileNotFoundError when it is not there."""
-    from streaming.base.storage import CloudDownloader
+    from croupier.format.streaming_lib import CloudDownloader
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex}"
@@ -128,9 +128,8 @@ def publish(local_dir: str | os.PathLike[str], url: str) -> int:
 
     Order: shards, sidecar arrays, index.json, sidecar manifest (last).
     """
-    from streaming.base.storage import CloudUploader
-
     from croupier.format.mds_index import MDSIndex
+    from croupier.format.streaming_lib import CloudUploader
 
     local = Path(local_dir)
     index = MDSIndex.read(local)

@@ -87,7 +87,7 @@ class MDSSource:
     def _fetch_bytes(self, basename: str) -> bytes:
         local = self.local / basename
         if self.remote and not local.exists():
-            from streaming.base.storage import CloudDownloader
+            from croupier.format.streaming_lib import CloudDownloader
 
             try:
                 CloudDownloader.direct_download(self._name(basename), str(local))
@@ -103,7 +103,7 @@ class MDSSource:
     def _shard_samples(self, i: int) -> list[bytes]:
         if self._cached is not None and self._cached[0] == i:
             return self._cached[1]
-        from streaming.base.compression import decompress
+        from croupier.format.streaming_lib import decompress
 
         entry = self.shards[i]
         stored = entry.stored
@@ -124,7 +124,7 @@ class MDSSource:
         return samples
 
     def _reader(self, i: int) -> Any:
-        from streaming.base.format.mds.reader import MDSReader
+        from croupier.format.streaming_lib import MDSReader
 
         return MDSReader.from_json(str(self.local), None, self.shards[i].info)
 

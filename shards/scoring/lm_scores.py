@@ -197,9 +197,8 @@ class ShardTextReader:
     """
 
     def __init__(self, dataset_dir: str | os.PathLike[str], field: str = "text") -> None:
-        from streaming.base.format import reader_from_json
-
         from croupier.format.mds_index import MDSIndex
+        from croupier.format.streaming_lib import reader_from_json
 
         self.root = Path(dataset_dir)
         self.index = MDSIndex.read(self.root)
@@ -226,7 +225,7 @@ class ShardTextReader:
             if zpath is None or not zpath.is_file():
                 raise DatasetError(f"shard {raw!r} of {str(self.root)!r} is missing (neither raw "
                                    f"nor compressed file is present locally)")
-            from streaming.base.compression import decompress
+            from croupier.format.streaming_lib import decompress
             if self._tmp is None:
                 self._tmp = tempfile.mkdtemp(prefix="croupier-score-")
             data = decompress(entry.compression, zpath.read_bytes())

@@ -128,7 +128,7 @@ def write_run(cfg: BuildConfig, store: Any, order: np.ndarray | None, blocks: Se
     shard. Returns the token count of every written sample in write order with a tokenizer,
     else None.
     """
-    from streaming import MDSWriter
+    from croupier.format.streaming_lib import MDSWriter
 
     shutil.rmtree(folder, ignore_errors=True)
     writer = MDSWriter(out=str(folder), columns=columns, compression=cfg.compression,
