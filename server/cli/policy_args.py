@@ -40,20 +40,11 @@ def add_block_size_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup
 
 
 def policy_from_args(args: argparse.Namespace) -> PolicyConfig:
-    """A validated PolicyConfig from the policy flags."""
-    clip, auto = None, False
-    if args.clip is not None:
-        if args.clip == "auto":
-            auto = True
-        else:
-            try:
-                clip = int(args.clip)
-            except ValueError:
-                raise ConfigError(f"--clip must be an integer >= 1 or 'auto', got {args.clip!r}") from None
-    return PolicyConfig(policy=args.policy or "clusterclip", clip=clip, auto_clip=auto, weights=parse_weights(args.weights),
-                        switch_step=args.switch_step, switch_fraction=args.switch_fraction,
-                        budget_steps=args.budget_steps, on_exhausted=args.on_exhausted,
-                        min_active_share=args.min_active_share)
+    """A validated PolicyConfig from the policy flags (`PolicyConfig.from_options` reads them)."""
+    return PolicyConfig.from_options(policy=args.policy, clip=args.clip, weights=parse_weights(args.weights),
+                                     switch_step=args.switch_step, switch_fraction=args.switch_fraction,
+                                     budget_steps=args.budget_steps, on_exhausted=args.on_exhausted,
+                                     min_active_share=args.min_active_share, clip_name="--clip")
 
 
 def load_mix_args(args: argparse.Namespace, sidecar_cache: Path | None = None):  # -> Mixture

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+import numbers
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -84,6 +85,42 @@ class PolicyConfig:
                     raise ConfigError("switch_fraction needs budget_steps to name a step")
         elif self.switch_step is not None or self.switch_fraction is not None:
             raise ConfigError(f"policy {self.policy!r} does not switch; switch_step/switch_fraction apply to g2s and s2g")
+
+    @classmethod
+    def from_options(cls, *, policy: str | None = None, clip: int | str | None = None,
+                     weights: Sequence[float] | None = None, switch_step: int | None = None,
+                     switch_fraction: float | None = None, budget_steps: int | None = None,
+                     on_exhausted: str = "stop", min_active_share: float = 0.5,
+                     clip_name: str = "clip") -> PolicyConfig:
+        """A validated config from user-facing options: the one conversion `serve`, `simulate` and the
+        Python APIs (`ClusterBatchSampler`) share, so a flag and a keyword mean the same thing.
+
+        `policy` None means "clusterclip". `clip` is an integer >= 1, "auto" (derived from
+        `budget_steps`, keeping `min_active_share` of the clusters active), the text of an integer
+        (what a command line passes), or None. `clip_name` names the option in refusals ("--clip").
+        """
+        number: int | None = None
+        auto = False
+        if isinstance(clip, str):
+            if clip == "auto":
+                auto = True
+            else:
+                try:
+                    number = int(clip)
+                except ValueError:
+                    raise ConfigError(f"{clip_name} must be an integer >= 1 or 'auto', got {clip!r}") from None
+        elif isinstance(clip, numbers.Integral) and not isinstance(clip, bool):
+            number = int(clip)
+        elif clip is not None:
+            raise ConfigError(f"{clip_name} must be an integer >= 1 or 'auto', got {clip!r}")
+        if weights is not None:
+            try:
+                weights = tuple(weights)
+            except TypeError:
+                raise ConfigError(f"weights must be a sequence of numbers (one per cluster), got {weights!r}") from None
+        return cls(policy=policy or "clusterclip", clip=number, auto_clip=auto, weights=weights,
+                   switch_step=switch_step, switch_fraction=switch_fraction, budget_steps=budget_steps,
+                   on_exhausted=on_exhausted, min_active_share=min_active_share)
 
     # -- derived ----------------------------------------------------------------------------
     @property
