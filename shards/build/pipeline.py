@@ -5,7 +5,8 @@ assign, write) and the ones every engine shares:
 
     ingest    inputs -> text parts (engine); with --adopt, the adopted dataset's size
     choose_k  K from --clusters or the corpus size            | with --group-by:
-    embed     the embedding matrix (engine)                   |   groups   field codes, K
+    embed     the embedding matrix (engine; with --embeddings |   groups   field codes, K
+              the user's, with --embedder none an empty one)  |
     train     k-means centroids on a sample                   |   embed    (engine)
     assign    nearest centroid of every document (engine)     |   assign   clusters inside groups
     order     drop empty clusters, sort ids by cluster
@@ -43,9 +44,9 @@ def plan(cfg: BuildConfig, engine: Engine) -> list[Stage]:
 
     stages: list[Stage] = [engine.ingest() if cfg.adopt is None else AdoptDataset()]
     if cfg.group_by is None:
-        stages += [ChooseK(), engine.embed(), TrainCentroids(), engine.assign()]
+        stages += [ChooseK(), _embed(cfg, engine), TrainCentroids(), engine.assign()]
     else:
-        stages += [GroupCodes(), engine.embed(), ClusterGroups()]
+        stages += [GroupCodes(), _embed(cfg, engine), ClusterGroups()]
     stages.append(OrderByCluster())
     if cfg.adopt is None:
         stages.append(engine.write())
@@ -53,6 +54,18 @@ def plan(cfg: BuildConfig, engine: Engine) -> list[Stage]:
     if cfg.adopt is not None and cfg.tokenizer is not None:
         stages.append(CountTokens())
     return stages
+
+
+def _embed(cfg: BuildConfig, engine: Engine) -> Stage:
+    """The embed stage: the user's embeddings, none (`--embedder none`), or the engine's embedder."""
+    from croupier.shards.build.embed import NO_EMBEDDER
+    from croupier.shards.build.stages.given import GivenEmbeddings, NoEmbeddings
+
+    if cfg.embeddings is not None:
+        return GivenEmbeddings()
+    if cfg.embedder == NO_EMBEDDER:
+        return NoEmbeddings()
+    return engine.embed()
 
 
 def run_build(cfg: BuildConfig, engine: Engine, hook: Hook | None = None) -> BuildResult:

@@ -10,7 +10,6 @@ from croupier.values import parse_size
 
 def register(sub: argparse._SubParsersAction) -> None:
     from croupier.format.sidecar import LAYOUTS
-    from croupier.shards.build.embed import EMBEDDERS
     from croupier.shards.build.engines import ENGINES
 
     p = sub.add_parser(
@@ -30,8 +29,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-tail-check", action="store_true",
                    help="skip the check, after the build, of how balancing its clusters would deal the rare groups "
                         "of each kept field (it reads the kept columns once)")
-    p.add_argument("--embedder", default="minilm", choices=sorted(EMBEDDERS),
-                   help="minilm (all-MiniLM-L6-v2, default) or hashing (fast, model-free)")
+    p.add_argument("--embedder", default="minilm", metavar="NAME_OR_PATH",
+                   help="minilm (all-MiniLM-L6-v2, default), hashing (fast, model-free), a local "
+                        "sentence-transformers model folder (loaded offline; its name and hash are recorded), "
+                        "or none (with --group-by FIELD and one cluster per value: nothing is embedded)")
+    p.add_argument("--embeddings", default=None, metavar="FILE_OR_FIELD",
+                   help="your own embeddings instead of an embedder: a .npy (N, dim) float array in input order, "
+                        "a .parquet file's list column (--embeddings-column), or a list field of the records; "
+                        "stored float16, their file name and SHA-256 (or field) recorded in the sidecar")
+    p.add_argument("--embeddings-column", default=None, metavar="COLUMN",
+                   help="with --embeddings FILE.parquet: the column holding the vectors (default embedding)")
+    p.add_argument("--embeddings-key", default=None, metavar="FIELD",
+                   help="with --embeddings FILE.parquet: a column of the file that must equal this field of the "
+                        "records row by row (refuses a file in another order)")
     p.add_argument("--clusters", type=int, default=None, help="K (default: about sqrt(N), at most 1024)")
     p.add_argument("--group-by", default=None, metavar="FIELD",
                    help="a metadata field of the records (source, domain, language...) as the first level of the "
@@ -93,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, skip_bad=args.skip_bad, overwrite=args.overwrite,
         device=args.device, progress=not args.quiet, tokenizer=args.tokenizer, token_field=args.token_field,
         work_dir=args.work_dir, group_by=args.group_by, clusters_per_group=args.clusters_per_group,
-        cluster_size=args.cluster_size, min_cluster_size=args.min_cluster_size, embed_cache=args.embed_cache)
+        cluster_size=args.cluster_size, min_cluster_size=args.min_cluster_size, embed_cache=args.embed_cache,
+        embeddings=args.embeddings, embeddings_column=args.embeddings_column, embeddings_key=args.embeddings_key)
     res = build_with(cfg, args.engine, ray_address=args.ray_address, ray_workers=args.ray_workers)
     print(f"{res.out}: {res.num_samples} documents, {res.num_clusters} clusters, layout {res.layout}, "
           f"fingerprint {res.fingerprint}" + (f", {res.skipped} bad records skipped" if res.skipped else ""))

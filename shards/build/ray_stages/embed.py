@@ -81,7 +81,7 @@ class RayEmbed:
         t0 = time.perf_counter()
         encode_s = 0.0
         workers = self.session.workers
-        gpus = self.session.gpus() if cfg.embedder == "minilm" else 0
+        gpus = self.session.gpus() if cfg.embedder != "hashing" else 0  # a sentence model
         try:
             if todo:
                 ds = ray.data.from_items([{"chunk": i} for i in todo], override_num_blocks=len(todo)).map_batches(

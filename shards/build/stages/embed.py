@@ -21,10 +21,10 @@ from croupier.shards.build.context import BuildContext
 
 def make_embedder(cfg: BuildConfig) -> Any:
     """The build's embedder (`--embedder`), with the settings that apply to it."""
-    from croupier.shards.build.embed import get_embedder
+    from croupier.shards.build.embed import get_embedder, is_model_folder
 
     kwargs: dict[str, Any] = {}
-    if cfg.embedder == "minilm":
+    if cfg.embedder == "minilm" or is_model_folder(cfg.embedder):
         kwargs = {"device": cfg.device, "batch_size": cfg.batch_size}
     elif cfg.embedder == "hashing":
         kwargs = {"seed": cfg.seed}
@@ -35,7 +35,7 @@ def embedding_dim(cfg: BuildConfig) -> int:
     """The embedder's dimension, without loading a model when its class states it."""
     from croupier.shards.build.embed import EMBEDDERS
 
-    dim = getattr(EMBEDDERS[cfg.embedder], "dim", None)
+    dim = getattr(EMBEDDERS.get(cfg.embedder), "dim", None)
     if isinstance(dim, int):
         return dim
     return int(make_embedder(cfg).dim)

@@ -66,6 +66,24 @@ def _adopted_from(ctx: BuildContext) -> str | None:
     return adopt if "://" in adopt else str(Path(adopt).resolve())
 
 
+def provenance(ctx: BuildContext) -> dict[str, Any]:
+    """Where the embeddings and the clusters came from, as the manifest's `provenance` records it."""
+    cfg, st = ctx.cfg, ctx.state
+    emb = dict(st["embedder"])
+    embeddings = ({"from": "embedder", "embedder": emb.get("name")} if "from" not in emb
+                  else {k: v for k, v in emb.items() if k not in ("name", "dim")})
+    if emb.get("name") == "none":
+        embeddings = {"from": "none"}
+    rule = cfg.grouping()
+    if rule is None:
+        clusters: dict[str, Any] = {"from": "k-means", "clusters": int(st["clusters"])}
+    elif rule.clusters_per_group is None and rule.cluster_size is None:
+        clusters = {"from": "field", "field": rule.field}
+    else:
+        clusters = {"from": "field+k-means", "field": rule.field, "rule": rule.rule()}
+    return {"embeddings": embeddings, "clusters": clusters}
+
+
 def write_manifest(ctx: BuildContext) -> str:
     """Finish the dataset folder and write the sidecar manifest; returns the fingerprint."""
     cfg, st, paths = ctx.cfg, ctx.state, ctx.paths
@@ -116,6 +134,7 @@ def write_manifest(ctx: BuildContext) -> str:
 
         order = np.load(work / work_files.ORDER, mmap_mode="r") if cfg.cluster_major else None
         extra["grouping"] = finish(work, side, grouping, order)
+    extra["provenance"] = provenance(ctx)
     write_sidecar(paths.out, fingerprint=fp, layout=cfg.layout, assignments=assignments,
                   offsets=offsets, members=members, centroids=centroids, extra=extra)
     del assignments, members
