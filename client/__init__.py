@@ -3,7 +3,8 @@
     from croupier.client import CroupierIterableDataset, RankClient
     from croupier.client.errors import ClientError, Unauthenticated, ...
 
-`CroupierIterableDataset` (torch) and `ShardCache` (mosaicml-streaming) load on first use, so
+`CroupierIterableDataset` (torch), `ShardCache` (mosaicml-streaming) and `ClusterBatchSampler` (a batch
+sampler for map-style datasets, no server) load on first use, so
 importing the package for `RankClient` alone stays light. `ShardStore` is the former name of
 `ShardCache`, kept as a deprecated alias.
 """
@@ -25,8 +26,9 @@ from croupier.client.errors import (
 from croupier.client.rank_client import Backoff, RankClient
 
 __all__ = [
-    "Backoff", "ClientError", "CroupierIterableDataset", "InvalidRequest", "Mismatch", "NotFound", "OutOfRange",
-    "PermissionDenied", "RankClient", "ShardCache", "ShardStore", "Unauthenticated", "Unavailable",
+    "Backoff", "ClientError", "ClusterBatchSampler", "CroupierIterableDataset", "InvalidRequest", "Mismatch",
+    "NotFound", "OutOfRange", "PermissionDenied", "RankClient", "ShardCache", "ShardStore", "Unauthenticated",
+    "Unavailable",
 ]
 
 
@@ -35,6 +37,10 @@ def __getattr__(name: str) -> Any:
         from croupier.client.dataset import CroupierIterableDataset
 
         return CroupierIterableDataset
+    if name == "ClusterBatchSampler":
+        from croupier.client.batch_sampler import ClusterBatchSampler
+
+        return ClusterBatchSampler
     if name in ("ShardCache", "ShardStore"):  # ShardStore: the deprecated former name
         from croupier.client.readers.shard_cache import ShardCache
 

@@ -1,9 +1,12 @@
 """`croupier simulate`: the dry run. What will my training see?
 
-Runs the sampling core offline over synthetic clusters (`--cluster-sizes`) or a dataset's
-cluster sidecar (`--dataset`), and prints either every step's ids (jsonl; one rank's slice
-with --world/--rank) or a per-cluster summary with the schedule of active clusters over the
-run and a warning when the end of training collapses onto a few clusters.
+Runs the sampling core offline over synthetic clusters (`--cluster-sizes`), a dataset's
+cluster sidecar (`--dataset`), a mixture (`--mix`) or one cluster id per dataset index
+(`--cluster-ids FILE.npy`: what `ClusterBatchSampler` samples a map-style dataset with; the
+jsonl of `--world W --rank R` is that rank's indices), and prints either every step's ids
+(jsonl; one rank's slice with --world/--rank) or a per-cluster summary with the schedule of
+active clusters over the run and a warning when the end of training collapses onto a few
+clusters.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import TextIO
 
 import numpy as np
 
+from croupier.cluster_ids import load_cluster_ids
 from croupier.errors import ConfigError, EndOfData
 from croupier.layout import ClusterLayout
 from croupier.server.cli.policy_args import (
@@ -43,13 +47,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--cluster-sizes", help="synthetic clusters with contiguous ids, e.g. 5000,300,20,1")
     src.add_argument("--dataset", help="dataset folder with a croupier cluster sidecar")
     src.add_argument("--mix", help="a mixture file (TOML): sources with weights and policies (docs/sampling.md)")
+    src.add_argument("--cluster-ids", help="a .npy file of one cluster id per dataset index (-1 = excluded): "
+                                           "the sequence ClusterBatchSampler yields for that array")
     p.add_argument("--selection", help="sample only inside this named selection of the dataset")
     add_block_size_argument(p)
     add_policy_arguments(p)
     p.add_argument("--state-dir", default=None,
                    help="replay a job's sequence from its state directory: batch, seed and policy from its "
                         "newest checkpoint, online changes from its event log (give the layout: --cluster-sizes, "
-                        "--dataset or --mix)")
+                        "--dataset, --mix or --cluster-ids)")
     p.add_argument("--steps", type=int, default=None,
                    help="steps to simulate (required; with --state-dir the default is the job's generated step)")
     p.add_argument("--world", type=int, default=1, help="ranks in the world (jsonl: print one rank's slice)")
@@ -59,6 +65,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def layout_from_args(args: argparse.Namespace) -> ClusterLayout:
+    if getattr(args, "cluster_ids", None) is not None:
+        if getattr(args, "selection", None):
+            raise ConfigError("--selection needs --dataset: with --cluster-ids, set excluded indices to -1")
+        if args.block_size is not None:
+            raise ConfigError(f"--block-size {args.block_size} applies to --cluster-sizes only: --cluster-ids "
+                              "indices are read one by one")
+        return load_cluster_ids(args.cluster_ids, f"--cluster-ids {args.cluster_ids}")
     if args.cluster_sizes is not None:
         if getattr(args, "selection", None):
             raise ConfigError("--selection needs --dataset: synthetic clusters have no selections")
