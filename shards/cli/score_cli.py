@@ -1,4 +1,7 @@
-"""`croupier shards score DIR --by askllm|density|perplexity`: per-sample score columns.
+"""`croupier shards score DIR --by askllm|density|perplexity | --from-field FIELD | --from-file FILE.npy`.
+
+Per-sample score columns: computed by a scorer, or a score you already have (a kept field or
+a .npy, `croupier.shards.scoring.external`; `--lower-is-better` when lower values are better).
 
 Scores land in the dataset's sidecar as float32 columns (`Sidecar.write_scores`) with the
 scorer's parameters in the manifest (`croupier.shards.scoring.scorers.score_and_store`). Work
@@ -28,6 +31,26 @@ from croupier.shards.scoring.scorers import ENGINES, SCORERS, score_and_store
 
 
 def run(args: argparse.Namespace) -> int:
+    from croupier.errors import ConfigError
+
+    if args.from_field is not None or args.from_file is not None:
+        if args.by is not None:
+            raise ConfigError(f"--by {args.by} computes a score; --from-field/--from-file store one you have: "
+                              "give one of them")
+        from croupier.shards.scoring.external import store_external
+
+        name, values, record = store_external(args.dir, field=args.from_field, file=args.from_file, name=args.name,
+                                              lower_is_better=args.lower_is_better)
+        source = f"field {record['field']!r}" if record["from"] == "field" else f"file {record['file']}"
+        print(f"score {name!r} (from the {source}, {'higher' if record['higher_is_better'] else 'lower'} is "
+              f"better): {len(values):,} samples; min {values.min():.4g}, median {float(np.median(values)):.4g}, "
+              f"max {values.max():.4g}")
+        return 0
+    if args.lower_is_better:
+        raise ConfigError("--lower-is-better applies to --from-field/--from-file (a computed score knows its "
+                          "direction)")
+    if args.by is None:
+        raise ConfigError(f"give --by SCORER ({', '.join(SCORERS)}) or --from-field FIELD / --from-file FILE.npy")
     got = score_and_store(args.dir, args.by, args, name=args.name, engine=args.engine, ray_address=args.ray_address,
                           ray_workers=args.ray_workers, restart=args.restart, progress=not args.no_progress)
     values, elapsed = got.values, got.elapsed_s
@@ -42,8 +65,15 @@ def register(subparsers: Any) -> None:
         "score", help="score every sample (askllm, density, perplexity) into the sidecar",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dir", help="MDS dataset folder with a croupier sidecar")
-    p.add_argument("--by", required=True, metavar="SCORER", help=f"one of: {', '.join(SCORERS)}")
-    p.add_argument("--name", help="score column name (default: the scorer's name)")
+    p.add_argument("--by", default=None, metavar="SCORER", help=f"one of: {', '.join(SCORERS)}")
+    p.add_argument("--from-field", default=None, metavar="FIELD",
+                   help="store a score you have: a kept numeric field of the dataset (a quality classifier's "
+                        "probability, an educational grade, your own perplexity...)")
+    p.add_argument("--from-file", default=None, metavar="FILE.npy",
+                   help="store a score you have: a .npy array of one number per sample id (its SHA-256 recorded)")
+    p.add_argument("--lower-is-better", action="store_true",
+                   help="with --from-field/--from-file: lower values are better (default: higher)")
+    p.add_argument("--name", help="score column name (default: the scorer's name, the field, or the file's stem)")
     p.add_argument("--chunk-size", type=int, help="samples per resumable chunk")
     p.add_argument("--restart", action="store_true", help="discard a partial run and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")

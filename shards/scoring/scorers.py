@@ -54,6 +54,9 @@ def _embeddings(sidecar: Any) -> np.ndarray:
             f"density needs the stored embeddings of {str(sidecar.root)!r}, and they are missing "
             f"({exc}); rebuild the sidecar with an embedder (`croupier shards build`)"
         ) from None
+    if emb.ndim == 2 and emb.shape[1] == 0:
+        raise DatasetError(f"density needs embeddings, and {str(sidecar.root)!r} was built without any "
+                           "(--embedder none); rebuild it with an embedder or --embeddings")
     if emb.ndim != 2 or len(emb) != sidecar.num_samples:
         raise DatasetError(f"stored embeddings have shape {emb.shape}, expected "
                            f"({sidecar.num_samples}, d)")

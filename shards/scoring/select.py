@@ -159,5 +159,30 @@ def select(by: str, keep: float, *, scores: np.ndarray | None = None, n: int | N
     return top_k_per_group(pri, labels, keep)
 
 
-__all__: list[str] = ["SELECTORS", "keep_count", "check_selector", "priorities", "top_k",
-                      "allocate", "top_k_per_group", "select"]
+def top_fraction(priority: np.ndarray, keep: float, *, labels: np.ndarray | None = None,
+                 candidates: np.ndarray | None = None) -> np.ndarray:
+    """Sorted ids keeping `keep` of the candidates (sorted ids; None: every sample) by priority,
+    globally or, with `labels`, inside every cluster: a quality cut after a filter."""
+    pri = np.asarray(priority, dtype=np.float64)
+    cand = np.arange(len(pri), dtype=np.int64) if candidates is None else np.asarray(candidates, dtype=np.int64)
+    k = keep_count(len(cand), keep)
+    if labels is None:
+        local = top_k(pri[cand], k)
+    else:
+        local = top_k_per_group(pri[cand], np.asarray(labels)[cand], keep)
+    return cand[local]
+
+
+def at_threshold(scores: np.ndarray, threshold: float, higher_is_better: bool,
+                 candidates: np.ndarray | None = None) -> np.ndarray:
+    """Sorted ids of the candidates whose score is at least as good as `threshold` (>= it when higher
+    is better, else <= it), compared in float32 as the scores are stored."""
+    s = np.asarray(scores, dtype=np.float32)
+    t = np.float32(threshold)
+    keep = s >= t if higher_is_better else s <= t
+    ids = np.flatnonzero(keep).astype(np.int64)
+    return ids if candidates is None else np.intersect1d(ids, np.asarray(candidates, dtype=np.int64))
+
+
+__all__: list[str] = ["SELECTORS", "at_threshold", "keep_count", "check_selector", "priorities", "top_k",
+                      "allocate", "top_k_per_group", "select", "top_fraction"]
