@@ -37,15 +37,17 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, cast
 
 from torch.utils.data import IterableDataset, get_worker_info
 
 from croupier.client.agent.protocol import AGENT_ENV
+from croupier.client.embedded import SERVER_ONLY, EmbeddedDealer, EmbeddedJob
 from croupier.client.rank_client import RankClient
 from croupier.client.rank_state import STATE_VERSION, validate_state
 from croupier.errors import ConfigError, EndOfData, FingerprintMismatch, StateError
+from croupier.server.sampling.state import SamplerState
 from croupier.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -127,6 +129,87 @@ class CroupierIterableDataset(IterableDataset):
         self._shared_workers = multiprocessing.get_context().Value("q", 0)
         self._control: RankClient | None = None
         self._control_pid: int | None = None
+        self._embedded: EmbeddedJob | None = None  # set by embedded(): no server
+        self._sampler_state: bytes | None = None  # a loaded state's sampler state, at or before its step
+        self._dealer: EmbeddedDealer | None = None  # this process's embedded lane
+
+    @classmethod
+    def embedded(
+        cls,
+        dataset: str | os.PathLike | None = None,
+        *,
+        global_batch: int,
+        cache_dir: str | os.PathLike,
+        policy: str | None = None,
+        clip: int | str | None = None,
+        budget_steps: int | None = None,
+        weights: Sequence[float] | str | None = None,
+        switch_step: int | None = None,
+        switch_fraction: float | None = None,
+        on_exhausted: str = "stop",
+        min_active_share: float = 0.5,
+        seed: int = 0,
+        selection: str | None = None,
+        mix: str | os.PathLike | None = None,
+        topology: Topology | None = None,
+        remote: str | None = None,
+        cache_limit: int | None = None,
+        steps: int | None = None,
+        start_step: int | None = None,
+        lookahead: int = 64,
+        prefetch_threads: int = 4,
+    ) -> CroupierIterableDataset:
+        """The same dataset with no server: every rank (and DataLoader worker) computes the
+        global batches with the sampler `croupier serve` runs, and reads its slice of each.
+
+        It yields exactly what `croupier serve DATASET` (or `serve --mix FILE`) with the same
+        flags deals this rank. The policy keywords mean what the flags mean (`clip` an integer
+        or "auto"; `weights` a list, a comma list or "@FILE"). `state_dict()` carries the
+        sampler state, so a resume costs O(clusters), and the state resumes on a served job of
+        the same configuration too (and a served job's `state_dict(checkpoint=True)` here).
+        Online changes, loss feedback and server checkpoints need `croupier serve`.
+        """
+        from croupier.server.sampling.policy import PolicyConfig
+        from croupier.values import parse_weights
+
+        if isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1:
+            raise ConfigError(f"global_batch must be an integer >= 1, got {global_batch!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
+        config = None
+        if mix is None:
+            if dataset is None:
+                raise ConfigError("embedded() needs a dataset (a folder or s3:// URL with a sidecar) or mix=")
+            config = PolicyConfig.from_options(
+                policy=policy, clip=clip, weights=parse_weights(weights) if isinstance(weights, str) else weights,
+                switch_step=switch_step, switch_fraction=switch_fraction, budget_steps=budget_steps,
+                on_exhausted=on_exhausted, min_active_share=min_active_share)
+        else:
+            given = [k for k, v in (("policy", policy), ("clip", clip), ("budget_steps", budget_steps),
+                                    ("weights", weights), ("switch_step", switch_step),
+                                    ("switch_fraction", switch_fraction), ("selection", selection),
+                                    ("dataset", dataset)) if v is not None]
+            if on_exhausted != "stop":
+                given.append("on_exhausted")
+            if min_active_share != 0.5:
+                given.append("min_active_share")
+            if given:
+                raise ConfigError(f"mix={os.fspath(mix)!r}: the mixture file fixes the sources and their policies; "
+                                  f"remove {', '.join(given)} (set them per source, or at the file's top level)")
+        job = EmbeddedJob(dataset=None if dataset is None else os.fspath(dataset),
+                          mix=None if mix is None else os.fspath(mix), selection=selection, policy=config,
+                          global_batch=global_batch, seed=seed, remote=remote,
+                          sidecar_cache=os.path.join(os.fspath(cache_dir), "sidecars"))
+        ds = cls("", "embedded", cache_dir=cache_dir, cache_limit=cache_limit, steps=steps, start_step=start_step,
+                 topology=topology, lookahead=max(1, lookahead), prefetch_threads=prefetch_threads, agent="")
+        ds._embedded = job
+        ds.topology.slice_bounds(global_batch)  # refuses a batch that does not split evenly, at the door
+        return ds
+
+    @property
+    def is_embedded(self) -> bool:
+        """Whether this dataset deals itself (`embedded()`) rather than reading from a server."""
+        return self._embedded is not None
 
     def _client(self, **kwargs: Any) -> RankClient:
         return RankClient(
@@ -167,14 +250,16 @@ class CroupierIterableDataset(IterableDataset):
         if info is not None:
             with self._shared_workers.get_lock():
                 self._shared_workers.value = workers
-        client = self._client(resume_token=self._resume_token or None,
-                              expected_fingerprint=self._expected_fingerprint)
+        client = self._reader()
         store = None
         try:
             job = client.join()
+            if self._expected_fingerprint is not None and job.sampler_fingerprint != self._expected_fingerprint:
+                raise FingerprintMismatch("sampler", self._expected_fingerprint, job.sampler_fingerprint)
             self._fingerprint = job.sampler_fingerprint
-            if info is None:
+            if info is None and not self.is_embedded:
                 self._resume_token = ""  # the job is resumed; later iterations just continue
+                self._sampler_state = None
             first, stop, skip = self._lane(client, workers, worker)
             if first is None:  # a joined client knows the rank's position
                 raise StateError(f"rank {client.topology.rank} has no start step after joining job {self.job!r}")
@@ -200,6 +285,15 @@ class CroupierIterableDataset(IterableDataset):
             client.close()
             if store is not None:
                 store.close()
+
+    def _reader(self) -> RankClient | EmbeddedDealer:
+        """This iteration's source of slices: a client of the server, or the embedded dealer."""
+        if self._embedded is None:
+            return self._client(resume_token=self._resume_token or None, sampler_state=self._sampler_state,
+                                expected_fingerprint=self._expected_fingerprint)
+        state = None if self._sampler_state is None else SamplerState.from_bytes(self._sampler_state)
+        self._dealer = EmbeddedDealer(self._embedded, self.topology, lookahead=self.lookahead, state=state)
+        return self._dealer
 
     def _lane(self, client: RankClient | None, workers: int, worker: int) -> tuple[int | None, int | None, int]:
         """(first step, stop step, samples of the first step to skip) of this process's lane.
@@ -322,12 +416,21 @@ class CroupierIterableDataset(IterableDataset):
             stride = workers if position is not None else None
         fingerprint = self._fingerprint or self._expected_fingerprint or ""
         token = ""
+        sampler_state = None
         if checkpoint:
+            if self._embedded is not None:
+                raise ConfigError(f"state_dict(checkpoint=True): {SERVER_ONLY}; an embedded state carries its "
+                                  "sampler state already")
             if position is None:
                 raise ConfigError("no position to checkpoint yet: pass next_step to state_dict(checkpoint=True)")
             control = self._control_client()
             fingerprint = fingerprint or control.status().job.sampler_fingerprint
-            token = control.checkpoint(step=position)
+            token = control.checkpoint(step=position, include_state=True)
+            sampler_state = control.checkpoint_state(position)
+        elif position is not None:
+            sampler_state = self._state_before(position)
+        if self._embedded is not None and not fingerprint:
+            fingerprint = self._embedded_fingerprint()
         return {
             "version": DATASET_STATE_VERSION,
             "sampler_fingerprint": fingerprint,
@@ -336,12 +439,34 @@ class CroupierIterableDataset(IterableDataset):
             "stride": stride,
             "stop_step": stop,
             "token": token,
+            "sampler_state": sampler_state,
         }
+
+    def _state_before(self, step: int) -> bytes | None:
+        """The sampler state before `step` this process holds (its embedded lane's, or a loaded
+        state's at or before it), as bytes; None when it holds none."""
+        if self._dealer is not None:
+            state = self._dealer.state_before(step)
+            if state is not None:
+                return state.to_bytes()
+        if self._sampler_state is not None and SamplerState.from_bytes(self._sampler_state).step <= step:
+            return self._sampler_state
+        return None
+
+    def _embedded_fingerprint(self) -> str:
+        """The embedded job's sampler fingerprint (opens its sidecars once)."""
+        assert self._embedded is not None
+        if self._fingerprint is None:
+            self._fingerprint = EmbeddedDealer(self._embedded, self.topology).join().sampler_fingerprint
+        return self._fingerprint
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """The next iteration continues from the state; its fingerprint is checked on join.
 
-        Takes this dataset's states and a `RankClient` state (a global next step)."""
+        Takes this dataset's states and a `RankClient` state (a global next step). A state
+        saved in embedded mode resumes on a served job of the same configuration and back: its
+        sampler state travels with it (without one, an embedded reader computes the steps
+        before its position; a served job re-forms at the token's step, or at the rank's)."""
         position, skip, stride, stop = _parse_state(state)
         expected = str(state["sampler_fingerprint"]) or None
         if expected is not None and self._fingerprint is not None and self._fingerprint != expected:
@@ -349,6 +474,8 @@ class CroupierIterableDataset(IterableDataset):
         self._expected_fingerprint = expected
         self._position, self._skip, self._stride, self._stop = position, skip, stride, stop
         self._resume_token = str(state["token"])
+        self._sampler_state = _parse_sampler_state(state, expected, position)
+        self._dealer = None
         if position is not None and stride is None:
             self._start_step = position
             with self._shared_base.get_lock():
@@ -360,6 +487,8 @@ class CroupierIterableDataset(IterableDataset):
         `RankClient.report_losses`. Call it from the training process: DataLoader workers
         may hold the streams, the report names the step and the server knows its ids. For
         packed rows, fold per-token losses first (`croupier.client.loss_fold`)."""
+        if self._embedded is not None:
+            raise ConfigError(f"report_losses: {SERVER_ONLY}")
         self._control_client().report_losses(step, losses, present)
 
     def close(self) -> None:
@@ -372,6 +501,7 @@ class CroupierIterableDataset(IterableDataset):
         state = self.__dict__.copy()
         state["_control"] = None  # never ship a channel to another process
         state["_control_pid"] = None
+        state["_dealer"] = None  # each process deals its own lane
         if not _spawning():
             # Outside process start-up shared values cannot travel: ship their values.
             for key in _SHARED:
@@ -386,8 +516,27 @@ class CroupierIterableDataset(IterableDataset):
 
 
 _SHARED = ("_shared_base", "_shared_workers")
-DATASET_STATE_VERSION = 2
+DATASET_STATE_VERSION = 3
+"""3 adds `sampler_state` (bytes or None); states of version 2 load as before."""
 _DATASET_STATE_KEYS = ("version", "sampler_fingerprint", "next_step", "skip", "stride", "stop_step", "token")
+
+
+def _parse_sampler_state(state: Mapping[str, Any], fingerprint: str | None, position: int | None) -> bytes | None:
+    """A state's sampler state (bytes), checked: it reads back whole, names the state's
+    sampler, and is at or before the state's next step."""
+    data = state.get("sampler_state") if isinstance(state, Mapping) else None
+    if data is None:
+        return None
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise StateError(f"dataset state sampler_state must be bytes or None, got {type(data).__name__}")
+    data = bytes(data)
+    parsed = SamplerState.from_bytes(data)
+    if fingerprint is not None and parsed.fingerprint != fingerprint:
+        raise StateError(f"dataset state sampler_state belongs to sampler {parsed.fingerprint}, the state to "
+                         f"{fingerprint}")
+    if position is not None and parsed.step > position:
+        raise StateError(f"dataset state sampler_state is at step {parsed.step}, past its next_step {position}")
+    return data
 
 
 def _parse_state(state: Mapping[str, Any]) -> tuple[int | None, int, int | None, int | None]:
@@ -400,9 +549,9 @@ def _parse_state(state: Mapping[str, Any]) -> tuple[int | None, int, int | None,
     missing = [k for k in _DATASET_STATE_KEYS if k not in state]
     if missing:
         raise StateError(f"dataset state lacks {missing}; expected keys {list(_DATASET_STATE_KEYS)}")
-    if state["version"] != DATASET_STATE_VERSION:
+    if state["version"] not in (2, DATASET_STATE_VERSION):
         raise StateError(f"dataset state version {state['version']!r} is not supported "
-                         f"(expected {DATASET_STATE_VERSION}, or a client state of version {STATE_VERSION})")
+                         f"(expected 2 or {DATASET_STATE_VERSION}, or a client state of version {STATE_VERSION})")
 
     def opt_int(key: str, low: int) -> int | None:
         value = state[key]

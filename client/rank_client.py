@@ -56,6 +56,9 @@ class RankClient:
     tls_server_name: the name to check in the server's certificate when `address` is not it.
     lookahead: steps the server streams ahead of what this client has acknowledged.
     resume_token: a checkpoint token (CheckpointResponse) to resume the job from.
+    sampler_state: a sampler state saved elsewhere (an embedded reader's `state_dict()`), sent
+        with the first join when there is no resume token: the job re-forms at its step and,
+        when it has not reached it, continues from it.
     start_step: first step to deliver (None: where the server says this rank resumes).
     stop_step: deliver steps < stop_step only (None: until end of data).
     step_stride, step_offset: deliver only steps t with t % step_stride == step_offset
@@ -100,6 +103,7 @@ class RankClient:
         heartbeat_s: float = 10.0,
         read_only: bool = False,
         agent: str | os.PathLike | None = None,
+        sampler_state: bytes | None = None,
     ) -> None:
         if not job:
             raise ConfigError("job name must be non-empty")
@@ -119,6 +123,7 @@ class RankClient:
         self._tls_server_name = tls_server_name or None
         self.lookahead = int(lookahead)
         self._resume_token = resume_token or ""
+        self._sampler_state = bytes(sampler_state or b"")
         self._start_step = start_step
         self.stop_step = stop_step
         self.step_stride = int(step_stride)
@@ -139,6 +144,7 @@ class RankClient:
                                   heartbeat_s)
         self._token = ""
         self._token_step = -1
+        self._token_state = b""
         self._queue: queue.Queue = queue.Queue(maxsize=self.lookahead + 2)
         self._thread: threading.Thread | None = None
         self._call: LaneCall | None = None
@@ -211,6 +217,7 @@ class RankClient:
         if self._join is not None and self._pid == os.getpid():
             return self._join.job
         response = self._do_join(self._resume_token)
+        self._sampler_state = b""  # a rejoin after a reconnect continues where the job is
         got = response.job.sampler_fingerprint
         if self._expected_fingerprint is not None and got != self._expected_fingerprint:
             raise FingerprintMismatch("sampler", self._expected_fingerprint, got)
@@ -226,6 +233,7 @@ class RankClient:
             world_size=self.topology.world,
             resume_token=resume_token,
             client_version=__version__,
+            sampler_state=b"" if resume_token else self._sampler_state,
         )
         return self._unary("Join", request)
 
@@ -465,21 +473,29 @@ class RankClient:
         """The server's GetStatusResponse (job, progress, counters); does not join."""
         return self._unary("GetStatus", pb2.GetStatusRequest(include_clusters=include_clusters))
 
-    def checkpoint(self, step: int | None = None) -> str:
+    def checkpoint(self, step: int | None = None, include_state: bool = False) -> str:
         """Makes the server's sampler state at `step` (default: the next step) durable; returns the token.
 
         With an explicit `step` this does not join, so a process that only checkpoints (a
         trainer's main process whose DataLoader workers read the slices) stays out of the job.
+        include_state: also fetch the sampler state itself (`checkpoint_state`), which an
+        embedded reader resumes from.
         """
         if step is None:
             self.join()
             step = self.next_step
         step = int(step)
-        if step == self._token_step and self._token:
+        if step == self._token_step and self._token and (self._token_state or not include_state):
             return self._token
-        response = self._unary("Checkpoint", pb2.CheckpointRequest(job=self.job, step=step))
+        response = self._unary("Checkpoint", pb2.CheckpointRequest(job=self.job, step=step,
+                                                                   include_sampler_state=include_state))
         self._token, self._token_step = response.token, int(response.step)
+        self._token_state = bytes(response.sampler_state)
         return self._token
+
+    def checkpoint_state(self, step: int) -> bytes | None:
+        """The sampler state of the last `checkpoint(step, include_state=True)`, or None."""
+        return self._token_state or None if step == self._token_step else None
 
     # -- loss feedback ------------------------------------------------------------------------
 

@@ -48,7 +48,7 @@ from croupier.server.job.flow import (
     stream_shape,
 )
 from croupier.server.job.ranks import RankProgress, RankTable, RankView
-from croupier.server.job.recovery import Recovery, resume_point
+from croupier.server.job.recovery import Recovery, resume_point, state_point
 from croupier.server.job.status import AdaptView, ChangeHistory, JobStatus
 from croupier.server.job.token_tally import TokenTally, tokens_lookup
 from croupier.server.job.types import (
@@ -217,10 +217,16 @@ class Job:
 
     # -- ranks ------------------------------------------------------------------------------------
     def join(self, rank: int, world: int, job: str = "", global_batch: int = 0,
-             resume_token: str = "", client_version: str = "") -> JoinResult:
+             resume_token: str = "", client_version: str = "", sampler_state: bytes = b"") -> JoinResult:
         """Registers a rank; returns where it resumes. A resume token re-forms the job at the
-        token's step, possibly with another world size."""
+        token's step, possibly with another world size.
+
+        sampler_state (without a token): a state of this job's sequence saved elsewhere (an
+        embedded reader's, `SamplerState.to_bytes()`); the job re-forms at its step as at a
+        token's, and when its generator has not reached that step it continues from the state
+        (no replay of the steps before it), which it then checkpoints."""
         self.check_job(job)
+        adopted = None
         with self._lock:
             token = resume_point(resume_token, self.fingerprint, self._seq.end_step) if resume_token else None
             Topology(rank=rank, world=world)
@@ -228,14 +234,33 @@ class Job:
                 raise ConfigError(f"global batch {global_batch} does not match the job's global batch "
                                   f"{self.global_batch}")
             p = per_rank_batch(self.global_batch, world)
-            if token is not None and (self._formation != (token.step, world) or self._table.world != world):
-                self._reform_locked(token.step, world)
-            prog = self._table.join(rank, world, None if token is None else token.step)
+            at = None if token is None else token.step
+            if token is None and sampler_state:
+                at, adopted = self._state_point_locked(sampler_state)
+            if at is not None and (self._formation != (at, world) or self._table.world != world):
+                self._reform_locked(at, world)
+            prog = self._table.join(rank, world, at)
             self._recompute_locked()
             log.info("rank joined", extra={"event": "join", "rank": rank, "world": world,
                                            "next_step": prog.next_step, "client_version": client_version,
-                                           "resume_step": None if token is None else token.step})
-            return JoinResult(next_step=prog.next_step, per_rank_batch=p, world=world)
+                                           "resume_step": at, "adopted_state": adopted is not None})
+        if adopted is not None and self.store is not None:
+            try:
+                self.checkpoint(adopted, kind="auto")
+            except CroupierError as exc:  # the job goes on; the state is still in memory
+                log.warning("could not checkpoint an adopted sampler state: %s", exc,
+                            extra={"event": "adopt_checkpoint", "step": adopted})
+        return JoinResult(next_step=prog.next_step, per_rank_batch=p, world=world)
+
+    def _state_point_locked(self, data: bytes) -> tuple[int, int | None]:
+        """(step to re-form at, step adopted or None) for a rank's sampler state (`state_point`)."""
+        step, adopted = state_point(data, self.fingerprint, self._seq, self._adaptation is not None)
+        if adopted:
+            if self._tally is not None:
+                self._tally.restart(step)
+            self._high_water = max(self._high_water, step)
+            log.info("sampler state adopted", extra={"event": "adopt", "step": step})
+        return step, step if adopted else None
 
     def ack(self, rank: int, world: int, next_step: int, job: str = "", step_stride: int = 1,
             step_offset: int = 0) -> tuple[int, int]:
@@ -370,8 +395,9 @@ class Job:
             self._flow.closed(stream)
 
     # -- checkpoints and changes ----------------------------------------------------------------
-    def checkpoint(self, step: int, job: str = "", kind: str = "token") -> CheckpointResult:
-        """Makes the sampler state before `step` durable; returns the token that resumes there.
+    def checkpoint(self, step: int, job: str = "", kind: str = "token", include_state: bool = False) -> CheckpointResult:
+        """Makes the sampler state before `step` durable; returns the token that resumes there
+        (and, with `include_state`, the state itself, for an embedded reader).
 
         The state is taken under the lock, written without it. CheckpointUnavailable when the
         state directory refuses the write (the job goes on serving)."""
@@ -390,7 +416,8 @@ class Job:
         path = self._ckpt.write(step, meta, data, kind)
         token = ResumeToken(self.fingerprint, step).encode()
         log.info("checkpoint", extra={"event": "checkpoint", "step": step, "path": path, "kind": kind})
-        return CheckpointResult(token=token, step=step, path=path)
+        return CheckpointResult(token=token, step=step, path=path,
+                                sampler_state=saved.state.to_bytes() if include_state else b"")
 
     def checkpoint_now(self, kind: str = "auto") -> int:
         """Durably saves the generator's current state (shutdown); its step. Raises

@@ -10,7 +10,8 @@ decisions):
 - replays of steps older than every in-memory state read the newest valid checkpoint at or
   before the step (`load_saved`);
 - a trainer's resume token must name this sampler and a step before the end of data
-  (`resume_point`).
+  (`resume_point`), and so must a sampler state saved elsewhere (an embedded reader's), which
+  the job continues from when its generator has not reached the state's step (`state_point`).
 
 What the job then restores into its parts is the job's own business (`Job`); this module
 reads and decides, and holds no state of the job.
@@ -21,16 +22,16 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from croupier.errors import FingerprintMismatch
+from croupier.errors import ConfigError, FingerprintMismatch
 from croupier.server.durability.resume_token import ResumeToken
 from croupier.server.durability.state_dir import Checkpoint, StateDir, StateDirInvalid
 from croupier.server.job.types import StepOutOfRange
-from croupier.server.sampling.sequence_window import Saved
-from croupier.server.sampling.state import Change
+from croupier.server.sampling.sequence_window import Saved, SequenceWindow
+from croupier.server.sampling.state import Change, SamplerState
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Recovery", "resume_point"]
+__all__ = ["Recovery", "resume_point", "state_point"]
 
 
 def resume_point(token: str, fingerprint: str, end_step: int | None) -> ResumeToken:
@@ -43,6 +44,27 @@ def resume_point(token: str, fingerprint: str, end_step: int | None) -> ResumeTo
     if end_step is not None and t.step > end_step:
         raise StepOutOfRange(f"resume token step {t.step} is past the end of data at step {end_step}")
     return t
+
+
+def state_point(data: bytes, fingerprint: str, seq: SequenceWindow, adaptive: bool) -> tuple[int, bool]:
+    """(the step of a rank's sampler state, whether the job adopted it) for a Join that carries
+    a state saved elsewhere (an embedded reader's). The state must be this job's sequence
+    (FingerprintMismatch) within the data (StepOutOfRange). When the generator has not reached
+    its step, the job continues from it (`SequenceWindow.adopt`), unless the job adapts its
+    weights to loss reports, which such a state does not hold (ConfigError)."""
+    state = SamplerState.from_bytes(bytes(data))
+    if state.fingerprint != fingerprint:
+        raise FingerprintMismatch("sampler state", expected=fingerprint, got=state.fingerprint)
+    step = int(state.step)
+    if seq.end_step is not None and step > seq.end_step:
+        raise StepOutOfRange(f"sampler state step {step} is past the end of data at step {seq.end_step}")
+    if step <= seq.gen.step:
+        return step, False  # the job's own sequence reaches it
+    if adaptive:
+        raise ConfigError("an adaptive job's sequence depends on its loss reports, which a sampler state saved "
+                          "elsewhere does not hold: resume it with the job's own checkpoint token")
+    seq.adopt(state)
+    return step, True
 
 
 class Recovery:

@@ -88,3 +88,5 @@ class CheckpointResult:
     token: str
     step: int
     path: str
+    sampler_state: bytes = b""
+    """The sampler state before `step` (`SamplerState.to_bytes()`), when asked for."""

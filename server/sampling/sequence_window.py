@@ -16,6 +16,7 @@ job calls it under its lock.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,6 +28,13 @@ from croupier.server.sampling.sampler import Sampler
 from croupier.server.sampling.state import Change, SamplerState
 
 Generator = Sampler | MixSampler
+
+def json_key(change: Change) -> str:
+    """A change's identity for comparisons (its serialized form, origin aside)."""
+    d = change.to_dict()
+    d.pop("origin", None)
+    return json.dumps(d, sort_keys=True)
+
 
 PINNED_KEPT = 16
 """Checkpoint states kept in memory (the newest), for replays near them."""
@@ -78,6 +86,33 @@ class SequenceWindow:
         """The generator was loaded from a checkpoint of `step`: keep its state for replays."""
         self.snapshots = {0: self.snapshots[0], step: saved}
         self.pinned[step] = saved
+
+    def adopt(self, state: SamplerState) -> Saved:
+        """Continues the generator from `state`, a state of this sequence at a step it has not
+        reached yet (saved by an embedded reader, or handed out by another server of the job):
+        the steps before it are not generated, and replay from step 0 if anyone asks for them.
+
+        Refused (StateError) when the state is not ahead of the generator, or when an online
+        change recorded before its step is missing from it: the state would then continue
+        another sequence than this job's. Changes at or after its step are scheduled on it.
+        """
+        if state.step <= self.gen.step:
+            raise StateError(f"a sampler state of step {state.step} is not ahead of the generator's step {self.gen.step}")
+        held = {json_key(c) for c in state.pending}
+        early = [c for c in self.events if c.step < state.step]
+        if early:
+            raise StateError(f"the job recorded an online change at step {early[0].step}, before the sampler state's "
+                             f"step {state.step}, which that state does not hold: resume with the job's own "
+                             "checkpoint token")
+        self.gen.load_state(state)
+        for ev in self.events:
+            if json_key(ev) not in held:
+                self.gen.schedule_change(ev)
+        saved = self.current()
+        self.snapshots[state.step] = saved
+        self.pinned[state.step] = saved
+        self.replayer = None
+        return saved
 
     def pin(self, step: int, saved: Saved) -> None:
         """Keeps a checkpoint's state in memory (replays near it need no disk read)."""

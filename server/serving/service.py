@@ -184,7 +184,7 @@ class SamplerServicer:
     async def Join(self, request: pb2.JoinRequest, context) -> pb2.JoinResponse:
         r = self.job.join(rank=request.rank, world=request.world_size, job=request.job,
                           global_batch=request.global_batch, resume_token=request.resume_token,
-                          client_version=request.client_version)
+                          client_version=request.client_version, sampler_state=request.sampler_state)
         return pb2.JoinResponse(job=job_info(self.job), next_step=r.next_step, per_rank_batch=r.per_rank_batch,
                                 max_lookahead=self.job.spec.max_lookahead, max_lag=self.job.spec.max_lag)
 
@@ -272,8 +272,10 @@ class SamplerServicer:
         return pb2.AckResponse(slowest_step=slowest, fastest_step=fastest)
 
     async def Checkpoint(self, request: pb2.CheckpointRequest, context) -> pb2.CheckpointResponse:
-        c = await asyncio.to_thread(self.job.checkpoint, step=request.step, job=request.job)
-        return pb2.CheckpointResponse(token=c.token, step=c.step)  # the path stays in the server's log
+        c = await asyncio.to_thread(self.job.checkpoint, step=request.step, job=request.job,
+                                    include_state=request.include_sampler_state)
+        # the path stays in the server's log
+        return pb2.CheckpointResponse(token=c.token, step=c.step, sampler_state=c.sampler_state)
 
     async def GetStatus(self, request: pb2.GetStatusRequest, context) -> pb2.GetStatusResponse:
         resp = status_response(self.job, self.job.status(), request.include_clusters)

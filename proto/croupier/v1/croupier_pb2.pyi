@@ -89,20 +89,22 @@ class SourceInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., remote: _Optional[str] = ..., fingerprint: _Optional[str] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ..., selection: _Optional[str] = ..., num_clusters: _Optional[int] = ..., weight: _Optional[float] = ..., policy: _Optional[str] = ..., clip: _Optional[int] = ..., draws: _Optional[int] = ..., exhausted_at: _Optional[int] = ..., active_clusters: _Optional[int] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("job", "rank", "world_size", "global_batch", "resume_token", "client_version")
+    __slots__ = ("job", "rank", "world_size", "global_batch", "resume_token", "client_version", "sampler_state")
     JOB_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_BATCH_FIELD_NUMBER: _ClassVar[int]
     RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
     CLIENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SAMPLER_STATE_FIELD_NUMBER: _ClassVar[int]
     job: str
     rank: int
     world_size: int
     global_batch: int
     resume_token: str
     client_version: str
-    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., global_batch: _Optional[int] = ..., resume_token: _Optional[str] = ..., client_version: _Optional[str] = ...) -> None: ...
+    sampler_state: bytes
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., global_batch: _Optional[int] = ..., resume_token: _Optional[str] = ..., client_version: _Optional[str] = ..., sampler_state: _Optional[bytes] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
     __slots__ = ("job", "next_step", "per_rank_batch", "max_lookahead", "max_lag")
@@ -205,20 +207,24 @@ class AckResponse(_message.Message):
     def __init__(self, slowest_step: _Optional[int] = ..., fastest_step: _Optional[int] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
-    __slots__ = ("job", "step")
+    __slots__ = ("job", "step", "include_sampler_state")
     JOB_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_SAMPLER_STATE_FIELD_NUMBER: _ClassVar[int]
     job: str
     step: int
-    def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
+    include_sampler_state: bool
+    def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ..., include_sampler_state: _Optional[bool] = ...) -> None: ...
 
 class CheckpointResponse(_message.Message):
-    __slots__ = ("token", "step")
+    __slots__ = ("token", "step", "sampler_state")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    SAMPLER_STATE_FIELD_NUMBER: _ClassVar[int]
     token: str
     step: int
-    def __init__(self, token: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
+    sampler_state: bytes
+    def __init__(self, token: _Optional[str] = ..., step: _Optional[int] = ..., sampler_state: _Optional[bytes] = ...) -> None: ...
 
 class GetStatusRequest(_message.Message):
     __slots__ = ("include_clusters",)
