@@ -51,8 +51,11 @@ def agent_running(runtime: Path) -> bool:
     """Whether an agent holds the runtime directory's lock."""
     try:
         fd = os.open(runtime / LOCK_NAME, os.O_RDWR)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return False
+    except OSError as exc:
+        raise ConfigError(f"cannot open the node agent's lock {str(runtime / LOCK_NAME)!r}: {exc.strerror or exc}"
+                          ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -68,7 +71,11 @@ def ensure_agent(address: str, job: str, tls_root_cert: str | os.PathLike[str] |
     when none runs (with the rank's TLS flags); waits until its socket is up."""
     runtime = auto_runtime_dir(address, job)
     if int(os.environ.get("LOCAL_RANK", "0") or 0) == 0 and not agent_running(runtime):
-        runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"CROUPIER_AGENT=auto: cannot create the agent's runtime directory {str(runtime)!r} "
+                              f"(under ${RUNTIME_ENV} or /tmp): {exc.strerror or exc}") from None
         cache = os.environ.get(CACHE_ENV) or str(runtime / "cache")
         cmd = [sys.executable, "-m", "croupier", "agent", "--server", address, "--runtime-dir", str(runtime),
                "--cache-dir", cache, "--job", job, "--exit-when-idle", str(IDLE_EXIT_S)]

@@ -24,7 +24,8 @@ Faults: when the server goes away, every open lane is reported UNAVAILABLE to it
 which re-joins and re-opens it through the agent with backoff (ranks only see a delay); when
 the agent goes away, consumers block and log, and re-open their lanes when an agent is back
 on the same runtime directory. A consumer that stays silent past `CONSUMER_TIMEOUT_S` has
-its lanes closed.
+its lanes closed. A malformed consumer message (`consumer_frames`) is answered
+INVALID_ARGUMENT and counted (`bad_messages` in the agent's stats), and the agent serves on.
 
 Everything runs on one asyncio event loop: zmq.asyncio for the consumers, grpc.aio for the
 server. Sample bytes never pass through the agent: consumers read shard files from the node
@@ -41,7 +42,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +50,14 @@ import grpc
 import numpy as np
 
 from croupier import __version__
+from croupier.client.agent import consumer_frames
 from croupier.client.agent.consumers import ConsumerSocket
 from croupier.client.agent.lanes import LaneTable, Outbox
 from croupier.client.agent.node_cache import MixNodeCache, NodeCache
 from croupier.client.agent.protocol import (
     BEAT,
     BEAT_S,
-    CALL,
     CONSUMER_TIMEOUT_S,
-    FETCH,
     FORWARDED_CALLS,
     HELLO,
     REPLY,
@@ -76,6 +76,8 @@ REPORT_S = 5.0
 """How often the agent sends its node report on the session."""
 STOP_GRACE_S = 5.0
 """At stop, the most the agent waits for its own tasks and for its server channel to close."""
+BAD_LOGGED = 10
+"""Refused consumer messages logged one by one; after these, every hundredth."""
 STOP_DEADLINE_S = 30.0
 """`run_agent`: a process asked to stop that has not stopped after this long logs its threads'
 stacks and exits (status 1), so SIGTERM always ends an agent."""
@@ -121,6 +123,8 @@ class NodeAgent:
         self._open_timer: asyncio.TimerHandle | None = None  # wakes the writer when waiting opens are due
         self._stopping = asyncio.Event()
         self._calls = 0
+        self._bad_messages = 0  # consumer messages refused (malformed, or failed in the agent)
+        self._tasks: set[asyncio.Task] = set()  # consumer requests in flight (calls, fetches)
 
     # -- counters ----------------------------------------------------------------------------------
     def stats_now(self) -> dict[str, Any]:
@@ -130,7 +134,8 @@ class NodeAgent:
                 "lanes": self._lanes.lane_count, "ranks": self._lanes.rank_count,
                 "bytes_downloaded": r.bytes_downloaded, "shards_downloaded": r.shards_downloaded,
                 "cache_hits": r.cache_hits, "cache_misses": r.cache_misses, "cache_bytes": r.cache_bytes,
-                "cache_limit": r.cache_limit, "calls": self._calls, **self._session.stats}
+                "cache_limit": r.cache_limit, "calls": self._calls, "bad_messages": self._bad_messages,
+                **self._session.stats}
 
     def write_stats(self) -> None:
         """Writes `stats_now()` to <runtime dir>/stats.json (every report period and at stop)."""
@@ -199,29 +204,78 @@ class NodeAgent:
             self._send(identity, [SESSION, agent, m.SerializeToString()])
 
     async def _on_message(self, identity: bytes, frames: list[bytes]) -> None:
-        kind = frames[0]
-        if kind == HELLO:
+        """Handles one consumer message. A malformed one (`consumer_frames.parse`) is answered
+        INVALID_ARGUMENT and counted; a message whose handling fails is answered INTERNAL and
+        counted: nothing a consumer sends ends in an unanswered exception."""
+        try:
+            msg = consumer_frames.parse(frames)
+        except consumer_frames.BadFrame as bad:
+            await self._refuse(identity, bad.req_id, b"INVALID_ARGUMENT", str(bad))
+            return
+        try:
+            await self._handle(identity, msg)
+        except Exception as exc:  # noqa: BLE001 - one consumer's message must not stop the node's agent
+            req_id = getattr(msg, "req_id", b"")
+            log.exception("a consumer message failed", extra={"event": "consumer_message_failed"})
+            await self._refuse(identity, req_id, b"INTERNAL", f"the node agent failed on this message: {exc}")
+
+    async def _refuse(self, identity: bytes, req_id: bytes, code: bytes, message: str) -> None:
+        """Answers a message the agent will not serve (a REPLY; request id b"" when it had none) and
+        counts it; logs the first few and then every hundredth, so a flood does not flood the log."""
+        self._bad_messages += 1
+        if self._bad_messages <= BAD_LOGGED or self._bad_messages % 100 == 0:
+            log.warning("refused a consumer message (%d so far): %s", self._bad_messages, message,
+                        extra={"event": "bad_consumer_message", "code": code.decode()})
+        await self._consumers.send(identity, [REPLY, req_id, code, message.encode()])
+
+    async def _handle(self, identity: bytes, msg: consumer_frames.Message) -> None:
+        if isinstance(msg, consumer_frames.Hello):
             info = {"agent_id": self.agent_id, "node": self.node, "server": self.server, "version": __version__,
                     "cache_dir": str(self.cache_dir)}
-            await self._consumers.send(identity, [HELLO, frames[1], self.agent_id.encode(), json.dumps(info).encode()])
-        elif kind == CALL:
-            asyncio.create_task(self._forward_call(identity, frames[1], frames[2].decode(), frames[3]))
-        elif kind == SESSION:
-            out = self._lanes.on_request(identity, pb2.SessionRequest.FromString(frames[1]))
+            await self._consumers.send(identity, [HELLO, msg.req_id, self.agent_id.encode(), json.dumps(info).encode()])
+        elif isinstance(msg, consumer_frames.Call):
+            self._spawn(self._forward_call(identity, msg.req_id, msg.method, msg.payload), identity, msg.req_id)
+        elif isinstance(msg, consumer_frames.Session):
+            refused = consumer_frames.bad_opens(msg.request) + consumer_frames.bad_acks(msg.request)
+            for event in refused:
+                await self._refuse_lane(identity, event)
+            out = self._lanes.on_request(identity, msg.request)
             if out.lanes or out.events:
                 self._send_session({identity: out})
             self._flush.set()
-        elif kind == FETCH:
-            source = int(frames[3]) if len(frames) > 3 else None
-            asyncio.create_task(self._fetch(identity, frames[1], frames[2], source))
         else:
-            log.warning("unknown message kind %r from a consumer", kind[:20])
+            self._spawn(self._fetch(identity, msg.req_id, msg.shards, msg.source), identity, msg.req_id)
+
+    async def _refuse_lane(self, identity: bytes, event: pb2.LaneEvent) -> None:
+        """A malformed lane open or acknowledgement: refused on its lane (a session event), counted."""
+        self._bad_messages += 1
+        if self._bad_messages <= BAD_LOGGED or self._bad_messages % 100 == 0:
+            log.warning("refused a consumer lane request (%d so far): %s", self._bad_messages, event.error,
+                        extra={"event": "bad_consumer_message", "code": event.error_code})
+        self._send_session({identity: pb2.SessionResponse(events=[event])})
+
+    def _spawn(self, work: Coroutine[Any, Any, None], identity: bytes, req_id: bytes) -> None:
+        """Runs a consumer request's work as a task whose failure is answered, never left unretrieved."""
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task) -> None:
+            self._tasks.discard(t)
+            if t.cancelled() or t.exception() is None:
+                return
+            log.error("a consumer request failed: %r", t.exception(), exc_info=t.exception(),
+                      extra={"event": "consumer_message_failed"})
+            if not self._stopping.is_set():
+                asyncio.ensure_future(self._refuse(identity, req_id, b"INTERNAL",
+                                                   f"the node agent failed on this request: {t.exception()}"))
+
+        task.add_done_callback(done)
 
     async def _forward_call(self, identity: bytes, req_id: bytes, method: str, payload: bytes) -> None:
         self._calls += 1
         if method not in FORWARDED_CALLS:
-            await self._consumers.send(identity, [REPLY, req_id, b"INVALID_ARGUMENT",
-                                                  f"the agent forwards {list(FORWARDED_CALLS)}, not {method!r}".encode()])
+            await self._refuse(identity, req_id, b"INVALID_ARGUMENT",
+                               f"the agent forwards {list(FORWARDED_CALLS)}, not {method!r}")
             return
         try:
             if method == "Join":
@@ -255,8 +309,7 @@ class NodeAgent:
         except Exception as exc:  # noqa: BLE001 - consumers' fetches report it again
             log.error("cannot open the node cache: %s", exc, extra={"event": "cache_open_failed"})
 
-    async def _fetch(self, identity: bytes, req_id: bytes, payload: bytes, source: int | None = None) -> None:
-        shards = np.frombuffer(payload, dtype="<i8")
+    async def _fetch(self, identity: bytes, req_id: bytes, shards: np.ndarray, source: int | None = None) -> None:
         try:
             if source is not None and not isinstance(self.cache, MixNodeCache):
                 raise ConfigError(f"a fetch names source {source}, but this agent's job is not a mixture")

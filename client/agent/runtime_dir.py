@@ -45,7 +45,10 @@ class RuntimeDir:
         except OSError as exc:
             raise ConfigError(f"cannot create the agent runtime directory {str(self.path)!r}: "
                               f"{exc.strerror}") from None
-        fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise ConfigError(f"cannot open the agent's lock {str(self.path / LOCK_NAME)!r}: {exc.strerror}") from None
         for _ in range(LOCK_ATTEMPTS):
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -31,7 +31,18 @@ import grpc
 import numpy as np
 import zmq
 
-from croupier.client.agent.protocol import BEAT, CALL, FETCH, HELLO, REPLY, SESSION, SILENCE_S, endpoint, socket_path
+from croupier.client.agent.protocol import (
+    BEAT,
+    CALL,
+    FETCH,
+    HELLO,
+    REPLY,
+    SESSION,
+    SILENCE_S,
+    SOCKET_NAME,
+    endpoint,
+    socket_path,
+)
 from croupier.client.errors import ClientError, Unavailable, from_status
 from croupier.errors import ConfigError
 from croupier.proto import pb2
@@ -64,6 +75,12 @@ class AgentTransport:
             raise ConfigError(f"no croupier agent socket at {str(self.path)!r} (CROUPIER_AGENT="
                               f"{self.runtime_dir!r}): start `croupier agent --runtime-dir {self.runtime_dir}` "
                               "on this node first") from None
+        except NotADirectoryError:
+            raise ConfigError(f"CROUPIER_AGENT={self.runtime_dir!r} is not a directory (a node agent's runtime "
+                              f"directory, holding its socket {SOCKET_NAME!r}, is expected)") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot reach a croupier agent socket at {str(self.path)!r} (CROUPIER_AGENT="
+                              f"{self.runtime_dir!r}): {exc.strerror or exc}") from None
         if not stat.S_ISSOCK(mode):
             raise ConfigError(f"{str(self.path)!r} is not a socket, so no croupier agent serves "
                               f"CROUPIER_AGENT={self.runtime_dir!r}")
