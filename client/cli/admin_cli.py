@@ -1,6 +1,7 @@
 """Operator commands against a running sampler server.
 
-    croupier status --server HOST:PORT [--json] [--top N]     per-cluster table, totals, rank steps
+    croupier status --server HOST:PORT [--json] [--top N]     per-cluster table, totals, rank steps,
+                                                             checkpoint health, generated mark, event log
     croupier checkpoint --server HOST:PORT --step S           durable checkpoint; prints its token
     croupier update --server HOST:PORT --step S [--clip N] [--weights W,...]   (admin token)
     croupier update --server HOST:PORT --step S --source NAME [--weight W] [--clip N]   (mixtures)
@@ -79,6 +80,9 @@ def status_dict(resp: pb2.GetStatusResponse) -> dict[str, Any]:
         "job": job.job, "sampler_fingerprint": job.sampler_fingerprint,
         "dataset_fingerprint": job.dataset_fingerprint, "policy": job.policy, "global_batch": job.global_batch,
         "world_size": job.world_size, "generated_step": resp.generated_step, "durable_step": resp.durable_step,
+        "generated_mark": resp.generated_mark, "checkpoint_error": resp.checkpoint_error,
+        "checkpoint_failures": resp.checkpoint_failures, "checkpoints_healthy": not resp.checkpoint_error,
+        "event_log": event_log_dict(resp),
         "slowest_step": resp.slowest_step, "fastest_step": resp.fastest_step,
         "active_clusters": resp.active_clusters, "clip": resp.clip,
         "clusters": {"size": list(resp.cluster_sizes), "draws": list(resp.cluster_draws),
@@ -109,6 +113,37 @@ def status_dict(resp: pb2.GetStatusResponse) -> dict[str, Any]:
     }
 
 
+EVENT_LOG_PREFIX = "event_log_"
+"""GetStatusResponse fields about the job's event log (the durable record of online changes)
+carry this prefix; status shows every one the server sends, under "event_log"."""
+
+
+def event_log_dict(resp: pb2.GetStatusResponse) -> dict[str, Any]:
+    """What the status response says about the event log: each `event_log_*` field by its
+    short name (none when this server's protocol carries none)."""
+    out: dict[str, Any] = {}
+    for field in resp.DESCRIPTOR.fields:
+        if field.name.startswith(EVENT_LOG_PREFIX):
+            value = getattr(resp, field.name)
+            out[field.name[len(EVENT_LOG_PREFIX):]] = value if isinstance(value, (bool, int, float, str)) \
+                else str(value)
+    return out
+
+
+def health_lines(resp: pb2.GetStatusResponse) -> list[str]:
+    """The durability lines of the status table: checkpoint health, the generated mark, the event log."""
+    if resp.checkpoint_error:
+        ck = (f"checkpoints FAILING: {resp.checkpoint_error} ({resp.checkpoint_failures} failed writes since start; "
+              "the server serves on and retries)")
+    else:
+        ck = f"checkpoints healthy ({resp.checkpoint_failures} failed writes since start)"
+    lines = [ck, f"generated mark {resp.generated_mark} (highest step durably recorded as generated)"]
+    log_state = event_log_dict(resp)
+    if log_state:
+        lines.append("event log " + "  ".join(f"{k} {v if v != '' else '-'}" for k, v in log_state.items()))
+    return lines
+
+
 def _source_dict(x: pb2.SourceInfo) -> dict[str, Any]:
     return {"name": x.name, "remote": x.remote, "fingerprint": x.fingerprint, "offset": x.offset, "size": x.size,
             "selection": x.selection, "num_clusters": x.num_clusters, "weight": x.weight, "policy": x.policy,
@@ -129,6 +164,7 @@ def format_status(resp: pb2.GetStatusResponse, top: int = 40) -> str:
         f"sampler {job.sampler_fingerprint}  dataset {job.dataset_fingerprint or '-'}",
         f"generated step {resp.generated_step}  durable step {resp.durable_step}  "
         f"slowest {resp.slowest_step}  fastest {resp.fastest_step}",
+        *health_lines(resp),
         "",
         f"{'cluster':>8} {'size':>10} {'draws':>12} {'draws/size':>10} {'passes':>7} {'clipped at':>10}",
     ]
