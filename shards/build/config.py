@@ -62,6 +62,10 @@ class BuildConfig:
     """With a Parquet --embeddings: the column holding the vectors (default `embedding`)."""
     embeddings_key: str | None = None
     """With a Parquet --embeddings: a column that must equal this field of the records, row by row."""
+    eos_id: int | None = None
+    """With OLMo-style .npy token inputs: the end-of-document token that separates the documents."""
+    token_dtype: str = "uint16"
+    """With raw (headerless) OLMo-style token inputs: the ids' dtype."""
 
     def __post_init__(self) -> None:
         if (self.group_by is not None or self.clusters_per_group is not None or self.cluster_size is not None
@@ -94,6 +98,7 @@ class BuildConfig:
         if not self.text_field:
             raise ConfigError("--text-field must not be empty")
         self._check_embeddings()
+        self._check_token_inputs()
         if self.tokenizer is not None and self.token_field in (self.text_field, *self.keep_fields):
             raise ConfigError(f"--token-field {self.token_field!r} must differ from the text field and the kept fields")
 
@@ -143,6 +148,41 @@ class BuildConfig:
                               f"not --embeddings {self.embeddings}")
         if not is_file_source(self.embeddings) and self.embeddings == self.text_field:
             raise ConfigError(f"--embeddings {self.embeddings!r} is the text field, not a field of vectors")
+
+    @property
+    def token_inputs(self) -> bool:
+        """Whether the inputs are token corpora (`croupier.shards.build.token_corpus`), not text."""
+        from croupier.shards.build.token_corpus import token_kind
+
+        return bool(self.inputs) and token_kind(Path(self.inputs[0])) is not None
+
+    def _check_token_inputs(self) -> None:
+        """Token corpora: all inputs of one kind, embeddings from a file or from decoding, no fields."""
+        from croupier.shards.build.token_corpus import token_kind
+
+        kinds = [token_kind(Path(p)) for p in self.inputs]
+        if not any(kinds):
+            if self.eos_id is not None:
+                raise ConfigError(f"--eos-id {self.eos_id} separates the documents of .npy token inputs; "
+                                  "the inputs are text")
+            return
+        if not all(kinds):
+            text = next(p for p, k in zip(self.inputs, kinds) if k is None)
+            token = next(p for p, k in zip(self.inputs, kinds) if k is not None)
+            raise ConfigError(f"token corpora and text inputs do not mix in one build (got {token} and {text})")
+        if "olmo" in kinds and self.eos_id is None:
+            raise ConfigError("a .npy token array needs --eos-id N, the end-of-document token that separates "
+                              "its documents")
+        if self.group_by is not None or self.keep_fields:
+            raise ConfigError("token corpora have no fields: --group-by and --keep-fields apply to text inputs")
+        if self.embeddings is not None and not self.embeddings.lower().endswith((".npy", ".parquet")):
+            raise ConfigError(f"--embeddings {self.embeddings!r}: token corpora have no fields, give a .npy or "
+                              ".parquet file")
+        if self.embeddings_key is not None:
+            raise ConfigError("--embeddings-key matches a field of the records; token corpora have none")
+        if self.embeddings is None and self.tokenizer is None:
+            raise ConfigError("a token corpus has no text to embed: give --embeddings FILE (one vector per "
+                              "document) or --tokenizer NAME_OR_PATH to decode the tokens for the embedder")
 
     @property
     def cluster_major(self) -> bool:

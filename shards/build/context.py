@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from croupier.errors import ConfigError
 from croupier.format import sidecar_layout as names
 from croupier.format.atomic import write_json_atomic
@@ -102,9 +104,13 @@ class BuildContext:
 
     # -- inputs ----------------------------------------------------------------------------------
     def store(self) -> Any:
-        """The ingested text parts (`TextStore`), indexed by document id."""
+        """The ingested text parts (`TextStore`), or the token store of token corpora, indexed by document id."""
         from croupier.shards.build.textstore import TextStore
 
+        if self.cfg.token_inputs:
+            from croupier.shards.build.token_corpus import TokenStore
+
+            return TokenStore(self.work)
         return TextStore(self.work / work_files.PARTS, self.state["parts"], self.cfg.keep_fields)
 
     def source(self) -> Any:
@@ -133,6 +139,14 @@ class BuildContext:
 
     def text_reader(self) -> Callable[[int, int], list[str]]:
         """`read(lo, hi)`: the texts of documents [lo, hi), from the ingested parts or the adopted dataset."""
+        if self.cfg.adopt is None and self.cfg.token_inputs:
+            tokens = self.store()
+
+            def decode_store(lo: int, hi: int) -> list[str]:
+                docs = tokens.docs(np.arange(lo, hi))
+                return self.tokenizer().batch_decode([d.astype(np.int64) for d in docs], skip_special_tokens=True)
+
+            return decode_store
         if self.cfg.adopt is None:
             store = self.store()
             return store.text_range

@@ -9,6 +9,8 @@ and line, or, with `skip_bad`, is counted in `stats` and skipped.
 
 Formats: `.jsonl`, `.json`, `.ndjson` (one JSON object per line), each optionally `.gz` or
 `.zst`; `.parquet`; `.txt` (one document per file; its relative path is the field `path`).
+Token corpora (a Megatron `.idx`/`.bin`, an OLMo-style `.npy`) are listed here when named
+explicitly, and read by `croupier.shards.build.token_corpus`, never by `InputReader`.
 """
 
 from __future__ import annotations
@@ -55,10 +57,13 @@ def expand_inputs(paths: Sequence[str | os.PathLike[str]]) -> list[tuple[Path, s
                 raise DatasetError(f"input folder {str(p)!r} holds no .txt, .jsonl(.gz/.zst) or .parquet files")
             files.extend((f, input_kind(f), p) for f in found)  # type: ignore[misc]
         elif p.is_file():
-            kind = input_kind(p)
+            from croupier.shards.build.token_corpus import token_kind
+
+            kind = input_kind(p) or token_kind(p)
             if kind is None:
                 raise DatasetError(f"input {str(p)!r} has an unsupported format; "
-                                   "use .jsonl/.json/.ndjson (optionally .gz/.zst), .parquet or .txt")
+                                   "use .jsonl/.json/.ndjson (optionally .gz/.zst), .parquet or .txt, "
+                                   "or a token corpus (a Megatron .idx/.bin, an OLMo-style .npy)")
             files.append((p, kind, p.parent))
         else:
             raise DatasetError(f"input {str(p)!r} does not exist")
@@ -67,7 +72,10 @@ def expand_inputs(paths: Sequence[str | os.PathLike[str]]) -> list[tuple[Path, s
 
 def input_signature(paths: Sequence[str | os.PathLike[str]]) -> list[list[Any]]:
     """Path, size and mtime of every input file: a resumed build refuses changed inputs."""
-    return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f, _, _ in expand_inputs(paths)]
+    files = [f for f, _, _ in expand_inputs(paths)]
+    files += [f.with_suffix(s) for f, kind, _ in expand_inputs(paths) if kind == "megatron" for s in (".idx", ".bin")
+              if f.with_suffix(s) != f and f.with_suffix(s).is_file()]  # a Megatron pair: both halves
+    return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
 @dataclass

@@ -3,7 +3,8 @@
 `plan(cfg, engine)` lists the stages of a build, in order: the engine's own (ingest, embed,
 assign, write) and the ones every engine shares:
 
-    ingest    inputs -> text parts (engine); with --adopt, the adopted dataset's size
+    ingest    inputs -> text parts (engine); with --adopt, the adopted dataset's size; token
+              corpora -> the token store (`stages.token_ingest`, on the driver)
     choose_k  K from --clusters or the corpus size            | with --group-by:
     embed     the embedding matrix (engine; with --embeddings |   groups   field codes, K
               the user's, with --embedder none an empty one)  |
@@ -40,9 +41,13 @@ def plan(cfg: BuildConfig, engine: Engine) -> list[Stage]:
     from croupier.shards.build.stages.ingest import AdoptDataset
     from croupier.shards.build.stages.kmeans import ChooseK, TrainCentroids
     from croupier.shards.build.stages.order import OrderByCluster
+    from croupier.shards.build.stages.token_ingest import TokenIngest
     from croupier.shards.build.stages.tokens import CountTokens
 
-    stages: list[Stage] = [engine.ingest() if cfg.adopt is None else AdoptDataset()]
+    if cfg.adopt is not None:
+        stages: list[Stage] = [AdoptDataset()]
+    else:
+        stages = [TokenIngest() if cfg.token_inputs else engine.ingest()]
     if cfg.group_by is None:
         stages += [ChooseK(), _embed(cfg, engine), TrainCentroids(), engine.assign()]
     else:

@@ -13,6 +13,9 @@ driver's work O(chunk + K); the others are the stages every engine shares, on th
             `index.json` MDSWriter itself would have written, byte for byte
     arrays, sidecar  as locally
 
+With --embeddings or --embedder none the embed stage is the driver's (`stages.given`), as
+locally; token corpora are refused (they build on the local engine).
+
 Every stage is resumable: finished groups, chunks and write tasks are recorded in the build
 state after each one, so a killed build resumes per stage and per task; a build resumes only
 on the engine it started with. Ray retries tasks whose worker died; a bad record is a
@@ -99,4 +102,7 @@ def build_ray(cfg: BuildConfig, *, address: str | None = None, workers: int | No
     if cfg.embed_cache is not None:
         raise ConfigError(f"--embed-cache {cfg.embed_cache} is used by the local engine only; "
                           "drop --engine ray (or --embed-cache)")
+    if cfg.token_inputs:
+        raise ConfigError(f"--engine ray builds from text inputs; token corpora ({cfg.inputs[0]}, ...) run on the "
+                          "local engine (--engine local)")
     return cast(RayBuildResult, run_build(cfg, RayEngine(address, workers), hook))

@@ -17,7 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Build an MDS dataset with a cluster sidecar from JSON lines (plain/.gz/.zst), "
                     "Parquet and folders of .txt files, or --adopt an existing MDS dataset. "
                     "An interrupted build resumes where it stopped when run again with the same arguments.")
-    p.add_argument("inputs", nargs="*", metavar="INPUT", help="JSONL/Parquet files or folders")
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="JSONL/Parquet files or folders, or token corpora: Megatron .idx (with its .bin) or "
+                        "OLMo-style .npy token arrays (each document one sample with a token column, no text)")
     p.add_argument("--out", help="output folder or object-store URL such as s3://bucket/prefix "
                                  "(for --adopt: where the sidecar goes; default: in place)")
     p.add_argument("--work-dir", default=None,
@@ -74,6 +76,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="store token ids (int32) in --token-field so training need not tokenize; with --adopt "
                         "of a dataset holding only a token column, decode it for embedding")
     p.add_argument("--token-field", default="tokens", help="token column name (default: tokens)")
+    p.add_argument("--eos-id", type=int, default=None, metavar="N",
+                   help="with .npy token-array inputs (OLMo style): the end-of-document token; every document "
+                        "ends with it")
+    p.add_argument("--token-dtype", default="uint16",
+                   help="with raw (headerless) .npy token arrays: the ids' dtype (default uint16; a NumPy .npy "
+                        "file carries its own)")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed records")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -104,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
         device=args.device, progress=not args.quiet, tokenizer=args.tokenizer, token_field=args.token_field,
         work_dir=args.work_dir, group_by=args.group_by, clusters_per_group=args.clusters_per_group,
         cluster_size=args.cluster_size, min_cluster_size=args.min_cluster_size, embed_cache=args.embed_cache,
-        embeddings=args.embeddings, embeddings_column=args.embeddings_column, embeddings_key=args.embeddings_key)
+        embeddings=args.embeddings, embeddings_column=args.embeddings_column, embeddings_key=args.embeddings_key,
+        eos_id=args.eos_id, token_dtype=args.token_dtype)
     res = build_with(cfg, args.engine, ray_address=args.ray_address, ray_workers=args.ray_workers)
     print(f"{res.out}: {res.num_samples} documents, {res.num_clusters} clusters, layout {res.layout}, "
           f"fingerprint {res.fingerprint}" + (f", {res.skipped} bad records skipped" if res.skipped else ""))

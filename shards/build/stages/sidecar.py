@@ -55,6 +55,11 @@ def _token_counts(ctx: BuildContext) -> dict[str, Any]:
         replace_durably(work, target)
     source = ctx.state.get(SOURCE_KEY) or {"field": cfg.token_field, "from": "token column"}
     counts = token_counts_array(np.load(target, mmap_mode="r"), ctx.n)
+    if cfg.token_inputs:
+        from croupier.shards.build.stages.token_ingest import CORPORA_KEY
+
+        return token_counts_entry(counts, {"tokenizer": None, "field": cfg.token_field, "from": "token corpus",
+                                           "corpora": ctx.state.get(CORPORA_KEY, [])})
     return token_counts_entry(counts, {"tokenizer": cfg.tokenizer, "field": source["field"], "from": source["from"]})
 
 
@@ -116,6 +121,7 @@ def write_manifest(ctx: BuildContext) -> str:
         "columns": st.get("columns", {}),
         "source": ({"adopted": cfg.adopt} if cfg.adopt is not None
                    else {"inputs": [str(Path(x).resolve()) for x in cfg.inputs]}),
+        **({"token_corpora": st.get("token_corpora", [])} if cfg.token_inputs else {}),
         "remote": _adopted_from(ctx),
         "skipped_records": int(st.get("skipped", 0)),
         "block_size": int(st.get("block_size", 1)),
@@ -126,7 +132,7 @@ def write_manifest(ctx: BuildContext) -> str:
     }
     if "embed_cache" in st:
         extra["embed_cache"] = st["embed_cache"]
-    if cfg.tokenizer is not None:
+    if cfg.tokenizer is not None or cfg.token_inputs:
         extra[names.TOKEN_COUNTS] = _token_counts(ctx)
     grouping = cfg.grouping()
     if grouping is not None:

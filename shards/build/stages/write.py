@@ -39,6 +39,10 @@ def mds_columns(ctx: BuildContext) -> dict[str, str]:
     from croupier.shards.build.textstore import mds_encoding
 
     cfg = ctx.cfg
+    if cfg.token_inputs:  # token corpora: the token column only (a --tokenizer only decodes them to embed)
+        from croupier.tokenizer import TOKEN_COLUMN_ENCODING
+
+        return {cfg.token_field: TOKEN_COLUMN_ENCODING}
     types: dict[str, set[str]] = {f: set() for f in cfg.keep_fields}
     for p in ctx.state["parts"]:
         for f, ts in p["types"].items():
@@ -65,7 +69,7 @@ def cluster_bytes(ctx: BuildContext, offsets: np.ndarray) -> np.ndarray:
         hi = min(len(assign), lo + c)
         # per-sample MDS overhead: 4-byte offset + 4-byte length per variable column
         w = store.nbytes(lo, hi) + 4 * (1 + len(cfg.keep_fields) + 1)
-        if cfg.tokenizer is not None:
+        if cfg.tokenizer is not None and not cfg.token_inputs:
             w = 2 * w  # int32 token ids take about as many bytes as the text
         out += np.bincount(remap[np.asarray(assign[lo:hi])], weights=w, minlength=k2)
     return out
@@ -105,7 +109,12 @@ def _start_shard(writer: Any) -> None:
 
 def _write_docs(cfg: BuildConfig, writer: Any, store: Any, ids: np.ndarray, tokenizer: Any) -> np.ndarray | None:
     """Write these documents (in this order) as the next samples; returns their token counts
-    with a tokenizer, else None."""
+    with a tokenizer or from token corpora, else None."""
+    if cfg.token_inputs:  # documents that are token ids already: a token column, no text
+        docs = store.docs(ids)
+        for d in docs:
+            writer.write({cfg.token_field: d})
+        return np.fromiter((len(d) for d in docs), dtype=np.int32, count=len(docs))
     texts = store.texts(ids)
     extras = store.extras(ids) if cfg.keep_fields else [{}] * len(texts)
     counts = None
@@ -140,7 +149,7 @@ def write_run(cfg: BuildConfig, store: Any, order: np.ndarray | None, blocks: Se
             _start_shard(writer)
             for a in range(b0, b1, c):
                 ids = np.asarray(order[a:min(b1, a + c)]) if order is not None else np.arange(a, min(b1, a + c))
-                got = _write_docs(cfg, writer, store, ids, tokenizer)
+                got = _write_docs(cfg, writer, store, ids, None if cfg.token_inputs else tokenizer)
                 if got is not None:
                     counts.append(got)
                 if bar is not None:
@@ -151,7 +160,7 @@ def write_run(cfg: BuildConfig, store: Any, order: np.ndarray | None, blocks: Se
         raise
     finally:
         writer.executor.shutdown(wait=True)
-    if tokenizer is None:
+    if tokenizer is None and not cfg.token_inputs:
         return None
     return np.concatenate(counts) if counts else np.zeros(0, dtype=np.int32)
 
@@ -171,7 +180,7 @@ class WriteShards:
         bar = ctx.progress.bar("write", total=n)
         try:
             counts = write_run(cfg, ctx.store(), order, blocks, columns, ctx.work / work_files.MDS,
-                               ctx.tokenizer() if cfg.tokenizer is not None else None, bar)
+                               ctx.tokenizer() if cfg.tokenizer is not None and not cfg.token_inputs else None, bar)
         finally:
             bar.close()
         ctx.timed(self.name, t0, n)
