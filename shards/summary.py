@@ -107,6 +107,66 @@ def cluster_examples(side: Any, dataset: str, clusters: int, per_cluster: int) -
     return out
 
 
+SCORE_QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+
+
+def score_summary(side: Any) -> dict[str, dict[str, Any]]:
+    """Every score column's distribution (quantiles, mean) and where it came from."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in side.score_names():
+        values = np.asarray(side.scores(name), dtype=np.float64)
+        params = side.score_params(name)
+        q = np.quantile(values, SCORE_QUANTILES) if len(values) else np.zeros(len(SCORE_QUANTILES))
+        labels = ["min", "q10", "q25", "median", "q75", "q90", "max"]
+        out[name] = {"quantiles": {k: float(v) for k, v in zip(labels, q)}, "mean": float(values.mean()),
+                     "source": score_source(params), "higher_is_better": params.get("higher_is_better")}
+    return out
+
+
+def score_source(params: dict[str, Any]) -> str:
+    """Where a score column came from, in words."""
+    scorer = params.get("scorer")
+    if scorer == "external":
+        if params.get("from") == "field":
+            src = f"field {params.get('field')!r}"
+        else:
+            src = f"file {params.get('file')} (sha256 {str(params.get('sha256', ''))[:12]})"
+        return f"{src}, {'higher' if params.get('higher_is_better', True) else 'lower'} is better"
+    return f"scorer {scorer}"
+
+
+def provenance(m: dict[str, Any]) -> dict[str, Any]:
+    """Where the embeddings and clusters came from (a sidecar built before this was recorded: derived)."""
+    if "provenance" in m:
+        return dict(m["provenance"])
+    emb = m.get("embedder") or {}
+    grouping = m.get("grouping")
+    clusters = ({"from": "field", "field": grouping.get("field")} if grouping else
+                {"from": "k-means", "clusters": m.get("requested_clusters")})
+    return {"embeddings": {"from": "embedder", "embedder": emb.get("name")}, "clusters": clusters}
+
+
+def describe_provenance(prov: dict[str, Any]) -> tuple[str, str]:
+    """(embeddings, clusters) provenance in words, for `croupier shards inspect`."""
+    e, c = prov.get("embeddings", {}), prov.get("clusters", {})
+    if e.get("from") == "file":
+        extra = ", ".join(f"{k} {e[k]}" for k in ("column", "key", "dtype", "rows") if e.get(k) is not None)
+        emb = f"given: file {e.get('file')} (sha256 {str(e.get('sha256', ''))[:12]}{', ' + extra if extra else ''})"
+    elif e.get("from") == "field":
+        emb = f"given: field {e.get('field')!r} of the records"
+    elif e.get("from") == "none":
+        emb = "none (--embedder none)"
+    else:
+        emb = f"embedder {e.get('embedder')}"
+    if c.get("from") == "field":
+        clu = f"the field {c.get('field')!r}, one cluster per value"
+    elif c.get("from") == "field+k-means":
+        clu = f"the field {c.get('field')!r}, k-means inside each value ({c.get('rule')})"
+    else:
+        clu = f"k-means over the embeddings (K = {c.get('clusters')})"
+    return emb, clu
+
+
 def summarize(dataset: str, *, by: str | None = None, drown: float = DEFAULT_DROWN, examples: int = 0,
               clusters: int = 5) -> DatasetSummary:
     """The summary of the dataset at `dataset` (see the module docstring)."""
@@ -134,6 +194,8 @@ def summarize(dataset: str, *, by: str | None = None, drown: float = DEFAULT_DRO
         "text_field": m.get("text_field"),
         "columns": m.get("columns"),
         "scores": {k: v.get("params") for k, v in m.get("scores", {}).items()},
+        "score_stats": score_summary(side),
+        "provenance": provenance(m),
         "selections": {k: v.get("count") for k, v in m.get("selections", {}).items()},
         "sizes": {**size_summary(sizes), **size_stats(sizes)},
     }

@@ -1,9 +1,11 @@
 """`croupier shards inspect DIR` and `croupier shards plot DIR --out clusters.png`.
 
-Inspect prints the sidecar manifest and the cluster-size distribution (largest, smallest,
-quantiles), with `--examples N` a few texts from each of the largest and smallest
+Inspect prints the sidecar manifest, where the embeddings, clusters and scores came from
+(file and hash, field, embedder), every score's quantiles, and the cluster-size distribution
+(largest, smallest, quantiles), with `--examples N` a few texts from each of the largest and smallest
 clusters (`croupier.shards.summary`). Plot draws the sorted cluster sizes on a log scale
-(`croupier.shards.plot`): the picture to look at before choosing a clip threshold.
+(`croupier.shards.plot`): the picture to look at before choosing a clip threshold; with
+`--score NAME` the histogram of a score column instead (before choosing a --keep or --threshold).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Plot the sorted cluster sizes on a log scale.")
     q.add_argument("dataset", metavar="DIR", help="dataset folder")
     q.add_argument("--out", required=True, help="PNG file to write")
+    q.add_argument("--score", default=None, metavar="NAME",
+                   help="draw the histogram of a score column instead of the cluster sizes")
     q.set_defaults(func=run_plot)
 
 
@@ -55,7 +59,16 @@ def run_inspect(args: argparse.Namespace) -> int:
     print(f"embedder     {emb.get('name')} (dim {emb.get('dim')}), metric {summary['metric']}, seed {summary['seed']}")
     if summary["remote"]:
         print(f"shards at    {summary['remote']}")
+    from croupier.shards.summary import describe_provenance
+
+    emb_from, clusters_from = describe_provenance(summary["provenance"])
+    print(f"embeddings   {emb_from}")
+    print(f"clusters by  {clusters_from}")
     print(f"scores       {', '.join(summary['scores']) or 'none'}")
+    for name, st in summary["score_stats"].items():
+        q = st["quantiles"]
+        print(f"  {name:<10} {st['source']}: " + "  ".join(f"{k} {v:.4g}" for k, v in q.items())
+              + f"  mean {st['mean']:.4g}")
     print(f"selections   {', '.join(f'{k} ({v})' for k, v in summary['selections'].items()) or 'none'}")
     print(f"sizes        largest {s['largest']} ({s['largest_share']:.1%} of samples), smallest {s['smallest']}, "
           f"mean {s['mean']:.1f}, largest/smallest {s['max_over_min']:.1f}")
@@ -83,8 +96,11 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_plot(args: argparse.Namespace) -> int:
-    from croupier.shards.plot import plot_cluster_sizes
+    from croupier.shards.plot import plot_cluster_sizes, plot_score_histogram
 
-    plot_cluster_sizes(args.dataset, args.out)
+    if args.score is not None:
+        plot_score_histogram(args.dataset, args.score, args.out)
+    else:
+        plot_cluster_sizes(args.dataset, args.out)
     print(f"wrote {args.out}")
     return 0
