@@ -11,9 +11,16 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
-extras=dev,cpu
+# Everything: the tests' tools, reports, Ray, trainer integrations, and the shard builder with
+# faiss for this machine (docs/install.md lists the extras).
+extras=dev,build
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  extras=dev,gpu
+  extras=dev,build-gpu
+fi
+# streaming-community replaces mosaicml-streaming (both own the `streaming/` folder): a venv set
+# up before the switch drops the old one first, or uninstalling it later would delete the other's files.
+if .venv/bin/python -m pip show -q mosaicml-streaming >/dev/null 2>&1; then
+  .venv/bin/python -m pip uninstall -q -y mosaicml-streaming
 fi
 echo "croupier setup: installing into .venv (first run takes a few minutes)" >&2
 .venv/bin/python -m pip install -q -c .ci/constraints.txt "torchvision" -e ".[$extras]"

