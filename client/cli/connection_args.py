@@ -22,6 +22,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from croupier import bounds
 from croupier.client.channel import TOKEN_ENV, ChannelConfig
 from croupier.errors import ConfigError
 
@@ -92,9 +93,12 @@ def resolve_token(token: str | None = None, token_file: str | None = None) -> st
 
 
 def connection_from_args(args: argparse.Namespace) -> Connection:
-    """The flags of `add_connection_arguments`, checked: --tls-server-name needs --tls-ca."""
+    """The flags of `add_connection_arguments`, checked: --server is HOST:PORT with a port in
+    1..65535 (`croupier.bounds.address`), --tls-server-name needs --tls-ca."""
     server_name = getattr(args, "tls_server_name", None)
     if server_name and not args.tls_ca:
         raise ConfigError("--tls-server-name needs --tls-ca (it names the server in its TLS certificate)")
+    if getattr(args, "server", None) is not None:
+        bounds.address("--server", args.server)
     return Connection(server=args.server, token=resolve_token(getattr(args, "token", None), args.token_file),
                       tls_ca=args.tls_ca, tls_server_name=server_name)

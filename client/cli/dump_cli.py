@@ -7,6 +7,13 @@ command shows that the server deals, the remote is reachable and the shards deco
 `--format jsonl` prints one `{"step": t, "indices": [...]}` line per step, the shape of
 `croupier simulate --format jsonl`, so a dry run and a live server can be diffed; the job
 line and the read report then go to stderr.
+
+Arguments are checked before anything connects (a step range inside int64, a rank inside
+its world). A command-line tool should not retry for minutes: the server must answer within
+`--connect-timeout` seconds (default `CONNECT_TIMEOUT_S`), or the command fails with one
+line; trainers' `RankClient`s keep their long retry. While it waits (for the server to
+answer, or for a step the server holds back until the job's ranks move), it says so on
+stderr.
 """
 
 from __future__ import annotations
@@ -15,13 +22,25 @@ import argparse
 import json
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+from croupier import bounds
+from croupier.client.backoff import Backoff
 from croupier.client.cli.connection_args import add_connection_arguments, connection_from_args
 from croupier.errors import EndOfData
 from croupier.topology import Topology
 
 FORMATS = ("text", "jsonl")
+CONNECT_TIMEOUT_S = 10.0
+"""How long `client dump` waits for the server to answer before it gives up (default)."""
+MAX_CONNECT_TIMEOUT_S = 24 * 3600.0
+NOTE_AFTER_S = 2.0
+"""A wait longer than this is told on stderr (what the command waits for)."""
+NOTE_EVERY_S = 30.0
+"""And again this often while it lasts."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,7 +60,53 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     dump.add_argument("--format", default="text", choices=FORMATS,
                       help="text (default: one tab-separated line per step) or jsonl (as `croupier simulate`)")
     dump.add_argument("--max-ids", type=int, default=16, help="text: ids printed per step, 0 = all (default 16)")
+    dump.add_argument("--connect-timeout", type=float, default=CONNECT_TIMEOUT_S, metavar="SECONDS",
+                      help=f"give up when the server has not answered for this long (default {CONNECT_TIMEOUT_S:g})")
     dump.set_defaults(func=run_dump)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every numeric flag against what the server takes, before anything connects."""
+    bounds.int_range("--world", args.world, 1, bounds.INT32_MAX, "ranks in the world")
+    bounds.int_range("--rank", args.rank, 0, args.world - 1, f"a rank of world {args.world}")
+    bounds.int_range("--steps", args.steps, 1, bounds.INT64_MAX, "steps to print")
+    if args.start_step is not None:
+        bounds.int_range("--start-step", args.start_step, 0, bounds.INT64_MAX - args.steps,
+                         f"the last step printed, start + --steps {args.steps}, must fit a 64-bit integer")
+    bounds.int_range("--max-ids", args.max_ids, 0, bounds.INT64_MAX, "ids printed per step, 0 = all")
+    bounds.duration("--connect-timeout", args.connect_timeout, high=MAX_CONNECT_TIMEOUT_S)
+
+
+def quiet_retries() -> None:
+    """The client's per-retry warnings stay off the terminal when nothing configured logging
+    (`telling` says what the command waits for, the final error says why it gave up)."""
+    import logging
+
+    if not logging.getLogger().handlers:
+        logging.getLogger("croupier.client").addHandler(logging.NullHandler())
+
+
+@contextmanager
+def telling(what: str, out=None) -> Iterator[None]:
+    """Says on stderr what the command waits for when a wait lasts over NOTE_AFTER_S (and every
+    NOTE_EVERY_S while it lasts), so a wait is never silent."""
+    done = threading.Event()
+    began = time.monotonic()
+
+    def watch() -> None:
+        wait = NOTE_AFTER_S
+        while not done.wait(wait):
+            print(f"croupier client dump: {what} ({time.monotonic() - began:.0f} s so far)",
+                  file=out or sys.stderr, flush=True)
+            wait = NOTE_EVERY_S
+
+    t = threading.Thread(target=watch, name="croupier-dump-wait", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        done.set()
+        t.join()
 
 
 def _format_ids(ids, max_ids: int) -> str:
@@ -55,7 +120,16 @@ def _format_ids(ids, max_ids: int) -> str:
 def run_dump(args: argparse.Namespace) -> int:
     from croupier.client.rank_client import RankClient
 
+    check_args(args)
     conn = connection_from_args(args)
+    quiet_retries()
+    patience = float(args.connect_timeout)
+    # Short retries for a command-line tool: an unreachable server fails the command within
+    # --connect-timeout (each call, and each reconnect of the stream, gives up after it).
+    retry = {"backoff": Backoff(initial_s=min(0.05, patience), max_s=max(min(1.0, patience / 4), min(0.05, patience)),
+                                give_up_after_s=patience),
+             "rpc_timeout_s": patience}
+    reach = f"waiting for the server at {conn.server} to answer (giving up after {patience:g} s)"
     jsonl = args.format == "jsonl"
     note = sys.stderr if jsonl else sys.stdout  # jsonl keeps stdout to the per-step lines
     topology = Topology(rank=args.rank, world=args.world)
@@ -63,15 +137,18 @@ def run_dump(args: argparse.Namespace) -> int:
     job = args.job
     if job is None:
         with RankClient(conn.server, job="?", topology=topology, token=token, tls_root_cert=conn.tls_ca,
-                        tls_server_name=conn.tls_server_name) as probe:
+                        tls_server_name=conn.tls_server_name, **retry) as probe, telling(reach):
             job = probe.status().job.job
     client = RankClient(conn.server, job=job, topology=topology, token=token, tls_root_cert=conn.tls_ca,
-                        tls_server_name=conn.tls_server_name, start_step=args.start_step, read_only=True)
+                        tls_server_name=conn.tls_server_name, start_step=args.start_step, read_only=True, **retry)
     store = None
     tmp = None
     try:
-        info = client.join()
+        with telling(reach):
+            info = client.join()
         start = client.next_step
+        bounds.int_range("--steps", args.steps, 1, bounds.INT64_MAX - start,
+                         f"the last step printed, the rank's step {start} + --steps, must fit a 64-bit integer")
         client.plan(start, start + args.steps)
         print(f"job {info.job}: dataset {info.dataset_fingerprint} at {info.dataset_remote or '-'}, "
               f"policy {info.policy}, global batch {info.global_batch}, rank {args.rank}/{args.world}, "
@@ -88,7 +165,7 @@ def run_dump(args: argparse.Namespace) -> int:
             client.plan(start, start + args.steps, on_slice=lambda step, ids: store.prefetch(ids))
         samples = 0
         began = time.perf_counter()
-        for step, ids in client:
+        for step, ids in _steps(client, conn.server):
             if jsonl:
                 print(json.dumps({"step": step, "indices": ids.tolist()}))
             else:
@@ -110,3 +187,19 @@ def run_dump(args: argparse.Namespace) -> int:
             store.close()
         if tmp is not None:
             tmp.cleanup()
+
+
+def _steps(client, server: str) -> Iterator[tuple[int, object]]:
+    """The client's (step, ids) until its stop, telling on stderr when a step is slow to come:
+    a read-only reader is dealt a step only within the job's lag bound of its slowest rank, so
+    a job whose ranks do not move holds it back."""
+    while True:
+        what = (f"waiting for step {client.next_step} from {server}: the server deals a read-only reader a step "
+                "once it is generated and within the job's lag bound of its slowest rank (ranks that do not "
+                "move hold it back)")
+        with telling(what):
+            try:
+                item = client.next_slice()
+            except EndOfData:
+                return
+        yield item
