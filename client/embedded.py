@@ -22,7 +22,6 @@ must change while the job runs.
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from collections import deque
 from collections.abc import Callable
@@ -165,6 +164,12 @@ class EmbeddedDealer:
     """One reader's lane of an embedded job: this rank's slices of steps first, first +
     stride, ... (DataLoader worker w of N: stride N), in the interface of `RankClient`.
 
+    One sampler generates the sequence up to `lookahead` lane steps ahead of the consumer,
+    naming each slice's shards to `on_slice` as it is dealt (prefetch); the slices wait in a
+    queue. The sampler state of the consumer's position comes from a second sampler that
+    catches up only when it is asked for (`state_before`), so a reader that never saves its
+    state deals each step once, and one that saves every step deals it twice.
+
     state: a sampler state at or before the first step to read (None: compute from step 0).
     start_step: where an unplanned reader starts (the state's step, else 0).
     """
@@ -182,18 +187,15 @@ class EmbeddedDealer:
         self._state = state
         self._start = start_step if start_step is not None else (0 if state is None else int(state.step))
         self._seq: EmbeddedSequence | None = None
-        self._pid = os.getpid()
-        self._planned = False
-        self._tracker: Generator | None = None  # before the next lane step
-        self._before: SamplerState | None = None  # before the lane step last returned
-        self._scout: Generator | None = None  # ahead, naming shards to prefetch
-        self._ahead: deque[int] = deque()  # lane steps the scout announced, not returned yet
-        self._scout_end = False
+        self._gen: Generator | None = None  # the sequence, dealt ahead of the consumer
+        self._gen_end: int | None = None  # the end of data, once the generator met it
+        self._ahead: deque[tuple[int, np.ndarray]] = deque()  # lane slices dealt, not yet consumed
+        self._tracker: Generator | None = None  # catches up to the consumer's position on demand
+        self._tracker_from: SamplerState | None = None
         self._first = self._want = self._start
         self._stop: int | None = None
         self._stride = 1
         self._on_slice: Callable[[int, np.ndarray], None] | None = None
-        self._end: int | None = None
 
     # -- the RankClient interface the dataset reads through -------------------------------------
     def join(self) -> pb2.JobInfo:
@@ -221,7 +223,7 @@ class EmbeddedDealer:
              on_slice: Callable[[int, np.ndarray], None] | None = None) -> None:
         """Reads steps start_step, start_step + step_stride, ... below stop_step (None: to the
         end); only before the first `next_slice()`. The offset only aligns the first step."""
-        if self._tracker is not None:
+        if self._gen is not None:
             raise StateError("plan() must be called before the first next_slice()")
         if start_step < 0 or (stop_step is not None and stop_step < 0) or step_stride < 1:
             raise ConfigError(f"bad plan: start {start_step}, stop {stop_step}, stride {step_stride} "
@@ -229,55 +231,45 @@ class EmbeddedDealer:
         first = start_step + (step_offset - start_step) % step_stride
         self._first = self._want = first
         self._stop, self._stride, self._on_slice = stop_step, int(step_stride), on_slice
-        self._planned = True
 
     def next_slice(self, timeout: float | None = None) -> tuple[int, np.ndarray]:  # noqa: ARG002 - RankClient's
         """The next (step, ids) of this lane; EndOfData at the end of the sequence or stop step."""
-        if self._tracker is None:
+        if self._gen is None:
             self._open()
-        tracker = self._tracker
-        assert tracker is not None
         step = self._want
-        if (self._stop is not None and step >= self._stop) or (self._end is not None and step >= self._end):
+        self._deal(step + max(1, self.lookahead) * self._stride)
+        if not self._ahead or self._ahead[0][0] != step:
             raise EndOfData(step, f"no steps left for rank {self.topology.rank} from step {step}")
-        self._scout_ahead()
-        before = tracker.state()
-        try:
-            batch = tracker.next_batch()
-        except EndOfData:
-            self._end = step
-            raise
-        self._before = before
-        for _ in range(self._stride - 1):  # the steps of the other lanes
-            if self._stop is not None and tracker.step >= self._stop:
-                break
-            try:
-                tracker.next_batch()
-            except EndOfData:
-                self._end = tracker.step
-                break
+        step, ids = self._ahead.popleft()
         self._want = step + self._stride
-        if self._ahead and self._ahead[0] == step:
-            self._ahead.popleft()
-        return step, self.topology.slice(batch)
+        return step, ids
 
     def close(self) -> None:
-        """Drops the prefetch sampler (nothing to release: no channel, no thread); the tracker
-        stays, so the state of the position after the last step can still be taken."""
-        self._scout = None
+        """Drops the slices dealt ahead (nothing to release: no channel, no thread); the state
+        of the position can still be taken."""
+        self._ahead.clear()
 
     # -- state ----------------------------------------------------------------------------------
     def state_before(self, step: int) -> SamplerState | None:
-        """The sampler state before `step` when this dealer holds it (its next lane step, or the
-        step it returned last), else the saved state it started from when that is at or before it."""
-        t = self._tracker
-        if t is not None and t.step == step:
-            return t.state()
-        if self._before is not None and self._before.step == step:
-            return self._before
-        if self._state is not None and self._state.step <= step:
-            return self._state
-        return None
+        """The sampler state before `step` (None when this dealer cannot reach it: before the
+        step it started from, or past the end of data). Positions only move forward, and so
+        does the sampler that computes it."""
+        if self._seq is None or self._tracker_from is None:
+            return self._state if self._state is not None and self._state.step <= step else None
+        if self._tracker is None:
+            if self._tracker_from.step > step:
+                return self._state if self._state is not None and self._state.step <= step else None
+            self._tracker = self._seq.new_sampler()
+            self._tracker.load_state(self._tracker_from)
+        tracker = self._tracker
+        if tracker.step > step:
+            return None
+        while tracker.step < step:
+            try:
+                tracker.next_batch()
+            except EndOfData:
+                return None
+        return tracker.state()
 
     # -- internals ------------------------------------------------------------------------------
     def _open(self) -> None:
@@ -285,30 +277,29 @@ class EmbeddedDealer:
         assert self._seq is not None
         state = self._state if self._state is not None and self._state.step <= self._first else None
         try:
-            self._tracker = self._seq.sampler_at(self._first, state)
+            self._gen = self._seq.sampler_at(self._first, state)
         except EndOfData as exc:
-            self._tracker = self._seq.new_sampler()
-            self._end = exc.step
+            self._gen = self._seq.new_sampler()
+            self._gen_end = exc.step
             return
-        if self._on_slice is not None and self.lookahead:
-            self._scout = self._seq.new_sampler()
-            self._scout.load_state(self._tracker.state())
+        self._tracker_from = self._gen.state()
 
-    def _scout_ahead(self) -> None:
-        """Announces (on_slice) the lane steps up to `lookahead` ahead of the consumer."""
-        scout = self._scout
-        if scout is None or self._scout_end or self._on_slice is None:
-            return
-        horizon = self._want + self.lookahead * self._stride
+    def _deal(self, horizon: int) -> None:
+        """Generates the sequence up to `horizon` (at most the stop step), queueing this lane's
+        slices and naming each to `on_slice`."""
+        gen = self._gen
+        assert gen is not None
         if self._stop is not None:
             horizon = min(horizon, self._stop)
-        while scout.step < horizon:
-            step = scout.step
+        while gen.step < horizon and self._gen_end is None:
+            step = gen.step
             try:
-                batch = scout.next_batch()
+                batch = gen.next_batch()
             except EndOfData:
-                self._scout_end = True
+                self._gen_end = step
                 return
-            if (step - self._first) % self._stride == 0 and step >= self._want:
-                self._ahead.append(step)
-                self._on_slice(step, self.topology.slice(batch))
+            if step >= self._first and (step - self._first) % self._stride == 0:
+                ids = self.topology.slice(batch)
+                self._ahead.append((step, ids))
+                if self._on_slice is not None:
+                    self._on_slice(step, ids)
