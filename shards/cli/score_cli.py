@@ -40,12 +40,14 @@ def run(args: argparse.Namespace) -> int:
         from croupier.shards.scoring.external import store_external
 
         name, values, record = store_external(args.dir, field=args.from_field, file=args.from_file, name=args.name,
-                                              lower_is_better=args.lower_is_better)
+                                              lower_is_better=args.lower_is_better, column=args.column, key=args.key)
         source = f"field {record['field']!r}" if record["from"] == "field" else f"file {record['file']}"
         print(f"score {name!r} (from the {source}, {'higher' if record['higher_is_better'] else 'lower'} is "
               f"better): {len(values):,} samples; min {values.min():.4g}, median {float(np.median(values)):.4g}, "
               f"max {values.max():.4g}")
         return 0
+    if args.column is not None or args.key is not None:
+        raise ConfigError("--column and --key apply to --from-file FILE.parquet")
     if args.lower_is_better:
         raise ConfigError("--lower-is-better applies to --from-field/--from-file (a computed score knows its "
                           "direction)")
@@ -69,8 +71,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--from-field", default=None, metavar="FIELD",
                    help="store a score you have: a kept numeric field of the dataset (a quality classifier's "
                         "probability, an educational grade, your own perplexity...)")
-    p.add_argument("--from-file", default=None, metavar="FILE.npy",
-                   help="store a score you have: a .npy array of one number per sample id (its SHA-256 recorded)")
+    p.add_argument("--from-file", default=None, metavar="FILE",
+                   help="store a score you have: a .npy array of one number per sample id, or a Parquet file's "
+                        "--column (its SHA-256 recorded)")
+    p.add_argument("--column", default=None, help="with --from-file FILE.parquet: the score column")
+    p.add_argument("--key", default=None, metavar="FIELD",
+                   help="with --from-file FILE.parquet: join the file's FIELD column on the dataset's kept FIELD "
+                        "(scores in any order, e.g. input order for a cluster-major dataset)")
     p.add_argument("--lower-is-better", action="store_true",
                    help="with --from-field/--from-file: lower values are better (default: higher)")
     p.add_argument("--name", help="score column name (default: the scorer's name, the field, or the file's stem)")

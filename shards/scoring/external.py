@@ -1,9 +1,11 @@
 """Scores the user already has: `croupier shards score --from-field FIELD | --from-file FILE`.
 
 A kept field of the dataset (an MDS column: a DCLM fastText probability, a FineWeb-Edu
-grade, a perplexity from the user's own model...) or a `.npy` file with one number per sample
-id becomes a float32 score column of the sidecar, named after the field (or the file's stem)
-unless `--name` says otherwise. Its record in the manifest says where it came from (the field,
+grade, a perplexity from the user's own model...), a `.npy` file with one number per sample
+id, or a Parquet column (`--column`; row i for sample id i, or joined on a kept field with
+`--key FIELD`, which is how scores made in input order reach a cluster-major dataset, whose
+sample ids are in cluster order) becomes a float32 score column of the sidecar, named after
+the field (or the column, or the file's stem) unless `--name` says otherwise. Its record in the manifest says where it came from (the field,
 or the file's name and SHA-256) and which way is better (`higher_is_better`, true unless
 `--lower-is-better`), so `croupier shards select --by NAME --keep F | --threshold T` keeps
 its best samples (`croupier.shards.scoring.subset`). Missing, non-numeric or non-finite
@@ -103,8 +105,54 @@ def from_file(path: str, num_samples: int) -> tuple[np.ndarray, dict[str, Any]]:
     return values, {"from": "file", "file": p.name, "path": str(p.resolve()), "sha256": file_sha256(p)}
 
 
+def from_parquet(sidecar: Any, path: str, column: str | None, key: str | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """A Parquet column as scores: row i for sample id i, or, with `key`, joined on a kept field
+    (every sample's key must appear in the file once)."""
+    import pyarrow.parquet as pq
+
+    from croupier.shards.build.embeddings_in import file_sha256
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--from-file {path}: no such file")
+    if column is None:
+        raise ConfigError(f"--from-file {path} is a Parquet file: name its score column with --column COL")
+    try:
+        table = pq.read_table(p, columns=[column, *([key] if key else [])])
+    except Exception as exc:
+        raise DatasetError(f"--from-file {path}: cannot read column {column!r}"
+                           f"{f' and key {key!r}' if key else ''}: {exc}") from None
+    what = f"--from-file {path} (column {column!r})"
+    values = numbers(table.column(column).to_pylist(), what)
+    n = sidecar.num_samples
+    source = {"from": "file", "file": p.name, "path": str(p.resolve()), "sha256": file_sha256(p), "column": column,
+              "key": key}
+    if key is None:
+        if len(values) != n:
+            raise DatasetError(f"{what} holds {len(values)} scores but the dataset holds {n} samples: one row per "
+                               "sample id (or join on a kept field with --key FIELD)")
+        return values, source
+    fields = kept_fields(sidecar)
+    if key not in fields:
+        raise ConfigError(f"--key {key!r} is not a kept field of {str(sidecar.root)!r} (its columns: "
+                          f"{', '.join(fields)})")
+    row_of: dict[Any, int] = {}
+    for i, k in enumerate(table.column(key).to_pylist()):
+        if k in row_of:
+            raise DatasetError(f"{what}: key {key} {k!r} appears twice (rows {row_of[k]} and {i})")
+        row_of[k] = i
+    out = np.empty(n, dtype=np.float32)
+    for i, k in enumerate(read_column(sidecar, key)):
+        row = row_of.get(k)
+        if row is None:
+            raise DatasetError(f"{what}: sample {i} has {key} {k!r}, which the file does not hold")
+        out[i] = values[row]
+    return out, source
+
+
 def store_external(dataset: str, *, field: str | None = None, file: str | None = None, name: str | None = None,
-                   lower_is_better: bool = False) -> tuple[str, np.ndarray, dict[str, Any]]:
+                   lower_is_better: bool = False, column: str | None = None,
+                   key: str | None = None) -> tuple[str, np.ndarray, dict[str, Any]]:
     """Read the field or file, store it as score `name` (default: the field, or the file's stem); returns
     (name, values, the record written to the manifest)."""
     from croupier.format.sidecar import Sidecar, validate_name
@@ -112,10 +160,15 @@ def store_external(dataset: str, *, field: str | None = None, file: str | None =
     if (field is None) == (file is None):
         raise ConfigError("give one of --from-field FIELD or --from-file FILE.npy")
     sidecar = Sidecar.open(dataset)
-    default = field if field is not None else Path(str(file)).stem
+    parquet = file is not None and str(file).lower().endswith(".parquet")
+    if (column is not None or key is not None) and not parquet:
+        raise ConfigError("--column and --key apply to --from-file FILE.parquet")
+    default = field if field is not None else (column if parquet and column else Path(str(file)).stem)
     name = validate_name("score", name or default)
     if field is not None:
         values, source = from_field(sidecar, field)
+    elif parquet:
+        values, source = from_parquet(sidecar, str(file), column, key)
     else:
         values, source = from_file(str(file), sidecar.num_samples)
     record = {"scorer": SCORER, **source, "higher_is_better": not lower_is_better}

@@ -27,11 +27,12 @@ def ds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
     docs = generate_corpus(N, 4, seed=11)
     quality = np.random.default_rng(1).permutation(N) / N  # every value distinct: no ties
     for i, d in enumerate(docs):
-        d.update(text=f"{i}: {d['text']}", lang=LANGS[i % 4], quality=float(quality[i]), year=2000 + i % 30)
+        d.update(text=f"{i}: {d['text']}", lang=LANGS[i % 4], quality=float(quality[i]), year=2000 + i % 30,
+                 uid=f"r{i}")
     write_jsonl(folder / "in.jsonl", docs)
     out = folder / "ds"
     assert main(["shards", "build", str(folder / "in.jsonl"), "--out", str(out), "--embedder", "none",
-                 "--group-by", "lang", "--keep-fields", "quality,year", "--quiet", "--no-tail-check"]) == 0
+                 "--group-by", "lang", "--keep-fields", "quality,year,uid", "--quiet", "--no-tail-check"]) == 0
     samples = read_back(out, folder / "cache")
     return out, [docs[int(s["text"].split(":", 1)[0])] for s in samples]
 
@@ -74,6 +75,36 @@ def test_a_score_file_with_its_hash_and_a_wrong_length_refused(ds, tmp_path, cap
     assert main(["shards", "score", str(out), "--from-field", "lang"]) == 2
     err = capsys.readouterr().err
     assert "--from-field 'lang': sample 0 holds" in err and "(str), not a number" in err
+
+
+def test_a_parquet_score_joined_on_a_kept_key(ds, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out, recs = ds
+    # scores in input order (not the dataset's cluster order), rows shuffled on top: the key joins them
+    rows = np.random.default_rng(3).permutation(N)
+    uids = [f"r{i}" for i in rows]
+    edu = [float(i % 7) + i / 1000 for i in rows]
+    pq.write_table(pa.table({"id": uids, "edu": edu}), tmp_path / "edu.parquet")
+    pq.write_table(pa.table({"uid": uids, "edu": edu}), tmp_path / "k.parquet")
+    assert main(["shards", "score", str(out), "--from-file", str(tmp_path / "k.parquet"), "--column", "edu",
+                 "--key", "uid"]) == 0
+    side = Sidecar.open(out)
+    want = np.array([float(int(r["uid"][1:]) % 7) + int(r["uid"][1:]) / 1000 for r in recs], dtype=np.float32)
+    np.testing.assert_array_equal(np.asarray(side.scores("edu")), want)
+    assert side.score_params("edu")["key"] == "uid" and side.score_params("edu")["column"] == "edu"
+    pq.write_table(pa.table({"uid": uids[:-1], "edu": edu[:-1]}), tmp_path / "m.parquet")
+    assert main(["shards", "score", str(out), "--from-file", str(tmp_path / "m.parquet"), "--column", "edu",
+                 "--key", "uid"]) == 2
+    assert f"has uid 'r{rows[-1]}', which the file does not hold" in capsys.readouterr().err
+    pq.write_table(pa.table({"uid": uids + uids[:1], "edu": edu + edu[:1]}), tmp_path / "d.parquet")
+    assert main(["shards", "score", str(out), "--from-file", str(tmp_path / "d.parquet"), "--column", "edu",
+                 "--key", "uid"]) == 2
+    assert f"key uid '{uids[0]}' appears twice (rows 0 and {N})" in capsys.readouterr().err
+    assert main(["shards", "score", str(out), "--from-file", str(tmp_path / "edu.parquet"), "--column", "edu"]) == 0
+    side.reload()
+    np.testing.assert_array_equal(np.asarray(side.scores("edu")), np.asarray(edu, dtype=np.float32))
 
 
 def test_where_keeps_exactly_the_matching_records(ds):
