@@ -103,8 +103,9 @@ class ParquetSource:
     """A list<float> column of a Parquet file, optionally keyed against a field of the records."""
 
     def __init__(self, path: str, column: str | None, key: str | None) -> None:
-        import pyarrow.parquet as pq
+        from croupier.optional import require
 
+        pq = require("pyarrow.parquet", "reading --embeddings FILE.parquet")
         self.path = Path(path)
         self.column = column or DEFAULT_COLUMN
         self.key = key

@@ -108,9 +108,10 @@ def from_file(path: str, num_samples: int) -> tuple[np.ndarray, dict[str, Any]]:
 def from_parquet(sidecar: Any, path: str, column: str | None, key: str | None) -> tuple[np.ndarray, dict[str, Any]]:
     """A Parquet column as scores: row i for sample id i, or, with `key`, joined on a kept field
     (every sample's key must appear in the file once)."""
-    import pyarrow.parquet as pq
-
+    from croupier.optional import require
     from croupier.shards.build.embeddings_in import file_sha256
+
+    pq = require("pyarrow.parquet", "reading --from-file FILE.parquet")
 
     p = Path(path)
     if not p.is_file():
