@@ -28,11 +28,12 @@ from collections.abc import Iterable
 from croupier.errors import ConfigError
 from croupier.grpc_options import MAX_MESSAGE_BYTES
 
-__all__ = ["INT32_MAX", "INT64_MAX", "MAX_DURATION_S", "MAX_GLOBAL_BATCH", "MAX_IDS_PER_MESSAGE",
+__all__ = ["INT32_MAX", "INT64_MAX", "INT64_MIN", "MAX_DURATION_S", "MAX_GLOBAL_BATCH", "MAX_IDS_PER_MESSAGE",
            "MAX_RANK_BATCH", "MAX_STEP_ID_BYTES", "address", "cluster_sizes", "duration", "global_batch",
-           "int_range", "int64", "port", "served_global_batch"]
+           "int_range", "int64", "port", "served_global_batch", "wire_int64"]
 
 INT64_MAX = (1 << 63) - 1
+INT64_MIN = -(1 << 63)
 INT32_MAX = (1 << 31) - 1
 ID_BYTES = 8
 """Bytes of one sample id (int64) in memory and on the wire (packed ids)."""
@@ -62,8 +63,14 @@ def int_range(flag: str, value: int, low: int, high: int, rule: str = "") -> int
 
 
 def int64(flag: str, value: int, low: int = 0) -> int:
-    """A value that travels as int64 (steps, clip thresholds, seeds)."""
+    """A value that travels as int64 (steps, clip thresholds, seeds), at least `low`."""
     return int_range(flag, value, low, INT64_MAX, "a 64-bit integer")
+
+
+def wire_int64(flag: str, value: int) -> int:
+    """A value a request carries as int64 for the server to judge: anything an int64 holds
+    (the server refuses what its rules refuse, e.g. a negative step, by name)."""
+    return int_range(flag, value, INT64_MIN, INT64_MAX, "a 64-bit integer")
 
 
 def duration(flag: str, value: float, *, zero_ok: bool = False, high: float = MAX_DURATION_S) -> float:
@@ -88,8 +95,11 @@ def cluster_sizes(what: str, sizes: Iterable[int]) -> list[int]:
         raise ConfigError(f"{what}: give at least one cluster size")
     total = 0
     for i, s in enumerate(out):
-        if not 1 <= s <= INT64_MAX:
-            raise ConfigError(f"{what}: a cluster size must be in [1, {INT64_MAX}], cluster {i} has {s}")
+        if s < 1:
+            raise ConfigError(f"{what}: cluster sizes must be >= 1; cluster {i} has size {s}")
+        if s > INT64_MAX:
+            raise ConfigError(f"{what}: cluster sizes must be <= {INT64_MAX} (a 64-bit integer); cluster {i} has "
+                              f"size {s}")
         total += s
         if total > INT64_MAX:
             raise ConfigError(f"{what}: the clusters' total size must fit a 64-bit integer ({INT64_MAX}); "

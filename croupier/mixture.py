@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from croupier.bounds import INT64_MAX, cluster_sizes
 from croupier.datasets import open_dataset
 from croupier.errors import ConfigError, CroupierError
 from croupier.format.sidecar import Sidecar
@@ -120,8 +121,8 @@ class Mixture:
         return sum(i.size for i in self.infos)
 
 def _int(where: str, key: str, v: Any, low: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
-        raise ConfigError(f"{where}: {key} must be an integer >= {low}, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= INT64_MAX:
+        raise ConfigError(f"{where}: {key} must be an integer in [{low}, {INT64_MAX}], got {v!r}")
     return v
 
 
@@ -227,7 +228,7 @@ def parse_mix(text: str, path: str = "<mix>") -> MixSpec:
             if not isinstance(cs, list) or not cs or any(isinstance(x, bool) or not isinstance(x, int) or x < 1
                                                          for x in cs):
                 raise ConfigError(f"{where}: cluster_sizes must be a non-empty list of integers >= 1")
-            sizes = tuple(cs)
+            sizes = tuple(cluster_sizes(f"{where}: cluster_sizes", cs))
             if "selection" in t:
                 raise ConfigError(f"{where}: selection needs a dataset; synthetic clusters have no selections")
         block = None
@@ -246,6 +247,9 @@ def parse_mix(text: str, path: str = "<mix>") -> MixSpec:
                                 dataset=ds, cluster_sizes=sizes, block_size=block, cluster_weights=cw,
                                 selection=t.get("selection"), epochs=epochs, remote=t.get("remote")))
     check_source_weights([d.weight for d in decls], [d.name for d in decls])
+    synthetic = [n for d in decls for n in (d.cluster_sizes or ())]
+    if synthetic:  # the sources' ids are one id space: their sizes' total must fit int64 too
+        cluster_sizes(f"mixture file {path}: every source's cluster_sizes together", synthetic)
     return MixSpec(sources=tuple(decls), budget_steps=budget, min_active_share=float(share),
                    on_source_exhausted=on_ex, unit=unit, path=path)
 
@@ -254,9 +258,12 @@ def load_mix(path: str | Path, sidecar_cache: Path | None = None) -> Mixture:
     """Reads and validates a mixture file, then opens every source's dataset (or synthetic layout)."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_bytes().decode("utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read mixture file {str(p)!r}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"mixture file {str(p)!r} is not UTF-8 text (TOML is): byte {exc.start} is "
+                          f"{exc.object[exc.start:exc.start + 1]!r}") from None
     return open_mix(parse_mix(text, str(p)), sidecar_cache)
 
 
@@ -297,6 +304,9 @@ def open_mix(spec: MixSpec, sidecar_cache: Path | None = None) -> Mixture:
                                 selection=d.selection or "", num_clusters=layout.num_clusters, weight=d.weight,
                                 policy=d.policy))
         offset += int(size)
+        if offset > INT64_MAX:
+            raise ConfigError(f"{where}: the sources' total size {offset} does not fit a 64-bit integer "
+                              f"({INT64_MAX}): their ids are one id space")
     return Mixture(spec=spec, layouts=tuple(layouts), infos=tuple(infos), sample_weights=tuple(weights),
                    token_counts=tuple(counts))
 

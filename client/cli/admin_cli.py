@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from croupier import bounds
 from croupier.client.cli.connection_args import add_connection_arguments, connection_from_args
 from croupier.errors import ConfigError
 from croupier.proto import pb2, pb2_grpc
@@ -63,8 +65,29 @@ def connect(args: argparse.Namespace) -> tuple[pb2_grpc.SamplerStub, grpc.Channe
     return pb2_grpc.SamplerStub(channel), channel, config.metadata()
 
 
+MAX_TIMEOUT_S = 24 * 3600.0
+"""Longest --timeout an admin call takes (a day)."""
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The numeric flags of status, checkpoint and update against the limits the RPCs have
+    (steps and clip thresholds an int64 holds, finite weights, a positive timeout), before
+    connecting; the server judges the values by its own rules (a step in the past, ...)."""
+    bounds.duration("--timeout", args.timeout, high=MAX_TIMEOUT_S)
+    if getattr(args, "top", None) is not None:
+        bounds.int_range("--top", args.top, 0, bounds.INT32_MAX, "clusters shown, 0 = all")
+    if getattr(args, "step", None) is not None:
+        bounds.wire_int64("--step", args.step)
+    if getattr(args, "clip", None) is not None:
+        bounds.wire_int64("--clip", args.clip)
+    weight = getattr(args, "weight", None)
+    if weight is not None and not (math.isfinite(weight) and weight >= 0):
+        raise ConfigError(f"--weight must be a finite number >= 0 (0 pauses the source), got {weight}")
+
+
 def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     def wrapped(args: argparse.Namespace) -> int:
+        check_args(args)
         try:
             return fn(args)
         except grpc.RpcError as exc:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from croupier import bounds
 from croupier.client.cli.connection_args import add_connection_arguments, connection_from_args
 from croupier.errors import ConfigError
 
@@ -50,21 +51,22 @@ def local_ranks(flag: int | None) -> int:
             flag = int(env)
         except ValueError:
             raise ConfigError(f"LOCAL_WORLD_SIZE must be an integer, got {env!r}") from None
-    if flag < 0:
-        raise ConfigError(f"--local-ranks must be >= 0 (0: unknown), got {flag}")
-    return flag
+    return bounds.int_range("--local-ranks", flag, 0, bounds.INT32_MAX, "ranks on this node, 0: unknown")
 
 
 def run_agent_cli(args: argparse.Namespace) -> int:
     from croupier import logs
     from croupier.client.agent.daemon import NodeAgent, run_agent
-    from croupier.values import parse_size
+    from croupier.values import parse_log_level, parse_size
 
+    bounds.duration("--exit-when-idle", args.exit_when_idle, zero_ok=True)
+    parse_log_level(args.log_level)
+    ranks = local_ranks(args.local_ranks)
     logs.configure(args.log_level)
     conn = connection_from_args(args)
     limit = None if args.cache_limit is None else parse_size(args.cache_limit)
     agent = NodeAgent(conn.server, args.runtime_dir, args.cache_dir, cache_limit=limit, job=args.job,
                       token=conn.token or "", tls_root_cert=conn.tls_ca, tls_server_name=conn.tls_server_name,
-                      node=args.node, idle_exit_s=args.exit_when_idle, local_ranks=local_ranks(args.local_ranks))
+                      node=args.node, idle_exit_s=args.exit_when_idle, local_ranks=ranks)
     run_agent(agent)
     return 0

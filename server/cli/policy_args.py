@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from croupier import bounds
 from croupier.errors import ConfigError
 from croupier.layout import ClusterLayout
 from croupier.server.sampling.policy import ON_EXHAUSTED, POLICIES, PolicyConfig
@@ -65,21 +66,46 @@ def load_mix_args(args: argparse.Namespace, sidecar_cache: Path | None = None): 
     if fixed:
         raise ConfigError(f"--mix {args.mix}: the mixture file fixes the sources and their policies; "
                           f"remove {', '.join(fixed)} (set them per source, or at the file's top level)")
+    check_sequence_args(args)
     return load_mix(args.mix, sidecar_cache)
 
 
+def check_sequence_args(args: argparse.Namespace, served: bool = False) -> None:
+    """Checks the flags of `add_policy_arguments` (and --block-size, --cluster-sizes) against
+    the limits the code has (`croupier.bounds`), before anything is read, started or written.
+    served: the global batch must also fit a world-1 rank's slice in one gRPC message (`serve`)."""
+    batch = getattr(args, "global_batch", None)
+    if batch is not None:
+        (bounds.served_global_batch if served else bounds.global_batch)("--global-batch", batch)
+    if getattr(args, "seed", None) is not None:
+        bounds.int64("--seed", args.seed)
+    for flag, name, low in (("--budget-steps", "budget_steps", 1), ("--switch-step", "switch_step", 0),
+                            ("--block-size", "block_size", 1)):
+        value = getattr(args, name, None)
+        if value is not None:
+            bounds.int64(flag, value, low)
+    clip = getattr(args, "clip", None)  # an integer or "auto"; the policy checks its lower bound and its form
+    if clip is not None and str(clip).strip().isdigit() and int(clip) > bounds.INT64_MAX:
+        bounds.int64("--clip", int(clip), 1)
+    if getattr(args, "cluster_sizes", None):
+        parse_sizes(args.cluster_sizes)
+
+
 def parse_sizes(text: str) -> list[int]:
+    """--cluster-sizes: a comma list of sizes >= 1 whose total fits int64."""
     try:
         sizes = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise ConfigError(f"--cluster-sizes must be a comma-separated list of integers, got {text!r}") from None
+        raise ConfigError(f"--cluster-sizes must be a comma-separated list of integers, got {text[:80]!r}") from None
     if not sizes:
         raise ConfigError("--cluster-sizes is empty: give at least one cluster size")
-    return sizes
+    return bounds.cluster_sizes("--cluster-sizes", sizes)
 
 
 def synthetic_layout(args: argparse.Namespace) -> ClusterLayout:
-    """Contiguous clusters from --cluster-sizes, read in blocks of --block-size."""
+    """Contiguous clusters from --cluster-sizes, read in blocks of --block-size (the sequence
+    flags checked first: `check_sequence_args`)."""
+    check_sequence_args(args)
     block = 1 if args.block_size is None else args.block_size
     return ClusterLayout.from_sizes(parse_sizes(args.cluster_sizes), block_size=block)
 

@@ -34,13 +34,14 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from croupier import logs
+from croupier import bounds, logs
 from croupier.bearer import MIN_SERVER_TOKEN_CHARS, read_token_file
-from croupier.errors import ConfigError
+from croupier.errors import ConfigError, CroupierError
 from croupier.layout import ClusterLayout
 from croupier.server.cli.policy_args import (
     add_block_size_argument,
     add_policy_arguments,
+    check_sequence_args,
     load_mix_args,
     policy_from_args,
     refuse_block_size_for_dataset,
@@ -52,6 +53,7 @@ from croupier.server.sampling.mixture import source_policy
 from croupier.server.sampling.policy import PolicyConfig
 from croupier.server.serving.metrics import ServerMetrics
 from croupier.server.serving.service import SamplerServer, create_server, describe
+from croupier.values import parse_log_level
 
 if TYPE_CHECKING:
     from croupier.mixture import Mixture
@@ -163,12 +165,57 @@ def check_exposure(host: str, token: str | None, tls: bool, insecure: bool) -> N
                       f"TLS (missing: {missing}); pass --insecure to serve without them on a trusted network")
 
 
-def run(args: argparse.Namespace) -> int:
+MAX_WORKERS = 1024
+"""Most threads --max-workers may ask for (each is an OS thread for disk-writing calls)."""
+
+
+def check_serve_args(args: argparse.Namespace) -> None:
+    """Every numeric flag of `serve` against the limits the code has (`croupier.bounds`), and
+    the files the start reads, before anything is read from or written to --state-dir: a
+    refused start leaves the state directory as it was."""
+    check_sequence_args(args, served=True)
+    bounds.port("--port", args.port)
+    bounds.port("--metrics-port", args.metrics_port, zero="turns /metrics off")
+    bounds.int_range("--max-lag", args.max_lag, 1, bounds.INT32_MAX, "steps")
+    bounds.int_range("--lookahead", args.lookahead, 1, bounds.INT32_MAX, "steps")
+    bounds.int64("--checkpoint-every", args.checkpoint_every)
+    bounds.int_range("--keep-checkpoints", args.keep_checkpoints, 1, bounds.INT32_MAX, "checkpoints kept")
+    bounds.duration("--rank-timeout", args.rank_timeout)
+    bounds.duration("--grace", args.grace, zero_ok=True)
+    bounds.int_range("--max-workers", args.max_workers, 1, MAX_WORKERS, "threads")
+    bounds.int_range("--streams-per-peer", args.streams_per_peer, 1, bounds.INT32_MAX, "streams")
+    bounds.int_range("--calls-per-peer", args.calls_per_peer, 1, bounds.INT32_MAX, "calls")
+    bounds.int64("--adapt-every", args.adapt_every, 1)
+    parse_log_level(args.log_level)
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ConfigError("TLS needs both --tls-cert and --tls-key")
+    for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+        if path:
+            try:
+                Path(path).read_bytes()
+            except OSError as exc:
+                raise ConfigError(f"cannot read {flag} {path}: {exc.strerror}") from None
+
+
+def adapt_from_args(args: argparse.Namespace) -> Any:
+    """The AdaptSpec of --adapt (None without it), checked before the job is made."""
+    if not args.adapt:
+        if args.adapt_param:
+            raise ConfigError("--adapt-param needs --adapt NAME")
+        return None
+    from croupier.server.feedback.adapt import AdaptSpec, parse_params
+
+    return AdaptSpec(controller=args.adapt, every=args.adapt_every, groups=args.adapt_groups,
+                     params=parse_params(args.adapt_param))
+
+
+def run(args: argparse.Namespace) -> int:
+    check_serve_args(args)
+    before = _entries(Path(args.state_dir))
     token = read_token_file(args.token_file, MIN_SERVER_TOKEN_CHARS) if args.token_file else None
     admin = read_token_file(args.admin_token_file, MIN_SERVER_TOKEN_CHARS) if args.admin_token_file else None
     check_exposure(args.host, token, bool(args.tls_cert), args.insecure)
+    adapt = adapt_from_args(args)
     mixture = None
     if args.mix:
         from croupier.format.remote import SIDECAR_CACHE_DIR
@@ -193,9 +240,49 @@ def run(args: argparse.Namespace) -> int:
     store = CheckpointStore(args.state_dir, keep=args.keep_checkpoints)
     lock_fd = _lock_state_dir(store.dir)
     try:
-        return _serve(args, layout, config, spec, store, token, admin, mixture, token_counts)
+        return _serve(args, layout, config, spec, store, token, admin, mixture, token_counts, adapt)
+    except CroupierError:
+        _remove_new_entries(store.dir, before)  # under the lock: nobody else writes there now
+        raise
     finally:
         os.close(lock_fd)
+        if before is None:
+            _remove_if_empty(store.dir)
+
+
+def _entries(state_dir: Path) -> set[str] | None:
+    """The names in the state directory (None when it does not exist yet)."""
+    try:
+        return set(os.listdir(state_dir))
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"cannot read --state-dir {state_dir}: {exc.strerror}") from None
+
+
+def _remove_new_entries(state_dir: Path, before: set[str] | None) -> None:
+    """A start refused after the job was made (the job's own checks: weights against the layout,
+    --adapt against the job, a port that cannot be bound): what it wrote into the state
+    directory (the lock, the event log, a mark) goes, so a refused start leaves it as it was."""
+    import shutil
+
+    for name in sorted(set(os.listdir(state_dir)) - (before or set())):
+        path = state_dir / name
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError as exc:
+            log.warning("could not remove %s after a refused start: %s", path, exc.strerror,
+                        extra={"event": "refused_start_cleanup"})
+
+
+def _remove_if_empty(state_dir: Path) -> None:
+    try:
+        state_dir.rmdir()
+    except OSError:
+        pass  # not empty (a served job's files), or gone
 
 
 GC_YOUNG_THRESHOLD = 10_000
@@ -221,7 +308,7 @@ def tune_gc() -> None:
 
 def _serve(args: argparse.Namespace, layout: ClusterLayout, config: PolicyConfig | None, spec: JobSpec,
            store: CheckpointStore, token: str | None, admin: str | None, mixture: Mixture | None = None,
-           token_counts: Any = None) -> int:
+           token_counts: Any = None, adapt: Any = None) -> int:
     logs.configure(args.log_level)
     stop = threading.Event()  # installed first: a signal during start-up still stops cleanly
     received: list[int] = []
@@ -232,14 +319,6 @@ def _serve(args: argparse.Namespace, layout: ClusterLayout, config: PolicyConfig
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    adapt = None
-    if args.adapt:
-        from croupier.server.feedback.adapt import AdaptSpec, parse_params
-
-        adapt = AdaptSpec(controller=args.adapt, every=args.adapt_every, groups=args.adapt_groups,
-                          params=parse_params(args.adapt_param))
-    elif args.adapt_param:
-        raise ConfigError("--adapt-param needs --adapt NAME")
     job = Job(layout, config, args.global_batch, args.seed, spec=spec, store=store, fresh=args.fresh,
               mixture=mixture, adapt=adapt, token_counts=token_counts)
     metrics = ServerMetrics(job)
