@@ -289,7 +289,10 @@ class NodeAgent:
         await self._consumers.send(identity, [REPLY, req_id, b"", resp])
 
     def _note_join(self, resp: pb2.JoinResponse) -> None:
-        """A rank joined: the node cache learns the job's dataset (or sources) from it."""
+        """A rank joined: the node cache learns the job's dataset (or sources) from it, and the
+        lane table the per-rank batch (how many ranks one server lane may carry)."""
+        if resp.per_rank_batch > 0:
+            self._lanes.rank_batch = int(resp.per_rank_batch)
         if self.cache is not None and len(resp.job.sources) > 1:
             if isinstance(self.cache, MixNodeCache):
                 if not self.cache.matches(list(resp.job.sources)):

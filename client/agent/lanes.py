@@ -8,7 +8,8 @@ agent maps each onto a lane of its session with the server:
 - a training lane joins its rank's `RankFeed` (`croupier.client.rank_feed`): one server lane
   per rank, shared by the rank's DataLoader workers, acknowledged for them all. Feeds that
   open together are grouped: consecutive ranks of one world and stop share one server lane
-  (`rank_count`), so the server's work per step follows nodes, not ranks. New feeds wait for
+  (`rank_count`), so the server's work per step follows nodes, not ranks; a lane carries no
+  more ranks than one gRPC message holds slices of (`max_ranks_per_lane`). New feeds wait for
   the node's other ranks (`local_ranks`, else a short settling time), never past
   `OPEN_WAIT_S`.
 
@@ -26,6 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Union
 
+from croupier import bounds
 from croupier.client.rank_feed import RankFeed
 from croupier.proto import pack_ids, pb2, slice_ids
 
@@ -87,6 +89,7 @@ class LaneTable:
         self._pending = pb2.SessionRequest()  # opens and closes for the next session message
         self._acks: dict[int, int] = {}  # server lane -> the step to acknowledge
         self._lane_sent: dict[int, int] = {}  # server lane -> its slowest rank's position last sent
+        self.rank_batch = 0  # the job's per-rank batch (from a rank's Join; 0: not known yet)
 
     # -- what the agent shows ----------------------------------------------------------------------
     @property
@@ -98,6 +101,15 @@ class LaneTable:
     def rank_count(self) -> int:
         """Ranks with a feed."""
         return len(self._feeds)
+
+    @property
+    def max_ranks_per_lane(self) -> int:
+        """Most ranks one server lane carries: a lane's slice holds every rank's ids of the step,
+        and one slice travels whole in one gRPC message, so the ranks' batches together stay
+        within `croupier.bounds.MAX_RANK_BATCH` (any number while the batch is not known)."""
+        if self.rank_batch <= 0:
+            return bounds.INT32_MAX
+        return max(1, bounds.MAX_RANK_BATCH // self.rank_batch)
 
     def has_lanes(self, consumer: bytes) -> bool:
         return bool(self._routes.get(consumer))
@@ -293,9 +305,11 @@ class LaneTable:
         self._feed_opens = []
         pending.sort(key=lambda f: (f.world, f.stop, f.rank))
         groups: list[list[RankFeed]] = []
+        most = self.max_ranks_per_lane
         for f in pending:
             last = groups[-1][-1] if groups else None
-            if last is not None and (last.world, last.stop, last.rank + 1) == (f.world, f.stop, f.rank):
+            if (last is not None and (last.world, last.stop, last.rank + 1) == (f.world, f.stop, f.rank)
+                    and len(groups[-1]) < most):
                 groups[-1].append(f)
             else:
                 groups.append([f])
