@@ -12,6 +12,8 @@ folder). The layers, lowest first:
   faiss anywhere below it;
 - `croupier.server` (the rest), `croupier.client`, `croupier.shards`: each reaches core,
   proto (not shards) and `server.sampling`, never each other;
+- `croupier.integrations` (adapters for other trainers): core, proto, `server.sampling` and
+  client, like the applications; nothing of server/, client/ or shards/ reaches it;
 - applications (`croupier.apps`, the `croupier` command): anything.
 
 A command-line module (`*_cli`, or any module of a `cli` package) is imported by CLI modules
@@ -36,7 +38,8 @@ ALLOWED = {
     "server": {"server", "sampling", "core", "proto"},
     "client": {"client", "sampling", "core", "proto"},
     "shards": {"shards", "sampling", "core"},
-    "apps": {"apps", "server", "sampling", "client", "shards", "core", "proto"},
+    "integrations": {"integrations", "client", "sampling", "core", "proto"},
+    "apps": {"apps", "integrations", "server", "sampling", "client", "shards", "core", "proto"},
 }
 
 
@@ -64,6 +67,8 @@ def layer(module: str) -> str:
     for top in ("server", "client", "shards"):
         if module == f"croupier.{top}" or module.startswith(f"croupier.{top}."):
             return top
+    if module == "croupier.integrations" or module.startswith("croupier.integrations."):
+        return "integrations"
     if module.startswith("croupier.apps") or module in ("croupier.cli", "croupier.__main__"):
         return "apps"
     return "core"
