@@ -207,17 +207,44 @@ def _from_state_dir(args: argparse.Namespace) -> tuple[Sampler | MixSampler, int
     flags = [f for f, v in (("--policy", args.policy), ("--clip", args.clip), ("--weights", args.weights),
                             ("--budget-steps", args.budget_steps), ("--switch-step", args.switch_step),
                             ("--switch-fraction", args.switch_fraction)) if v is not None]
+    from croupier.server.durability.change_log import event_to_change
+    from croupier.server.durability.log_copies import read_mark, reconcile
+
+    state_dir = Path(args.state_dir)
+    mark, mark_records = read_mark(state_dir)
+    # The same checks a restarting server makes: both copies of the event log against the
+    # mark; a lost or altered change refuses the replay (read-only here: nothing is repaired).
+    check = reconcile(state_dir, mark_records, mark, write=False)
+    logged = [event_to_change(ev) for ev in check.events]
+    sd = StateDir.open(state_dir)
+    ck = sd.newest()
+    if ck is None:  # no checkpoint yet (as `serve` resumes): the flags give the policy, the log the changes
+        if args.mix:
+            with tempfile.TemporaryDirectory(prefix="croupier-mix-") as tmp:
+                sampler: Sampler | MixSampler = mixture_sampler(load_mix_args(args, Path(tmp)), args.global_batch,
+                                                                args.seed)
+        else:
+            sampler = Sampler(layout_from_args(args), policy_from_args(args), args.global_batch, args.seed)
+        served = _mark_fingerprint(state_dir)
+        if served and served != sampler.fingerprint:
+            raise FingerprintMismatch(f"the job in {state_dir} (give the flags and layout it was served with)",
+                                      expected=served, got=sampler.fingerprint)
+        for ch in logged:
+            sampler.schedule_change(ch)
+        return sampler, max(mark, 0)
     if flags:
         raise ConfigError(f"--state-dir takes the sampling config from the job's checkpoint; remove {', '.join(flags)}")
-    state_dir = Path(args.state_dir)
-    ck, changes = StateDir.open(state_dir).latest()
+    changes = logged if ck.meta.events_in_log else sd.changes(ck)
+    if len(changes) < ck.n_changes:
+        raise ConfigError(f"checkpoint {ck.path.name} holds {ck.n_changes} online changes but the event log of "
+                          f"{state_dir} has {len(changes)}")
     meta = ck.meta
     if meta.global_batch != args.global_batch or meta.seed != args.seed:
         raise ConfigError(f"the job in {state_dir} ran global batch {meta.global_batch} and seed {meta.seed}; pass "
                           f"--global-batch {meta.global_batch} --seed {meta.seed}")
     if args.mix:
         with tempfile.TemporaryDirectory(prefix="croupier-mix-") as tmp:
-            sampler: Sampler | MixSampler = mixture_sampler(load_mix_args(args, Path(tmp)), meta.global_batch, meta.seed)
+            sampler = mixture_sampler(load_mix_args(args, Path(tmp)), meta.global_batch, meta.seed)
     else:
         sampler = Sampler(layout_from_args(args), PolicyConfig.from_dict(meta.policy), meta.global_batch, meta.seed)
     if sampler.fingerprint != meta.sampler_fingerprint:
@@ -225,7 +252,15 @@ def _from_state_dir(args: argparse.Namespace) -> tuple[Sampler | MixSampler, int
                                   expected=meta.sampler_fingerprint, got=sampler.fingerprint)
     for ch in changes:
         sampler.schedule_change(ch)
-    return sampler, meta.generated_step
+    return sampler, max(meta.generated_step, mark)
+
+
+def _mark_fingerprint(state_dir: Path) -> str:
+    """The sampler fingerprint the state directory's generated-step mark names ("": none)."""
+    try:
+        return str(json.loads((state_dir / "generated.mark").read_bytes()).get("sampler_fingerprint", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
 
 
 def run(args: argparse.Namespace) -> int:

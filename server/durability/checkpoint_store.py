@@ -165,10 +165,10 @@ class CheckpointStore:
         return None
 
     def set_aside(self) -> Path | None:
-        """Moves every checkpoint file (and the generated-step mark and the event log) into a new
+        """Moves every checkpoint file (and the generated-step mark and both copies of the event log) into a new
         `stale-*` folder of the state directory (what `--fresh` does); returns it, None when empty."""
         names = [f"ckpt-{s:012d}.bin" for s in self.steps()]
-        names += [n for n in ("generated.mark", "events.log") if (self.dir / n).exists()]
+        names += [n for n in ("generated.mark", "events.log", "events.copy.log") if (self.dir / n).exists()]
         if not names:
             return None
         target = self.dir / time.strftime("stale-%Y%m%dT%H%M%S")

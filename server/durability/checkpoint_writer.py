@@ -9,7 +9,9 @@ caller's thread.
 server may have generated. Any step up to it can be regenerated after a restart (the
 sequence is deterministic and every online change is durable before it takes effect), so a
 restarted server accepts reconnecting ranks anywhere up to mark + max lag + lookahead,
-whatever the checkpoint interval.
+whatever the checkpoint interval. It also records how many online changes the event log
+held and their running digest (`records`; rewritten after every change), so a restart can
+tell a log that lost or altered a change the job already acknowledged (`log_copies`).
 
 **Faults.** A failed write (read-only, deleted or full state directory) is logged at ERROR
 with the path and errno, once per retry window; it is retried with exponential backoff
@@ -73,6 +75,7 @@ class CheckpointMeta:
     events_in_log: bool = False
     adapt_bytes: int = 0
     tokens_bytes: int = 0
+    events_digest: str = ""  # the running digest of the first n_events log records ("": not recorded)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -104,7 +107,7 @@ class CheckpointMeta:
                 end_step=None if d.get("end_step") is None else int(d["end_step"]),
                 server_version=str(d.get("server_version", "")), created=float(d.get("created", 0.0)),
                 events_in_log=bool(d.get("events_in_log", False)), adapt_bytes=int(d.get("adapt_bytes", 0)),
-                tokens_bytes=int(d.get("tokens_bytes", 0)))
+                tokens_bytes=int(d.get("tokens_bytes", 0)), events_digest=str(d.get("events_digest", "")))
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"checkpoint {where} has malformed metadata: {exc!r}") from None
 
@@ -143,6 +146,8 @@ class CheckpointWriter:
         self._stopping = False
         self._busy = False
         self._mark_fp = ""
+        self.records: tuple[int, str] | None = None  # the event log's (record count, digest), set by the job
+        self._mark_records: tuple[int, str] | None = None  # what the durable mark records of it
         self._io = threading.Lock()  # one writer of the directory at a time
         self._thread = threading.Thread(target=self._run, name="croupier-checkpoint-writer", daemon=True)
         self._thread.start()
@@ -162,6 +167,8 @@ class CheckpointWriter:
                                    "got": d.get("sampler_fingerprint"), "expected": fingerprint})
                 return -1
             self._mark = int(d["generated_step"])
+            if "events" in d:
+                self._mark_records = (int(d["events"]), str(d["events_digest"]))
         except FileNotFoundError:
             return -1
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -174,6 +181,12 @@ class CheckpointWriter:
     def mark(self) -> int:
         """The highest generated-step mark known durable."""
         return self._mark
+
+    @property
+    def mark_records(self) -> tuple[int, str] | None:
+        """(event-log records, their running digest) the durable mark records; None when it
+        records none (no mark, or one written before marks recorded the log)."""
+        return self._mark_records
 
     def submit_mark(self, step: int, fingerprint: str) -> None:
         """Asks the background thread to make `step` the durable mark."""
@@ -191,11 +204,17 @@ class CheckpointWriter:
         return self._try(lambda: self._write_mark(step, fingerprint), self.mark_path)
 
     def _write_mark(self, step: int, fingerprint: str) -> None:
-        if step <= self._mark:
+        records = self.records
+        if step <= self._mark and (records is None or records == self._mark_records):
             return
-        data = json.dumps({"sampler_fingerprint": fingerprint, "generated_step": int(step)}).encode()
-        self._write(self.mark_path, data)
-        self._mark = max(self._mark, step)
+        step = max(step, self._mark)
+        d: dict[str, Any] = {"sampler_fingerprint": fingerprint, "generated_step": int(step)}
+        if records is not None:
+            d["events"], d["events_digest"] = int(records[0]), records[1]
+        self._write(self.mark_path, json.dumps(d).encode())
+        self._mark = step
+        if records is not None:
+            self._mark_records = records
 
     # -- checkpoints ------------------------------------------------------------------------------
     def submit(self, step: int, meta: CheckpointMeta, state: bytes, kind: str = "auto") -> None:

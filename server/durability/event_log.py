@@ -46,6 +46,7 @@ state (changes before that count are in it) and schedules `iter_events(path, sta
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import mmap
 import os
 import struct
@@ -67,6 +68,13 @@ ENC_NONE, ENC_SHUFFLE, ENC_XOR = 0, 1, 2
 _REC_HEAD = struct.Struct("<II")      # payload length, crc32 of the length field
 _FIXED = struct.Struct("<qq")         # step, clip
 _MAX_PAYLOAD = 1 << 31
+GENESIS = hashlib.sha256(b"croupier.events.v1").digest()
+"""The digest of an empty log; record i's digest is sha256(digest before it + its payload)."""
+
+
+def chain(digest: bytes, payload: bytes) -> bytes:
+    """The running digest after one more record: it pins every record before it, in order."""
+    return hashlib.sha256(digest + payload).digest()
 
 
 @dataclass(frozen=True, eq=False)
@@ -121,6 +129,7 @@ class Scan:
     end: int                 # offset just after the last whole record
     torn_offset: int | None  # where the torn tail starts, None if the file ends cleanly
     torn_bytes: int          # bytes of the torn tail (0 if none)
+    digests: tuple[bytes, ...] = ()  # the running digest after 0, 1, ... records (`chain`)
 
 
 # -- encoding ---------------------------------------------------------------------------------
@@ -246,12 +255,50 @@ def scan(path: str | os.PathLike[str]) -> Scan:
 
 
 def _scan(data: bytes | mmap.mmap, path: str, prev: dict[str, np.ndarray]) -> Scan:
+    digests = [GENESIS]
     for off, payload, result in _records(data, path):
         if result is not None:
-            return result
+            return Scan(records=result.records, end=result.end, torn_offset=result.torn_offset,
+                        torn_bytes=result.torn_bytes, digests=tuple(digests))
         assert payload is not None
         _checked_decode(payload, prev, path, off)
+        digests.append(chain(digests[-1], payload))
     raise AssertionError("unreachable")
+
+
+def whole_records(data: bytes) -> tuple[list[bytes], int | None, int]:
+    """(payloads of the whole, checksum-valid records from the start, offset of the first bad
+    or torn record or None, bytes from there to the end), never raising on damage: what a
+    damaged copy still holds. A file without a valid header holds no records."""
+    if len(data) < len(HEADER) or data[:len(MAGIC)] != MAGIC or data[:len(HEADER)] != HEADER:
+        return [], (0 if data else None), len(data)
+    out: list[bytes] = []
+    off, size = len(HEADER), len(data)
+    while off < size:
+        if size - off < _REC_HEAD.size:
+            return out, off, size - off
+        length, lcrc = _REC_HEAD.unpack_from(data, off)
+        end = off + _REC_HEAD.size + length + 4
+        if zlib.crc32(data[off:off + 4]) != lcrc or length > _MAX_PAYLOAD or end > size:
+            return out, off, size - off
+        payload = data[off + _REC_HEAD.size:end - 4]
+        if zlib.crc32(payload) != struct.unpack_from("<I", data, end - 4)[0]:
+            return out, off, size - off
+        out.append(payload)
+        off = end
+    return out, None, 0
+
+
+def record_bytes(payload: bytes) -> bytes:
+    """One record as the log stores it (length, its checksum, payload, its checksum)."""
+    length = struct.pack("<I", len(payload))
+    return length + struct.pack("<I", zlib.crc32(length)) + payload + struct.pack("<I", zlib.crc32(payload))
+
+
+def decode_payloads(payloads: list[bytes], path: str) -> list[Event]:
+    """The events of whole records (StateError when one passed its checksum but does not decode)."""
+    prev: dict[str, np.ndarray] = {}
+    return [_checked_decode(p, prev, path, i) for i, p in enumerate(payloads)]
 
 
 def _checked_decode(payload: bytes, prev: dict[str, np.ndarray], path: str, off: int) -> Event:
@@ -315,6 +362,7 @@ class EventLog:
         created = not self.path.exists()
         self._prev: dict[str, np.ndarray] = {}
         self.torn: Scan | None = None
+        self.digests: list[bytes] = [GENESIS]  # the running digest after 0, 1, ... records
         if created:
             self._file: BinaryIO = open(self.path, "xb")
             with self._closed_on_error():
@@ -325,6 +373,7 @@ class EventLog:
         with _mapped(self.path) as data:
             result = _scan(data, str(self.path), self._prev)
         self._count = result.records
+        self.digests = list(result.digests)
         self._file = open(self.path, "r+b")
         with self._closed_on_error():
             if result.torn_offset is not None:
@@ -351,20 +400,37 @@ class EventLog:
         """Whole records in the log."""
         return self._count
 
+    @property
+    def digest(self) -> str:
+        """The running digest of every record (hex): what the generated-step mark records."""
+        return self.digests[-1].hex()
+
     def append(self, event: Event) -> int:
         """Writes one record durably (write, flush, fsync); returns its index (= records before it)."""
         prev = dict(self._prev)
         payload = _encode(event, prev)
         if len(payload) > _MAX_PAYLOAD:
             raise ConfigError(f"an event of {len(payload)} bytes exceeds the log's record limit {_MAX_PAYLOAD}")
-        length = struct.pack("<I", len(payload))
-        record = length + struct.pack("<I", zlib.crc32(length)) + payload + struct.pack("<I", zlib.crc32(payload))
-        self._write_synced(record)
+        self._write_synced(record_bytes(payload))
+        self.digests.append(chain(self.digests[-1], payload))
         if event.weights is not None:
             self._prev[event.kind] = event.weights.astype("<f8", copy=True).view("<u8")
         index = self._count
         self._count += 1
         return index
+
+    def truncate_last(self, size: int) -> None:
+        """Cuts the record just appended off again (the file was `size` bytes before it); best
+        effort: a disk that refused the other copy may refuse this too (then a restart finds
+        the record whole in one copy only, and keeps it)."""
+        try:
+            self._file.truncate(size)
+            self._file.seek(0, os.SEEK_END)
+            os.fsync(self._file.fileno())
+        except OSError:
+            return
+        self._count -= 1
+        self.digests.pop()
 
     def _write_synced(self, data: bytes) -> None:
         self._file.write(data)

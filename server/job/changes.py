@@ -18,7 +18,7 @@ from pathlib import Path
 
 from croupier.errors import ConfigError
 from croupier.server.durability.change_log import change_to_event
-from croupier.server.durability.event_log import EventLog
+from croupier.server.durability.log_copies import MirroredLog
 from croupier.server.durability.state_dir import StateDirInvalid
 from croupier.server.job.adaptive import Adaptation
 from croupier.server.job.status import ChangeHistory
@@ -70,8 +70,9 @@ class OnlineChanges:
         self._new_sampler = new_sampler
         self.history = history
         self._adaptation = adaptation
-        self.log: EventLog | None = None
+        self.log: MirroredLog | None = None
         self.failures = 0  # event-log writes refused
+        self._on_logged: Callable[[int, str], None] | None = None
 
     @property
     def in_log(self) -> bool:
@@ -93,6 +94,8 @@ class OnlineChanges:
                 self.failures += 1
                 raise CheckpointUnavailable(f"online change not applied: the event log {self.log.path} refuses "
                                             f"writes ({exc.strerror or exc}); the server keeps serving") from None
+            if self._on_logged is not None:
+                self._on_logged(len(self.log), self.log.digest)
         self._seq.add_change(change)
         self.history.note(change)
         if self._adaptation is not None:
@@ -109,17 +112,26 @@ class OnlineChanges:
         for ev in changes:
             self.history.note(ev)
 
+    def digest_upto(self, n: int) -> str:
+        """The running digest of the log's first n records (hex; "" without a log)."""
+        if self.log is None or n >= len(self.log.digests):
+            return ""
+        return self.log.digests[n].hex()
+
     def close(self) -> None:
         """Closes the event log (idempotent). Changes recorded after it are no longer durable:
         the job calls it when it stops."""
         if self.log is not None:
             self.log.close()
 
-    def open_log(self, path: Path, resumed: bool, logged: Callable[[], list[Change]]) -> None:
-        """Opens the state directory's event log (repairing a torn tail) and reconciles it with
-        the changes the job restored. `resumed`: the job resumed from a checkpoint;
-        `logged()`: the changes the log holds, read when they must be scheduled from step 0."""
-        self.log = EventLog(path)
+    def open_log(self, path: Path, resumed: bool, logged: Callable[[], list[Change]],
+                 on_logged: Callable[[int, str], None] | None = None) -> None:
+        """Opens the state directory's event log and its copy (checked by `log_copies.reconcile`
+        before) and reconciles them with the changes the job restored. `resumed`: the job
+        resumed from a checkpoint; `logged()`: the changes the log holds, read when they must be
+        scheduled from step 0; `on_logged(records, digest)`: after every append (the mark)."""
+        self.log = MirroredLog(path.parent)
+        self._on_logged = on_logged
         events = self._seq.events
         if events and len(self.log) == 0:
             # A checkpoint from before the event log listed them: they move into the log, once.

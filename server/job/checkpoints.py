@@ -112,6 +112,19 @@ class Checkpoints:
         if upto > w.mark:
             w.write_mark_now(self._promised, self.fingerprint)
 
+    def records_changed(self, count: int, digest: str) -> None:
+        """The event log now holds `count` records of running digest `digest`: the mark records
+        it at once (in line, under the job's lock), so a restart can tell a lost change."""
+        w = self.writer
+        if w is None:
+            return
+        w.records = (count, digest)
+        w.write_mark_now(max(self._promised, w.mark, 0), self.fingerprint)
+
+    def read_mark_records(self) -> tuple[int, str] | None:
+        """(records, digest) of the event log the previous server's mark recorded, or None."""
+        return None if self.writer is None else self.writer.mark_records
+
     # -- checkpoints a caller waits for (off the job's lock) ---------------------------------------
     def write(self, step: int, meta: CheckpointMeta, data: bytes, kind: str) -> str:
         """Writes a checkpoint now; its path ("" without a state directory).

@@ -93,7 +93,8 @@ class Job:
                  spec: JobSpec | None = None, store: CheckpointStore | None = None,
                  clock: Callable[[], float] = time.monotonic, *, fresh: bool = False,
                  fault_hook: Callable[[Path], None] | None = None, mixture: Mixture | None = None,
-                 adapt: AdaptSpec | None = None, token_counts: list[tuple[int, np.ndarray]] | None = None) -> None:
+                 adapt: AdaptSpec | None = None, token_counts: list[tuple[int, np.ndarray]] | None = None,
+                 accept_log_damage: bool = False) -> None:
         self.mixture = mixture
         self.config = config
         self.global_batch = int(global_batch)
@@ -128,9 +129,15 @@ class Job:
         if store is not None:
             recovery = self._recovery = Recovery(StateDir(store), self.fingerprint)
             try:
+                if not fresh:  # both copies of the event log against the mark, repaired or refused
+                    recovery.check_records(self._ckpt.read_mark(), self._ckpt.read_mark_records(),
+                                           accept_log_damage)
                 self._resume(fresh)
                 self._changes.open_log(recovery.state_dir.log_path, self.resumed_from is not None,
-                                       lambda: recovery.changes(None))
+                                       lambda: recovery.changes(None), self._ckpt.records_changed)
+                log_ = self._changes.log
+                assert log_ is not None
+                self._ckpt.records_changed(len(log_), log_.digest)
             except BaseException:
                 self._changes.close()
                 self._ckpt.stop()
@@ -578,7 +585,7 @@ class Job:
             generated_step=self._generated(), formation=self._formation, ranks=t.positions(),
             events=() if self._changes.in_log else tuple(c.to_dict() for c in self._seq.events),
             n_events=saved.n_events, end_step=self._seq.end_step, created=time.time(),
-            events_in_log=self._changes.in_log)
+            events_in_log=self._changes.in_log, events_digest=self._changes.digest_upto(saved.n_events))
         at_generator = self._tally is not None and saved.state.step == self._seq.gen.step
         tally = self._tally.to_bytes(saved.state.step) if at_generator and self._tally is not None else None
         adapter = None if self._adaptation is None else self._adaptation.to_bytes()

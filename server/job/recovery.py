@@ -23,6 +23,8 @@ import logging
 from pathlib import Path
 
 from croupier.errors import ConfigError, FingerprintMismatch
+from croupier.server.durability.event_log import whole_records
+from croupier.server.durability.log_copies import digest_of, reconcile
 from croupier.server.durability.resume_token import ResumeToken
 from croupier.server.durability.state_dir import Checkpoint, StateDir, StateDirInvalid
 from croupier.server.job.types import StepOutOfRange
@@ -67,6 +69,13 @@ def state_point(data: bytes, fingerprint: str, seq: SequenceWindow, adaptive: bo
     return step, True
 
 
+def _read_or_empty(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
 class Recovery:
     """The state directory as one job (sampler `fingerprint`) reads it."""
 
@@ -99,8 +108,21 @@ class Recovery:
         return ck
 
     def changes(self, ck: Checkpoint | None) -> list[Change]:
-        """Every online change of the job (`StateDir.changes`)."""
-        return self.state_dir.changes(ck)
+        """Every online change of the job (`StateDir.changes`), the ones a checkpoint's state
+        holds checked against the digest it recorded of them."""
+        changes = self.state_dir.changes(ck)
+        if ck is not None and ck.meta.events_in_log and ck.meta.events_digest:
+            payloads, _, _ = whole_records(_read_or_empty(self.state_dir.log_path))
+            if digest_of(payloads, ck.n_changes) != ck.meta.events_digest:
+                raise StateDirInvalid(f"checkpoint {ck.path.name} holds {ck.n_changes} online change(s) whose digest "
+                                      f"differs from the first {ck.n_changes} in {self.state_dir.log_path}: the "
+                                      "event log was altered; restore it, or start over with --fresh")
+        return changes
+
+    def check_records(self, mark: int, mark_records: tuple[int, str] | None, accept_damage: bool) -> None:
+        """Both copies of the event log checked against the generated-step mark, repaired from
+        each other, or the start refused (`log_copies.reconcile`)."""
+        reconcile(self.state_dir.dir, mark_records, mark, accept_damage=accept_damage, write=True)
 
     def load_saved(self, step: int) -> tuple[int, Saved] | None:
         """The newest valid checkpoint at or before `step` as (its step, its state), for replays."""

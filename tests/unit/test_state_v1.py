@@ -22,6 +22,7 @@ from croupier.cli import main
 from croupier.layout import ClusterLayout
 from croupier.server.durability.change_log import read_changes
 from croupier.server.durability.checkpoint_store import CheckpointStore
+from croupier.server.durability.event_log import iter_events
 from croupier.server.feedback.adapt import AdaptSpec
 from croupier.server.job.job import Job, JobSpec
 from croupier.server.sampling.policy import PolicyConfig
@@ -192,8 +193,10 @@ def _scenario() -> Any:
 
 @pytest.mark.parametrize("name", ["basic", "adaptive"])
 def test_todays_server_writes_the_same_files(name: str, tmp_path: Path) -> None:
-    """The v1 scenario run again: byte for byte the same payloads, event log, mark and steps;
-    the same metadata but for when and by which version it was written."""
+    """The v1 scenario run again: byte for byte the same payloads, event log and steps; the
+    same metadata but for when and by which version it was written, and the same mark, plus
+    what later versions add (the digest of the changes a checkpoint holds; the event log's
+    record count and digest in the mark; the log's copy, equal to it)."""
     out = tmp_path / name
     out.mkdir()
     getattr(_scenario(), f"make_{name}")(out)
@@ -202,7 +205,12 @@ def test_todays_server_writes_the_same_files(name: str, tmp_path: Path) -> None:
     for step in old.steps():
         a, b = old.load(step), new.load(step)
         assert b.state == a.state, step
-        skip = ("created", "server_version")
+        skip = ("created", "server_version", "events_digest")
         assert {k: v for k, v in b.meta.items() if k not in skip} == {k: v for k, v in a.meta.items() if k not in skip}
-    for file in ("events.log", "generated.mark", "delivered.json"):
+        assert len(b.meta["events_digest"]) == 64
+    for file in ("events.log", "delivered.json"):
         assert (out / file).read_bytes() == (DATA / name / file).read_bytes(), file
+    assert (out / "events.copy.log").read_bytes() == (out / "events.log").read_bytes()
+    mark, old_mark = json.loads((out / "generated.mark").read_bytes()), json.loads((DATA / name / "generated.mark").read_bytes())
+    assert {k: mark[k] for k in old_mark} == old_mark
+    assert mark["events"] == sum(1 for _ in iter_events(out / "events.log")) and len(mark["events_digest"]) == 64
