@@ -200,6 +200,7 @@ class MirroredLog:
             raise StateDirInvalid(f"{state_dir / LOG_NAME} and {state_dir / COPY_NAME} differ after their check "
                                   f"({len(self.main)} and {len(self.copy)} records)")
         self.path = self.main.path
+        self.paths = (self.main.path, self.copy.path)
 
     def __len__(self) -> int:
         return len(self.main)

@@ -88,6 +88,12 @@ class OnlineChanges:
             if self.log.closed:
                 raise CheckpointUnavailable(f"online change not applied: the event log {self.log.path} is closed "
                                             "(the job has stopped)")
+            missing = [p for p in self.log.paths if not p.exists()]
+            if missing:
+                self.failures += 1
+                raise CheckpointUnavailable(f"online change not applied: {missing[0]} was removed while the job ran "
+                                            "(a change written there would not survive a restart); restore the state "
+                                            "directory, the server keeps serving")
             try:
                 self.log.append(change_to_event(change))
             except OSError as exc:

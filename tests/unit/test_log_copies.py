@@ -230,3 +230,21 @@ def test_simulate_state_dir_replays_a_job_without_a_checkpoint_and_checks_its_re
     other[-1] = str(tmp_path / "t")
     assert main(other) == 2
     assert "fingerprint" in capsys.readouterr().err
+
+
+def test_an_update_after_the_state_directory_was_removed_is_not_acknowledged(tmp_path) -> None:
+    import shutil
+
+    from croupier.server.job.types import CheckpointUnavailable
+
+    state = tmp_path / "state"
+    job = open_job(state)
+    try:
+        job.join(0, 1)
+        job.update(10, clip=4)
+        shutil.rmtree(state)
+        with pytest.raises(CheckpointUnavailable, match="removed while the job ran"):
+            job.update(20, clip=5)
+        assert [c.step for c in job._seq.events] == [10]  # the refused change is not scheduled
+    finally:
+        job.close()
