@@ -12,6 +12,12 @@ to DIR/server.json. SIGTERM or SIGINT checkpoints and stops gracefully (exit 1, 
 checkpoint cannot be written). Logs are JSON lines
 on stderr.
 
+Every numeric flag is checked against the limits the code has (`croupier.bounds`: int64
+steps and sizes, the step memory cap, the gRPC message a world-1 slice travels in, ports,
+durations) before --state-dir is touched; a start refused later (the job's own checks, a
+port that cannot be bound) removes what it wrote there, so a refused start leaves the state
+directory as it was.
+
 Security defaults: without --token-file any local user may call the server, `Update`
 included, and it says so in a warning at start. A --host that is not loopback is refused
 unless both a token and TLS are configured, or --insecure says the network is trusted.
