@@ -148,8 +148,10 @@ class Flow:
     """
 
     def __init__(self, table: RankTable, max_lag: int, max_lookahead: int,
-                 slice_of: Callable[[int, int, int, int], SliceData], is_end: Callable[[int], bool]) -> None:
+                 slice_of: Callable[[int, int, int, int], SliceData], is_end: Callable[[int], bool],
+                 read_slice_of: Callable[[int, int, int, int, SliceStream], SliceData | None] | None = None) -> None:
         self.table = table
+        self._read_slice_of = read_slice_of
         self.max_lag = max_lag
         self.max_lookahead = max_lookahead
         self.epoch = 0  # bumps on every re-form; open streams of an older epoch end
@@ -232,7 +234,38 @@ class Flow:
             return None
         return chunk
 
+    def _collect_read_only(self, st: SliceStream) -> list[SliceData]:
+        """A read-only stream's next slices: no rank's position bounds it, and it waits on
+        nothing but a step the job must generate first (`read_slice_of` returns None)."""
+        assert self._read_slice_of is not None
+        out: list[SliceData] = []
+        n_ids = 0
+        bound = st.next + max(st.lookahead, 1) * st.stride
+        st.waiter.lagged = False
+        while st.next < bound:
+            if st.stop and st.next >= st.stop:
+                break
+            sl = self._read_slice_of(st.next, st.rank, st.world, st.count, st)
+            if sl is None:
+                st.waiter.lagged = True  # woken as the ranks (and so the generator) move
+                break
+            out.append(sl)
+            n_ids += len(sl.ids)
+            st.next += st.stride
+            if sl.end:
+                st.finished = True
+                break
+            if len(out) >= MAX_SLICES_PER_MESSAGE or n_ids >= MAX_IDS_PER_MESSAGE:
+                break
+        if st.stop and st.next >= st.stop:
+            st.finished = True
+        if out and not st.finished and not st.waiter.lagged:
+            st.waiter.wake()  # more is deliverable now: the transport's flow control paces the reader
+        return out
+
     def _collect(self, st: SliceStream) -> list[SliceData]:
+        if st.read_only and self._read_slice_of is not None:
+            return self._collect_read_only(st)
         table = self.table
         lag_bound = table.slowest + self.max_lag
         progs: list[RankProgress] = []

@@ -111,7 +111,7 @@ class Job:
         self.fingerprint = gen.fingerprint
         self._table = RankTable(self.spec.rank_timeout_s, clock)
         self._flow = Flow(self._table, self.spec.max_lag, self.spec.max_lookahead, self._slice_locked,
-                          self._seq.is_end)
+                          self._seq.is_end, self._read_slice_locked)
         self._formation: tuple[int, int] | None = None  # (token step, world) of the last re-form
         self._high_water = 0  # highest step this job's generator is known to have reached
         self._slices_served = 0
@@ -370,7 +370,11 @@ class Job:
                     seen = self._table.seen(r) or seen
                 if seen:
                     self._recompute_locked()
-            self._flow.check_step(start_step, "start step", self._generated())
+            if read_only:  # a reader of any step: no bound but the data's end (it moves no rank)
+                if start_step < 0:
+                    raise StepOutOfRange(f"start step {start_step} is negative")
+            else:
+                self._flow.check_step(start_step, "start step", self._generated())
             first = start_step + ((step_offset - start_step) % stride)
             waiter = self._flow.wait_on(ranks)
             epoch = self._flow.epoch
@@ -618,6 +622,18 @@ class Job:
     def _batch_locked(self, step: int) -> np.ndarray | None:
         """The global batch of `step`, or None at or past the end of data."""
         return self._seq.batch(step, self._generate_one_locked)
+
+    def _read_slice_locked(self, step: int, rank: int, world: int, count: int, stream: SliceStream) -> SliceData | None:
+        """A read-only stream's slice (`SequenceWindow.peek`: the generator does not move); None
+        while an adaptive job has not generated the step (its controller decides it then)."""
+        if self._adaptation is not None and step >= self._generated() and step not in self._seq.batches:
+            return None
+        batch = self._seq.peek(step, stream)
+        if batch is None:
+            return SliceData(step=step, ids=np.empty(0, dtype=np.int64), end=True)
+        p = self.global_batch // world
+        self._slices_served += 1
+        return SliceData(step=step, ids=batch[rank * p:(rank + count) * p])
 
     def _slice_locked(self, step: int, rank: int, world: int, count: int = 1) -> SliceData:
         """The slice of ranks rank .. rank + count - 1 of `step` (one after another)."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from croupier.errors import StateError
+from croupier.errors import EndOfData, StateError
 from croupier.server.sampling.mix_sampler import MixSampler
 from croupier.server.sampling.sampler import Sampler
 from croupier.server.sampling.state import Change, SamplerState
@@ -179,6 +179,37 @@ class SequenceWindow:
             self.steps_replayed += 1
         self.replayer = (sampler, n)
         return Saved(sampler.state(), n)
+
+    def peek(self, step: int, holder: object) -> np.ndarray | None:
+        """The global batch of `step` for a read-only reader, None at or past the end of data:
+        from the window when it holds the step, else from the reader's own sampler (kept on
+        `holder.cursor`, made from the nearest saved state, or the generator's state for a
+        step it has not reached), advanced to the step. Neither the window nor the generator
+        moves, so a reader of any step costs one sampler, never a growing window."""
+        if self.is_end(step):
+            return None
+        b = self.batches.get(step)
+        if b is not None:
+            return b
+        cursor: tuple[Generator, int] | None = getattr(holder, "cursor", None)
+        if cursor is None or cursor[1] != len(self.events) or cursor[0].step > step:
+            if step >= self.gen.step:
+                base, n = self.gen, len(self.events)
+            else:
+                base, n = self._base_for(step)
+            sampler = self._new_sampler()
+            sampler.load_state(base.state())
+            cursor = (sampler, n)
+        sampler = cursor[0]
+        try:
+            while sampler.step < step:
+                sampler.next_batch()
+                self.steps_replayed += 1
+            b = sampler.next_batch()
+        except EndOfData:
+            return None
+        holder.cursor = cursor  # type: ignore[attr-defined]
+        return b
 
     def replay(self, step: int, upto: int | None = None) -> np.ndarray:
         """Recomputes the batches of [step, upto) from the nearest saved state (upto: the
