@@ -62,9 +62,9 @@ def run_agent_cli(args: argparse.Namespace) -> int:
     bounds.duration("--exit-when-idle", args.exit_when_idle, zero_ok=True)
     parse_log_level(args.log_level)
     ranks = local_ranks(args.local_ranks)
-    logs.configure(args.log_level)
     conn = connection_from_args(args)
     limit = None if args.cache_limit is None else parse_size(args.cache_limit)
+    logs.configure(args.log_level)  # every flag checked first: a refusal is one line on stderr
     agent = NodeAgent(conn.server, args.runtime_dir, args.cache_dir, cache_limit=limit, job=args.job,
                       token=conn.token or "", tls_root_cert=conn.tls_ca, tls_server_name=conn.tls_server_name,
                       node=args.node, idle_exit_s=args.exit_when_idle, local_ranks=ranks)

@@ -4,6 +4,7 @@ server within --connect-timeout with one line, and says on stderr what it waits 
 from __future__ import annotations
 
 import io
+import logging
 import threading
 
 import numpy as np
@@ -54,6 +55,9 @@ def test_a_malformed_address_is_refused_in_one_line(server, words, capsys) -> No
 
 def test_an_unreachable_server_fails_within_the_connect_timeout_in_one_line(capsys, monkeypatch) -> None:
     monkeypatch.setattr(dump_cli, "NOTE_AFTER_S", 3600.0)  # the wait note is tested below
+    croupier_log = logging.getLogger("croupier")  # as a fresh process has it, whatever ran before
+    monkeypatch.setattr(croupier_log, "handlers", [])
+    monkeypatch.setattr(croupier_log, "propagate", True)
     port = free_port()
     assert main(["client", "dump", "--server", f"127.0.0.1:{port}", "--connect-timeout", "1"]) == 2
     err = capsys.readouterr().err
