@@ -65,7 +65,9 @@ def test_cluster_ids_as_list_tensor_and_hf_column_give_one_sequence() -> None:
     ids = cluster_ids()
     ds = datasets.Dataset.from_dict({"row": list(range(N)), "cluster": ids.tolist()})
     runs = []
-    for clusters in (ids, ids.tolist(), torch.tensor(ids), ds["cluster"], ds.with_format("numpy")["cluster"],
+    # (a numpy-formatted column is the same Arrow column: `datasets`' numpy formatter imports
+    # torchvision.io.VideoReader, which torchvision 0.29 no longer has, once torchvision is loaded)
+    for clusters in (ids, ids.tolist(), torch.tensor(ids), ds["cluster"], ds.with_format("arrow")["cluster"],
                      ids.astype(np.int32)):
         s = ClusterBatchSampler(clusters, policy="clusterclip", clip=2, global_batch=8, rank=1, world=2, steps=10)
         runs.append((s.fingerprint, list(s)))
