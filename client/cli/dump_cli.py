@@ -12,8 +12,7 @@ Arguments are checked before anything connects (a step range inside int64, a ran
 its world). A command-line tool should not retry for minutes: the server must answer within
 `--connect-timeout` seconds (default `CONNECT_TIMEOUT_S`), or the command fails with one
 line; trainers' `RankClient`s keep their long retry. While it waits (for the server to
-answer, or for a step the server holds back until the job's ranks move), it says so on
-stderr.
+answer, or for a step), it says so on stderr.
 """
 
 from __future__ import annotations
@@ -190,13 +189,12 @@ def run_dump(args: argparse.Namespace) -> int:
 
 
 def _steps(client, server: str) -> Iterator[tuple[int, object]]:
-    """The client's (step, ids) until its stop, telling on stderr when a step is slow to come:
-    a read-only reader is dealt a step only within the job's lag bound of its slowest rank, so
-    a job whose ranks do not move holds it back."""
+    """The client's (step, ids) until its stop, telling on stderr when a step is slow to come
+    (an adaptive job's step waits until the server has generated it; a slow or restarting
+    server delays any)."""
     while True:
-        what = (f"waiting for step {client.next_step} from {server}: the server deals a read-only reader a step "
-                "once it is generated and within the job's lag bound of its slowest rank (ranks that do not "
-                "move hold it back)")
+        what = (f"waiting for step {client.next_step} from {server}: the server has not sent it yet (an adaptive "
+                "job's step comes once the server has generated it)")
         with telling(what):
             try:
                 item = client.next_slice()

@@ -103,6 +103,5 @@ def test_a_wait_for_a_step_is_told_on_stderr(monkeypatch) -> None:
     got = [step for step, _ in dump_cli._steps(HeldClient(err.written), "h:1")]
     assert got == [2, 3]
     lines = [x for x in err.getvalue().splitlines() if "step 3 " in x]
-    assert lines and lines[0].startswith("croupier client dump: waiting for step 3 from h:1: the server deals a "
-                                         "read-only reader a step once it is generated and within the job's lag "
-                                         "bound of its slowest rank")
+    assert lines and lines[0].startswith("croupier client dump: waiting for step 3 from h:1: the server has not "
+                                         "sent it yet")
