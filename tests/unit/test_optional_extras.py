@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from croupier.optional import EXTRAS, PACKAGES, install_hint
+from croupier.optional import EXTRAS, FRAMEWORKS, PACKAGES, install_hint
 
 REPO = Path(__file__).resolve().parents[2]
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
@@ -67,6 +67,13 @@ def test_the_build_extras_take_exactly_one_faiss() -> None:
     assert {"faiss-cpu", "faiss-gpu"} & _packages("build") == {"faiss-cpu"}
     assert {"faiss-cpu", "faiss-gpu"} & _packages("build-gpu") == {"faiss-gpu"}
     assert {"faiss-cpu", "faiss-gpu"} & _packages("dev") == set()  # .ci/setup.sh adds build or build-gpu
+
+
+@pytest.mark.parametrize("module", sorted(FRAMEWORKS))
+def test_a_training_framework_is_the_trainers_to_install_and_dev_has_it_for_the_tests(module: str) -> None:
+    assert install_hint(module) == f"pip install {FRAMEWORKS[module]} (the training framework this integration plugs into)"
+    assert FRAMEWORKS[module] in _packages("dev")
+    assert all(FRAMEWORKS[module] not in _packages(extra) for extra in OPTIONAL if extra != "dev")
 
 
 def test_a_gpu_alternative_is_named_as_such() -> None:
