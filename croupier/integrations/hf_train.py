@@ -10,8 +10,9 @@ A tiny GPT-2 from a config (no download) trains on `PackedSequences` through
 checkpoint (`--save-steps`), `--resume` continues from the newest checkpoint in
 --output-dir on exactly the next batch, and `--report-losses` sends per-sample losses to the
 job (a served job with `--adapt`). With `--record`, every rank appends
-{"global_step", "step", "ids", "tokens"} per trained step to RUN/record.rank<R>.jsonl ("ids":
-the step's slice ids; "tokens": a hash of the rank's input ids), so runs can be compared;
+{"global_step", "step", "ids", "tokens", "reported"} per trained step to RUN/record.rank<R>.jsonl
+("ids": the step's slice ids; "tokens": a hash of the rank's input ids; "reported": the ids
+that had a loss to report, None without --report-losses), so runs can be compared;
 `--crash-after N` ends the process with `os._exit` right after the checkpoint of step N.
 """
 
@@ -88,11 +89,16 @@ def main(argv: list[str] | None = None) -> int:
         n_positions=max(args.seq_len, 128), eos_token_id=eos))
     cpu = not torch.cuda.is_available()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if cpu and distributed:
+        # accelerate names the device of a multi-process CPU run "cpu:<local rank>", and the Trainer's resume
+        # then fails to torch.load its optimizer state onto it ("don't know how to restore data location ...
+        # tagged with cpu:0"); the plain "cpu" device loads
+        os.environ.setdefault("ACCELERATE_TORCH_DEVICE", "cpu")
     training = transformers.TrainingArguments(
         output_dir=args.output_dir, max_steps=args.max_steps, save_steps=args.save_steps, save_strategy="steps",
         logging_steps=args.save_steps, learning_rate=args.lr, per_device_train_batch_size=args.rows,
         dataloader_num_workers=args.workers, report_to=[], use_cpu=cpu, ddp_backend="gloo" if cpu and distributed else None,
-        seed=0, disable_tqdm=True, save_safetensors=True)
+        seed=0, disable_tqdm=True, ddp_find_unused_parameters=False)
     trainer = CroupierTrainer(model=model, args=training, train_dataset=train_dataset,
                               report_losses=args.report_losses)
     trainer.add_callback(_Watch(trainer, args))
@@ -123,7 +129,8 @@ class _Watch(transformers.TrainerCallback):
         last = self.trainer.last_batch
         digest = hashlib.sha1(last["input_ids"].cpu().numpy().tobytes()).hexdigest()[:16]
         self.out.write(json.dumps({"global_step": state.global_step, "step": last["step"],
-                                   "ids": [int(i) for i in last["ids"]], "tokens": digest}) + "\n")
+                                   "ids": [int(i) for i in last["ids"]], "tokens": digest,
+                                   "reported": last.get("reported")}) + "\n")
         self.out.flush()
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

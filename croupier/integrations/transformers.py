@@ -88,17 +88,21 @@ class CroupierTrainer(transformers.Trainer):
     losses to the job (a served dataset; the server needs `--adapt` to accept them)."""
 
     def __init__(self, *args: Any, report_losses: bool = False, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.croupier_dataset, self.croupier_packed = croupier_datasets(self.train_dataset)
+        # refused before the Trainer sets anything up (Trainer's positional order: model, args, data_collator,
+        # train_dataset)
+        dataset = kwargs.get("train_dataset", args[3] if len(args) > 3 else None)
+        self.croupier_dataset, self.croupier_packed = croupier_datasets(dataset)
         if report_losses and self.croupier_dataset.is_embedded:
             raise ConfigError(f"report_losses=True: {SERVER_ONLY}")
+        super().__init__(*args, **kwargs)
         self.report_losses = bool(report_losses)
         if not self.args.ignore_data_skip:
             log.info("CroupierTrainer sets ignore_data_skip: the restored loader state is the position, skipping "
                      "batches would drop new ones")
             self.args.ignore_data_skip = True
         self.croupier_loader: CroupierLoader | None = None
-        self.last_batch: dict[str, Any] = {}  # {"step", "ids", "input_ids"} of this rank's last trained batch
+        # {"step", "ids", "input_ids", "reported" (ids with a loss reported)} of this rank's last trained batch
+        self.last_batch: dict[str, Any] = {}
         self._resume_from: str | None = None
         self._forward_keys: dict[int, frozenset[str]] = {}
         self._previous_step: int | None = None
@@ -165,6 +169,7 @@ class CroupierTrainer(transformers.Trainer):
             logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
             losses, present = sample_losses(ids, logits, labels, batch)
             self.croupier_dataset.report_losses(step, losses, present)
+            self.last_batch["reported"] = int(present.sum())
         return (loss, outputs) if return_outputs else loss
 
     def _keys(self, model: torch.nn.Module) -> frozenset[str]:
