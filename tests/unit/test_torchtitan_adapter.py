@@ -158,3 +158,28 @@ def test_torchtitan_config_build_tokenizer_and_dcp_round_trip(ds_dir, tmp_path, 
         ds_dir, global_batch=B, cache_dir=tmp_path / "cache", seed=SEED, clip=3, topology=t),
         dp_rank=0, dp_world_size=1, seq_len=SEQ, local_batch_size=ROWS, tokenizer=str(tiny_tokenizer), eos_id=EOS)
     assert take(hf, 2) == whole[:2]
+
+
+def test_metrics_reach_torchtitans_metric_logger(ds_dir, tmp_path, hf_tok):
+    from types import SimpleNamespace
+
+    from torchtitan.components.metrics import BaseLogger
+
+    class Recorder(BaseLogger):
+        def __init__(self) -> None:
+            self.logged: list[tuple[int, dict]] = []
+
+        def log(self, metrics: dict, step: int) -> None:
+            self.logged.append((step, metrics))
+
+    ld = loader(ds_dir, tmp_path, hf_tok, 0, 1)
+    take(ld, 2)
+    recorder = Recorder()
+    ld.log_metrics(SimpleNamespace(logger=recorder), 2)
+    ld.log_metrics(SimpleNamespace(logger=recorder), 3)
+    (step, first), (_, second) = recorder.logged
+    assert step == 2 and first["croupier/step"] == 1
+    assert first["croupier/steps"] == 2 and first["croupier/documents"] == 2 * B
+    assert first["croupier/tokens_padding"] == 2 * ROWS * (SEQ + 1) - first["croupier/tokens_packed"]
+    assert first["croupier/data_wait_total_s"] >= first["croupier/data_wait_max_s"] >= first["croupier/data_wait_s"] > 0
+    assert "croupier/data_wait_s" not in second  # waits are reported once
