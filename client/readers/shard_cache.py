@@ -49,7 +49,6 @@ from croupier.client.readers.prefetch_pool import PrefetchPool
 from croupier.client.readers.shard_fetch import DatasetFiles, open_readers, shard_name
 from croupier.client.readers.shard_runtime import ShardRuntime, zero_counters
 from croupier.errors import ConfigError, DatasetError, FingerprintMismatch
-from croupier.format.atomic import write_bytes_atomic
 from croupier.format.fingerprint import cache_dir_name
 from croupier.format.mds_index import INDEX_BASENAME, MDSIndex
 
@@ -243,10 +242,17 @@ def _fetch_index(remote: str, cache_root: Path, timeout: float) -> bytes:
     """The bytes of the remote's index.json (always fetched: a cached copy may be stale)."""
     from croupier.format.streaming_lib import CloudDownloader
 
+    source = os.path.join(remote, INDEX_BASENAME)
+    if "://" not in remote:  # a local folder: read in place (what a download would copy)
+        try:
+            return Path(source).read_bytes()
+        except FileNotFoundError as e:
+            raise DatasetError(f"no {INDEX_BASENAME} at {remote}: {e}") from e
+        except OSError as e:
+            raise DatasetError(f"cannot read {source}: {e}") from e
     incoming = cache_root / ".incoming"
     incoming.mkdir(parents=True, exist_ok=True)
     tmp = incoming / f"index.{os.getpid()}.{uuid.uuid4().hex}.json"
-    source = os.path.join(remote, INDEX_BASENAME)
     try:
         CloudDownloader.direct_download(source, str(tmp), timeout)
         return tmp.read_bytes()
@@ -259,13 +265,23 @@ def _fetch_index(remote: str, cache_root: Path, timeout: float) -> bytes:
 
 
 def _store_index(path: Path, data: bytes) -> None:
-    """Write the dataset's index.json into its cache dir unless an identical copy is there."""
+    """Write the dataset's index.json into its cache dir unless an identical copy is there.
+
+    Renamed into place, not fsynced: it is a cache of the remote's copy, compared with the
+    fetched bytes on every open and rewritten when it differs (a crash can cost a rewrite,
+    never a wrong read)."""
     try:
         if path.read_bytes() == data:
             return
     except FileNotFoundError:
         pass
-    write_bytes_atomic(path, data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 __all__ = ["PrefetchPool", "ShardCache", "ShardStore"]

@@ -264,6 +264,9 @@ def _mark_fingerprint(state_dir: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from croupier.server.cli.policy_args import check_sequence_args
+
+    check_sequence_args(args)  # every numeric flag against the limits the code has, before anything is read
     if args.state_dir:
         sampler, generated = _from_state_dir(args)
         if args.steps is None:
