@@ -15,8 +15,9 @@ that .ci/setup.sh makes), so every install is measured at the same versions:
 
 When `.ci-venvs/plain` exists (.ci/compat.sh: a fresh venv with the plain install, numpy >= 2.2,
 transformers >= 5), the plain closure is measured there too: a real fresh install, no `.venv`
-involved. Nothing is installed here (building venvs is .ci/compat.sh's job); a venv that lacks
-a distribution a closure needs is reported, not guessed. Scales: both the same (metadata only).
+involved. Nothing is installed here (building venvs is .ci/compat.sh's job); an extra whose
+distributions the venv lacks is reported as not measured, not guessed. Scales: both the same
+(metadata only).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import re
 import subprocess
 import sys
 import tomllib
+from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,19 +43,12 @@ STREAMING = ("streaming-community", "mosaicml-streaming")
 INSTALLS = {"plain": (), "build": ("build",), "all": ("build", "report", "ray", "train")}
 """Label -> the extras of croupier it installs (read from the checkout's pyproject.toml)."""
 
-CLOSURE = r'''
-import json, re, sys
-from importlib import metadata
-try:
-    from packaging.requirements import Requirement
-except ImportError:
-    from pip._vendor.packaging.requirements import Requirement
-STREAMING = ("streaming-community", "mosaicml-streaming")
-
-def norm(name):
+def _norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
-def find(name):
+
+def _find(name: str) -> metadata.Distribution | None:
+    """The installed distribution called `name` (either streaming distribution for the other)."""
     for candidate in (STREAMING if name in STREAMING else (name,)):
         try:
             return metadata.distribution(candidate)
@@ -61,15 +56,23 @@ def find(name):
             continue
     return None
 
-def closure(roots):
-    seen, missing, todo = {}, set(), [Requirement(r) for r in roots]
+
+def closure(roots: list[str]) -> tuple[dict[str, set[str]], set[str]]:
+    """({distribution: extras asked of it}, {names not installed}) of everything `roots` (requirement
+    strings) pull in, in the running interpreter's environment: every Requires-Dist whose marker
+    holds for the extras asked, followed to the end."""
+    from packaging.requirements import Requirement
+
+    seen: dict[str, set[str]] = {}
+    missing: set[str] = set()
+    todo = [Requirement(r) for r in roots]
     while todo:
         req = todo.pop()
-        dist = find(norm(req.name))
+        dist = _find(_norm(req.name))
         if dist is None:
-            missing.add(norm(req.name))
+            missing.add(_norm(req.name))
             continue
-        key = norm(dist.metadata["Name"])
+        key = _norm(dist.metadata["Name"])
         first = key not in seen
         new = set(req.extras) - seen.get(key, set())
         if not first and not new:
@@ -82,26 +85,27 @@ def closure(roots):
                 todo.append(child)
     return seen, missing
 
-def size(key):
-    dist = find(key)
+
+def disk_bytes(name: str) -> int:
+    """Bytes on disk of the files an installed distribution's RECORD lists."""
+    dist = _find(name)
     total = 0
-    for f in dist.files or []:
-        p = f.locate()
-        try:
-            total += p.stat().st_size if p.is_file() else 0
-        except OSError:
-            pass
+    for f in (dist.files or []) if dist else []:
+        path = Path(str(f.locate()))
+        if path.is_file():
+            total += path.stat().st_size
     return total
 
-out = {}
-for label, roots in json.loads(sys.argv[1]).items():
-    seen, missing = closure(roots)
-    sizes = {k: size(k) for k in seen}
-    out[label] = {"packages": len(seen), "bytes": sum(sizes.values()), "missing": sorted(missing),
-                  "names": sorted(seen), "sizes": sizes}
-print(json.dumps(out))
-'''
-"""Run inside the venv measured (its importlib.metadata sees that venv's distributions)."""
+
+def measure(installs: dict[str, list[str]]) -> dict[str, dict]:
+    """{label: {packages, bytes, missing, names, sizes}} of each install's closure, here."""
+    out = {}
+    for label, roots in installs.items():
+        seen, missing = closure(roots)
+        sizes = {k: disk_bytes(k) for k in seen}
+        out[label] = {"packages": len(seen), "bytes": sum(sizes.values()), "missing": sorted(missing),
+                      "names": sorted(seen), "sizes": sizes}
+    return out
 
 
 def requirements(extras: tuple[str, ...], project: dict | None = None) -> list[str]:
@@ -118,9 +122,9 @@ def requirements(extras: tuple[str, ...], project: dict | None = None) -> list[s
 
 
 def closures(python: str | Path, installs: dict[str, list[str]]) -> dict[str, dict]:
-    """{label: {packages, bytes, missing, names}} of each install's closure in the venv of `python`."""
-    done = subprocess.run([str(python), "-c", CLOSURE, json.dumps(installs)], capture_output=True, text=True,
-                          check=True, cwd=str(ROOT))
+    """`measure(installs)` in the venv of `python` (this file run there: its metadata is that venv's)."""
+    done = subprocess.run([str(python), __file__, "--closures", json.dumps(installs)], capture_output=True,
+                          text=True, check=True, cwd=str(ROOT))
     return json.loads(done.stdout)
 
 
@@ -133,13 +137,17 @@ def run(scale: str = "quick") -> list[dict]:
         raise ValueError(f"unknown scale {scale!r}; valid scales: {', '.join(SCALES)}")
     got = closures(sys.executable, {"today": TODAY, "torch": ["torch"],
                                     **{k: requirements(v) for k, v in INSTALLS.items()}})
-    incomplete = {k: v["missing"] for k, v in got.items() if v["missing"]}
-    if incomplete:
-        raise RuntimeError(f"{sys.prefix} lacks distributions the closures need (run .ci/setup.sh): {incomplete}")
+    if got["today"]["missing"] or got["plain"]["missing"]:
+        raise RuntimeError(f"{sys.prefix} lacks distributions the closures need (run .ci/setup.sh): "
+                           f"{sorted(set(got['today']['missing']) | set(got['plain']['missing']))}")
     today = got["today"]
     rows: list[dict] = []
     for label in ("plain", "build", "all"):
         c = got[label]
+        if c["missing"]:  # an extra this venv does not hold: say so, measure the rest
+            rows.append({"bench": "install", "metric": f"{label}: not measured", "value": None, "unit": "",
+                         "reference": None, "ratio": None, "target": f"missing {', '.join(c['missing'])}"[:80]})
+            continue
         rows.append({"bench": "install", "metric": f"{label}: packages", "value": c["packages"], "unit": "dists",
                      "reference": today["packages"], "ratio": c["packages"] / today["packages"],
                      "target": "< 1" if label == "plain" else "report"})
@@ -168,7 +176,11 @@ def run(scale: str = "quick") -> list[dict]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", choices=SCALES, default="quick")
+    p.add_argument("--closures", help=argparse.SUPPRESS)  # JSON {label: [requirements]}: measure here, print JSON
     args = p.parse_args()
+    if args.closures:
+        print(json.dumps(measure(json.loads(args.closures))))
+        return 0
     rows = run(args.scale)
     from bench.common.table import format_table
 
