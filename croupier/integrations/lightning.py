@@ -29,8 +29,10 @@ Lightning is imported when this module is imported (never by `import croupier`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
+
+from torch.utils.data import IterableDataset
 
 from croupier.errors import ConfigError, MissingDependency, StateError
 
@@ -40,6 +42,7 @@ except ImportError as exc:  # the trainer is the user's, never a dependency of c
     raise MissingDependency("lightning", "croupier.integrations.lightning", "pip install 'lightning>=2.2'") from exc
 
 from croupier.integrations.loader import CroupierLoader, pack_counters, wait_logs
+from croupier.topology import Topology
 
 STEP_KEY = "_croupier_step"
 STATE_VERSION = 1
@@ -80,7 +83,9 @@ class CroupierDataModule(pl.LightningDataModule):
 
     dataset: a `CroupierIterableDataset` (served or `embedded(...)`) or a `PackedSequences`
         over one (with `max_carry=0`), built for this rank (its topology is checked against
-        the trainer's in `setup`).
+        the trainer's in `setup`); or a function Topology -> such a dataset, called in
+        `setup` with the trainer's rank and world (for Lightning's own launcher, which sets
+        the ranks only once `fit` starts).
     batch_size: the per-rank batch (global batch / data-parallel world) for a plain dataset;
         None for a packer, whose item is already the rank's batch.
     num_workers, collate_fn, loader_kwargs: as for `StatefulDataLoader`. A `collate_fn` must
@@ -90,23 +95,34 @@ class CroupierDataModule(pl.LightningDataModule):
     def __init__(self, dataset: Any, *, batch_size: int | None, num_workers: int = 0, collate_fn: Any = None,
                  **loader_kwargs: Any) -> None:
         super().__init__()
-        self.inner = _inner(dataset)
-        packed = self.inner is not dataset
-        if packed and batch_size is not None:
-            raise ConfigError(f"batch_size={batch_size} with PackedSequences: its item is already the rank's "
-                              f"batch; pass batch_size=None")
-        if not packed and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-            raise ConfigError(f"batch_size must be the per-rank batch (an int >= 1), got {batch_size!r}")
         if num_workers < 0:
             raise ConfigError(f"num_workers must be >= 0, got {num_workers}")
-        self.dataset = dataset
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.collate_fn = collate_fn
         self.loader_kwargs = loader_kwargs
+        self.dataset: Any = None
+        self.inner: Any = None
+        self._factory: Callable[[Topology], Any] | None = None
+        if callable(dataset) and not isinstance(dataset, IterableDataset):
+            self._factory = dataset  # built in setup(), for the trainer's rank
+        else:
+            self._use(dataset)
         self.next_step: int | None = None  # one past the last step the trainer took
+        self._pending: Mapping[str, Any] | None = None  # a state loaded before the dataset was built
         self.loader: CroupierDataLoader | None = None
         self._taken = {"steps": 0, "samples": 0}
+
+    def _use(self, dataset: Any) -> None:
+        inner = _inner(dataset)
+        packed = inner is not dataset
+        if packed and self.batch_size is not None:
+            raise ConfigError(f"batch_size={self.batch_size} with PackedSequences: its item is already the rank's "
+                              f"batch; pass batch_size=None")
+        if not packed and (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int)
+                           or self.batch_size < 1):
+            raise ConfigError(f"batch_size must be the per-rank batch (an int >= 1), got {self.batch_size!r}")
+        self.dataset, self.inner = dataset, inner
 
     # -- Lightning hooks -----------------------------------------------------------------------
 
@@ -114,6 +130,11 @@ class CroupierDataModule(pl.LightningDataModule):
         trainer = self.trainer
         if trainer is None:
             return
+        if self.dataset is None:
+            assert self._factory is not None
+            self._use(self._factory(Topology(trainer.global_rank, trainer.world_size, trainer.local_rank)))
+            if self._pending is not None:
+                self.load_state_dict(self._pending)
         topo = self.inner.topology
         if (topo.rank, topo.world) != (trainer.global_rank, trainer.world_size):
             raise ConfigError(f"the dataset reads rank {topo.rank} of world {topo.world}, the trainer runs rank "
@@ -121,6 +142,8 @@ class CroupierDataModule(pl.LightningDataModule):
                               f"process (Topology.detect() reads RANK / WORLD_SIZE)")
 
     def train_dataloader(self) -> CroupierDataLoader:
+        if self.dataset is None:
+            raise ConfigError("the dataset factory is called in setup(): let the Trainer set up this module first")
         if self.next_step is not None:
             self.inner.load_state_dict(self.inner.state_dict(next_step=self.next_step))
         self.loader = CroupierDataLoader(self, self.dataset, batch_size=self.batch_size,
@@ -152,6 +175,9 @@ class CroupierDataModule(pl.LightningDataModule):
         exists) continues from it."""
         next_step, dataset = _parse(state)
         if next_step is None:
+            return
+        if self.inner is None:
+            self._pending = state
             return
         self.inner.load_state_dict(dataset)
         self.next_step = next_step

@@ -1,11 +1,12 @@
-"""Lightning proof: 2 torchrun ranks (gloo, CPU) train a tiny GPT-2 from a config on a croupier
-job of 2 ranks (embedded dealing), through `CroupierDataModule`
-(croupier/integrations/examples/lightning_train.py). One run trains 20 steps uninterrupted;
-another is ended with `os._exit` on every rank after 12 steps and resumed from Lightning's own
-step-10 checkpoint (`ckpt_path`). Every rank's trained samples, in order, equal the
-uninterrupted run's and `croupier simulate`'s slices for that rank; the two steps trained
-again after the resume were dealt what they were dealt before the crash; the data wait and the
-loader counters reach Lightning's logger.
+"""Lightning proof: 2 ranks (gloo, CPU) train a tiny GPT-2 from a config on a croupier job of
+2 ranks (embedded dealing), through `CroupierDataModule`
+(croupier/integrations/examples/lightning_train.py). One run trains 20 steps uninterrupted
+under torchrun; another is ended with `os._exit` on every rank after 12 steps and resumed
+from Lightning's own step-10 checkpoint (`ckpt_path`) under Lightning's own launcher
+(`devices=2`). Every rank's trained samples, in order, equal the uninterrupted run's and
+`croupier simulate`'s slices for that rank; the two steps trained again after the resume were
+dealt what they were dealt before the crash; the data wait and the loader counters reach
+Lightning's logger.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,9 +28,11 @@ STEPS, CRASH, RESUME, B, SEED = 20, 12, 10, 8, 3
 POLICY = ["--policy", "clusterclip", "--clip", "3", "--global-batch", str(B), "--seed", str(SEED)]
 
 
-def torchrun(tmp: Path, ds: Path, tok: Path, name: str, *extra: str) -> int:
-    cmd = [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(EXAMPLE), "--dataset", str(ds), "--cache", str(tmp / "cache"), "--tokenizer", str(tok),
+def launch(tmp: Path, ds: Path, tok: Path, name: str, *extra: str, lightning_launcher: bool = False) -> int:
+    """The example on 2 processes: torchrun, or Lightning's own launcher (`--devices 2`)."""
+    start = ([sys.executable, str(EXAMPLE), "--devices", "2"] if lightning_launcher else
+             [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), str(EXAMPLE)])
+    cmd = [*start, "--dataset", str(ds), "--cache", str(tmp / "cache"), "--tokenizer", str(tok),
            *POLICY, "--steps", str(STEPS), "--ckpt-dir", str(tmp / name / "ckpt"),
            "--records", str(tmp / name / "records"), *extra]
     (tmp / name).mkdir(exist_ok=True)
@@ -57,13 +61,14 @@ def simulated(ds: Path, rank: int) -> list[list[int]]:
 
 def test_every_rank_resumes_exactly_from_a_lightning_checkpoint(tmp_path, build_dataset, tiny_tokenizer):
     ds = build_dataset(tmp_path / "data")
-    rc = torchrun(tmp_path, ds, tiny_tokenizer, "whole")
+    rc = launch(tmp_path, ds, tiny_tokenizer, "whole")
     assert rc == 0, (tmp_path / "whole" / "torchrun0.log").read_text()[-6000:]
-    rc = torchrun(tmp_path, ds, tiny_tokenizer, "crash", "--crash-at-step", str(CRASH))
+    rc = launch(tmp_path, ds, tiny_tokenizer, "crash", "--crash-at-step", str(CRASH))
     assert rc != 0, "the run was to be ended after step 12"
     ckpt = tmp_path / "crash" / "ckpt" / f"step={RESUME}.ckpt"
     assert ckpt.is_file(), sorted(p.name for p in (tmp_path / "crash" / "ckpt").iterdir())
-    rc = torchrun(tmp_path, ds, tiny_tokenizer, "crash", "--resume", str(ckpt), "--attempt", "1")
+    rc = launch(tmp_path, ds, tiny_tokenizer, "crash", "--resume", str(ckpt), "--attempt", "1",
+                lightning_launcher=True)
     assert rc == 0, (tmp_path / "crash" / "torchrun1.log").read_text()[-6000:]
 
     for rank in (0, 1):

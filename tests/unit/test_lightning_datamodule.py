@@ -78,8 +78,9 @@ def test_resume_from_a_lightning_checkpoint_is_exact_and_logs_the_data_wait(ds_d
     assert ckpt["CroupierDataModule"]["next_step"] == 3
     (loader_state,) = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     assert loader_state["next_step"] == 3  # the loader's entry holds the same global state
-    again, _ = fit(tmp_path / "b", CroupierDataModule(dataset(ds_dir, tmp_path), batch_size=B, collate_fn=collate),
-                   6, ckpt_path=tmp_path / "b" / "ckpt" / "step=3.ckpt")
+    later = CroupierDataModule(lambda topo: dataset(ds_dir, tmp_path, topo.rank, topo.world), batch_size=B,
+                               collate_fn=collate)  # a factory: built in setup() for the trainer's rank
+    again, _ = fit(tmp_path / "b", later, 6, ckpt_path=tmp_path / "b" / "ckpt" / "step=3.ckpt")
     assert first.seen + again.seen == whole.seen and len(whole.seen) == 6
 
 
@@ -123,6 +124,8 @@ def test_refusals(ds_dir, tmp_path, tiny_tokenizer):
     with pytest.raises(ConfigError, match=r"a batch mixes steps \[3, 4\]"):
         batch_step({STEP_KEY: torch.tensor([3, 4])})
     assert batch_step({STEP_KEY: 7}) == 7
+    with pytest.raises(ConfigError, match="the dataset factory is called in setup"):
+        CroupierDataModule(lambda topo: ds, batch_size=B).train_dataloader()
     data = CroupierDataModule(ds, batch_size=B)
     with pytest.raises(StateError, match="version 9 is not supported"):
         data.load_state_dict({"version": 9})

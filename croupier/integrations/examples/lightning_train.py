@@ -3,6 +3,7 @@
     torchrun --nproc_per_node 2 lightning_train.py --dataset DS --cache /tmp/cache \
         --tokenizer TOK --global-batch 8 --steps 20 --ckpt-dir ckpt
     torchrun --nproc_per_node 2 lightning_train.py ... --resume ckpt/step=10.ckpt
+    python lightning_train.py --devices 2 ...        # Lightning's own launcher
 
 The data is `CroupierIterableDataset.embedded(DS, ...)` (no server), or a `croupier serve` job
 with `--server HOST:PORT --job NAME`. The model is a 1-layer GPT-2 built from a config (no
@@ -96,6 +97,9 @@ def main() -> int:
     p.add_argument("--clip", default="3")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--devices", type=int, default=None,
+                   help="processes on this machine (default: torchrun's WORLD_SIZE, else 1); "
+                        "without torchrun, Lightning's own launcher starts them")
     p.add_argument("--max-len", type=int, default=48)
     p.add_argument("--ckpt-dir", required=True)
     p.add_argument("--ckpt-every", type=int, default=5)
@@ -105,14 +109,16 @@ def main() -> int:
     p.add_argument("--attempt", type=int, default=0)
     args = p.parse_args()
 
-    topo = Topology.detect()
-    if args.server:
-        ds = CroupierIterableDataset(args.server, args.job, cache_dir=args.cache, topology=topo, start_step=0)
-    else:
-        ds = CroupierIterableDataset.embedded(args.dataset, global_batch=args.global_batch, cache_dir=args.cache,
-                                              policy=args.policy, clip=int(args.clip) if args.clip.isdigit()
-                                              else args.clip, seed=args.seed, topology=topo)
-    data = CroupierDataModule(ds, batch_size=args.global_batch // topo.world, num_workers=args.workers,
+    world = args.devices or int(os.environ.get("WORLD_SIZE", "1"))
+
+    def make_dataset(topo: Topology) -> CroupierIterableDataset:  # called in each rank's setup()
+        if args.server:
+            return CroupierIterableDataset(args.server, args.job, cache_dir=args.cache, topology=topo, start_step=0)
+        return CroupierIterableDataset.embedded(args.dataset, global_batch=args.global_batch, cache_dir=args.cache,
+                                                policy=args.policy, clip=int(args.clip) if args.clip.isdigit()
+                                                else args.clip, seed=args.seed, topology=topo)
+
+    data = CroupierDataModule(make_dataset, batch_size=args.global_batch // world, num_workers=args.workers,
                               collate_fn=Collate(args.tokenizer, args.max_len))
     pl.seed_everything(0, verbose=False)
     vocab = len(transformers.AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True))
@@ -123,8 +129,8 @@ def main() -> int:
                                      save_top_k=-1, save_on_train_epoch_end=False)]
     if args.crash_at_step is not None:
         callbacks.insert(0, CrashAt(args.crash_at_step))
-    trainer = pl.Trainer(accelerator="cpu", devices=topo.world, num_nodes=1,
-                         strategy="ddp" if topo.world > 1 else "auto", max_steps=args.steps,
+    trainer = pl.Trainer(accelerator="cpu", devices=world, num_nodes=1,
+                         strategy="ddp" if world > 1 else "auto", max_steps=args.steps,
                          logger=pl.loggers.CSVLogger(str(Path(args.ckpt_dir).parent), name="logs"),
                          callbacks=callbacks, log_every_n_steps=1, enable_progress_bar=False,
                          enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0)
