@@ -264,9 +264,10 @@ class EmbeddedDealer:
         tracker = self._tracker
         if tracker.step > step:
             return None
+        part = (0, 0) if isinstance(tracker, Sampler) else None  # the state only: no positions at all
         while tracker.step < step:
             try:
-                tracker.next_batch()
+                tracker.next_batch() if part is None else tracker.next_batch(part)
             except EndOfData:
                 return None
         return tracker.state()
@@ -291,15 +292,16 @@ class EmbeddedDealer:
         assert gen is not None
         if self._stop is not None:
             horizon = min(horizon, self._stop)
+        part = self.topology.slice_bounds(self.job.global_batch) if isinstance(gen, Sampler) else None
         while gen.step < horizon and self._gen_end is None:
             step = gen.step
             try:
-                batch = gen.next_batch()
+                batch = gen.next_batch() if part is None else gen.next_batch(part)  # only this rank's positions
             except EndOfData:
                 self._gen_end = step
                 return
             if step >= self._first and (step - self._first) % self._stride == 0:
-                ids = self.topology.slice(batch)
+                ids = batch if part is not None else self.topology.slice(batch)
                 self._ahead.append((step, ids))
                 if self._on_slice is not None:
                     self._on_slice(step, ids)

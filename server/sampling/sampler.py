@@ -162,9 +162,12 @@ class Sampler:
         """Clusters that cluster-balanced steps can still draw from."""
         return int(self._active.size)
 
-    def next_batch(self) -> np.ndarray:
+    def next_batch(self, part: tuple[int, int] | None = None) -> np.ndarray:
         """The global batch of `self.step` (int64 sample ids), then advance one step.
 
+        part: (start, stop) of the slots wanted (a rank's slice): only they are returned, and
+        only their in-cluster positions are computed; the state advances exactly as for the
+        whole batch, and the ids equal the whole batch's [start:stop].
         Raises EndOfData, leaving the state unchanged, when the clip has exhausted the
         clusters and the policy says stop.
         """
@@ -178,11 +181,13 @@ class Sampler:
                 raise EndOfData(step, f"end of data at step {step}: the clip has left {self._room} draws "
                                       f"in {self._active.size} active clusters, fewer than the global batch {b}")
             rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, _STEP_TAG, step])))
-            positions = self._cluster_positions(rng, b, step)
-            unfilled = np.flatnonzero(positions < 0)
+            positions = self._cluster_positions(rng, b, step, part)
+            unfilled = np.flatnonzero(positions == -1)
             if unfilled.size:
                 positions[unfilled] = self._random_positions(unfilled.size)
         self.step = step + 1
+        if part is not None:
+            positions = positions[part[0]:part[1]]
         return self.layout.ids_at(positions)
 
     def schedule(self, step: int, clip: int | None = None, weights: list[float] | np.ndarray | None = None) -> None:
@@ -293,8 +298,11 @@ class Sampler:
         np.minimum(idx, self._active.size - 1, out=idx)
         return self._active[idx]
 
-    def _cluster_positions(self, rng: np.random.Generator, m: int, step: int) -> np.ndarray:
-        """Layout positions for m slots from the active clusters; -1 where all are exhausted.
+    def _cluster_positions(self, rng: np.random.Generator, m: int, step: int,
+                           part: tuple[int, int] | None = None) -> np.ndarray:
+        """Layout positions for m slots from the active clusters; -1 where all are exhausted
+        (with `part`: -2 for the filled slots outside [start, stop), whose positions are not
+        computed).
 
         Rounds assign clusters to slots (re-drawing slots that overflow a clipped cluster's
         room); then each cluster's slots, in slot order, take its next stream positions.
@@ -333,6 +341,10 @@ class Sampler:
         self._draws[uniq] += counts
         start = self._cursor[uniq] - counts  # the clusters' cursors before this step
         k = np.repeat(start, counts) + (np.arange(sc.size) - np.repeat(first, counts))
+        if part is not None:  # only the wanted slots' positions: the others' keys are never needed
+            wanted = (slot_of >= part[0]) & (slot_of < part[1])
+            out[slot_of[~wanted]] = -2
+            sc, slot_of, k = sc[wanted], slot_of[wanted], k[wanted]
         n_c = sizes[sc]
         passes = k // n_c
         keys = derive_keys(self._cluster_key, sc, passes)

@@ -316,3 +316,24 @@ def test_block_size_is_part_of_the_fingerprint() -> None:
     assert a.fingerprint != b.fingerprint
     with pytest.raises(ConfigError, match="block size must be an integer >= 1, got 0"):
         ClusterLayout.from_sizes([10, 5], block_size=0)
+
+
+@pytest.mark.parametrize("block", [1, 7])
+@pytest.mark.parametrize("config", [PolicyConfig("clusterclip", clip=2), PolicyConfig("uniform"),
+                                    PolicyConfig("clusterclip", clip=1, on_exhausted="random"),
+                                    PolicyConfig("g2s", switch_step=5)])
+def test_a_part_of_the_batch_equals_the_whole_batchs_slice_and_the_state_moves_alike(config, block) -> None:
+    """`next_batch(part)` (an embedded rank computes only its slice's positions) returns the
+    whole batch's [start:stop] and leaves the very state the whole batch leaves."""
+    layout = ClusterLayout.from_sizes(np.random.default_rng(0).integers(1, 300, 50), block_size=block)
+    whole, part = Sampler(layout, config, 64, 1), Sampler(layout, config, 64, 1)
+    for t in range(60):
+        lo = (t % 8) * 8
+        try:
+            batch = whole.next_batch()
+        except EndOfData:
+            with pytest.raises(EndOfData):
+                part.next_batch((lo, lo + 8))
+            break
+        assert np.array_equal(part.next_batch((lo, lo + 8)), batch[lo:lo + 8]), t
+        assert part.state().to_bytes() == whole.state().to_bytes(), t
