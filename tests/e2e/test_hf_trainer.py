@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from croupier.apps.demo import RUN_TAG_ENV, kill_tagged
-from workers.harness import VENV_BIN, free_port, terminate
+from workers.harness import free_port, terminate
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -53,7 +53,7 @@ def _torchrun() -> list[str]:
 def _accelerate() -> list[str]:
     # --multi_gpu picks accelerate's torchrun launcher; the ranks run on the CPU (gloo), as the example
     # chooses when no GPU is there
-    return [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
 
 

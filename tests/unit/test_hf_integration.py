@@ -171,3 +171,46 @@ def test_the_trainer_resumes_from_its_checkpoint_on_exactly_the_next_batch(tmp_p
     second = _Record()
     _trainer(tmp_path, data, tokenizer, second).train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
     assert second.seen == first.seen[2:]
+
+
+class _Tokenize:
+    """A data collator for plain samples: their text as padded rows, labels masked on padding."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, samples: list[dict]) -> dict:
+        enc = self.tokenizer([s["text"] for s in samples], padding="max_length", truncation=True, max_length=16,
+                             return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                "labels": enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)}
+
+
+def _plain(tmp_path, data):
+    return CroupierIterableDataset.embedded(str(data), global_batch=4, cache_dir=tmp_path / "cache",
+                                            policy="clusterclip", clip=3, start_step=0, topology=Topology(0, 1))
+
+
+@pytest.mark.parametrize("batch, error", [(4, None), (2, r"two batches in a row are of step 0: "
+                                                         r"per_device_train_batch_size \(2\) is smaller than"),
+                                          (8, r"a batch holds samples of steps \[0, 1\]")])
+def test_plain_samples_train_one_whole_step_per_batch(tmp_path, build_dataset, tiny_tokenizer, batch, error):
+    data = build_dataset(tmp_path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_tokenizer, local_files_only=True)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, save_strategy="no",
+                                          report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+                                          per_device_train_batch_size=batch)
+    trainer = CroupierTrainer(model=_gpt2(len(tokenizer)), args=args, train_dataset=_plain(tmp_path, data),
+                              data_collator=_Tokenize(tokenizer))
+    record = _Record()
+    record.trainer = trainer
+    trainer.add_callback(record)
+    if error is not None:
+        with pytest.raises(ConfigError, match=error):
+            trainer.train()
+        return
+    trainer.train()
+    dealt = [(step, [int(s["_croupier_id"]) for s in samples])
+             for (step, samples), _ in zip(_plain(tmp_path, data).iter_steps(), range(2))]
+    assert [(s[1], s[2]) for s in record.seen] == dealt
+    assert [len(ids) for _, ids in dealt] == [4, 4]
