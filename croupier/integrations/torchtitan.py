@@ -15,13 +15,16 @@ returns a `CroupierTitanLoader` that does the same, without needing torchtitan i
   tokens cut into `input` (the first seq_len) and `labels` (the next-token targets, -100 on
   padding and where the target is another document's token, as torchtitan's own text
   dataset shifts within documents), plus `positions` (restarting at each document);
-- its state is torchtitan's layout (`dp_rank_{r}` and `world_size`); the entry also holds the
-  global next step (one past the last step yielded) and the dataset's rank-independent state
-  at it. At the same degree a rank restores its own `StatefulDataLoader` state exactly (the
-  packer's carry included, any number of workers). At another degree, where torchtitan
-  refuses, the loader resumes through the global step: every DP rank of the new degree reads
-  its slice of the same next step, so the global sequence continues exactly (a carry belongs
-  to a lane of the old degree: it is dropped and counted in `carry_dropped`).
+- its state is torchtitan's layout (`dp_rank_{r}` and `world_size`), plus `croupier_global`,
+  the same on every rank: the global next step (one past the last step yielded) and the
+  dataset's rank-independent state at it. At the same degree a rank restores its own
+  `StatefulDataLoader` state exactly (the packer's carry included, any number of workers).
+  At another degree, where torchtitan refuses, the loader resumes through the global step:
+  every DP rank of the new degree reads its slice of the same next step, so the global
+  sequence continues exactly (a carry belongs to a lane of the old degree: it is dropped and
+  counted in `carry_dropped_on_resume`). Shrinking loads with DCP's default planner; growing
+  needs `DefaultLoadPlanner(allow_partial_load=True)`, since a new rank's `dp_rank_{r}` key is
+  not in the checkpoint (the rank then resumes from `croupier_global`).
 - `metrics()` is the data wait since the last call (mean, max, total seconds) and the
   packer's counters; `log_metrics(metrics_processor, step)` hands them to torchtitan's
   metric logger (TensorBoard / W&B) beside its own `data_loading_times`.
@@ -47,6 +50,8 @@ from croupier.integrations.loader import CroupierLoader, pack_counters, wait_log
 STEP_KEY = "_croupier_step"
 IGNORE_INDEX = -100
 ENTRY_VERSION = 1
+GLOBAL_KEY = "croupier_global"
+"""The key of the rank-independent entry (the global next step), the same on every DP rank."""
 
 
 def titan_batch(item: Mapping[str, Any], positions: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -122,7 +127,9 @@ class CroupierTitanLoader(CroupierLoader):
             "next_step": self.next_step,
             "global": None if self.next_step is None else inner.state_dict(next_step=self.next_step),
         }
-        return {self._rank_id: pickle.dumps(entry), "world_size": self.dp_world_size}
+        shared = {"version": ENTRY_VERSION, "next_step": self.next_step, "global": entry["global"]}
+        return {self._rank_id: pickle.dumps(entry), "world_size": self.dp_world_size,
+                GLOBAL_KEY: pickle.dumps(shared)}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restores this rank's own state at the same DP degree, or the global step at another."""
@@ -139,19 +146,27 @@ class CroupierTitanLoader(CroupierLoader):
             super().load_state_dict(entry["loader"])
             self.next_step = entry["next_step"]
             return
-        # another data-parallel degree: every entry holds the same global next step
+        # another data-parallel degree: the global next step, the same in every saved entry and in
+        # the shared one (a new rank's own dp_rank_* key, absent from the checkpoint, keeps the
+        # fresh value of a partial DCP load: next_step None)
         entries = [_entry(v) for k, v in sorted(state_dict.items()) if k.startswith("dp_rank_")]
-        if not entries:
-            raise StateError(f"the loader state of DP degree {world} holds no dp_rank_* entry to resume from")
-        steps = {e["next_step"] for e in entries}
-        if len(steps) != 1:
+        saved = [e for e in entries if e["next_step"] is not None]
+        if GLOBAL_KEY in state_dict:
+            saved.insert(0, _entry(state_dict[GLOBAL_KEY]))
+        if not saved and not entries:
+            raise StateError(f"the loader state of DP degree {world} holds no dp_rank_* entry and no "
+                             f"{GLOBAL_KEY!r} to resume from")
+        steps = {e["next_step"] for e in saved}
+        if len(steps) > 1:
             raise StateError(f"the loader state's DP ranks stopped at different steps {sorted(steps, key=str)}: "
                              f"no global step to resume DP degree {self.dp_world_size} from")
-        entry = entries[0]
         self.resumed_from_degree = world
+        if not saved:
+            return
+        entry = saved[0]
         if entry["next_step"] is None:
             return
-        self.carry_dropped_on_resume = sum(len(_entry_carry(e)) for e in entries)
+        self.carry_dropped_on_resume = sum(len(_entry_carry(e)) for e in entries if e["next_step"] is not None)
         packed = self.packed
         packed.load_state_dict({"version": PACK_STATE_VERSION, "dataset": entry["global"], "lane": [],
                                 "seq_len": packed.seq_len, "rows": packed.rows, "carry_tokens": [],

@@ -69,7 +69,7 @@ def test_dp_ranks_resume_exactly_and_a_new_dp_degree_continues_the_global_sequen
     assert torchrun(tmp_path, ds, tiny_tokenizer, 2, "crash", "--crash-at-step", str(CRASH)) != 0
     ckpt = tmp_path / "crash" / "ckpt" / f"step-{RESUME}"
     keys = set(dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)
-    assert {"dataloader.dp_rank_0", "dataloader.dp_rank_1", "dataloader.world_size"} <= keys
+    assert {"dataloader.dp_rank_0", "dataloader.dp_rank_1", "dataloader.world_size", "dataloader.croupier_global"} <= keys
     torchrun(tmp_path, ds, tiny_tokenizer, 2, "crash", "--resume", str(ckpt), "--attempt", "1")
     torchrun(tmp_path, ds, tiny_tokenizer, 1, "one", "--resume", str(ckpt), "--attempt", "1")
 

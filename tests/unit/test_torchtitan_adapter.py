@@ -78,7 +78,8 @@ def test_same_degree_resume_is_exact_per_dp_rank(ds_dir, tmp_path, hf_tok):
     saved: dict = {}
     for ld in first:  # what DCP gathers: each rank's own key, world_size alike on all
         saved.update(ld.state_dict())
-    assert sorted(saved) == ["dp_rank_0", "dp_rank_1", "world_size"] and saved["world_size"] == 2
+    assert sorted(saved) == ["croupier_global", "dp_rank_0", "dp_rank_1", "world_size"]
+    assert saved["world_size"] == 2
     assert isinstance(saved["dp_rank_1"], bytes) and pickle.loads(saved["dp_rank_1"])["next_step"] == 5
     for r in (0, 1):
         again = loader(ds_dir, tmp_path, hf_tok, r, 2)
@@ -95,7 +96,7 @@ def test_another_degree_resumes_through_the_global_step(ds_dir, tmp_path, hf_tok
     for ld in two:
         saved.update(ld.state_dict())
     one = loader(ds_dir, tmp_path, hf_tok, 0, 1)
-    one.load_state_dict({k: saved[k] for k in ("dp_rank_0", "world_size")})  # what DCP hands new rank 0
+    one.load_state_dict({k: saved[k] for k in ("dp_rank_0", "world_size", "croupier_global")})  # DCP's, for rank 0
     assert one.resumed_from_degree == 2
     resumed = take(one, 3)
     whole = take(loader(ds_dir, tmp_path, hf_tok, 0, 1), 7)
@@ -183,3 +184,25 @@ def test_metrics_reach_torchtitans_metric_logger(ds_dir, tmp_path, hf_tok):
     assert first["croupier/tokens_padding"] == 2 * ROWS * (SEQ + 1) - first["croupier/tokens_packed"]
     assert first["croupier/data_wait_total_s"] >= first["croupier/data_wait_max_s"] >= first["croupier/data_wait_s"] > 0
     assert "croupier/data_wait_s" not in second  # waits are reported once
+
+
+def test_a_grown_dp_degree_resumes_from_the_shared_entry_through_dcp(ds_dir, tmp_path, hf_tok):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    one = loader(ds_dir, tmp_path, hf_tok, 0, 1)
+    take(one, 3)
+    dcp.save({"dataloader": one}, checkpoint_id=str(tmp_path / "ckpt"))
+    ref = [take(loader(ds_dir, tmp_path, hf_tok, r, 2), 5)[3:] for r in (0, 1)]
+    for r in (0, 1):
+        grown = loader(ds_dir, tmp_path, hf_tok, r, 2)
+        if r == 1:  # its dp_rank_1 key is not in the checkpoint: a strict load refuses
+            with pytest.raises(CheckpointException) as refused:
+                dcp.load({"dataloader": grown}, checkpoint_id=str(tmp_path / "ckpt"))
+            assert "Missing key in checkpoint state_dict: dataloader.dp_rank_1" in str(refused.value.failures[0])
+            grown = loader(ds_dir, tmp_path, hf_tok, r, 2)
+        dcp.load({"dataloader": grown}, checkpoint_id=str(tmp_path / "ckpt"),
+                 planner=DefaultLoadPlanner(allow_partial_load=True))
+        assert grown.resumed_from_degree == 1
+        assert take(grown, 2) == ref[r]
