@@ -271,24 +271,20 @@ def open_mix(spec: MixSpec, sidecar_cache: Path | None = None) -> Mixture:
     """Opens each source: its sidecar (fingerprint checked against its shards), selection, layout."""
     layouts, infos, weights, counts = [], [], [], []
     offset = 0
-    for d in spec.sources:
+    opened = _open_sources(spec, sidecar_cache)
+    for d, got in zip(spec.sources, opened):
         where = f"mixture source {d.name!r}"
         tokens_per_sample = None
         source_counts = None
-        if d.cluster_sizes is not None:
+        if got is None:
+            assert d.cluster_sizes is not None
             layout = ClusterLayout.from_sizes(d.cluster_sizes, block_size=d.block_size or 1)
             size, fp, remote = layout.num_samples, "", d.remote or ""
         else:
             assert d.dataset is not None
-            side = _open_sidecar(d.dataset, sidecar_cache, d.name, where)
-            try:
-                layout = side.layout(d.selection)
-            except CroupierError as exc:
-                exc.args = (f"{where}: {exc}",) + exc.args[1:]
-                raise
+            side, layout, source_counts = got
             size, fp = side.num_samples, side.fingerprint
             remote = d.remote or side.remote or d.dataset
-            source_counts = side.token_counts()
             if spec.unit == "tokens":
                 tokens_per_sample = _mean_tokens(side, layout, where)
         if d.cluster_weights is not None and len(d.cluster_weights) != layout.num_clusters:
@@ -309,6 +305,38 @@ def open_mix(spec: MixSpec, sidecar_cache: Path | None = None) -> Mixture:
                               f"({INT64_MAX}): their ids are one id space")
     return Mixture(spec=spec, layouts=tuple(layouts), infos=tuple(infos), sample_weights=tuple(weights),
                    token_counts=tuple(counts))
+
+
+OPEN_THREADS = 8
+"""Sidecars of a mixture's sources opened at once (file reads, or downloads of remote ones)."""
+
+
+def _open_sources(spec: MixSpec, cache: Path | None) -> list[tuple[Sidecar, ClusterLayout, Any] | None]:
+    """(sidecar, layout of its selection, token counts) of each dataset source, in file order
+    (None for a synthetic one), opened by a few threads; the first failing source's error,
+    in file order, is raised."""
+
+    def one(d: SourceDecl) -> tuple[Sidecar, ClusterLayout, Any] | None:
+        if d.cluster_sizes is not None:
+            return None
+        assert d.dataset is not None
+        where = f"mixture source {d.name!r}"
+        side = _open_sidecar(d.dataset, cache, d.name, where)
+        try:
+            layout = side.layout(d.selection)
+        except CroupierError as exc:
+            exc.args = (f"{where}: {exc}",) + exc.args[1:]
+            raise
+        return side, layout, side.token_counts()
+
+    datasets = sum(d.cluster_sizes is None for d in spec.sources)
+    if datasets <= 1:
+        return [one(d) for d in spec.sources]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(OPEN_THREADS, datasets), thread_name_prefix="croupier-mix-open") as pool:
+        futures = [pool.submit(one, d) for d in spec.sources]
+        return [f.result() for f in futures]
 
 
 def _open_sidecar(dataset: str, cache: Path | None, name: str, where: str) -> Sidecar:
