@@ -32,7 +32,7 @@ class CroupierLoader(StatefulDataLoader):
         self._waits: list[float] = []
         self.batches = 0  # yielded by this loader object (a restored loader counts from 0)
 
-    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+    def __iter__(self) -> Iterator[Any]:
         it = super().__iter__()
         while True:
             start = time.perf_counter()

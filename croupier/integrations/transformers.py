@@ -47,6 +47,7 @@ iterable dataset has no length) no larger than the steps the dataset yields.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from croupier.optional import require
@@ -110,15 +111,21 @@ class CroupierTrainer(transformers.Trainer):
 
     # -- data -------------------------------------------------------------------------------------
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+    def train(self, resume_from_checkpoint: str | os.PathLike | bool | None = None, *args: Any,
+              **kwargs: Any) -> Any:
         """`Trainer.train`; a resumed run also restores every rank's loader from the checkpoint."""
+        resume: str | None
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
+            resume = get_last_checkpoint(self.args.output_dir)
+            if resume is None:
                 raise ConfigError(f"resume_from_checkpoint=True: no checkpoint in output_dir "
                                   f"{self.args.output_dir!r}")
-        self._resume_from = resume_from_checkpoint or None
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        elif isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            resume = os.fspath(resume_from_checkpoint)
+        else:
+            resume = None
+        self._resume_from = resume
+        return super().train(resume, *args, **kwargs)
 
     def get_train_dataloader(self) -> CroupierLoader:
         """The rank's own `StatefulDataLoader`, never wrapped, sharded or dispatched by accelerate."""
@@ -228,8 +235,6 @@ class _LoaderStateCallback(transformers.TrainerCallback):
         self.trainer = trainer
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        import os
-
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         self.trainer.save_croupier_state(folder)
 

@@ -169,7 +169,7 @@ def test_the_trainer_resumes_from_its_checkpoint_on_exactly_the_next_batch(tmp_p
     assert [h["croupier/steps"] for h in logged] == [2.0, 4.0]
     assert all(h["croupier/data_wait_max_s"] >= h["croupier/data_wait_s"] > 0 for h in logged)
     second = _Record()
-    _trainer(tmp_path, data, tokenizer, second).train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    _trainer(tmp_path, data, tokenizer, second).train(resume_from_checkpoint=tmp_path / "run" / "checkpoint-2")
     assert second.seen == first.seen[2:]
 
 
