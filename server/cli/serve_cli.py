@@ -100,6 +100,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     job.add_argument("--keep-checkpoints", type=int, default=4, help="automatic checkpoints kept")
     job.add_argument("--fresh", action="store_true",
                      help="set aside what --state-dir holds (into a stale-* folder) and start at step 0")
+    job.add_argument("--accept-log-damage", action="store_true",
+                     help="start although online changes the job acknowledged are lost or altered in both copies "
+                          "of the event log: keep the whole ones, log which steps may differ from what was delivered")
     job.add_argument("--rank-timeout", type=float, default=120.0,
                      help="seconds of silence after which a rank stops holding the others back")
     net = p.add_argument_group("network")
@@ -326,6 +329,7 @@ def _serve(args: argparse.Namespace, layout: ClusterLayout, config: PolicyConfig
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     job = Job(layout, config, args.global_batch, args.seed, spec=spec, store=store, fresh=args.fresh,
+              accept_log_damage=args.accept_log_damage,
               mixture=mixture, adapt=adapt, token_counts=token_counts)
     metrics = ServerMetrics(job)
     server: SamplerServer | None = None

@@ -71,6 +71,7 @@ class LogCheck:
     repaired: tuple[str, ...] = ()
     dropped: int = 0
     events: tuple[Event, ...] = ()
+    accepted: str = ""  # the damage accepted (--accept-log-damage), "" when none
 
 
 def digest_of(payloads: list[bytes], n: int | None = None) -> str:
@@ -139,7 +140,7 @@ def reconcile(state_dir: Path, mark_records: tuple[int, str] | None, generated_m
         log.warning("event log repaired from its other copy: %s", "; ".join(repaired),
                     extra={"event": "log_repaired", "path": str(state_dir), "records": len(kept)})
     return LogCheck(records=len(kept), digest=digest_of(kept), repaired=tuple(repaired), dropped=dropped,
-                    events=tuple(events))
+                    events=tuple(events), accepted=problem if problem is not None else "")
 
 
 def _merge(a: list[bytes], b: list[bytes], main_path: Path, copy_path: Path) -> tuple[list[bytes], list[str]]:

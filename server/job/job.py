@@ -117,6 +117,7 @@ class Job:
         self._slices_served = 0
         self._ids_served = 0
         self.resumed_from: int | None = None
+        self._log_start = ""
         self._adaptation = None if adapt is None else Adaptation.for_generator(adapt, gen, self.layout)
         self._tally: TokenTally | None = None
         if token_counts:
@@ -130,8 +131,10 @@ class Job:
             recovery = self._recovery = Recovery(StateDir(store), self.fingerprint)
             try:
                 if not fresh:  # both copies of the event log against the mark, repaired or refused
-                    recovery.check_records(self._ckpt.read_mark(), self._ckpt.read_mark_records(),
-                                           accept_log_damage)
+                    self._log_start = recovery.check_records(self._ckpt.read_mark(), self._ckpt.read_mark_records(),
+                                                             accept_log_damage)
+                else:
+                    self._log_start = "ok (started fresh)"
                 self._resume(fresh)
                 self._changes.open_log(recovery.state_dir.log_path, self.resumed_from is not None,
                                        lambda: recovery.changes(None), self._ckpt.records_changed)
@@ -493,6 +496,7 @@ class Job:
                 sources=gen.source_counters() if isinstance(gen, MixSampler) else None,
                 adapt=None if self._adaptation is None else self._adaptation.view(),
                 changes=self._changes.history.rows(), log_failures=self._changes.failures,
+                log_records=0 if self._changes.log is None else len(self._changes.log), log_start=self._log_start,
                 adapt_failures=0 if self._adaptation is None else self._adaptation.failures,
                 tokens=None if self._tally is None else self._tally.tokens.copy(),
                 tokens_since=0 if self._tally is None else self._tally.since)

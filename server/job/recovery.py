@@ -119,10 +119,13 @@ class Recovery:
                                       "event log was altered; restore it, or start over with --fresh")
         return changes
 
-    def check_records(self, mark: int, mark_records: tuple[int, str] | None, accept_damage: bool) -> None:
+    def check_records(self, mark: int, mark_records: tuple[int, str] | None, accept_damage: bool) -> str:
         """Both copies of the event log checked against the generated-step mark, repaired from
-        each other, or the start refused (`log_copies.reconcile`)."""
-        reconcile(self.state_dir.dir, mark_records, mark, accept_damage=accept_damage, write=True)
+        each other, or the start refused (`log_copies.reconcile`); what it found, for status."""
+        check = reconcile(self.state_dir.dir, mark_records, mark, accept_damage=accept_damage, write=True)
+        if check.accepted:
+            return f"accepted damage: {check.accepted}"
+        return "repaired: " + "; ".join(check.repaired) if check.repaired else "ok"
 
     def load_saved(self, step: int) -> tuple[int, Saved] | None:
         """The newest valid checkpoint at or before `step` as (its step, its state), for replays."""

@@ -66,6 +66,8 @@ class JobStatus:
     adapt: AdaptView | None = None
     changes: tuple[tuple[int, str, str, float], ...] = ()
     log_failures: int = 0
+    log_records: int = 0
+    log_start: str = ""  # what the start found in the event log ("": no state directory)
     adapt_failures: int = 0
     tokens: np.ndarray | None = None
     tokens_since: int = 0

@@ -131,6 +131,8 @@ def status_response(job: Job, st: JobStatus, include_clusters: bool) -> pb2.GetS
         resp.checkpoint_error = st.checkpoint.error
         resp.checkpoint_failures = st.checkpoint.failures
         resp.generated_mark = max(st.checkpoint.mark, 0)
+    resp.event_log_records, resp.event_log_failures, resp.event_log_start = st.log_records, st.log_failures, \
+        st.log_start
     for step, origin, kind, ratio in st.changes:
         resp.adapt.changes.add(step=step, origin=origin, kind=kind, max_ratio=ratio)
     if st.adapt is not None:

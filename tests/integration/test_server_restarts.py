@@ -11,70 +11,24 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 
 from cases.durability import SIZES, B, reference
-from croupier.grpc_options import channel_options
-from croupier.proto import pb2, pb2_grpc, slice_ids
+from cases.serve_process import ServeProcess
+from croupier.proto import pb2, slice_ids
 from croupier.server.durability.checkpoint_store import CheckpointStore
-from workers.harness import kill_tree, wait_for
+from workers.harness import wait_for
 
 ARGS = ["--cluster-sizes", ",".join(map(str, SIZES)), "--policy", "clusterclip", "--clip", "5",
         "--global-batch", str(B), "--seed", "0", "--checkpoint-every", "10", "--max-lag", "16", "--lookahead", "4"]
 
 
-class Serve:
-    """A `croupier serve` subprocess; `info` is its JSON "serving" line.
-
-    `kill(sig)` sends a signal and returns the exit code; `close()` (idempotent) kills it if it
-    still runs and closes its pipe, channel and log. Tests start it through the `serve`
-    fixture, which closes every server when the test ends, passed or failed."""
+class Serve(ServeProcess):
+    """`croupier serve` with this module's ARGS (see `cases.serve_process.ServeProcess`)."""
 
     def __init__(self, state_dir: Path, log_path: Path, extra: list[str] | None = None) -> None:
-        self.log_path = log_path
-        self.channel: grpc.Channel | None = None
-        self._log = open(log_path, "ab")
-        cmd = [sys.executable, "-m", "croupier", "serve", *ARGS, "--state-dir", str(state_dir), *(extra or [])]
-        try:
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, start_new_session=True)
-        except BaseException:
-            self._log.close()
-            raise
-        try:
-            assert self.proc.stdout is not None
-            line = self.proc.stdout.readline()
-            if not line:
-                self.proc.wait(10)
-                raise RuntimeError(f"server exited {self.proc.returncode}: {log_path.read_text()[-2000:]}")
-            self.info = json.loads(line)
-            self.channel = grpc.insecure_channel(self.info["address"], options=channel_options())
-            self.stub = pb2_grpc.SamplerStub(self.channel)
-        except BaseException:
-            self.close()
-            raise
-
-    def status(self) -> pb2.GetStatusResponse:
-        return self.stub.GetStatus(pb2.GetStatusRequest(), timeout=20)
-
-    def kill(self, sig: int = signal.SIGKILL) -> int:
-        """Sends `sig`, waits for the exit and closes everything; the exit code."""
-        if self.channel is not None:
-            self.channel.close()
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(20)
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        if self.channel is not None:
-            self.channel.close()
-        kill_tree(self.proc)  # a no-op once it has exited
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._log.close()
+        super().__init__(ARGS, state_dir, log_path, extra)
 
 
 @pytest.fixture

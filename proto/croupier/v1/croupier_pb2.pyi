@@ -249,7 +249,7 @@ class RankStatus(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., next_step: _Optional[int] = ..., delivered_step: _Optional[int] = ..., seconds_since_seen: _Optional[float] = ..., connected: _Optional[bool] = ..., live: _Optional[bool] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("job", "generated_step", "durable_step", "slowest_step", "fastest_step", "ranks", "active_clusters", "clip", "cluster_sizes", "cluster_draws", "cluster_passes", "cluster_clipped_at", "checkpoint_error", "checkpoint_failures", "generated_mark", "sessions", "open_streams", "adapt", "tokens_counted", "tokens_drawn", "tokens_since_step", "cluster_tokens")
+    __slots__ = ("job", "generated_step", "durable_step", "slowest_step", "fastest_step", "ranks", "active_clusters", "clip", "cluster_sizes", "cluster_draws", "cluster_passes", "cluster_clipped_at", "checkpoint_error", "checkpoint_failures", "generated_mark", "sessions", "open_streams", "adapt", "tokens_counted", "tokens_drawn", "tokens_since_step", "cluster_tokens", "event_log_records", "event_log_failures", "event_log_start")
     JOB_FIELD_NUMBER: _ClassVar[int]
     GENERATED_STEP_FIELD_NUMBER: _ClassVar[int]
     DURABLE_STEP_FIELD_NUMBER: _ClassVar[int]
@@ -272,6 +272,9 @@ class GetStatusResponse(_message.Message):
     TOKENS_DRAWN_FIELD_NUMBER: _ClassVar[int]
     TOKENS_SINCE_STEP_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EVENT_LOG_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    EVENT_LOG_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    EVENT_LOG_START_FIELD_NUMBER: _ClassVar[int]
     job: JobInfo
     generated_step: int
     durable_step: int
@@ -294,7 +297,10 @@ class GetStatusResponse(_message.Message):
     tokens_drawn: int
     tokens_since_step: int
     cluster_tokens: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, job: _Optional[_Union[JobInfo, _Mapping]] = ..., generated_step: _Optional[int] = ..., durable_step: _Optional[int] = ..., slowest_step: _Optional[int] = ..., fastest_step: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., active_clusters: _Optional[int] = ..., clip: _Optional[int] = ..., cluster_sizes: _Optional[_Iterable[int]] = ..., cluster_draws: _Optional[_Iterable[int]] = ..., cluster_passes: _Optional[_Iterable[int]] = ..., cluster_clipped_at: _Optional[_Iterable[int]] = ..., checkpoint_error: _Optional[str] = ..., checkpoint_failures: _Optional[int] = ..., generated_mark: _Optional[int] = ..., sessions: _Optional[_Iterable[_Union[SessionStatus, _Mapping]]] = ..., open_streams: _Optional[int] = ..., adapt: _Optional[_Union[AdaptStatus, _Mapping]] = ..., tokens_counted: _Optional[bool] = ..., tokens_drawn: _Optional[int] = ..., tokens_since_step: _Optional[int] = ..., cluster_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+    event_log_records: int
+    event_log_failures: int
+    event_log_start: str
+    def __init__(self, job: _Optional[_Union[JobInfo, _Mapping]] = ..., generated_step: _Optional[int] = ..., durable_step: _Optional[int] = ..., slowest_step: _Optional[int] = ..., fastest_step: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., active_clusters: _Optional[int] = ..., clip: _Optional[int] = ..., cluster_sizes: _Optional[_Iterable[int]] = ..., cluster_draws: _Optional[_Iterable[int]] = ..., cluster_passes: _Optional[_Iterable[int]] = ..., cluster_clipped_at: _Optional[_Iterable[int]] = ..., checkpoint_error: _Optional[str] = ..., checkpoint_failures: _Optional[int] = ..., generated_mark: _Optional[int] = ..., sessions: _Optional[_Iterable[_Union[SessionStatus, _Mapping]]] = ..., open_streams: _Optional[int] = ..., adapt: _Optional[_Union[AdaptStatus, _Mapping]] = ..., tokens_counted: _Optional[bool] = ..., tokens_drawn: _Optional[int] = ..., tokens_since_step: _Optional[int] = ..., cluster_tokens: _Optional[_Iterable[int]] = ..., event_log_records: _Optional[int] = ..., event_log_failures: _Optional[int] = ..., event_log_start: _Optional[str] = ...) -> None: ...
 
 class StepLosses(_message.Message):
     __slots__ = ("step", "losses", "present")
