@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.harness import CROUPIER, REPO, VENV_BIN, env_for_subprocess, free_port, kill_tree
+from workers.harness import CROUPIER, REPO, VENV_BIN, env_for_subprocess, free_port, kill_tree, terminate
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -28,11 +28,11 @@ STEPS, CRASH, RESUME, B, SEED = 20, 12, 10, 8, 3
 POLICY = ["--policy", "clusterclip", "--clip", "3", "--global-batch", str(B), "--seed", str(SEED)]
 
 
-def launch(tmp: Path, ds: Path, tok: Path, name: str, *extra: str, lightning_launcher: bool = False) -> int:
+def launch(tmp: Path, ds: Path | None, tok: Path, name: str, *extra: str, lightning_launcher: bool = False) -> int:
     """The example on 2 processes: torchrun, or Lightning's own launcher (`--devices 2`)."""
     start = ([sys.executable, str(EXAMPLE), "--devices", "2"] if lightning_launcher else
              [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), str(EXAMPLE)])
-    cmd = [*start, "--dataset", str(ds), "--cache", str(tmp / "cache"), "--tokenizer", str(tok),
+    cmd = [*start, *(["--dataset", str(ds)] if ds is not None else []), "--cache", str(tmp / "cache"), "--tokenizer", str(tok),
            *POLICY, "--steps", str(STEPS), "--ckpt-dir", str(tmp / name / "ckpt"),
            "--records", str(tmp / name / "records"), *extra]
     (tmp / name).mkdir(exist_ok=True)
@@ -92,3 +92,31 @@ def test_every_rank_resumes_exactly_from_a_lightning_checkpoint(tmp_path, build_
     assert [int(float(r["croupier/step"])) for r in logged] == list(range(STEPS))
     assert all(float(r["croupier/data_wait_s"]) >= 0 for r in logged)
     assert [int(float(r["croupier/samples"])) for r in logged] == [B // 2 * (i + 1) for i in range(STEPS)]
+
+
+def test_a_served_job_resumes_exactly_from_a_lightning_checkpoint(tmp_path, build_dataset, tiny_tokenizer):
+    """The same crash and resume against `croupier serve` (the ranks rejoin the live job at the
+    checkpoint's step); the whole-run comparison is the embedded test's, which deals what this job deals."""
+    ds = build_dataset(tmp_path / "data")
+    server = subprocess.Popen([CROUPIER, "serve", str(ds), *POLICY, "--state-dir", str(tmp_path / "state"),
+                               "--port", "0", "--job", "lightning", "--log-level", "WARNING"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env_for_subprocess())
+    try:
+        address = json.loads(server.stdout.readline())["address"]
+        served = ["--server", address, "--job", "lightning"]
+        rc = launch(tmp_path, None, tiny_tokenizer, "served", *served, "--crash-at-step", str(CRASH))
+        assert rc != 0, "the run was to be ended after step 12"
+        ckpt = tmp_path / "served" / "ckpt" / f"step={RESUME}.ckpt"
+        rc = launch(tmp_path, None, tiny_tokenizer, "served", *served, "--resume", str(ckpt), "--attempt", "1",
+                    lightning_launcher=True)
+        assert rc == 0, (tmp_path / "served" / "torchrun1.log").read_text()[-6000:]
+    finally:
+        terminate(server, 60)
+    for rank in (0, 1):
+        rows = records(tmp_path, "served", rank)
+        first = [r for r in rows if r["attempt"] == 0]
+        second = [r for r in rows if r["attempt"] == 1]
+        assert [r["step"] for r in first] == list(range(CRASH))
+        assert [r["step"] for r in second] == list(range(RESUME, STEPS))
+        assert [r["ids"] for r in first[:RESUME] + second] == simulated(ds, rank)
+        assert [r["ids"] for r in first[RESUME:]] == [r["ids"] for r in second[:CRASH - RESUME]]
