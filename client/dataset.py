@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 
 STEP_KEY = "_croupier_step"
 ID_KEY = "_croupier_id"
+TOKENS_KEY = "_croupier_tokens"
+"""Under a job dealt in tokens: (start, end, length) of the document's stream tokens (its
+tokens then EOS, `length` of them) that this rank's step covers."""
 
 
 class CroupierIterableDataset(IterableDataset):
@@ -138,8 +141,11 @@ class CroupierIterableDataset(IterableDataset):
         cls,
         dataset: str | os.PathLike | None = None,
         *,
-        global_batch: int,
+        global_batch: int | None = None,
         cache_dir: str | os.PathLike,
+        global_tokens: int | None = None,
+        token_schedule: str | None = None,
+        doc_chunk: int | None = None,
         policy: str | None = None,
         clip: int | str | None = None,
         budget_steps: int | None = None,
@@ -170,8 +176,19 @@ class CroupierIterableDataset(IterableDataset):
         Online changes, loss feedback and server checkpoints need `croupier serve`.
         """
         from croupier.server.sampling.policy import PolicyConfig
+        from croupier.server.sampling.token_stream import TokenSchedule
         from croupier.values import parse_weights
 
+        schedule = None
+        if global_tokens is not None or token_schedule is not None:
+            if global_batch is not None or (global_tokens is not None and token_schedule is not None):
+                raise ConfigError("steps are in documents (global_batch) or in tokens (global_tokens or "
+                                  "token_schedule): give one")
+            schedule = (TokenSchedule.parse(token_schedule) if token_schedule is not None
+                        else TokenSchedule.constant(global_tokens))  # type: ignore[arg-type]
+            global_batch = 1  # documents per draw come from the schedule (doc_chunk)
+        elif doc_chunk is not None:
+            raise ConfigError("doc_chunk applies to steps in tokens (global_tokens)")
         if isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1:
             raise ConfigError(f"global_batch must be an integer >= 1, got {global_batch!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -199,11 +216,15 @@ class CroupierIterableDataset(IterableDataset):
         job = EmbeddedJob(dataset=None if dataset is None else os.fspath(dataset),
                           mix=None if mix is None else os.fspath(mix), selection=selection, policy=config,
                           global_batch=global_batch, seed=seed, remote=remote,
-                          sidecar_cache=os.path.join(os.fspath(cache_dir), "sidecars"))
+                          sidecar_cache=os.path.join(os.fspath(cache_dir), "sidecars"), tokens=schedule,
+                          doc_chunk=doc_chunk)
         ds = cls("", "embedded", cache_dir=cache_dir, cache_limit=cache_limit, steps=steps, start_step=start_step,
                  topology=topology, lookahead=max(1, lookahead), prefetch_threads=prefetch_threads, agent="")
         ds._embedded = job
-        ds.topology.slice_bounds(global_batch)  # refuses a batch that does not split evenly, at the door
+        if schedule is None:
+            ds.topology.slice_bounds(global_batch)  # refuses a batch that does not split evenly, at the door
+        else:
+            schedule.check_world(ds.topology.world)
         return ds
 
     @property
@@ -273,9 +294,12 @@ class CroupierIterableDataset(IterableDataset):
                 except EndOfData:
                     break
                 samples = store.get(ids[skip:])
-                for sample_id, sample in zip(ids[skip:].tolist(), samples):
+                spans = getattr(client, "last_spans", None)
+                for i, (sample_id, sample) in enumerate(zip(ids[skip:].tolist(), samples)):
                     sample[STEP_KEY] = step
                     sample[ID_KEY] = sample_id
+                    if spans is not None:
+                        sample[TOKENS_KEY] = spans[skip + i]
                 yield step, samples, skip
                 skip = 0
                 store.release(ids)

@@ -38,6 +38,13 @@ from croupier.server.sampling.mixture import mixture_sampler
 from croupier.server.sampling.policy import PolicyConfig
 from croupier.server.sampling.sampler import Sampler
 from croupier.server.sampling.state import SamplerState
+from croupier.server.sampling.token_stream import (
+    TokenDealer,
+    TokenSchedule,
+    TokenStep,
+    mean_stream_tokens,
+    plan_tokens,
+)
 from croupier.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -72,6 +79,8 @@ class EmbeddedJob:
     seed: int
     remote: str | None = None
     sidecar_cache: str | None = None
+    tokens: TokenSchedule | None = None  # steps in tokens (`server.sampling.token_stream`); None: documents
+    doc_chunk: int | None = None  # with tokens: documents per draw (None: about one step's worth)
 
     def __post_init__(self) -> None:
         if (self.dataset is None) == (self.mix is None):
@@ -96,6 +105,17 @@ class EmbeddedJob:
             if self.remote:
                 raise ConfigError(f"remote={self.remote!r} names one dataset, but {self.mix} is a mixture of "
                                   f"{len(mixture.infos)} sources, each read from its own remote")
+            if self.tokens is not None:
+                pieces = mixture.token_counts_by_offset()
+                if pieces is None:
+                    raise ConfigError(f"mix={self.mix!r}: steps in tokens need per-sample token counts in every "
+                                      "source's sidecar")
+                mean = float(np.mean([mean_stream_tokens(c, lay.ids_at(np.arange(lay.num_positions)))
+                                      for (_, c), lay in zip(pieces, mixture.layouts)]))
+                chunk, _ = plan_tokens(self.tokens, mean, self.doc_chunk, None)
+                schedule = self.tokens
+                return EmbeddedSequence(lambda: TokenDealer(lambda: mixture_sampler(mixture, chunk, self.seed),
+                                                            pieces, schedule, chunk), self._mix_info(mixture))
             return EmbeddedSequence(lambda: mixture_sampler(mixture, self.global_batch, self.seed),
                                     self._mix_info(mixture))
         from croupier.datasets import open_dataset, read_location
@@ -109,6 +129,16 @@ class EmbeddedJob:
                            policy=policy.policy, policy_json=policy.canonical_json(), seed=self.seed,
                            num_samples=layout.num_samples, num_clusters=layout.num_clusters,
                            selection=self.selection or "")
+        if self.tokens is not None:
+            counts = side.token_counts()
+            if counts is None:
+                raise ConfigError(f"{self.dataset} has no per-sample token counts for steps in tokens: build with "
+                                  "--tokenizer, or run `croupier shards tokens` on it")
+            mean = mean_stream_tokens(counts, layout.ids_at(np.arange(layout.num_positions)))
+            chunk, doc_policy = plan_tokens(self.tokens, mean, self.doc_chunk, policy)
+            schedule = self.tokens
+            return EmbeddedSequence(lambda: TokenDealer(lambda: Sampler(layout, doc_policy, chunk, self.seed),
+                                                        [(0, counts)], schedule, chunk), info)
         return EmbeddedSequence(lambda: Sampler(layout, policy, self.global_batch, self.seed), info)
 
     def _mix_info(self, mixture: Any) -> pb2.JobInfo:
@@ -126,7 +156,7 @@ class EmbeddedJob:
         return info
 
 
-Generator = Sampler | MixSampler
+Generator = Sampler | MixSampler | TokenDealer
 
 
 class EmbeddedSequence:
@@ -189,7 +219,8 @@ class EmbeddedDealer:
         self._seq: EmbeddedSequence | None = None
         self._gen: Generator | None = None  # the sequence, dealt ahead of the consumer
         self._gen_end: int | None = None  # the end of data, once the generator met it
-        self._ahead: deque[tuple[int, np.ndarray]] = deque()  # lane slices dealt, not yet consumed
+        self._ahead: deque[tuple[int, np.ndarray, list | None]] = deque()  # lane slices dealt, not yet consumed
+        self.last_spans: list[tuple[int, int, int]] | None = None  # tokens: (start, end, length) per document
         self._tracker: Generator | None = None  # catches up to the consumer's position on demand
         self._tracker_from: SamplerState | None = None
         self._first = self._want = self._start
@@ -202,7 +233,10 @@ class EmbeddedDealer:
         """Opens the job's sidecars (once): its JobInfo, as a server would send it."""
         if self._seq is None:
             self._seq = self.job.open()
-            Topology(rank=self.topology.rank, world=self.topology.world).slice_bounds(self.job.global_batch)
+            if self.job.tokens is None:
+                Topology(rank=self.topology.rank, world=self.topology.world).slice_bounds(self.job.global_batch)
+            else:
+                self.job.tokens.check_world(self.topology.world)
         return self._seq.info
 
     @property
@@ -240,8 +274,9 @@ class EmbeddedDealer:
         self._deal(step + max(1, self.lookahead) * self._stride)
         if not self._ahead or self._ahead[0][0] != step:
             raise EndOfData(step, f"no steps left for rank {self.topology.rank} from step {step}")
-        step, ids = self._ahead.popleft()
+        step, ids, spans = self._ahead.popleft()
         self._want = step + self._stride
+        self.last_spans = spans
         return step, ids
 
     def close(self) -> None:
@@ -301,7 +336,13 @@ class EmbeddedDealer:
                 self._gen_end = step
                 return
             if step >= self._first and (step - self._first) % self._stride == 0:
-                ids = batch if part is not None else self.topology.slice(batch)
-                self._ahead.append((step, ids))
+                spans = None
+                if isinstance(batch, TokenStep):  # steps in tokens: this rank's equal part of the stream
+                    sl = batch.part(self.topology.rank, self.topology.world)
+                    ids = sl.ids
+                    spans = [(a, b, int(n)) for (a, b), n in zip(sl.ranges(), sl.lengths.tolist())]
+                else:
+                    ids = batch if part is not None else self.topology.slice(batch)
+                self._ahead.append((step, ids, spans))
                 if self._on_slice is not None:
                     self._on_slice(step, ids)

@@ -39,8 +39,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from croupier.client.dataset import STEP_KEY, CroupierIterableDataset
-from croupier.errors import ConfigError, StateError
+from croupier.client.dataset import STEP_KEY, TOKENS_KEY, CroupierIterableDataset
+from croupier.errors import ConfigError, DatasetError, StateError
 from croupier.tokenizer import load_tokenizer, token_array
 
 PACK_STATE_VERSION = 1
@@ -109,8 +109,11 @@ class PackedSequences(IterableDataset):
         return flat, lengths
 
     def pack(self, step: int, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        """One step's item from its samples (and the carry), updating the carry and counters."""
+        """One step's item from its samples (and the carry), updating the carry and counters.
+        Under a job dealt in tokens the slice fixes the cut instead (`_pack_exact`)."""
         flat, lengths = self._tokens(samples)
+        if samples and TOKENS_KEY in samples[0]:
+            return self._pack_exact(step, samples, flat, lengths)
         ids = np.fromiter((int(s["_croupier_id"]) for s in samples), np.int64, len(samples))
         tokens = np.concatenate([self._carry_tokens, flat])
         owners = np.concatenate([self._carry_docs, np.repeat(ids, lengths)])
@@ -147,6 +150,57 @@ class PackedSequences(IterableDataset):
             "loss_mask": torch.from_numpy(mask),
             "document_ids": torch.from_numpy(document_ids),
             "position_ids": torch.from_numpy(np.where(mask, cols - row_base, 0)),
+            STEP_KEY: step,
+        }
+
+    def _pack_exact(self, step: int, samples: list[dict[str, Any]], flat: np.ndarray,
+                    lengths: np.ndarray) -> dict[str, Any]:
+        """A token-dealt step: each document's stream tokens [start, end) as the slice says, in
+        rows of seq_len (a step's rows are its G / D tokens / seq_len, so a token schedule's ramp
+        adds rows); no padding, no drop, no carry. A document whose tokens differ from the
+        counts the job dealt by is refused, naming it and both counts."""
+        ids = np.fromiter((int(s["_croupier_id"]) for s in samples), np.int64, len(samples))
+        spans = [s[TOKENS_KEY] for s in samples]
+        for sample_id, got, (_, _, dealt) in zip(ids.tolist(), lengths.tolist(), spans):
+            if got != dealt:
+                raise DatasetError(f"sample {sample_id}: the tokenizer gives {got - 1} tokens, the job dealt it as "
+                                   f"{dealt - 1} (its sidecar's token counts were made another way): refusing to "
+                                   "shift the token stream")
+        offsets = np.concatenate(([0], np.cumsum(lengths)))
+        pieces = [flat[offsets[i] + a:offsets[i] + b] for i, (a, b, _) in enumerate(spans)]
+        tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
+        need = tokens.size
+        if need % self.seq_len:
+            raise ConfigError(f"this rank is dealt {need} tokens at step {step} (global tokens / data-parallel "
+                              f"ranks), not a multiple of seq_len {self.seq_len}: the rows of a step are its tokens "
+                              "/ seq_len")
+        rows = need // self.seq_len
+        sizes = np.fromiter((b - a for a, b, _ in spans), np.int64, len(spans))
+        owners = np.repeat(ids, sizes)
+        starts = np.zeros(need, bool)
+        firsts = np.cumsum(sizes) - sizes
+        starts[firsts[[a == 0 for a, _, _ in spans]]] = True
+        st = self._stats
+        st["steps"] += 1
+        st["documents"] += len(samples)
+        st["tokens_in"] += need
+        st["tokens_packed"] += need
+        shape = (rows, self.seq_len)
+        input_ids, document_ids, seg = tokens.reshape(shape), owners.reshape(shape), starts.reshape(shape).copy()
+        seg[:, 0] = True
+        # a new segment also where the document changes (a split document's part starts a row's segment)
+        seg[:, 1:] |= document_ids[:, 1:] != document_ids[:, :-1]
+        cols = np.arange(self.seq_len, dtype=np.int64)
+        row_base = np.maximum.accumulate(np.where(seg, cols, 0), axis=1)
+        flat_seg = np.flatnonzero(seg.reshape(-1))
+        cu = np.concatenate((flat_seg, [need])).astype(np.int32)
+        return {
+            "input_ids": torch.from_numpy(input_ids.copy()),
+            "labels": torch.from_numpy(input_ids.copy()),
+            "loss_mask": torch.ones(shape, dtype=torch.bool),
+            "document_ids": torch.from_numpy(document_ids.copy()),
+            "position_ids": torch.from_numpy(cols - row_base),
+            "cu_seqlens": torch.from_numpy(cu),
             STEP_KEY: step,
         }
 

@@ -18,8 +18,9 @@ from croupier.server.sampling.policy import ON_EXHAUSTED, POLICIES, PolicyConfig
 from croupier.values import parse_weights
 
 
-def add_policy_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """--policy, --clip and the other policy flags, --global-batch and --seed."""
+def add_policy_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, batch_required: bool = True) -> None:
+    """--policy, --clip and the other policy flags, --global-batch and --seed (batch_required
+    False: a command that also deals in tokens checks that one of the two is given)."""
     p.add_argument("--policy", default=None, help=f"one of: {', '.join(POLICIES)} (default clusterclip)")
     p.add_argument("--clip", help="repeat clip threshold (integer >= 1) or 'auto' (needs --budget-steps)")
     p.add_argument("--budget-steps", type=int, help="planned training steps (for --clip auto and --switch-fraction)")
@@ -30,7 +31,7 @@ def add_policy_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup) -
     p.add_argument("--switch-fraction", type=float, help="g2s/s2g: switch at this fraction of --budget-steps")
     p.add_argument("--on-exhausted", choices=ON_EXHAUSTED, default="stop",
                    help="when the clip exhausts every cluster: stop (end of data) or continue as random")
-    p.add_argument("--global-batch", type=int, required=True, help="samples per step over all ranks")
+    p.add_argument("--global-batch", type=int, required=batch_required, help="samples per step over all ranks")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
 
 
@@ -114,3 +115,35 @@ def refuse_block_size_for_dataset(args: argparse.Namespace) -> None:
     if args.block_size is not None:
         raise ConfigError(f"--block-size {args.block_size} applies to --cluster-sizes only: a dataset's read "
                           "blocks are fixed by its sidecar (shard-aligned when it was built)")
+
+
+def add_token_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--global-tokens / --token-schedule (steps in tokens, in place of --global-batch) and --doc-chunk."""
+    p.add_argument("--global-tokens", type=int, default=None,
+                   help="deal steps of exactly this many tokens over all ranks (documents + EOS, split at step and "
+                        "rank boundaries) instead of --global-batch documents; needs per-sample token counts")
+    p.add_argument("--token-schedule", default=None,
+                   help="global tokens per step from a step on, e.g. '0:262144,1000:524288' (a ramp-up); "
+                        "in place of --global-tokens")
+    p.add_argument("--doc-chunk", type=int, default=None,
+                   help="with tokens: documents the sampler draws at a time (default: about one step's worth)")
+
+
+def token_schedule_from_args(args: argparse.Namespace):  # -> TokenSchedule | None
+    """The token schedule of --global-tokens / --token-schedule (None: steps in documents);
+    refuses them together with --global-batch, and a command given neither."""
+    from croupier.server.sampling.token_stream import TokenSchedule
+
+    tokens, schedule = getattr(args, "global_tokens", None), getattr(args, "token_schedule", None)
+    if tokens is not None and schedule is not None:
+        raise ConfigError("give --global-tokens or --token-schedule, not both")
+    if (tokens is not None or schedule is not None) and args.global_batch is not None:
+        raise ConfigError("steps are in tokens (--global-tokens / --token-schedule) or in documents "
+                          "(--global-batch), not both")
+    if tokens is None and schedule is None:
+        if args.global_batch is None:
+            raise ConfigError("give --global-batch (documents per step) or --global-tokens (tokens per step)")
+        if getattr(args, "doc_chunk", None) is not None:
+            raise ConfigError("--doc-chunk applies to steps in tokens (--global-tokens)")
+        return None
+    return TokenSchedule.constant(tokens) if tokens is not None else TokenSchedule.parse(schedule)

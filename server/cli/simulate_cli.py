@@ -27,10 +27,12 @@ from croupier.layout import ClusterLayout
 from croupier.server.cli.policy_args import (
     add_block_size_argument,
     add_policy_arguments,
+    add_token_arguments,
     load_mix_args,
     policy_from_args,
     refuse_block_size_for_dataset,
     synthetic_layout,
+    token_schedule_from_args,
 )
 from croupier.server.sampling.mix_sampler import MixSampler
 from croupier.server.sampling.mixture import mixture_sampler
@@ -51,7 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                            "the sequence ClusterBatchSampler yields for that array")
     p.add_argument("--selection", help="sample only inside this named selection of the dataset")
     add_block_size_argument(p)
-    add_policy_arguments(p)
+    add_policy_arguments(p, batch_required=False)
+    add_token_arguments(p)
     p.add_argument("--state-dir", default=None,
                    help="replay a job's sequence from its state directory: batch, seed and policy from its "
                         "newest checkpoint, online changes from its event log (give the layout: --cluster-sizes, "
@@ -255,6 +258,68 @@ def _from_state_dir(args: argparse.Namespace) -> tuple[Sampler | MixSampler, int
     return sampler, max(meta.generated_step, mark)
 
 
+def token_dealer_from_args(args: argparse.Namespace, schedule):  # -> TokenDealer
+    """The token stream of --dataset (or --mix) under the policy flags: documents per draw
+    (--doc-chunk, default about one step's worth) and the per-sample token counts of the sidecar."""
+    from croupier.server.sampling.token_stream import TokenDealer, mean_stream_tokens, plan_tokens
+
+    if args.state_dir:
+        raise ConfigError("--state-dir replays jobs dealt in documents; steps in tokens are not served yet")
+    if args.cluster_sizes is not None or getattr(args, "cluster_ids", None):
+        raise ConfigError("steps in tokens need per-sample token counts: give --dataset (built with --tokenizer, or "
+                          "counted with `croupier shards tokens`)")
+    if args.mix:
+        with tempfile.TemporaryDirectory(prefix="croupier-mix-") as tmp:
+            mixture = load_mix_args(args, Path(tmp))
+        pieces = mixture.token_counts_by_offset()
+        if pieces is None:
+            raise ConfigError(f"--mix {args.mix}: steps in tokens need per-sample token counts in every source's sidecar")
+        mean = float(np.mean([mean_stream_tokens(c, layout.ids_at(np.arange(layout.num_positions)))
+                              for (_, c), layout in zip(pieces, mixture.layouts)]))
+        chunk, _ = plan_tokens(schedule, mean, args.doc_chunk, None)
+        return TokenDealer(lambda: mixture_sampler(mixture, chunk, args.seed), pieces, schedule, chunk)
+    from croupier.datasets import open_dataset
+
+    refuse_block_size_for_dataset(args)
+    side = open_dataset(args.dataset)
+    layout = side.layout(getattr(args, "selection", None))
+    counts = side.token_counts()
+    if counts is None:
+        raise ConfigError(f"--dataset {args.dataset} has no per-sample token counts: build with --tokenizer, or run "
+                          "`croupier shards tokens` on it")
+    mean = mean_stream_tokens(counts, layout.ids_at(np.arange(layout.num_positions)))
+    chunk, config = plan_tokens(schedule, mean, args.doc_chunk, policy_from_args(args))
+    return TokenDealer(lambda: Sampler(layout, config, chunk, args.seed), [(0, counts)], schedule, chunk)
+
+
+def _run_tokens(args: argparse.Namespace, schedule) -> int:
+    """`simulate --global-tokens G`: each step's documents with the stream tokens taken from the
+    first and last (jsonl: `first_skip`, `last_end`), or the summary with the schedule."""
+    if args.steps is None:
+        raise ConfigError("--steps is required (steps to simulate)")
+    world = args.world
+    schedule.check_world(world)
+    if args.rank is not None:
+        Topology(rank=args.rank, world=world)
+    dealer = token_dealer_from_args(args, schedule)
+    if args.format == "jsonl":
+        for t in range(args.steps):
+            try:
+                st = dealer.next_step()
+            except EndOfData as exc:
+                print(f"croupier simulate: end of data at step {exc.step}", file=sys.stderr)
+                break
+            sl = st.part(0 if args.rank is None else args.rank, 1 if args.rank is None else world)
+            sys.stdout.write(json.dumps({"step": t, "tokens": sl.tokens, "indices": sl.ids.tolist(),
+                                         "first_skip": sl.skip, "last_end": sl.end}) + "\n")
+        return 0
+    sched = simulate(dealer, args.steps)
+    print(f"steps in tokens: schedule {schedule} (global tokens from a step on), {schedule.offset(sched.steps_run):,} "
+          f"tokens in {sched.steps_run} steps, {dealer.chunk} documents per draw")
+    print(format_summary(dealer, sched))
+    return 0
+
+
 def _mark_fingerprint(state_dir: Path) -> str:
     """The sampler fingerprint the state directory's generated-step mark names ("": none)."""
     try:
@@ -267,6 +332,9 @@ def run(args: argparse.Namespace) -> int:
     from croupier.server.cli.policy_args import check_sequence_args
 
     check_sequence_args(args)  # every numeric flag against the limits the code has, before anything is read
+    schedule = token_schedule_from_args(args)
+    if schedule is not None:
+        return _run_tokens(args, schedule)
     if args.state_dir:
         sampler, generated = _from_state_dir(args)
         if args.steps is None:

@@ -317,3 +317,27 @@ class TokenDealer:
 def default_chunk(schedule: TokenSchedule, mean_stream_tokens: float) -> int:
     """Documents per draw: about one step's worth at the first G (at least 1)."""
     return max(1, math.ceil(schedule.points[0][1] / max(mean_stream_tokens, 1.0)))
+
+
+def plan_tokens(schedule: TokenSchedule, mean_stream_tokens: float, chunk: int | None = None,
+                config: object | None = None) -> tuple[int, object | None]:
+    """(documents per draw, the document sampler's policy) of a token job: `chunk` or about one
+    step's worth; an auto clip's budget (in token steps) becomes the document sampler's (in
+    draws), so the clip is derived from S × G tokens over the mean stream tokens per document."""
+    import dataclasses
+
+    chunk = int(chunk) if chunk else default_chunk(schedule, mean_stream_tokens)
+    if chunk < 1:
+        raise ConfigError(f"documents per draw must be >= 1, got {chunk}")
+    budget = getattr(config, "budget_steps", None)
+    if config is not None and budget:
+        docs = schedule.offset(int(budget)) / max(mean_stream_tokens, 1.0)
+        config = dataclasses.replace(config, budget_steps=max(1, math.ceil(docs / chunk)))  # type: ignore[type-var]
+    return chunk, config
+
+
+def mean_stream_tokens(counts: np.ndarray, ids: np.ndarray) -> float:
+    """Mean stream tokens (tokens + EOS) per document over the ids a job draws from."""
+    if len(ids) == 0:
+        raise ConfigError("the job draws from no sample: no token stream")
+    return float(np.asarray(counts)[ids].mean()) + 1.0
