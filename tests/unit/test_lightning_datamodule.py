@@ -39,8 +39,9 @@ class Tiny(pl.LightningModule):
         self.seen: list[list[int]] = []
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        self.seen.append(batch[ID_KEY].tolist())
-        return self.layer(batch[ID_KEY].float().unsqueeze(1) / 1000).pow(2).mean()
+        ids = batch[ID_KEY] if ID_KEY in batch else batch["input_ids"]  # a packer's batch: its tokens
+        self.seen.append(ids.tolist())
+        return self.layer(ids.float().reshape(-1, 1) / 1000).pow(2).mean()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.01)
@@ -82,6 +83,20 @@ def test_resume_from_a_lightning_checkpoint_is_exact_and_logs_the_data_wait(ds_d
                                collate_fn=collate)  # a factory: built in setup() for the trainer's rank
     again, _ = fit(tmp_path / "b", later, 6, ckpt_path=tmp_path / "b" / "ckpt" / "step=3.ckpt")
     assert first.seen + again.seen == whole.seen and len(whole.seen) == 6
+
+
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty:UserWarning")
+def test_packed_rows_resume_exactly(ds_dir, tmp_path, tiny_tokenizer):
+    from croupier.client.packing import PackedSequences
+
+    def module() -> CroupierDataModule:
+        return CroupierDataModule(PackedSequences(dataset(ds_dir, tmp_path), seq_len=64, rows=2, max_carry=0,
+                                                  tokenizer=str(tiny_tokenizer), eos_id=102), batch_size=None)
+
+    whole, _ = fit(tmp_path / "a", module(), 5)
+    first, _ = fit(tmp_path / "b", module(), 3)
+    again, _ = fit(tmp_path / "b", module(), 5, ckpt_path=tmp_path / "b" / "ckpt" / "step=3.ckpt")
+    assert first.seen + again.seen == whole.seen and len(whole.seen) == 5
 
 
 def test_rank_zeros_state_resumes_every_rank_exactly(ds_dir, tmp_path):
