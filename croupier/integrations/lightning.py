@@ -239,7 +239,7 @@ class CroupierLogCallback(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        module = trainer.datamodule
+        module = getattr(trainer, "datamodule", None)
         if not isinstance(module, CroupierDataModule) or module.loader is None:
             return
         metrics: dict[str, float] = {}

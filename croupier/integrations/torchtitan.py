@@ -106,7 +106,7 @@ class CroupierTitanLoader(CroupierLoader):
     def packed(self) -> Any:
         return self.dataset
 
-    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:  # type: ignore[override]
+    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         for item in super().__iter__():
             step = int(item[STEP_KEY])
             if self.next_step is not None and step != self.next_step:
