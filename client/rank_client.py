@@ -153,6 +153,7 @@ class RankClient:
         self._sender: Any = None  # LossSender of this process (report_losses)
         self._sender_pid: int | None = None
         self._finished = False
+        self.last_spans: list[tuple[int, int, int]] | None = None  # steps in tokens: the last slice's spans
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -352,14 +353,15 @@ class RankClient:
                                 self._put(EndOfData(sl.step))
                                 return
                             ids = slice_ids(sl)
-                            if self._join is not None and len(ids) != self._join.per_rank_batch:
+                            spans = slice_spans(sl, len(ids))
+                            if spans is None and self._join is not None and len(ids) != self._join.per_rank_batch:
                                 raise ClientError(
                                     f"step {sl.step}: rank {self.topology.rank} got {len(ids)} ids, "
                                     f"expected {self._join.per_rank_batch}"
                                 )
                             if self._on_slice is not None:
                                 self._on_slice(sl.step, ids)
-                            if not self._put((sl.step, ids)):
+                            if not self._put((sl.step, ids, spans)):
                                 return
                             want = sl.step + self.step_stride
                     if stop and want >= stop and not ended:
@@ -420,7 +422,8 @@ class RankClient:
         if isinstance(item, BaseException):
             self._finished = True
             raise item
-        step, ids = item
+        step, ids, spans = item
+        self.last_spans = spans
         self._acks.consumed(step)
         return step, ids
 
@@ -599,6 +602,16 @@ class RankClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def slice_spans(sl: Any, n: int) -> list[tuple[int, int, int]] | None:
+    """A slice's (start, end, length) stream-token spans per id (steps in tokens), else None."""
+    if not sl.packed_token_spans:
+        return None
+    arr = np.frombuffer(sl.packed_token_spans, dtype="<i8")
+    if arr.size != 3 * n:
+        raise ClientError(f"step {sl.step}: {arr.size} token span values for {n} ids (expected {3 * n})")
+    return [tuple(int(x) for x in row) for row in arr.reshape(n, 3)]  # type: ignore[misc]
 
 
 class _Reconnect(Exception):

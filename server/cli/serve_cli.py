@@ -47,11 +47,13 @@ from croupier.layout import ClusterLayout
 from croupier.server.cli.policy_args import (
     add_block_size_argument,
     add_policy_arguments,
+    add_token_arguments,
     check_sequence_args,
     load_mix_args,
     policy_from_args,
     refuse_block_size_for_dataset,
     synthetic_layout,
+    token_schedule_from_args,
 )
 from croupier.server.durability.checkpoint_store import CheckpointStore, atomic_write_bytes
 from croupier.server.job.job import CheckpointUnavailable, Job, JobSpec
@@ -82,7 +84,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="synthetic layout for tests and demos, e.g. 5000,300,20,1 (no dataset)")
     data.add_argument("--remote", default="", help="where ranks fetch shards (default: the dataset folder)")
     add_block_size_argument(data)
-    add_policy_arguments(p.add_argument_group("sampling (the same flags as `croupier simulate`)"))
+    sampling = p.add_argument_group("sampling (the same flags as `croupier simulate`)")
+    add_policy_arguments(sampling, batch_required=False)
+    add_token_arguments(sampling)
     ad = p.add_argument_group("adaptive weights (docs/feedback.md)")
     ad.add_argument("--adapt", default=None, metavar="NAME",
                     help="re-weight from the ranks' loss reports with this controller: loss-softmax, odm or ado")
@@ -225,6 +229,7 @@ def run(args: argparse.Namespace) -> int:
     admin = read_token_file(args.admin_token_file, MIN_SERVER_TOKEN_CHARS) if args.admin_token_file else None
     check_exposure(args.host, token, bool(args.tls_cert), args.insecure)
     adapt = adapt_from_args(args)
+    schedule = token_schedule_from_args(args)
     mixture = None
     if args.mix:
         from croupier.format.remote import SIDECAR_CACHE_DIR
@@ -243,13 +248,17 @@ def run(args: argparse.Namespace) -> int:
         layout, dataset_fp, remote, counts = dataset_from_args(args)
         token_counts = None if counts is None else [(0, counts)]
         selection = args.selection
+    tokens = _tokens_from_args(args, schedule, mixture, layout, token_counts, config)
+    if tokens is not None and mixture is None:
+        config = tokens[3]
     spec = JobSpec(name=args.job, dataset_remote=remote, dataset_fingerprint=dataset_fp, selection=selection,
                    max_lag=args.max_lag, max_lookahead=args.lookahead, checkpoint_every=args.checkpoint_every,
                    rank_timeout_s=args.rank_timeout)
     store = CheckpointStore(args.state_dir, keep=args.keep_checkpoints)
     lock_fd = _lock_state_dir(store.dir)
     try:
-        return _serve(args, layout, config, spec, store, token, admin, mixture, token_counts, adapt)
+        return _serve(args, layout, config, spec, store, token, admin, mixture, token_counts, adapt,
+                      None if tokens is None else tokens[:3])
     except CroupierError:
         _remove_new_entries(store.dir, before)  # under the lock: nobody else writes there now
         raise
@@ -257,6 +266,30 @@ def run(args: argparse.Namespace) -> int:
         os.close(lock_fd)
         if before is None:
             _remove_if_empty(store.dir)
+
+
+def _tokens_from_args(args: argparse.Namespace, schedule: Any, mixture: Any, layout: ClusterLayout,
+                      token_counts: Any, config: PolicyConfig | None) -> tuple[Any, Any, int, Any] | None:
+    """(schedule, per-sample token counts, documents per draw, the document sampler's policy)
+    of a job dealt in tokens (--global-tokens / --token-schedule), None for one in documents."""
+    if schedule is None:
+        return None
+    import numpy as np
+
+    from croupier.server.sampling.token_stream import mean_stream_tokens, plan_tokens
+
+    if token_counts is None:
+        raise ConfigError("steps in tokens need per-sample token counts: build the dataset with --tokenizer, or run "
+                          "`croupier shards tokens` on it (for --mix: on every source)")
+    if mixture is None:
+        counts = token_counts[0][1]
+        mean = mean_stream_tokens(counts, layout.ids_at(np.arange(layout.num_positions)))
+        chunk, doc_policy = plan_tokens(schedule, mean, args.doc_chunk, config)
+        return schedule, token_counts, chunk, doc_policy
+    mean = float(np.mean([mean_stream_tokens(c, lay.ids_at(np.arange(lay.num_positions)))
+                          for (_, c), lay in zip(token_counts, mixture.layouts)]))
+    chunk, _ = plan_tokens(schedule, mean, args.doc_chunk, None)
+    return schedule, token_counts, chunk, config
 
 
 def _entries(state_dir: Path) -> set[str] | None:
@@ -317,7 +350,7 @@ def tune_gc() -> None:
 
 def _serve(args: argparse.Namespace, layout: ClusterLayout, config: PolicyConfig | None, spec: JobSpec,
            store: CheckpointStore, token: str | None, admin: str | None, mixture: Mixture | None = None,
-           token_counts: Any = None, adapt: Any = None) -> int:
+           token_counts: Any = None, adapt: Any = None, tokens: Any = None) -> int:
     logs.configure(args.log_level)
     stop = threading.Event()  # installed first: a signal during start-up still stops cleanly
     received: list[int] = []
@@ -330,7 +363,7 @@ def _serve(args: argparse.Namespace, layout: ClusterLayout, config: PolicyConfig
     signal.signal(signal.SIGINT, on_signal)
     job = Job(layout, config, args.global_batch, args.seed, spec=spec, store=store, fresh=args.fresh,
               accept_log_damage=args.accept_log_damage,
-              mixture=mixture, adapt=adapt, token_counts=token_counts)
+              mixture=mixture, adapt=adapt, token_counts=token_counts, tokens=tokens)
     metrics = ServerMetrics(job)
     server: SamplerServer | None = None
     try:  # a start that fails past here stops what it started: the server, the job's writer and event log

@@ -68,6 +68,7 @@ from croupier.server.sampling.mixture import mixture_sampler
 from croupier.server.sampling.policy import PolicyConfig
 from croupier.server.sampling.sampler import Sampler
 from croupier.server.sampling.sequence_window import Saved, SequenceWindow
+from croupier.server.sampling.token_stream import TokenDealer, TokenSchedule, TokenStep
 from croupier.topology import Topology, per_rank_batch
 
 if TYPE_CHECKING:
@@ -94,8 +95,15 @@ class Job:
                  clock: Callable[[], float] = time.monotonic, *, fresh: bool = False,
                  fault_hook: Callable[[Path], None] | None = None, mixture: Mixture | None = None,
                  adapt: AdaptSpec | None = None, token_counts: list[tuple[int, np.ndarray]] | None = None,
-                 accept_log_damage: bool = False) -> None:
+                 accept_log_damage: bool = False,
+                 tokens: tuple[TokenSchedule, list[tuple[int, np.ndarray]], int] | None = None) -> None:
         self.mixture = mixture
+        self.tokens = tokens  # steps in tokens: (schedule, per-sample counts, documents per draw)
+        if tokens is not None:
+            if adapt is not None:
+                raise ConfigError("loss feedback (--adapt) on a job dealt in tokens is not supported yet: deal "
+                                  "documents (--global-batch) to adapt")
+            global_batch = tokens[2]
         self.config = config
         self.global_batch = int(global_batch)
         self.seed = int(seed)
@@ -148,6 +156,12 @@ class Job:
 
     # -- construction and recovery --------------------------------------------------------------
     def _new_sampler(self) -> Sampler | MixSampler:
+        if self.tokens is not None:
+            schedule, pieces, chunk = self.tokens
+            return TokenDealer(self._new_document_sampler, pieces, schedule, chunk)  # type: ignore[return-value]
+        return self._new_document_sampler()
+
+    def _new_document_sampler(self) -> Sampler | MixSampler:
         if self.mixture is not None:
             return mixture_sampler(self.mixture, self.global_batch, self.seed)
         return Sampler(self.layout, self.config, self.global_batch, self.seed)
@@ -243,7 +257,11 @@ class Job:
             if global_batch and global_batch != self.global_batch:
                 raise ConfigError(f"global batch {global_batch} does not match the job's global batch "
                                   f"{self.global_batch}")
-            p = per_rank_batch(self.global_batch, world)
+            if self.tokens is not None:
+                self.tokens[0].check_world(world)
+                p = self.tokens[0].tokens_at(0) // world  # tokens, at the first step
+            else:
+                p = per_rank_batch(self.global_batch, world)
             at = None if token is None else token.step
             if token is None and sampler_state:
                 at, adopted = self._state_point_locked(sampler_state)
@@ -451,6 +469,8 @@ class Job:
         source; `source_weights` sets every source's weight. The change is durable before
         this returns, and before any batch can use it: it is logged under the lock, and not
         applied when it cannot be (CheckpointUnavailable)."""
+        if self.tokens is not None:
+            raise ConfigError("online changes of a job dealt in tokens are not supported yet")
         with self._lock:
             change = requested_change(self._seq.gen, step, clip, weights, source=source,
                                       source_weight=source_weight, source_weights=source_weights)
@@ -621,7 +641,7 @@ class Job:
             return
         self._seq.generated(step, batch)
         if self._tally is not None:
-            self._tally.add(batch)
+            self._tally.add(batch.ids if isinstance(batch, TokenStep) else batch)
 
     def _batch_locked(self, step: int) -> np.ndarray | None:
         """The global batch of `step`, or None at or past the end of data."""
@@ -635,8 +655,21 @@ class Job:
         batch = self._seq.peek(step, stream)
         if batch is None:
             return SliceData(step=step, ids=np.empty(0, dtype=np.int64), end=True)
-        p = self.global_batch // world
         self._slices_served += 1
+        return self._cut(step, batch, rank, world, count)
+
+    def _cut(self, step: int, batch: np.ndarray | TokenStep, rank: int, world: int, count: int) -> SliceData:
+        """Ranks rank .. rank + count - 1's slice of a global batch, or (steps in tokens) a
+        rank's equal part of the step's tokens."""
+        if isinstance(batch, TokenStep):
+            if count > 1:
+                raise ConfigError("steps in tokens are dealt to one rank per lane: connect ranks directly, not "
+                                  "through a node agent")
+            sl = batch.part(rank, world)
+            spans = np.array([(a, b, n) for (a, b), n in zip(sl.ranges(), sl.lengths.tolist())],
+                             dtype=np.int64).reshape(-1, 3)
+            return SliceData(step=step, ids=sl.ids, spans=spans)
+        p = self.global_batch // world
         return SliceData(step=step, ids=batch[rank * p:(rank + count) * p])
 
     def _slice_locked(self, step: int, rank: int, world: int, count: int = 1) -> SliceData:
@@ -644,8 +677,7 @@ class Job:
         batch = self._batch_locked(step)
         if batch is None:
             return SliceData(step=step, ids=np.empty(0, dtype=np.int64), end=True)
-        p = self.global_batch // world  # divisibility was checked when the rank joined
-        ids = batch[rank * p:(rank + count) * p]
+        out = self._cut(step, batch, rank, world, count)  # divisibility was checked when the rank joined
         self._slices_served += 1
-        self._ids_served += len(ids)
-        return SliceData(step=step, ids=ids)
+        self._ids_served += len(out.ids)
+        return out

@@ -71,6 +71,7 @@ class SliceData:
     step: int
     ids: np.ndarray
     end: bool = False
+    spans: np.ndarray | None = None  # steps in tokens: (start, end, length) per id, int64 (N, 3)
 
 
 @dataclass(frozen=True)

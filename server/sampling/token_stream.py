@@ -306,6 +306,14 @@ class TokenDealer:
         return self.inner.config  # type: ignore[attr-defined]
 
     @property
+    def config_dict(self) -> dict:
+        """The document sampler's config (the schedule travels as JobInfo.token_schedule)."""
+        return self.inner.config_dict  # type: ignore[attr-defined]
+
+    def schedule_change(self, change: object) -> None:
+        raise ConfigError("online changes of a job dealt in tokens are not supported yet")
+
+    @property
     def seed(self) -> int:
         return self.inner.seed  # type: ignore[attr-defined]
 

@@ -94,7 +94,8 @@ def job_info(job: Job) -> pb2.JobInfo:
         job=spec.name, dataset_remote=spec.dataset_remote, dataset_fingerprint=spec.dataset_fingerprint,
         sampler_fingerprint=job.fingerprint, global_batch=job.global_batch, policy=job.policy_name,
         policy_json=job.policy_json, seed=job.seed, num_samples=job.layout.num_samples,
-        num_clusters=job.layout.num_clusters, selection=spec.selection, world_size=job.world or 0)
+        num_clusters=job.layout.num_clusters, selection=spec.selection, world_size=job.world or 0,
+        token_schedule="" if job.tokens is None else str(job.tokens[0]))
     if job.mixture is not None:
         counters = job.source_counters()
         for i, src in enumerate(job.mixture.infos):
@@ -114,9 +115,10 @@ def _slice_pb(s: SliceData, packed: bool = True) -> pb2.Slice:
     """A slice for the wire: ids packed into bytes, or as repeated int64 for older clients."""
     if s.end:
         return pb2.Slice(step=s.step, kind=_END)
+    spans = b"" if s.spans is None else np.ascontiguousarray(s.spans, dtype="<i8").tobytes()
     if packed:
-        return pb2.Slice(step=s.step, packed_ids=pack_ids(s.ids), kind=_DATA)
-    return pb2.Slice(step=s.step, ids=s.ids.tolist(), kind=_DATA)
+        return pb2.Slice(step=s.step, packed_ids=pack_ids(s.ids), kind=_DATA, packed_token_spans=spans)
+    return pb2.Slice(step=s.step, ids=s.ids.tolist(), kind=_DATA, packed_token_spans=spans)
 
 
 def status_response(job: Job, st: JobStatus, include_clusters: bool) -> pb2.GetStatusResponse:

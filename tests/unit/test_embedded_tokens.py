@@ -122,6 +122,9 @@ def test_a_ramp_resumes_in_its_middle_and_four_ranks_continue_on_two(counted, tm
 
 def test_a_tokenizer_that_disagrees_with_the_sidecars_counts_is_refused_naming_the_sample(counted, tmp_path,
                                                                                          tiny_tokenizer) -> None:
+    import shutil
+
+    counted = Path(shutil.copytree(counted, tmp_path / "copy"))  # the module's dataset keeps its counts
     side = Sidecar.open(counted)
     counts = np.asarray(side.token_counts()).copy()
     counts[:] += 1  # as if another tokenizer had counted
@@ -129,3 +132,46 @@ def test_a_tokenizer_that_disagrees_with_the_sidecars_counts_is_refused_naming_t
     p = packed(counted, tmp_path / "c", tiny_tokenizer, 0, 1, steps=2)
     with pytest.raises(DatasetError, match=r"sample \d+: the tokenizer gives \d+ tokens, the job dealt it as \d+"):
         list(p)
+
+
+def served_token_job(stack, ds: Path, tokens: int = 512) -> str:
+    """`croupier serve DS --policy clusterclip --clip 3 --seed 1 --global-tokens 512`, in process."""
+    from croupier.server.job.job import Job, JobSpec
+    from croupier.server.sampling.policy import PolicyConfig
+    from croupier.server.sampling.token_stream import TokenSchedule, mean_stream_tokens, plan_tokens
+    from jobs import start_server
+
+    side = Sidecar.open(ds)
+    layout, counts = side.layout(), np.asarray(side.token_counts())
+    schedule = TokenSchedule.constant(tokens)
+    chunk, policy = plan_tokens(schedule, mean_stream_tokens(counts, layout.ids_at(np.arange(layout.num_positions))),
+                                None, PolicyConfig.from_options(policy="clusterclip", clip=3))
+    job = Job(layout, policy, chunk, 1, spec=JobSpec(name="t", dataset_remote=str(ds),
+                                                     dataset_fingerprint=side.fingerprint),
+              tokens=(schedule, [(0, counts)], chunk))
+    _, port = start_server(stack, job)
+    return f"127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("world", [2, 4])
+def test_a_served_token_job_deals_the_same_tokens(counted, tmp_path, tiny_tokenizer, world, workers,
+                                                 capsys) -> None:
+    from contextlib import ExitStack
+
+    steps = 10
+    want = simulated_stream(counted, steps, tiny_tokenizer, tmp_path / "rb", ["--global-tokens", "512"], capsys)
+    with ExitStack() as stack:
+        addr = served_token_job(stack, counted)
+        per_rank = []
+        for rank in range(world):
+            data = CroupierIterableDataset(addr, "t", cache_dir=tmp_path / "c", steps=steps,
+                                           topology=Topology(rank=rank, world=world))
+            p = PackedSequences(data, seq_len=256 // world, rows=2, tokenizer=tokenizer(tiny_tokenizer), eos_id=EOS)
+            items = list(DataLoader(p, batch_size=None, num_workers=workers))
+            assert [int(it["_croupier_step"]) for it in items] == list(range(steps))
+            assert all(tuple(it["input_ids"].shape) == (2, 256 // world) for it in items)
+            per_rank.append([it["input_ids"].flatten().tolist() for it in items])
+            data.close()
+    for t in range(steps):
+        assert [x for r in range(world) for x in per_rank[r][t]] == want[t], t

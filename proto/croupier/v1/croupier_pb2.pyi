@@ -29,7 +29,7 @@ class GetVersionResponse(_message.Message):
     def __init__(self, server_version: _Optional[str] = ..., api_version: _Optional[str] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("job", "dataset_remote", "dataset_fingerprint", "sampler_fingerprint", "global_batch", "policy", "policy_json", "seed", "num_samples", "num_clusters", "selection", "world_size", "sources")
+    __slots__ = ("job", "dataset_remote", "dataset_fingerprint", "sampler_fingerprint", "global_batch", "policy", "policy_json", "seed", "num_samples", "num_clusters", "selection", "world_size", "sources", "token_schedule")
     JOB_FIELD_NUMBER: _ClassVar[int]
     DATASET_REMOTE_FIELD_NUMBER: _ClassVar[int]
     DATASET_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class JobInfo(_message.Message):
     SELECTION_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     job: str
     dataset_remote: str
     dataset_fingerprint: str
@@ -56,7 +57,8 @@ class JobInfo(_message.Message):
     selection: str
     world_size: int
     sources: _containers.RepeatedCompositeFieldContainer[SourceInfo]
-    def __init__(self, job: _Optional[str] = ..., dataset_remote: _Optional[str] = ..., dataset_fingerprint: _Optional[str] = ..., sampler_fingerprint: _Optional[str] = ..., global_batch: _Optional[int] = ..., policy: _Optional[str] = ..., policy_json: _Optional[str] = ..., seed: _Optional[int] = ..., num_samples: _Optional[int] = ..., num_clusters: _Optional[int] = ..., selection: _Optional[str] = ..., world_size: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[SourceInfo, _Mapping]]] = ...) -> None: ...
+    token_schedule: str
+    def __init__(self, job: _Optional[str] = ..., dataset_remote: _Optional[str] = ..., dataset_fingerprint: _Optional[str] = ..., sampler_fingerprint: _Optional[str] = ..., global_batch: _Optional[int] = ..., policy: _Optional[str] = ..., policy_json: _Optional[str] = ..., seed: _Optional[int] = ..., num_samples: _Optional[int] = ..., num_clusters: _Optional[int] = ..., selection: _Optional[str] = ..., world_size: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[SourceInfo, _Mapping]]] = ..., token_schedule: _Optional[str] = ...) -> None: ...
 
 class SourceInfo(_message.Message):
     __slots__ = ("name", "remote", "fingerprint", "offset", "size", "selection", "num_clusters", "weight", "policy", "clip", "draws", "exhausted_at", "active_clusters")
@@ -121,16 +123,18 @@ class JoinResponse(_message.Message):
     def __init__(self, job: _Optional[_Union[JobInfo, _Mapping]] = ..., next_step: _Optional[int] = ..., per_rank_batch: _Optional[int] = ..., max_lookahead: _Optional[int] = ..., max_lag: _Optional[int] = ...) -> None: ...
 
 class Slice(_message.Message):
-    __slots__ = ("step", "ids", "kind", "packed_ids")
+    __slots__ = ("step", "ids", "kind", "packed_ids", "packed_token_spans")
     STEP_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     PACKED_IDS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_TOKEN_SPANS_FIELD_NUMBER: _ClassVar[int]
     step: int
     ids: _containers.RepeatedScalarFieldContainer[int]
     kind: SliceKind
     packed_ids: bytes
-    def __init__(self, step: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., kind: _Optional[_Union[SliceKind, str]] = ..., packed_ids: _Optional[bytes] = ...) -> None: ...
+    packed_token_spans: bytes
+    def __init__(self, step: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., kind: _Optional[_Union[SliceKind, str]] = ..., packed_ids: _Optional[bytes] = ..., packed_token_spans: _Optional[bytes] = ...) -> None: ...
 
 class StreamSlicesRequest(_message.Message):
     __slots__ = ("job", "rank", "world_size", "start_step", "lookahead", "step_stride", "step_offset", "stop_step", "read_only", "packed_ids")
