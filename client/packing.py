@@ -159,27 +159,29 @@ class PackedSequences(IterableDataset):
         rows of seq_len (a step's rows are its G / D tokens / seq_len, so a token schedule's ramp
         adds rows); no padding, no drop, no carry. A document whose tokens differ from the
         counts the job dealt by is refused, naming it and both counts."""
-        ids = np.fromiter((int(s["_croupier_id"]) for s in samples), np.int64, len(samples))
-        spans = [s[TOKENS_KEY] for s in samples]
-        for sample_id, got, (_, _, dealt) in zip(ids.tolist(), lengths.tolist(), spans):
-            if got != dealt:
-                raise DatasetError(f"sample {sample_id}: the tokenizer gives {got - 1} tokens, the job dealt it as "
-                                   f"{dealt - 1} (its sidecar's token counts were made another way): refusing to "
-                                   "shift the token stream")
-        offsets = np.concatenate(([0], np.cumsum(lengths)))
-        pieces = [flat[offsets[i] + a:offsets[i] + b] for i, (a, b, _) in enumerate(spans)]
-        tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
+        n = len(samples)
+        ids = np.fromiter((int(s["_croupier_id"]) for s in samples), np.int64, n)
+        spans = np.array([s[TOKENS_KEY] for s in samples], dtype=np.int64).reshape(n, 3)
+        a, b, dealt = spans[:, 0], spans[:, 1], spans[:, 2]
+        bad = np.flatnonzero(lengths != dealt)
+        if bad.size:
+            i = int(bad[0])
+            raise DatasetError(f"sample {int(ids[i])}: the tokenizer gives {int(lengths[i]) - 1} tokens, the job dealt "
+                               f"it as {int(dealt[i]) - 1} (its sidecar's token counts were made another way): "
+                               "refusing to shift the token stream")
+        sizes = b - a
+        firsts = np.cumsum(sizes) - sizes  # where each document's part starts in the step's tokens
+        starts_in_flat = np.cumsum(lengths) - lengths + a
+        tokens = flat[np.arange(int(sizes.sum())) - np.repeat(firsts, sizes) + np.repeat(starts_in_flat, sizes)]
         need = tokens.size
         if need % self.seq_len:
             raise ConfigError(f"this rank is dealt {need} tokens at step {step} (global tokens / data-parallel "
                               f"ranks), not a multiple of seq_len {self.seq_len}: the rows of a step are its tokens "
                               "/ seq_len")
         rows = need // self.seq_len
-        sizes = np.fromiter((b - a for a, b, _ in spans), np.int64, len(spans))
         owners = np.repeat(ids, sizes)
         starts = np.zeros(need, bool)
-        firsts = np.cumsum(sizes) - sizes
-        starts[firsts[[a == 0 for a, _, _ in spans]]] = True
+        starts[firsts[a == 0]] = True
         st = self._stats
         st["steps"] += 1
         st["documents"] += len(samples)
