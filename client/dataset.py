@@ -135,6 +135,8 @@ class CroupierIterableDataset(IterableDataset):
         self._embedded: EmbeddedJob | None = None  # set by embedded(): no server
         self._sampler_state: bytes | None = None  # a loaded state's sampler state, at or before its step
         self._dealer: EmbeddedDealer | None = None  # this process's embedded lane
+        self._store: Any = None  # the shard store of this process's iteration, while it runs
+        self._reader_stats: dict[str, float] = {}
 
     @classmethod
     def embedded(
@@ -285,7 +287,7 @@ class CroupierIterableDataset(IterableDataset):
             if first is None:  # a joined client knows the rank's position
                 raise StateError(f"rank {client.topology.rank} has no start step after joining job {self.job!r}")
             self._position, self._skip, self._stride, self._stop = first, skip, workers, stop
-            store = self._open_store(job, client)
+            store = self._store = self._open_store(job, client)
             client.plan(first, stop, step_stride=workers, step_offset=first,
                         on_slice=lambda step, ids: store.prefetch(ids))
             while True:
@@ -308,6 +310,8 @@ class CroupierIterableDataset(IterableDataset):
         finally:
             client.close()
             if store is not None:
+                self._reader_stats = _numbers(store.stats())  # the counters outlive the iteration
+                self._store = None
                 store.close()
 
     def _reader(self) -> RankClient | EmbeddedDealer:
@@ -464,6 +468,7 @@ class CroupierIterableDataset(IterableDataset):
             "stop_step": stop,
             "token": token,
             "sampler_state": sampler_state,
+            "reader": self.reader_stats(),  # counters for the trainer's logs; not read back on load
         }
 
     def _state_before(self, step: int) -> bytes | None:
@@ -515,6 +520,26 @@ class CroupierIterableDataset(IterableDataset):
             raise ConfigError(f"report_losses: {SERVER_ONLY}")
         self._control_client().report_losses(step, losses, present)
 
+    def reader_stats(self) -> dict[str, float]:
+        """This process's shard-store counters (bytes and shards downloaded, shards reused, samples
+        read, seconds waited on shards, cache bytes, ...; see `ShardCache.stats`), of the
+        iteration running or the last one; each DataLoader worker has its own (they travel in
+        `state_dict()["reader"]`)."""
+        store = self._store
+        return _numbers(store.stats()) if store is not None else dict(self._reader_stats)
+
+    def flush_losses(self, timeout: float = 5.0) -> bool:
+        """Waits until the loss reports made so far were sent (True), or `timeout` passed."""
+        if self._embedded is not None or self._control is None or self._control_pid != os.getpid():
+            return True
+        return self._control.flush_losses(timeout)
+
+    def loss_report_stats(self) -> dict[str, int]:
+        """Steps queued, sent, accepted, refused and dropped by this process's loss reports."""
+        if self._embedded is not None or self._control is None or self._control_pid != os.getpid():
+            return {}
+        return self._control.loss_report_stats()
+
     def close(self) -> None:
         """Closes the control channel used by state_dict() (iteration clients close themselves)."""
         if self._control is not None and self._control_pid == os.getpid():
@@ -526,6 +551,7 @@ class CroupierIterableDataset(IterableDataset):
         state["_control"] = None  # never ship a channel to another process
         state["_control_pid"] = None
         state["_dealer"] = None  # each process deals its own lane
+        state["_store"] = None  # and reads through its own store
         if not _spawning():
             # Outside process start-up shared values cannot travel: ship their values.
             for key in _SHARED:
@@ -537,6 +563,11 @@ class CroupierIterableDataset(IterableDataset):
             if isinstance(state[key], int):
                 state[key] = multiprocessing.get_context().Value("q", state[key])
         self.__dict__.update(state)
+
+
+def _numbers(stats: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric counters of a store's stats (what a trainer's logger takes)."""
+    return {k: float(v) for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 _SHARED = ("_shared_base", "_shared_workers")

@@ -49,9 +49,16 @@ class CroupierLoader(StatefulDataLoader):
         waits, self._waits = self._waits, []
         return waits
 
-    def counters(self) -> dict[str, int]:
-        """The packer's counters summed over this rank's DataLoader workers (empty without a packer)."""
-        return pack_counters(self.state_dict())
+    def counters(self) -> dict[str, float]:
+        """The packer's counters and the shard readers' (cache hits, bytes read, waits), summed
+        over this rank's DataLoader workers."""
+        state = self.state_dict()
+        return {**pack_counters(state), **reader_counters(state)}
+
+
+READER_STATS = ("bytes_downloaded", "shards_downloaded", "shards_reused", "samples_read", "wait_seconds",
+                "cache_bytes")
+"""The shard-store counters a trainer's logs show (`CroupierIterableDataset.reader_stats`)."""
 
 
 def pack_counters(state: Any) -> dict[str, int]:
@@ -61,6 +68,29 @@ def pack_counters(state: Any) -> dict[str, int]:
         for key in PACK_STATS:
             total[key] = total.get(key, 0) + int(stats.get(key, 0))
     return total
+
+
+def reader_counters(state: Any) -> dict[str, float]:
+    """Sums the shard readers' counters (`reader` of every dataset state in a loader state)."""
+    total: dict[str, float] = {}
+    for stats in _reader_stats(state):
+        for key in READER_STATS:
+            if key in stats:
+                total[f"reader_{key}"] = total.get(f"reader_{key}", 0.0) + float(stats[key])
+    return total
+
+
+def _reader_stats(state: Any) -> Iterator[Mapping[str, Any]]:
+    if isinstance(state, Mapping):
+        reader = state.get("reader")
+        if isinstance(reader, Mapping) and "sampler_fingerprint" in state:
+            yield reader
+            return
+        for value in state.values():
+            yield from _reader_stats(value)
+    elif isinstance(state, (list, tuple)):
+        for value in state:
+            yield from _reader_stats(value)
 
 
 def _pack_stats(state: Any) -> Iterator[Mapping[str, Any]]:

@@ -217,15 +217,14 @@ class CroupierTrainer(transformers.Trainer):
     def _flush_reports(self) -> None:
         if not self.report_losses:
             return
-        client = self.croupier_dataset._control_client()
-        if not client.flush_losses(FLUSH_TIMEOUT_S):
+        if not self.croupier_dataset.flush_losses(FLUSH_TIMEOUT_S):
             log.warning("loss reports were not all sent within %.0f s", FLUSH_TIMEOUT_S)
 
     def loss_report_stats(self) -> dict[str, int]:
         """This rank's loss-report counters (queued, sent, accepted, refused, dropped)."""
         if not self.report_losses:
             return {}
-        return self.croupier_dataset._control_client().loss_report_stats()
+        return self.croupier_dataset.loss_report_stats()
 
 
 class _LoaderStateCallback(transformers.TrainerCallback):

@@ -226,3 +226,13 @@ def test_a_served_job_refuses_an_embedded_state_of_another_configuration(dataset
         with pytest.raises(Mismatch, match="FAILED_PRECONDITION.*sampler state fingerprint mismatch"):
             list(on_server)
         on_server.close()
+
+
+def test_the_readers_counters_are_public_and_travel_in_the_state(dataset: Path, tmp_path: Path) -> None:
+    ds = embedded(dataset, tmp_path / "c", steps=4)
+    assert ds.reader_stats() == {}
+    assert len(list(ds)) == 4 * B
+    stats = ds.reader_stats()
+    assert stats["samples_read"] == 4 * B and stats["shards_downloaded"] + stats["shards_reused"] >= 1
+    assert ds.state_dict()["reader"] == stats
+    assert ds.flush_losses() is True and ds.loss_report_stats() == {}
