@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 stamp=.venv/.croupier-setup
-want=$(cat pyproject.toml .ci/constraints.txt | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml .ci/constraints.txt .ci/dev-constraints.txt | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -23,5 +23,5 @@ if .venv/bin/python -m pip show -q mosaicml-streaming >/dev/null 2>&1; then
   .venv/bin/python -m pip uninstall -q -y mosaicml-streaming
 fi
 echo "croupier setup: installing into .venv (first run takes a few minutes)" >&2
-.venv/bin/python -m pip install -q -c .ci/constraints.txt "torchvision" -e ".[$extras]"
+.venv/bin/python -m pip install -q -c .ci/constraints.txt -c .ci/dev-constraints.txt "torchvision" -e ".[$extras]"
 echo "$want" > "$stamp"
