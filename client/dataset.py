@@ -323,7 +323,8 @@ class CroupierIterableDataset(IterableDataset):
         self._dealer = EmbeddedDealer(self._embedded, self.topology, lookahead=self.lookahead, state=state)
         return self._dealer
 
-    def _lane(self, client: RankClient | None, workers: int, worker: int) -> tuple[int | None, int | None, int]:
+    def _lane(self, client: RankClient | EmbeddedDealer | None, workers: int,
+              worker: int) -> tuple[int | None, int | None, int]:
         """(first step, stop step, samples of the first step to skip) of this process's lane.
 
         A lane state (saved by a process reading with the same stride) continues as it is; a
@@ -345,7 +346,7 @@ class CroupierIterableDataset(IterableDataset):
             return None, None, 0
         return base + worker, None if self.steps is None else base + self.steps, 0
 
-    def _global_base(self, client: RankClient | None, workers: int) -> int | None:
+    def _global_base(self, client: RankClient | EmbeddedDealer | None, workers: int) -> int | None:
         """The first step of an iteration, the same for every worker (None: not known yet)."""
         if self._position is not None:
             return self._position
@@ -359,7 +360,7 @@ class CroupierIterableDataset(IterableDataset):
             value = int(self._shared_base.value)
         return None if value < 0 else value
 
-    def _open_store(self, job: Any, client: RankClient | None = None):
+    def _open_store(self, job: Any, client: RankClient | EmbeddedDealer | None = None):
         from croupier.client.readers.shard_cache import ShardCache
 
         if len(job.sources) > 1:
@@ -370,6 +371,7 @@ class CroupierIterableDataset(IterableDataset):
         if client is not None and client.agent:
             from croupier.client.agent.consumer_store import AgentStore
 
+            assert isinstance(client, RankClient)  # an embedded reader has no agent
             return AgentStore(client.transport(), remote, job.dataset_fingerprint or None)
         return ShardCache(
             remote,
@@ -379,7 +381,7 @@ class CroupierIterableDataset(IterableDataset):
             prefetch_threads=self.prefetch_threads,
         )
 
-    def _open_mix_store(self, job: Any, client: RankClient | None = None):
+    def _open_mix_store(self, job: Any, client: RankClient | EmbeddedDealer | None = None):
         """A mixture job: each source read from its own remote and cache (`croupier.client.readers.mix_cache`)."""
         from croupier.client.readers.mix_cache import MixStore
         from croupier.client.readers.prefetch_pool import PrefetchPool
@@ -391,6 +393,7 @@ class CroupierIterableDataset(IterableDataset):
         if client is not None and client.agent:
             from croupier.client.agent.consumer_store import AgentStore
 
+            assert isinstance(client, RankClient)  # an embedded reader has no agent
             transport = client.transport()
 
             def open_agent_source(i: int, src: Any, limit: int | None) -> Any:  # the node cache

@@ -135,7 +135,8 @@ class EmbeddedJob:
                 raise ConfigError(f"{self.dataset} has no per-sample token counts for steps in tokens: build with "
                                   "--tokenizer, or run `croupier shards tokens` on it")
             mean = mean_stream_tokens(counts, layout.ids_at(np.arange(layout.num_positions)))
-            chunk, doc_policy = plan_tokens(self.tokens, mean, self.doc_chunk, policy)
+            chunk, planned = plan_tokens(self.tokens, mean, self.doc_chunk, policy)
+            doc_policy = policy if planned is None else planned
             schedule = self.tokens
             return EmbeddedSequence(lambda: TokenDealer(lambda: Sampler(layout, doc_policy, chunk, self.seed),
                                                         [(0, counts)], schedule, chunk), info)
@@ -302,7 +303,7 @@ class EmbeddedDealer:
         part = (0, 0) if isinstance(tracker, Sampler) else None  # the state only: no positions at all
         while tracker.step < step:
             try:
-                tracker.next_batch() if part is None else tracker.next_batch(part)
+                tracker.next_batch(part) if isinstance(tracker, Sampler) and part is not None else tracker.next_batch()
             except EndOfData:
                 return None
         return tracker.state()
@@ -331,7 +332,8 @@ class EmbeddedDealer:
         while gen.step < horizon and self._gen_end is None:
             step = gen.step
             try:
-                batch = gen.next_batch() if part is None else gen.next_batch(part)  # only this rank's positions
+                # only this rank's positions, when the sampler can compute a part of the batch
+                batch = gen.next_batch(part) if isinstance(gen, Sampler) and part is not None else gen.next_batch()
             except EndOfData:
                 self._gen_end = step
                 return

@@ -25,6 +25,9 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
 
 from croupier import bounds
 from croupier.client.backoff import Backoff
@@ -125,7 +128,7 @@ def run_dump(args: argparse.Namespace) -> int:
     patience = float(args.connect_timeout)
     # Short retries for a command-line tool: an unreachable server fails the command within
     # --connect-timeout (each call, and each reconnect of the stream, gives up after it).
-    retry = {"backoff": Backoff(initial_s=min(0.05, patience), max_s=max(min(1.0, patience / 4), min(0.05, patience)),
+    retry: dict[str, Any] = {"backoff": Backoff(initial_s=min(0.05, patience), max_s=max(min(1.0, patience / 4), min(0.05, patience)),
                                 give_up_after_s=patience),
              "rpc_timeout_s": patience}
     reach = f"waiting for the server at {conn.server} to answer (giving up after {patience:g} s)"
@@ -188,7 +191,7 @@ def run_dump(args: argparse.Namespace) -> int:
             tmp.cleanup()
 
 
-def _steps(client, server: str) -> Iterator[tuple[int, object]]:
+def _steps(client: Any, server: str) -> Iterator[tuple[int, np.ndarray]]:
     """The client's (step, ids) until its stop, telling on stderr when a step is slow to come
     (an adaptive job's step waits until the server has generated it; a slow or restarting
     server delays any)."""

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from croupier.errors import ConfigError, FingerprintMismatch, StateError
+from croupier.server.sampling.policy import PolicyConfig
 from croupier.server.sampling.state import SamplerState
 
 __all__ = ["TokenDealer", "TokenSchedule", "TokenSlice", "TokenStep", "counts_lookup"]
@@ -328,7 +329,7 @@ def default_chunk(schedule: TokenSchedule, mean_stream_tokens: float) -> int:
 
 
 def plan_tokens(schedule: TokenSchedule, mean_stream_tokens: float, chunk: int | None = None,
-                config: object | None = None) -> tuple[int, object | None]:
+                config: PolicyConfig | None = None) -> tuple[int, PolicyConfig | None]:
     """(documents per draw, the document sampler's policy) of a token job: `chunk` or about one
     step's worth; an auto clip's budget (in token steps) becomes the document sampler's (in
     draws), so the clip is derived from S × G tokens over the mean stream tokens per document."""
@@ -337,10 +338,10 @@ def plan_tokens(schedule: TokenSchedule, mean_stream_tokens: float, chunk: int |
     chunk = int(chunk) if chunk else default_chunk(schedule, mean_stream_tokens)
     if chunk < 1:
         raise ConfigError(f"documents per draw must be >= 1, got {chunk}")
-    budget = getattr(config, "budget_steps", None)
+    budget = None if config is None else config.budget_steps
     if config is not None and budget:
         docs = schedule.offset(int(budget)) / max(mean_stream_tokens, 1.0)
-        config = dataclasses.replace(config, budget_steps=max(1, math.ceil(docs / chunk)))  # type: ignore[type-var]
+        config = dataclasses.replace(config, budget_steps=max(1, math.ceil(docs / chunk)))
     return chunk, config
 
 
