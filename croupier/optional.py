@@ -35,8 +35,7 @@ that pyproject.toml defines each extra and that it lists the module's package.""
 
 FRAMEWORKS: dict[str, str] = {"lightning": "lightning", "torchtitan": "torchtitan"}
 """Module -> PyPI package of a training framework that croupier/integrations plugs into: the
-trainer brings it (no extra of croupier installs it; `dev` has lightning for the tests; torchtitan
-0.3 is left out of `dev`: beside the rest of it, pip's resolver backtracks without end)."""
+trainer brings it (no extra of croupier installs it; `dev` does, for the tests)."""
 
 PACKAGES: dict[str, str] = {
     "streaming": "streaming-community", "sentence_transformers": "sentence-transformers", "zmq": "pyzmq",
