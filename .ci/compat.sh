@@ -101,8 +101,10 @@ which=${1:-all}
 case $which in
   plain) setup_plain; check_plain; run_tests plain "$@" ;;
   mosaic) setup_mosaic; check_mosaic; run_tests mosaic "$@" ;;
-  all)
-    setup_plain; check_plain; run_tests plain "$@"
-    setup_mosaic; check_mosaic; run_tests mosaic "$@" ;;
+  all)  # both run even when the first fails; the exit status is the first failure's
+    rc=0
+    bash .ci/compat.sh plain "$@" || rc=$?
+    bash .ci/compat.sh mosaic "$@" || { r=$?; [ "$rc" -ne 0 ] || rc=$r; }
+    exit "$rc" ;;
   *) echo "usage: .ci/compat.sh [plain|mosaic|all] [pytest args]" >&2; exit 2 ;;
 esac
