@@ -34,6 +34,7 @@ the first worker joined).
 
 from __future__ import annotations
 
+import base64
 import logging
 import multiprocessing
 import os
@@ -470,7 +471,7 @@ class CroupierIterableDataset(IterableDataset):
             "stride": stride,
             "stop_step": stop,
             "token": token,
-            "sampler_state": sampler_state,
+            "sampler_state": None if sampler_state is None else encode_sampler_state(sampler_state),
             "reader": self.reader_stats(),  # counters for the trainer's logs; not read back on load
         }
 
@@ -575,7 +576,23 @@ def _numbers(stats: Mapping[str, Any]) -> dict[str, float]:
 
 _SHARED = ("_shared_base", "_shared_workers")
 DATASET_STATE_VERSION = 3
-"""3 adds `sampler_state` (bytes or None); states of version 2 load as before."""
+"""3 adds `sampler_state` (None, or the base64 text of `SamplerState.to_bytes()`: the state stays
+JSON-serializable; raw bytes load too); states of version 2 load as before."""
+
+
+def encode_sampler_state(data: bytes) -> str:
+    """A sampler state as the dataset's state carries it: base64 text (JSON-safe)."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def decode_sampler_state(value: str | bytes) -> bytes:
+    """The bytes of a state's `sampler_state` (base64 text, or raw bytes)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    try:
+        return base64.b64decode(value.encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError):
+        raise StateError("dataset state sampler_state is neither bytes nor base64 text") from None
 _DATASET_STATE_KEYS = ("version", "sampler_fingerprint", "next_step", "skip", "stride", "stop_step", "token")
 
 
@@ -585,9 +602,9 @@ def _parse_sampler_state(state: Mapping[str, Any], fingerprint: str | None, posi
     data = state.get("sampler_state") if isinstance(state, Mapping) else None
     if data is None:
         return None
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise StateError(f"dataset state sampler_state must be bytes or None, got {type(data).__name__}")
-    data = bytes(data)
+    if not isinstance(data, (bytes, bytearray, memoryview, str)):
+        raise StateError(f"dataset state sampler_state must be base64 text, bytes or None, got {type(data).__name__}")
+    data = decode_sampler_state(data)
     parsed = SamplerState.from_bytes(data)
     if fingerprint is not None and parsed.fingerprint != fingerprint:
         raise StateError(f"dataset state sampler_state belongs to sampler {parsed.fingerprint}, the state to "

@@ -16,7 +16,7 @@ import pytest
 from torch.utils.data import DataLoader
 
 from cases.shards_build import read_back
-from croupier.client.dataset import ID_KEY, STEP_KEY, CroupierIterableDataset
+from croupier.client.dataset import ID_KEY, STEP_KEY, CroupierIterableDataset, decode_sampler_state
 from croupier.client.errors import Mismatch
 from croupier.errors import ConfigError, FingerprintMismatch
 from croupier.format.sidecar import Sidecar
@@ -120,7 +120,8 @@ def test_its_own_state_resumes_exactly_mid_step_without_a_replay(dataset: Path, 
     head = [next(it)[ID_KEY] for _ in range(5 * B + 3)]  # mid-step 5
     state = ds.state_dict()
     assert (state["next_step"], state["skip"]) == (5, 3)
-    saved = SamplerState.from_bytes(state["sampler_state"])
+    saved = SamplerState.from_bytes(decode_sampler_state(state["sampler_state"]))
+    json.dumps(state)  # a state is JSON text (the demo's trainer writes it so)
     assert saved.step == 5  # the state of the position itself: a resume computes nothing before it
     resumed = embedded(dataset, tmp_path / "c", steps=20)
     resumed.load_state_dict(state)
@@ -209,7 +210,7 @@ def test_an_embedded_state_resumes_on_a_served_job_and_back(dataset: Path, tmp_p
         back = on_server.state_dict(checkpoint=True)
         on_server.close()
         assert back["next_step"] == 24 and back["token"]
-    assert SamplerState.from_bytes(back["sampler_state"]).step == 24
+    assert SamplerState.from_bytes(decode_sampler_state(back["sampler_state"])).step == 24
     again = embedded(dataset, tmp_path / "c", steps=14)
     again.load_state_dict(back)
     tail = [s[ID_KEY] for s in again]
