@@ -34,7 +34,6 @@ the first worker joined).
 
 from __future__ import annotations
 
-import base64
 import logging
 import multiprocessing
 import os
@@ -44,9 +43,14 @@ from typing import Any, cast
 from torch.utils.data import IterableDataset, get_worker_info
 
 from croupier.client.agent.protocol import AGENT_ENV
+from croupier.client.dataset_state import (
+    DATASET_STATE_VERSION,
+    encode_sampler_state,
+    parse_sampler_state,
+    parse_state,
+)
 from croupier.client.embedded import SERVER_ONLY, EmbeddedDealer, EmbeddedJob
 from croupier.client.rank_client import RankClient
-from croupier.client.rank_state import STATE_VERSION, validate_state
 from croupier.errors import ConfigError, EndOfData, FingerprintMismatch, StateError
 from croupier.server.sampling.state import SamplerState
 from croupier.topology import Topology
@@ -500,14 +504,14 @@ class CroupierIterableDataset(IterableDataset):
         saved in embedded mode resumes on a served job of the same configuration and back: its
         sampler state travels with it (without one, an embedded reader computes the steps
         before its position; a served job re-forms at the token's step, or at the rank's)."""
-        position, skip, stride, stop = _parse_state(state)
+        position, skip, stride, stop = parse_state(state)
         expected = str(state["sampler_fingerprint"]) or None
         if expected is not None and self._fingerprint is not None and self._fingerprint != expected:
             raise FingerprintMismatch("sampler", expected, self._fingerprint)
         self._expected_fingerprint = expected
         self._position, self._skip, self._stride, self._stop = position, skip, stride, stop
         self._resume_token = str(state["token"])
-        self._sampler_state = _parse_sampler_state(state, expected, position)
+        self._sampler_state = parse_sampler_state(state, expected, position)
         self._dealer = None
         if position is not None and stride is None:
             self._start_step = position
@@ -575,77 +579,6 @@ def _numbers(stats: Mapping[str, Any]) -> dict[str, float]:
 
 
 _SHARED = ("_shared_base", "_shared_workers")
-DATASET_STATE_VERSION = 3
-"""3 adds `sampler_state` (None, or the base64 text of `SamplerState.to_bytes()`: the state stays
-JSON-serializable; raw bytes load too); states of version 2 load as before."""
-
-
-def encode_sampler_state(data: bytes) -> str:
-    """A sampler state as the dataset's state carries it: base64 text (JSON-safe)."""
-    return base64.b64encode(data).decode("ascii")
-
-
-def decode_sampler_state(value: str | bytes) -> bytes:
-    """The bytes of a state's `sampler_state` (base64 text, or raw bytes)."""
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
-    try:
-        return base64.b64decode(value.encode("ascii"), validate=True)
-    except (ValueError, UnicodeEncodeError):
-        raise StateError("dataset state sampler_state is neither bytes nor base64 text") from None
-_DATASET_STATE_KEYS = ("version", "sampler_fingerprint", "next_step", "skip", "stride", "stop_step", "token")
-
-
-def _parse_sampler_state(state: Mapping[str, Any], fingerprint: str | None, position: int | None) -> bytes | None:
-    """A state's sampler state (bytes), checked: it reads back whole, names the state's
-    sampler, and is at or before the state's next step."""
-    data = state.get("sampler_state") if isinstance(state, Mapping) else None
-    if data is None:
-        return None
-    if not isinstance(data, (bytes, bytearray, memoryview, str)):
-        raise StateError(f"dataset state sampler_state must be base64 text, bytes or None, got {type(data).__name__}")
-    data = decode_sampler_state(data)
-    parsed = SamplerState.from_bytes(data)
-    if fingerprint is not None and parsed.fingerprint != fingerprint:
-        raise StateError(f"dataset state sampler_state belongs to sampler {parsed.fingerprint}, the state to "
-                         f"{fingerprint}")
-    if position is not None and parsed.step > position:
-        raise StateError(f"dataset state sampler_state is at step {parsed.step}, past its next_step {position}")
-    return data
-
-
-def _parse_state(state: Mapping[str, Any]) -> tuple[int | None, int, int | None, int | None]:
-    """(next step, skip, stride, stop) of a dataset state, or of a RankClient state; strict."""
-    if isinstance(state, Mapping) and state.get("version") == STATE_VERSION:
-        validate_state(state)
-        return int(state["next_step"]), 0, None, None
-    if not isinstance(state, Mapping):
-        raise StateError(f"dataset state must be a mapping, got {type(state).__name__}")
-    missing = [k for k in _DATASET_STATE_KEYS if k not in state]
-    if missing:
-        raise StateError(f"dataset state lacks {missing}; expected keys {list(_DATASET_STATE_KEYS)}")
-    if state["version"] not in (2, DATASET_STATE_VERSION):
-        raise StateError(f"dataset state version {state['version']!r} is not supported "
-                         f"(expected 2 or {DATASET_STATE_VERSION}, or a client state of version {STATE_VERSION})")
-
-    def opt_int(key: str, low: int) -> int | None:
-        value = state[key]
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise StateError(f"dataset state {key} must be None or an int >= {low}, got {value!r}")
-        return int(value)
-
-    position, stride, stop = opt_int("next_step", 0), opt_int("stride", 1), opt_int("stop_step", 0)
-    skip = opt_int("skip", 0) or 0
-    if not isinstance(state["sampler_fingerprint"], str) or not isinstance(state["token"], str):
-        raise StateError("dataset state sampler_fingerprint and token must be strings, got "
-                         f"{state['sampler_fingerprint']!r} and {type(state['token']).__name__}")
-    if position is None and (skip or stride is not None):
-        raise StateError(f"dataset state without next_step cannot have skip {skip} or stride {stride}")
-    return position, skip, stride, stop
-
-
 _warned: set[str] = set()
 
 

@@ -33,10 +33,10 @@ from croupier.client.acknowledger import Acknowledger
 from croupier.client.backoff import Backoff
 from croupier.client.channel import ChannelConfig, auth_metadata
 from croupier.client.errors import ClientError, Unavailable, from_status, is_transient_code
-from croupier.client.rank_state import STATE_VERSION, validate_state
+from croupier.client.rank_state import STATE_VERSION, check_same_job, validate_state
 from croupier.client.transport import LANE, GrpcTransport, LaneCall, Transport
 from croupier.errors import ConfigError, EndOfData, FingerprintMismatch, StateError
-from croupier.proto import pb2, slice_ids
+from croupier.proto import pb2, slice_ids, slice_spans
 from croupier.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -322,7 +322,7 @@ class RankClient:
             ended = False
             try:
                 if rejoin:
-                    self._check_rejoin(self._do_join(""))
+                    check_same_job(self._join.job, self._do_join("").job)
                     rejoin = False
                 lane = pb2.LaneOpen(
                     lane=LANE, rank=self.topology.rank, world_size=self.topology.world, start_step=want,
@@ -447,17 +447,6 @@ class RankClient:
         if self.read_only or self._join is None:
             return
         self._acks.send(self._call, force)
-
-    def _check_rejoin(self, response: Any) -> None:
-        """A server this client re-joins must serve the same sampler and dataset."""
-        first = self._join.job
-        got = response.job
-        if got.sampler_fingerprint != first.sampler_fingerprint:
-            raise FingerprintMismatch("sampler (server after reconnect)", first.sampler_fingerprint,
-                                      got.sampler_fingerprint)
-        if got.dataset_fingerprint != first.dataset_fingerprint:
-            raise FingerprintMismatch("dataset (server after reconnect)", first.dataset_fingerprint,
-                                      got.dataset_fingerprint)
 
     # -- unary helpers ------------------------------------------------------------------------
 
@@ -602,16 +591,6 @@ class RankClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def slice_spans(sl: Any, n: int) -> list[tuple[int, int, int]] | None:
-    """A slice's (start, end, length) stream-token spans per id (steps in tokens), else None."""
-    if not sl.packed_token_spans:
-        return None
-    arr = np.frombuffer(sl.packed_token_spans, dtype="<i8")
-    if arr.size != 3 * n:
-        raise ClientError(f"step {sl.step}: {arr.size} token span values for {n} ids (expected {3 * n})")
-    return [tuple(int(x) for x in row) for row in arr.reshape(n, 3)]  # type: ignore[misc]
 
 
 class _Reconnect(Exception):

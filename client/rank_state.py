@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from croupier.errors import StateError
+from croupier.errors import FingerprintMismatch, StateError
 
 STATE_VERSION = 1
 STATE_KEYS = ("version", "sampler_fingerprint", "next_step", "token")
@@ -36,3 +36,14 @@ def validate_state(state: Mapping[str, Any]) -> None:
 
 
 __all__ = ["STATE_KEYS", "STATE_VERSION", "validate_state"]
+
+
+def check_same_job(first: Any, got: Any) -> None:
+    """A server a rank re-joins (after a reconnect) must serve the same sampler and dataset as
+    the JobInfo it first joined (FingerprintMismatch otherwise)."""
+    if got.sampler_fingerprint != first.sampler_fingerprint:
+        raise FingerprintMismatch("sampler (server after reconnect)", first.sampler_fingerprint,
+                                  got.sampler_fingerprint)
+    if got.dataset_fingerprint != first.dataset_fingerprint:
+        raise FingerprintMismatch("dataset (server after reconnect)", first.dataset_fingerprint,
+                                  got.dataset_fingerprint)

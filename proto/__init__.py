@@ -34,4 +34,15 @@ def slice_ids(sl: "pb2.Slice") -> np.ndarray:
     return np.asarray(sl.ids, dtype=np.int64)
 
 
-__all__ = ["pb2", "pb2_grpc", "API_VERSION", "SERVICE_NAME", "IDS_DTYPE", "pack_ids", "slice_ids"]
+def slice_spans(sl: "pb2.Slice", n: int) -> list[tuple[int, int, int]] | None:
+    """A Slice's (start, end, length) stream-token spans per id (steps in tokens), else None."""
+    if not sl.packed_token_spans:
+        return None
+    arr = np.frombuffer(sl.packed_token_spans, dtype="<i8")
+    if arr.size != 3 * n:
+        raise ValueError(f"slice of step {sl.step} carries {arr.size} token span values for {n} ids "
+                         f"(expected {3 * n})")
+    return [(int(a), int(b), int(c)) for a, b, c in arr.reshape(n, 3)]
+
+
+__all__ = ["pb2", "pb2_grpc", "API_VERSION", "SERVICE_NAME", "IDS_DTYPE", "pack_ids", "slice_ids", "slice_spans"]

@@ -156,3 +156,5 @@ class OnlineChanges:
         elif len(self.log) != len(events):
             raise StateDirInvalid(f"{self.log.path} holds {len(self.log)} changes but the job restored "
                                   f"{len(events)}")
+        if on_logged is not None:  # the mark records the log from the start
+            on_logged(len(self.log), self.log.digest)

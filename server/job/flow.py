@@ -208,6 +208,18 @@ class Flow:
         if step > self.far_bound(generated) and not self._is_end(step):
             raise StepOutOfRange(f"{what} {step} is too far ahead ({self.far_reason(generated)})")
 
+    def check_ack(self, next_step: int, step_stride: int, step_offset: int, far: int, generated: int) -> int:
+        """An acknowledgement's lane and step checked (ConfigError, StepOutOfRange); its stride."""
+        stride = max(int(step_stride), 1)
+        if not 0 <= step_offset < stride:
+            raise ConfigError(f"step offset {step_offset} is outside [0, step stride {stride})")
+        if next_step < 0:
+            raise StepOutOfRange(f"acknowledged step {next_step} is negative")
+        if next_step > far:
+            raise StepOutOfRange(f"acknowledged step {next_step} is ahead of anything the rank could "
+                                 f"have received ({self.far_reason(generated)})")
+        return stride
+
     def releases(self, step: int) -> bool:
         """Whether a GetSlice of `step` may be answered now (the lag bound alone)."""
         return step < self.table.slowest + self.max_lag or self._is_end(step)

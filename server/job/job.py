@@ -1,6 +1,6 @@
-"""One training job as the sampler server sees it: the coordinator of the job's parts, under one lock.
+"""One training job as the sampler server sees it (free of gRPC): the coordinator of its parts, under one lock.
 
-This is the server's domain logic, free of gRPC so it is testable directly. `Job` owns the
+`Job` owns the
 one lock and the one source of truth (the sequence window, the rank table, the formation,
 the generated high-water step) and calls its parts under that lock, each doing one thing
 with no lock of its own: `flow` (waiters, bounds, streams), `ranks` (positions, liveness),
@@ -11,9 +11,7 @@ Every public method takes the lock briefly; waiting (flow control) and checkpoin
 outside it. Two documented exceptions write under the lock: an online change (`update`) is
 made durable before any batch can use it, and when a burst of generation outruns the
 background writer the generated-step mark is written in line (`Checkpoints.ensure_mark`).
-
-The job's values and errors live in `types` and `status`; this module re-exports them, so
-`croupier.server.job.job` stays an import path of the job's public surface.
+The job's values and errors live in `types` and `status`; re-exported here.
 """
 
 from __future__ import annotations
@@ -48,8 +46,9 @@ from croupier.server.job.flow import (
     stream_shape,
 )
 from croupier.server.job.ranks import RankProgress, RankTable, RankView
-from croupier.server.job.recovery import Recovery, resume_point, state_point
-from croupier.server.job.status import AdaptView, ChangeHistory, JobStatus
+from croupier.server.job.recovery import Recovery, restore_parts, resume_point, state_point
+from croupier.server.job.slices import cut_slice, per_rank_size, read_slice
+from croupier.server.job.status import AdaptView, ChangeHistory, JobStatus, job_status
 from croupier.server.job.token_tally import TokenTally, tokens_lookup
 from croupier.server.job.types import (
     CheckpointResult,
@@ -69,7 +68,7 @@ from croupier.server.sampling.policy import PolicyConfig
 from croupier.server.sampling.sampler import Sampler
 from croupier.server.sampling.sequence_window import Saved, SequenceWindow
 from croupier.server.sampling.token_stream import TokenDealer, TokenSchedule, TokenStep
-from croupier.topology import Topology, per_rank_batch
+from croupier.topology import Topology
 
 if TYPE_CHECKING:
     from croupier.mixture import Mixture
@@ -138,17 +137,9 @@ class Job:
         if store is not None:
             recovery = self._recovery = Recovery(StateDir(store), self.fingerprint)
             try:
-                if not fresh:  # both copies of the event log against the mark, repaired or refused
-                    self._log_start = recovery.check_records(self._ckpt.read_mark(), self._ckpt.read_mark_records(),
-                                                             accept_log_damage)
-                else:
-                    self._log_start = "ok (started fresh)"
-                self._resume(fresh)
+                self._resume(fresh, accept_log_damage)
                 self._changes.open_log(recovery.state_dir.log_path, self.resumed_from is not None,
                                        lambda: recovery.changes(None), self._ckpt.records_changed)
-                log_ = self._changes.log
-                assert log_ is not None
-                self._ckpt.records_changed(len(log_), log_.digest)
             except BaseException:
                 self._changes.close()
                 self._ckpt.stop()
@@ -170,12 +161,14 @@ class Job:
         """The newest valid checkpoint at or before `step` (the sequence window's replays)."""
         return None if self._recovery is None else self._recovery.load_saved(step)
 
-    def _resume(self, fresh: bool) -> None:
+    def _resume(self, fresh: bool, accept_log_damage: bool) -> None:
         assert self._recovery is not None
         if fresh:
             self._recovery.set_aside()
+            self._log_start = "ok (started fresh)"
             return
-        mark = self._ckpt.read_mark()
+        mark = self._ckpt.read_mark()  # both copies of the event log checked against it: repaired, or refused
+        self._log_start = self._recovery.check_records(mark, self._ckpt.read_mark_records(), accept_log_damage)
         ck = self._recovery.newest()
         if ck is not None:
             self._restore(ck, mark)
@@ -188,31 +181,10 @@ class Job:
     def _restore(self, ck: Checkpoint, mark: int) -> None:
         """Puts every part back where the checkpoint `ck` (and the generated-step mark) left it."""
         assert self._recovery is not None
-        meta, state = ck.meta, ck.state
-        self._seq.gen.load_state(state)
-        changes = self._recovery.changes(ck)
-        if self._adaptation is not None and ck.payload.adapter is not None:
-            self._adaptation.load_bytes(ck.payload.adapter)
-        self._changes.restored(changes, ck.n_changes)
-        if self._tally is not None:
-            if ck.payload.tally is not None:
-                self._tally.load(ck.payload.tally, state.step)
-            else:
-                self._tally.restart(state.step)
-        self._seq.restored(ck.step, Saved(state, ck.n_changes))
-        self._ckpt.resumed(ck.step, mark)
-        if mark >= 0:
-            self._high_water = max(meta.generated_step, mark)
-        else:  # a state directory from before the mark: the old server may have run one interval past
-            self._high_water = meta.generated_step + self.spec.checkpoint_every
-        self._seq.end_step = meta.end_step
-        self._formation = meta.formation
-        self._table.reset(meta.world, meta.formed_at)
-        self._table.restore(meta.ranks)
-        self._table.recompute()
+        self._high_water = restore_parts(ck, mark, self._recovery, self._seq, self._changes, self._adaptation,
+                                         self._tally, self._ckpt, self._table, self.spec.checkpoint_every)
+        self._formation = ck.meta.formation
         self.resumed_from = ck.step
-        log.info("resumed from checkpoint", extra={"event": "resumed", "path": str(ck.path), "step": ck.step,
-                                                   "world": meta.world, "high_water": self._high_water})
 
     # -- what the job is ------------------------------------------------------------------------
     @property
@@ -243,12 +215,9 @@ class Job:
     def join(self, rank: int, world: int, job: str = "", global_batch: int = 0,
              resume_token: str = "", client_version: str = "", sampler_state: bytes = b"") -> JoinResult:
         """Registers a rank; returns where it resumes. A resume token re-forms the job at the
-        token's step, possibly with another world size.
-
-        sampler_state (without a token): a state of this job's sequence saved elsewhere (an
-        embedded reader's, `SamplerState.to_bytes()`); the job re-forms at its step as at a
-        token's, and when its generator has not reached that step it continues from the state
-        (no replay of the steps before it), which it then checkpoints."""
+        token's step, possibly with another world size; so does a `sampler_state` saved
+        elsewhere (an embedded reader's), which the job continues from, and checkpoints, when
+        its generator has not reached that step (`recovery.state_point`)."""
         self.check_job(job)
         adopted = None
         with self._lock:
@@ -257,14 +226,15 @@ class Job:
             if global_batch and global_batch != self.global_batch:
                 raise ConfigError(f"global batch {global_batch} does not match the job's global batch "
                                   f"{self.global_batch}")
-            if self.tokens is not None:
-                self.tokens[0].check_world(world)
-                p = self.tokens[0].tokens_at(0) // world  # tokens, at the first step
-            else:
-                p = per_rank_batch(self.global_batch, world)
+            p = per_rank_size(None if self.tokens is None else self.tokens[0], self.global_batch, world)
             at = None if token is None else token.step
             if token is None and sampler_state:
-                at, adopted = self._state_point_locked(sampler_state)
+                at, took = state_point(sampler_state, self.fingerprint, self._seq, self._adaptation is not None)
+                adopted = at if took else None
+                if took:
+                    self._high_water = max(self._high_water, at)
+                    if self._tally is not None:
+                        self._tally.restart(at)
             if at is not None and (self._formation != (at, world) or self._table.world != world):
                 self._reform_locked(at, world)
             prog = self._table.join(rank, world, at)
@@ -279,16 +249,6 @@ class Job:
                 log.warning("could not checkpoint an adopted sampler state: %s", exc,
                             extra={"event": "adopt_checkpoint", "step": adopted})
         return JoinResult(next_step=prog.next_step, per_rank_batch=p, world=world)
-
-    def _state_point_locked(self, data: bytes) -> tuple[int, int | None]:
-        """(step to re-form at, step adopted or None) for a rank's sampler state (`state_point`)."""
-        step, adopted = state_point(data, self.fingerprint, self._seq, self._adaptation is not None)
-        if adopted:
-            if self._tally is not None:
-                self._tally.restart(step)
-            self._high_water = max(self._high_water, step)
-            log.info("sampler state adopted", extra={"event": "adopt", "step": step})
-        return step, step if adopted else None
 
     def ack(self, rank: int, world: int, next_step: int, job: str = "", step_stride: int = 1,
             step_offset: int = 0) -> tuple[int, int]:
@@ -315,15 +275,8 @@ class Job:
             far = self._flow.far_bound(self._generated())
             for rank, world, next_step, step_stride, step_offset in acks:
                 try:
-                    stride = max(int(step_stride), 1)
-                    if not 0 <= step_offset < stride:
-                        raise ConfigError(f"step offset {step_offset} is outside [0, step stride {stride})")
+                    stride = self._flow.check_ack(next_step, step_stride, step_offset, far, self._generated())
                     self._rank_locked(rank, world)
-                    if next_step < 0:
-                        raise StepOutOfRange(f"acknowledged step {next_step} is negative")
-                    if next_step > far:
-                        raise StepOutOfRange(f"acknowledged step {next_step} is ahead of anything the rank could "
-                                             f"have received ({self._flow.far_reason(self._generated())})")
                 except CroupierError as exc:
                     out.append(exc)
                     continue
@@ -469,9 +422,7 @@ class Job:
         source; `source_weights` sets every source's weight. The change is durable before
         this returns, and before any batch can use it: it is logged under the lock, and not
         applied when it cannot be (CheckpointUnavailable)."""
-        if self.tokens is not None:
-            raise ConfigError("online changes of a job dealt in tokens are not supported yet")
-        with self._lock:
+        with self._lock:  # (a job dealt in tokens refuses changes: `TokenDealer.schedule_change`)
             change = requested_change(self._seq.gen, step, clip, weights, source=source,
                                       source_weight=source_weight, source_weights=source_weights)
             self._changes.record(change)
@@ -503,23 +454,8 @@ class Job:
     def status(self) -> JobStatus:
         with self._lock:
             self._recompute_locked()
-            gen = self._seq.gen
-            c = gen.counters()
-            t = self._table
-            return JobStatus(
-                generated_step=gen.step, durable_step=self._ckpt.durable_step, slowest_step=t.slowest,
-                fastest_step=t.fastest(), world=t.world or 0, ranks=t.views(),
-                active_clusters=int(c.active.sum()), clip=int(gen.clip or 0), end_step=self._seq.end_step,
-                sizes=c.sizes, draws=c.draws, passes=c.passes, clipped_at=c.clipped_at,
-                steps_generated=self._seq.steps_generated, steps_replayed=self._seq.steps_replayed,
-                slices_served=self._slices_served, ids_served=self._ids_served, checkpoint=self._ckpt.health(),
-                sources=gen.source_counters() if isinstance(gen, MixSampler) else None,
-                adapt=None if self._adaptation is None else self._adaptation.view(),
-                changes=self._changes.history.rows(), log_failures=self._changes.failures,
-                log_records=0 if self._changes.log is None else len(self._changes.log), log_start=self._log_start,
-                adapt_failures=0 if self._adaptation is None else self._adaptation.failures,
-                tokens=None if self._tally is None else self._tally.tokens.copy(),
-                tokens_since=0 if self._tally is None else self._tally.since)
+            return job_status(self._seq, self._table, self._ckpt.durable_step, self._ckpt.health(), self._changes,
+                              self._adaptation, self._tally, self._slices_served, self._ids_served, self._log_start)
 
     def source_counters(self) -> SourceCounters | None:
         """Per-source weights, clips, draws and exhaustion of a mixture (None for one source)."""
@@ -648,36 +584,17 @@ class Job:
         return self._seq.batch(step, self._generate_one_locked)
 
     def _read_slice_locked(self, step: int, rank: int, world: int, count: int, stream: SliceStream) -> SliceData | None:
-        """A read-only stream's slice (`SequenceWindow.peek`: the generator does not move); None
-        while an adaptive job has not generated the step (its controller decides it then)."""
-        if self._adaptation is not None and step >= self._generated() and step not in self._seq.batches:
-            return None
-        batch = self._seq.peek(step, stream)
-        if batch is None:
-            return SliceData(step=step, ids=np.empty(0, dtype=np.int64), end=True)
-        self._slices_served += 1
-        return self._cut(step, batch, rank, world, count)
-
-    def _cut(self, step: int, batch: np.ndarray | TokenStep, rank: int, world: int, count: int) -> SliceData:
-        """Ranks rank .. rank + count - 1's slice of a global batch, or (steps in tokens) a
-        rank's equal part of the step's tokens."""
-        if isinstance(batch, TokenStep):
-            if count > 1:
-                raise ConfigError("steps in tokens are dealt to one rank per lane: connect ranks directly, not "
-                                  "through a node agent")
-            sl = batch.part(rank, world)
-            spans = np.array([(a, b, n) for (a, b), n in zip(sl.ranges(), sl.lengths.tolist())],
-                             dtype=np.int64).reshape(-1, 3)
-            return SliceData(step=step, ids=sl.ids, spans=spans)
-        p = self.global_batch // world
-        return SliceData(step=step, ids=batch[rank * p:(rank + count) * p])
+        """A read-only stream's slice (`slices.read_slice`; an adaptive job's controller decides a step when
+        it is generated, so such a step waits for it); the generator does not move."""
+        wait = self._adaptation is not None and step >= self._generated()
+        return read_slice(self._seq, step, rank, world, count, stream, self.global_batch, wait)
 
     def _slice_locked(self, step: int, rank: int, world: int, count: int = 1) -> SliceData:
         """The slice of ranks rank .. rank + count - 1 of `step` (one after another)."""
         batch = self._batch_locked(step)
         if batch is None:
             return SliceData(step=step, ids=np.empty(0, dtype=np.int64), end=True)
-        out = self._cut(step, batch, rank, world, count)  # divisibility was checked when the rank joined
+        out = cut_slice(step, batch, rank, world, count, self.global_batch)  # divisibility checked at join
         self._slices_served += 1
         self._ids_served += len(out.ids)
         return out

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from croupier.errors import ConfigError, FingerprintMismatch
 from croupier.server.durability.event_log import whole_records
@@ -33,7 +34,7 @@ from croupier.server.sampling.state import Change, SamplerState
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Recovery", "resume_point", "state_point"]
+__all__ = ["Recovery", "restore_parts", "resume_point", "state_point"]
 
 
 def resume_point(token: str, fingerprint: str, end_step: int | None) -> ResumeToken:
@@ -74,6 +75,35 @@ def _read_or_empty(path: Path) -> bytes:
         return path.read_bytes()
     except FileNotFoundError:
         return b""
+
+
+def restore_parts(ck: Checkpoint, mark: int, recovery: Recovery, seq: SequenceWindow, changes: Any,
+                  adaptation: Any, tally: Any, ckpt: Any, table: Any, checkpoint_every: int) -> int:
+    """Puts the job's parts back where checkpoint `ck` (and the generated-step mark) left them:
+    the generator's state, the online changes after it, the controller's and the token tally's
+    sections, the window's pinned state, the rank table. Returns the generated high-water step."""
+    meta, state = ck.meta, ck.state
+    seq.gen.load_state(state)
+    logged = recovery.changes(ck)
+    if adaptation is not None and ck.payload.adapter is not None:
+        adaptation.load_bytes(ck.payload.adapter)
+    changes.restored(logged, ck.n_changes)
+    if tally is not None:
+        if ck.payload.tally is not None:
+            tally.load(ck.payload.tally, state.step)
+        else:
+            tally.restart(state.step)
+    seq.restored(ck.step, Saved(state, ck.n_changes))
+    ckpt.resumed(ck.step, mark)
+    # a state directory from before the mark: the old server may have run one interval past
+    high_water = max(meta.generated_step, mark) if mark >= 0 else meta.generated_step + checkpoint_every
+    seq.end_step = meta.end_step
+    table.reset(meta.world, meta.formed_at)
+    table.restore(meta.ranks)
+    table.recompute()
+    log.info("resumed from checkpoint", extra={"event": "resumed", "path": str(ck.path), "step": ck.step,
+                                               "world": meta.world, "high_water": high_water})
+    return high_water
 
 
 class Recovery:

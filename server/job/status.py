@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -109,3 +110,25 @@ class ChangeHistory:
 
     def rows(self) -> tuple[tuple[int, str, str, float], ...]:
         return tuple(self._rows)
+
+
+def job_status(seq: Any, table: Any, durable_step: int, checkpoint: Any, changes: Any, adaptation: Any, tally: Any,
+               slices_served: int, ids_served: int, log_start: str) -> JobStatus:
+    """The job's `JobStatus` from its parts (taken under the job's lock)."""
+    from croupier.server.sampling.mix_sampler import MixSampler
+
+    gen = seq.gen
+    c = gen.counters()
+    return JobStatus(
+        generated_step=gen.step, durable_step=durable_step, slowest_step=table.slowest,
+        fastest_step=table.fastest(), world=table.world or 0, ranks=table.views(),
+        active_clusters=int(c.active.sum()), clip=int(gen.clip or 0), end_step=seq.end_step,
+        sizes=c.sizes, draws=c.draws, passes=c.passes, clipped_at=c.clipped_at,
+        steps_generated=seq.steps_generated, steps_replayed=seq.steps_replayed,
+        slices_served=slices_served, ids_served=ids_served, checkpoint=checkpoint,
+        sources=gen.source_counters() if isinstance(gen, MixSampler) else None,
+        adapt=None if adaptation is None else adaptation.view(),
+        changes=changes.history.rows(), log_failures=changes.failures,
+        log_records=0 if changes.log is None else len(changes.log), log_start=log_start,
+        adapt_failures=0 if adaptation is None else adaptation.failures,
+        tokens=None if tally is None else tally.tokens.copy(), tokens_since=0 if tally is None else tally.since)

@@ -16,7 +16,8 @@ import pytest
 from torch.utils.data import DataLoader
 
 from cases.shards_build import read_back
-from croupier.client.dataset import ID_KEY, STEP_KEY, CroupierIterableDataset, decode_sampler_state
+from croupier.client.dataset import ID_KEY, STEP_KEY, CroupierIterableDataset
+from croupier.client.dataset_state import decode_sampler_state
 from croupier.client.errors import Mismatch
 from croupier.errors import ConfigError, FingerprintMismatch
 from croupier.format.sidecar import Sidecar
