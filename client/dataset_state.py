@@ -31,7 +31,7 @@ def encode_sampler_state(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def decode_sampler_state(value: str | bytes) -> bytes:
+def decode_sampler_state(value: str | bytes | bytearray | memoryview) -> bytes:
     """The bytes of a state's `sampler_state` (base64 text, or raw bytes)."""
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
