@@ -271,8 +271,9 @@ class Flow:
                 break
         if st.stop and st.next >= st.stop:
             st.finished = True
-        if out and not st.finished and not st.waiter.lagged:
-            st.waiter.wake()  # more is deliverable now: the transport's flow control paces the reader
+        if out and st.stop and not st.finished and not st.waiter.lagged:
+            st.waiter.wake()  # a bounded reader (a dump, a replay): more now, paced by the transport
+        # an unbounded read-only stream gets a lookahead of steps per poll, as a rank's would
         return out
 
     def _collect(self, st: SliceStream) -> list[SliceData]:

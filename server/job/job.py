@@ -1,11 +1,10 @@
 """One training job as the sampler server sees it (free of gRPC): the coordinator of its parts, under one lock.
 
-`Job` owns the
-one lock and the one source of truth (the sequence window, the rank table, the formation,
-the generated high-water step) and calls its parts under that lock, each doing one thing
-with no lock of its own: `flow` (waiters, bounds, streams), `ranks` (positions, liveness),
-`checkpoints` (schedule, mark, payload), `recovery` (where a restart resumes, from
-`durability.state_dir`), `changes` (online changes), `adaptive` (loss feedback), `status`.
+`Job` owns the one lock and the one source of truth (the sequence window, the rank table, the
+formation, the generated high-water step) and calls its parts under that lock, each doing one
+thing with no lock of its own: `flow` (waiters, bounds, streams), `ranks` (positions, liveness),
+`checkpoints` (schedule, mark, payload), `recovery` (where a restart resumes), `changes` (online
+changes), `adaptive` (loss feedback), `slices` (a rank's cut of a step), `status`.
 
 Every public method takes the lock briefly; waiting (flow control) and checkpoint I/O happen
 outside it. Two documented exceptions write under the lock: an online change (`update`) is
@@ -495,8 +494,7 @@ class Job:
 
     # -- internals (called under the lock) ------------------------------------------------------
     def _generated(self) -> int:
-        """The highest step the generator is known to have reached (this server or, up to the
-        durable mark, the one before it)."""
+        """The highest step the generator is known to have reached (here, or before a restart: the mark)."""
         return max(self._seq.gen.step, self._high_water)
 
     def _check_world(self, world: int) -> None:
@@ -584,10 +582,12 @@ class Job:
         return self._seq.batch(step, self._generate_one_locked)
 
     def _read_slice_locked(self, step: int, rank: int, world: int, count: int, stream: SliceStream) -> SliceData | None:
-        """A read-only stream's slice (`slices.read_slice`; an adaptive job's controller decides a step when
-        it is generated, so such a step waits for it); the generator does not move."""
-        wait = self._adaptation is not None and step >= self._generated()
-        return read_slice(self._seq, step, rank, world, count, stream, self.global_batch, wait)
+        """A read-only slice: the shared window within the ranks' lag bound, else the reader's own sampler up to
+        its stop; an endless reader, or an adaptive job's step, waits past the generated step."""
+        if step < self._table.slowest + self.spec.max_lag:  # where the ranks' bound lets the shared window go
+            return self._slice_locked(step, rank, world, count)
+        return read_slice(self._seq, step, rank, world, count, stream, self.global_batch,
+                          wait=(self._adaptation is not None or not stream.stop) and step >= self._generated())
 
     def _slice_locked(self, step: int, rank: int, world: int, count: int = 1) -> SliceData:
         """The slice of ranks rank .. rank + count - 1 of `step` (one after another)."""
