@@ -88,6 +88,8 @@ def first_batch(scale: dict) -> list[dict]:
 class _Synthetic:
     """An embedded job over a synthetic layout (dealing only: no shards are read)."""
 
+    tokens = None  # steps in documents
+
     def __init__(self, layout, batch: int) -> None:
         self.layout, self.global_batch = layout, batch
 
