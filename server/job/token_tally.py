@@ -17,6 +17,7 @@ from collections.abc import Callable
 import numpy as np
 
 from croupier.errors import StateError
+from croupier.server.sampling.token_stream import counts_lookup
 
 _MAGIC = b"CRPTOKS1"
 
@@ -61,17 +62,7 @@ class TokenTally:
 
 
 def tokens_lookup(counts: list[tuple[int, np.ndarray]]) -> Callable[[np.ndarray], np.ndarray]:
-    """id -> tokens over (id offset, per-sample counts) pieces (one per mixture source)."""
-    if len(counts) == 1 and counts[0][0] == 0:
-        arr = counts[0][1]
-        return lambda ids: np.asarray(arr[ids], dtype=np.float64)
-    starts = np.array([o for o, _ in counts], dtype=np.int64)
-
-    def lookup(ids: np.ndarray) -> np.ndarray:
-        src = np.searchsorted(starts, ids, side="right") - 1
-        out = np.empty(ids.size, dtype=np.float64)
-        for i in np.unique(src).tolist():
-            sel = src == i
-            out[sel] = counts[i][1][ids[sel] - starts[i]]
-        return out
-    return lookup
+    """id -> tokens (float64, for the tally's sums) over (id offset, per-sample counts) pieces
+    (one per mixture source); `token_stream.counts_lookup` as floats."""
+    look = counts_lookup(counts)
+    return lambda ids: look(ids).astype(np.float64)
