@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol
 
 from croupier.errors import ConfigError
@@ -89,7 +89,7 @@ class SliceStream:
     `poll()` returns the consecutive slices deliverable now under flow control (possibly
     none), or None when the stream is finished; `next_chunk()` blocks until `poll` has
     something. `cancel()` (any thread) releases a waiting `next_chunk()`; `close()` once.
-    A read-only stream is bounded by the lag bound alone and touches no rank state.
+    A read-only stream touches no rank state and waits on no rank (`Flow._collect_read_only`).
     rank_count > 1: the stream carries ranks rank .. rank + count - 1 (a node agent's ranks).
     """
 
@@ -149,7 +149,7 @@ class Flow:
 
     def __init__(self, table: RankTable, max_lag: int, max_lookahead: int,
                  slice_of: Callable[[int, int, int, int], SliceData], is_end: Callable[[int], bool],
-                 read_slice_of: Callable[[int, int, int, int, SliceStream], SliceData | None] | None = None) -> None:
+                 read_slice_of: Callable[[int, int, int, int, SliceStream], SliceData | None]) -> None:
         self.table = table
         self._read_slice_of = read_slice_of
         self.max_lag = max_lag
@@ -249,59 +249,43 @@ class Flow:
     def _collect_read_only(self, st: SliceStream) -> list[SliceData]:
         """A read-only stream's next slices: no rank's position bounds it, and it waits on
         nothing but a step the job must generate first (`read_slice_of` returns None)."""
-        assert self._read_slice_of is not None
-        out: list[SliceData] = []
-        n_ids = 0
-        bound = st.next + max(st.lookahead, 1) * st.stride
         st.waiter.lagged = False
-        while st.next < bound:
-            if st.stop and st.next >= st.stop:
-                break
-            sl = self._read_slice_of(st.next, st.rank, st.world, st.count, st)
-            if sl is None:
-                st.waiter.lagged = True  # woken as the ranks (and so the generator) move
-                break
-            out.append(sl)
-            n_ids += len(sl.ids)
-            st.next += st.stride
-            if sl.end:
-                st.finished = True
-                break
-            if len(out) >= MAX_SLICES_PER_MESSAGE or n_ids >= MAX_IDS_PER_MESSAGE:
-                break
-        if st.stop and st.next >= st.stop:
-            st.finished = True
+        out = self._take(st, st.next + max(st.lookahead, 1) * st.stride,
+                         lambda step: self._read_slice_of(step, st.rank, st.world, st.count, st), (), past_end=False)
         if out and st.stop and not st.finished and not st.waiter.lagged:
             st.waiter.wake()  # a bounded reader (a dump, a replay): more now, paced by the transport
         # an unbounded read-only stream gets a lookahead of steps per poll, as a rank's would
         return out
 
     def _collect(self, st: SliceStream) -> list[SliceData]:
-        if st.read_only and self._read_slice_of is not None:
+        if st.read_only:
             return self._collect_read_only(st)
         table = self.table
         lag_bound = table.slowest + self.max_lag
         progs: list[RankProgress] = []
-        if st.read_only:
-            bound = lag_bound
-            st.waiter.lagged = True
-        else:
-            for r in st.ranks:
-                prog = table.ranks.get(r)
-                if prog is None:
-                    raise JobReformed(f"rank {r} is no longer part of the job; join again")
-                progs.append(prog)
-            own_bound = min(p.next_step for p in progs) + st.lookahead
-            bound = min(own_bound, lag_bound)
-            st.waiter.lagged = lag_bound <= own_bound
-        if st.stop:
-            bound = min(bound, st.stop)
+        for r in st.ranks:
+            prog = table.ranks.get(r)
+            if prog is None:
+                raise JobReformed(f"rank {r} is no longer part of the job; join again")
+            progs.append(prog)
+        own_bound = min(p.next_step for p in progs) + st.lookahead
+        st.waiter.lagged = lag_bound <= own_bound
+        return self._take(st, min(own_bound, lag_bound), lambda step: self._slice_of(step, st.rank, st.world, st.count),
+                          progs, past_end=True)
+
+    def _take(self, st: SliceStream, bound: int, fetch: Callable[[int], SliceData | None],
+              progs: Sequence[RankProgress], past_end: bool) -> list[SliceData]:
+        """The stream's slices from its next step below `bound` (and its stop; `past_end`: the
+        end-of-data marker too), within one message's limits; a None from `fetch` means wait."""
         out: list[SliceData] = []
         n_ids = 0
-        while st.next < bound or self._is_end(st.next):
+        while st.next < bound or (past_end and self._is_end(st.next)):
             if st.stop and st.next >= st.stop:
                 break
-            sl = self._slice_of(st.next, st.rank, st.world, st.count)
+            sl = fetch(st.next)
+            if sl is None:
+                st.waiter.lagged = True  # woken as the ranks (and so the generator) move
+                break
             out.append(sl)
             n_ids += len(sl.ids)
             for prog in progs:
