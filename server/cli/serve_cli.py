@@ -55,6 +55,7 @@ from croupier.server.cli.policy_args import (
     synthetic_layout,
     token_schedule_from_args,
 )
+from croupier.server.cli.state_location import RemoteStart, add_state_location_arguments, check_state_location_args
 from croupier.server.durability.checkpoint_store import CheckpointStore, atomic_write_bytes
 from croupier.server.job.job import CheckpointUnavailable, Job, JobSpec
 from croupier.server.sampling.mixture import source_policy
@@ -97,7 +98,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="a controller or guardrail parameter (repeatable), e.g. temperature=0.5, floor=0.2")
     job = p.add_argument_group("job")
     job.add_argument("--job", default="default", help="job name ranks must give (empty accepts any)")
-    job.add_argument("--state-dir", required=True, help="durable checkpoints live here")
+    job.add_argument("--state-dir", required=True,
+                     help="durable checkpoints live here: a folder, or s3://bucket/prefix (state that outlives "
+                          "this host, guarded by a lease; docs/server.md)")
+    add_state_location_arguments(job)
     job.add_argument("--max-lag", type=int, default=128, help="most steps a rank may run ahead of the slowest")
     job.add_argument("--lookahead", type=int, default=64, help="most steps streamed ahead of a rank's ack")
     job.add_argument("--checkpoint-every", type=int, default=1000, help="automatic checkpoint interval (0 = off)")
@@ -199,6 +203,7 @@ def check_serve_args(args: argparse.Namespace) -> None:
     bounds.int_range("--streams-per-peer", args.streams_per_peer, 1, bounds.INT32_MAX, "streams")
     bounds.int_range("--calls-per-peer", args.calls_per_peer, 1, bounds.INT32_MAX, "calls")
     bounds.int64("--adapt-every", args.adapt_every, 1)
+    check_state_location_args(args)
     parse_log_level(args.log_level)
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ConfigError("TLS needs both --tls-cert and --tls-key")
@@ -224,6 +229,7 @@ def adapt_from_args(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     check_serve_args(args)
+    on_store = RemoteStart.prepare(args)  # an object-store --state-dir: args.state_dir is now its local copy
     before = _entries(Path(args.state_dir))
     token = read_token_file(args.token_file, MIN_SERVER_TOKEN_CHARS) if args.token_file else None
     admin = read_token_file(args.admin_token_file, MIN_SERVER_TOKEN_CHARS) if args.admin_token_file else None
@@ -257,12 +263,17 @@ def run(args: argparse.Namespace) -> int:
     store = CheckpointStore(args.state_dir, keep=args.keep_checkpoints)
     lock_fd = _lock_state_dir(store.dir)
     try:
+        if on_store is not None:
+            logs.configure(args.log_level)  # the lease's wait and takeover are logged as serving is
+            on_store.acquire()
         return _serve(args, layout, config, spec, store, token, admin, mixture, token_counts, adapt,
-                      None if tokens is None else tokens[:3])
+                      None if tokens is None else tokens[:3], on_store)
     except CroupierError:
         _remove_new_entries(store.dir, before)  # under the lock: nobody else writes there now
         raise
     finally:
+        if on_store is not None:
+            on_store.close()
         os.close(lock_fd)
         if before is None:
             _remove_if_empty(store.dir)
@@ -350,10 +361,11 @@ def tune_gc() -> None:
 
 def _serve(args: argparse.Namespace, layout: ClusterLayout, config: PolicyConfig | None, spec: JobSpec,
            store: CheckpointStore, token: str | None, admin: str | None, mixture: Mixture | None = None,
-           token_counts: Any = None, adapt: Any = None, tokens: Any = None) -> int:
+           token_counts: Any = None, adapt: Any = None, tokens: Any = None, on_store: RemoteStart | None = None) -> int:
     logs.configure(args.log_level)
     stop = threading.Event()  # installed first: a signal during start-up still stops cleanly
     received: list[int] = []
+    lost: list[str] = []  # the job's lease, taken over by another server
 
     def on_signal(signum, frame):  # noqa: ARG001
         received.append(signum)
@@ -376,6 +388,8 @@ def _serve(args: argparse.Namespace, layout: ClusterLayout, config: PolicyConfig
         metrics_port = metrics.serve(args.metrics_host, args.metrics_port) if args.metrics_port else 0
         info: dict[str, Any] = dict(describe(server), metrics_port=metrics_port, pid=os.getpid(),
                                     state_dir=str(store.dir.resolve()))
+        if on_store is not None:
+            info.update(state_dir=on_store.location.url, state_cache=str(store.dir.resolve()))
         if mixture is not None:
             info["mix"] = str(Path(args.mix).resolve())
         elif args.dataset:  # what `croupier report --state-dir` replays the draws on
@@ -387,6 +401,12 @@ def _serve(args: argparse.Namespace, layout: ClusterLayout, config: PolicyConfig
         if metrics_port:
             info["metrics_host"] = args.metrics_host
         atomic_write_bytes(store.dir / "server.json", (json.dumps(info, indent=2) + "\n").encode())
+        if on_store is not None:
+            def lease_lost(reason: str) -> None:
+                lost.append(reason)
+                stop.set()
+
+            on_store.activate(info["address"], lease_lost)
         if token is None:
             log.warning("no token configured: every user who can reach %s may call the server, Update "
                         "(online changes) included; pass --token-file (and --admin-token-file) to require one",
@@ -405,6 +425,13 @@ def _serve(args: argparse.Namespace, layout: ClusterLayout, config: PolicyConfig
 
     while not stop.wait(1.0):
         pass
+    if lost:
+        log.critical("stopping: the job's lease was lost", extra={"event": "stopping", "reason": lost[0]})
+        server.stop(0, checkpoint=False)
+        metrics.stop()
+        print(json.dumps({"event": "stopped", "error": lost[0]}), flush=True)
+        print(f"croupier serve: stopped: {lost[0]}", file=sys.stderr, flush=True)
+        return 1
     log.info("stopping", extra={"event": "stopping", "signal": signal.Signals(received[0]).name})
     try:
         server.stop(args.grace)

@@ -29,6 +29,7 @@ from typing import Any
 
 from croupier.errors import ConfigError, StateError
 from croupier.format.atomic import fsync_dir, write_bytes_atomic
+from croupier.server.durability.remote_state import replica_of
 
 MAGIC = b"CRPRCKPT"
 VERSION = 1
@@ -52,8 +53,13 @@ class StoredCheckpoint:
 
 def atomic_write_bytes(target: Path, data: bytes) -> None:
     """Writes `data` to `target` so that a crash leaves the old or the new content, whole; the
-    folder must exist (a deleted state directory is a fault to report, not to recreate)."""
+    folder must exist (a deleted state directory is a fault to report, not to recreate). A
+    state directory kept on an object store gets the same content there before this returns
+    (`remote_state`); OSError when either refuses."""
     write_bytes_atomic(target, data, make_parent=False)
+    replica = replica_of(target.parent)
+    if replica is not None:
+        replica.put(target, data)
 
 
 def encode_checkpoint(meta: dict[str, Any], state: bytes) -> bytes:
@@ -207,3 +213,16 @@ class CheckpointStore:
                 except FileNotFoundError:
                     pass
                 self._kinds.pop(s, None)
+                self._unlink_remote(self.path_of(s))
+
+    def _unlink_remote(self, path: Path) -> None:
+        """The object-store copy of a pruned checkpoint goes too (best effort: a checkpoint
+        left there is an older one the next start may read, never a wrong one)."""
+        replica = replica_of(self.dir)
+        if replica is None:
+            return
+        try:
+            replica.delete(path)
+        except OSError as exc:
+            log.warning("could not delete a pruned checkpoint from the object store",
+                        extra={"event": "prune_remote_failed", "path": path.name, "reason": str(exc)})

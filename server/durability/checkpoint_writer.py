@@ -263,7 +263,7 @@ class CheckpointWriter:
 
     def _failed(self, path: Path, exc: OSError) -> None:
         now = time.monotonic()
-        errno_name = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+        errno_name = exc.strerror or (os.strerror(exc.errno) if exc.errno else type(exc).__name__)
         self._failures += 1
         self._error = f"{path}: [errno {exc.errno}] {errno_name}"
         if now - self._last_logged >= self._delay:  # once per retry window

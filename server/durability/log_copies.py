@@ -225,11 +225,31 @@ class MirroredLog:
         size = os.fstat(self.main._file.fileno()).st_size
         index = self.main.append(event)
         try:
+            copy_size = os.fstat(self.copy._file.fileno()).st_size
             self.copy.append(event)
         except BaseException:
             self.main.truncate_last(size)
             raise
+        try:
+            self._replicate()
+        except BaseException:
+            self.main.truncate_last(size)
+            self.copy.truncate_last(copy_size)
+            try:
+                self._replicate()  # best effort: the refused change leaves the object store too
+            except OSError:
+                pass
+            raise
         return index
+
+    def _replicate(self) -> None:
+        """A state directory kept on an object store: both copies, whole, there too."""
+        from croupier.server.durability.remote_state import replica_of
+
+        replica = replica_of(self.main.path.parent)
+        if replica is not None:
+            replica.put(self.main.path, self.main.path.read_bytes())
+            replica.put(self.copy.path, self.copy.path.read_bytes())
 
     def close(self) -> None:
         self.main.close()

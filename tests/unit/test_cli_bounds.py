@@ -86,7 +86,7 @@ def bad_seconds(zero_ok: bool, high: float) -> st.SearchStrategy[float]:
 
 def command(line: list[str], tmp: Path, port: int) -> list[str]:
     out = [x.format(port=port, tmp=tmp) for x in line]
-    if out[0] == "serve":
+    if out[0] == "serve" and "--state-dir" not in out:
         out += ["--state-dir", str(tmp / "state")]
     return out
 
@@ -154,6 +154,11 @@ def test_a_source_weight_that_is_not_finite_and_positive_is_one_line(weight, tmp
     (SERVE + ["--port", "70000"], "--port must be in [0, 65535] (0 picks a free port), got 70000"),
     (SERVE + ["--port", "-1"], "--port must be in [0, 65535] (0 picks a free port), got -1"),
     (SERVE + ["--grace", "-1"], "--grace must be a finite number of seconds >= 0"),
+    (SERVE + ["--lease-ttl", "0"], "--lease-ttl must be in [1, 300] seconds, got 0.0"),
+    (SERVE + ["--lease-ttl", "nan"], "--lease-ttl must be in [1, 300] seconds, got nan"),
+    (SERVE + ["--state-cache", "{tmp}/cache"], "--state-cache is for a --state-dir on an object store (s3://...)"),
+    (SERVE + ["--state-dir", "gs://bucket/job"], "--state-dir on an object store must be s3://BUCKET[/PREFIX], "
+                                                 "got 'gs://bucket/job'"),
     (SERVE + ["--global-batch", "-1"], "--global-batch must be >= 1, got -1"),
     (SERVE + ["--max-workers", "0"], "--max-workers must be in [1, 1024] (threads), got 0"),
     (SERVE + ["--streams-per-peer", "0"], "--streams-per-peer must be in [1, 2147483647] (streams), got 0"),

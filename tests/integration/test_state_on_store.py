@@ -1,0 +1,163 @@
+"""`croupier serve --state-dir s3://...` on a real S3-compatible server on loopback: the job's
+state outlives its host, and a lease keeps two servers from writing one job.
+
+- kill -9 the server, delete its local disk, start another one elsewhere on the same bucket:
+  it waits out the dead one's lease, takes over and says so, ranks reconnect at the same
+  address, and every step (an online change included) is exact;
+- a second server started while the first holds the job is refused, naming the holder;
+- a clean stop releases the lease (the next server starts at once and resumes where the
+  first stopped);
+- a refused start writes nothing to the bucket.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cases.durability import SIZES, B
+from cases.s3 import BUCKET
+from cases.serve_process import ServeProcess
+from croupier.layout import ClusterLayout
+from croupier.proto import pb2, slice_ids
+from croupier.server.sampling.policy import PolicyConfig
+from croupier.server.sampling.sampler import Sampler
+from workers.harness import free_port, wait_for
+
+TTL = 2.0
+CHANGE_STEP, NEW_CLIP = 40, 7
+ARGS = ["--cluster-sizes", ",".join(map(str, SIZES)), "--policy", "clusterclip", "--clip", "5",
+        "--global-batch", str(B), "--seed", "0", "--checkpoint-every", "10", "--max-lag", "16", "--lookahead", "4",
+        "--lease-ttl", str(TTL)]
+
+
+def reference(n: int) -> list[np.ndarray]:
+    """The job's global batches with its online change (clip 5 -> 7 from CHANGE_STEP)."""
+    s = Sampler(ClusterLayout.from_sizes(SIZES), PolicyConfig("clusterclip", clip=5), B, seed=0)
+    s.schedule(CHANGE_STEP, clip=NEW_CLIP)
+    return [s.next_batch() for _ in range(n)]
+
+
+def fetch(stub, world: int, start: int, stop: int) -> list[np.ndarray]:
+    out = []
+    for t in range(start, stop):
+        parts = [slice_ids(stub.GetSlice(pb2.GetSliceRequest(rank=r, world_size=world, step=t), timeout=20).slice)
+                 for r in range(world)]
+        for r in range(world):
+            stub.Ack(pb2.AckRequest(rank=r, world_size=world, next_step=t + 1), timeout=20)
+        out.append(np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]))
+    return out
+
+
+def objects(s3, prefix: str) -> set[str]:
+    got = s3["client"].list_objects_v2(Bucket=BUCKET, Prefix=prefix + "/").get("Contents", [])
+    return {o["Key"][len(prefix) + 1:] for o in got}
+
+
+@pytest.fixture
+def serve(tmp_path: Path, s3) -> Iterator[Callable[..., ServeProcess]]:
+    """serve(url, cache, extra) -> a started server on the bucket; all ended with the test."""
+    with ExitStack() as stack:
+
+        def start(url: str, cache: Path, extra: list[str] | None = None) -> ServeProcess:
+            server = ServeProcess(ARGS, url, tmp_path / "server.log", ["--state-cache", str(cache), *(extra or [])])
+            stack.callback(server.close)
+            return server
+
+        yield start
+
+
+def log_events(path: Path) -> list[dict]:
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+@pytest.mark.slow
+def test_killed_server_is_taken_over_elsewhere_and_every_step_is_exact(tmp_path: Path, s3, serve) -> None:
+    prefix = f"jobs/{uuid.uuid4().hex}"
+    url = f"s3://{BUCKET}/{prefix}"
+    port = free_port()
+    ref = reference(90)
+    first = serve(url, tmp_path / "host-a", ["--port", str(port)])
+    assert first.info["state_dir"] == url
+    for r in range(2):
+        first.stub.Join(pb2.JoinRequest(rank=r, world_size=2), timeout=20)
+    got = fetch(first.stub, 2, 0, 20)
+    eff = first.stub.Update(pb2.UpdateRequest(step=CHANGE_STEP, clip=NEW_CLIP), timeout=20).effective_step
+    assert eff == CHANGE_STEP
+    got += fetch(first.stub, 2, 20, 57)
+    wait_for(lambda: first.status().durable_step >= 50, 30, "the checkpoint of step 50")
+    stored = objects(s3, prefix)
+    assert {"events.log", "events.copy.log", "generated.mark", "server.json", "lease.json",
+            "ckpt-000000000050.bin"} <= stored
+    assert first.kill() == -signal.SIGKILL
+    shutil.rmtree(tmp_path / "host-a")  # the first host's disk is gone
+
+    second = serve(url, tmp_path / "host-b", ["--port", str(port)])
+    assert second.info["resumed_from"] == 50
+    events = log_events(tmp_path / "server.log")
+    took = [e for e in events if e.get("event") == "lease_takeover"]
+    assert len(took) == 1 and f"pid {first.proc.pid}" in took[0]["previous"]
+    # The ranks reconnect at the same address and resume at their acknowledged step.
+    nexts = [second.stub.Join(pb2.JoinRequest(rank=r, world_size=2), timeout=20).next_step for r in range(2)]
+    assert nexts[0] == nexts[1] and 50 <= nexts[0] <= 57
+    again = fetch(second.stub, 2, 50, 90)
+    for t, batch in zip(range(50, 90), again):
+        assert np.array_equal(batch, ref[t]), t  # replayed steps 50..56 included
+    for t in range(57):
+        assert np.array_equal(got[t], ref[t]), t
+    assert second.kill(signal.SIGTERM) == 0
+    assert "lease.json" not in objects(s3, prefix)  # released on the clean stop
+
+
+@pytest.mark.slow
+def test_second_server_is_refused_naming_the_holder(tmp_path: Path, s3, serve) -> None:
+    url = f"s3://{BUCKET}/jobs/{uuid.uuid4().hex}"
+    first = serve(url, tmp_path / "host-a")
+    r = subprocess.run([sys.executable, "-m", "croupier", "serve", *ARGS, "--state-dir", url,
+                        "--state-cache", str(tmp_path / "host-b")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("croupier serve: error: the job at " + url + " is held by pid " + str(first.proc.pid))
+    assert first.info["address"] in last
+    assert "Traceback" not in r.stderr
+    # The first server is unaffected.
+    first.stub.Join(pb2.JoinRequest(rank=0, world_size=1), timeout=20)
+    assert fetch(first.stub, 1, 0, 3)[2].size == B
+
+
+@pytest.mark.slow
+def test_clean_stop_releases_the_lease_and_a_refused_start_writes_nothing(tmp_path: Path, s3, serve) -> None:
+    prefix = f"jobs/{uuid.uuid4().hex}"
+    url = f"s3://{BUCKET}/{prefix}"
+    bad = subprocess.run([sys.executable, "-m", "croupier", "serve", *ARGS, "--state-dir", url, "--weights", "1,2",
+                          "--policy", "weighted"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+    assert objects(s3, prefix) == set()
+    ref = reference(30)
+    first = serve(url, tmp_path / "host-a")
+    first.stub.Join(pb2.JoinRequest(rank=0, world_size=1), timeout=20)
+    got = fetch(first.stub, 1, 0, 25)
+    assert first.kill(signal.SIGTERM) == 0
+    assert "lease.json" not in objects(s3, prefix)
+    second = serve(url, tmp_path / "host-a")  # the same cache folder, refreshed from the bucket
+    assert second.info["resumed_from"] == 25
+    assert not [e for e in log_events(tmp_path / "server.log") if e.get("event") == "lease_wait"]
+    got += fetch(second.stub, 1, 25, 30)
+    for t in range(30):
+        assert np.array_equal(got[t], ref[t]), t
