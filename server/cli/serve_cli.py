@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -157,8 +158,19 @@ def _lock_state_dir(state_dir: Path) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        try:
+            holder = json.loads(os.read(fd, 4096) or b"{}")
+        except ValueError:
+            holder = {}
         os.close(fd)
-        raise ConfigError(f"state directory {state_dir} is in use by another croupier server") from None
+        who = f" (pid {holder['pid']} on host {holder['host']})" if isinstance(holder, dict) and "pid" in holder \
+            and "host" in holder else ""
+        raise ConfigError(f"state directory {state_dir} is in use by another croupier server{who}") from None
+    try:  # who holds it, for the next server's refusal (best effort: the lock is what counts)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+    except OSError:
+        pass
     return fd
 
 

@@ -96,7 +96,8 @@ def test_serve_a_dataset_with_a_token_then_stop_on_sigterm(dataset: Path, tmp_pa
         # A second server on the same state directory is refused.
         second = subprocess.run([sys.executable, "-m", "croupier", "serve", *args[:-4], "--job", "demo"],
                                 capture_output=True, text=True, timeout=60)
-        assert second.returncode == 2 and "in use by another croupier server" in second.stderr
+        assert second.returncode == 2
+        assert f"in use by another croupier server (pid {proc.pid} on host {socket.gethostname()})" in second.stderr
     finally:
         _, out = terminate(proc, 30)
     assert proc.returncode == 0

@@ -161,3 +161,56 @@ def test_clean_stop_releases_the_lease_and_a_refused_start_writes_nothing(tmp_pa
     got += fetch(second.stub, 1, 25, 30)
     for t in range(30):
         assert np.array_equal(got[t], ref[t]), t
+
+
+@pytest.mark.slow
+def test_bucket_outage_refuses_changes_and_serving_goes_on(tmp_path: Path, monkeypatch) -> None:
+    """The object store goes away while the job serves: an online change is refused
+    (UNAVAILABLE, never acknowledged), ranks keep reading, checkpoint health says why; when
+    the store is back, writes recover under the same lease and a restart resumes exactly."""
+    import boto3
+    import grpc
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    store = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    store.start()
+    env = {"S3_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "croupier-test",
+           "AWS_SECRET_ACCESS_KEY": "croupier-test-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    bucket = "croupier-outage"
+    boto3.client("s3", endpoint_url=env["S3_ENDPOINT_URL"]).create_bucket(Bucket=bucket)
+    url = f"s3://{bucket}/job"
+    server = ServeProcess(ARGS[:-2] + ["--lease-ttl", "3"], url, tmp_path / "server.log",
+                          ["--state-cache", str(tmp_path / "cache")])
+    try:
+        server.stub.Join(pb2.JoinRequest(rank=0, world_size=1), timeout=20)
+        got = fetch(server.stub, 1, 0, 12)
+        store.stop()
+        with pytest.raises(grpc.RpcError) as err:
+            server.stub.Update(pb2.UpdateRequest(step=CHANGE_STEP, clip=NEW_CLIP), timeout=60)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "online change not applied" in err.value.details() and f"s3://{bucket}/job" in err.value.details()
+        got += fetch(server.stub, 1, 12, 30)  # serving goes on
+        wait_for(lambda: server.status().checkpoint_error != "", 60, "checkpoint health to report the outage")
+        assert f"s3://{bucket}/job" in server.status().checkpoint_error
+        store = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        store.start()  # the same in-process store, back
+        wait_for(lambda: server.status().checkpoint_error == "", 90, "checkpoint writes to recover")
+        assert server.kill(signal.SIGTERM) == 0
+        again = ServeProcess(ARGS[:-2] + ["--lease-ttl", "3"], url, tmp_path / "server.log",
+                             ["--state-cache", str(tmp_path / "cache")])
+        try:
+            assert again.info["resumed_from"] == 30
+            again.stub.Join(pb2.JoinRequest(rank=0, world_size=1), timeout=20)
+            got += fetch(again.stub, 1, 30, 60)
+        finally:
+            again.close()
+        # The refused change never took effect: the job is the one without it.
+        plain = Sampler(ClusterLayout.from_sizes(SIZES), PolicyConfig("clusterclip", clip=5), B, seed=0)
+        for t in range(60):
+            assert np.array_equal(got[t], plain.next_batch()), t
+    finally:
+        server.close()
+        store.stop()
