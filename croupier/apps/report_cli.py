@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "clusters, to choose and defend a clip threshold.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--server", metavar="HOST:PORT", help="read counters from a live sampler server")
-    src.add_argument("--state-dir", metavar="DIR", help="read the newest checkpoint of a server's state directory")
+    src.add_argument("--state-dir", metavar="DIR", help="read the newest checkpoint of a server's state directory (a folder or s3://bucket/prefix)")
     p.add_argument("--out", default="report", help="output folder (default: report/)")
     p.add_argument("--dataset", default=None,
                    help="dataset folder with the cluster sidecar (default: the one the server or state names)")
@@ -47,8 +47,11 @@ def run(args: argparse.Namespace) -> int:
                                   replay=not args.no_replay, tls_ca=conn.tls_ca,
                                   tls_server_name=conn.tls_server_name, mix=args.mix)
     else:
-        data = report.from_state_dir(args.state_dir, dataset=args.dataset, selection=args.selection,
-                                     replay=not args.no_replay, mix=args.mix)
+        from croupier.server.durability.remote_state import local_copy
+
+        with local_copy(args.state_dir) as state_dir:  # an s3:// state directory is read from a fetched copy
+            data = report.from_state_dir(state_dir, dataset=args.dataset, selection=args.selection,
+                                         replay=not args.no_replay, mix=args.mix)
     paths = report.write_report(data, args.out)
     if args.table:
         print(report.cluster_table(data, limit=args.table))

@@ -24,17 +24,20 @@ dot-files (the lock, temporary files), the lease, and the local cache of remote 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import shutil
+import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from croupier.server.durability.lease import LEASE_NAME, Lease
 from croupier.server.durability.object_store import ObjectStoreLocation
 
-__all__ = ["RemoteState", "replica_of"]
+__all__ = ["RemoteState", "local_copy", "replica_of"]
 
 CACHE_DIRS = ("remote-sidecars",)
 """Local folders of the state directory that are caches, never state."""
@@ -155,3 +158,25 @@ def _is_state(rel: str) -> bool:
 def clear_cache(local: Path) -> None:
     """Removes a temporary local copy (after a clean stop)."""
     shutil.rmtree(local, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def local_copy(state_dir: str | os.PathLike[str]) -> Iterator[Path]:
+    """A state directory to read (`simulate --state-dir`, `report`): a local path as it is, an
+    object-store URL fetched into a temporary folder (read-only: no lease is taken, nothing is
+    written back)."""
+    from croupier.errors import StateError
+    from croupier.server.durability.object_store import ObjectStoreLocation, is_state_url
+
+    if not is_state_url(str(state_dir)):
+        yield Path(state_dir)
+        return
+    location = ObjectStoreLocation(str(state_dir))
+    with tempfile.TemporaryDirectory(prefix="croupier-state-") as tmp:
+        try:
+            n = RemoteState(location, Path(tmp), None).pull()
+        except OSError as exc:
+            raise StateError(f"cannot read --state-dir {location.url}: {exc.strerror or exc}") from None
+        if n == 0:
+            raise StateError(f"state directory {location.url} does not exist (no objects under it)")
+        yield Path(tmp)

@@ -163,3 +163,17 @@ def test_refused_remote_append_is_cut_from_both_local_copies(location: ObjectSto
         state.deactivate()
         log.close()
     assert replica_of(tmp_path) is None
+
+
+def test_a_state_url_is_read_from_a_fetched_copy(location: ObjectStoreLocation) -> None:
+    from croupier.errors import StateError
+    from croupier.server.durability.remote_state import local_copy
+
+    location.put("generated.mark", b"{}")
+    location.put(LEASE_NAME, b"{}")
+    with local_copy(location.url) as folder:
+        assert sorted(p.name for p in folder.iterdir()) == ["generated.mark"]
+    assert not folder.exists()
+    with pytest.raises(StateError, match="does not exist"):
+        with local_copy(location.url + "-missing"):
+            pass
