@@ -16,7 +16,9 @@ Other source keys: `selection` (draw only inside that named selection), `cluster
 (weighted: a list, or "@FILE" with one number per line), `epochs` (random: passes at most),
 `remote` (where ranks read the shards, default the sidecar's remote or the dataset),
 `cluster_sizes` with `block_size` (a synthetic source with contiguous ids, for dry runs and
-tests; no shards). Unknown keys are refused by name.
+tests; no shards), `token_budget` (unit = "tokens", two sources or more: the stream tokens, EOS
+included, the source deals at most under a job dealt in tokens; then its share goes to the
+others). Unknown keys are refused by name.
 
 Global ids are each source's local ids offset by the full id spaces of the sources before it,
 in file order. A mixture of one source builds the single-dataset sampler: same fingerprint,
@@ -48,7 +50,7 @@ SOURCE_POLICIES: tuple[str, ...] = ("uniform", "clusterclip", "weighted", "rando
 ON_SOURCE_EXHAUSTED: tuple[str, ...] = ("redistribute", "stop")
 _TOP_KEYS = ("sources", "budget_steps", "min_active_share", "on_source_exhausted", "unit")
 _SOURCE_KEYS = ("dataset", "cluster_sizes", "block_size", "weight", "policy", "clip", "cluster_weights",
-                "selection", "epochs", "remote")
+                "selection", "epochs", "remote", "token_budget")
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ class SourceDecl:
     selection: str | None
     epochs: int | None
     remote: str | None
+    token_budget: int | None = None  # stream tokens (tokens + EOS) at most, under steps in tokens
 
 
 @dataclass(frozen=True)
@@ -240,12 +243,22 @@ def parse_mix(text: str, path: str = "<mix>") -> MixSpec:
         for key in ("dataset", "selection", "remote"):
             if key in t and (not isinstance(t[key], str) or not t[key]):
                 raise ConfigError(f"{where}: {key} must be a non-empty string, got {t[key]!r}")
+        token_budget = None
+        if "token_budget" in t:
+            if unit != "tokens":
+                raise ConfigError(f"{where}: token_budget counts tokens and needs unit = \"tokens\" at the top "
+                                  f"level, got unit = {unit!r}")
+            token_budget = _int(where, "token_budget", t["token_budget"], 1)
         ds = t.get("dataset")
         if ds is not None and "://" not in ds and not Path(ds).is_absolute():
             ds = str((base / ds).resolve())
         decls.append(SourceDecl(name=name, weight=float(w), policy=policy, clip=clip, auto_clip=auto,
                                 dataset=ds, cluster_sizes=sizes, block_size=block, cluster_weights=cw,
-                                selection=t.get("selection"), epochs=epochs, remote=t.get("remote")))
+                                selection=t.get("selection"), epochs=epochs, remote=t.get("remote"),
+                                token_budget=token_budget))
+    if len(decls) < 2 and decls[0].token_budget is not None:
+        raise ConfigError(f"mixture file {path}: token_budget {decls[0].token_budget} of the only source "
+                          f"{decls[0].name!r} needs a second source to take its share (one source: use --steps)")
     check_source_weights([d.weight for d in decls], [d.name for d in decls])
     synthetic = [n for d in decls for n in (d.cluster_sizes or ())]
     if synthetic:  # the sources' ids are one id space: their sizes' total must fit int64 too

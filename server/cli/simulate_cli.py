@@ -37,6 +37,7 @@ from croupier.server.cli.policy_args import (
 from croupier.server.sampling.mix_sampler import MixSampler
 from croupier.server.sampling.mixture import mixture_sampler
 from croupier.server.sampling.sampler import Sampler
+from croupier.server.sampling.token_mixture import TokenMixDealer
 from croupier.topology import Topology
 
 __all__ = ["Schedule", "format_summary", "layout_from_args", "policy_from_args", "register", "run", "simulate"]
@@ -302,6 +303,7 @@ def _run_tokens(args: argparse.Namespace, schedule) -> int:
     if args.rank is not None:
         Topology(rank=args.rank, world=world)
     dealer = token_dealer_from_args(args, schedule)
+    exact = isinstance(dealer, TokenMixDealer)
     if args.format == "jsonl":
         for t in range(args.steps):
             try:
@@ -310,14 +312,60 @@ def _run_tokens(args: argparse.Namespace, schedule) -> int:
                 print(f"croupier simulate: end of data at step {exc.step}", file=sys.stderr)
                 break
             sl = st.part(0 if args.rank is None else args.rank, 1 if args.rank is None else world)
-            sys.stdout.write(json.dumps({"step": t, "tokens": sl.tokens, "indices": sl.ids.tolist(),
-                                         "first_skip": sl.skip, "last_end": sl.end}) + "\n")
+            row = {"step": t, "tokens": sl.tokens, "indices": sl.ids.tolist(), "first_skip": sl.skip,
+                   "last_end": sl.end}
+            if exact:  # each piece's stream tokens, and the step's tokens per source against its target
+                row.update(token_mix_row(dealer, st, sl))
+            sys.stdout.write(json.dumps(row) + "\n")
         return 0
     sched = simulate(dealer, args.steps)
     print(f"steps in tokens: schedule {schedule} (global tokens from a step on), {schedule.offset(sched.steps_run):,} "
           f"tokens in {sched.steps_run} steps, {dealer.chunk} documents per draw")
-    print(format_summary(dealer, sched))
+    print(format_token_mix_summary(dealer, sched) if exact else format_summary(dealer, sched))
     return 0
+
+
+def token_mix_row(dealer, step, part) -> dict:  # noqa: ANN001 - a TokenMixDealer, its MixTokenStep and a slice
+    """jsonl fields of a token-exact mixture's step: `spans` ([start, end) of each document of the
+    slice), and per source the step's tokens and its exact target share (`source_targets`)."""
+    names = [s.name for s in dealer.sources]
+    got = step.source_tokens(len(names))
+    return {"spans": [list(r) for r in part.ranges()],
+            "source_tokens": {n: int(g) for n, g in zip(names, got.tolist())},
+            "source_targets": {n: round(float(x), 3) for n, x in zip(names, step.targets.tolist())}}
+
+
+def format_token_mix_summary(dealer, sched: Schedule) -> str:  # noqa: ANN001 - a TokenMixDealer
+    """Per source of a token-exact mixture: weight, tokens dealt against the target (the sum of
+    each step's exact share), the largest gap, budget and the step it ran out."""
+    dealt, target = dealer.source_tokens()
+    total = int(dealt.sum())
+    names = [s.name for s in dealer.sources]
+    width = max(8, max(len(n) for n in names))
+    lines = [f"token-exact mixture of {len(names)} sources  clusters {dealer.layout.num_clusters}  "
+             f"steps {sched.steps_run}  seed {dealer.seed}  on_source_exhausted {dealer.on_source_exhausted}", ""]
+    lines.append(f"{'source':>{width}} {'policy':>11} {'weight':>8} {'docs/draw':>9} {'tokens':>12} {'target':>14} "
+                 f"{'share':>7} {'budget':>12} {'exhausted at':>12}")
+    for i, src in enumerate(dealer.sources):
+        ex = "-" if dealer.exhausted_at[i] < 0 else str(int(dealer.exhausted_at[i]))
+        budget = "-" if src.token_budget is None else f"{src.token_budget:,}"
+        lines.append(f"{src.name:>{width}} {src.config.policy:>11} {src.weight:>8.4g} {src.chunk:>9} "
+                     f"{int(dealt[i]):>12,} {target[i]:>14,.1f} {(dealt[i] / total if total else 0.0):>7.1%} "
+                     f"{budget:>12} {ex:>12}")
+    lines.append(f"{'total':>{width}} {'':>11} {'':>8} {'':>9} {total:>12,} {float(target.sum()):>14,.1f}")
+    lines.append(f"each step gives each source floor or ceil of its share of the step's tokens (a step where a source "
+                 f"runs out: the rest by the others' shares); |tokens - target| <= "
+                 f"{float(np.abs(dealt - target).max()) if total else 0.0:.2f} per source here")
+    for i in np.argsort(dealer.exhausted_at, kind="stable"):
+        if dealer.exhausted_at[i] >= 0:
+            why = "its token budget" if dealer.sources[i].token_budget is not None and \
+                dealt[i] >= dealer.sources[i].token_budget else "its clip"
+            lines.append(f"source {names[i]!r} ran out ({why}) at step {int(dealer.exhausted_at[i])}: "
+                         + ("its share went to the other sources" if dealer.on_source_exhausted == "redistribute"
+                            else "the job ends there (on_source_exhausted=stop)"))
+    if sched.end_of_data_step is not None:
+        lines.append(f"END OF DATA at step {sched.end_of_data_step}")
+    return "\n".join(lines)
 
 
 def _mark_fingerprint(state_dir: Path) -> str:

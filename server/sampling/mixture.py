@@ -2,20 +2,24 @@
 
 Pure: the mixture comes opened (`croupier.mixture.load_mix` / `open_mix` read the file and
 the sidecars); a mixture of one source builds exactly the single-dataset sampler, so its
-fingerprint and sequence equal `croupier serve DATASET` with the same flags.
+fingerprint and sequence equal `croupier serve DATASET` with the same flags. A mixture of
+several sources in `unit = "tokens"` builds a `TokenUnitMix`: the same documents as a
+`MixSampler`, and token-exact shares under a job dealt in tokens (`token_mixture`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from croupier.errors import ConfigError
 from croupier.mixture import Mixture
 from croupier.server.sampling.autoclip import derive_clip
 from croupier.server.sampling.mix_sampler import MixSampler, MixSource
 from croupier.server.sampling.policy import PolicyConfig
 from croupier.server.sampling.sampler import Sampler
+from croupier.server.sampling.token_mixture import TokenMixSource, TokenUnitMix, source_chunks
 
-__all__ = ["mixture_sampler", "source_policy"]
+__all__ = ["mixture_sampler", "source_policy", "token_sources"]
 
 
 def source_policy(mixture: Mixture, index: int = 0) -> PolicyConfig:
@@ -41,4 +45,27 @@ def mixture_sampler(mixture: Mixture, global_batch: int, seed: int = 0) -> Sampl
         sources.append(MixSource(name=d.name, layout=layout, id_offset=info.offset, weight=float(weights[i]),
                                  policy=d.policy, clip=clip, cluster_weights=d.cluster_weights,
                                  epochs=d.epochs))
+    if mixture.spec.unit == "tokens":
+        return TokenUnitMix(sources, global_batch, seed, mixture.spec.on_source_exhausted,
+                            token_sources(mixture, global_batch))
     return MixSampler(sources, global_batch, seed, mixture.spec.on_source_exhausted)
+
+
+def token_sources(mixture: Mixture, chunk: int) -> list[TokenMixSource]:
+    """The sources of a `unit = "tokens"` mixture as a token stream deals them exactly
+    (`token_mixture`): token weights as the file gives them, each source's policy (an auto clip
+    takes budget_steps draws of its documents per draw), its token counts and budget, and
+    documents per draw: its expected share of the `chunk` documents a step draws."""
+    pieces = list(mixture.token_counts) + [None] * (len(mixture.infos) - len(mixture.token_counts))
+    for info, c in zip(mixture.infos, pieces):
+        if c is None:
+            raise ConfigError(f"unit = \"tokens\" needs per-sample token counts in every source; source "
+                              f"{info.name!r} has none")
+    weights = np.array(mixture.sample_weights)
+    chunks = source_chunks(weights / weights.sum(), int(chunk))
+    out = []
+    for i, (d, layout, info) in enumerate(zip(mixture.spec.sources, mixture.layouts, mixture.infos)):
+        out.append(TokenMixSource(name=d.name, layout=layout, id_offset=info.offset, weight=float(d.weight),
+                                  config=source_policy(mixture, i), counts=np.asarray(pieces[i]), chunk=chunks[i],
+                                  token_budget=d.token_budget, epochs=d.epochs))
+    return out

@@ -187,12 +187,27 @@ class TokenDealer:
 
     new_inner: a fresh document sampler (global batch = `chunk` documents per draw).
     counts: per-sample token counts as (id offset, counts) pieces.
+
+    Over a `unit = "tokens"` mixture (new_inner builds a `token_mixture.TokenUnitMix`) the
+    dealer built is a `token_mixture.TokenMixDealer`: each source's share holds to the token.
     """
+
+    def __new__(cls, new_inner: Callable[[], object] | None = None, *args: object, **kwargs: object) -> TokenDealer:
+        from croupier.server.sampling.token_mixture import TokenMixDealer, TokenUnitMix
+
+        if new_inner is None:  # copy and pickle make the object first, then set its state
+            return object.__new__(cls)
+        probe = new_inner()
+        kind = TokenMixDealer if cls is TokenDealer and isinstance(probe, TokenUnitMix) else cls
+        obj = object.__new__(kind)
+        obj.__dict__["_probe"] = probe  # the first document sampler: __init__ takes it
+        return obj
 
     def __init__(self, new_inner: Callable[[], object], counts: list[tuple[int, np.ndarray]],
                  schedule: TokenSchedule, chunk: int) -> None:
         self._new_inner = new_inner
-        self.inner = new_inner()
+        probe: object | None = self.__dict__.pop("_probe", None)
+        self.inner: object = new_inner() if probe is None else probe
         self.schedule = schedule
         self.chunk = int(chunk)
         self._count = counts_lookup(counts)
