@@ -294,8 +294,13 @@ def run(args: argparse.Namespace) -> int:
 def _tokens_from_args(args: argparse.Namespace, schedule: Any, mixture: Any, layout: ClusterLayout,
                       token_counts: Any, config: PolicyConfig | None) -> tuple[Any, Any, int, Any] | None:
     """(schedule, per-sample token counts, documents per draw, the document sampler's policy)
-    of a job dealt in tokens (--global-tokens / --token-schedule), None for one in documents."""
+    of a job dealt in tokens (--global-tokens / --token-schedule), None for one in documents.
+    A `unit = "tokens"` mixture dealt in tokens holds its shares to the token (token_mixture)."""
     if schedule is None:
+        budgets = [] if mixture is None else [d.name for d in mixture.spec.sources if d.token_budget is not None]
+        if budgets:
+            raise ConfigError(f"token_budget (source {budgets[0]!r}) stops a source at N tokens and needs steps in "
+                              "tokens (--global-tokens or --token-schedule), not --global-batch")
         return None
     import numpy as np
 

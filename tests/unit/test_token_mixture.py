@@ -289,6 +289,16 @@ def test_simulate_prints_per_source_tokens_against_target(built_mix, capsys) -> 
     assert "needs steps in tokens" in capsys.readouterr().err
 
 
+def test_serve_refuses_a_budget_under_global_batch(built_mix, tmp_path, capsys) -> None:
+    from croupier.cli import main
+
+    assert main(["serve", "--mix", str(built_mix[0]), "--global-batch", "8", "--state-dir", str(tmp_path / "st"),
+                 "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("token_budget (source 'long') stops a source at N tokens and needs steps in tokens "
+                            "(--global-tokens or --token-schedule), not --global-batch"), err
+
+
 def stream_tokens(rows: list[dict], datasets: list[Path], tok_path: Path, cache: Path) -> list[list[int]]:
     """Per step, the tokens of simulate's pieces (each document's tokens + EOS, cut at its span)."""
     from cases.shards_build import read_back
