@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Union
 
+import numpy as np
+
 from croupier import bounds
 from croupier.client.rank_feed import RankFeed
 from croupier.proto import pack_ids, pb2, slice_ids
@@ -444,9 +446,35 @@ def per_rank(slices: Iterable[pb2.Slice], n: int) -> list[list[pb2.Slice]]:
                 part.append(sl)
             continue
         ids = slice_ids(sl)
+        if sl.packed_token_spans:
+            for part, piece in zip(out, _token_parts(sl, ids, n)):
+                part.append(piece)
+            continue
         p = len(ids) // n
         for i, part in enumerate(out):
             part.append(pb2.Slice(step=sl.step, kind=sl.kind, packed_ids=pack_ids(ids[i * p:(i + 1) * p])))
+    return out
+
+
+def _token_parts(sl: pb2.Slice, ids: np.ndarray, n: int) -> list[pb2.Slice]:
+    """A step dealt in tokens: n ranks' parts one after another, each exactly 1/n of the slice's
+    stream tokens (a document split between two ranks appears in both, with its two spans)."""
+    spans = np.frombuffer(sl.packed_token_spans, dtype="<i8").reshape(-1, 3)
+    if len(spans) != len(ids):
+        raise ValueError(f"slice of step {sl.step} carries {len(spans)} token spans for {len(ids)} ids")
+    cum = np.cumsum(spans[:, 1] - spans[:, 0])
+    total = int(cum[-1]) if len(cum) else 0
+    if total % n:
+        raise ValueError(f"slice of step {sl.step} holds {total} tokens, not a multiple of its {n} ranks")
+    per = total // n
+    ends = np.searchsorted(cum, per * np.arange(1, n + 1), side="left") + 1
+    if per and not np.array_equal(cum[ends - 1], per * np.arange(1, n + 1)):
+        raise ValueError(f"slice of step {sl.step}: its ranks' parts do not end on {per}-token boundaries")
+    out, start = [], 0
+    for end in ends.tolist():
+        out.append(pb2.Slice(step=sl.step, kind=sl.kind, packed_ids=pack_ids(ids[start:end]),
+                             packed_token_spans=np.ascontiguousarray(spans[start:end]).tobytes()))
+        start = end
     return out
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from croupier.errors import ConfigError
 from croupier.server.job.types import SliceData
 from croupier.server.sampling.sequence_window import SequenceWindow
 from croupier.server.sampling.token_stream import TokenSchedule, TokenStep
@@ -19,13 +18,13 @@ def cut_slice(step: int, batch: np.ndarray | TokenStep, rank: int, world: int, c
     """Ranks rank .. rank + count - 1's slice of a global batch (one after another), or (steps
     in tokens) a rank's equal part of the step's tokens with each document's token span."""
     if isinstance(batch, TokenStep):
-        if count > 1:
-            raise ConfigError("steps in tokens are dealt to one rank per lane: connect ranks directly, not "
-                              "through a node agent")
-        sl = batch.part(rank, world)
-        spans = np.array([(a, b, n) for (a, b), n in zip(sl.ranges(), sl.lengths.tolist())],
+        # a lane of several ranks (a node agent): their parts one after another; every part holds
+        # exactly G / world stream tokens, so the agent splits them by the spans' token sums
+        parts = [batch.part(r, world) for r in range(rank, rank + max(count, 1))]
+        ids = np.concatenate([sl.ids for sl in parts]) if len(parts) > 1 else parts[0].ids
+        spans = np.array([(a, b, n) for sl in parts for (a, b), n in zip(sl.ranges(), sl.lengths.tolist())],
                          dtype=np.int64).reshape(-1, 3)
-        return SliceData(step=step, ids=sl.ids, spans=spans)
+        return SliceData(step=step, ids=ids, spans=spans)
     p = global_batch // world
     return SliceData(step=step, ids=batch[rank * p:(rank + count) * p])
 

@@ -746,3 +746,59 @@ def test_an_agent_whose_stop_hangs_still_exits_and_says_why(tmp_path) -> None:
         assert not socket_path(runtime).exists()
     finally:
         kill_tree(proc)
+
+
+def token_job(cluster: Cluster, counts: np.ndarray, tokens: int) -> Job:
+    """A job dealt in tokens (`--global-tokens`) over the module's layout and `counts`."""
+    from croupier.server.sampling.token_stream import TokenSchedule, mean_stream_tokens, plan_tokens
+
+    layout = ClusterLayout.from_sizes(SIZES)
+    schedule = TokenSchedule.constant(tokens)
+    chunk, policy = plan_tokens(schedule, mean_stream_tokens(counts, layout.ids_at(np.arange(layout.num_positions))),
+                                None, CONFIG)
+    fp = index_fingerprint((cluster.remote / "index.json").read_bytes())
+    spec = JobSpec(name=JOB, dataset_remote=str(cluster.remote), dataset_fingerprint=fp, max_lookahead=8)
+    return Job(layout, policy, chunk, SEED, spec=spec, tokens=(schedule, [(0, counts)], chunk))
+
+
+def test_ranks_of_a_token_job_through_agents_get_exactly_their_own_parts(cluster) -> None:
+    """Steps in tokens through node agents: each node's lane carries its ranks' parts, the agent
+    splits them by their tokens, and every rank gets the ids and spans it gets directly."""
+    counts = (np.arange(N) * 37 % 97 + 3).astype(np.int64)
+    tokens, steps, world = 256, 12, 4
+    cluster.server, bound = create_server(token_job(cluster, counts, tokens), "127.0.0.1:0", max_workers=4)
+    cluster.address = f"127.0.0.1:{bound}"
+    for node in range(2):
+        cluster.start_agent(node, "--local-ranks", "2")
+    got: dict[int, dict[int, tuple[list[int], list]]] = {r: {} for r in range(world)}
+    errors: list[BaseException] = []
+
+    def run(rank: int) -> None:
+        try:
+            with client(cluster, rank // 2, rank, world, stop_step=steps, lookahead=4) as c:
+                for step, ids in c:
+                    got[rank][step] = (list(ids), c.last_spans)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    lanes: set[tuple[tuple[int, ...], int]] = set()  # (ranks, lanes) of each node's session
+    while any(t.is_alive() for t in threads):
+        lanes |= {(tuple(x.ranks), x.lanes) for x in cluster.status().sessions if x.lanes}
+        time.sleep(0.02)
+    for t in threads:
+        t.join(180)
+    assert not errors, errors
+    assert {((0, 1), 1), ((2, 3), 1)} <= lanes, lanes  # one lane of two ranks per node
+    direct, port = create_server(token_job(cluster, counts, tokens), "127.0.0.1:0", max_workers=4)
+    try:
+        for r in range(world):
+            with RankClient(f"127.0.0.1:{port}", job=JOB, topology=Topology(r, world), stop_step=steps,
+                            agent="") as c:
+                want = {step: (list(ids), c.last_spans) for step, ids in c}
+            assert sorted(got[r]) == list(range(steps)) and got[r] == want, r
+            assert all(sum(b - a for a, b, _ in spans) == tokens // world for _, spans in want.values())
+    finally:
+        direct.stop(0, checkpoint=False)
