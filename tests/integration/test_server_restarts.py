@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cases.durability import SIZES, B, reference
+from cases.durability import SIZES, B, fetch, reference
 from cases.serve_process import ServeProcess
-from croupier.proto import pb2, slice_ids
+from croupier.proto import pb2
 from croupier.server.durability.checkpoint_store import CheckpointStore
 from workers.harness import wait_for
 
@@ -43,18 +43,6 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Serve]]:
             return server
 
         yield start
-
-
-def fetch(stub, world: int, start: int, stop: int) -> list[np.ndarray]:
-    """Global batches of [start, stop) as `world` lock-step ranks read and acknowledge them."""
-    out = []
-    for t in range(start, stop):
-        parts = [slice_ids(stub.GetSlice(pb2.GetSliceRequest(rank=r, world_size=world, step=t), timeout=20).slice)
-                 for r in range(world)]
-        for r in range(world):
-            stub.Ack(pb2.AckRequest(rank=r, world_size=world, next_step=t + 1), timeout=20)
-        out.append(np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]))
-    return out
 
 
 def wait_durable(server: Serve, step: int) -> None:

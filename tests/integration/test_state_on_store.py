@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cases.durability import SIZES, B
+from cases.durability import SIZES, B, fetch
 from cases.s3 import BUCKET
 from cases.serve_process import ServeProcess
 from croupier.layout import ClusterLayout
-from croupier.proto import pb2, slice_ids
+from croupier.proto import pb2
 from croupier.server.sampling.policy import PolicyConfig
 from croupier.server.sampling.sampler import Sampler
 from workers.harness import free_port, wait_for
@@ -46,17 +46,6 @@ def reference(n: int) -> list[np.ndarray]:
     s = Sampler(ClusterLayout.from_sizes(SIZES), PolicyConfig("clusterclip", clip=5), B, seed=0)
     s.schedule(CHANGE_STEP, clip=NEW_CLIP)
     return [s.next_batch() for _ in range(n)]
-
-
-def fetch(stub, world: int, start: int, stop: int) -> list[np.ndarray]:
-    out = []
-    for t in range(start, stop):
-        parts = [slice_ids(stub.GetSlice(pb2.GetSliceRequest(rank=r, world_size=world, step=t), timeout=20).slice)
-                 for r in range(world)]
-        for r in range(world):
-            stub.Ack(pb2.AckRequest(rank=r, world_size=world, next_step=t + 1), timeout=20)
-        out.append(np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]))
-    return out
 
 
 def objects(s3, prefix: str) -> set[str]:

@@ -6,7 +6,6 @@ Workers (processes) are in tests/integration/test_embedded_workers.py."""
 
 from __future__ import annotations
 
-import io
 import json
 from contextlib import ExitStack
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 from torch.utils.data import DataLoader
 
+from cases.dealt import by_step, simulated
 from cases.shards_build import read_back
 from croupier.client.dataset import ID_KEY, STEP_KEY, CroupierIterableDataset
 from croupier.client.dataset_state import decode_sampler_state
@@ -22,7 +22,6 @@ from croupier.client.errors import Mismatch
 from croupier.errors import ConfigError, FingerprintMismatch
 from croupier.format.sidecar import Sidecar
 from croupier.mixture import load_mix
-from croupier.server.cli.simulate_cli import simulate
 from croupier.server.durability.checkpoint_store import CheckpointStore
 from croupier.server.job.job import Job, JobSpec
 from croupier.server.sampling.mixture import mixture_sampler
@@ -34,20 +33,6 @@ from jobs import start_server
 
 B = 8
 POLICY = {"policy": "clusterclip", "clip": 2}
-
-
-def simulated(sampler, steps: int, rank: int, world: int) -> list[tuple[int, list[int]]]:
-    """(step, ids) of rank's slices, as `croupier simulate --format jsonl --rank R --world W` prints them."""
-    out = io.StringIO()
-    simulate(sampler, steps, out, Topology(rank=rank, world=world))
-    return [(d["step"], d["indices"]) for d in map(json.loads, out.getvalue().splitlines())]
-
-
-def by_step(samples: list[dict]) -> list[tuple[int, list[int]]]:
-    steps: dict[int, list[int]] = {}
-    for s in samples:
-        steps.setdefault(s[STEP_KEY], []).append(s[ID_KEY])
-    return sorted(steps.items())
 
 
 def embedded(ds: Path, cache: Path, rank: int = 0, world: int = 1, **kw) -> CroupierIterableDataset:

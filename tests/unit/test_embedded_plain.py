@@ -6,19 +6,17 @@ served job and back, exactly. .ci/compat.sh runs this file in the plain venvs.""
 
 from __future__ import annotations
 
-import io
-import json
 from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 from torch.utils.data import DataLoader
 
+from cases.dealt import by_step, simulated
 from cases.plain_dataset import write_plain_dataset
-from croupier.client.dataset import ID_KEY, STEP_KEY, CroupierIterableDataset
+from croupier.client.dataset import ID_KEY, CroupierIterableDataset
 from croupier.format.sidecar import Sidecar
 from croupier.mixture import load_mix
-from croupier.server.cli.simulate_cli import simulate
 from croupier.server.durability.checkpoint_store import CheckpointStore
 from croupier.server.job.job import Job, JobSpec
 from croupier.server.sampling.mixture import mixture_sampler
@@ -35,19 +33,6 @@ POLICY = {"policy": "clusterclip", "clip": 2}
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     return write_plain_dataset(tmp_path_factory.mktemp("plain"), 200, 5)
-
-
-def simulated(sampler, steps: int, rank: int, world: int) -> list[tuple[int, list[int]]]:
-    out = io.StringIO()
-    simulate(sampler, steps, out, Topology(rank=rank, world=world))
-    return [(d["step"], d["indices"]) for d in map(json.loads, out.getvalue().splitlines())]
-
-
-def by_step(samples: list[dict]) -> list[tuple[int, list[int]]]:
-    steps: dict[int, list[int]] = {}
-    for s in samples:
-        steps.setdefault(s[STEP_KEY], []).append(s[ID_KEY])
-    return sorted(steps.items())
 
 
 def embedded(ds: Path, cache: Path, rank: int = 0, world: int = 1, **kw) -> CroupierIterableDataset:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 from collections.abc import Callable
 
@@ -11,6 +9,7 @@ import grpc
 import numpy as np
 import pytest
 
+from cases.session import Session
 from croupier.grpc_options import channel_options
 from croupier.layout import ClusterLayout
 from croupier.proto import pb2, pb2_grpc, slice_ids
@@ -29,39 +28,6 @@ LOOKAHEAD = 4
 def reference(n: int) -> list[np.ndarray]:
     s = Sampler(ClusterLayout.from_sizes(SIZES), PolicyConfig("clusterclip", clip=5), B, seed=0)
     return [s.next_batch() for _ in range(n)]
-
-
-class Session:
-    """One Session call driven from the test: `send` messages, `read` responses with a timeout."""
-
-    def __init__(self, stub: pb2_grpc.SamplerStub) -> None:
-        self._out: queue.Queue = queue.Queue()
-        self._in: queue.Queue = queue.Queue()
-        self._call = stub.Session(iter(self._out.get, None))
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        try:
-            for resp in self._call:
-                self._in.put(resp)
-        except grpc.RpcError as exc:
-            self._in.put(exc)
-
-    def send(self, **fields) -> None:
-        self._out.put(pb2.SessionRequest(job="demo", **fields))
-
-    def read(self, timeout: float = 10.0) -> pb2.SessionResponse | None:
-        try:
-            got = self._in.get(timeout=timeout)
-        except queue.Empty:
-            return None
-        if isinstance(got, Exception):
-            raise got
-        return got
-
-    def close(self) -> None:
-        self._out.put(None)
-        self._call.cancel()
 
 
 @pytest.fixture

@@ -4,14 +4,13 @@ the slice (ids and token spans) it gets on its own, each exactly G / world token
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 
 import grpc
 import numpy as np
 import pytest
 
+from cases.session import Session
 from croupier.client.agent.lanes import per_rank
 from croupier.grpc_options import channel_options
 from croupier.layout import ClusterLayout
@@ -25,39 +24,6 @@ SIZES = [400, 120, 30, 6]
 WORLD = 4
 TOKENS = 1024
 STEPS = 8
-
-
-class Session:
-    """One Session call: `send` messages, `read` responses with a timeout."""
-
-    def __init__(self, stub: pb2_grpc.SamplerStub) -> None:
-        self._out: queue.Queue = queue.Queue()
-        self._in: queue.Queue = queue.Queue()
-        self._call = stub.Session(iter(self._out.get, None))
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        try:
-            for resp in self._call:
-                self._in.put(resp)
-        except grpc.RpcError as exc:
-            self._in.put(exc)
-
-    def send(self, **fields) -> None:
-        self._out.put(pb2.SessionRequest(job="tok", **fields))
-
-    def read(self, timeout: float) -> pb2.SessionResponse | None:
-        try:
-            got = self._in.get(timeout=timeout)
-        except queue.Empty:
-            return None
-        if isinstance(got, Exception):
-            raise got
-        return got
-
-    def close(self) -> None:
-        self._out.put(None)
-        self._call.cancel()
 
 
 @pytest.fixture
@@ -80,7 +46,7 @@ def token_job():
 
 
 def lane_slices(stub, rank: int, count: int) -> dict[int, pb2.Slice]:
-    s = Session(stub)
+    s = Session(stub, job="tok")
     try:
         s.send(open=[pb2.LaneOpen(lane=1, rank=rank, world_size=WORLD, start_step=0, lookahead=4, rank_count=count,
                                   stop_step=STEPS)])
