@@ -11,6 +11,7 @@ so (cluster 1, pass 2) and (cluster 2, pass 1) get unrelated orders.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -22,16 +23,18 @@ _C3 = _U64(0x9E3779B97F4A7C15)
 _ROUND_TAGS = tuple(_U64(t) for t in (0xA0761D6478BD642F, 0xE7037ED1A0B428DB,
                                       0x8EBC6AF09C88C6E3, 0x589965CC75374CC3))
 _ROUNDS = len(_ROUND_TAGS)
+_TAGS = np.array(_ROUND_TAGS, dtype=np.uint64)
 
 
 def mix64(z: np.ndarray) -> np.ndarray:
     """SplitMix64 finalizer: a bijective 64-bit mixer with full avalanche (uint64 arrays)."""
-    z = np.asarray(z, dtype=np.uint64)
-    z = z ^ (z >> _U64(30))
-    z = z * _C1
-    z = z ^ (z >> _U64(27))
-    z = z * _C2
-    return z ^ (z >> _U64(31))
+    z = np.array(z, dtype=np.uint64)  # a copy: the steps below work in place
+    z ^= z >> _U64(30)
+    z *= _C1
+    z ^= z >> _U64(27)
+    z *= _C2
+    z ^= z >> _U64(31)
+    return z
 
 
 def seed_key(seed: int, tag: int) -> np.uint64:
@@ -43,15 +46,25 @@ def seed_key(seed: int, tag: int) -> np.uint64:
 
 def derive_keys(base: np.uint64, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Hash of the tuple (base, a, b) for each element pair: chained xor-then-mix."""
-    h = mix64(np.asarray(a, dtype=np.uint64) ^ mix64(np.full(np.shape(a), base, dtype=np.uint64) ^ _C3))
-    return mix64(h ^ np.asarray(b, dtype=np.uint64) ^ _C1)
+    h = mix64(np.asarray(a, dtype=np.uint64) ^ _mixed_base(int(base)))
+    h ^= np.asarray(b, dtype=np.uint64)
+    h ^= _C1
+    return mix64(h)
+
+
+@functools.lru_cache(maxsize=64)
+def _mixed_base(base: int) -> np.uint64:
+    """mix64(base ^ _C3): the part of `derive_keys` that every element of one base key shares."""
+    return mix64(np.array([base], dtype=np.uint64) ^ _C3)[0]
 
 
 def _round(v: np.ndarray, k: np.ndarray) -> np.ndarray:
-    t = (v ^ k) * _C1
-    t = t ^ (t >> _U64(31))
-    t = t * _C2
-    return t >> _U64(32)
+    t = v ^ k
+    t *= _C1
+    t ^= t >> _U64(31)
+    t *= _C2
+    t >>= _U64(32)
+    return t
 
 
 def permute(x: np.ndarray, n: np.ndarray | int, key: np.ndarray | np.uint64) -> np.ndarray:
@@ -76,30 +89,42 @@ def _cycle_walk(x: np.ndarray, n: np.ndarray | int, key: np.ndarray | np.uint64,
     x = np.asarray(x, dtype=np.uint64)
     n = np.broadcast_to(np.asarray(n, dtype=np.uint64), x.shape)
     key = np.broadcast_to(np.asarray(key, dtype=np.uint64), x.shape)
-    a = np.maximum(np.sqrt(n.astype(np.float64)).astype(np.uint64), _U64(1))
-    b = (n + a - _U64(1)) // a
+    a = np.sqrt(n.astype(np.float64)).astype(np.uint64)
+    np.maximum(a, _U64(1), out=a)
+    b = n + a
+    b -= _U64(1)
+    b //= a
     # The key is already a well-mixed 64-bit hash; distinct tags give each round its own function.
-    round_keys = [key ^ tag for tag in _ROUND_TAGS]
+    round_keys = key[np.newaxis] ^ _TAGS.reshape((_ROUNDS,) + (1,) * x.ndim)  # row r: the key of round r
     out = network(x, a, b, round_keys)
-    outside = np.flatnonzero(out >= n)
-    while outside.size:
-        cur = network(out[outside], a[outside], b[outside], [k[outside] for k in round_keys])
-        out[outside] = cur
-        outside = outside[cur >= n[outside]]
+    idx = np.flatnonzero(out >= n)
+    if idx.size:  # the few values outside [0, n) walk on, each with its own domain and keys
+        cur, n, a, b, round_keys = out[idx], n[idx], a[idx], b[idx], round_keys[:, idx]
+        while True:
+            cur = network(cur, a, b, round_keys)
+            out[idx] = cur
+            still = cur >= n
+            if not still.any():
+                break
+            idx, cur, n, a, b, round_keys = idx[still], cur[still], n[still], a[still], b[still], round_keys[:, still]
     return out.astype(np.int64)
 
 
-def _feistel(v: np.ndarray, a: np.ndarray, b: np.ndarray, round_keys: list[np.ndarray]) -> np.ndarray:
-    """One pass of the Feistel network over [0, a * b)."""
+def _feistel(v: np.ndarray, a: np.ndarray, b: np.ndarray, round_keys: np.ndarray) -> np.ndarray:
+    """One pass of the Feistel network over [0, a * b) (round r keyed by round_keys[r])."""
     left, right = np.divmod(v, b)
     for i in range(0, _ROUNDS, 2):
-        left = (left + _round(right, round_keys[i])) % a
-        right = (right + _round(left, round_keys[i + 1])) % b
-    return left * b + right
+        left += _round(right, round_keys[i])
+        left %= a
+        right += _round(left, round_keys[i + 1])
+        right %= b
+    left *= b
+    left += right
+    return left
 
 
 
-def _feistel_inverse(v: np.ndarray, a: np.ndarray, b: np.ndarray, round_keys: list[np.ndarray]) -> np.ndarray:
+def _feistel_inverse(v: np.ndarray, a: np.ndarray, b: np.ndarray, round_keys: np.ndarray) -> np.ndarray:
     """The rounds of `_feistel` undone in reverse order."""
     left, right = np.divmod(v, b)
     for i in range(_ROUNDS - 2, -1, -2):

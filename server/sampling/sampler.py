@@ -33,6 +33,8 @@ _CLUSTER_TAG = 0x43_4C_55_53  # purpose tags for seed_key: distinct streams per 
 _RANDOM_TAG = 0x52_41_4E_44
 _STEP_TAG = 0x53_54_45_50
 _BLOCK_TAG = np.uint64(0x424C_4F43_4B53_0001)
+_SLOT_MASK = 0xFFFFFFFF
+_NONE = np.zeros(0, dtype=np.int64)
 
 
 @dataclass(frozen=True, eq=False)
@@ -52,17 +54,16 @@ class ClusterCounters:
 def _runs(sorted_values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(values, first index, length) of each run of equal values in a sorted array."""
     n = sorted_values.size
-    starts = np.flatnonzero(np.concatenate(([True], sorted_values[1:] != sorted_values[:-1])))
-    return sorted_values[starts], starts, np.diff(np.append(starts, n))
-
-
-def _group(clusters: np.ndarray, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sorts (cluster, slot) pairs by cluster, then slot: a stable grouping in one plain sort.
-
-    Slots are < 2**32 and clusters < 2**31, so cluster * 2**32 + slot is a unique int64 key.
-    """
-    keys = np.sort((clusters.astype(np.int64) << 32) | slots.astype(np.int64))
-    return keys >> 32, keys & 0xFFFFFFFF
+    if not n:
+        return sorted_values, _NONE, _NONE
+    new = np.empty(n, dtype=bool)
+    new[0] = True
+    np.not_equal(sorted_values[1:], sorted_values[:-1], out=new[1:])
+    starts = np.flatnonzero(new)
+    lengths = np.empty_like(starts)
+    np.subtract(starts[1:], starts[:-1], out=lengths[:-1])
+    lengths[-1] = n - starts[-1]
+    return sorted_values[starts], starts, lengths
 
 
 def in_pass_order(k: np.ndarray, n: np.ndarray, keys: np.ndarray, s: int | np.ndarray) -> np.ndarray:
@@ -146,7 +147,7 @@ class Sampler:
         self._clip = base_clip
         self._weights = None if config.weights is None else np.asarray(config.weights, dtype=np.float64)
         self._cursor = np.zeros(k, dtype=np.int64)
-        self._draws = np.zeros(k, dtype=np.int64)
+        self._extra = np.zeros(k, dtype=np.int64)  # draws - cursor: only random steps add to it
         self._clipped_at = np.full(k, -1, dtype=np.int64)
         self._pending: list[Change] = []
         self._rebuild_active()
@@ -160,7 +161,7 @@ class Sampler:
     @property
     def active_count(self) -> int:
         """Clusters that cluster-balanced steps can still draw from."""
-        return int(self._active.size)
+        return int(self._n_active)
 
     def next_batch(self, part: tuple[int, int] | None = None) -> np.ndarray:
         """The global batch of `self.step` (int64 sample ids), then advance one step.
@@ -179,7 +180,7 @@ class Sampler:
         else:
             if self._room is not None and self._room < b and self.config.on_exhausted == "stop":
                 raise EndOfData(step, f"end of data at step {step}: the clip has left {self._room} draws "
-                                      f"in {self._active.size} active clusters, fewer than the global batch {b}")
+                                      f"in {self._n_active} active clusters, fewer than the global batch {b}")
             rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, _STEP_TAG, step])))
             positions = self._cluster_positions(rng, b, step, part)
             unfilled = np.flatnonzero(positions == -1)
@@ -231,7 +232,7 @@ class Sampler:
         return SamplerState(
             fingerprint=self.fingerprint, step=self.step, random_cursor=self._random_cursor, clip=self._clip,
             weights=None if self._weights is None else self._weights.copy(), cursor=self._cursor.copy(),
-            draws=self._draws.copy(), clipped_at=self._clipped_at.copy(), pending=tuple(self._pending))
+            draws=self._cursor + self._extra, clipped_at=self._clipped_at.copy(), pending=tuple(self._pending))
 
     def load_state(self, state: SamplerState) -> None:
         """Continue from `state`; refuses a state of another dataset, policy, batch or seed."""
@@ -245,14 +246,14 @@ class Sampler:
         self._clip = state.clip
         self._weights = None if state.weights is None else np.array(state.weights, dtype=np.float64)
         self._cursor = np.array(state.cursor, dtype=np.int64)
-        self._draws = np.array(state.draws, dtype=np.int64)
+        self._extra = np.array(state.draws, dtype=np.int64) - self._cursor
         self._clipped_at = np.array(state.clipped_at, dtype=np.int64)
         self._pending = list(state.pending)
         self._rebuild_active()
 
     def counters(self) -> ClusterCounters:
         """Per-cluster draws, completed cluster-balanced passes and clipped-at steps."""
-        return ClusterCounters(sizes=self._sizes, draws=self._draws.copy(),
+        return ClusterCounters(sizes=self._sizes, draws=self._cursor + self._extra,
                                passes=self._cursor // self._sizes, clipped_at=self._clipped_at.copy())
 
     # -- internals ----------------------------------------------------------------------------
@@ -263,17 +264,33 @@ class Sampler:
             ok &= self._cursor < self._clip * self._sizes
         self._is_active = ok
         self._active = np.flatnonzero(ok)
+        self._n_active = int(self._active.size)  # uniform draws read _active[:_n_active] (see _knock_out)
         self._cum = None if self._weights is None else np.cumsum(self._weights[self._active])
         self._room = None
-        if self._clip is not None:
-            self._room = int((self._clip * self._sizes[self._active] - self._cursor[self._active]).sum())
+        self._cap = None if self._clip is None else self._clip * self._sizes  # draws a cluster holds
+        if self._cap is not None:
+            self._room = int((self._cap[self._active] - self._cursor[self._active]).sum())
 
     def _knock_out(self, clusters: np.ndarray) -> None:
-        """Removes clusters whose room the clip has used up (their room is already zero)."""
+        """Removes clusters (sorted) whose room the clip has used up (their room is already zero).
+
+        Uniform draws read only the first `_n_active` entries of `_active`: the removed entries
+        are closed up in place (a few block moves) instead of rebuilding the list from the
+        flags, which costs a pass over every cluster at each knockout.
+        """
         self._is_active[clusters] = False
-        self._active = np.flatnonzero(self._is_active)
         if self._weights is not None:
+            self._active = np.flatnonzero(self._is_active)
+            self._n_active = int(self._active.size)
             self._cum = np.cumsum(self._weights[self._active])
+            return
+        n, active = self._n_active, self._active
+        gone = np.searchsorted(active[:n], clusters).tolist() + [n]
+        to = gone[0]
+        for lo, hi in zip(gone, gone[1:]):  # the entries strictly between two removed ones move left
+            active[to:to + hi - lo - 1] = active[lo + 1:hi]
+            to += hi - lo - 1
+        self._n_active = to
 
     def _apply_changes(self, step: int) -> None:
         if not self._pending or self._pending[0].step > step:
@@ -292,7 +309,7 @@ class Sampler:
 
     def _draw_clusters(self, rng: np.random.Generator, m: int) -> np.ndarray:
         if self._cum is None:
-            return self._active[rng.integers(0, self._active.size, size=m)]
+            return self._active[rng.integers(0, self._n_active, size=m)]
         u = rng.random(m) * self._cum[-1]
         idx = np.searchsorted(self._cum, u, side="right")
         np.minimum(idx, self._active.size - 1, out=idx)
@@ -306,46 +323,63 @@ class Sampler:
 
         Rounds assign clusters to slots (re-drawing slots that overflow a clipped cluster's
         room); then each cluster's slots, in slot order, take its next stream positions.
+        A (cluster, slot) pair travels as one int64 key, cluster * 2**32 + slot, so one sort
+        groups a round's slots by cluster in slot order, and the accepted keys of all rounds,
+        sorted, are the whole step's grouping.
         """
-        assigned = np.full(m, -1, dtype=np.int64)
-        pending = np.arange(m)
-        sizes = self._sizes
-        while pending.size and self._active.size:
-            chosen = self._draw_clusters(rng, pending.size)
-            if self._clip is None:
-                assigned[pending] = chosen
+        pending = np.arange(m, dtype=np.int64)
+        accepted: list[np.ndarray] = []
+        clip = self._clip
+        while pending.size and self._n_active:
+            keys = np.sort((self._draw_clusters(rng, pending.size) << 32) | pending)
+            if clip is None:
+                accepted.append(keys)
+                pending = _NONE
                 break
-            sc, slots = _group(chosen, pending)
-            uniq, first, counts = _runs(sc)
-            ordinal = np.arange(sc.size) - np.repeat(first, counts)
-            cur = self._cursor[uniq]
-            take = np.minimum(counts, self._clip * sizes[uniq] - cur)
-            ok = ordinal < np.repeat(take, counts)
-            assigned[slots[ok]] = sc[ok]
+            uniq, first, counts = _runs(keys >> 32)
+            room = self._cap[uniq] - self._cursor[uniq]
+            take = np.minimum(counts, room)
+            over = np.flatnonzero(counts > room)
+            if over.size:  # a cluster's slots past its room (the last ones of its run) are drawn again
+                extra = counts[over] - room[over]
+                run_start = first[over] + room[over] - np.cumsum(extra) + extra
+                redraw = np.repeat(run_start, extra) + np.arange(int(extra.sum()))
+                keep = np.ones(keys.size, dtype=bool)
+                keep[redraw] = False
+                accepted.append(keys[keep])
+                pending = np.sort(keys[redraw] & _SLOT_MASK)
+            else:  # no cluster overflows: every slot keeps its cluster
+                accepted.append(keys)
+                pending = _NONE
             self._cursor[uniq] += take
-            if self._room is not None:  # always set with a clip
-                self._room -= int(take.sum())
-            done = uniq[cur + take >= self._clip * sizes[uniq]]
+            self._room -= int(take.sum())  # type: ignore[operator]  # always set with a clip
+            done = uniq[take == room]
             if done.size:
                 self._clipped_at[done] = step
                 self._knock_out(done)
-            pending = np.sort(slots[~ok])
-        out = np.full(m, -1, dtype=np.int64)
-        filled = np.flatnonzero(assigned >= 0)
-        if not filled.size:
+        out = np.full(m, -1 if part is None else -2, dtype=np.int64)
+        if pending.size:
+            out[pending] = -1
+        if not accepted:
             return out
-        sc, slot_of = _group(assigned[filled], filled)
-        uniq, first, counts = _runs(sc)
-        if self._clip is None:
+        keys = accepted[0] if len(accepted) == 1 else np.sort(np.concatenate(accepted), kind="stable")  # merges runs
+        sc = keys >> 32
+        slot_of = keys & _SLOT_MASK
+        if clip is None:
+            uniq, first, counts = _runs(sc)
             self._cursor[uniq] += counts
-        self._draws[uniq] += counts
-        start = self._cursor[uniq] - counts  # the clusters' cursors before this step
-        k = np.repeat(start, counts) + (np.arange(sc.size) - np.repeat(first, counts))
+        # the i-th key of the sorted step is draw cursor_after - (end of its cluster's run - i) of its cluster
         if part is not None:  # only the wanted slots' positions: the others' keys are never needed
-            wanted = (slot_of >= part[0]) & (slot_of < part[1])
-            out[slot_of[~wanted]] = -2
-            sc, slot_of, k = sc[wanted], slot_of[wanted], k[wanted]
-        n_c = sizes[sc]
+            i = np.flatnonzero((slot_of >= part[0]) & (slot_of < part[1]))
+            sc_w, slot_of = sc[i], slot_of[i]
+            k = self._cursor[sc_w] - np.searchsorted(sc, sc_w, side="right") + i
+            sc = sc_w
+        else:
+            if clip is not None:
+                uniq, first, counts = _runs(sc)
+            ends = np.repeat(first + counts, counts)
+            k = self._cursor[sc] - ends + np.arange(sc.size)
+        n_c = self._sizes[sc]
         passes = k // n_c
         keys = derive_keys(self._cluster_key, sc, passes)
         out[slot_of] = self._offsets[sc] + self._in_pass_order(k - passes * n_c, n_c, keys)
@@ -369,5 +403,5 @@ class Sampler:
             g += take
         self._random_cursor = g
         clusters, counts = np.unique(self.layout.clusters_of(out), return_counts=True)
-        self._draws[clusters] += counts
+        self._extra[clusters] += counts
         return out
