@@ -93,22 +93,32 @@ class Sidecar:
         root = Path(dataset_dir)
         index = root / INDEX_BASENAME
         man_path = root / SIDECAR_DIR / MANIFEST
-        if not root.is_dir():
-            raise DatasetError(f"dataset folder {str(root)!r} does not exist")
-        if not index.is_file():
-            raise DatasetError(f"{str(root)!r} holds no MDS index.json: not an MDS dataset")
-        if not man_path.is_file():
+        # Read first, diagnose on failure: a mixture opens a sidecar per source, and each file
+        # system call counts before its first batch.
+        try:
+            index_bytes = index.read_bytes()
+        except OSError:
+            if not root.is_dir():
+                raise DatasetError(f"dataset folder {str(root)!r} does not exist") from None
+            if not index.is_file():
+                raise DatasetError(f"{str(root)!r} holds no MDS index.json: not an MDS dataset") from None
+            raise
+        try:
+            listing = frozenset(os.listdir(root / SIDECAR_DIR))
+        except (FileNotFoundError, NotADirectoryError):
+            listing = frozenset()
+        if MANIFEST not in listing:
             raise DatasetError(
                 f"{str(root)!r} has no cluster sidecar ({SIDECAR_DIR}/{MANIFEST} missing): "
                 "run `croupier shards build` (or `--adopt`) first, or it was interrupted before finishing"
             )
         manifest = cls._read_manifest(man_path)
-        got = index_fingerprint(index.read_bytes())
+        got = index_fingerprint(index_bytes)
         expected = manifest["fingerprint"]
         if got != expected:
             raise FingerprintMismatch("sidecar", expected=expected, got=got)
         side = cls(root, manifest, got)
-        side._check_files()
+        side._check_files(listing)
         return side
 
     @staticmethod
@@ -131,10 +141,12 @@ class Sidecar:
             raise DatasetError(f"sidecar manifest {str(path)!r} has unknown layout {manifest['layout']!r}")
         return manifest
 
-    def _check_files(self) -> None:
+    def _check_files(self, listing: frozenset[str]) -> None:
+        """Refuses a sidecar whose required arrays are missing (`listing`: its folder's names)."""
         for role in names.required_roles(self.manifest["layout"]):
-            path = self.dir / self._file(role)
-            if not path.is_file():
+            name = self._file(role)
+            path = self.dir / name
+            if not (name in listing if "/" not in name else path.is_file()):
                 raise DatasetError(f"sidecar file {str(path)!r} is missing")
 
     def _file(self, role: str) -> str:
@@ -170,18 +182,22 @@ class Sidecar:
         """Where the shards live when they are not next to the sidecar (adopted remote dataset)."""
         return self.manifest.get("remote")
 
-    def _load(self, name: str) -> np.ndarray:
+    def _load(self, name: str, mmap: bool = True) -> np.ndarray:
         path = self.dir / names.checked_relative(name)
         try:
-            return np.load(path, mmap_mode="r", allow_pickle=False)
+            return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
         except FileNotFoundError as exc:
             raise DatasetError(f"sidecar file {str(path)!r} is missing") from exc
         except (OSError, ValueError) as exc:
             raise DatasetError(f"sidecar file {str(path)!r} is unreadable: {exc}") from exc
 
     def offsets(self) -> np.ndarray:
-        """int64 (K+1,) CSR offsets into the cluster-sorted positions."""
-        return np.asarray(self._load(self._file(names.OFFSETS)), dtype=np.int64)
+        """int64 (K+1,) CSR offsets into the cluster-sorted positions.
+
+        Read into memory, not mapped: one small array that every layout reads whole, and a
+        mapping costs several times a read (a mixture opens one per source before its first batch).
+        """
+        return np.asarray(self._load(self._file(names.OFFSETS), mmap=False), dtype=np.int64)
 
     def members(self) -> np.ndarray | None:
         """int64 (N,) sample ids grouped by cluster (memmap), or None for cluster-major data."""
