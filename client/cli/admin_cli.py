@@ -170,7 +170,8 @@ def health_lines(resp: pb2.GetStatusResponse) -> list[str]:
 def _source_dict(x: pb2.SourceInfo) -> dict[str, Any]:
     return {"name": x.name, "remote": x.remote, "fingerprint": x.fingerprint, "offset": x.offset, "size": x.size,
             "selection": x.selection, "num_clusters": x.num_clusters, "weight": x.weight, "policy": x.policy,
-            "clip": x.clip, "draws": x.draws, "exhausted_at": x.exhausted_at, "active_clusters": x.active_clusters}
+            "clip": x.clip, "draws": x.draws, "exhausted_at": x.exhausted_at, "active_clusters": x.active_clusters,
+            "tokens_dealt": x.tokens_dealt, "tokens_target": x.tokens_target}
 
 
 def format_status(resp: pb2.GetStatusResponse, top: int = 40) -> str:
@@ -219,6 +220,10 @@ def format_status(resp: pb2.GetStatusResponse, top: int = 40) -> str:
             lines.append(f"{x.name:>{width}} {x.policy:>11} {x.weight:>8.4g} {x.weight / wsum:>7.1%} "
                          f"{x.draws:>12} {x.draws / total:>7.1%} {x.clip or '-':>5} "
                          f"{x.active_clusters:>5}/{x.num_clusters:<5} {ex:>12}")
+        if any(x.tokens_target for x in job.sources):  # a token-exact mixture: tokens against target
+            lines.append(f"{'source':>{width}} {'tokens dealt':>16} {'target':>16} {'dealt - target':>14}")
+            lines += [f"{x.name:>{width}} {x.tokens_dealt:>16,} {x.tokens_target:>16,} "
+                      f"{x.tokens_dealt - x.tokens_target:>+14,}" for x in job.sources]
     a = resp.adapt
     if a.controller:
         lines += ["", f"adaptive weights: {a.controller} over {a.groups} every {a.adapt_every} steps; reports "

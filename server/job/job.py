@@ -8,9 +8,8 @@ changes), `adaptive` (loss feedback), `slices` (a rank's cut of a step), `status
 
 Every public method takes the lock briefly; waiting (flow control) and checkpoint I/O happen
 outside it. Two documented exceptions write under the lock: an online change (`update`) is
-made durable before any batch can use it, and when a burst of generation outruns the
-background writer the generated-step mark is written in line (`Checkpoints.ensure_mark`).
-The job's values and errors live in `types` and `status`; re-exported here.
+made durable before any batch can use it, and when a burst of generation outruns the background
+writer the mark is written in line (`Checkpoints.ensure_mark`). Values and errors: `types`, `status`.
 """
 
 from __future__ import annotations
@@ -48,7 +47,7 @@ from croupier.server.job.ranks import RankProgress, RankTable, RankView
 from croupier.server.job.recovery import Recovery, restore_parts, resume_point, state_point
 from croupier.server.job.slices import cut_slice, per_rank_size, read_slice
 from croupier.server.job.status import AdaptView, ChangeHistory, JobStatus, job_status
-from croupier.server.job.token_tally import TokenTally, tokens_lookup
+from croupier.server.job.token_tally import TokenTally, mixture_cluster_of, tokens_lookup
 from croupier.server.job.types import (
     CheckpointResult,
     CheckpointUnavailable,
@@ -127,7 +126,7 @@ class Job:
         self._adaptation = None if adapt is None else Adaptation.for_generator(adapt, gen, self.layout)
         self._tally: TokenTally | None = None
         if token_counts:
-            cluster_of = gen.cluster_of_ids if isinstance(gen, MixSampler) else layout_group_of(self.layout)
+            cluster_of = mixture_cluster_of(gen) or layout_group_of(self.layout)
             self._tally = TokenTally(self.layout.num_clusters, tokens_lookup(token_counts), cluster_of)
         names = None if mixture is None else [info.name for info in mixture.infos]
         self._changes = OnlineChanges(self._seq, self._new_sampler, ChangeHistory(names), self._adaptation)
@@ -189,7 +188,8 @@ class Job:
     @property
     def policy_name(self) -> str:
         """The policy (JobInfo.policy): a single source's, or "mixture"."""
-        return "mixture" if isinstance(self._seq.gen, MixSampler) else self._seq.gen.config.policy
+        config = getattr(self._seq.gen, "config", None)  # None: a mixture dealt in tokens
+        return "mixture" if isinstance(self._seq.gen, MixSampler) or config is None else config.policy
 
     @property
     def policy_json(self) -> str:
@@ -458,7 +458,7 @@ class Job:
 
     def source_counters(self) -> SourceCounters | None:
         """Per-source weights, clips, draws and exhaustion of a mixture (None for one source)."""
-        if not isinstance(self._seq.gen, MixSampler):
+        if not hasattr(self._seq.gen, "source_counters"):  # a MixSampler or a token-exact mixture's dealer
             return None
         with self._lock:
             return self._seq.gen.source_counters()

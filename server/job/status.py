@@ -115,8 +115,6 @@ class ChangeHistory:
 def job_status(seq: Any, table: Any, durable_step: int, checkpoint: Any, changes: Any, adaptation: Any, tally: Any,
                slices_served: int, ids_served: int, log_start: str) -> JobStatus:
     """The job's `JobStatus` from its parts (taken under the job's lock)."""
-    from croupier.server.sampling.mix_sampler import MixSampler
-
     gen = seq.gen
     c = gen.counters()
     return JobStatus(
@@ -126,7 +124,7 @@ def job_status(seq: Any, table: Any, durable_step: int, checkpoint: Any, changes
         sizes=c.sizes, draws=c.draws, passes=c.passes, clipped_at=c.clipped_at,
         steps_generated=seq.steps_generated, steps_replayed=seq.steps_replayed,
         slices_served=slices_served, ids_served=ids_served, checkpoint=checkpoint,
-        sources=gen.source_counters() if isinstance(gen, MixSampler) else None,
+        sources=gen.source_counters() if hasattr(gen, "source_counters") else None,
         adapt=None if adaptation is None else adaptation.view(),
         changes=changes.history.rows(), log_failures=changes.failures,
         log_records=0 if changes.log is None else len(changes.log), log_start=log_start,

@@ -66,3 +66,13 @@ def tokens_lookup(counts: list[tuple[int, np.ndarray]]) -> Callable[[np.ndarray]
     (one per mixture source); `token_stream.counts_lookup` as floats."""
     look = counts_lookup(counts)
     return lambda ids: look(ids).astype(np.float64)
+
+
+def mixture_cluster_of(gen: object) -> Callable[[np.ndarray], np.ndarray] | None:
+    """A mixture's id -> global cluster lookup (its sources' offsets and selections), also under
+    steps in tokens (the token dealer's document sampler); None for a single source."""
+    for g in (gen, getattr(gen, "inner", None)):
+        of = getattr(g, "cluster_of_ids", None)
+        if of is not None:
+            return of
+    return None

@@ -95,6 +95,8 @@ class SourceCounters:
     exhausted_at: np.ndarray  # -1 while the source still has room
     active_clusters: np.ndarray
     num_clusters: np.ndarray
+    tokens_dealt: np.ndarray | None = None  # token-exact mixtures: stream tokens dealt since step 0
+    tokens_target: np.ndarray | None = None  # and the tokens the shares called for
 
 
 def allocate(weights: np.ndarray, eligible: np.ndarray, total: int,

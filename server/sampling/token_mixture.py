@@ -402,7 +402,8 @@ class TokenMixDealer(TokenDealer):
                               draws=np.array([int(c.draws.sum()) for c in cs], dtype=np.int64),
                               exhausted_at=self._exhausted_at.copy(),
                               active_clusters=np.array([s.sampler.active_count for s in self._subs], dtype=np.int64),
-                              num_clusters=self._k_of.copy())
+                              num_clusters=self._k_of.copy(), tokens_dealt=self.source_tokens()[0],
+                              tokens_target=self.source_tokens()[1])
 
     @property
     def exhausted_at(self) -> np.ndarray:

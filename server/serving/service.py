@@ -108,6 +108,9 @@ def job_info(job: Job) -> pb2.JobInfo:
                 msg.draws = int(counters.draws[i])
                 msg.exhausted_at = int(counters.exhausted_at[i])
                 msg.active_clusters = int(counters.active_clusters[i])
+                if counters.tokens_dealt is not None and counters.tokens_target is not None:
+                    msg.tokens_dealt = int(counters.tokens_dealt[i])
+                    msg.tokens_target = int(counters.tokens_target[i])
     return info
 
 

@@ -413,3 +413,77 @@ def test_golden_vectors() -> None:
     assert st.starts[:8].tolist() == [5, 0, 23, 0, 0, 0, 0, 0]
     assert st.ends[:8].tolist() == [37, 11, 37, 45, 5, 50, 94, 41]
     assert st.sources[:8].tolist() == [0, 0, 1, 1, 0, 0, 1, 0]
+
+
+def test_status_shows_each_sources_tokens_against_target(built_mix, tmp_path) -> None:
+    from contextlib import ExitStack
+
+    import grpc
+
+    from croupier.client.cli.admin_cli import format_status
+    from croupier.client.dataset import CroupierIterableDataset
+    from croupier.grpc_options import channel_options
+    from croupier.proto import pb2, pb2_grpc
+    from croupier.topology import Topology
+
+    mix, _ = built_mix
+    with ExitStack() as stack:
+        addr = served_mix_job(stack, mix, tmp_path / "side")
+        data = CroupierIterableDataset(addr, "t", cache_dir=tmp_path / "c", steps=12, topology=Topology(0, 1))
+        assert {s["_croupier_step"] for s in data} == set(range(12))
+        data.close()
+        with grpc.insecure_channel(addr, options=channel_options()) as channel:
+            resp = pb2_grpc.SamplerStub(channel).GetStatus(pb2.GetStatusRequest(), timeout=10)
+    job = resp.job
+    assert job.policy == "mixture" and [s.name for s in job.sources] == ["short", "long"]
+    generated = resp.generated_step
+    assert generated >= 12
+    dealt = [s.tokens_dealt for s in job.sources]
+    target = [s.tokens_target for s in job.sources]
+    assert sum(dealt) == generated * 512 and sum(target) == generated * 512
+    assert all(abs(d - t) <= 1 for d, t in zip(dealt, target))
+    assert dealt[0] > 2 * dealt[1]  # weights 3 : 1
+    table = format_status(resp)
+    assert "tokens dealt" in table and f"{dealt[0]:,}" in table
+
+
+def test_a_samples_unit_mixture_dealt_in_tokens_names_its_policy_and_tallies_by_source(built_mix, tmp_path) -> None:
+    from contextlib import ExitStack
+
+    from croupier.client.dataset import CroupierIterableDataset
+    from croupier.topology import Topology
+
+    _, (short, long) = built_mix
+    mix = tmp_path / "samples.toml"
+    mix.write_text(f'[sources.short]\ndataset = "{short}"\nweight = 3\npolicy = "uniform"\n'
+                   f'[sources.long]\ndataset = "{long}"\nweight = 1\npolicy = "uniform"\n')
+    with ExitStack() as stack:
+        from croupier.mixture import load_mix
+        from croupier.server.job.job import Job, JobSpec
+        from croupier.server.sampling.token_stream import mean_stream_tokens, plan_tokens
+        from jobs import start_server
+
+        m = load_mix(mix, tmp_path / "side")
+        pieces = m.token_counts_by_offset()
+        assert pieces is not None
+        schedule = TokenSchedule.constant(512)
+        mean = float(np.mean([mean_stream_tokens(c, lay.ids_at(np.arange(lay.num_positions)))
+                              for (_, c), lay in zip(pieces, m.layouts)]))
+        chunk, _ = plan_tokens(schedule, mean, None, None)
+        job = Job(m.layouts[0], None, chunk, 2, spec=JobSpec(name="t"), mixture=m,  # type: ignore[arg-type]
+                  token_counts=pieces, tokens=(schedule, pieces, chunk))
+        assert job.fingerprint.startswith("tok:") and job.policy_name == "mixture"
+        _, port = start_server(stack, job)
+        data = CroupierIterableDataset(f"127.0.0.1:{port}", "t", cache_dir=tmp_path / "c", steps=6,
+                                       topology=Topology(0, 1))
+        ids = sorted({int(s["_croupier_id"]) for s in data})
+        data.close()
+        st = job.status()
+    # the tally maps every id through the mixture's own lookup: cluster k of source s is global
+    # cluster (clusters before s) + k, so each id's tokens land in its own source's clusters
+    k0 = m.layouts[0].num_clusters if len(m.layouts) > 1 else 0
+    n0 = int(m.infos[1].offset)
+    from_short = [i for i in ids if i < n0]
+    from_long = [i for i in ids if i >= n0]
+    assert from_short and from_long
+    assert st.tokens is not None and int(st.tokens[:k0].sum()) > 0 and int(st.tokens[k0:].sum()) > 0

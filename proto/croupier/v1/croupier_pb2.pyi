@@ -61,7 +61,7 @@ class JobInfo(_message.Message):
     def __init__(self, job: _Optional[str] = ..., dataset_remote: _Optional[str] = ..., dataset_fingerprint: _Optional[str] = ..., sampler_fingerprint: _Optional[str] = ..., global_batch: _Optional[int] = ..., policy: _Optional[str] = ..., policy_json: _Optional[str] = ..., seed: _Optional[int] = ..., num_samples: _Optional[int] = ..., num_clusters: _Optional[int] = ..., selection: _Optional[str] = ..., world_size: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[SourceInfo, _Mapping]]] = ..., token_schedule: _Optional[str] = ...) -> None: ...
 
 class SourceInfo(_message.Message):
-    __slots__ = ("name", "remote", "fingerprint", "offset", "size", "selection", "num_clusters", "weight", "policy", "clip", "draws", "exhausted_at", "active_clusters")
+    __slots__ = ("name", "remote", "fingerprint", "offset", "size", "selection", "num_clusters", "weight", "policy", "clip", "draws", "exhausted_at", "active_clusters", "tokens_dealt", "tokens_target")
     NAME_FIELD_NUMBER: _ClassVar[int]
     REMOTE_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,8 @@ class SourceInfo(_message.Message):
     DRAWS_FIELD_NUMBER: _ClassVar[int]
     EXHAUSTED_AT_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_CLUSTERS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_DEALT_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_TARGET_FIELD_NUMBER: _ClassVar[int]
     name: str
     remote: str
     fingerprint: str
@@ -88,7 +90,9 @@ class SourceInfo(_message.Message):
     draws: int
     exhausted_at: int
     active_clusters: int
-    def __init__(self, name: _Optional[str] = ..., remote: _Optional[str] = ..., fingerprint: _Optional[str] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ..., selection: _Optional[str] = ..., num_clusters: _Optional[int] = ..., weight: _Optional[float] = ..., policy: _Optional[str] = ..., clip: _Optional[int] = ..., draws: _Optional[int] = ..., exhausted_at: _Optional[int] = ..., active_clusters: _Optional[int] = ...) -> None: ...
+    tokens_dealt: int
+    tokens_target: int
+    def __init__(self, name: _Optional[str] = ..., remote: _Optional[str] = ..., fingerprint: _Optional[str] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ..., selection: _Optional[str] = ..., num_clusters: _Optional[int] = ..., weight: _Optional[float] = ..., policy: _Optional[str] = ..., clip: _Optional[int] = ..., draws: _Optional[int] = ..., exhausted_at: _Optional[int] = ..., active_clusters: _Optional[int] = ..., tokens_dealt: _Optional[int] = ..., tokens_target: _Optional[int] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("job", "rank", "world_size", "global_batch", "resume_token", "client_version", "sampler_state")
