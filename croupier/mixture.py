@@ -43,6 +43,7 @@ from croupier.bounds import INT64_MAX, cluster_sizes
 from croupier.datasets import open_dataset
 from croupier.errors import ConfigError, CroupierError
 from croupier.format.sidecar import Sidecar
+from croupier.format.sidecar_layout import TOKEN_COUNTS
 from croupier.layout import ClusterLayout
 
 UNITS: tuple[str, ...] = ("samples", "tokens")
@@ -321,7 +322,7 @@ def open_mix(spec: MixSpec, sidecar_cache: Path | None = None) -> Mixture:
 
 
 OPEN_THREADS = 8
-"""Sidecars of a mixture's sources opened at once (file reads, or downloads of remote ones)."""
+"""Remote sidecars of a mixture's sources downloaded at once (local ones are read in the calling thread)."""
 
 
 def _open_sources(spec: MixSpec, cache: Path | None) -> list[tuple[Sidecar, ClusterLayout, Any] | None]:
@@ -340,16 +341,18 @@ def _open_sources(spec: MixSpec, cache: Path | None) -> list[tuple[Sidecar, Clus
         except CroupierError as exc:
             exc.args = (f"{where}: {exc}",) + exc.args[1:]
             raise
-        return side, layout, side.token_counts()
+        # the manifest was read just now: without a counts entry there are none (no second read)
+        return side, layout, side.token_counts() if TOKEN_COUNTS in side.manifest else None
 
-    datasets = sum(d.cluster_sizes is None for d in spec.sources)
-    if datasets <= 1:
+    remote = sum(d.dataset is not None and "://" in d.dataset for d in spec.sources)
+    if remote <= 1:  # local sidecars: a few file reads each, faster in one thread than handed to several
         return [one(d) for d in spec.sources]
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(min(OPEN_THREADS, datasets), thread_name_prefix="croupier-mix-open") as pool:
-        futures = [pool.submit(one, d) for d in spec.sources]
-        return [f.result() for f in futures]
+    with ThreadPoolExecutor(min(OPEN_THREADS, remote), thread_name_prefix="croupier-mix-open") as pool:
+        futures = [pool.submit(one, d) if d.dataset is not None and "://" in d.dataset else None
+                   for d in spec.sources]
+        return [one(d) if f is None else f.result() for d, f in zip(spec.sources, futures)]
 
 
 def _open_sidecar(dataset: str, cache: Path | None, name: str, where: str) -> Sidecar:
