@@ -405,6 +405,10 @@ class TokenMixDealer(TokenDealer):
                               num_clusters=self._k_of.copy(), tokens_dealt=self.source_tokens()[0],
                               tokens_target=self.source_tokens()[1])
 
+    def schedule_change(self, change: object) -> None:
+        raise ConfigError("online changes of a token-exact mixture (unit = \"tokens\" dealt in tokens) are not "
+                          "supported yet: its shares are fixed by the mixture file")
+
     @property
     def exhausted_at(self) -> np.ndarray:
         """Per source: the step it ran out (budget or clip), -1 while it deals."""

@@ -19,6 +19,7 @@ chunk is drawn (at most one chunk ahead of the stream).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -29,7 +30,7 @@ import numpy as np
 
 from croupier.errors import ConfigError, FingerprintMismatch, StateError
 from croupier.server.sampling.policy import PolicyConfig
-from croupier.server.sampling.state import SamplerState
+from croupier.server.sampling.state import Change, SamplerState
 
 __all__ = ["TokenDealer", "TokenSchedule", "TokenSlice", "TokenStep", "counts_lookup"]
 
@@ -223,8 +224,15 @@ class TokenDealer:
         self._lengths = np.empty(0, dtype=np.int64)
         self._pos = 0
         self._skip = 0
+        self._pending: list[Change] = []  # online changes (token steps) the document sampler has not taken yet
 
     def _next_chunk(self) -> None:
+        due = [c for c in self._pending if c.step <= self.step]
+        if due:  # a change takes effect from the first draw made while dealing its step or later
+            inner_step = self.inner.step  # type: ignore[attr-defined]
+            for c in due:
+                self.inner.schedule_change(dataclasses.replace(c, step=inner_step))  # type: ignore[attr-defined]
+            self._pending = [c for c in self._pending if c.step > self.step]
         self._before = self.inner.state()  # type: ignore[attr-defined]
         ids = self.inner.next_batch()  # type: ignore[attr-defined]
         self._ids = ids
@@ -275,13 +283,11 @@ class TokenDealer:
                                   "pos": self._pos, "skip": self._skip, "inner_extra": b.extra,
                                   "inner_pending": [c.to_dict() for c in b.pending]}}
         return SamplerState(fingerprint=self.fingerprint, step=self.step, random_cursor=b.random_cursor, clip=b.clip,
-                            weights=b.weights, cursor=b.cursor, draws=b.draws, clipped_at=b.clipped_at, pending=(),
-                            extra=extra)
+                            weights=b.weights, cursor=b.cursor, draws=b.draws, clipped_at=b.clipped_at,
+                            pending=tuple(self._pending), extra=extra)
 
     def load_state(self, state: SamplerState) -> None:
         """Continues from `state` (refuses a state of another stream: FingerprintMismatch)."""
-        from croupier.server.sampling.state import Change
-
         if state.fingerprint != self.fingerprint:
             raise FingerprintMismatch("sampler state", expected=self.fingerprint, got=state.fingerprint)
         x = (state.extra or {}).get("token_stream")
@@ -304,6 +310,7 @@ class TokenDealer:
             self._ids = np.empty(0, dtype=np.int64)
             self._lengths = np.empty(0, dtype=np.int64)
         self._pos, self._skip = int(x["pos"]), int(x["skip"])
+        self._pending = list(state.pending)
 
     # -- what a document sampler also answers -----------------------------------------------------
     def counters(self):  # noqa: ANN201 - the document sampler's
@@ -326,8 +333,20 @@ class TokenDealer:
         """The document sampler's config (the schedule travels as JobInfo.token_schedule)."""
         return self.inner.config_dict  # type: ignore[attr-defined]
 
-    def schedule_change(self, change: object) -> None:
-        raise ConfigError("online changes of a job dealt in tokens are not supported yet")
+    def schedule_change(self, change: Change) -> None:
+        """An online change (clip, weights; a mixture's source weights) from token step
+        `change.step` on: the document sampler takes it at its first draw made while dealing
+        that step or a later one (documents drawn before it and dealt after it keep the old
+        config, on every replay alike). Refused for a step already dealt, and checked against
+        the document sampler at once."""
+        if change.step < self.step:
+            raise ConfigError(f"online change at step {change.step}: the token stream has dealt up to step "
+                              f"{self.step - 1}")
+        probe = self._new_inner()
+        probe.load_state(self.inner.state())  # type: ignore[attr-defined]
+        probe.schedule_change(dataclasses.replace(change, step=probe.step))  # type: ignore[attr-defined]
+        self._pending.append(change)
+        self._pending.sort(key=lambda c: c.step)
 
     @property
     def seed(self) -> int:

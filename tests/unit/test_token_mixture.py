@@ -227,7 +227,7 @@ def test_what_a_token_exact_mixture_cannot_take_is_refused_in_one_line() -> None
     mix = mixture(budget_text())
     with pytest.raises(ConfigError, match="token_budget \\(source 'code'\\).*needs steps in tokens"):
         mixture_sampler(mix, 32, SEED).next_batch()
-    with pytest.raises(ConfigError, match="online changes of a job dealt in tokens"):
+    with pytest.raises(ConfigError, match="online changes of a token-exact mixture"):
         dealer().schedule_change(object())
 
 
