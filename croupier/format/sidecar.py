@@ -233,7 +233,9 @@ class Sidecar:
         Clusters left empty by a selection are dropped, so layout cluster j is sidecar
         cluster `layout_clusters(selection)[j]`.
         """
-        offsets = self.offsets()
+        offsets = self._manifest_offsets() if selection is None else None
+        if offsets is None:
+            offsets = self.offsets()
         if selection is None:
             fp = f"{self.fingerprint}+clu:{self.clustering_hash}"
             return ClusterLayout(offsets=offsets, members=self.members(), num_samples=self.num_samples,
@@ -249,6 +251,23 @@ class Sidecar:
         fp = f"{self.fingerprint}+sel:{selection}:{h}"
         return ClusterLayout(offsets=sel_offsets, members=members, num_samples=self.num_samples,
                              fingerprint=fp, block_size=self.block_size)
+
+    def _manifest_offsets(self) -> np.ndarray | None:
+        """The offsets of a cluster-major sidecar from its manifest's sizes, when they hash to its
+        clustering hash (the offsets it was built from, without opening their file); else None."""
+        if self.layout_kind != "cluster-major":
+            return None
+        try:
+            sizes = self.sizes
+        except (TypeError, ValueError):  # not a list of integers: the file says what the offsets are
+            return None
+        if sizes.ndim != 1:
+            return None
+        offsets = np.zeros(sizes.size + 1, dtype=np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        if short_hash(offsets.astype("<i8").tobytes(), self.layout_kind.encode()) != self.clustering_hash:
+            return None
+        return offsets
 
     def layout_clusters(self, selection: str | None = None) -> np.ndarray:
         """Sidecar cluster id of each layout cluster (identity without a selection)."""

@@ -44,3 +44,19 @@ def test_open_refuses_each_missing_piece_by_name(build_dataset, tmp_path, layout
     (d / "croupier").write_text("not a folder")
     with pytest.raises(DatasetError, match="has no cluster sidecar"):
         Sidecar.open(d)
+
+
+def test_a_cluster_major_layout_takes_its_offsets_from_the_manifest_when_they_hash_right(build_dataset, tmp_path):
+    d = build_dataset(tmp_path)
+    side = Sidecar.open(d)
+    want = side.offsets()
+    offsets_file = d / "croupier" / side.manifest["files"]["offsets"]
+    offsets_file.unlink()  # gone after the open: the layout does not need it
+    layout = side.layout()
+    np.testing.assert_array_equal(layout.offsets, want)
+    assert layout.fingerprint == f"{side.fingerprint}+clu:{side.clustering_hash}"
+    np.save(offsets_file, want)
+    side.manifest["sizes"] = [int(x) for x in reversed(side.sizes)]  # sizes the clustering hash does not name
+    np.testing.assert_array_equal(side.layout().offsets, want)  # the file's offsets, as before
+    side.manifest["sizes"] = "garbage"
+    np.testing.assert_array_equal(side.layout().offsets, want)
