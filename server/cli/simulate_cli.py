@@ -57,9 +57,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_policy_arguments(p, batch_required=False)
     add_token_arguments(p)
     p.add_argument("--state-dir", default=None,
-                   help="replay a job's sequence from its state directory: batch, seed and policy from its "
-                        "newest checkpoint, online changes from its event log (give the layout: --cluster-sizes, "
-                        "--dataset, --mix or --cluster-ids)")
+                   help="replay a job's sequence from its state directory (a folder or s3://bucket/prefix): batch, "
+                        "seed and policy from its newest checkpoint, online changes from its event log (give the "
+                        "layout: --cluster-sizes, --dataset, --mix or --cluster-ids; a job dealt in tokens: the "
+                        "flags it was served with)")
     p.add_argument("--steps", type=int, default=None,
                    help="steps to simulate (required; with --state-dir the default is the job's generated step)")
     p.add_argument("--world", type=int, default=1, help="ranks in the world (jsonl: print one rank's slice)")
@@ -264,8 +265,6 @@ def token_dealer_from_args(args: argparse.Namespace, schedule):  # -> TokenDeale
     (--doc-chunk, default about one step's worth) and the per-sample token counts of the sidecar."""
     from croupier.server.sampling.token_stream import TokenDealer, mean_stream_tokens, plan_tokens
 
-    if args.state_dir:
-        raise ConfigError("--state-dir replays jobs dealt in documents; steps in tokens are not served yet")
     if args.cluster_sizes is not None or getattr(args, "cluster_ids", None):
         raise ConfigError("steps in tokens need per-sample token counts: give --dataset (built with --tokenizer, or "
                           "counted with `croupier shards tokens`)")
@@ -293,16 +292,42 @@ def token_dealer_from_args(args: argparse.Namespace, schedule):  # -> TokenDeale
     return TokenDealer(lambda: Sampler(layout, config, chunk, args.seed), [(0, counts)], schedule, chunk)
 
 
+def _token_job_changes(args: argparse.Namespace, dealer) -> int:  # noqa: ANN001 - a TokenDealer at step 0
+    """`simulate --global-tokens G --state-dir DIR`: the served token job's online changes
+    scheduled on `dealer` (built from the flags the job was served with; its fingerprint must be
+    the job's), after the checks a restarting server makes; the job's generated step."""
+    from croupier.errors import FingerprintMismatch
+    from croupier.server.durability.change_log import event_to_change
+    from croupier.server.durability.log_copies import read_mark, reconcile
+    from croupier.server.durability.state_dir import StateDir
+
+    state_dir = Path(args.state_dir)
+    mark, mark_records = read_mark(state_dir)
+    check = reconcile(state_dir, mark_records, mark, write=False)
+    ck = StateDir.open(state_dir).newest()
+    served = ck.meta.sampler_fingerprint if ck is not None else _mark_fingerprint(state_dir)
+    if served and served != dealer.fingerprint:
+        raise FingerprintMismatch(f"the job in {state_dir} (give the flags, dataset and token schedule it was served "
+                                  "with)", expected=served, got=dealer.fingerprint)
+    for ev in check.events:
+        dealer.schedule_change(event_to_change(ev))
+    return max(mark, 0 if ck is None else ck.meta.generated_step)
+
+
 def _run_tokens(args: argparse.Namespace, schedule) -> int:
     """`simulate --global-tokens G`: each step's documents with the stream tokens taken from the
     first and last (jsonl: `first_skip`, `last_end`), or the summary with the schedule."""
-    if args.steps is None:
+    if args.steps is None and not args.state_dir:
         raise ConfigError("--steps is required (steps to simulate)")
     world = args.world
     schedule.check_world(world)
     if args.rank is not None:
         Topology(rank=args.rank, world=world)
     dealer = token_dealer_from_args(args, schedule)
+    if args.state_dir:
+        generated = _token_job_changes(args, dealer)
+        if args.steps is None:
+            args.steps = generated
     exact = isinstance(dealer, TokenMixDealer)
     if args.format == "jsonl":
         for t in range(args.steps):
@@ -380,6 +405,16 @@ def run(args: argparse.Namespace) -> int:
     from croupier.server.cli.policy_args import check_sequence_args
 
     check_sequence_args(args)  # every numeric flag against the limits the code has, before anything is read
+    if args.state_dir:
+        from croupier.server.durability.remote_state import local_copy
+
+        with local_copy(args.state_dir) as state_dir:  # an s3:// state directory: read from a fetched copy
+            args.state_dir = str(state_dir)
+            return _run(args)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     schedule = token_schedule_from_args(args)
     if schedule is not None:
         return _run_tokens(args, schedule)

@@ -77,7 +77,7 @@ def log_events(path: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_killed_server_is_taken_over_elsewhere_and_every_step_is_exact(tmp_path: Path, s3, serve) -> None:
+def test_killed_server_is_taken_over_elsewhere_and_every_step_is_exact(tmp_path: Path, s3, serve, capsys) -> None:
     prefix = f"jobs/{uuid.uuid4().hex}"
     url = f"s3://{BUCKET}/{prefix}"
     port = free_port()
@@ -112,6 +112,13 @@ def test_killed_server_is_taken_over_elsewhere_and_every_step_is_exact(tmp_path:
         assert np.array_equal(got[t], ref[t]), t
     assert second.kill(signal.SIGTERM) == 0
     assert "lease.json" not in objects(s3, prefix)  # released on the clean stop
+    # `croupier simulate --state-dir s3://...` replays the job from the bucket (changes included)
+    from croupier.cli import main
+
+    assert main(["simulate", "--cluster-sizes", ",".join(map(str, SIZES)), "--global-batch", str(B), "--seed", "0",
+                 "--state-dir", url, "--format", "jsonl"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) >= 90 and all(r["indices"] == ref[r["step"]].tolist() for r in rows[:90])
 
 
 @pytest.mark.slow

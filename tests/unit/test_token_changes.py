@@ -134,3 +134,17 @@ def test_a_served_token_job_takes_updates_and_a_restart_replays_them(tmp_path: P
         stub.Join(pb2.JoinRequest(rank=0, world_size=1), timeout=10)
         got += read(stub, 18, 40)
     assert got == want
+    # `croupier simulate --global-tokens ... --state-dir`: the flags' dealer with the job's changes
+    import argparse
+
+    from croupier.errors import FingerprintMismatch
+    from croupier.server.cli.simulate_cli import _token_job_changes
+
+    d = dealer()
+    generated = _token_job_changes(argparse.Namespace(state_dir=str(tmp_path / "state")), d)
+    assert generated >= 40
+    assert [ids for ids, _ in run(d, 40)] == want
+    other = TokenDealer(lambda: Sampler(ClusterLayout.from_sizes(SIZES), CONFIG, CHUNK, 3), [(0, COUNTS)],
+                        TokenSchedule.parse("0:256"), CHUNK)
+    with pytest.raises(FingerprintMismatch):
+        _token_job_changes(argparse.Namespace(state_dir=str(tmp_path / "state")), other)
