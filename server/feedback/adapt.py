@@ -121,16 +121,20 @@ class Adapter:
     def num_groups(self) -> int:
         return len(self.weights)
 
-    def report(self, rank: int, step: int, ids: np.ndarray, losses: np.ndarray, present: np.ndarray | None) -> None:
-        """Checks and folds one step's report of a rank; raises ReportRefused (nothing changes)."""
+    def report(self, rank: int, step: int, ids: np.ndarray, losses: np.ndarray, present: np.ndarray | None,
+               tokens: np.ndarray | None = None) -> None:
+        """Checks and folds one step's report of a rank; raises ReportRefused (nothing changes).
+        `tokens` (a job dealt in tokens): each id's tokens in the slice, the losses' weights."""
         seen = self._reported_sets.setdefault(rank, set())
         if step in seen:
             raise ReportRefused("duplicate", f"rank {rank} already reported step {step}")
         groups, values = check_report(ids, losses, self.group_of, present)
-        self.stats.add(step, groups, values)
+        keep = None if present is None else np.asarray(present, dtype=bool).reshape(-1)
+        w = None if tokens is None else (tokens if keep is None else np.asarray(tokens)[keep])
+        self.stats.add(step, groups, values, w)
         if self.source_stats is not None and self.source_of is not None:
-            kept = ids if present is None else np.asarray(ids)[np.asarray(present, dtype=bool).reshape(-1)]
-            self.source_stats.add(step, self.source_of(np.asarray(kept, dtype=np.int64)), values)
+            kept = ids if keep is None else np.asarray(ids)[keep]
+            self.source_stats.add(step, self.source_of(np.asarray(kept, dtype=np.int64)), values, w)
         order = self._reported.setdefault(rank, deque())
         order.append(step)
         seen.add(step)

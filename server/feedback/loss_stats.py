@@ -60,8 +60,12 @@ class LossStats:
         self.total_reports = 0
 
     # -- updates --------------------------------------------------------------------------------
-    def add(self, step: int, groups: np.ndarray, losses: np.ndarray) -> None:
+    def add(self, step: int, groups: np.ndarray, losses: np.ndarray, weights: np.ndarray | None = None) -> None:
         """Folds one report: per-sample `losses` (float64) of samples in `groups` (int64).
+
+        `weights` (a job dealt in tokens: each piece's tokens in the slice) makes a group's
+        mean of the report the weighted one, so a group's loss is per token, and a document
+        split between two ranks or steps counts each part by its tokens.
 
         The inputs are expected to be validated already (`loss_validation.check_report`); this
         checks only the shapes and the group range, so a bad call never half-applies.
@@ -71,22 +75,31 @@ class LossStats:
         losses = np.asarray(losses, dtype=np.float64)
         if groups.shape != losses.shape or groups.ndim != 1:
             raise ConfigError(f"a report needs one group per loss; got {groups.shape} groups and {losses.shape} losses")
+        if weights is not None:
+            weights = np.asarray(weights, dtype=np.float64)
+            if weights.shape != losses.shape or (weights.size and weights.min() <= 0):
+                raise ConfigError(f"a report's weights must be one positive number per loss; got {weights.shape}")
         if groups.size and (groups.min() < 0 or groups.max() >= self.num_groups):
             bad = int(groups[(groups < 0) | (groups >= self.num_groups)][0])
             raise ConfigError(f"group {bad} is outside [0, {self.num_groups})")
         self.total_reports += 1
         if not groups.size:
             return
+        weighted = losses if weights is None else losses * weights
         if groups.size * 8 < self.num_groups:  # a small report: O(samples), not O(groups)
             seen, inverse = np.unique(groups, return_inverse=True)
             counts = np.bincount(inverse, minlength=seen.size)
-            sums = np.bincount(inverse, weights=losses, minlength=seen.size)
+            sums = np.bincount(inverse, weights=weighted, minlength=seen.size)
+            wsums = counts if weights is None else np.bincount(inverse, weights=weights, minlength=seen.size)
         else:
             full_counts = np.bincount(groups, minlength=self.num_groups)
             seen = np.flatnonzero(full_counts)
             counts = full_counts[seen]
-            sums = np.bincount(groups, weights=losses, minlength=self.num_groups)[seen]
-        means = sums / counts
+            sums = np.bincount(groups, weights=weighted, minlength=self.num_groups)[seen]
+            wsums = counts if weights is None else np.bincount(groups, weights=weights, minlength=self.num_groups)[seen]
+        means = sums / wsums
+        if weights is not None:
+            sums = means * counts  # the loss sum of the group's pieces at their (weighted) mean
         old = self.ema[seen]
         first = np.isnan(old)
         d = self.ema_decay

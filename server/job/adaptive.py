@@ -43,7 +43,12 @@ class Adaptation:
 
     @classmethod
     def for_generator(cls, spec: AdaptSpec, gen: Sampler | MixSampler, layout: ClusterLayout) -> Adaptation:
-        """The job's adapter: groups are clusters (any policy with clusters) or a mixture's sources."""
+        """The job's adapter: groups are clusters (any policy with clusters) or a mixture's sources.
+        A job dealt in tokens adapts its document sampler (a token-exact mixture's shares are fixed)."""
+        if hasattr(gen, "source_tokens"):
+            raise ConfigError("--adapt on a token-exact mixture (unit = \"tokens\" dealt in tokens) is not supported: "
+                              "its shares are fixed by the mixture file")
+        gen = getattr(gen, "inner", gen)  # a TokenDealer's document sampler
         if spec.groups == "sources":
             if not isinstance(gen, MixSampler):
                 raise ConfigError("--adapt-groups sources needs a mixture (serve --mix); this job serves one dataset")
@@ -124,7 +129,8 @@ class Adaptation:
                 sl = slice_of(step)
                 if sl.end:
                     raise ReportRefused("dealt", f"step {step} is past the end of data")
-                self.adapter.report(rank, step, sl.ids, losses, present)
+                tokens = None if sl.spans is None else sl.spans[:, 1] - sl.spans[:, 0]
+                self.adapter.report(rank, step, sl.ids, losses, present, tokens)
                 accepted += 1
             except ReportRefused as exc:
                 self.adapter.refused += 1

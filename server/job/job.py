@@ -97,9 +97,6 @@ class Job:
         self.mixture = mixture
         self.tokens = tokens  # steps in tokens: (schedule, per-sample counts, documents per draw)
         if tokens is not None:
-            if adapt is not None:
-                raise ConfigError("loss feedback (--adapt) on a job dealt in tokens is not supported yet: deal "
-                                  "documents (--global-batch) to adapt")
             global_batch = tokens[2]
         self.config = config
         self.global_batch = int(global_batch)
