@@ -5,6 +5,7 @@
     croupier checkpoint --server HOST:PORT --step S           durable checkpoint; prints its token
     croupier update --server HOST:PORT --step S [--clip N] [--weights W,...]   (admin token)
     croupier update --server HOST:PORT --step S --source NAME [--weight W] [--clip N]   (mixtures)
+    croupier update --server HOST:PORT --step S --global-tokens G   (a job dealt in tokens)
 
 Common options (`croupier.client.cli.connection_args`, shared by every client command): --token-file F
 (default: $CROUPIER_TOKEN), --tls-ca PEM (TLS, trusting this CA or self-signed certificate),
@@ -55,6 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("--weight", type=float, default=None, help="mixtures: the source's new weight (0 pauses it)")
     up.add_argument("--source-weights", default=None,
                     help="mixtures: every source's weight, in the mixture file's order (comma list or @FILE)")
+    up.add_argument("--global-tokens", type=int, default=0,
+                    help="a job dealt in tokens: global tokens per step from --step on (the schedule's later points "
+                         "go; divisible by the world)")
     up.set_defaults(func=_guard(update))
 
 
@@ -80,6 +84,8 @@ def check_args(args: argparse.Namespace) -> None:
         bounds.wire_int64("--step", args.step)
     if getattr(args, "clip", None) is not None:
         bounds.wire_int64("--clip", args.clip)
+    if getattr(args, "global_tokens", None) is not None:
+        bounds.int_range("--global-tokens", args.global_tokens, 0, 2**40 - 1, "tokens per step, 0 = unchanged")
     weight = getattr(args, "weight", None)
     if weight is not None and not (math.isfinite(weight) and weight >= 0):
         raise ConfigError(f"--weight must be a finite number >= 0 (0 pauses the source), got {weight}")
@@ -102,6 +108,7 @@ def status_dict(resp: pb2.GetStatusResponse) -> dict[str, Any]:
     return {
         "job": job.job, "sampler_fingerprint": job.sampler_fingerprint,
         "dataset_fingerprint": job.dataset_fingerprint, "policy": job.policy, "global_batch": job.global_batch,
+        "token_schedule": job.token_schedule,
         "world_size": job.world_size, "generated_step": resp.generated_step, "durable_step": resp.durable_step,
         "generated_mark": resp.generated_mark, "checkpoint_error": resp.checkpoint_error,
         "checkpoint_failures": resp.checkpoint_failures, "checkpoints_healthy": not resp.checkpoint_error,
@@ -185,7 +192,8 @@ def format_status(resp: pb2.GetStatusResponse, top: int = 40) -> str:
     lines = [
         f"job {job.job!r}  policy {job.policy}  clip {resp.clip or '-'}  global batch {job.global_batch}  "
         f"world {job.world_size}  seed {job.seed}",
-        f"sampler {job.sampler_fingerprint}  dataset {job.dataset_fingerprint or '-'}",
+        f"sampler {job.sampler_fingerprint}  dataset {job.dataset_fingerprint or '-'}"
+        + (f"  token schedule {job.token_schedule} (global tokens from a step on)" if job.token_schedule else ""),
         f"generated step {resp.generated_step}  durable step {resp.durable_step}  "
         f"slowest {resp.slowest_step}  fastest {resp.fastest_step}",
         *health_lines(resp),
@@ -293,10 +301,10 @@ def update(args: argparse.Namespace) -> int:
         raise ConfigError(f"--weight {args.weight} needs --source NAME (the mixture source it applies to)")
     if args.source and args.weight is None and not args.clip:
         raise ConfigError(f"--source {args.source} needs --weight or --clip")
-    if not args.clip and not weights and args.weight is None and not source_weights:
-        raise ConfigError("update needs --clip, --weights, --source with --weight, or --source-weights")
+    if not args.clip and not weights and args.weight is None and not source_weights and not args.global_tokens:
+        raise ConfigError("update needs --clip, --weights, --source with --weight, --source-weights or --global-tokens")
     req = pb2.UpdateRequest(step=args.step, clip=args.clip, weights=weights, source=args.source,
-                            source_weights=source_weights)
+                            source_weights=source_weights, global_tokens=args.global_tokens)
     if args.weight is not None:
         req.source_weight = args.weight
     stub, channel, md = connect(args)

@@ -11,7 +11,8 @@ Mapping of a `state.Change` onto an `event_log.Event`:
 - kind "weights": per-cluster weights (and a clip, if the change sets both);
 - kind "clip": a clip alone;
 - kind "sources": every source's weight (a mixture);
-- kind "source:I": source I's weight (`weights` of length 1) and/or clip.
+- kind "source:I": source I's weight (`weights` of length 1) and/or clip;
+- kind "tokens": a job dealt in tokens, G from the step on (carried in the record's clip field).
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ LOG_NAME = "events.log"
 def change_to_event(ch: Change) -> Event:
     """The log record of a change (a change setting two weight vectors at once is refused)."""
     origin = ch.origin or "operator"
+    if ch.global_tokens is not None:
+        if ch.clip is not None or ch.weights is not None or ch.source is not None or ch.source_weights is not None:
+            raise ConfigError("a change of global tokens per step changes only that: give other changes separately")
+        return Event(step=ch.step, kind="tokens", origin=origin, clip=int(ch.global_tokens))
     vectors = sum(x is not None for x in (ch.weights, ch.source_weights)) + (ch.source is not None)
     if vectors > 1:
         raise ConfigError("one change sets one kind of weights: cluster weights, every source's weight, or one "
@@ -54,6 +59,8 @@ def event_to_change(ev: Event) -> Change:
                       source_weight=None if w is None else w[0], origin=origin)
     if ev.kind == "sources":
         return Change(step=ev.step, clip=ev.clip, source_weights=w, origin=origin)
+    if ev.kind == "tokens":
+        return Change(step=ev.step, global_tokens=ev.clip, origin=origin)
     if ev.kind in ("weights", "clip"):
         return Change(step=ev.step, clip=ev.clip, weights=w, origin=origin)
     raise ConfigError(f"unknown change kind {ev.kind!r} in the event log")

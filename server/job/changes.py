@@ -35,11 +35,23 @@ __all__ = ["OnlineChanges", "requested_change"]
 
 def requested_change(gen: Sampler | MixSampler, step: int, clip: int = 0, weights: Sequence[float] | None = None, *,
                      source: str = "", source_weight: float | None = None,
-                     source_weights: Sequence[float] | None = None) -> Change:
+                     source_weights: Sequence[float] | None = None, global_tokens: int = 0,
+                     world: int | None = None) -> Change:
     """The change an update request asks for (see `Job.update`); ConfigError names what is wrong."""
     if step < gen.step:
         raise ConfigError(f"step {step} is already generated (generated step {gen.step}); "
                           f"a change must name a step >= {gen.step}")
+    if global_tokens:
+        schedule = getattr(gen, "schedule", None)
+        if schedule is None:
+            raise ConfigError(f"global tokens {global_tokens}: this job deals documents (--global-batch); a change "
+                              "of global tokens per step applies to a job dealt in tokens")
+        if clip or weights or source or source_weight is not None or source_weights:
+            raise ConfigError("a change of global tokens per step changes only that: give other changes separately")
+        new = schedule.from_step(int(step), int(global_tokens))  # the schedule's own checks (range)
+        if world:
+            new.check_world(world)
+        return Change(step=int(step), global_tokens=int(global_tokens))
     w = list(weights) if weights else None
     src_index: int | None = None
     if source or source_weight is not None or source_weights:

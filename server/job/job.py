@@ -106,8 +106,8 @@ class Job:
         self._lock = threading.Lock()
         self.layout = layout
         self._recovery: Recovery | None = None
-        self._seq = SequenceWindow(self._new_sampler, self.spec.snapshot_every, self.spec.max_lookahead,
-                                   self._load_saved if store is not None else None)
+        self._seq = SequenceWindow(self._new_sampler, self.spec.snapshot_every, self.spec.max_lookahead,  # replays
+                                   None if store is None else lambda step: self._recovery.load_saved(step))  # type: ignore[union-attr]
         gen = self._seq.gen
         self.layout = gen.layout
         self.fingerprint = gen.fingerprint
@@ -152,10 +152,6 @@ class Job:
             return mixture_sampler(self.mixture, self.global_batch, self.seed)
         return Sampler(self.layout, self.config, self.global_batch, self.seed)
 
-    def _load_saved(self, step: int) -> tuple[int, Saved] | None:
-        """The newest valid checkpoint at or before `step` (the sequence window's replays)."""
-        return None if self._recovery is None else self._recovery.load_saved(step)
-
     def _resume(self, fresh: bool, accept_log_damage: bool) -> None:
         assert self._recovery is not None
         if fresh:
@@ -187,6 +183,11 @@ class Job:
         """The policy (JobInfo.policy): a single source's, or "mixture"."""
         config = getattr(self._seq.gen, "config", None)  # None: a mixture dealt in tokens
         return "mixture" if isinstance(self._seq.gen, MixSampler) or config is None else config.policy
+
+    @property
+    def token_schedule(self) -> TokenSchedule | None:
+        """A job dealt in tokens: its schedule with the online changes of G made so far."""
+        return None if self.tokens is None else self._seq.gen.schedule  # type: ignore[union-attr]
 
     @property
     def policy_json(self) -> str:
@@ -222,7 +223,7 @@ class Job:
             if global_batch and global_batch != self.global_batch:
                 raise ConfigError(f"global batch {global_batch} does not match the job's global batch "
                                   f"{self.global_batch}")
-            p = per_rank_size(None if self.tokens is None else self.tokens[0], self.global_batch, world)
+            p = per_rank_size(self.token_schedule, self.global_batch, world)
             at = None if token is None else token.step
             if token is None and sampler_state:
                 at, took = state_point(sampler_state, self.fingerprint, self._seq, self._adaptation is not None)
@@ -411,21 +412,23 @@ class Job:
         return saved.state.step
 
     def update(self, step: int, clip: int = 0, weights: list[float] | None = None, *, source: str = "",
-               source_weight: float | None = None, source_weights: list[float] | None = None) -> int:
+               source_weight: float | None = None, source_weights: list[float] | None = None,
+               global_tokens: int = 0) -> int:
         """Schedules an online change from `step` (>= the generated step); returns `step`.
 
         `source` (a mixture source's name) makes `clip` and `source_weight` apply to that
-        source; `source_weights` sets every source's weight. The change is durable before
+        source; `source_weights` sets every source's weight; `global_tokens` (a job dealt in
+        tokens) sets G from `step` on, divisible by the world. The change is durable before
         this returns, and before any batch can use it: it is logged under the lock, and not
         applied when it cannot be (CheckpointUnavailable)."""
-        with self._lock:  # (a job dealt in tokens refuses changes: `TokenDealer.schedule_change`)
-            change = requested_change(self._seq.gen, step, clip, weights, source=source,
-                                      source_weight=source_weight, source_weights=source_weights)
+        with self._lock:
+            change = requested_change(self._seq.gen, step, clip, weights, source=source, source_weight=source_weight,
+                                      source_weights=source_weights, global_tokens=global_tokens, world=self.world)
             self._changes.record(change)
             log.info("online change scheduled", extra={"event": "update", "step": step, "clip": clip or None,
-                                                       "weights": None if change.weights is None else
-                                                       len(change.weights),
-                                                       "source": source or None, "source_weight": source_weight})
+                                                       "weights": None if change.weights is None else len(change.weights),
+                                                       "source": source or None, "source_weight": source_weight,
+                                                       "global_tokens": global_tokens or None})
             return int(step)
 
     # -- loss feedback --------------------------------------------------------------------------

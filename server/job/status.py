@@ -94,6 +94,8 @@ class ChangeHistory:
             kind, w = "sources", np.array(change.source_weights)
         elif change.weights is not None:
             kind, w = "weights", np.array(change.weights)
+        elif change.global_tokens is not None:
+            kind, w = f"tokens:{change.global_tokens}", None
         else:
             kind, w = "clip", None
         ratio = 0.0

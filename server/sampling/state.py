@@ -41,6 +41,7 @@ class Change:
     source_weight: float | None = None
     source_weights: tuple[float, ...] | None = None
     origin: str = ""  # who made it ("operator" or a controller); does not affect the sequence
+    global_tokens: int | None = None  # a job dealt in tokens: G from `step` on (the schedule's later points go)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"step": self.step, "clip": self.clip,
@@ -53,6 +54,8 @@ class Change:
             d["source_weights"] = list(self.source_weights)
         if self.origin:
             d["origin"] = self.origin
+        if self.global_tokens is not None:
+            d["global_tokens"] = self.global_tokens
         return d
 
     @classmethod
@@ -61,7 +64,8 @@ class Change:
         sw = d.get("source_weights")
         return cls(step=int(d["step"]), clip=d.get("clip"), weights=None if w is None else tuple(w),
                    source=d.get("source"), source_weight=d.get("source_weight"),
-                   source_weights=None if sw is None else tuple(sw), origin=str(d.get("origin", "")))
+                   source_weights=None if sw is None else tuple(sw), origin=str(d.get("origin", "")),
+                   global_tokens=None if d.get("global_tokens") is None else int(d["global_tokens"]))
 
 
 @dataclass(frozen=True, eq=False)

@@ -83,6 +83,11 @@ class TokenSchedule:
     def __str__(self) -> str:
         return self._text()
 
+    def from_step(self, step: int, tokens: int) -> TokenSchedule:
+        """This schedule until `step`, then `tokens` per step (its later points dropped): an
+        online change of G."""
+        return TokenSchedule(tuple(p for p in self.points if p[0] < step) + ((int(step), int(tokens)),))
+
     def tokens_at(self, step: int) -> int:
         """G of `step`."""
         tokens = self.points[0][1]
@@ -209,7 +214,7 @@ class TokenDealer:
         self._new_inner = new_inner
         probe: object | None = self.__dict__.pop("_probe", None)
         self.inner: object = new_inner() if probe is None else probe
-        self.schedule = schedule
+        self.schedule = self._initial_schedule = schedule
         self.chunk = int(chunk)
         self._count = counts_lookup(counts)
         inner_fp = self.inner.fingerprint  # type: ignore[attr-defined]
@@ -279,7 +284,7 @@ class TokenDealer:
     def state(self) -> SamplerState:
         """The document sampler's state before the chunk in use, with the position in it."""
         b = self._before
-        extra = {"token_stream": {"inner_step": b.step, "inner_fingerprint": b.fingerprint, "drawn": bool(len(self._ids)),
+        extra = {"token_stream": {"schedule": str(self.schedule), "inner_step": b.step, "inner_fingerprint": b.fingerprint, "drawn": bool(len(self._ids)),
                                   "pos": self._pos, "skip": self._skip, "inner_extra": b.extra,
                                   "inner_pending": [c.to_dict() for c in b.pending]}}
         return SamplerState(fingerprint=self.fingerprint, step=self.step, random_cursor=b.random_cursor, clip=b.clip,
@@ -311,6 +316,8 @@ class TokenDealer:
             self._lengths = np.empty(0, dtype=np.int64)
         self._pos, self._skip = int(x["pos"]), int(x["skip"])
         self._pending = list(state.pending)
+        # the schedule with the online changes of G the state holds (a state without: the job's own)
+        self.schedule = TokenSchedule.parse(str(x["schedule"])) if "schedule" in x else self._initial_schedule
 
     # -- what a document sampler also answers -----------------------------------------------------
     def counters(self):  # noqa: ANN201 - the document sampler's
@@ -342,6 +349,9 @@ class TokenDealer:
         if change.step < self.step:
             raise ConfigError(f"online change at step {change.step}: the token stream has dealt up to step "
                               f"{self.step - 1}")
+        if change.global_tokens is not None:  # the schedule is a function of the step: it changes at once
+            self.schedule = self.schedule.from_step(change.step, change.global_tokens)
+            return
         probe = self._new_inner()
         probe.load_state(self.inner.state())  # type: ignore[attr-defined]
         probe.schedule_change(dataclasses.replace(change, step=probe.step))  # type: ignore[attr-defined]

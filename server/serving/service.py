@@ -95,7 +95,7 @@ def job_info(job: Job) -> pb2.JobInfo:
         sampler_fingerprint=job.fingerprint, global_batch=job.global_batch, policy=job.policy_name,
         policy_json=job.policy_json, seed=job.seed, num_samples=job.layout.num_samples,
         num_clusters=job.layout.num_clusters, selection=spec.selection, world_size=job.world or 0,
-        token_schedule="" if job.tokens is None else str(job.tokens[0]))
+        token_schedule="" if job.token_schedule is None else str(job.token_schedule))
     if job.mixture is not None:
         counters = job.source_counters()
         for i, src in enumerate(job.mixture.infos):
@@ -293,10 +293,13 @@ class SamplerServicer:
     async def Update(self, request: pb2.UpdateRequest, context) -> pb2.UpdateResponse:
         if request.clip < 0:
             raise ConfigError(f"clip must be >= 1 (0 = unchanged), got {request.clip}")
+        if request.global_tokens < 0:
+            raise ConfigError(f"global tokens must be >= 1 (0 = unchanged), got {request.global_tokens}")
         sw = request.source_weight if request.HasField("source_weight") else None
         step = await asyncio.to_thread(self.job.update, step=request.step, clip=int(request.clip),
                                        weights=list(request.weights), source=request.source, source_weight=sw,
-                                       source_weights=list(request.source_weights))
+                                       source_weights=list(request.source_weights),
+                                       global_tokens=int(request.global_tokens))
         return pb2.UpdateResponse(effective_step=step)
 
     async def ReportLoss(self, request: pb2.ReportLossRequest, context) -> pb2.ReportLossResponse:

@@ -51,6 +51,7 @@ INT_FLAGS = [
     (["checkpoint", "--server", NOWHERE], "--step", bounds.INT64_MIN, I64),
     (["update", "--server", NOWHERE, "--clip", "2"], "--step", bounds.INT64_MIN, I64),
     (["update", "--server", NOWHERE, "--step", "5"], "--clip", bounds.INT64_MIN, I64),
+    (["update", "--server", NOWHERE, "--step", "5"], "--global-tokens", 0, 2**40 - 1),
     (["client", "dump", "--server", NOWHERE], "--steps", 1, I64),
     (["client", "dump", "--server", NOWHERE], "--start-step", 0, I64 - 4),
     (["client", "dump", "--server", NOWHERE], "--world", 1, I32),

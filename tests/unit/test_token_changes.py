@@ -148,3 +148,61 @@ def test_a_served_token_job_takes_updates_and_a_restart_replays_them(tmp_path: P
                         TokenSchedule.parse("0:256"), CHUNK)
     with pytest.raises(FingerprintMismatch):
         _token_job_changes(argparse.Namespace(state_dir=str(tmp_path / "state")), other)
+
+
+def test_a_change_of_g_takes_effect_at_its_step_and_replays_from_any_state() -> None:
+    from croupier.server.durability.change_log import change_to_event, event_to_change
+
+    g = Change(step=12, global_tokens=768)
+    assert event_to_change(change_to_event(g)).global_tokens == 768  # the event log carries it
+    want = dealer()
+    want.schedule_change(g)
+    steps = [want.next_step() for _ in range(30)]
+    assert [s.tokens for s in steps] == [256] * 12 + [768] * 18
+    assert str(want.schedule) == "0:256,12:768" and want.fingerprint == dealer().fingerprint
+    for at in (5, 12, 20):
+        d = dealer()
+        d.schedule_change(g)
+        run(d, at)
+        again = dealer()
+        again.load_state(d.state())
+        assert [(st.ids.tolist(), st.tokens) for st in (again.next_step() for _ in range(30 - at))] == \
+            [(st.ids.tolist(), st.tokens) for st in steps[at:]]
+    with pytest.raises(ConfigError, match="changes only that"):
+        change_to_event(Change(step=3, clip=2, global_tokens=512))
+
+
+def test_update_of_global_tokens_on_a_served_token_job(tmp_path: Path) -> None:
+    import grpc
+
+    from croupier.client.cli.admin_cli import format_status
+    from croupier.grpc_options import channel_options
+    from croupier.proto import pb2_grpc
+    from jobs import start_server
+
+    want = dealer()
+    want.schedule_change(Change(step=6, global_tokens=1024))
+    want_ids = [want.next_step().part(r, 4).ids.tolist() for _ in range(12) for r in (0,)]
+    with ExitStack() as stack:
+        job = token_job(CheckpointStore(tmp_path / "state"))
+        _, port = start_server(stack, job, checkpoint=True)
+        channel = stack.enter_context(grpc.insecure_channel(f"127.0.0.1:{port}", options=channel_options()))
+        stub = pb2_grpc.SamplerStub(channel)
+        for r in range(4):
+            stub.Join(pb2.JoinRequest(rank=r, world_size=4), timeout=10)
+        with pytest.raises(grpc.RpcError, match="divisible|split|multiple"):
+            stub.Update(pb2.UpdateRequest(step=6, global_tokens=1026), timeout=10)
+        assert stub.Update(pb2.UpdateRequest(step=6, global_tokens=1024), timeout=10).effective_step == 6
+        got, spans = [], []
+        for t in range(12):
+            sls = [stub.GetSlice(pb2.GetSliceRequest(rank=r, world_size=4, step=t), timeout=10).slice for r in range(4)]
+            got.append(slice_ids(sls[0]).tolist())
+            spans.append(sum(int(b - a) for sl in sls
+                             for a, b, _ in np.frombuffer(sl.packed_token_spans, "<i8").reshape(-1, 3)))
+            for r in range(4):
+                stub.Ack(pb2.AckRequest(rank=r, world_size=4, next_step=t + 1), timeout=10)
+        resp = stub.GetStatus(pb2.GetStatusRequest(), timeout=10)
+    assert got == want_ids
+    assert spans == [256] * 6 + [1024] * 6
+    assert resp.job.token_schedule == "0:256,6:1024"
+    assert "token schedule 0:256,6:1024" in format_status(resp)

@@ -505,20 +505,22 @@ class SessionStatus(_message.Message):
     def __init__(self, peer: _Optional[str] = ..., node: _Optional[_Union[NodeReport, _Mapping]] = ..., ranks: _Optional[_Iterable[int]] = ..., lanes: _Optional[int] = ..., seconds_open: _Optional[float] = ...) -> None: ...
 
 class UpdateRequest(_message.Message):
-    __slots__ = ("step", "clip", "weights", "source", "source_weight", "source_weights")
+    __slots__ = ("step", "clip", "weights", "source", "source_weight", "source_weights", "global_tokens")
     STEP_FIELD_NUMBER: _ClassVar[int]
     CLIP_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     SOURCE_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     step: int
     clip: int
     weights: _containers.RepeatedScalarFieldContainer[float]
     source: str
     source_weight: float
     source_weights: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, step: _Optional[int] = ..., clip: _Optional[int] = ..., weights: _Optional[_Iterable[float]] = ..., source: _Optional[str] = ..., source_weight: _Optional[float] = ..., source_weights: _Optional[_Iterable[float]] = ...) -> None: ...
+    global_tokens: int
+    def __init__(self, step: _Optional[int] = ..., clip: _Optional[int] = ..., weights: _Optional[_Iterable[float]] = ..., source: _Optional[str] = ..., source_weight: _Optional[float] = ..., source_weights: _Optional[_Iterable[float]] = ..., global_tokens: _Optional[int] = ...) -> None: ...
 
 class UpdateResponse(_message.Message):
     __slots__ = ("effective_step",)
