@@ -66,6 +66,8 @@ class ReportData:
     group_loss: np.ndarray | None = None
     tokens: np.ndarray | None = None
     tokens_since: int = 0
+    source_tokens: np.ndarray | None = None  # a token-exact mixture: stream tokens dealt per source
+    source_token_targets: np.ndarray | None = None  # and what its shares called for
 
     @property
     def num_clusters(self) -> int:
@@ -229,6 +231,10 @@ def from_server(address: str, *, token: str | None = None, watch_s: float = 0.0,
         data.source_weights = np.array([x.weight for x in job.sources])
         data.source_draws = np.array([x.draws for x in job.sources], dtype=np.int64)
         data.source_exhausted_at = np.array([x.exhausted_at for x in job.sources], dtype=np.int64)
+        if any(x.tokens_target for x in job.sources):  # a token-exact mixture
+            data.source_tokens = np.array([x.tokens_dealt for x in job.sources], dtype=np.int64)
+            data.source_token_targets = np.array([x.tokens_target for x in job.sources], dtype=np.int64)
+            replay = False
         if replay and mix:
             _attach_history(data, None, None, (), _mixture_sampler(mix, data.global_batch, data.seed))
             data.notes.append("online changes are not visible through GetStatus: a mixture with online changes "
@@ -288,8 +294,17 @@ def from_state_dir(state_dir: str | Path, *, dataset: str | None = None, selecti
         raise ConfigError(f"state directory {state_dir} does not name its dataset: pass --dataset DIR")
     layout = _layout_for(dataset, selection if selection is not None else found_sel)
     config = PolicyConfig.from_dict(meta.policy)
-    sampler = Sampler(layout, config, meta.global_batch, meta.seed)
-    sampler.load_state(state)  # checks the fingerprint: the dataset given is the job's
+    from croupier.apps.report_tokens import is_token_state, token_dealer
+
+    if is_token_state(state.fingerprint):  # a job dealt in tokens: its document sampler, through its dealer
+        sampler = token_dealer(state_dir, ck, dataset=dataset,
+                               selection=selection if selection is not None else found_sel).inner
+        replay = False
+        data_note = "draws over time not replayed: the job is dealt in tokens"
+    else:
+        sampler = Sampler(layout, config, meta.global_batch, meta.seed)
+        sampler.load_state(state)  # checks the fingerprint: the dataset given is the job's
+        data_note = ""
     c = sampler.counters()
     data = ReportData(
         source=f"state directory {state_dir} (checkpoint at step {ck.step})", policy=config.policy,
@@ -307,6 +322,8 @@ def from_state_dir(state_dir: str | Path, *, dataset: str | None = None, selecti
         t = TokenTally(data.num_clusters, lambda ids: ids, lambda ids: ids)
         t.load(ck.payload.tally, int(state.step))
         data.tokens, data.tokens_since = t.tokens, t.since
+    if data_note:
+        data.notes.append(data_note)
     if replay:
         _attach_history(data, layout, config, events)
     return data
@@ -331,9 +348,17 @@ def _mixture_from_state_dir(state_dir: Path, ck: Any, events: list[dict], mix: s
             mix = None
     if not mix:
         raise ConfigError(f"state directory {state_dir} holds a mixture job and names no mixture file: pass --mix FILE")
+    from croupier.apps.report_tokens import is_token_state, token_dealer
+
     b, seed, state = ck.meta.global_batch, ck.meta.seed, ck.state
-    sampler = _mixture_sampler(mix, b, seed)
-    sampler.load_state(state)  # checks the fingerprint: the file given is the job's
+    tokens = is_token_state(state.fingerprint)
+    if tokens:  # a job dealt in tokens: its dealer (a token-exact mixture's counts tokens per source)
+        sampler = token_dealer(state_dir, ck, mix=mix)
+        if not hasattr(sampler, "source_counters"):
+            sampler = sampler.inner
+    else:
+        sampler = _mixture_sampler(mix, b, seed)
+        sampler.load_state(state)  # checks the fingerprint: the file given is the job's
     c = sampler.counters()
     sc = sampler.source_counters() if hasattr(sampler, "source_counters") else None
     data = ReportData(
@@ -344,10 +369,13 @@ def _mixture_from_state_dir(state_dir: Path, ck: Any, events: list[dict], mix: s
     if sc is not None:
         data.source_names, data.source_weights = sc.names, sc.weights
         data.source_draws, data.source_exhausted_at = sc.draws, sc.exhausted_at
+        data.source_tokens, data.source_token_targets = sc.tokens_dealt, sc.tokens_target
     lag = read_rank_history(state_dir / RANK_HISTORY_FILE)
     if lag is not None:
         data.rank_times, data.rank_steps = lag
-    if replay:
+    if replay and tokens:
+        data.notes.append("draws over time not replayed: the job is dealt in tokens")
+    elif replay:
         _attach_history(data, None, None, events, _mixture_sampler(mix, b, seed))
     return data
 
@@ -371,12 +399,15 @@ def source_table(data: ReportData) -> str:
     total = int(data.source_draws.sum()) or 1
     wsum = float(data.source_weights.sum()) or 1.0
     width = max(8, *(len(n) for n in data.source_names))
-    lines = [f"{'source':>{width}} {'weight':>8} {'target':>7} {'draws':>10} {'share':>7} {'exhausted at':>12}"]
+    tok, want = data.source_tokens, data.source_token_targets
+    lines = [f"{'source':>{width}} {'weight':>8} {'target':>7} {'draws':>10} {'share':>7} {'exhausted at':>12}"
+             + (f" {'tokens dealt':>14} {'token target':>14}" if tok is not None and want is not None else "")]
     for i, name in enumerate(data.source_names):
         ex = "-" if data.source_exhausted_at is None or data.source_exhausted_at[i] < 0 \
             else str(int(data.source_exhausted_at[i]))
         lines.append(f"{name:>{width}} {data.source_weights[i]:>8.4g} {data.source_weights[i] / wsum:>7.1%} "
-                     f"{int(data.source_draws[i]):>10} {data.source_draws[i] / total:>7.1%} {ex:>12}")
+                     f"{int(data.source_draws[i]):>10} {data.source_draws[i] / total:>7.1%} {ex:>12}"
+                     + (f" {int(tok[i]):>14,} {int(want[i]):>14,}" if tok is not None and want is not None else ""))
     return "\n".join(lines)
 
 

@@ -586,4 +586,5 @@ def describe(server: SamplerServer) -> dict[str, Any]:
     return {"address": server.address, "port": server.port, "tls": server.tls, "job": job.spec.name,
             "sampler_fingerprint": job.fingerprint, "dataset_fingerprint": job.spec.dataset_fingerprint,
             "global_batch": job.global_batch, "policy": job.policy_name, "num_clusters": job.layout.num_clusters,
-            "resumed_from": job.resumed_from, "version": __version__}
+            "resumed_from": job.resumed_from, "version": __version__,
+            "token_schedule": "" if job.tokens is None else str(job.tokens[0])}

@@ -175,3 +175,37 @@ def test_a_served_token_job_deals_the_same_tokens(counted, tmp_path, tiny_tokeni
             data.close()
     for t in range(steps):
         assert [x for r in range(world) for x in per_rank[r][t]] == want[t], t
+
+
+def test_report_of_a_served_token_job_reads_its_dealer(counted, tmp_path) -> None:
+    import json
+    from contextlib import ExitStack
+
+    from croupier.apps import report
+    from croupier.server.durability.checkpoint_store import CheckpointStore
+    from croupier.server.job.job import Job, JobSpec
+    from croupier.server.sampling.policy import PolicyConfig
+    from croupier.server.sampling.token_stream import TokenSchedule, mean_stream_tokens, plan_tokens
+    from croupier.server.serving.service import describe
+    from jobs import start_server
+
+    side = Sidecar.open(counted)
+    layout, counts = side.layout(), np.asarray(side.token_counts())
+    schedule = TokenSchedule.constant(512)
+    chunk, policy = plan_tokens(schedule, mean_stream_tokens(counts, layout.ids_at(np.arange(layout.num_positions))),
+                                None, PolicyConfig.from_options(policy="clusterclip", clip=3))
+    state = tmp_path / "state"
+    with ExitStack() as stack:
+        job = Job(layout, policy, chunk, 1, spec=JobSpec(name="t", dataset_remote=str(counted),
+                                                         dataset_fingerprint=side.fingerprint),
+                  tokens=(schedule, [(0, counts)], chunk), store=CheckpointStore(state))
+        server, port = start_server(stack, job, checkpoint=True)
+        (state / "server.json").write_text(json.dumps(dict(describe(server), dataset=str(counted))))
+        data = CroupierIterableDataset(f"127.0.0.1:{port}", "t", cache_dir=tmp_path / "c", steps=7,
+                                       topology=Topology(0, 1))
+        assert len({s["_croupier_step"] for s in data}) == 7
+        data.close()
+        draws = job.status().draws.copy()
+    got = report.from_state_dir(state)
+    assert got.step >= 7 and np.array_equal(got.draws, draws)
+    assert "draws over time not replayed: the job is dealt in tokens" in got.notes

@@ -487,3 +487,43 @@ def test_a_samples_unit_mixture_dealt_in_tokens_names_its_policy_and_tallies_by_
     from_long = [i for i in ids if i >= n0]
     assert from_short and from_long
     assert st.tokens is not None and int(st.tokens[:k0].sum()) > 0 and int(st.tokens[k0:].sum()) > 0
+
+
+def test_report_shows_each_sources_tokens_from_the_state_directory(built_mix, tmp_path) -> None:
+    from contextlib import ExitStack
+
+    from croupier.apps import report
+    from croupier.client.dataset import CroupierIterableDataset
+    from croupier.mixture import load_mix
+    from croupier.server.durability.checkpoint_store import CheckpointStore
+    from croupier.server.job.job import Job, JobSpec
+    from croupier.server.serving.service import describe
+    from croupier.server.sampling.token_stream import mean_stream_tokens, plan_tokens
+    from croupier.topology import Topology
+    from jobs import start_server
+
+    mix, _ = built_mix
+    m = load_mix(mix, tmp_path / "side")
+    pieces = m.token_counts_by_offset()
+    assert pieces is not None
+    schedule = TokenSchedule.constant(512)
+    mean = float(np.mean([mean_stream_tokens(c, lay.ids_at(np.arange(lay.num_positions)))
+                          for (_, c), lay in zip(pieces, m.layouts)]))
+    chunk, _ = plan_tokens(schedule, mean, None, None)
+    state = tmp_path / "state"
+    with ExitStack() as stack:
+        job = Job(m.layouts[0], None, chunk, 2, spec=JobSpec(name="t"), mixture=m,  # type: ignore[arg-type]
+                  token_counts=pieces, tokens=(schedule, pieces, chunk), store=CheckpointStore(state))
+        server, port = start_server(stack, job, checkpoint=True)
+        (state / "server.json").write_text(json.dumps(dict(describe(server), mix=str(mix))))
+        data = CroupierIterableDataset(f"127.0.0.1:{port}", "t", cache_dir=tmp_path / "c", steps=9,
+                                       topology=Topology(0, 1))
+        assert {s["_croupier_step"] for s in data} == set(range(9))
+        data.close()
+    got = report.from_state_dir(state)
+    assert got.source_names == ("short", "long") and got.source_tokens is not None
+    assert got.source_token_targets is not None
+    assert int(got.source_tokens.sum()) == got.step * 512 == int(got.source_token_targets.sum())
+    assert got.step >= 9 and "draws over time not replayed: the job is dealt in tokens" in got.notes
+    table = report.source_table(got)
+    assert "tokens dealt" in table and f"{int(got.source_tokens[0]):,}" in table
