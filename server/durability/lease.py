@@ -130,7 +130,7 @@ class Lease:
 
     # -- holding it -------------------------------------------------------------------------------
     def set_address(self, address: str) -> None:
-        """Names the address this server serves at in the lease (from its next renewal on)."""
+        """Names the address this server serves at in the lease (written at once, by a renewal)."""
         self.info["address"] = address
         self.renew()
 
