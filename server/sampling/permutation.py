@@ -28,7 +28,11 @@ _TAGS = np.array(_ROUND_TAGS, dtype=np.uint64)
 
 def mix64(z: np.ndarray) -> np.ndarray:
     """SplitMix64 finalizer: a bijective 64-bit mixer with full avalanche (uint64 arrays)."""
-    z = np.array(z, dtype=np.uint64)  # a copy: the steps below work in place
+    return _mix64_in_place(np.array(z, dtype=np.uint64))  # a copy: the input stays as it is
+
+
+def _mix64_in_place(z: np.ndarray) -> np.ndarray:
+    """`mix64` of a uint64 array the caller owns, written over it (and returned)."""
     z ^= z >> _U64(30)
     z *= _C1
     z ^= z >> _U64(27)
@@ -46,10 +50,12 @@ def seed_key(seed: int, tag: int) -> np.uint64:
 
 def derive_keys(base: np.uint64, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Hash of the tuple (base, a, b) for each element pair: chained xor-then-mix."""
-    h = mix64(np.asarray(a, dtype=np.uint64) ^ _mixed_base(int(base)))
+    h = np.array(a, dtype=np.uint64)  # a copy (an array even for one value): the steps below work in place
+    h ^= _mixed_base(int(base))
+    _mix64_in_place(h)
     h ^= np.asarray(b, dtype=np.uint64)
     h ^= _C1
-    return mix64(h)
+    return _mix64_in_place(h)
 
 
 @functools.lru_cache(maxsize=64)
@@ -87,8 +93,8 @@ def _cycle_walk(x: np.ndarray, n: np.ndarray | int, key: np.ndarray | np.uint64,
                 network: Callable[..., np.ndarray]) -> np.ndarray:
     """Applies `network` (a bijection of [0, a * b)) until every value lies in [0, n)."""
     x = np.asarray(x, dtype=np.uint64)
-    n = np.broadcast_to(np.asarray(n, dtype=np.uint64), x.shape)
-    key = np.broadcast_to(np.asarray(key, dtype=np.uint64), x.shape)
+    n = _shaped(n, x.shape)
+    key = _shaped(key, x.shape)
     a = np.sqrt(n.astype(np.float64)).astype(np.uint64)
     np.maximum(a, _U64(1), out=a)
     b = n + a
@@ -108,6 +114,12 @@ def _cycle_walk(x: np.ndarray, n: np.ndarray | int, key: np.ndarray | np.uint64,
                 break
             idx, cur, n, a, b, round_keys = idx[still], cur[still], n[still], a[still], b[still], round_keys[:, still]
     return out.astype(np.int64)
+
+
+def _shaped(v: np.ndarray | int | np.uint64, shape: tuple[int, ...]) -> np.ndarray:
+    """`v` as uint64 of `shape` (broadcast only when it is not that shape already)."""
+    v = np.asarray(v, dtype=np.uint64)
+    return v if v.shape == shape else np.broadcast_to(v, shape)
 
 
 def _feistel(v: np.ndarray, a: np.ndarray, b: np.ndarray, round_keys: np.ndarray) -> np.ndarray:
