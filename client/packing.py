@@ -87,33 +87,59 @@ class PackedSequences(IterableDataset):
         self.max_carry = seq_len if max_carry is None else int(max_carry)
         self._carry_tokens = np.zeros(0, np.int64)
         self._carry_docs = np.zeros(0, np.int64)
+        self._backend: Any = None  # a fast tokenizer's backend, once it agrees with the tokenizer (`_encode`)
+        self._backend_checked = False
         self._stats = dict(steps=0, documents=0, tokens_in=0, tokens_packed=0, tokens_padding=0,
                            tokens_dropped=0, carry_dropped=0)
 
     # -- packing ---------------------------------------------------------------------------------
 
+    def _rows(self, samples: list[dict[str, Any]]) -> list[Any]:
+        """Each document's token ids: int64 arrays from the token column, or lists from the tokenizer."""
+        if self.token_key is not None:
+            return [token_array(s[self.token_key], f"sample {s.get('_croupier_id')} ({self.token_key!r})")
+                    for s in samples]
+        return self._encode([str(s[self.text_key]) for s in samples])
+
     def _tokens(self, samples: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
         """(every document's tokens followed by EOS, back to back; each document's length + 1)."""
         if self.token_key is not None:
-            arrays = [token_array(s[self.token_key], f"sample {s.get('_croupier_id')} ({self.token_key!r})")
-                      for s in samples]
+            arrays = self._rows(samples)
             lengths = np.fromiter((a.size + 1 for a in arrays), np.int64, len(arrays))
             eos = np.array([self.eos_id], np.int64)
             flat = np.concatenate([x for a in arrays for x in (a, eos)]) if arrays else np.zeros(0, np.int64)
             return flat, lengths
-        encoded = self.tokenizer([str(s[self.text_key]) for s in samples], add_special_tokens=False)["input_ids"]
+        encoded = self._rows(samples)
         lengths = np.fromiter((len(row) + 1 for row in encoded), np.int64, len(encoded))
         eos_row = (self.eos_id,)
         flat = np.fromiter(itertools.chain.from_iterable(x for row in encoded for x in (row, eos_row)), np.int64,
                            int(lengths.sum()))
         return flat, lengths
 
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        """Each text's token ids, no special tokens. A Hugging Face fast tokenizer is called
+        through its backend (`backend_tokenizer.encode_batch`: the same ids without the
+        per-call wrapping, a sixth of the tokenizer's time on short steps) once the first
+        batch showed both ways agree, and while the backend neither truncates nor pads."""
+        backend = self._backend
+        if backend is not None and backend.truncation is None and backend.padding is None:
+            return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+        encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        if self._backend is None and not self._backend_checked:
+            self._backend_checked = True
+            backend = getattr(self.tokenizer, "backend_tokenizer", None)
+            if backend is not None and hasattr(backend, "encode_batch") and backend.truncation is None \
+                    and backend.padding is None \
+                    and [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)] == list(encoded):
+                self._backend = backend
+        return encoded
+
     def pack(self, step: int, samples: list[dict[str, Any]]) -> dict[str, Any]:
         """One step's item from its samples (and the carry), updating the carry and counters.
         Under a job dealt in tokens the slice fixes the cut instead (`_pack_exact`)."""
-        flat, lengths = self._tokens(samples)
         if samples and TOKENS_KEY in samples[0]:
-            return self._pack_exact(step, samples, flat, lengths)
+            return self._pack_exact(step, samples, self._rows(samples))
+        flat, lengths = self._tokens(samples)
         ids = np.fromiter((int(s["_croupier_id"]) for s in samples), np.int64, len(samples))
         tokens = np.concatenate([self._carry_tokens, flat])
         owners = np.concatenate([self._carry_docs, np.repeat(ids, lengths)])
@@ -153,56 +179,54 @@ class PackedSequences(IterableDataset):
             STEP_KEY: step,
         }
 
-    def _pack_exact(self, step: int, samples: list[dict[str, Any]], flat: np.ndarray,
-                    lengths: np.ndarray) -> dict[str, Any]:
+    def _pack_exact(self, step: int, samples: list[dict[str, Any]], rows: list[Any]) -> dict[str, Any]:
         """A token-dealt step: each document's stream tokens [start, end) as the slice says, in
         rows of seq_len (a step's rows are its G / D tokens / seq_len, so a token schedule's ramp
         adds rows); no padding, no drop, no carry. A document whose tokens differ from the
         counts the job dealt by is refused, naming it and both counts."""
         n = len(samples)
         ids = np.fromiter((int(s["_croupier_id"]) for s in samples), np.int64, n)
-        spans = np.array([s[TOKENS_KEY] for s in samples], dtype=np.int64).reshape(n, 3)
-        a, b, dealt = spans[:, 0], spans[:, 1], spans[:, 2]
-        bad = np.flatnonzero(lengths != dealt)
-        if bad.size:
-            i = int(bad[0])
-            raise DatasetError(f"sample {int(ids[i])}: the tokenizer gives {int(lengths[i]) - 1} tokens, the job dealt "
-                               f"it as {int(dealt[i]) - 1} (its sidecar's token counts were made another way): "
-                               "refusing to shift the token stream")
-        sizes = b - a
+        spans = [s[TOKENS_KEY] for s in samples]
+        cut: list[Any] = []  # each document's part [a, b) of its stream tokens (its tokens, then EOS)
+        column = self.token_key is not None  # int64 arrays; else the tokenizer's lists
+        eos = np.array([self.eos_id], np.int64) if column else (self.eos_id,)
+        for i, (row, (a, b, dealt)) in enumerate(zip(rows, spans)):
+            if len(row) + 1 != dealt:
+                raise DatasetError(f"sample {int(ids[i])}: the tokenizer gives {len(row)} tokens, the job dealt it as "
+                                   f"{int(dealt) - 1} (its sidecar's token counts were made another way): refusing to "
+                                   "shift the token stream")
+            cut.append(row[a:b] if b <= len(row) else (np.concatenate((row[a:], eos)) if column else (*row[a:], *eos)))
+        if not cut:
+            tokens = np.zeros(0, np.int64)
+        else:
+            tokens = np.concatenate(cut) if column else np.fromiter(itertools.chain.from_iterable(cut), np.int64)
+        arr = np.array(spans, dtype=np.int64).reshape(n, 3)
+        sizes = arr[:, 1] - arr[:, 0]
         firsts = np.cumsum(sizes) - sizes  # where each document's part starts in the step's tokens
-        starts_in_flat = np.cumsum(lengths) - lengths + a
-        tokens = flat[np.arange(int(sizes.sum())) - np.repeat(firsts, sizes) + np.repeat(starts_in_flat, sizes)]
         need = tokens.size
         if need % self.seq_len:
             raise ConfigError(f"this rank is dealt {need} tokens at step {step} (global tokens / data-parallel "
                               f"ranks), not a multiple of seq_len {self.seq_len}: the rows of a step are its tokens "
                               "/ seq_len")
         rows = need // self.seq_len
-        owners = np.repeat(ids, sizes)
-        starts = np.zeros(need, bool)
-        starts[firsts[a == 0]] = True
         st = self._stats
         st["steps"] += 1
         st["documents"] += len(samples)
         st["tokens_in"] += need
         st["tokens_packed"] += need
         shape = (rows, self.seq_len)
-        input_ids, document_ids, seg = tokens.reshape(shape), owners.reshape(shape), starts.reshape(shape).copy()
-        seg[:, 0] = True
-        # a new segment also where the document changes (a split document's part starts a row's segment)
-        seg[:, 1:] |= document_ids[:, 1:] != document_ids[:, :-1]
-        cols = np.arange(self.seq_len, dtype=np.int64)
-        row_base = np.maximum.accumulate(np.where(seg, cols, 0), axis=1)
-        flat_seg = np.flatnonzero(seg.reshape(-1))
-        cu = np.concatenate((flat_seg, [need])).astype(np.int32)
+        # a segment starts at every document part (consecutive parts are different documents, a
+        # split document's part included) and at every row; positions count from its start
+        bounds = np.union1d(firsts, np.arange(0, need, self.seq_len))
+        positions = np.arange(need) - np.repeat(bounds, np.diff(bounds, append=need))
+        input_ids = tokens.reshape(shape)  # fresh arrays (the gather, the repeats): views need no copy
         return {
-            "input_ids": torch.from_numpy(input_ids.copy()),
+            "input_ids": torch.from_numpy(input_ids),
             "labels": torch.from_numpy(input_ids.copy()),
-            "loss_mask": torch.ones(shape, dtype=torch.bool),
-            "document_ids": torch.from_numpy(document_ids.copy()),
-            "position_ids": torch.from_numpy(cols - row_base),
-            "cu_seqlens": torch.from_numpy(cu),
+            "loss_mask": torch.from_numpy(np.ones(shape, bool)),
+            "document_ids": torch.from_numpy(np.repeat(ids, sizes).reshape(shape)),
+            "position_ids": torch.from_numpy(positions.reshape(shape)),
+            "cu_seqlens": torch.from_numpy(np.append(bounds, need).astype(np.int32)),
             STEP_KEY: step,
         }
 

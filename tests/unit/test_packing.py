@@ -146,6 +146,15 @@ def test_text_is_tokenized_with_a_hugging_face_tokenizer(tmp_path, tiny_tokenize
             *tok("a dog", add_special_tokens=False)["input_ids"], tok.sep_token_id]
     np.testing.assert_array_equal(_real(item), want)
     assert set(item["document_ids"].numpy().ravel().tolist()) == {4, 7, -1}
+    # later steps call the fast tokenizer's backend (it agreed on the first), with the same ids
+    assert p._backend is not None
+    np.testing.assert_array_equal(_real(p.pack(1, samples)), want)
+    # a backend set to truncate is not used: the tokenizer call gives the whole texts
+    p.tokenizer.backend_tokenizer.enable_truncation(2)
+    try:
+        np.testing.assert_array_equal(_real(p.pack(2, samples)), want)
+    finally:
+        p.tokenizer.backend_tokenizer.no_truncation()
 
 
 def test_bad_input_is_refused_with_the_rule(tmp_path):
@@ -162,3 +171,23 @@ def test_bad_input_is_refused_with_the_rule(tmp_path):
         p.pack(0, [{"tokens": np.zeros(4, np.float32), "_croupier_id": 3}])
     with pytest.raises(StateError, match="3 rows of 16 tokens"):
         _packer(tmp_path, rows=4).load_state_dict(p.state_dict())
+
+
+def test_a_token_dealt_step_is_cut_where_its_spans_say_with_segments_per_part_and_row(tmp_path):
+    from croupier.client.dataset import TOKENS_KEY
+
+    p = PackedSequences(_dataset(tmp_path), token_key="tokens", eos_id=99, seq_len=8, rows=2)
+    docs = {5: np.arange(100, 111), 6: np.arange(200, 203), 7: np.arange(300, 319)}
+    samples = [{"_croupier_id": 5, "tokens": docs[5], TOKENS_KEY: (3, 10, 12)},   # tokens 3..9 of 11, no EOS
+               {"_croupier_id": 6, "tokens": docs[6], TOKENS_KEY: (0, 4, 4)},    # all 3 tokens and the EOS
+               {"_croupier_id": 7, "tokens": docs[7], TOKENS_KEY: (0, 5, 20)}]   # its first 5 tokens
+    item = p.pack(3, samples)
+    assert item["input_ids"].tolist() == [[103, 104, 105, 106, 107, 108, 109, 200],
+                                          [201, 202, 99, 300, 301, 302, 303, 304]]
+    assert item["labels"].tolist() == item["input_ids"].tolist() and bool(item["loss_mask"].all())
+    assert item["document_ids"].tolist() == [[5] * 7 + [6], [6, 6, 6, 7, 7, 7, 7, 7]]
+    assert item["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 6, 0], [0, 1, 2, 0, 1, 2, 3, 4]]
+    assert item["cu_seqlens"].tolist() == [0, 7, 8, 11, 16]
+    bad = [dict(samples[0], **{TOKENS_KEY: (3, 10, 13)})] + samples[1:]
+    with pytest.raises(DatasetError, match="sample 5: the tokenizer gives 11 tokens, the job dealt it as 12"):
+        p.pack(4, bad)
