@@ -159,7 +159,7 @@ def test_a_served_token_job_deals_the_same_tokens(counted, tmp_path, tiny_tokeni
                                                  capsys) -> None:
     from contextlib import ExitStack
 
-    steps = 10
+    steps = 50
     want = simulated_stream(counted, steps, tiny_tokenizer, tmp_path / "rb", ["--global-tokens", "512"], capsys)
     with ExitStack() as stack:
         addr = served_token_job(stack, counted)
