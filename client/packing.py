@@ -196,12 +196,14 @@ class PackedSequences(IterableDataset):
                                    f"{int(dealt) - 1} (its sidecar's token counts were made another way): refusing to "
                                    "shift the token stream")
             cut.append(row[a:b] if b <= len(row) else (np.concatenate((row[a:], eos)) if column else (*row[a:], *eos)))
-        if not cut:
-            tokens = np.zeros(0, np.int64)
-        else:
-            tokens = np.concatenate(cut) if column else np.fromiter(itertools.chain.from_iterable(cut), np.int64)
         arr = np.array(spans, dtype=np.int64).reshape(n, 3)
         sizes = arr[:, 1] - arr[:, 0]
+        if not cut:
+            tokens = np.zeros(0, np.int64)
+        elif column:
+            tokens = np.concatenate(cut)
+        else:
+            tokens = np.fromiter(itertools.chain.from_iterable(cut), np.int64, int(sizes.sum()))
         firsts = np.cumsum(sizes) - sizes  # where each document's part starts in the step's tokens
         need = tokens.size
         if need % self.seq_len:
