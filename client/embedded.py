@@ -97,11 +97,12 @@ class EmbeddedJob:
         if self.mix is not None:
             from croupier.mixture import load_mix
 
+            # deferred: a source's shard index is checked by the shard store that first reads it
             if cache is None:
                 with tempfile.TemporaryDirectory(prefix="croupier-mix-") as tmp:
-                    mixture = load_mix(self.mix, Path(tmp))
+                    mixture = load_mix(self.mix, Path(tmp), deferred=True)
             else:
-                mixture = load_mix(self.mix, cache)
+                mixture = load_mix(self.mix, cache, deferred=True)
             if self.remote:
                 raise ConfigError(f"remote={self.remote!r} names one dataset, but {self.mix} is a mixture of "
                                   f"{len(mixture.infos)} sources, each read from its own remote")

@@ -268,8 +268,15 @@ def parse_mix(text: str, path: str = "<mix>") -> MixSpec:
                    on_source_exhausted=on_ex, unit=unit, path=path)
 
 
-def load_mix(path: str | Path, sidecar_cache: Path | None = None) -> Mixture:
-    """Reads and validates a mixture file, then opens every source's dataset (or synthetic layout)."""
+def load_mix(path: str | Path, sidecar_cache: Path | None = None, *, deferred: bool = False) -> Mixture:
+    """Reads and validates a mixture file, then opens every source's dataset (or synthetic layout).
+
+    deferred: open each local source's sidecar by its manifest alone (`Sidecar.open_deferred`):
+    the check of its shards' index is left to the shard store that first reads the source
+    (which refuses other shards by the same fingerprint), so a job whose first batch touches a
+    few of many sources opens only those sources' indexes. For a reader (embedded dealing);
+    a server checks every source at start.
+    """
     p = Path(path)
     try:
         text = p.read_bytes().decode("utf-8")
@@ -278,14 +285,14 @@ def load_mix(path: str | Path, sidecar_cache: Path | None = None) -> Mixture:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"mixture file {str(p)!r} is not UTF-8 text (TOML is): byte {exc.start} is "
                           f"{exc.object[exc.start:exc.start + 1]!r}") from None
-    return open_mix(parse_mix(text, str(p)), sidecar_cache)
+    return open_mix(parse_mix(text, str(p)), sidecar_cache, deferred=deferred)
 
 
-def open_mix(spec: MixSpec, sidecar_cache: Path | None = None) -> Mixture:
+def open_mix(spec: MixSpec, sidecar_cache: Path | None = None, *, deferred: bool = False) -> Mixture:
     """Opens each source: its sidecar (fingerprint checked against its shards), selection, layout."""
     layouts, infos, weights, counts = [], [], [], []
     offset = 0
-    opened = _open_sources(spec, sidecar_cache)
+    opened = _open_sources(spec, sidecar_cache, deferred)
     for d, got in zip(spec.sources, opened):
         where = f"mixture source {d.name!r}"
         tokens_per_sample = None
@@ -325,7 +332,8 @@ OPEN_THREADS = 8
 """Remote sidecars of a mixture's sources downloaded at once (local ones are read in the calling thread)."""
 
 
-def _open_sources(spec: MixSpec, cache: Path | None) -> list[tuple[Sidecar, ClusterLayout, Any] | None]:
+def _open_sources(spec: MixSpec, cache: Path | None,
+                  deferred: bool = False) -> list[tuple[Sidecar, ClusterLayout, Any] | None]:
     """(sidecar, layout of its selection, token counts) of each dataset source, in file order
     (None for a synthetic one), opened by a few threads; the first failing source's error,
     in file order, is raised."""
@@ -335,7 +343,7 @@ def _open_sources(spec: MixSpec, cache: Path | None) -> list[tuple[Sidecar, Clus
             return None
         assert d.dataset is not None
         where = f"mixture source {d.name!r}"
-        side = _open_sidecar(d.dataset, cache, d.name, where)
+        side = _open_sidecar(d.dataset, cache, d.name, where, deferred)
         try:
             layout = side.layout(d.selection)
         except CroupierError as exc:
@@ -355,8 +363,10 @@ def _open_sources(spec: MixSpec, cache: Path | None) -> list[tuple[Sidecar, Clus
         return [one(d) if f is None else f.result() for d, f in zip(spec.sources, futures)]
 
 
-def _open_sidecar(dataset: str, cache: Path | None, name: str, where: str) -> Sidecar:
+def _open_sidecar(dataset: str, cache: Path | None, name: str, where: str, deferred: bool = False) -> Sidecar:
     try:
+        if deferred and "://" not in dataset:
+            return Sidecar.open_deferred(dataset)
         return open_dataset(dataset, None if cache is None else cache / name)
     except CroupierError as exc:  # name the source in the message, keep the error's type
         if not str(exc).startswith(where):

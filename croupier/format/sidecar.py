@@ -121,11 +121,36 @@ class Sidecar:
         side._check_files(listing)
         return side
 
+    @classmethod
+    def open_deferred(cls, dataset_dir: str | os.PathLike[str]) -> Sidecar:
+        """Open by the manifest alone: its fingerprint is taken as the dataset's, unchecked here.
+
+        For a reader of many datasets (a mixture's sources): whoever reads a dataset's shards
+        checks their index against this fingerprint when it opens them (the shard store does),
+        and arrays are refused, by name, when they are loaded. A sidecar whose manifest cannot
+        be read is opened with `open`, which says what is missing.
+        """
+        root = Path(dataset_dir)
+        try:
+            text = (root / SIDECAR_DIR / MANIFEST).read_text()
+        except (OSError, UnicodeDecodeError):
+            return cls.open(root)
+        manifest = cls._parse_manifest(text, root / SIDECAR_DIR / MANIFEST)
+        return cls(root, manifest, str(manifest["fingerprint"]))
+
     @staticmethod
     def _read_manifest(path: Path) -> dict[str, Any]:
         try:
-            manifest = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DatasetError(f"sidecar manifest {str(path)!r} is unreadable: {exc}") from exc
+        return Sidecar._parse_manifest(text, path)
+
+    @staticmethod
+    def _parse_manifest(text: str, path: Path) -> dict[str, Any]:
+        try:
+            manifest = json.loads(text)
+        except json.JSONDecodeError as exc:
             raise DatasetError(f"sidecar manifest {str(path)!r} is unreadable: {exc}") from exc
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise DatasetError(f"{str(path)!r} is not a croupier sidecar manifest (format != {FORMAT!r})")
