@@ -184,51 +184,50 @@ class PackedSequences(IterableDataset):
         rows of seq_len (a step's rows are its G / D tokens / seq_len, so a token schedule's ramp
         adds rows); no padding, no drop, no carry. A document whose tokens differ from the
         counts the job dealt by is refused, naming it and both counts."""
-        n = len(samples)
-        ids = np.fromiter((int(s["_croupier_id"]) for s in samples), np.int64, n)
-        spans = [s[TOKENS_KEY] for s in samples]
+        ids: list[int] = []
+        sizes: list[int] = []
         cut: list[Any] = []  # each document's part [a, b) of its stream tokens (its tokens, then EOS)
         column = self.token_key is not None  # int64 arrays; else the tokenizer's lists
         eos = np.array([self.eos_id], np.int64) if column else (self.eos_id,)
-        for i, (row, (a, b, dealt)) in enumerate(zip(rows, spans)):
+        for s, row in zip(samples, rows):
+            a, b, dealt = s[TOKENS_KEY]
             if len(row) + 1 != dealt:
-                raise DatasetError(f"sample {int(ids[i])}: the tokenizer gives {len(row)} tokens, the job dealt it as "
-                                   f"{int(dealt) - 1} (its sidecar's token counts were made another way): refusing to "
-                                   "shift the token stream")
+                raise DatasetError(f"sample {int(s['_croupier_id'])}: the tokenizer gives {len(row)} tokens, the job "
+                                   f"dealt it as {int(dealt) - 1} (its sidecar's token counts were made another way): "
+                                   "refusing to shift the token stream")
             cut.append(row[a:b] if b <= len(row) else (np.concatenate((row[a:], eos)) if column else (*row[a:], *eos)))
-        arr = np.array(spans, dtype=np.int64).reshape(n, 3)
-        sizes = arr[:, 1] - arr[:, 0]
+            ids.append(int(s["_croupier_id"]))
+            sizes.append(int(b) - int(a))
+        need = sum(sizes)
+        if need % self.seq_len:
+            raise ConfigError(f"this rank is dealt {need} tokens at step {step} (global tokens / data-parallel "
+                              f"ranks), not a multiple of seq_len {self.seq_len}: the rows of a step are its tokens "
+                              "/ seq_len")
         if not cut:
             tokens = np.zeros(0, np.int64)
         elif column:
             tokens = np.concatenate(cut)
         else:
-            tokens = np.fromiter(itertools.chain.from_iterable(cut), np.int64, int(sizes.sum()))
-        firsts = np.cumsum(sizes) - sizes  # where each document's part starts in the step's tokens
-        need = tokens.size
-        if need % self.seq_len:
-            raise ConfigError(f"this rank is dealt {need} tokens at step {step} (global tokens / data-parallel "
-                              f"ranks), not a multiple of seq_len {self.seq_len}: the rows of a step are its tokens "
-                              "/ seq_len")
-        rows = need // self.seq_len
+            tokens = np.fromiter(itertools.chain.from_iterable(cut), np.int64, need)
         st = self._stats
         st["steps"] += 1
         st["documents"] += len(samples)
         st["tokens_in"] += need
         st["tokens_packed"] += need
-        shape = (rows, self.seq_len)
+        shape = (need // self.seq_len, self.seq_len)
         # a segment starts at every document part (consecutive parts are different documents, a
         # split document's part included) and at every row; positions count from its start
-        bounds = np.union1d(firsts, np.arange(0, need, self.seq_len))
-        positions = np.arange(need) - np.repeat(bounds, np.diff(bounds, append=need))
-        input_ids = tokens.reshape(shape)  # fresh arrays (the gather, the repeats): views need no copy
+        bounds = sorted({*itertools.accumulate(sizes[:-1], initial=0), *range(0, need, self.seq_len)}) if need else []
+        seglens = [y - x for x, y in zip(bounds, [*bounds[1:], need])]
+        positions = np.arange(need) - np.repeat(np.array(bounds, np.int64), seglens)
+        input_ids = tokens.reshape(shape)  # fresh arrays (the conversion, the repeats): views need no copy
         return {
             "input_ids": torch.from_numpy(input_ids),
             "labels": torch.from_numpy(input_ids.copy()),
             "loss_mask": torch.from_numpy(np.ones(shape, bool)),
-            "document_ids": torch.from_numpy(np.repeat(ids, sizes).reshape(shape)),
+            "document_ids": torch.from_numpy(np.repeat(np.array(ids, np.int64), sizes).reshape(shape)),
             "position_ids": torch.from_numpy(positions.reshape(shape)),
-            "cu_seqlens": torch.from_numpy(np.append(bounds, need).astype(np.int32)),
+            "cu_seqlens": torch.from_numpy(np.array([*bounds, need], np.int32)),
             STEP_KEY: step,
         }
 
