@@ -497,8 +497,8 @@ def test_report_shows_each_sources_tokens_from_the_state_directory(built_mix, tm
     from croupier.mixture import load_mix
     from croupier.server.durability.checkpoint_store import CheckpointStore
     from croupier.server.job.job import Job, JobSpec
-    from croupier.server.serving.service import describe
     from croupier.server.sampling.token_stream import mean_stream_tokens, plan_tokens
+    from croupier.server.serving.service import describe
     from croupier.topology import Topology
     from jobs import start_server
 
