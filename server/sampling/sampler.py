@@ -329,15 +329,15 @@ class Sampler:
         """
         pending = np.arange(m, dtype=np.int64)
         accepted: list[np.ndarray] = []
-        clip = self._clip
+        cap = self._cap  # None: no clip
         while pending.size and self._n_active:
             keys = np.sort((self._draw_clusters(rng, pending.size) << 32) | pending)
-            if clip is None:
+            if cap is None:
                 accepted.append(keys)
                 pending = _NONE
                 break
             uniq, first, counts = _runs(keys >> 32)
-            room = self._cap[uniq] - self._cursor[uniq]
+            room = cap[uniq] - self._cursor[uniq]
             take = np.minimum(counts, room)
             over = np.flatnonzero(counts > room)
             if over.size:  # a cluster's slots past its room (the last ones of its run) are drawn again
@@ -365,7 +365,7 @@ class Sampler:
         keys = accepted[0] if len(accepted) == 1 else np.sort(np.concatenate(accepted), kind="stable")  # merges runs
         sc = keys >> 32
         slot_of = keys & _SLOT_MASK
-        if clip is None:
+        if cap is None:
             uniq, first, counts = _runs(sc)
             self._cursor[uniq] += counts
         # the i-th key of the sorted step is draw cursor_after - (end of its cluster's run - i) of its cluster
@@ -375,7 +375,7 @@ class Sampler:
             k = self._cursor[sc_w] - np.searchsorted(sc, sc_w, side="right") + i
             sc = sc_w
         else:
-            if clip is not None:
+            if cap is not None:
                 uniq, first, counts = _runs(sc)
             ends = np.repeat(first + counts, counts)
             k = self._cursor[sc] - ends + np.arange(sc.size)
