@@ -352,12 +352,11 @@ def test_ranks_get_exactly_their_tokens_and_together_the_simulated_stream(built_
         assert [x for r in range(world) for x in per_rank[r][t]] == want[t], t
 
 
-def served_mix_job(stack, mix: Path, cache: Path) -> str:
-    """`croupier serve --mix MIX --global-tokens 512 --seed 2`, in process."""
+def token_mix_job(mix: Path, cache: Path, store=None):  # noqa: ANN001, ANN201 - a CheckpointStore, a Job
+    """The job `croupier serve --mix MIX --global-tokens 512 --seed 2` makes, in process."""
     from croupier.mixture import load_mix
     from croupier.server.job.job import Job, JobSpec
     from croupier.server.sampling.token_stream import mean_stream_tokens, plan_tokens
-    from jobs import start_server
 
     m = load_mix(mix, cache)
     pieces = m.token_counts_by_offset()
@@ -366,8 +365,15 @@ def served_mix_job(stack, mix: Path, cache: Path) -> str:
     mean = float(np.mean([mean_stream_tokens(c, lay.ids_at(np.arange(lay.num_positions)))
                           for (_, c), lay in zip(pieces, m.layouts)]))
     chunk, _ = plan_tokens(schedule, mean, None, None)
-    job = Job(m.layouts[0], None, chunk, 2, spec=JobSpec(name="t"), mixture=m,  # type: ignore[arg-type]
-              token_counts=pieces, tokens=(schedule, pieces, chunk))
+    return Job(m.layouts[0], None, chunk, 2, spec=JobSpec(name="t"), mixture=m,  # type: ignore[arg-type]
+               token_counts=pieces, tokens=(schedule, pieces, chunk), store=store)
+
+
+def served_mix_job(stack, mix: Path, cache: Path) -> str:
+    """`croupier serve --mix MIX --global-tokens 512 --seed 2`, in process; its address."""
+    from jobs import start_server
+
+    job = token_mix_job(mix, cache)
     assert job.fingerprint.startswith("tokmix:")
     _, port = start_server(stack, job)
     return f"127.0.0.1:{port}"
@@ -459,19 +465,10 @@ def test_a_samples_unit_mixture_dealt_in_tokens_names_its_policy_and_tallies_by_
                    f'[sources.long]\ndataset = "{long}"\nweight = 1\npolicy = "uniform"\n')
     with ExitStack() as stack:
         from croupier.mixture import load_mix
-        from croupier.server.job.job import Job, JobSpec
-        from croupier.server.sampling.token_stream import mean_stream_tokens, plan_tokens
         from jobs import start_server
 
         m = load_mix(mix, tmp_path / "side")
-        pieces = m.token_counts_by_offset()
-        assert pieces is not None
-        schedule = TokenSchedule.constant(512)
-        mean = float(np.mean([mean_stream_tokens(c, lay.ids_at(np.arange(lay.num_positions)))
-                              for (_, c), lay in zip(pieces, m.layouts)]))
-        chunk, _ = plan_tokens(schedule, mean, None, None)
-        job = Job(m.layouts[0], None, chunk, 2, spec=JobSpec(name="t"), mixture=m,  # type: ignore[arg-type]
-                  token_counts=pieces, tokens=(schedule, pieces, chunk))
+        job = token_mix_job(mix, tmp_path / "side")
         assert job.fingerprint.startswith("tok:") and job.policy_name == "mixture"
         _, port = start_server(stack, job)
         data = CroupierIterableDataset(f"127.0.0.1:{port}", "t", cache_dir=tmp_path / "c", steps=6,
@@ -494,26 +491,15 @@ def test_report_shows_each_sources_tokens_from_the_state_directory(built_mix, tm
 
     from croupier.apps import report
     from croupier.client.dataset import CroupierIterableDataset
-    from croupier.mixture import load_mix
     from croupier.server.durability.checkpoint_store import CheckpointStore
-    from croupier.server.job.job import Job, JobSpec
-    from croupier.server.sampling.token_stream import mean_stream_tokens, plan_tokens
     from croupier.server.serving.service import describe
     from croupier.topology import Topology
     from jobs import start_server
 
     mix, _ = built_mix
-    m = load_mix(mix, tmp_path / "side")
-    pieces = m.token_counts_by_offset()
-    assert pieces is not None
-    schedule = TokenSchedule.constant(512)
-    mean = float(np.mean([mean_stream_tokens(c, lay.ids_at(np.arange(lay.num_positions)))
-                          for (_, c), lay in zip(pieces, m.layouts)]))
-    chunk, _ = plan_tokens(schedule, mean, None, None)
     state = tmp_path / "state"
     with ExitStack() as stack:
-        job = Job(m.layouts[0], None, chunk, 2, spec=JobSpec(name="t"), mixture=m,  # type: ignore[arg-type]
-                  token_counts=pieces, tokens=(schedule, pieces, chunk), store=CheckpointStore(state))
+        job = token_mix_job(mix, tmp_path / "side", CheckpointStore(state))
         server, port = start_server(stack, job, checkpoint=True)
         (state / "server.json").write_text(json.dumps(dict(describe(server), mix=str(mix))))
         data = CroupierIterableDataset(f"127.0.0.1:{port}", "t", cache_dir=tmp_path / "c", steps=9,
