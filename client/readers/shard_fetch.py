@@ -86,15 +86,11 @@ class ShardFetcher:
     """Downloads and verifies the shards of `files` in one process (see the module docstring)."""
 
     def __init__(self, files: DatasetFiles) -> None:
-        from croupier.format.streaming_lib import Stream
-
         self.files = files
         self.readers = files.readers
         self._fetch_bytes = files.fetch_bytes
         self.locks = ShardLocks(files.local / ".locks", [r.file_pairs[0][0].basename for r in files.readers])
-        self._stream = Stream(remote=files.remote, local=str(files.local), download_retry=files.download_attempts,
-                              download_timeout=files.download_timeout, validate_hash=files.hash_algorithm,
-                              keep_zip=False)
+        self._stream_obj: Any = None
         self.unverified = np.zeros(len(files.readers), dtype=bool)  # adopted from an earlier run, not yet checked
 
     def adopt_leftovers(self) -> np.ndarray:
@@ -155,6 +151,18 @@ class ShardFetcher:
         except BaseException:
             os.close(fd)
             raise
+
+    @property
+    def _stream(self) -> Any:
+        """streaming's `Stream` of the dataset (its downloader and retries), made at the first download."""
+        if self._stream_obj is None:
+            from croupier.format.streaming_lib import Stream
+
+            self._stream_obj = Stream(remote=self.files.remote, local=str(self.files.local),
+                                      download_retry=self.files.download_attempts,
+                                      download_timeout=self.files.download_timeout,
+                                      validate_hash=self.files.hash_algorithm, keep_zip=False)
+        return self._stream_obj
 
     def evict(self, s: int, pin: int | None) -> None:
         """Deletes shard s's files unless another process has it pinned; releases `pin` (this
@@ -220,6 +228,8 @@ class ShardFetcher:
         for raw, zip_info in reader.file_pairs:
             info = zip_info or raw
             path = self.files.local / info.basename
+            if not path.exists() and _local_remote(self._stream):  # read in place, not copied
+                path = Path(self.files.remote, info.basename)
             if not path.exists() or algo is None:
                 continue
             actual = get_hash(algo, path.read_bytes())
@@ -233,8 +243,9 @@ def prepare_shard(stream: Any, reader: Any) -> None:
     """Makes the shard's decompressed files present in `stream.local`: what streaming's
     `Stream.prepare_shard` does (download what is missing with the stream's downloader and
     retries, check the stream's hash, decompress, drop the compressed file unless kept), with
-    every file it reads closed at once. ValueError "Checksum failure: <file>" for bytes that
-    fail the hash."""
+    every file it reads closed at once. A compressed file of a local folder is read where it
+    is (no copy into the cache); an uncompressed one is copied (the cache then owns it).
+    ValueError "Checksum failure: <file>" for bytes that fail the hash."""
     local = Path(stream.local, stream.split)
     for raw, zipped in reader.file_pairs:
         raw_path = local / raw.basename
@@ -247,7 +258,10 @@ def prepare_shard(stream: Any, reader: Any) -> None:
             _check_hash(stream.validate_hash, raw, raw_path.read_bytes(), raw_path)
             continue
         zip_path = local / zipped.basename
-        if not zip_path.is_file():
+        in_place = not zip_path.is_file() and _local_remote(stream)
+        if in_place:  # a local folder's compressed file is read where it is, not copied first
+            zip_path = Path(stream.remote, stream.split, zipped.basename)
+        elif not zip_path.is_file():
             stream._download_file(zipped.basename)
         data = zip_path.read_bytes()
         _check_hash(stream.validate_hash, zipped, data, zip_path)
@@ -256,8 +270,14 @@ def prepare_shard(stream: Any, reader: Any) -> None:
         tmp = raw_path.with_name(raw_path.name + ".tmp")
         tmp.write_bytes(decompress(reader.compression, data))
         os.rename(tmp, raw_path)
-        if not stream.safe_keep_zip:
+        if not stream.safe_keep_zip and not in_place:
             os.remove(zip_path)
+
+
+def _local_remote(stream: Any) -> bool:
+    """Whether the stream's remote is a folder on this machine (no scheme), not the cache itself."""
+    remote = stream.remote
+    return bool(remote) and "://" not in remote and os.path.abspath(remote) != os.path.abspath(stream.local)
 
 
 def _check_hash(algo: str | None, info: Any, data: bytes, path: Path) -> None:

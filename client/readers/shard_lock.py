@@ -19,8 +19,7 @@ class ShardLocks:
     """The lock files of one dataset's shards (`names`: one file name per shard)."""
 
     def __init__(self, lock_dir: Path, names: Sequence[str]) -> None:
-        self.lock_dir = Path(lock_dir)
-        self.lock_dir.mkdir(parents=True, exist_ok=True)
+        self.lock_dir = Path(lock_dir)  # made by the first `open`
         self._names = list(names)
 
     def path(self, s: int) -> str:
@@ -28,7 +27,11 @@ class ShardLocks:
 
     def open(self, s: int) -> int:
         """A new descriptor of shard s's lock file (unlocked)."""
-        return os.open(self.path(s), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            return os.open(self.path(s), os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # the first lock of this cache directory
+            self.lock_dir.mkdir(parents=True, exist_ok=True)
+            return os.open(self.path(s), os.O_RDWR | os.O_CREAT, 0o644)
 
     @staticmethod
     def hold_shared(fd: int) -> None:
