@@ -301,6 +301,7 @@ class CroupierIterableDataset(IterableDataset):
                 except EndOfData:
                     break
                 samples = store.get(ids[skip:])
+                store.start_prefetch()  # after the first step: see `readers.job_store`
                 spans = getattr(client, "last_spans", None)
                 for i, (sample_id, sample) in enumerate(zip(ids[skip:].tolist(), samples)):
                     sample[STEP_KEY] = step
@@ -366,54 +367,10 @@ class CroupierIterableDataset(IterableDataset):
         return None if value < 0 else value
 
     def _open_store(self, job: Any, client: RankClient | EmbeddedDealer | None = None):
-        from croupier.client.readers.shard_cache import ShardCache
+        from croupier.client.readers.job_store import open_job_store
 
-        if len(job.sources) > 1:
-            return self._open_mix_store(job, client)
-        remote = self.remote or job.dataset_remote
-        if not remote:
-            raise ConfigError(f"job {self.job!r} names no dataset remote; pass remote= to the dataset")
-        if client is not None and client.agent:
-            from croupier.client.agent.consumer_store import AgentStore
-
-            assert isinstance(client, RankClient)  # an embedded reader has no agent
-            return AgentStore(client.transport(), remote, job.dataset_fingerprint or None)
-        return ShardCache(
-            remote,
-            self.cache_dir,
-            fingerprint=job.dataset_fingerprint or None,
-            cache_limit=self.cache_limit,
-            prefetch_threads=self.prefetch_threads,
-        )
-
-    def _open_mix_store(self, job: Any, client: RankClient | EmbeddedDealer | None = None):
-        """A mixture job: each source read from its own remote and cache (`croupier.client.readers.mix_cache`)."""
-        from croupier.client.readers.mix_cache import MixStore
-        from croupier.client.readers.prefetch_pool import PrefetchPool
-        from croupier.client.readers.shard_cache import ShardCache
-
-        if self.remote:
-            raise ConfigError(f"remote={self.remote!r} names one dataset, but job {self.job!r} is a mixture of "
-                              f"{len(job.sources)} sources, each read from its own remote")
-        if client is not None and client.agent:
-            from croupier.client.agent.consumer_store import AgentStore
-
-            assert isinstance(client, RankClient)  # an embedded reader has no agent
-            transport = client.transport()
-
-            def open_agent_source(i: int, src: Any, limit: int | None) -> Any:  # the node cache
-                return AgentStore(transport, src.remote, src.fingerprint or None, source=i)
-
-            return MixStore(list(job.sources), open_agent_source, None)
-
-        pool = PrefetchPool(self.prefetch_threads) if self.prefetch_threads else None
-
-        def open_source(i: int, src: Any, limit: int | None) -> Any:
-            return ShardCache(src.remote, self.cache_dir, fingerprint=src.fingerprint or None, cache_limit=limit,
-                              prefetch_threads=self.prefetch_threads, prefetch_pool=pool)
-
-        return MixStore(list(job.sources), open_source, self.cache_limit,
-                        on_close=None if pool is None else pool.close)
+        return open_job_store(job, client, job_name=self.job, remote=self.remote, cache_dir=self.cache_dir,
+                              cache_limit=self.cache_limit, prefetch_threads=self.prefetch_threads)
 
     # -- checkpoint state ---------------------------------------------------------------------
 

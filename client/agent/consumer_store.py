@@ -44,6 +44,9 @@ class AgentStore:
     def prefetch(self, ids: np.ndarray | Sequence[int]) -> None:
         """The agent prefetches for the whole node as it forwards slices; nothing to do here."""
 
+    def start_prefetch(self) -> None:
+        """Nothing to start: the node agent prefetches."""
+
     def release(self, ids: np.ndarray | Sequence[int]) -> None:
         """The agent releases a lane's needs when the server confirms its acknowledgement."""
 

@@ -75,7 +75,8 @@ class NodeCache:
                 from croupier.client.readers.shard_cache import ShardCache  # noqa: PLC0415 - streaming is heavy
 
                 store = ShardCache(remote, self.cache_dir, fingerprint=fingerprint,
-                                   cache_limit=self.cache_limit, prefetch_threads=self.prefetch_threads)
+                                   cache_limit=self.cache_limit, prefetch_threads=self.prefetch_threads,
+                                   share_index=True)
                 store.open()  # imports the downloader here, not on the agent's loop
                 self._store = store
             return self._store

@@ -40,6 +40,7 @@ class MixStore:
         self._limit = None if cache_limit is None else max(1, int(cache_limit) // len(self.sources))
         self._stores: dict[int, Any] = {}
         self._on_close = on_close
+        self._prefetching = False
 
     def source_of(self, ids: np.ndarray) -> np.ndarray:
         """Source index of each global id; refuses an id outside every source."""
@@ -53,6 +54,8 @@ class MixStore:
         st = self._stores.get(i)
         if st is None:
             st = self._stores[i] = self._open_source(i, self.sources[i], self._limit)
+            if self._prefetching:
+                st.start_prefetch()
         return st
 
     def _split(self, ids: np.ndarray | Sequence[int]):
@@ -72,6 +75,14 @@ class MixStore:
     def prefetch(self, ids: np.ndarray | Sequence[int]) -> None:
         for i, _, local in self._split(ids):
             self._store(i).prefetch(local)
+
+    def start_prefetch(self) -> None:
+        """Ends the sources' `hold_prefetch` (`ShardCache`), for the open ones and those opened later."""
+        if self._prefetching:
+            return
+        self._prefetching = True
+        for st in self._stores.values():
+            st.start_prefetch()
 
     def release(self, ids: np.ndarray | Sequence[int]) -> None:
         for i, _, local in self._split(ids):

@@ -69,6 +69,12 @@ class ShardCache:
         the remote's is not fetched. Its fingerprint is checked all the same.
     prefetch_pool: download threads shared with other caches (a mixture's sources): the cache
         then starts no threads of its own and `prefetch_threads` is ignored.
+    hold_prefetch: `prefetch` records needs but loads nothing until `start_prefetch()`. A
+        reader of a local folder holds them while it reads its first step: its own thread then
+        loads that step's shards at once, with no download thread contending with it for the
+        interpreter, and later steps are prefetched while the trainer works on the first.
+    share_index: also keep a copy of the index.json in the cache directory, for the processes
+        that read the cache through a node agent (`croupier.client.agent`) and do not fetch it.
 
     The index.json is fetched and checked at construction, so a wrong remote or a rewritten
     dataset fails at once. Counters from `stats()` are per process.
@@ -78,7 +84,8 @@ class ShardCache:
                  cache_limit: int | None = None, prefetch_threads: int = 4, *,
                  download_attempts: int = 2, download_timeout: float = 60.0,
                  allow_unsafe_types: bool = False, index_bytes: bytes | None = None,
-                 prefetch_pool: PrefetchPool | None = None) -> None:
+                 prefetch_pool: PrefetchPool | None = None, hold_prefetch: bool = False,
+                 share_index: bool = False) -> None:
         if cache_limit is not None and (isinstance(cache_limit, bool) or int(cache_limit) <= 0):
             raise ConfigError(f"cache_limit must be a positive number of bytes or None, got {cache_limit!r}")
         if isinstance(prefetch_threads, bool) or not isinstance(prefetch_threads, int) or prefetch_threads < 0:
@@ -92,6 +99,7 @@ class ShardCache:
         self.cache_limit = None if cache_limit is None else int(cache_limit)
         self.prefetch_threads = prefetch_threads
         self.prefetch_pool = prefetch_pool
+        self._hold_prefetch = bool(hold_prefetch)
         self.download_attempts = int(download_attempts)
         self.download_timeout = float(download_timeout)
 
@@ -103,7 +111,8 @@ class ShardCache:
             raise FingerprintMismatch(f"dataset at {self.remote}", fingerprint, got)
         self.fingerprint = got
         self.local = self.cache_root / cache_dir_name(got)
-        _store_index(self.local / INDEX_BASENAME, index_bytes)
+        if share_index:
+            _store_index(self.local / INDEX_BASENAME, index_bytes)
 
         self.entries = mds.shards
         self.index = mds.table
@@ -159,6 +168,15 @@ class ShardCache:
     def release(self, ids: np.ndarray | Sequence[int]) -> None:
         """Mark prefetched `ids` as consumed so their shards may be evicted."""
         self._runtime().release(ids)
+
+    def start_prefetch(self) -> None:
+        """Ends `hold_prefetch`: recorded and later needs are loaded in the background."""
+        if not self._hold_prefetch:
+            return
+        self._hold_prefetch = False
+        rt = self._rt
+        if rt is not None and rt.pid == os.getpid():
+            rt.start_prefetch()
 
     def is_resident(self, shard: int) -> bool:
         """Whether the shard is in the cache now, as this process sees it."""
@@ -230,7 +248,7 @@ class ShardCache:
                 if rt is not None:
                     rt.forget()
                 rt = self._rt = ShardRuntime(self._files, self.index, self.cache_limit, self.prefetch_threads,
-                                             self.prefetch_pool)
+                                             self.prefetch_pool, held=self._hold_prefetch)
         return rt
 
 

@@ -67,7 +67,7 @@ class ShardRuntime:
     """The state of one cache in one process (see the module docstring)."""
 
     def __init__(self, files: DatasetFiles, table: IdTable, cache_limit: int | None, prefetch_threads: int,
-                 pool: Prefetcher | None) -> None:
+                 pool: Prefetcher | None, held: bool = False) -> None:
         self.pid = os.getpid()
         self.files = files
         self.table = table
@@ -89,6 +89,7 @@ class ShardRuntime:
         self.threads: list[threading.Thread] = []
         self.pool_loads = 0  # loads a shared pool thread is running for this runtime
         self.closed = False
+        self.held = held  # needs are recorded, loads wait for `start_prefetch`
         adopted = self.fetcher.adopt_leftovers()
         self.status[adopted] = READY
         self.resident = int(self.size[adopted].sum())
@@ -175,8 +176,19 @@ class ShardRuntime:
             for s in self.needs.record(shards).tolist():
                 if self.status[s] == ABSENT or (self.status[s] == READY and s not in self.pins):
                     self.needs.want(s)
-            self._start_threads()
+            if not self.held:
+                self._start_threads()
             self.cond.notify_all()
+
+    def start_prefetch(self) -> None:
+        """Loads of recorded needs may start (they were held, see `ShardCache`)."""
+        with self.cond:
+            if self.closed or not self.held:
+                return
+            self.held = False
+            if self.needs.next_wanted(self._no_fetch) is not None:  # else the next prefetch starts them
+                self._start_threads()
+                self.cond.notify_all()
 
     def release(self, ids: np.ndarray | Sequence[int]) -> None:
         shards = self.table.shard_of(np.asarray(ids, dtype=np.int64).ravel())
@@ -235,10 +247,13 @@ class ShardRuntime:
         except Exception as e:
             log.warning("prefetch of shard %s failed: %s", shard_name(self.readers[s]), e)
 
+    def _no_fetch(self, s: int) -> bool:
+        """Whether a wanted shard s needs no fetch now (loading, or resident and pinned)."""
+        return bool(self.status[s] == LOADING or (self.status[s] == READY and s in self.pins))
+
     def _next_prefetch(self) -> int | None:
         """Takes the next shard to prefetch and marks it loading; None when none may start now."""
-        got = self.needs.next_wanted(lambda s: self.status[s] == LOADING
-                                     or (self.status[s] == READY and s in self.pins))
+        got = self.needs.next_wanted(self._no_fetch)
         if got is None:
             return None
         need, s = got
