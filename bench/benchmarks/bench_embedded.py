@@ -4,7 +4,8 @@
    (open the sidecar, deal step 0, read the rank's slice through a DataLoader) against Mosaic
    Streaming's `StreamingDataset` over the same local MDS shards (construct, first batch
    through a DataLoader), on one dataset and over 100 datasets (a mixture file of 100 sources
-   against 100 `Stream`s, as bench_mixture does for the server). Ratio = croupier /
+   against 100 `Stream`s, as bench_mixture does for the server); a cold start (nothing
+   decompressed yet) and a warm one, medians of alternating rounds. Ratio = croupier /
    StreamingDataset; target <= 1.0.
 2. Dealing cost per step in embedded mode: every rank computes the whole global batch of every
    step, at global batch 4,096 over 100k long-tailed clusters (clusterclip), against
@@ -19,7 +20,9 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -27,26 +30,50 @@ from pathlib import Path
 import numpy as np
 
 SCALES = {"full": {"clusters": 100_000, "samples": 10_000_000, "batch": 4096, "steps": 200, "datasets": 100,
-                   "docs": 64, "one_docs": 4000, "read_n": 40_000},
+                   "docs": 64, "one_docs": 4000, "read_n": 40_000, "rounds": 9},
           "quick": {"clusters": 100_000, "samples": 10_000_000, "batch": 4096, "steps": 60, "datasets": 100,
-                    "docs": 64, "one_docs": 2000, "read_n": 20_000}}
+                    "docs": 64, "one_docs": 2000, "read_n": 20_000, "rounds": 5}}
 
 
-def _first_batch(ds, b: int) -> float:
+def _first_batch(ds, b: int) -> None:
     import torch.utils.data as tud
 
-    t0 = time.perf_counter()
     got = next(iter(tud.DataLoader(ds, batch_size=b, collate_fn=list)))
     assert len(got) == b
+
+
+def _timed(make, b: int) -> float:
+    """Seconds from constructing the dataset to its first batch through a DataLoader."""
+    gc.collect()
+    t0 = time.perf_counter()
+    _first_batch(make(), b)
     return time.perf_counter() - t0
 
 
+def _drop_decompressed(folders: list[Path]) -> None:
+    """Deletes the shards StreamingDataset decompressed next to their compressed files, so its
+    next start is a first start again (it decompresses into the dataset's own folder)."""
+    for folder in folders:
+        for z in folder.glob("*.mds.zstd"):
+            z.with_suffix("").unlink(missing_ok=True)
+
+
 def first_batch(scale: dict) -> list[dict]:
+    """Time to first batch, croupier embedded against StreamingDataset, in alternating rounds.
+
+    Both libraries are imported and run once before timing (no import in a figure). Each round
+    times a cold start (croupier: an empty cache folder; StreamingDataset: the dataset folders
+    without the shards it decompressed there) and then a warm one (both find their
+    decompressed shards), the two libraries in turns, first one then the other; the figures
+    are the medians over the rounds."""
+    from streaming import Stream, StreamingDataset
+    from streaming.base.util import clean_stale_shared_memory
+
     from bench.benchmarks.bench_mixture import _datasets
     from croupier.client.dataset import CroupierIterableDataset
     from croupier.topology import Topology
 
-    b = 32
+    b, rounds = 32, scale["rounds"]
     rows = []
     root = Path(tempfile.mkdtemp(prefix="bench-embedded-"))
     try:
@@ -57,32 +84,60 @@ def first_batch(scale: dict) -> list[dict]:
         mix = root / "mix.toml"
         mix.write_text("\n".join(f'[sources.d{i}]\ndataset = "{p}"\nweight = {1 + i % 3}\npolicy = "uniform"\n'
                                  for i, p in enumerate(many)))
-        from streaming import Stream, StreamingDataset
 
-        for label, make_croupier, make_streaming in (
-            ("1 local dataset",
-             lambda: CroupierIterableDataset.embedded(one, policy="uniform", global_batch=b,
-                                                      cache_dir=root / "c1", topology=Topology(0, 1), steps=1),
-             lambda: StreamingDataset(local=str(one), shuffle=True, batch_size=b)),
-            (f"{len(many)} local datasets",
-             lambda: CroupierIterableDataset.embedded(mix=mix, global_batch=b, cache_dir=root / "c2",
-                                                      topology=Topology(0, 1), steps=1),
-             lambda: StreamingDataset(streams=[Stream(local=str(p), proportion=(1 + i % 3) / (2 * len(many)))
-                                               for i, p in enumerate(many)],
-                                      shuffle=True, batch_size=b, epoch_size=b * 4)),
-        ):
-            t0 = time.perf_counter()
-            ds = make_croupier()
-            t_croupier = time.perf_counter() - t0 + _first_batch(ds, b)
-            t1 = time.perf_counter()
-            sds = make_streaming()
-            t_streaming = time.perf_counter() - t1 + _first_batch(sds, b)
-            rows.append({"bench": "embedded", "metric": f"time to first batch, embedded, {label}", "value":
-                         round(t_croupier, 3), "unit": "s", "reference": round(t_streaming, 3),
-                         "ratio": round(t_croupier / t_streaming, 3), "target": "<= 1.0"})
+        def croupier_one(cache: Path):
+            return CroupierIterableDataset.embedded(one, policy="uniform", global_batch=b, cache_dir=cache,
+                                                    topology=Topology(0, 1), steps=1)
+
+        def croupier_many(cache: Path):
+            return CroupierIterableDataset.embedded(mix=mix, global_batch=b, cache_dir=cache,
+                                                    topology=Topology(0, 1), steps=1)
+
+        def streaming_one():
+            clean_stale_shared_memory()
+            return StreamingDataset(local=str(one), shuffle=True, batch_size=b)
+
+        def streaming_many():
+            clean_stale_shared_memory()
+            return StreamingDataset(streams=[Stream(local=str(p), proportion=(1 + i % 3) / (2 * len(many)))
+                                             for i, p in enumerate(many)],
+                                    shuffle=True, batch_size=b, epoch_size=b * 4)
+
+        for label, folders, make_croupier, make_streaming in (
+                ("1 local dataset", [one], croupier_one, streaming_one),
+                (f"{len(many)} local datasets", many, croupier_many, streaming_many)):
+            rows += _alternating(label, folders, make_croupier, make_streaming, root, rounds, b)
         return rows
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _alternating(label: str, folders: list[Path], make_croupier, make_streaming, root: Path, rounds: int,
+                 b: int) -> list[dict]:
+    """Rows of one comparison: warm-up, then `rounds` alternating rounds of a cold and a warm start."""
+    _timed(lambda: make_croupier(root / "warmup"), b)  # imports and first-use setup, both
+    _timed(make_streaming, b)
+    times: dict[str, list[float]] = {f"{lib} {start}": [] for lib in ("croupier", "streaming")
+                                     for start in ("cold", "warm")}
+    for r in range(rounds):
+        cache = root / f"cache{r}"
+        for start in ("cold", "warm"):
+            for lib in (("croupier", "streaming") if r % 2 == 0 else ("streaming", "croupier")):
+                if lib == "croupier":
+                    times[f"croupier {start}"].append(_timed(lambda: make_croupier(cache), b))  # noqa: B023
+                    continue
+                if start == "cold":
+                    _drop_decompressed(folders)
+                times[f"streaming {start}"].append(_timed(make_streaming, b))
+        shutil.rmtree(cache, ignore_errors=True)
+    rows = []
+    for start in ("cold", "warm"):
+        mine = statistics.median(times[f"croupier {start}"])
+        ref = statistics.median(times[f"streaming {start}"])
+        rows.append({"bench": "embedded", "metric": f"time to first batch, embedded, {label}, {start} start "
+                     f"(median of {rounds} alternating rounds)", "value": round(mine, 4), "unit": "s",
+                     "reference": round(ref, 4), "ratio": round(mine / ref, 3), "target": "<= 1.0"})
+    return rows
 
 
 class _Synthetic:
