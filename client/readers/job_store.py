@@ -15,11 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from croupier.errors import ConfigError
-
-
-def is_local_folder(remote: str) -> bool:
-    """Whether a dataset remote names a folder on this machine (no URL scheme)."""
-    return "://" not in str(remote)
+from croupier.format.remote import is_remote
 
 
 def open_job_store(job: Any, client: Any, *, job_name: str, remote: str | None, cache_dir: str | Path,
@@ -43,7 +39,7 @@ def open_job_store(job: Any, client: Any, *, job_name: str, remote: str | None, 
 
         return AgentStore(client.transport(), remote, job.dataset_fingerprint or None)
     return ShardCache(remote, cache_dir, fingerprint=job.dataset_fingerprint or None, cache_limit=cache_limit,
-                      prefetch_threads=prefetch_threads, hold_prefetch=is_local_folder(remote))
+                      prefetch_threads=prefetch_threads, hold_prefetch=not is_remote(remote))
 
 
 def _open_mix_store(job: Any, agent_client: Any, *, job_name: str, remote: str | None, cache_dir: str | Path,
@@ -71,9 +67,9 @@ def _open_mix_store(job: Any, agent_client: Any, *, job_name: str, remote: str |
     def open_source(i: int, src: Any, limit: int | None) -> Any:
         return ShardCache(src.remote, cache_dir, fingerprint=src.fingerprint or None, cache_limit=limit,
                           prefetch_threads=prefetch_threads, prefetch_pool=pool,
-                          hold_prefetch=is_local_folder(src.remote))
+                          hold_prefetch=not is_remote(src.remote))
 
     return MixStore(list(job.sources), open_source, cache_limit, on_close=None if pool is None else pool.close)
 
 
-__all__ = ["is_local_folder", "open_job_store"]
+__all__ = ["open_job_store"]

@@ -30,6 +30,7 @@ import numpy as np
 from croupier.client.readers.shard_lock import ShardLocks
 from croupier.errors import DatasetError
 from croupier.format.mds_shard import file_fault_at, header_fault_at
+from croupier.format.remote import is_remote
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +278,7 @@ def prepare_shard(stream: Any, reader: Any) -> None:
 def _local_remote(stream: Any) -> bool:
     """Whether the stream's remote is a folder on this machine (no scheme), not the cache itself."""
     remote = stream.remote
-    return bool(remote) and "://" not in remote and os.path.abspath(remote) != os.path.abspath(stream.local)
+    return bool(remote) and not is_remote(remote) and os.path.abspath(remote) != os.path.abspath(stream.local)
 
 
 def _check_hash(algo: str | None, info: Any, data: bytes, path: Path) -> None:

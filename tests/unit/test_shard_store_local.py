@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from croupier.client.readers.job_store import is_local_folder
 from croupier.client.readers.mix_cache import MixStore
 from croupier.client.readers.prefetch_pool import PrefetchPool
 from croupier.client.readers.shard_cache import ShardCache
@@ -127,9 +126,3 @@ def test_a_mixture_starts_the_prefetch_of_sources_opened_after_its_first_step(tm
     assert [g["id"] for g in got] == [0, 1] and mismatches(got, [0, 1]) == []
     mix.close()
     assert _prefetch_threads() == []
-
-
-@pytest.mark.parametrize("remote, local", [("/data/ds", True), ("data/ds", True), ("s3://b/ds", False),
-                                           ("gs://b/ds", False), ("file:///data/ds", False)])
-def test_which_remotes_are_local_folders(remote, local):
-    assert is_local_folder(remote) is local
