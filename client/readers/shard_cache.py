@@ -19,6 +19,10 @@ Correctness rules it keeps:
   directory: per-shard lock files say who keeps a shard, and a shard another process keeps
   is never deleted (`shard_lock`).
 
+A local folder's compressed shard is decompressed into the cache from where it is (no copy
+of the compressed file first); an uncompressed one is copied, so that the cache's file keeps
+its bytes when the folder's file is rewritten in place.
+
 Scheduling: `prefetch(ids)` records the ids a rank will read and background threads
 download the shards in order of first need; with `cache_limit` the cache evicts like
 Belady's rule within what it knows (`eviction`). `get(ids)` never waits on the limit.

@@ -245,7 +245,8 @@ def prepare_shard(stream: Any, reader: Any) -> None:
     `Stream.prepare_shard` does (download what is missing with the stream's downloader and
     retries, check the stream's hash, decompress, drop the compressed file unless kept), with
     every file it reads closed at once. A compressed file of a local folder is read where it
-    is (no copy into the cache); an uncompressed one is copied (the cache then owns it).
+    is (no copy into the cache); an uncompressed one is copied (the cache's copy cannot change
+    when the folder's file is rewritten in place).
     ValueError "Checksum failure: <file>" for bytes that fail the hash."""
     local = Path(stream.local, stream.split)
     for raw, zipped in reader.file_pairs:

@@ -4,17 +4,20 @@ first step."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from streaming import MDSWriter
 
 from croupier.client.readers.mix_cache import MixStore
 from croupier.client.readers.prefetch_pool import PrefetchPool
 from croupier.client.readers.shard_cache import ShardCache
-from tests.unit.test_shard_store import mismatches, write_dataset
+from croupier.errors import DatasetError
+from tests.unit.test_shard_store import COLUMNS, make_sample, mismatches, write_dataset
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +33,14 @@ def _threads_before():
     """Prefetch threads another test left running are not this test's."""
     _BEFORE.clear()
     _BEFORE.update(threading.enumerate())
+
+
+def _write_plain(root: Path, n: int) -> Path:
+    """An uncompressed dataset (shards stored as they are read)."""
+    with MDSWriter(out=str(root), columns=COLUMNS, hashes=["xxh64"], size_limit=2048) as writer:
+        for i in range(n):
+            writer.write(make_sample(i))
+    return root
 
 
 def _prefetch_threads() -> list[str]:
@@ -126,3 +137,33 @@ def test_a_mixture_starts_the_prefetch_of_sources_opened_after_its_first_step(tm
     assert [g["id"] for g in got] == [0, 1] and mismatches(got, [0, 1]) == []
     mix.close()
     assert _prefetch_threads() == []
+
+
+def test_a_cached_uncompressed_shard_keeps_its_bytes_when_the_folder_rewrites_it(tmp_path):
+    remote = _write_plain(tmp_path / "plain", 200)
+    store = ShardCache(remote, tmp_path / "cache", prefetch_threads=0)
+    assert mismatches(store.get(np.arange(200)), list(range(200))) == []
+    name = "shard.00000.mds"
+    with open(remote / name, "r+b") as f:  # a writer rewriting the file in place (same inode)
+        f.seek(-3, os.SEEK_END)
+        f.write(b"\xff\xff\xff")
+    assert os.stat(store.local / name).st_ino != os.stat(remote / name).st_ino
+    assert mismatches(store.get(np.arange(200)), list(range(200))) == []  # the cache read its copy
+    store.close()
+
+
+def test_a_corrupt_uncompressed_shard_is_named_and_the_others_read(tmp_path):
+    remote = _write_plain(tmp_path / "plain", 200)
+    store = ShardCache(remote, tmp_path / "cache", download_attempts=1, prefetch_threads=0)
+    sid = int(store.index.shard_of(np.array([100]))[0])
+    name = f"shard.{sid:05d}.mds"
+    data = bytearray((remote / name).read_bytes())
+    data[-3] ^= 0xFF
+    (remote / name).write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match=rf"shard file {name} from .* is corrupt: xxh64 expected [0-9a-f]+, "
+                                           rf"got [0-9a-f]+"):
+        store.get([100])
+    assert not (store.local / name).exists() and (remote / name).exists()  # the copy went, the file stays
+    others = [i for i in range(200) if int(store.index.shard_of(np.array([i]))[0]) != sid]
+    assert mismatches(store.get(others), others) == []
+    store.close()
