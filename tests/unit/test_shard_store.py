@@ -145,6 +145,7 @@ def test_corrupt_or_missing_shard_is_named(tmp_path):
     with pytest.raises(DatasetError, match=rf"shard file {name} from .* is corrupt: xxh64 expected [0-9a-f]+, got [0-9a-f]+"):
         store.get([150])
     assert not (store.local / name).exists() and not (store.local / name[:-5]).exists()
+    assert path.read_bytes() == bytes(data)  # read where it is: the folder's file is left as it was
     store.prefetch([150])  # a failed background fetch surfaces at get()
     with pytest.raises(DatasetError, match=name):
         store.get([150])
