@@ -772,26 +772,32 @@ def test_ranks_of_a_token_job_through_agents_get_exactly_their_own_parts(cluster
         cluster.start_agent(node, "--local-ranks", "2")
     got: dict[int, dict[int, tuple[list[int], list]]] = {r: {} for r in range(world)}
     errors: list[BaseException] = []
+    seen = threading.Event()  # the status has shown both nodes' sessions
 
     def run(rank: int) -> None:
         try:
             with client(cluster, rank // 2, rank, world, stop_step=steps, lookahead=4) as c:
                 for step, ids in c:
                     got[rank][step] = (list(ids), c.last_spans)
+                    if step == steps // 2:
+                        seen.wait(60)  # the node's session stays open until the status shows it
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             errors.append(exc)
 
     threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
     for t in threads:
         t.start()
+    want_lanes = {((0, 1), 1), ((2, 3), 1)}  # one lane of two ranks per node
     lanes: set[tuple[tuple[int, ...], int]] = set()  # (ranks, lanes) of each node's session
-    while any(t.is_alive() for t in threads):
+    deadline = time.monotonic() + 60
+    while not want_lanes <= lanes and any(t.is_alive() for t in threads) and time.monotonic() < deadline:
         lanes |= {(tuple(x.ranks), x.lanes) for x in cluster.status().sessions if x.lanes}
         time.sleep(0.02)
+    seen.set()
     for t in threads:
         t.join(180)
     assert not errors, errors
-    assert {((0, 1), 1), ((2, 3), 1)} <= lanes, lanes  # one lane of two ranks per node
+    assert want_lanes <= lanes, lanes
     direct, port = create_server(token_job(cluster, counts, tokens), "127.0.0.1:0", max_workers=4)
     try:
         for r in range(world):
